@@ -1,1 +1,7 @@
-fn main() {}
+//! `meshcni-agent` binary; all logic lives in the library.
+
+#![forbid(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    meshcni_agent::main_entry()
+}

@@ -1,1 +1,3 @@
 //! Plugin logic.
+pub mod config;
+pub mod pod;

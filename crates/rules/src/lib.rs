@@ -1,9 +1,13 @@
 //! Pure rule generation: configuration in, rule text out. Nothing here touches the system.
 //!
+//! * [`model`] — the rule model (typed matches and targets) shared by generators and renderers.
 //! * [`sidecar`] — the sidecar capture generator (Istio's `istio-iptables`), producing one
 //!   rule model that both renderers consume.
 //! * [`iptables`] — `iptables-restore` text renderer.
 //! * [`nft`] — native nftables (`nft -f`) transaction renderer.
 #![forbid(unsafe_code)]
 
+pub mod iptables;
+pub mod model;
+pub mod nft;
 pub mod sidecar;

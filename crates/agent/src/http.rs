@@ -1,0 +1,144 @@
+//! HTTP endpoints: `/healthz` and `/readyz` on the readiness port, `/metrics` on the monitoring
+//! port (both on one listener when the ports are equal).
+//!
+//! * `/healthz` — 200 `ok` while the process serves requests.
+//! * `/readyz` — 200 `ready` when every readiness gate is open; otherwise 503 with
+//!   `not ready: <closed gates>`.
+//! * `/metrics` — OpenMetrics text of the registry.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+use crate::readiness::Readiness;
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct HttpState {
+    pub readiness: Readiness,
+    pub registry: Arc<Registry>,
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(s): State<HttpState>) -> Response {
+    let closed = s.readiness.closed();
+    if closed.is_empty() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", closed.join(", ")),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(s): State<HttpState>) -> Response {
+    match crate::metrics::render(&s.registry) {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "metrics encoding failed\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Router for the readiness port.
+pub fn health_router(state: HttpState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// Router for the monitoring port.
+pub fn metrics_router(state: HttpState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Errors starting the HTTP listeners.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("binding {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Bound listeners, ready to serve.
+pub struct Listeners {
+    pub health: TcpListener,
+    /// `None` when metrics share the readiness listener.
+    pub metrics: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Bind both listeners (one if the ports are equal and non-zero).
+    pub async fn bind(
+        ip: std::net::IpAddr,
+        readiness_port: u16,
+        monitoring_port: u16,
+    ) -> Result<Self, HttpError> {
+        let haddr = SocketAddr::new(ip, readiness_port);
+        let health = TcpListener::bind(haddr)
+            .await
+            .map_err(|source| HttpError::Bind {
+                what: "readiness",
+                addr: haddr,
+                source,
+            })?;
+        let metrics = if readiness_port == monitoring_port && readiness_port != 0 {
+            None
+        } else {
+            let maddr = SocketAddr::new(ip, monitoring_port);
+            Some(
+                TcpListener::bind(maddr)
+                    .await
+                    .map_err(|source| HttpError::Bind {
+                        what: "monitoring",
+                        addr: maddr,
+                        source,
+                    })?,
+            )
+        };
+        Ok(Listeners { health, metrics })
+    }
+
+    /// Spawn the servers on the current runtime.
+    pub fn serve(self, state: HttpState) {
+        match self.metrics {
+            Some(m) => {
+                let h = health_router(state.clone());
+                tokio::spawn(async move { axum::serve(self.health, h).await });
+                let mr = metrics_router(state);
+                tokio::spawn(async move { axum::serve(m, mr).await });
+            }
+            None => {
+                let both = health_router(state.clone()).merge(metrics_router(state));
+                tokio::spawn(async move { axum::serve(self.health, both).await });
+            }
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! `meshcni-agent`: the node agent of meshcni.
+//!
+//! It installs the `meshcni` CNI plugin on the node and keeps it installed (through
+//! `meshcni-install`), writes the ambient config file, serves `/healthz`, `/readyz` and
+//! Prometheus `/metrics`, collects per-request reports from the plugin, and on shutdown leaves the
+//! plugin in place (upgrade-safe) unless told to uninstall — see [`lifecycle`].
+//!
+//! Modules: [`cli`] flags, [`run`] lifecycle orchestration, [`installer`] the installer seam,
+//! [`install_bridge`] its `meshcni-install` implementation, [`readiness`] gates, [`metrics`],
+//! [`plugin_report`] the plugin → agent wire format, [`ambient_config`], [`http`], [`logging`].
+
+#![forbid(unsafe_code)]
+
+pub mod ambient_config;
+pub mod cli;
+pub mod http;
+pub mod install_bridge;
+pub mod installer;
+pub mod lifecycle;
+pub mod logging;
+pub mod metrics;
+pub mod plugin_report;
+pub mod readiness;
+pub mod run;
+
+use std::process::ExitCode;
+
+use clap::{CommandFactory, FromArgMatches};
+
+/// The binary's `main`.
+pub fn main_entry() -> ExitCode {
+    let matches = cli::Cli::command().get_matches();
+    let cli = match cli::Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let explicit_mode = matches!(
+        matches.value_source("ambient_redirect_mode"),
+        Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+    );
+    let args = cli.args;
+    logging::init(args.log_level, args.log_format);
+
+    let result = match cli.command.unwrap_or(cli::Command::Run) {
+        cli::Command::CliReference => {
+            print!("{}", cli::reference_markdown());
+            Ok(())
+        }
+        cli::Command::CheckConfig => {
+            let plan = run::RunPlan {
+                redirect_mode: args.effective_redirect_mode(explicit_mode),
+                args,
+            };
+            install_bridge::install_config(&plan.args)
+                .map(|ic| {
+                    println!("{plan:?}");
+                    println!("{ic:?}");
+                })
+                .map_err(run::AgentError::Installer)
+        }
+        cli::Command::Uninstall => install_bridge::for_uninstall(&args)
+            .map_err(run::AgentError::Installer)
+            .and_then(|inst| run::uninstall_all(&args, inst.as_ref())),
+        cli::Command::Run => {
+            let plan = run::RunPlan {
+                redirect_mode: args.effective_redirect_mode(explicit_mode),
+                args,
+            };
+            tracing::info!(?plan, "starting meshcni-agent");
+            install_bridge::start(&plan.args)
+                .map_err(run::AgentError::Installer)
+                .and_then(|inst| run::run(plan, inst))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "meshcni-agent failed");
+            eprintln!("meshcni-agent: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! What the agent does to the node when it stops: **leave the plugin installed** (restart,
+//! upgrade, node drain) or **uninstall** (the mesh CNI is being removed from the cluster).
+//!
+//! # Why the default is "leave installed"
+//!
+//! SIGTERM alone cannot tell an upgrade from an uninstall. If the agent removed the plugin on
+//! every SIGTERM, then during a rolling upgrade (old pod gone, new pod not yet installed) the
+//! container runtime would start new pods *without* meshcni in the chain: sidecar pods would run
+//! without capture rules and ambient pods would escape ztunnel. Leaving the plugin in place means
+//! such pods are handled by the old binary (sidecar capture needs no agent) or held (ambient ADD
+//! fails closed while no agent answers) until the new agent is up — Istio's "safe upgrade"
+//! (`ShouldStopCleanup`, spec §5.5). meshcni applies this to every mode, not just ambient.
+//!
+//! # The explicit uninstall signal
+//!
+//! Istio asks the API server whether the DaemonSet still exists. This agent does not depend on a
+//! Kubernetes client for its shutdown path, so uninstall is an explicit, documented signal; any
+//! one of these makes the agent remove everything on exit:
+//!
+//! 1. `--uninstall-on-exit` / `UNINSTALL_ON_EXIT=true` (static; for hosts without Kubernetes, or
+//!    a DaemonSet deliberately configured to clean up on every stop).
+//! 2. `AMBIENT_DISABLE_SAFE_UPGRADE=true` (Istio's switch with Istio's meaning: always clean up).
+//! 3. The marker file `--uninstall-marker-file` (default `/etc/meshcni/lifecycle/uninstall`)
+//!    exists and contains `true` (surrounding whitespace ignored, case-insensitive). It is read at
+//!    shutdown time, not at start. The Helm chart mounts the `meshcni-lifecycle` ConfigMap there
+//!    (its key `uninstall` becomes the file); the chart's pre-delete hook sets the key to `true`
+//!    and waits for the kubelet to project it before Helm deletes the DaemonSet. With plain
+//!    manifests: `kubectl -n kube-system patch configmap meshcni-lifecycle --type merge -p
+//!    '{"data":{"uninstall":"true"}}'`, wait ~1 minute, then delete the manifests. On a host
+//!    without Kubernetes, write the file directly.
+//!
+//! The `meshcni-agent uninstall` subcommand removes everything immediately (for scripts, tests,
+//! and nodes where the agent is gone).
+
+use std::path::Path;
+
+/// State of the marker file at shutdown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Marker {
+    /// No file.
+    Absent,
+    /// File present with this (trimmed) content.
+    Present(String),
+    /// File exists but could not be read.
+    Unreadable(String),
+}
+
+/// Read the marker file (side effect at the edge; the decision is [`decide`]).
+pub fn read_marker(path: &Path) -> Marker {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Marker::Present(s.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Marker::Absent,
+        Err(e) => Marker::Unreadable(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Inputs of the decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExitInputs {
+    pub uninstall_on_exit: bool,
+    pub disable_safe_upgrade: bool,
+    pub marker: Marker,
+}
+
+/// The decision, with the reason to log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitAction {
+    Uninstall { reason: String },
+    LeaveInstalled { reason: String },
+}
+
+/// Decide between uninstall and leave-installed (pure).
+pub fn decide(i: &ExitInputs) -> ExitAction {
+    if i.uninstall_on_exit {
+        return ExitAction::Uninstall {
+            reason: "UNINSTALL_ON_EXIT is set".into(),
+        };
+    }
+    if i.disable_safe_upgrade {
+        return ExitAction::Uninstall {
+            reason: "AMBIENT_DISABLE_SAFE_UPGRADE is set".into(),
+        };
+    }
+    match &i.marker {
+        Marker::Present(s) if s.eq_ignore_ascii_case("true") => ExitAction::Uninstall {
+            reason: "uninstall marker file says true".into(),
+        },
+        Marker::Present(s) => ExitAction::LeaveInstalled {
+            reason: format!(
+                "uninstall marker file holds {s:?}, not \"true\": treating stop as upgrade/restart"
+            ),
+        },
+        Marker::Absent => ExitAction::LeaveInstalled {
+            reason: "no uninstall signal: treating stop as upgrade/restart".into(),
+        },
+        // Fail towards keeping pods captured: an unreadable marker is not an uninstall signal.
+        Marker::Unreadable(e) => ExitAction::LeaveInstalled {
+            reason: format!("uninstall marker unreadable ({e}): treating stop as upgrade/restart"),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(u: bool, d: bool, m: Marker) -> ExitInputs {
+        ExitInputs {
+            uninstall_on_exit: u,
+            disable_safe_upgrade: d,
+            marker: m,
+        }
+    }
+
+    #[test]
+    fn default_is_leave_installed() {
+        assert!(matches!(
+            decide(&inputs(false, false, Marker::Absent)),
+            ExitAction::LeaveInstalled { .. }
+        ));
+        assert!(matches!(
+            decide(&inputs(false, false, Marker::Present("false".into()))),
+            ExitAction::LeaveInstalled { .. }
+        ));
+        assert!(matches!(
+            decide(&inputs(false, false, Marker::Present(String::new()))),
+            ExitAction::LeaveInstalled { .. }
+        ));
+        assert!(matches!(
+            decide(&inputs(false, false, Marker::Unreadable("EACCES".into()))),
+            ExitAction::LeaveInstalled { .. }
+        ));
+    }
+
+    #[test]
+    fn each_signal_uninstalls() {
+        for i in [
+            inputs(true, false, Marker::Absent),
+            inputs(false, true, Marker::Absent),
+            inputs(false, false, Marker::Present("true".into())),
+            inputs(false, false, Marker::Present("TRUE".into())),
+        ] {
+            assert!(matches!(decide(&i), ExitAction::Uninstall { .. }), "{i:?}");
+        }
+    }
+
+    #[test]
+    fn marker_is_read_and_trimmed() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let p = d.path().join("uninstall");
+        assert_eq!(read_marker(&p), Marker::Absent);
+        std::fs::write(&p, " true\n").expect("write");
+        assert_eq!(read_marker(&p), Marker::Present("true".into()));
+    }
+}

@@ -1,0 +1,232 @@
+//! Prometheus metrics served on the monitoring port.
+//!
+//! | metric | type | source |
+//! |---|---|---|
+//! | `meshcni_install_events_total{result}` | counter | installer counters, read at scrape time |
+//! | `istio_cni_installs_total{result}` | counter | same values under Istio's name and labels |
+//! | `meshcni_install_ready` / `istio_cni_install_ready` | gauge | installer ready flag |
+//! | `meshcni_config_reinserts_total` | counter | installer: our entry put back after removal |
+//! | `meshcni_cni_requests_total{command,result}` | counter | plugin reports (`plugin_report`) |
+//! | `meshcni_cni_request_duration_seconds{command}` | histogram | plugin reports |
+//! | `meshcni_plugin_reports_malformed_total` | counter | datagrams that failed to parse |
+//! | `meshcni_enrolled_pods` | gauge | enrollment (0 until ambient enrollment lands) |
+//!
+//! Installer-derived series are produced by a [`Collector`] that reads the installer when
+//! scraped, so there is no copy to keep in sync.
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::installer::NodeInstaller;
+use crate::plugin_report::NormalizedReport;
+
+/// Buckets for CNI request durations: 0.5 ms … 10 s (ADD with ambient enrollment can wait on
+/// ztunnel; sidecar ADD is a few ms).
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub command: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabels {
+    pub command: &'static str,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+/// Handles to the agent-owned metrics.
+#[derive(Clone)]
+pub struct AgentMetrics {
+    pub cni_requests: Family<RequestLabels, Counter>,
+    pub cni_request_duration: Family<CommandLabels, Histogram, fn() -> Histogram>,
+    pub malformed_reports: Counter,
+    pub enrolled_pods: Gauge,
+}
+
+impl AgentMetrics {
+    /// Record one plugin report.
+    pub fn record(&self, r: &NormalizedReport) {
+        self.cni_requests
+            .get_or_create(&RequestLabels {
+                command: r.command,
+                result: r.result,
+            })
+            .inc();
+        self.cni_request_duration
+            .get_or_create(&CommandLabels { command: r.command })
+            .observe(r.seconds);
+    }
+}
+
+/// Reads the installer at scrape time.
+struct InstallCollector {
+    installer: Arc<dyn NodeInstaller>,
+}
+
+impl std::fmt::Debug for InstallCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InstallCollector")
+    }
+}
+
+impl Collector for InstallCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let c = self.installer.counters();
+        let ready = i64::from(self.installer.is_ready());
+        {
+            let mut fam = encoder.encode_descriptor(
+                "meshcni_install_events",
+                "Install passes of the CNI plugin by result.",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (label, _, v) in c.rows() {
+                let labels = [("result", label)];
+                ConstCounter::new(v).encode(fam.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut fam = encoder.encode_descriptor(
+                "istio_cni_installs",
+                "Install passes by result (Istio-compatible name and labels).",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (_, label, v) in c.rows() {
+                let labels = [("result", label)];
+                ConstCounter::new(v).encode(fam.encode_family(&labels)?)?;
+            }
+        }
+        for (name, help) in [
+            (
+                "meshcni_install_ready",
+                "1 when the plugin, its config and kubeconfig are installed and valid.",
+            ),
+            (
+                "istio_cni_install_ready",
+                "Istio-compatible alias of meshcni_install_ready.",
+            ),
+        ] {
+            let g = ConstGauge::new(ready);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        let r = ConstCounter::new(c.config_reinserts);
+        r.encode(encoder.encode_descriptor(
+            "meshcni_config_reinserts",
+            "Times the meshcni entry was put back into the CNI config after something removed it.",
+            None,
+            r.metric_type(),
+        )?)?;
+        Ok(())
+    }
+}
+
+/// Build the registry with every metric registered.
+pub fn build_registry(installer: Arc<dyn NodeInstaller>) -> (Registry, AgentMetrics) {
+    let mut registry = Registry::default();
+    let metrics = AgentMetrics {
+        cni_requests: Family::default(),
+        cni_request_duration: Family::new_with_constructor(duration_histogram),
+        malformed_reports: Counter::default(),
+        enrolled_pods: Gauge::default(),
+    };
+    registry.register(
+        "meshcni_cni_requests",
+        "CNI requests handled by the meshcni plugin, as reported by the plugin.",
+        metrics.cni_requests.clone(),
+    );
+    registry.register(
+        "meshcni_cni_request_duration_seconds",
+        "Duration of CNI requests handled by the meshcni plugin, as reported by the plugin.",
+        metrics.cni_request_duration.clone(),
+    );
+    registry.register(
+        "meshcni_plugin_reports_malformed",
+        "Datagrams on the plugin metrics socket that could not be parsed.",
+        metrics.malformed_reports.clone(),
+    );
+    registry.register(
+        "meshcni_enrolled_pods",
+        "Pods currently enrolled in ambient redirection on this node.",
+        metrics.enrolled_pods.clone(),
+    );
+    registry.register_collector(Box::new(InstallCollector { installer }));
+    (registry, metrics)
+}
+
+/// Render the registry in OpenMetrics text.
+pub fn render(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, registry)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::installer::InstallCounters;
+
+    struct Fake;
+    impl NodeInstaller for Fake {
+        fn is_ready(&self) -> bool {
+            true
+        }
+        fn counters(&self) -> InstallCounters {
+            InstallCounters {
+                success: 3,
+                copy_binaries_failure: 1,
+                create_kubeconfig_failure: 0,
+                create_cni_config_failure: 2,
+                config_reinserts: 5,
+            }
+        }
+        fn stop(&self) {}
+        fn last_error(&self) -> Option<String> {
+            None
+        }
+        fn uninstall(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn exposes_every_series() {
+        let (reg, m) = build_registry(Arc::new(Fake));
+        m.record(&NormalizedReport {
+            command: "ADD",
+            result: "success",
+            seconds: 0.003,
+        });
+        let text = render(&reg).expect("render");
+        for line in [
+            "meshcni_install_events_total{result=\"success\"} 3",
+            "meshcni_install_events_total{result=\"create_cni_config_failure\"} 2",
+            "istio_cni_installs_total{result=\"SUCCESS\"} 3",
+            "istio_cni_installs_total{result=\"COPY_BINARIES_FAILURE\"} 1",
+            "meshcni_install_ready 1",
+            "istio_cni_install_ready 1",
+            "meshcni_config_reinserts_total 5",
+            "meshcni_cni_requests_total{command=\"ADD\",result=\"success\"} 1",
+            "meshcni_cni_request_duration_seconds_count{command=\"ADD\"} 1",
+            "meshcni_cni_request_duration_seconds_bucket{le=\"0.005\",command=\"ADD\"} 1",
+            "meshcni_enrolled_pods 0",
+            "meshcni_plugin_reports_malformed_total 0",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! The agent's lifecycle: start the installer, bind the plugin metrics socket and the HTTP
+//! listeners, wait for SIGTERM/SIGINT, then leave the plugin installed or uninstall
+//! (`lifecycle`). The runtime is a current-thread tokio runtime: the agent's async work is a few
+//! sockets, and one thread keeps the idle footprint small. The installer's keeper runs on its own
+//! std thread (file watching is blocking work).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixDatagram;
+use tracing::{debug, error, info, warn};
+
+use crate::ambient_config::{AmbientConfigWriter, RedirectMode};
+use crate::cli::AgentArgs;
+use crate::http::{HttpState, Listeners};
+use crate::installer::NodeInstaller;
+use crate::lifecycle::{ExitAction, ExitInputs, decide, read_marker};
+use crate::metrics::{AgentMetrics, build_registry};
+use crate::plugin_report::{MAX_REPORT_BYTES, parse_report};
+use crate::readiness::Readiness;
+
+/// Errors that stop the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("starting the installer: {0}")]
+    Installer(String),
+    #[error("building the tokio runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error(transparent)]
+    Http(#[from] crate::http::HttpError),
+    #[error("creating run dir {path}: {source}")]
+    RunDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("binding the plugin metrics socket {path}: {source}")]
+    MetricsSocket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("writing the ambient config: {0}")]
+    AmbientConfig(#[from] crate::ambient_config::AmbientConfigError),
+    #[error("installing signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("uninstall failed: {0}")]
+    Uninstall(String),
+}
+
+/// Handles the running agent exposes to the components that later issues add (ztunnel watch,
+/// enrollment): the ambient config writer (`set_ztunnel_ready` hook), metrics, readiness gates.
+#[derive(Clone)]
+pub struct AgentHandle {
+    pub ambient: Option<Arc<AmbientConfigWriter>>,
+    pub metrics: AgentMetrics,
+    pub readiness: Readiness,
+}
+
+/// Everything decided from the flags before starting.
+#[derive(Debug, Clone)]
+pub struct RunPlan {
+    pub args: AgentArgs,
+    pub redirect_mode: RedirectMode,
+}
+
+/// Run until SIGTERM/SIGINT, then leave installed or uninstall.
+pub fn run(plan: RunPlan, installer: Arc<dyn NodeInstaller>) -> Result<(), AgentError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(AgentError::Runtime)?;
+    let args = plan.args.clone();
+    let served = rt.block_on(serve_until_signal(plan, installer.clone()));
+    // Stop serving before touching the node: after this point nothing reports ready.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    let result = served.and_then(|()| shutdown(&args, installer.as_ref()));
+    remove_metrics_socket(&args.metrics_socket());
+    result
+}
+
+async fn serve_until_signal(
+    plan: RunPlan,
+    installer: Arc<dyn NodeInstaller>,
+) -> Result<(), AgentError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Install handlers first so a SIGTERM during start-up is not lost.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+
+    let handle = start(&plan, installer).await?;
+    tokio::spawn(watch_readiness(handle.readiness.clone()));
+
+    tokio::select! {
+        _ = sigterm.recv() => info!("received SIGTERM"),
+        _ = sigint.recv() => info!("received SIGINT"),
+    }
+    Ok(())
+}
+
+/// Start every async component; returns the handles.
+pub async fn start(
+    plan: &RunPlan,
+    installer: Arc<dyn NodeInstaller>,
+) -> Result<AgentHandle, AgentError> {
+    let args = &plan.args;
+    let readiness = Readiness::new();
+    {
+        let inst = installer.clone();
+        readiness.probe("install", move || {
+            if inst.is_ready() {
+                Ok(())
+            } else {
+                Err(inst
+                    .last_error()
+                    .unwrap_or_else(|| "first install pass not finished".into()))
+            }
+        });
+    }
+
+    let ambient = if args.ambient_enabled {
+        // Until the redirect-mode driver lands, the ambient side consists of the config file:
+        // the gate opens once it is written. The driver will own a `redirect-mode` gate.
+        let gate = readiness.gate("ambient-config");
+        let w = Arc::new(AmbientConfigWriter::new(
+            &args.ambient_config_dir,
+            plan.redirect_mode,
+        ));
+        w.write_initial()?;
+        gate.set(true);
+        info!(path = %w.path().display(), mode = %plan.redirect_mode, "wrote ambient config");
+        Some(w)
+    } else {
+        None
+    };
+
+    let (registry, metrics) = build_registry(installer);
+    let sock = bind_metrics_socket(&args.cni_agent_run_dir, &args.metrics_socket())?;
+    tokio::spawn(receive_reports(sock, metrics.clone()));
+
+    let listeners = Listeners::bind(
+        args.listen_address,
+        args.readiness_port,
+        args.monitoring_port,
+    )
+    .await?;
+    info!(
+        readiness = %listeners.health.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        monitoring = %listeners
+            .metrics
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "shared".into()),
+        "serving /healthz /readyz and /metrics"
+    );
+    listeners.serve(HttpState {
+        readiness: readiness.clone(),
+        registry: Arc::new(registry),
+    });
+
+    Ok(AgentHandle {
+        ambient,
+        metrics,
+        readiness,
+    })
+}
+
+/// Log readiness transitions (once per change, not per probe) so "why is the pod not ready" is
+/// answered by the agent's log.
+async fn watch_readiness(readiness: Readiness) {
+    let mut last: Option<Vec<String>> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let closed = readiness.closed();
+        if last.as_ref() != Some(&closed) {
+            if closed.is_empty() {
+                info!("agent ready");
+            } else {
+                warn!(closed_gates = %closed.join(","), "agent not ready");
+            }
+            last = Some(closed);
+        }
+    }
+}
+
+fn bind_metrics_socket(run_dir: &Path, path: &Path) -> Result<UnixDatagram, AgentError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    std::fs::create_dir_all(run_dir).map_err(|source| AgentError::RunDir {
+        path: run_dir.to_path_buf(),
+        source,
+    })?;
+    // A previous agent may have left its socket behind (crash, SIGKILL); only ever remove a
+    // socket, never a regular file someone put there.
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+    {
+        let _ = std::fs::remove_file(path);
+    }
+    let sock = UnixDatagram::bind(path).map_err(|source| AgentError::MetricsSocket {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        AgentError::MetricsSocket {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    Ok(sock)
+}
+
+async fn receive_reports(sock: UnixDatagram, metrics: AgentMetrics) {
+    // One byte more than allowed so oversize datagrams are detectable (recv truncates).
+    let mut buf = vec![0u8; MAX_REPORT_BYTES + 1];
+    loop {
+        match sock.recv(&mut buf).await {
+            Ok(n) if n > MAX_REPORT_BYTES => {
+                metrics.malformed_reports.inc();
+                debug!(
+                    bytes = n,
+                    "plugin report larger than {MAX_REPORT_BYTES} bytes dropped"
+                );
+            }
+            Ok(n) => match parse_report(&buf[..n]) {
+                Ok(r) => metrics.record(&r),
+                Err(e) => {
+                    metrics.malformed_reports.inc();
+                    debug!(error = %e, "plugin report dropped");
+                }
+            },
+            Err(e) => {
+                error!(error = %e, "receiving plugin reports failed; retrying in 1s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+fn remove_metrics_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path)
+        && meta.file_type().is_socket()
+    {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// After the signal: stop the keeper, then decide.
+fn shutdown(args: &AgentArgs, installer: &dyn NodeInstaller) -> Result<(), AgentError> {
+    // The keeper must stop first, or it would put back what uninstall removes.
+    installer.stop();
+    let action = decide(&ExitInputs {
+        uninstall_on_exit: args.uninstall_on_exit,
+        disable_safe_upgrade: args.ambient_disable_safe_upgrade,
+        marker: read_marker(&args.uninstall_marker_file),
+    });
+    match action {
+        ExitAction::LeaveInstalled { reason } => {
+            info!(%reason, "leaving the CNI plugin installed");
+            Ok(())
+        }
+        ExitAction::Uninstall { reason } => {
+            info!(%reason, "uninstalling the CNI plugin");
+            uninstall_all(args, installer)
+        }
+    }
+}
+
+/// Remove every file of ours: the installer's files, the ambient config file, the metrics socket
+/// and the run dir if it is left empty.
+pub fn uninstall_all(args: &AgentArgs, installer: &dyn NodeInstaller) -> Result<(), AgentError> {
+    installer.uninstall().map_err(AgentError::Uninstall)?;
+    info!("removed the plugin binaries, our CNI config entry and the kubeconfig");
+    let ambient_file = args
+        .ambient_config_dir
+        .join(crate::ambient_config::AMBIENT_CONFIG_FILE);
+    match std::fs::remove_file(&ambient_file) {
+        Ok(()) => info!(path = %ambient_file.display(), "removed"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(AgentError::Uninstall(format!(
+                "removing {}: {e}",
+                ambient_file.display()
+            )));
+        }
+    }
+    remove_metrics_socket(&args.metrics_socket());
+    // Only an empty dir: other tools may share it.
+    let _ = std::fs::remove_dir(&args.cni_agent_run_dir);
+    Ok(())
+}

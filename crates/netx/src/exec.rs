@@ -1,0 +1,119 @@
+//! Running external programs (iptables-restore, nft, …) from a thread that is inside a network
+//! namespace. fork happens on the calling thread, so the child inherits that thread's netns.
+//! Programs get argument vectors, never a shell.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::NetxError;
+use crate::netns::InNetns;
+
+/// Directories searched after `$PATH`: CNI plugins are often exec'd with a minimal PATH.
+const FALLBACK_DIRS: [&str; 4] = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"];
+
+/// Find `name` on `$PATH` or in the usual sbin/bin directories.
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let path_var = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path_var)
+        .chain(FALLBACK_DIRS.iter().map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// One external command.
+#[derive(Debug, Clone)]
+pub(crate) struct Cmd<'a> {
+    pub program: &'a str,
+    pub args: Vec<String>,
+    pub env: Vec<(&'static str, OsString)>,
+    pub stdin: Option<&'a [u8]>,
+    pub isolate_nss: bool,
+}
+
+impl<'a> Cmd<'a> {
+    pub fn new(program: &'a str) -> Self {
+        Cmd {
+            program,
+            args: Vec::new(),
+            env: Vec::new(),
+            stdin: None,
+            isolate_nss: false,
+        }
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn display(&self) -> String {
+        let mut s = self.program.to_string();
+        for a in &self.args {
+            s.push(' ');
+            s.push_str(a);
+        }
+        s
+    }
+
+    /// Run to completion in the caller's netns; Ok(stdout) on exit status 0.
+    pub fn run(&self, ns: &InNetns<'_>) -> Result<String, NetxError> {
+        let program = find_program(self.program).unwrap_or_else(|| PathBuf::from(self.program));
+        let mut command = Command::new(&program);
+        command
+            .args(&self.args)
+            .stdin(if self.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        if self.isolate_nss {
+            crate::sys::isolate_nss(&mut command);
+        }
+        let spawn_err = |source| NetxError::Spawn {
+            netns: ns.path().to_path_buf(),
+            command: self.display(),
+            source,
+        };
+        let mut child = command.spawn().map_err(spawn_err)?;
+        let output = std::thread::scope(|scope| {
+            if let (Some(input), Some(mut stdin)) = (self.stdin, child.stdin.take()) {
+                // A writer thread avoids a pipe deadlock should the child write a lot before
+                // reading all of its input. A write error means the child exited early; its
+                // exit status and stderr tell the real story.
+                scope.spawn(move || {
+                    let _ = stdin.write_all(input);
+                });
+            }
+            child.wait_with_output()
+        })
+        .map_err(spawn_err)?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            let mut stderr = String::from_utf8_lossy(&output.stderr).trim().to_string();
+            if stderr.is_empty() {
+                stderr = String::from_utf8_lossy(&output.stdout).trim().to_string();
+            }
+            Err(NetxError::Command {
+                netns: ns.path().to_path_buf(),
+                command: self.display(),
+                status: output.status.to_string(),
+                stderr,
+            })
+        }
+    }
+}

@@ -1,0 +1,582 @@
+//! A small synchronous rtnetlink client: links, addresses, policy-routing rules and routes in
+//! one network namespace. A netlink socket belongs to the namespace it was created in, so
+//! [`Netlink::open`] creates it on a thread inside the target netns and the socket can then be
+//! used from any thread.
+//!
+//! Every mutating call is idempotent and reports whether it changed anything: "already exists"
+//! on add and "no such object" on delete are [`Change::Unchanged`], not errors. New object kinds
+//! (veth, vxlan, …) are added as a message builder plus a method that calls [`Netlink::ack`].
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope,
+};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::route::{
+    RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+use crate::netns::{InNetns, run_in_netns};
+use crate::{IpFamily, NetxError};
+
+/// Whether a mutating call changed the system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The object was created / deleted.
+    Applied,
+    /// It already existed (add) or was already absent (delete).
+    Unchanged,
+}
+
+/// `ip rule add fwmark MARK[/MASK] lookup TABLE [pref PRIORITY]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleSpec {
+    pub family: IpFamily,
+    pub fwmark: u32,
+    pub fwmask: Option<u32>,
+    pub table: u32,
+    pub priority: Option<u32>,
+}
+
+/// `ip route add local default dev lo table TABLE` (or `0.0.0.0/0` / `::/0`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalRouteSpec {
+    pub family: IpFamily,
+    pub table: u32,
+}
+
+/// An address on an interface, e.g. `::6/128` on `lo`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressSpec {
+    pub ifname: String,
+    pub addr: IpNet,
+}
+
+/// A link as seen by `ip link`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub index: u32,
+    pub name: String,
+    pub up: bool,
+    pub loopback: bool,
+}
+
+/// An interface address as seen by `ip addr`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressInfo {
+    pub index: u32,
+    pub addr: IpAddr,
+    pub prefix_len: u8,
+}
+
+/// A policy-routing rule as listed by the kernel (only the fields this crate manages).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleInfo {
+    pub family: IpFamily,
+    pub priority: Option<u32>,
+    pub fwmark: Option<u32>,
+    pub fwmask: Option<u32>,
+    pub table: u32,
+}
+
+/// A route as listed by the kernel (the fields this crate manages).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteInfo {
+    pub family: IpFamily,
+    pub table: u32,
+    pub local: bool,
+    pub dst: Option<IpNet>,
+    pub oif: Option<u32>,
+}
+
+/// Kernel "table id fits in the header" limit; larger ids go in RTA_TABLE/FRA_TABLE only.
+const RT_TABLE_COMPAT: u8 = 252;
+
+fn header_table(table: u32) -> u8 {
+    u8::try_from(table).unwrap_or(RT_TABLE_COMPAT)
+}
+
+fn af(family: IpFamily) -> AddressFamily {
+    match family {
+        IpFamily::V4 => AddressFamily::Inet,
+        IpFamily::V6 => AddressFamily::Inet6,
+    }
+}
+
+fn family_of(af: AddressFamily) -> Option<IpFamily> {
+    match af {
+        AddressFamily::Inet => Some(IpFamily::V4),
+        AddressFamily::Inet6 => Some(IpFamily::V6),
+        _ => None,
+    }
+}
+
+/// A blocking rtnetlink socket bound to one network namespace.
+#[derive(Debug)]
+pub struct Netlink {
+    socket: Socket,
+    seq: u32,
+    netns: PathBuf,
+}
+
+impl Netlink {
+    /// Open a socket in the network namespace of the calling thread.
+    pub fn open_here(ns: &InNetns<'_>) -> Result<Self, NetxError> {
+        Self::open_current(ns.path())
+    }
+
+    /// Open a socket inside `netns` (created on a short-lived thread that entered it).
+    pub fn open(netns: &Path) -> Result<Self, NetxError> {
+        run_in_netns(netns, || Self::open_current(netns))?
+    }
+
+    fn open_current(label: &Path) -> Result<Self, NetxError> {
+        let err = |op: &str, source| NetxError::Netlink {
+            netns: label.to_path_buf(),
+            op: op.to_string(),
+            source,
+        };
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(|e| err("socket", e))?;
+        socket.bind_auto().map_err(|e| err("bind", e))?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(|e| err("connect", e))?;
+        Ok(Netlink {
+            socket,
+            seq: 0,
+            netns: label.to_path_buf(),
+        })
+    }
+
+    /// The netns this socket talks to (as given when opening it).
+    pub fn netns(&self) -> &Path {
+        &self.netns
+    }
+
+    fn send(&mut self, op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<u32, NetxError> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        header.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        packet.finalize();
+        let mut buf = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        self.socket.send(&buf, 0).map_err(|source| NetxError::Netlink {
+            netns: self.netns.clone(),
+            op: op.to_string(),
+            source,
+        })?;
+        Ok(self.seq)
+    }
+
+    /// Receive replies to request `seq` until the ack (or DONE for dumps). Kernel errors come
+    /// back as `Err(errno)` in the inner result so callers can decide what is idempotent.
+    fn receive(
+        &mut self,
+        op: &str,
+        seq: u32,
+    ) -> Result<Result<Vec<RouteNetlinkMessage>, i32>, NetxError> {
+        let mut out = Vec::new();
+        loop {
+            let (datagram, _) =
+                self.socket
+                    .recv_from_full()
+                    .map_err(|source| NetxError::Netlink {
+                        netns: self.netns.clone(),
+                        op: op.to_string(),
+                        source,
+                    })?;
+            let mut offset = 0;
+            while offset < datagram.len() {
+                let bytes = &datagram[offset..];
+                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(
+                    |e| NetxError::NetlinkProtocol {
+                        netns: self.netns.clone(),
+                        op: op.to_string(),
+                        detail: e.to_string(),
+                    },
+                )?;
+                let len = msg.header.length as usize;
+                if len == 0 {
+                    return Err(NetxError::NetlinkProtocol {
+                        netns: self.netns.clone(),
+                        op: op.to_string(),
+                        detail: "zero-length message".to_string(),
+                    });
+                }
+                offset += (len + 3) & !3;
+                if msg.header.sequence_number != seq {
+                    continue;
+                }
+                match msg.payload {
+                    NetlinkPayload::Done(_) => return Ok(Ok(out)),
+                    NetlinkPayload::Error(e) => {
+                        return Ok(match e.code {
+                            None => Ok(out),
+                            Some(code) => Err(-code.get()),
+                        });
+                    }
+                    NetlinkPayload::InnerMessage(inner) => out.push(inner),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Send a request that expects an ack. Returns the kernel's errno on a NACK.
+    pub fn ack(&mut self, op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<Result<(), i32>, NetxError> {
+        let seq = self.send(op, msg, flags | NLM_F_REQUEST | NLM_F_ACK)?;
+        Ok(self.receive(op, seq)?.map(|_| ()))
+    }
+
+    fn dump(&mut self, op: &str, msg: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>, NetxError> {
+        let seq = self.send(op, msg, NLM_F_REQUEST | NLM_F_DUMP)?;
+        self.receive(op, seq)?.map_err(|errno| self.errno(op, errno))
+    }
+
+    fn errno(&self, op: &str, errno: i32) -> NetxError {
+        NetxError::Netlink {
+            netns: self.netns.clone(),
+            op: op.to_string(),
+            source: std::io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    /// Map an ack to Change: `benign` errnos mean "nothing to do".
+    fn change(&self, op: &str, result: Result<(), i32>, benign: &[i32]) -> Result<Change, NetxError> {
+        match result {
+            Ok(()) => Ok(Change::Applied),
+            Err(errno) if benign.contains(&errno) => Ok(Change::Unchanged),
+            Err(errno) => Err(self.errno(op, errno)),
+        }
+    }
+
+    // ----- links -----------------------------------------------------------------------------
+
+    /// All links.
+    pub fn links(&mut self) -> Result<Vec<LinkInfo>, NetxError> {
+        let replies = self.dump("list links", RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(link) => Some(link_info(&link)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Index of the link called `name`, `None` if there is none.
+    pub fn link_index(&mut self, name: &str) -> Result<Option<u32>, NetxError> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        let op = format!("get link {name}");
+        let seq = self.send(&op, RouteNetlinkMessage::GetLink(msg), NLM_F_REQUEST)?;
+        match self.receive(&op, seq)? {
+            Ok(replies) => Ok(replies.into_iter().find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(link) => Some(link.header.index),
+                _ => None,
+            })),
+            Err(errno) if errno == libc::ENODEV => Ok(None),
+            Err(errno) => Err(self.errno(&op, errno)),
+        }
+    }
+
+    fn require_link(&mut self, name: &str) -> Result<u32, NetxError> {
+        self.link_index(name)?.ok_or_else(|| NetxError::Netlink {
+            netns: self.netns.clone(),
+            op: format!("get link {name}"),
+            source: std::io::Error::from_raw_os_error(libc::ENODEV),
+        })
+    }
+
+    /// `ip link set NAME up`.
+    pub fn set_link_up(&mut self, name: &str) -> Result<(), NetxError> {
+        let index = self.require_link(name)?;
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        let op = format!("set link {name} up");
+        let result = self.ack(&op, RouteNetlinkMessage::SetLink(msg), 0)?;
+        result.map_err(|errno| self.errno(&op, errno))
+    }
+
+    // ----- addresses -------------------------------------------------------------------------
+
+    /// All addresses of all links, in kernel dump order (IPv4 first, then IPv6).
+    pub fn addresses(&mut self) -> Result<Vec<AddressInfo>, NetxError> {
+        let replies = self.dump(
+            "list addresses",
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => address_info(&a),
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn address_message(index: u32, addr: &IpNet) -> AddressMessage {
+        let mut msg = AddressMessage::default();
+        msg.header.family = af(IpFamily::of(&addr.addr()));
+        msg.header.prefix_len = addr.prefix_len();
+        msg.header.index = index;
+        msg.header.scope = if addr.addr().is_loopback() {
+            AddressScope::Host
+        } else {
+            AddressScope::Universe
+        };
+        if addr.addr().is_ipv6() {
+            // No duplicate-address detection: the address is usable immediately (same as
+            // `ip addr add … nodad`); DAD makes no sense on lo and only delays pods.
+            msg.header.flags = AddressHeaderFlags::Nodad;
+        }
+        msg.attributes.push(AddressAttribute::Local(addr.addr()));
+        msg.attributes.push(AddressAttribute::Address(addr.addr()));
+        msg
+    }
+
+    /// `ip addr add ADDR dev IFNAME`; an existing address is `Unchanged`.
+    pub fn add_address(&mut self, spec: &AddressSpec) -> Result<Change, NetxError> {
+        let index = self.require_link(&spec.ifname)?;
+        let op = format!("add address {} dev {}", spec.addr, spec.ifname);
+        let msg = Self::address_message(index, &spec.addr);
+        let result = self.ack(
+            &op,
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        self.change(&op, result, &[libc::EEXIST])
+    }
+
+    /// `ip addr del ADDR dev IFNAME`; an absent address (or link) is `Unchanged`.
+    pub fn del_address(&mut self, spec: &AddressSpec) -> Result<Change, NetxError> {
+        let Some(index) = self.link_index(&spec.ifname)? else {
+            return Ok(Change::Unchanged);
+        };
+        let op = format!("delete address {} dev {}", spec.addr, spec.ifname);
+        let msg = Self::address_message(index, &spec.addr);
+        let result = self.ack(&op, RouteNetlinkMessage::DelAddress(msg), 0)?;
+        self.change(&op, result, &[libc::EADDRNOTAVAIL, libc::ENOENT])
+    }
+
+    // ----- rules -----------------------------------------------------------------------------
+
+    fn rule_message(spec: &RuleSpec) -> RuleMessage {
+        let mut msg = RuleMessage::default();
+        msg.header.family = af(spec.family);
+        msg.header.table = header_table(spec.table);
+        msg.header.action = RuleAction::ToTable;
+        msg.attributes.push(RuleAttribute::Table(spec.table));
+        msg.attributes.push(RuleAttribute::FwMark(spec.fwmark));
+        if let Some(mask) = spec.fwmask {
+            msg.attributes.push(RuleAttribute::FwMask(mask));
+        }
+        if let Some(priority) = spec.priority {
+            msg.attributes.push(RuleAttribute::Priority(priority));
+        }
+        msg
+    }
+
+    fn rule_op(verb: &str, spec: &RuleSpec) -> String {
+        let mut s = format!("{verb} rule ({}) fwmark {:#x}", spec.family, spec.fwmark);
+        if let Some(mask) = spec.fwmask {
+            s.push_str(&format!("/{mask:#x}"));
+        }
+        if let Some(p) = spec.priority {
+            s.push_str(&format!(" pref {p}"));
+        }
+        s.push_str(&format!(" lookup {}", spec.table));
+        s
+    }
+
+    /// `ip rule add fwmark M[/MASK] lookup T [pref P]`; an identical rule is `Unchanged`.
+    pub fn add_rule(&mut self, spec: &RuleSpec) -> Result<Change, NetxError> {
+        let op = Self::rule_op("add", spec);
+        let result = self.ack(
+            &op,
+            RouteNetlinkMessage::NewRule(Self::rule_message(spec)),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
+        self.change(&op, result, &[libc::EEXIST])
+    }
+
+    /// `ip rule del …`; a missing rule is `Unchanged`.
+    pub fn del_rule(&mut self, spec: &RuleSpec) -> Result<Change, NetxError> {
+        let op = Self::rule_op("delete", spec);
+        let result = self.ack(&op, RouteNetlinkMessage::DelRule(Self::rule_message(spec)), 0)?;
+        self.change(&op, result, &[libc::ENOENT])
+    }
+
+    /// Policy-routing rules of one family.
+    pub fn rules(&mut self, family: IpFamily) -> Result<Vec<RuleInfo>, NetxError> {
+        let mut req = RuleMessage::default();
+        req.header.family = af(family);
+        let replies = self.dump(&format!("list rules ({family})"), RouteNetlinkMessage::GetRule(req))?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRule(r) => Some(rule_info(family, &r)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    // ----- routes ----------------------------------------------------------------------------
+
+    fn local_route_message(&mut self, spec: &LocalRouteSpec, delete: bool) -> Result<RouteMessage, NetxError> {
+        let lo = self.require_link("lo")?;
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = af(spec.family);
+        msg.header.destination_prefix_length = 0;
+        msg.header.table = header_table(spec.table);
+        msg.header.kind = RouteType::Local;
+        if delete {
+            msg.header.scope = RouteScope::NoWhere;
+            msg.header.protocol = RouteProtocol::Unspec;
+        } else {
+            msg.header.scope = RouteScope::Host;
+            msg.header.protocol = RouteProtocol::Boot;
+        }
+        msg.attributes.push(RouteAttribute::Table(spec.table));
+        msg.attributes.push(RouteAttribute::Oif(lo));
+        Ok(msg)
+    }
+
+    /// `ip route add local default dev lo table T`; an existing route is `Unchanged`.
+    pub fn add_local_route(&mut self, spec: &LocalRouteSpec) -> Result<Change, NetxError> {
+        let op = format!("add route ({}) local default dev lo table {}", spec.family, spec.table);
+        let msg = self.local_route_message(spec, false)?;
+        let result = self.ack(&op, RouteNetlinkMessage::NewRoute(msg), NLM_F_CREATE | NLM_F_EXCL)?;
+        self.change(&op, result, &[libc::EEXIST])
+    }
+
+    /// `ip route replace local default dev lo table T` (always `Applied`).
+    pub fn replace_local_route(&mut self, spec: &LocalRouteSpec) -> Result<Change, NetxError> {
+        let op = format!("replace route ({}) local default dev lo table {}", spec.family, spec.table);
+        let msg = self.local_route_message(spec, false)?;
+        let result = self.ack(&op, RouteNetlinkMessage::NewRoute(msg), NLM_F_CREATE | NLM_F_REPLACE)?;
+        self.change(&op, result, &[])
+    }
+
+    /// `ip route del local default dev lo table T`; a missing route is `Unchanged`.
+    pub fn del_local_route(&mut self, spec: &LocalRouteSpec) -> Result<Change, NetxError> {
+        let op = format!("delete route ({}) local default dev lo table {}", spec.family, spec.table);
+        let msg = self.local_route_message(spec, true)?;
+        let result = self.ack(&op, RouteNetlinkMessage::DelRoute(msg), 0)?;
+        self.change(&op, result, &[libc::ESRCH, libc::ENOENT])
+    }
+
+    /// Routes of one family in `table` (all tables if `None`).
+    pub fn routes(&mut self, family: IpFamily, table: Option<u32>) -> Result<Vec<RouteInfo>, NetxError> {
+        let mut req = RouteMessage::default();
+        req.header.address_family = af(family);
+        let replies = self.dump(&format!("list routes ({family})"), RouteNetlinkMessage::GetRoute(req))?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => Some(route_info(family, &r)),
+                _ => None,
+            })
+            .filter(|r| table.is_none_or(|t| r.table == t))
+            .collect())
+    }
+}
+
+fn link_info(link: &LinkMessage) -> LinkInfo {
+    let name = link
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    LinkInfo {
+        index: link.header.index,
+        name,
+        up: link.header.flags.contains(LinkFlags::Up),
+        loopback: link.header.flags.contains(LinkFlags::Loopback),
+    }
+}
+
+fn address_info(a: &AddressMessage) -> Option<AddressInfo> {
+    // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer on p2p links).
+    let local = a.attributes.iter().find_map(|attr| match attr {
+        AddressAttribute::Local(ip) => Some(*ip),
+        _ => None,
+    });
+    let address = a.attributes.iter().find_map(|attr| match attr {
+        AddressAttribute::Address(ip) => Some(*ip),
+        _ => None,
+    });
+    Some(AddressInfo {
+        index: a.header.index,
+        addr: local.or(address)?,
+        prefix_len: a.header.prefix_len,
+    })
+}
+
+fn rule_info(family: IpFamily, r: &RuleMessage) -> RuleInfo {
+    let mut info = RuleInfo {
+        family,
+        priority: None,
+        fwmark: None,
+        fwmask: None,
+        table: u32::from(r.header.table),
+    };
+    for attr in &r.attributes {
+        match attr {
+            RuleAttribute::Priority(p) => info.priority = Some(*p),
+            RuleAttribute::FwMark(m) => info.fwmark = Some(*m),
+            RuleAttribute::FwMask(m) => info.fwmask = Some(*m),
+            RuleAttribute::Table(t) => info.table = *t,
+            _ => {}
+        }
+    }
+    info
+}
+
+fn route_info(family: IpFamily, r: &RouteMessage) -> RouteInfo {
+    let mut info = RouteInfo {
+        family: family_of(r.header.address_family).unwrap_or(family),
+        table: u32::from(r.header.table),
+        local: r.header.kind == RouteType::Local,
+        dst: None,
+        oif: None,
+    };
+    let mut dst: Option<IpAddr> = None;
+    for attr in &r.attributes {
+        match attr {
+            RouteAttribute::Table(t) => info.table = *t,
+            RouteAttribute::Oif(o) => info.oif = Some(*o),
+            RouteAttribute::Destination(d) => {
+                dst = match d {
+                    netlink_packet_route::route::RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+                    netlink_packet_route::route::RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+                    _ => None,
+                }
+            }
+            _ => {}
+        }
+    }
+    let unspecified = match info.family {
+        IpFamily::V4 => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        IpFamily::V6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+    };
+    info.dst = IpNet::new(dst.unwrap_or(unspecified), r.header.destination_prefix_length).ok();
+    info
+}

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# setup.sh: install what meshcni's tests need on Debian 12 (bookworm), as root. Idempotent:
+# every step checks first and skips what is present; `apt-get update` runs at most once, and
+# only when a package is missing. Prints the time each step took.
+#
+#   scripts/setup.sh            packages, cnitool, CRI client venv, rustfmt + clippy
+#   scripts/setup.sh --fuzz     ... and cargo-fuzz (+ a C++ compiler for libFuzzer)
+#
+# What it installs:
+#   apt     iptables nftables ipset iproute2 conntrack jq      (rules, netns, assertions)
+#           containernetworking-plugins                          (/usr/lib/cni: bridge, host-local, portmap, ...)
+#           containerd runc busybox-static python3-venv          (containerd CRI runtime test)
+#           golang-go golang-github-appc-cni-dev dpkg-dev        (to build cnitool, see below)
+#   cnitool $CNITOOL (default /usr/local/bin/cnitool), built from Debian's *source* package golang-github-appc-cni
+#           (the -dev package ships libcni but not cnitool) with Debian's Go in GOPATH mode: no Go
+#           module is downloaded. The deb-src index goes to a private temporary apt state dir;
+#           the system's apt sources are not touched.
+#   venv    $MESHCNI_CRI_VENV (default /opt/meshcni/cri-venv) with the PyPI package
+#           container-runtime-interface-api==2.0.1 (CRI v1 gRPC stubs) for scripts/cri-pod.py.
+#   rust    rustfmt + clippy components (rustup); cargo-fuzz only with --fuzz.
+set -euo pipefail
+
+WANT_FUZZ=0
+for a in "$@"; do
+    case "$a" in
+        --fuzz) WANT_FUZZ=1 ;;
+        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) echo "setup.sh: unknown option $a" >&2; exit 2 ;;
+    esac
+done
+[ "$(id -u)" = 0 ] || { echo "setup.sh: run as root (installs packages)" >&2; exit 1; }
+
+CRI_VENV="${MESHCNI_CRI_VENV:-/opt/meshcni/cri-venv}"
+CNITOOL="${CNITOOL:-/usr/local/bin/cnitool}"
+export DEBIAN_FRONTEND=noninteractive
+T0=$(date +%s)
+step_t=$T0
+ts() { local now; now=$(date +%s); echo "setup: [+$((now - step_t))s, total $((now - T0))s] $*"; step_t=$now; }
+
+# ---- Debian packages ---------------------------------------------------------------------
+pkgs=(iptables nftables ipset iproute2 conntrack jq util-linux
+      containernetworking-plugins containerd runc busybox-static python3 python3-venv
+      golang-go golang-github-appc-cni-dev dpkg-dev ca-certificates)
+[ $WANT_FUZZ = 1 ] && pkgs+=(g++)
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    ts "apt-get installed: ${missing[*]}"
+else
+    ts "Debian packages present"
+fi
+
+# ---- cnitool -----------------------------------------------------------------------------
+if [ -x "$CNITOOL" ] && [ "${FORCE_CNITOOL:-0}" != 1 ]; then
+    ts "cnitool present ($CNITOOL; FORCE_CNITOOL=1 rebuilds)"
+else
+    W="$(mktemp -d /tmp/meshcni-cnitool.XXXXXX)"
+    trap 'rm -rf "$W"' EXIT
+    . /etc/os-release
+    codename="${VERSION_CODENAME:-bookworm}"
+    # Reuse the mirror(s) the system already uses for this release.
+    mapfile -t sites < <(apt-get indextargets --format '$(SITE) $(RELEASE)' 'Identifier: Packages' 2>/dev/null |
+        awk -v c="$codename" '$2==c || $2==c"-updates" {print $1" "$2}' | sort -u)
+    [ ${#sites[@]} -gt 0 ] || sites=("http://deb.debian.org/debian $codename")
+    mkdir -p "$W/lists/partial" "$W/parts" "$W/src"
+    for s in "${sites[@]}"; do
+        echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] ${s% *} ${s#* } main"
+    done > "$W/sources.list"
+    APTSRC=(-o Dir::Etc::SourceList="$W/sources.list" -o Dir::Etc::SourceParts="$W/parts"
+            -o Dir::State::Lists="$W/lists" -o Dir::Cache::pkgcache= -o Dir::Cache::srcpkgcache=
+            -o APT::Sandbox::User=root -o Debug::NoLocking=1)
+    apt-get "${APTSRC[@]}" update -qq
+    ver="$(dpkg-query -W -f='${source:Version}' golang-github-appc-cni-dev)"
+    (cd "$W/src" && apt-get "${APTSRC[@]}" source -qq "golang-github-appc-cni=$ver" >/dev/null)
+    srcdir="$(find "$W/src" -maxdepth 1 -type d -name 'golang-github-appc-cni-*' | head -1)"
+    [ -f "$srcdir/cnitool/cnitool.go" ] || { echo "setup.sh: cnitool.go not found in $srcdir" >&2; exit 1; }
+    # GOPATH mode: libcni and pkg/* come from the source tree itself, placed at its import path.
+    mkdir -p "$W/gopath/src/github.com/containernetworking"
+    mv "$srcdir" "$W/gopath/src/github.com/containernetworking/cni"
+    (cd "$W/gopath/src/github.com/containernetworking/cni/cnitool" &&
+        env GO111MODULE=off GOPATH="$W/gopath:/usr/share/gocode" GOCACHE="$W/gocache" \
+            GOFLAGS= GOPROXY=off CGO_ENABLED=0 go build -ldflags "-s -w" -o "$W/cnitool" .)
+    install -m 0755 "$W/cnitool" "$CNITOOL"
+    ts "built $CNITOOL from Debian source golang-github-appc-cni $ver"
+fi
+
+# ---- CRI client venv ---------------------------------------------------------------------
+if "$CRI_VENV/bin/python" -c 'import cri_api.v1.api_pb2_grpc' 2>/dev/null; then
+    ts "CRI client venv present ($CRI_VENV)"
+else
+    python3 -m venv "$CRI_VENV"
+    "$CRI_VENV/bin/pip" install -q --disable-pip-version-check 'container-runtime-interface-api==2.0.1'
+    ts "created CRI client venv $CRI_VENV (container-runtime-interface-api==2.0.1)"
+fi
+
+# ---- Rust --------------------------------------------------------------------------------
+command -v cargo >/dev/null || { echo "setup.sh: cargo not found; install Rust (rustup, stable)" >&2; exit 1; }
+if cargo fmt --version >/dev/null 2>&1 && cargo clippy --version >/dev/null 2>&1; then
+    ts "rustfmt + clippy present ($(rustc --version))"
+else
+    rustup component add rustfmt clippy
+    ts "added rustfmt + clippy"
+fi
+if [ $WANT_FUZZ = 1 ]; then
+    if cargo fuzz --version >/dev/null 2>&1; then
+        ts "cargo-fuzz present ($(cargo fuzz --version))"
+    else
+        cargo install --locked cargo-fuzz
+        ts "installed cargo-fuzz ($(cargo fuzz --version))"
+    fi
+fi
+echo "setup: done in $(( $(date +%s) - T0 ))s"

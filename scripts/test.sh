@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# test.sh: meshcni's whole test suite, as root on Debian 12 (the README test command; CI runs it
+# through .ci/run). Steps, in order (each runs even if an earlier one failed; exit status is
+# non-zero if any failed):
+#
+#   1. scripts/setup.sh          dependencies (idempotent; --fuzz unless FUZZ_SECONDS=0)
+#   2. preflight                 root + every tool the tests use, else stop with what is missing
+#   3. cargo fmt --all --check
+#   4. cargo clippy --workspace --all-targets -- -D warnings
+#   5. cargo test --workspace    unit, golden, root/netns tests and the real-runtime tests
+#                                (crates/plugin/tests/runtimes.rs: cnitool and containerd CRI
+#                                driving the built meshcni binary inside throw-away netns)
+#   6. fuzz                      every target in fuzz/ for FUZZ_SECONDS (default 60) each, with
+#                                cargo-fuzz + libFuzzer on *stable* Rust (--sanitizer none,
+#                                see fuzz/README.md); 0 skips fuzzing.
+#
+# Env: FUZZ_SECONDS (default 60), MESHCNI_CRI_VENV (CRI client venv, default /opt/meshcni/cri-venv).
+set -uo pipefail
+cd "$(dirname "$(readlink -f "$0")")/.."
+
+FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
+export MESHCNI_CRI_VENV="${MESHCNI_CRI_VENV:-/opt/meshcni/cri-venv}"
+T0=$(date +%s)
+results=()
+failed=0
+
+# run NAME CMD...: one step, timed, recorded; output goes straight through (CI reads cargo's lines).
+run() {
+    local name="$1" t rc
+    shift
+    t=$(date +%s)
+    echo "=== test.sh: $name: $*"
+    "$@"
+    rc=$?
+    if [ $rc = 0 ]; then
+        results+=("ok      $name ($(( $(date +%s) - t ))s)")
+    else
+        results+=("FAILED  $name (exit $rc, $(( $(date +%s) - t ))s)")
+        failed=1
+    fi
+    return $rc
+}
+
+finish() {
+    echo "=== test.sh: steps (total $(( $(date +%s) - T0 ))s)"
+    printf '    %s\n' "${results[@]}"
+    exit $failed
+}
+
+[ "$(id -u)" = 0 ] || { echo "test.sh: must run as root (netns, iptables, containerd tests)" >&2; exit 1; }
+
+setup_args=()
+[ "$FUZZ_SECONDS" != 0 ] && setup_args+=(--fuzz)
+run "setup" bash scripts/setup.sh "${setup_args[@]}" || finish
+
+preflight() {
+    local missing=() t
+    for t in ip nsenter iptables iptables-save iptables-legacy-save nft ipset conntrack jq \
+             cnitool containerd ctr runc python3 cargo; do
+        command -v "$t" >/dev/null || missing+=("$t")
+    done
+    for t in /usr/lib/cni/bridge /usr/lib/cni/host-local /usr/lib/cni/portmap /bin/busybox \
+             "$MESHCNI_CRI_VENV/bin/python"; do
+        [ -x "$t" ] || missing+=("$t")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "test.sh: missing after setup: ${missing[*]} (see scripts/setup.sh output above)" >&2
+        return 1
+    fi
+}
+run "preflight" preflight || finish
+
+run "cargo fmt" cargo fmt --all --check
+run "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+run "cargo test" cargo test --workspace
+
+fuzz() {
+    local t rc=0
+    for t in $(cargo fuzz list --fuzz-dir fuzz); do
+        mkdir -p "fuzz/corpus/$t"
+        echo "--- fuzz $t for ${FUZZ_SECONDS}s (corpus fuzz/corpus/$t, seeds fuzz/seeds/$t)"
+        cargo fuzz run --fuzz-dir fuzz --sanitizer none "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
+            -max_total_time="$FUZZ_SECONDS" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 || rc=1
+    done
+    return $rc
+}
+if [ "$FUZZ_SECONDS" != 0 ]; then run "fuzz (${FUZZ_SECONDS}s/target)" fuzz; fi
+finish
