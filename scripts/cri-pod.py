@@ -9,7 +9,7 @@ run it as /opt/meshcni/cri-venv/bin/python scripts/cri-pod.py ... Talks CRI v1 t
   cri-pod.py -r unix:///path/containerd.sock version
   cri-pod.py -r ... runp --name web --namespace default [--uid UID] [--port 8080:80]
                                         -> prints the pod sandbox id
-  cri-pod.py -r ... create-start POD_ID --image localhost/lab-busybox:latest -- sh -c 'sleep 3600'
+  cri-pod.py -r ... create-start POD_ID --image localhost/meshcni-busybox:latest -- sh -c 'sleep 3600'
                                         -> prints the container id
   cri-pod.py -r ... exec CONTAINER_ID -- ip addr
   cri-pod.py -r ... inspectp POD_ID     (JSON: state, ip, netns path, cniResult)

@@ -3,16 +3,17 @@
 # through .ci/run). Steps, in order (each runs even if an earlier one failed; exit status is
 # non-zero if any failed):
 #
-#   1. scripts/setup.sh          dependencies (idempotent; --fuzz unless FUZZ_SECONDS=0)
-#   2. preflight                 root + every tool the tests use, else stop with what is missing
-#   3. cargo fmt --all --check
+#   1. scripts/setup.sh      dependencies (idempotent; --fuzz unless FUZZ_SECONDS=0)
+#   2. preflight             root + every tool the tests use, else stop with what is missing
+#   3. cargo fmt --check     the workspace, then the fuzz/ project
 #   4. cargo clippy --workspace --all-targets -- -D warnings
-#   5. cargo test --workspace    unit, golden, root/netns tests and the real-runtime tests
-#                                (crates/plugin/tests/runtimes.rs: cnitool and containerd CRI
-#                                driving the built meshcni binary inside throw-away netns)
-#   6. fuzz                      every target in fuzz/ for FUZZ_SECONDS (default 60) each, with
-#                                cargo-fuzz + libFuzzer on *stable* Rust (--sanitizer none,
-#                                see fuzz/README.md); 0 skips fuzzing.
+#   5. cargo test --workspace --no-fail-fast
+#                            unit, golden, root/netns tests and the real-runtime tests
+#                            (crates/plugin/tests/runtimes.rs: cnitool and containerd CRI
+#                            driving the built meshcni binary inside throw-away netns)
+#   6. fuzz                  every target in fuzz/ for FUZZ_SECONDS (default 60) each, with
+#                            cargo-fuzz + libFuzzer on *stable* Rust (--sanitizer none, see
+#                            fuzz/README.md); FUZZ_SECONDS=0 skips fuzzing.
 #
 # Env: FUZZ_SECONDS (default 60), MESHCNI_CRI_VENV (CRI client venv, default /opt/meshcni/cri-venv).
 set -uo pipefail
@@ -71,16 +72,27 @@ preflight() {
 run "preflight" preflight || finish
 
 run "cargo fmt" cargo fmt --all --check
+run "cargo fmt (fuzz)" cargo fmt --manifest-path fuzz/Cargo.toml --check
 run "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
-run "cargo test" cargo test --workspace
+run "cargo test" cargo test --workspace --no-fail-fast
 
+# libFuzzer prints a line per new corpus entry: keep that in fuzz/artifacts/<target>/fuzz.log
+# and show the final stats (or, on a crash, the end of the log with the panic and artifact path).
 fuzz() {
-    local t rc=0
+    local t log rc=0
+    cargo fuzz build --fuzz-dir fuzz --sanitizer none || return 1
     for t in $(cargo fuzz list --fuzz-dir fuzz); do
-        mkdir -p "fuzz/corpus/$t"
-        echo "--- fuzz $t for ${FUZZ_SECONDS}s (corpus fuzz/corpus/$t, seeds fuzz/seeds/$t)"
-        cargo fuzz run --fuzz-dir fuzz --sanitizer none "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
-            -max_total_time="$FUZZ_SECONDS" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 || rc=1
+        mkdir -p "fuzz/corpus/$t" "fuzz/artifacts/$t"
+        log="fuzz/artifacts/$t/fuzz.log"
+        echo "--- fuzz $t for ${FUZZ_SECONDS}s (seeds fuzz/seeds/$t, corpus fuzz/corpus/$t, log $log)"
+        if cargo fuzz run --fuzz-dir fuzz --sanitizer none "$t" "fuzz/corpus/$t" "fuzz/seeds/$t" -- \
+            -max_total_time="$FUZZ_SECONDS" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
+            grep -E '^(Done |stat::(number_of_executed_units|average_exec_per_sec|new_units_added|peak_rss_mb))' "$log"
+        else
+            rc=1
+            echo "fuzz $t FAILED; end of $log:"
+            tail -n 60 "$log"
+        fi
     done
     return $rc
 }

@@ -1,5 +1,6 @@
 //! Fuzz target: a CNI invocation (environment + stdin) through `meshcni_cni::parse_request`,
-//! then, for a valid request, the chained pass-through result (prevResult conversion).
+//! then, for a valid request, the chained pass-through result (prevResult conversion) and the
+//! plugin's own stdin fields (`meshcni_plugin::config::PluginConf`).
 //!
 //! Input format (so seeds are readable files): `KEY=VALUE` lines for the environment, a blank
 //! line, then the stdin bytes verbatim. An input without a blank line is all environment.
@@ -26,5 +27,9 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(Request::Plugin(ctx)) = parse_request(&env, stdin) {
         // Errors are fine (a prevResult the config's version cannot express); panics are not.
         let _ = ctx.pass_through();
+        if let Ok(conf) = meshcni_plugin::config::PluginConf::from_json(stdin) {
+            let _ = conf.validate();
+            let _ = conf.rule_backend();
+        }
     }
 });

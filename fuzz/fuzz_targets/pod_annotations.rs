@@ -19,7 +19,9 @@ fn pod_from(data: &[u8]) -> Option<Pod> {
     let mut pod: Pod = serde_json::from_str(TEMPLATE).ok()?;
     for line in String::from_utf8_lossy(data).lines() {
         if let Some((k, v)) = line.split_once('=') {
-            pod.metadata.annotations.insert(k.to_string(), v.to_string());
+            pod.metadata
+                .annotations
+                .insert(k.to_string(), v.to_string());
         }
     }
     Some(pod)

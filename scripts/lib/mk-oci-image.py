@@ -5,7 +5,7 @@ Stdlib only. The result loads with `ctr -n k8s.io images import FILE` (container
 `podman load -i FILE`, or `skopeo copy oci-archive:FILE ...`.
 
 Usage:
-  mk-oci-image.py --rootfs DIR --name localhost/lab-pause:latest \
+  mk-oci-image.py --rootfs DIR --name localhost/meshcni-pause:latest \
       --entrypoint /bin/sleep --cmd 2147483647 -o pause.tar
   mk-oci-image.py --busybox /bin/busybox --name localhost/meshcni-pause:latest \
       --entrypoint /bin/sleep --cmd 2147483647 -o pause.tar
@@ -46,7 +46,7 @@ def main():
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--rootfs", help="directory to pack as the single layer")
     src.add_argument("--busybox", help="static busybox binary to build the rootfs from")
-    ap.add_argument("--name", required=True, help="e.g. localhost/lab-pause:latest")
+    ap.add_argument("--name", required=True, help="e.g. localhost/meshcni-pause:latest")
     ap.add_argument("--entrypoint", nargs="*", default=[])
     ap.add_argument("--cmd", nargs="*", default=[])
     ap.add_argument("--arch", default="amd64")

@@ -254,19 +254,19 @@ pub struct AgentArgs {
     #[arg(long, env = "POD_NAMESPACE", default_value = "")]
     pub pod_namespace: String,
 
-    /// Name of this agent's pod (Downward API).
+    /// Name of this agent's pod (Downward API). [Accepted and validated; used by a later release.]
     #[arg(long, env = "POD_NAME", default_value = "")]
     pub pod_name: String,
 
-    /// Mesh system namespace (where ztunnel runs).
+    /// Mesh system namespace (where ztunnel runs). [Accepted and validated; used by a later release.]
     #[arg(long, env = "SYSTEM_NAMESPACE", default_value = "istio-system")]
     pub system_namespace: String,
 
-    /// Control-plane revision.
+    /// Control-plane revision. [Accepted and validated; used by a later release.]
     #[arg(long, env = "REVISION", default_value = "")]
     pub revision: String,
 
-    /// This node's IP (Downward API), used by node-level redirect modes.
+    /// This node's IP (Downward API), used by node-level redirect modes. [Accepted and validated; used by a later release.]
     #[arg(long, env = "HOST_IP", default_value = "")]
     pub host_ip: String,
 
@@ -308,7 +308,7 @@ pub struct AgentArgs {
     )]
     pub ambient_config_dir: PathBuf,
 
-    /// Unix socket ztunnel connects to (ZDS).
+    /// Unix socket ztunnel connects to (ZDS). [Accepted and validated; used by a later release.]
     #[arg(
         long,
         env = "ZTUNNEL_UDS_ADDRESS",
@@ -320,12 +320,12 @@ pub struct AgentArgs {
     #[arg(long, env = "AMBIENT_ENABLEMENT_SELECTOR", default_value = "")]
     pub ambient_enablement_selector: String,
 
-    /// Capture DNS (UDP/TCP 53) of ambient pods into ztunnel.
+    /// Capture DNS (UDP/TCP 53) of ambient pods into ztunnel. [Accepted and validated; used by a later release.]
     #[arg(long, env = "AMBIENT_DNS_CAPTURE", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ambient_dns_capture: bool,
 
-    /// Program IPv6 rules for ambient pods.
+    /// Program IPv6 rules for ambient pods. [Accepted and validated; used by a later release.]
     #[arg(long, env = "AMBIENT_IPV6", default_value = "true", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ambient_ipv6: bool,
@@ -336,7 +336,7 @@ pub struct AgentArgs {
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ambient_disable_safe_upgrade: bool,
 
-    /// Re-apply in-pod rules of already enrolled pods at start-up.
+    /// Re-apply in-pod rules of already enrolled pods at start-up. [Accepted and validated; used by a later release.]
     #[arg(long, env = "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", default_value = "false",
           action = ArgAction::Set, value_parser = BoolishValueParser::new(), num_args = 0..=1,
           default_missing_value = "true")]
@@ -353,20 +353,20 @@ pub struct AgentArgs {
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub native_nftables: bool,
 
-    /// Force an iptables flavour (`iptables-legacy` or `iptables-nft`) instead of detecting it.
+    /// Force an iptables flavour (`iptables-legacy` or `iptables-nft`) instead of detecting it. [Accepted and validated; used by a later release.]
     #[arg(long, env = "FORCE_IPTABLES_BINARY", default_value = "")]
     pub force_iptables_binary: String,
 
-    /// Let the agent enter the host netns through /host/proc/1/ns/net (non-hostNetwork pod).
+    /// Let the agent enter the host netns through /host/proc/1/ns/net (non-hostNetwork pod). [Accepted and validated; used by a later release.]
     #[arg(long, env = "ALLOW_SWITCH_TO_HOST_NS", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub allow_switch_to_host_ns: bool,
 
-    /// Source address kubelet probes are SNATed to (IPv4).
+    /// Source address kubelet probes are SNATed to (IPv4). [Accepted and validated; used by a later release.]
     #[arg(long, env = "HOST_PROBE_SNAT_IP", default_value = "169.254.7.127")]
     pub host_probe_snat_ip: std::net::Ipv4Addr,
 
-    /// Source address kubelet probes are SNATed to (IPv6).
+    /// Source address kubelet probes are SNATed to (IPv6). [Accepted and validated; used by a later release.]
     #[arg(
         long,
         env = "HOST_PROBE_SNAT_IPV6",
@@ -374,40 +374,40 @@ pub struct AgentArgs {
     )]
     pub host_probe_snat_ipv6: std::net::Ipv6Addr,
 
-    /// Take per-pod (scoped) xtables locks instead of the global one.
+    /// Take per-pod (scoped) xtables locks instead of the global one. [Accepted and validated; used by a later release.]
     #[arg(long, env = "AMBIENT_USE_SCOPED_XTABLES_LOCKING", default_value = "false",
           action = ArgAction::Set, value_parser = BoolishValueParser::new(), num_args = 0..=1,
           default_missing_value = "true")]
     pub ambient_use_scoped_xtables_locking: bool,
 
-    /// Add the AWS branch-ENI probe routing workaround.
+    /// Add the AWS branch-ENI probe routing workaround. [Accepted and validated; used by a later release.]
     #[arg(long, env = "AMBIENT_ENABLE_AWS_BRANCH_ENI_PROBE", default_value = "false",
           action = ArgAction::Set, value_parser = BoolishValueParser::new(), num_args = 0..=1,
           default_missing_value = "true")]
     pub ambient_enable_aws_branch_eni_probe: bool,
 
     // ---- repair (spec §6) ----
-    /// Run the repair controller.
+    /// Run the repair controller. [Accepted and validated; used by a later release.]
     #[arg(long, env = "REPAIR_ENABLED", default_value = "true", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub repair_enabled: bool,
 
-    /// Repair broken pods in place (re-apply the sidecar redirect in their netns).
+    /// Repair broken pods in place (re-apply the sidecar redirect in their netns). [Accepted and validated; used by a later release.]
     #[arg(long, env = "REPAIR_REPAIR_PODS", default_value = "true", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub repair_repair_pods: bool,
 
-    /// Delete broken pods.
+    /// Delete broken pods. [Accepted and validated; used by a later release.]
     #[arg(long, env = "REPAIR_DELETE_PODS", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub repair_delete_pods: bool,
 
-    /// Label broken pods.
+    /// Label broken pods. [Accepted and validated; used by a later release.]
     #[arg(long, env = "REPAIR_LABEL_PODS", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub repair_label_pods: bool,
 
-    /// Label key put on broken pods.
+    /// Label key put on broken pods. [Accepted and validated; used by a later release.]
     #[arg(
         long,
         env = "REPAIR_BROKEN_POD_LABEL_KEY",
@@ -415,15 +415,15 @@ pub struct AgentArgs {
     )]
     pub repair_broken_pod_label_key: String,
 
-    /// Label value put on broken pods.
+    /// Label value put on broken pods. [Accepted and validated; used by a later release.]
     #[arg(long, env = "REPAIR_BROKEN_POD_LABEL_VALUE", default_value = "true")]
     pub repair_broken_pod_label_value: String,
 
-    /// Node whose pods the repair controller watches (empty: this node).
+    /// Node whose pods the repair controller watches (empty: this node). [Accepted and validated; used by a later release.]
     #[arg(long, env = "REPAIR_NODE_NAME", default_value = "")]
     pub repair_node_name: String,
 
-    /// Annotation that marks a pod as sidecar-injected.
+    /// Annotation that marks a pod as sidecar-injected. [Accepted and validated; used by a later release.]
     #[arg(
         long,
         env = "REPAIR_SIDECAR_ANNOTATION",
@@ -431,7 +431,7 @@ pub struct AgentArgs {
     )]
     pub repair_sidecar_annotation: String,
 
-    /// Name of the validation init container.
+    /// Name of the validation init container. [Accepted and validated; used by a later release.]
     #[arg(
         long,
         env = "REPAIR_INIT_CONTAINER_NAME",
@@ -439,7 +439,7 @@ pub struct AgentArgs {
     )]
     pub repair_init_container_name: String,
 
-    /// Termination message of a failed validation (empty: any).
+    /// Termination message of a failed validation (empty: any). [Accepted and validated; used by a later release.]
     #[arg(
         long,
         env = "REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE",
@@ -447,15 +447,15 @@ pub struct AgentArgs {
     )]
     pub repair_init_container_termination_message: String,
 
-    /// Exit code of a failed validation (0: any).
+    /// Exit code of a failed validation (0: any). [Accepted and validated; used by a later release.]
     #[arg(long, env = "REPAIR_INIT_CONTAINER_EXIT_CODE", default_value_t = 126)]
     pub repair_init_container_exit_code: i32,
 
-    /// Extra label selectors for the repair pod watch.
+    /// Extra label selectors for the repair pod watch. [Accepted and validated; used by a later release.]
     #[arg(long, env = "REPAIR_LABEL_SELECTORS", default_value = "")]
     pub repair_label_selectors: String,
 
-    /// Extra field selectors for the repair pod watch.
+    /// Extra field selectors for the repair pod watch. [Accepted and validated; used by a later release.]
     #[arg(long, env = "REPAIR_FIELD_SELECTORS", default_value = "")]
     pub repair_field_selectors: String,
 

@@ -130,15 +130,88 @@ impl Listeners {
     pub fn serve(self, state: HttpState) {
         match self.metrics {
             Some(m) => {
-                let h = health_router(state.clone());
-                tokio::spawn(async move { axum::serve(self.health, h).await });
-                let mr = metrics_router(state);
-                tokio::spawn(async move { axum::serve(m, mr).await });
+                spawn_server("readiness", self.health, health_router(state.clone()));
+                spawn_server("monitoring", m, metrics_router(state));
             }
             None => {
                 let both = health_router(state.clone()).merge(metrics_router(state));
-                tokio::spawn(async move { axum::serve(self.health, both).await });
+                spawn_server("readiness+monitoring", self.health, both);
             }
         }
+    }
+}
+
+fn spawn_server(what: &'static str, listener: TcpListener, router: Router) {
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(server = what, error = %e, "HTTP server stopped");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::installer::{InstallCounters, NodeInstaller};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct NotReady;
+    impl NodeInstaller for NotReady {
+        fn is_ready(&self) -> bool {
+            false
+        }
+        fn counters(&self) -> InstallCounters {
+            InstallCounters::default()
+        }
+        fn stop(&self) {}
+        fn last_error(&self) -> Option<String> {
+            Some("no token".into())
+        }
+        fn uninstall(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    async fn get(port: u16, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn one_port_serves_health_and_metrics() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let l = Listeners::bind("127.0.0.1".parse().expect("ip"), port, port)
+            .await
+            .expect("bind");
+        assert!(l.metrics.is_none(), "equal ports share one listener");
+        let readiness = Readiness::new();
+        let gate = readiness.gate("install");
+        let (registry, _) = crate::metrics::build_registry(std::sync::Arc::new(NotReady));
+        l.serve(HttpState {
+            readiness: readiness.clone(),
+            registry: Arc::new(registry),
+        });
+        let r = get(port, "/readyz").await;
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        assert!(r.contains("not ready: install"), "{r}");
+        gate.set(true);
+        assert!(get(port, "/readyz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(port, "/healthz").await.starts_with("HTTP/1.1 200"));
+        let m = get(port, "/metrics").await;
+        assert!(m.contains("application/openmetrics-text"), "{m}");
+        assert!(m.contains("meshcni_install_ready 0"), "{m}");
+        assert!(get(port, "/nope").await.starts_with("HTTP/1.1 404"));
     }
 }

@@ -84,9 +84,7 @@ impl NodeInstaller for MeshInstaller {
     fn stop(&self) {
         self.shutdown.trigger();
         let handle = self.keeper.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(h) = handle
-            && h.join().is_err()
-        {
+        if handle.is_some_and(|h| h.join().is_err()) {
             tracing::error!("the installer keeper thread panicked");
         }
     }
@@ -125,4 +123,55 @@ pub fn start(args: &AgentArgs) -> Result<Arc<dyn NodeInstaller>, String> {
 /// Build the installer without a keeper (for `meshcni-agent uninstall`).
 pub fn for_uninstall(args: &AgentArgs) -> Result<Arc<dyn NodeInstaller>, String> {
     Ok(Arc::new(build(args)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Cli;
+    use clap::Parser;
+
+    #[test]
+    fn flags_map_onto_the_install_config() {
+        let a = Cli::try_parse_from([
+            "meshcni-agent",
+            "--mounted-cni-net-dir=/m",
+            "--cni-net-dir=/h",
+            "--cni-bin-dir=/src",
+            "--cni-bin-dirs=/t1,/t2",
+            "--chained-cni-plugin=false",
+            "--cni-conf-name=x.conf",
+            "--kubeconfig-mode=0640",
+            "--kube-ca-file=/ca.pem",
+            "--exclude-namespaces=kube-system,istio-system",
+            "--log-level=trace",
+            "--ambient-enabled",
+            "--node-name=n1",
+            "--cni-agent-run-dir=/run/x",
+        ])
+        .expect("parse")
+        .args;
+        let c = install_config(&a).expect("map");
+        assert_eq!(c.mounted_cni_net_dir, std::path::PathBuf::from("/m"));
+        assert_eq!(c.cni_net_dir, std::path::PathBuf::from("/h"));
+        assert_eq!(c.cni_bin_source_dir, std::path::PathBuf::from("/src"));
+        assert_eq!(c.cni_bin_target_dirs.len(), 2);
+        assert!(!c.chained_cni_plugin);
+        assert_eq!(c.cni_conf_name, "x.conf");
+        assert_eq!(c.kubeconfig_mode, 0o640);
+        assert_eq!(c.kube_ca_file, Some("/ca.pem".into()));
+        assert_eq!(
+            c.cni_network_config_file, None,
+            "empty flag = no template file"
+        );
+        assert_eq!(c.exclude_namespaces, "kube-system,istio-system");
+        assert_eq!(c.plugin_log_level, "debug");
+        assert!(c.ambient_enabled);
+        assert_eq!(c.k8s_node_name, "n1");
+        assert_eq!(
+            c.kubeconfig_path(),
+            std::path::PathBuf::from("/run/x/meshcni-kubeconfig")
+        );
+        assert_eq!(c.plugin_type, "meshcni");
+    }
 }

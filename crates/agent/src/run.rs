@@ -73,7 +73,14 @@ pub fn run(plan: RunPlan, installer: Arc<dyn NodeInstaller>) -> Result<(), Agent
     let served = rt.block_on(serve_until_signal(plan, installer.clone()));
     // Stop serving before touching the node: after this point nothing reports ready.
     rt.shutdown_timeout(Duration::from_secs(1));
-    let result = served.and_then(|()| shutdown(&args, installer.as_ref()));
+    let result = match served {
+        Ok(()) => shutdown(&args, installer.as_ref()),
+        Err(e) => {
+            // Start-up failed: stop the keeper, touch nothing (this is no uninstall signal).
+            installer.stop();
+            Err(e)
+        }
+    };
     remove_metrics_socket(&args.metrics_socket());
     result
 }
@@ -192,9 +199,7 @@ fn bind_metrics_socket(run_dir: &Path, path: &Path) -> Result<UnixDatagram, Agen
     })?;
     // A previous agent may have left its socket behind (crash, SIGKILL); only ever remove a
     // socket, never a regular file someone put there.
-    if let Ok(meta) = std::fs::symlink_metadata(path)
-        && meta.file_type().is_socket()
-    {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
         let _ = std::fs::remove_file(path);
     }
     let sock = UnixDatagram::bind(path).map_err(|source| AgentError::MetricsSocket {
@@ -239,9 +244,7 @@ async fn receive_reports(sock: UnixDatagram, metrics: AgentMetrics) {
 
 fn remove_metrics_socket(path: &Path) {
     use std::os::unix::fs::FileTypeExt;
-    if let Ok(meta) = std::fs::symlink_metadata(path)
-        && meta.file_type().is_socket()
-    {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
         let _ = std::fs::remove_file(path);
     }
 }

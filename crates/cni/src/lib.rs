@@ -9,6 +9,24 @@
 //!
 //! Supported: 0.1.0, 0.2.0, 0.3.0, 0.3.1, 0.4.0, 1.0.0, 1.1.0. CHECK needs 0.4.0+, STATUS and
 //! GC need 1.1.0+ (older configs get error code 1, as libcni's `skel` answers).
+//!
+//! A chained plugin that changes nothing (see `examples/passthrough.rs`):
+//!
+//! ```no_run
+//! use meshcni_cni::{CniError, Context, Plugin, main_with};
+//! use serde_json::Value;
+//!
+//! struct PassThrough;
+//! impl Plugin for PassThrough {
+//!     fn add(&self, ctx: &Context) -> Result<Value, CniError> { ctx.pass_through() }
+//!     fn del(&self, _: &Context) -> Result<(), CniError> { Ok(()) }
+//!     fn check(&self, _: &Context) -> Result<(), CniError> { Ok(()) }
+//!     fn status(&self, _: &Context) -> Result<(), CniError> { Ok(()) }
+//!     fn gc(&self, _: &Context) -> Result<(), CniError> { Ok(()) }
+//! }
+//!
+//! fn main() { main_with(&PassThrough) }
+//! ```
 #![forbid(unsafe_code)]
 
 pub mod conf;

@@ -114,7 +114,10 @@ fn up_to_date(src: &SourceBinary, target: &Path) -> bool {
 }
 
 /// Install every source into `target_dir`. Returns the paths actually (re)written.
-pub fn install_into(sources: &[SourceBinary], target_dir: &Path) -> Result<Vec<PathBuf>, BinaryError> {
+pub fn install_into(
+    sources: &[SourceBinary],
+    target_dir: &Path,
+) -> Result<Vec<PathBuf>, BinaryError> {
     let mut written = Vec::new();
     for src in sources {
         let target = target_dir.join(&src.name);
@@ -151,7 +154,10 @@ mod tests {
         assert_eq!(install_into(&s, dst.path()).expect("install").len(), 1);
         let t = dst.path().join("meshcni");
         assert_eq!(fs::metadata(&t).expect("stat").mode() & 0o777, 0o755);
-        assert!(install_into(&s, dst.path()).expect("install").is_empty(), "identical: skipped");
+        assert!(
+            install_into(&s, dst.path()).expect("install").is_empty(),
+            "identical: skipped"
+        );
         // Same size, different content -> rewritten.
         fs::write(&t, b"\x7fELF BINARY").expect("w");
         fs::set_permissions(&t, fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -164,7 +170,10 @@ mod tests {
     #[test]
     fn missing_sources_error() {
         let src = tempfile::tempdir().expect("tmp");
-        assert!(matches!(scan_sources(src.path(), &[]), Err(BinaryError::NoSources { .. })));
+        assert!(matches!(
+            scan_sources(src.path(), &[]),
+            Err(BinaryError::NoSources { .. })
+        ));
         assert!(matches!(
             scan_sources(src.path(), &["meshcni".into()]),
             Err(BinaryError::Source { .. })

@@ -119,7 +119,8 @@ fn read_config_files(dir: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
 /// `getConfigFilenames`: valid config file names in `dir`, lexically sorted. Errors if the
 /// directory cannot be read or holds no valid file.
 pub fn get_config_filenames(dir: &Path) -> Result<Vec<String>, InstallError> {
-    let files = read_config_files(dir).map_err(|e| InstallError::io("reading CNI config dir", dir, e))?;
+    let files =
+        read_config_files(dir).map_err(|e| InstallError::io("reading CNI config dir", dir, e))?;
     let names = conflist::valid_config_names(files.iter().map(|(n, c)| (n.as_str(), c.as_slice())));
     if names.is_empty() {
         return Err(InstallError::NoValidConfig {
@@ -154,7 +155,11 @@ fn existing_variant(path: &Path) -> Option<PathBuf> {
 
 /// The primary CNI config file: `cni_conf_name` (with the .conf/.conflist fallback) or the
 /// first valid file, skipping `exclude` (our owned file). Waits per `wait`.
-pub fn resolve_primary(cfg: &InstallConfig, exclude: Option<&str>, wait: &Wait) -> Result<PathBuf, InstallError> {
+pub fn resolve_primary(
+    cfg: &InstallConfig,
+    exclude: Option<&str>,
+    wait: &Wait,
+) -> Result<PathBuf, InstallError> {
     let dir = &cfg.mounted_cni_net_dir;
     let name = if cfg.cni_conf_name.is_empty() {
         wait_for(
@@ -298,14 +303,21 @@ pub fn check_valid_cni_config(cfg: &InstallConfig, path: &Path) -> Result<(), In
 pub fn plugin_config_bytes(cfg: &InstallConfig) -> Result<Vec<u8>, InstallError> {
     if let Some(f) = &cfg.cni_network_config_file {
         if f.exists() {
-            let t = fs::read_to_string(f).map_err(|e| InstallError::io("reading CNI network config template", f, e))?;
+            let t = fs::read_to_string(f)
+                .map_err(|e| InstallError::io("reading CNI network config template", f, e))?;
             return Ok(conflist::substitute_template(&t, &cfg.template_vars()).into_bytes());
         }
     }
     if !cfg.cni_network_config.is_empty() {
-        return Ok(conflist::substitute_template(&cfg.cni_network_config, &cfg.template_vars()).into_bytes());
+        return Ok(
+            conflist::substitute_template(&cfg.cni_network_config, &cfg.template_vars())
+                .into_bytes(),
+        );
     }
-    Ok(cfg.plugin_config().map_err(InstallError::PluginConfig)?.render())
+    Ok(cfg
+        .plugin_config()
+        .map_err(InstallError::PluginConfig)?
+        .render())
 }
 
 /// Identity of a file version, to notice a concurrent rewrite between our read and our write.
@@ -356,14 +368,21 @@ pub fn write_cni_config(cfg: &InstallConfig, wait: &Wait) -> Result<ConfigWrite,
     if cfg.owned_mode() {
         let owned_name = cfg.owned_file_name();
         let primary = resolve_primary(cfg, Some(&owned_name), wait)?;
-        let existing = fs::read(&primary).map_err(|e| InstallError::io("reading primary CNI config", &primary, e))?;
-        let merged = conflist::insert_value(entry, &existing, &owned_types).map_err(|source| InstallError::Config {
-            path: primary.clone(),
-            source,
+        let existing = fs::read(&primary)
+            .map_err(|e| InstallError::io("reading primary CNI config", &primary, e))?;
+        let merged = conflist::insert_value(entry, &existing, &owned_types).map_err(|source| {
+            InstallError::Config {
+                path: primary.clone(),
+                source,
+            }
         })?;
         let path = dir.join(&owned_name);
-        let written = fsutil::write_if_changed(&path, &conflist::render_sorted(&merged), ModePolicy::Fixed(new_mode))
-            .map_err(|e| InstallError::io("writing owned CNI config", &path, e))?;
+        let written = fsutil::write_if_changed(
+            &path,
+            &conflist::render_sorted(&merged),
+            ModePolicy::Fixed(new_mode),
+        )
+        .map_err(|e| InstallError::io("writing owned CNI config", &path, e))?;
         if let Ok(names) = get_config_filenames(dir) {
             if names.first().map(String::as_str) != Some(owned_name.as_str()) {
                 tracing::warn!(owned = %owned_name, first = ?names.first(), "owned CNI config does not sort first; the runtime will not use it");
@@ -377,21 +396,26 @@ pub fn write_cni_config(cfg: &InstallConfig, wait: &Wait) -> Result<ConfigWrite,
     for _ in 0..5 {
         let path = resolve_config_path(cfg, wait)?;
         let before = version_of(&path);
-        let existing = fs::read(&path).map_err(|e| InstallError::io("reading CNI config", &path, e))?;
+        let existing =
+            fs::read(&path).map_err(|e| InstallError::io("reading CNI config", &path, e))?;
         let is_conf = path.to_string_lossy().ends_with(".conf");
         if !is_conf {
             if let Ok(doc) = serde_json::from_slice::<Value>(&existing) {
                 if conflist::entry_is_current(&doc, &entry, &owned_types) {
-                    return Ok(ConfigWrite { path, written: false });
+                    return Ok(ConfigWrite {
+                        path,
+                        written: false,
+                    });
                 }
             }
         }
-        let merged = conflist::insert_value(entry.clone(), &existing, &owned_types).map_err(|source| {
-            InstallError::Config {
-                path: path.clone(),
-                source,
-            }
-        })?;
+        let merged =
+            conflist::insert_value(entry.clone(), &existing, &owned_types).map_err(|source| {
+                InstallError::Config {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         let bytes = conflist::render_sorted(&merged);
         if version_of(&path) != before {
             continue;
@@ -411,9 +435,11 @@ pub fn write_cni_config(cfg: &InstallConfig, wait: &Wait) -> Result<ConfigWrite,
         } else {
             ModePolicy::PreserveOr(new_mode)
         };
-        fsutil::atomic_write(&target, &bytes, policy).map_err(|e| InstallError::io("writing CNI config", &target, e))?;
+        fsutil::atomic_write(&target, &bytes, policy)
+            .map_err(|e| InstallError::io("writing CNI config", &target, e))?;
         if is_conf {
-            fsutil::remove_if_exists(&path).map_err(|e| InstallError::io("removing converted CNI config", &path, e))?;
+            fsutil::remove_if_exists(&path)
+                .map_err(|e| InstallError::io("removing converted CNI config", &path, e))?;
         }
         return Ok(ConfigWrite {
             path: target,
@@ -436,23 +462,33 @@ pub fn cleanup_cni_config(cfg: &InstallConfig, path: &Path) -> Result<(), Instal
     // owned file, so a flag set without ambient (primary edited in place) never deletes the
     // primary's config.
     let is_owned_file = cfg.istio_owned_cni_config
-        && path.file_name().is_some_and(|n| n.to_string_lossy() == cfg.owned_file_name());
+        && path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy() == cfg.owned_file_name());
     if cfg.chained_cni_plugin && !is_owned_file {
-        let existing = fs::read(path).map_err(|e| InstallError::io("reading CNI config", path, e))?;
+        let existing =
+            fs::read(path).map_err(|e| InstallError::io("reading CNI config", path, e))?;
         if let Ok(doc) = serde_json::from_slice::<Value>(&existing) {
             if conflist::list_has_type(&doc, &cfg.plugin_type) == Some(false) {
                 // Nothing of ours in it: do not re-render someone else's file.
                 return Ok(());
             }
         }
-        let cleaned = conflist::remove(&existing, &cfg.plugin_type).map_err(|source| InstallError::Config {
-            path: path.to_path_buf(),
-            source,
+        let cleaned = conflist::remove(&existing, &cfg.plugin_type).map_err(|source| {
+            InstallError::Config {
+                path: path.to_path_buf(),
+                source,
+            }
         })?;
-        fsutil::atomic_write(path, &cleaned, ModePolicy::PreserveOr(cfg.created_file_mode()))
-            .map_err(|e| InstallError::io("writing CNI config", path, e))?;
+        fsutil::atomic_write(
+            path,
+            &cleaned,
+            ModePolicy::PreserveOr(cfg.created_file_mode()),
+        )
+        .map_err(|e| InstallError::io("writing CNI config", path, e))?;
     } else {
-        fsutil::remove_if_exists(path).map_err(|e| InstallError::io("removing CNI config", path, e))?;
+        fsutil::remove_if_exists(path)
+            .map_err(|e| InstallError::io("removing CNI config", path, e))?;
     }
     Ok(())
 }

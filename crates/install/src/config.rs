@@ -198,11 +198,19 @@ impl InstallConfig {
 
     /// Mode for config files we create (0600, or 0640 with `cni_conf_group_read`).
     pub fn created_file_mode(&self) -> u32 {
-        if self.cni_conf_group_read { 0o640 } else { 0o600 }
+        if self.cni_conf_group_read {
+            0o640
+        } else {
+            0o600
+        }
     }
 
     pub fn owned_types(&self) -> OwnedTypes {
-        let replaces: Vec<&str> = self.replace_plugin_types.iter().map(String::as_str).collect();
+        let replaces: Vec<&str> = self
+            .replace_plugin_types
+            .iter()
+            .map(String::as_str)
+            .collect();
         OwnedTypes::new(self.plugin_type.clone(), &replaces)
     }
 

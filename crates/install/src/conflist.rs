@@ -16,7 +16,10 @@ pub enum ConfigError {
     #[error("{what} is not valid JSON: {detail}")]
     InvalidJson { what: &'static str, detail: String },
     #[error("{what} must be a JSON object, found {found}")]
-    NotAnObject { what: &'static str, found: &'static str },
+    NotAnObject {
+        what: &'static str,
+        found: &'static str,
+    },
     #[error("existing CNI config has neither a top-level \"type\" nor a \"plugins\" list")]
     NoPlugins,
     #[error("existing CNI config \"plugins\" must be an array, found {found}")]
@@ -104,7 +107,11 @@ fn plugin_type(v: &Value) -> Option<&str> {
 /// `{"cniVersion":"0.3.1","name":"k8s-pod-network","plugins":[existing, ours]}` (both without
 /// `cniVersion`); in a list every entry of an owned type is removed and ours is appended. Every
 /// other field is kept. Output is Go sorted-key indented JSON plus a newline.
-pub fn insert(new_plugin: &[u8], existing: &[u8], owned: &OwnedTypes) -> Result<Vec<u8>, ConfigError> {
+pub fn insert(
+    new_plugin: &[u8],
+    existing: &[u8],
+    owned: &OwnedTypes,
+) -> Result<Vec<u8>, ConfigError> {
     let mut ours = parse_object("new plugin config", new_plugin)?;
     ours.remove("cniVersion");
     let merged = insert_value(Value::Object(ours), existing, owned)?;
@@ -113,14 +120,21 @@ pub fn insert(new_plugin: &[u8], existing: &[u8], owned: &OwnedTypes) -> Result<
 
 /// [`insert`] returning the merged document instead of its rendering. `ours` must be an object
 /// already stripped of `cniVersion`.
-pub fn insert_value(ours: Value, existing: &[u8], owned: &OwnedTypes) -> Result<Value, ConfigError> {
+pub fn insert_value(
+    ours: Value,
+    existing: &[u8],
+    owned: &OwnedTypes,
+) -> Result<Value, ConfigError> {
     let mut existing = parse_object("existing CNI config", existing)?;
     if existing.contains_key("type") {
         existing.remove("cniVersion");
         let mut list = Map::new();
         list.insert("cniVersion".into(), json!("0.3.1"));
         list.insert("name".into(), json!("k8s-pod-network"));
-        list.insert("plugins".into(), Value::Array(vec![Value::Object(existing), ours]));
+        list.insert(
+            "plugins".into(),
+            Value::Array(vec![Value::Object(existing), ours]),
+        );
         return Ok(Value::Object(list));
     }
     let plugins = match existing.get_mut("plugins") {
@@ -172,14 +186,19 @@ pub fn is_valid_cni_file(file_name: &str, content: &[u8]) -> bool {
         return false;
     };
     if file_name.ends_with(".conflist") {
-        let has_name = m.get("name").and_then(Value::as_str).is_some_and(|n| !n.is_empty());
+        let has_name = m
+            .get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty());
         let has_plugins = m
             .get("plugins")
             .and_then(Value::as_array)
             .is_some_and(|p| !p.is_empty());
         has_name && has_plugins
     } else if file_name.ends_with(".conf") || file_name.ends_with(".json") {
-        m.get("type").and_then(Value::as_str).is_some_and(|t| !t.is_empty())
+        m.get("type")
+            .and_then(Value::as_str)
+            .is_some_and(|t| !t.is_empty())
     } else {
         false
     }
@@ -220,7 +239,12 @@ pub fn plugin_types(doc: &Value) -> Vec<String> {
     }
     doc.get("plugins")
         .and_then(Value::as_array)
-        .map(|ps| ps.iter().filter_map(plugin_type).map(str::to_string).collect())
+        .map(|ps| {
+            ps.iter()
+                .filter_map(plugin_type)
+                .map(str::to_string)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -363,7 +387,12 @@ impl PluginConfig {
         m.insert("ambient_enabled".into(), json!(self.ambient_enabled));
         m.insert(
             "enablement_selectors".into(),
-            Value::Array(self.enablement_selectors.iter().map(EnablementSelector::to_value).collect()),
+            Value::Array(
+                self.enablement_selectors
+                    .iter()
+                    .map(EnablementSelector::to_value)
+                    .collect(),
+            ),
         );
         m.insert(
             "exclude_namespaces".into(),
@@ -441,7 +470,10 @@ mod tests {
         assert_eq!(v["cniVersion"], "0.3.1");
         assert_eq!(v["name"], "k8s-pod-network");
         assert_eq!(v["plugins"][0], json!({"type":"bridge","name":"x"}));
-        assert_eq!(v["plugins"][1], json!({"type":"istio-cni","name":"istio-cni"}));
+        assert_eq!(
+            v["plugins"][1],
+            json!({"type":"istio-cni","name":"istio-cni"})
+        );
     }
 
     #[test]
@@ -450,9 +482,20 @@ mod tests {
         let existing = br#"{"name":"n","plugins":[{"type":"meshcni"},{"type":"bridge"},{"type":"istio-cni","x":1},{"type":"meshcni"}]}"#;
         let out = insert(br#"{"type":"meshcni","v":2}"#, existing, &owned).expect("merge");
         let v: Value = serde_json::from_slice(&out).expect("json");
-        assert_eq!(v["plugins"], json!([{"type":"bridge"},{"type":"meshcni","v":2}]));
-        assert!(entry_is_current(&v, &json!({"type":"meshcni","v":2}), &owned));
-        assert!(!entry_is_current(&v, &json!({"type":"meshcni","v":3}), &owned));
+        assert_eq!(
+            v["plugins"],
+            json!([{"type":"bridge"},{"type":"meshcni","v":2}])
+        );
+        assert!(entry_is_current(
+            &v,
+            &json!({"type":"meshcni","v":2}),
+            &owned
+        ));
+        assert!(!entry_is_current(
+            &v,
+            &json!({"type":"meshcni","v":3}),
+            &owned
+        ));
     }
 
     #[test]
@@ -460,7 +503,10 @@ mod tests {
         let o = istio();
         assert!(matches!(
             insert(b"[]", br#"{"name":"n","plugins":[]}"#, &o),
-            Err(ConfigError::NotAnObject { found: "an array", .. })
+            Err(ConfigError::NotAnObject {
+                found: "an array",
+                ..
+            })
         ));
         assert_eq!(insert(b"{}", b"{}", &o), Err(ConfigError::NoPlugins));
         assert!(matches!(
@@ -471,17 +517,32 @@ mod tests {
             insert(b"{}", br#"{"plugins":[[]]}"#, &o),
             Err(ConfigError::PluginNotObject { index: 0, .. })
         ));
-        assert!(matches!(insert(b"{}", b"{", &o), Err(ConfigError::InvalidJson { .. })));
+        assert!(matches!(
+            insert(b"{}", b"{", &o),
+            Err(ConfigError::InvalidJson { .. })
+        ));
     }
 
     #[test]
     fn validity_kubelet_style() {
         assert!(is_valid_cni_file("a.conf", br#"{"type":"bridge"}"#));
         assert!(!is_valid_cni_file("a.conf", br#"{"name":"bridge"}"#));
-        assert!(!is_valid_cni_file("a.conflist", br#"{"plugins":[{"type":"x"}]}"#));
-        assert!(!is_valid_cni_file("a.conflist", br#"{"name":"n","pugins":[{"type":"x"}]}"#));
-        assert!(!is_valid_cni_file("a.conflist", br#"{"name":"n","plugins":[]}"#));
-        assert!(is_valid_cni_file("a.conflist", br#"{"name":"n","plugins":[{"type":"x"}]}"#));
+        assert!(!is_valid_cni_file(
+            "a.conflist",
+            br#"{"plugins":[{"type":"x"}]}"#
+        ));
+        assert!(!is_valid_cni_file(
+            "a.conflist",
+            br#"{"name":"n","pugins":[{"type":"x"}]}"#
+        ));
+        assert!(!is_valid_cni_file(
+            "a.conflist",
+            br#"{"name":"n","plugins":[]}"#
+        ));
+        assert!(is_valid_cni_file(
+            "a.conflist",
+            br#"{"name":"n","plugins":[{"type":"x"}]}"#
+        ));
         assert!(!is_valid_cni_file("a.conf", b"\"not json\""));
         assert!(!is_valid_cni_file("a.txt", br#"{"type":"bridge"}"#));
     }
@@ -521,7 +582,10 @@ mod tests {
         let out = substitute_template(t, &vars);
         let v: Value = serde_json::from_str(&out).expect("json");
         assert_eq!(v["log_level"], "debug");
-        assert_eq!(v["kubernetes"]["kubeconfig"], "/etc/cni/net.d/ZZZ-istio-cni-kubeconfig");
+        assert_eq!(
+            v["kubernetes"]["kubeconfig"],
+            "/etc/cni/net.d/ZZZ-istio-cni-kubeconfig"
+        );
         assert_eq!(v["kubernetes"]["h"], "10.0.0.1:443");
         assert_eq!(v["kubernetes"]["n"], "node-a");
         assert_eq!(v["kubernetes"]["f"], "ZZZ-istio-cni-kubeconfig");

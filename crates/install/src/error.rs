@@ -54,7 +54,9 @@ pub enum InstallError {
     },
     #[error(transparent)]
     Binary(#[from] BinaryError),
-    #[error("no valid CNI config file (.conf with \"type\", .conflist with \"name\" and \"plugins\") in {dir}")]
+    #[error(
+        "no valid CNI config file (.conf with \"type\", .conflist with \"name\" and \"plugins\") in {dir}"
+    )]
     NoValidConfig { dir: PathBuf },
     #[error("timed out waiting for {what}")]
     Timeout { what: String },

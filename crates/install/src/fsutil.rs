@@ -22,7 +22,12 @@ fn temp_path_for(path: &Path) -> io::Result<PathBuf> {
     let dir = parent_dir(path)?;
     let name = path
         .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{} has no file name", path.display())))?
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} has no file name", path.display()),
+            )
+        })?
         .to_string_lossy();
     let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     Ok(dir.join(format!(".{name}{TMP_MARKER}{}-{n}", std::process::id())))
@@ -169,7 +174,8 @@ pub struct DirLock {
 impl DirLock {
     pub fn acquire(dir: &Path) -> io::Result<DirLock> {
         let f = File::open(dir)?;
-        let lock = Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, errno)| io::Error::from(errno))?;
+        let lock =
+            Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, errno)| io::Error::from(errno))?;
         Ok(DirLock { _lock: lock })
     }
 }
@@ -200,7 +206,10 @@ mod tests {
         assert_eq!(fs::metadata(&q).expect("stat").mode() & 0o777, 0o640);
         assert!(!write_if_changed(&q, b"x", ModePolicy::Fixed(0o600)).expect("w"));
         assert_eq!(fs::metadata(&q).expect("stat").mode() & 0o777, 0o600);
-        let names: Vec<_> = fs::read_dir(d.path()).expect("ls").map(|e| e.expect("e").file_name()).collect();
+        let names: Vec<_> = fs::read_dir(d.path())
+            .expect("ls")
+            .map(|e| e.expect("e").file_name())
+            .collect();
         assert_eq!(names.len(), 2, "{names:?}");
     }
 
@@ -222,7 +231,9 @@ mod tests {
     fn sweep_removes_dead_pids_only() {
         let d = tempfile::tempdir().expect("tempdir");
         // pid 0x7fffffff cannot exist (above pid_max).
-        let dead = d.path().join(format!(".x.conflist{TMP_MARKER}2147483647-0"));
+        let dead = d
+            .path()
+            .join(format!(".x.conflist{TMP_MARKER}2147483647-0"));
         let live = d.path().join(format!(".x.conflist{TMP_MARKER}1-0"));
         fs::write(&dead, b"").expect("w");
         fs::write(&live, b"").expect("w");

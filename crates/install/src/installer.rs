@@ -54,7 +54,13 @@ pub struct Installer {
 
 fn bin_version(p: &Path) -> Option<BinVersion> {
     let m = fs::metadata(p).ok()?;
-    Some((m.ino(), m.len(), m.mtime(), m.mtime_nsec(), m.ctime_nsec() ^ m.ctime()))
+    Some((
+        m.ino(),
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime_nsec() ^ m.ctime(),
+    ))
 }
 
 impl InstallError {
@@ -63,7 +69,9 @@ impl InstallError {
         match self {
             InstallError::Binary(_) => InstallResult::CopyBinariesFailure,
             InstallError::Kubeconfig { .. } => InstallResult::CreateKubeconfigFailure,
-            InstallError::Io { op, .. } if op.contains("kubeconfig") || op.contains("service-account") => {
+            InstallError::Io { op, .. }
+                if op.contains("kubeconfig") || op.contains("service-account") =>
+            {
                 InstallResult::CreateKubeconfigFailure
             }
             _ => InstallResult::CreateCniConfigFailure,
@@ -163,8 +171,14 @@ impl Installer {
         let ca = if c.skip_tls_verify {
             None
         } else {
-            let ca_path = c.kube_ca_file.clone().unwrap_or_else(|| c.service_account_dir.join("ca.crt"));
-            Some(fs::read(&ca_path).map_err(|e| InstallError::io("reading service-account CA", &ca_path, e))?)
+            let ca_path = c
+                .kube_ca_file
+                .clone()
+                .unwrap_or_else(|| c.service_account_dir.join("ca.crt"));
+            Some(
+                fs::read(&ca_path)
+                    .map_err(|e| InstallError::io("reading service-account CA", &ca_path, e))?,
+            )
         };
         kubeconfig::render(&KubeconfigInputs {
             protocol: &c.k8s_service_protocol,
@@ -182,11 +196,16 @@ impl Installer {
         let y = self.render_kubeconfig()?;
         let path = self.cfg.kubeconfig_path();
         if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).map_err(|e| InstallError::io("creating kubeconfig dir", dir, e))?;
+            fs::create_dir_all(dir)
+                .map_err(|e| InstallError::io("creating kubeconfig dir", dir, e))?;
             let _ = fsutil::sweep_stale_temps(dir);
         }
-        fsutil::write_if_changed(&path, y.as_bytes(), ModePolicy::Fixed(self.cfg.kubeconfig_mode))
-            .map_err(|e| InstallError::io("writing kubeconfig", &path, e))
+        fsutil::write_if_changed(
+            &path,
+            y.as_bytes(),
+            ModePolicy::Fixed(self.cfg.kubeconfig_mode),
+        )
+        .map_err(|e| InstallError::io("writing kubeconfig", &path, e))
     }
 
     /// Write our CNI config entry: wait (per `wait`) for the primary outside the lock, then
@@ -198,7 +217,8 @@ impl Installer {
             cniconfig::resolve_primary(c, exclude.as_deref(), wait)?;
         }
         let dir = &c.mounted_cni_net_dir;
-        let _lock = DirLock::acquire(dir).map_err(|e| InstallError::io("locking CNI config dir", dir, e))?;
+        let _lock = DirLock::acquire(dir)
+            .map_err(|e| InstallError::io("locking CNI config dir", dir, e))?;
         let _ = fsutil::sweep_stale_temps(dir);
         let w = cniconfig::write_cni_config(c, &Wait::no_wait())?;
         self.state().config_path = Some(w.path.clone());
@@ -222,16 +242,23 @@ impl Installer {
     /// Readiness check of the current installation: the reference validity check on the file
     /// we wrote, plus the binaries and kubeconfig still being in place.
     pub fn check(&self) -> Result<(), InstallError> {
-        let path = self.installed_config_path().ok_or_else(|| InstallError::Removed {
-            path: self.cfg.mounted_cni_net_dir.clone(),
-        })?;
+        let path = self
+            .installed_config_path()
+            .ok_or_else(|| InstallError::Removed {
+                path: self.cfg.mounted_cni_net_dir.clone(),
+            })?;
         cniconfig::check_valid_cni_config(&self.cfg, &path)?;
         let kc = self.cfg.kubeconfig_path();
         if !kc.exists() {
             return Err(InstallError::Removed { path: kc });
         }
         if let Some(sources) = self.state().sources.clone() {
-            for dir in self.cfg.cni_bin_target_dirs.iter().filter(|d| binaries::dir_writable(d)) {
+            for dir in self
+                .cfg
+                .cni_bin_target_dirs
+                .iter()
+                .filter(|d| binaries::dir_writable(d))
+            {
                 for s in &sources {
                     let t = dir.join(&s.name);
                     if !t.exists() {

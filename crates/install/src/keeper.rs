@@ -51,7 +51,10 @@ impl Shutdown {
     }
 
     fn register(&self, tx: Sender<KeeperMsg>) {
-        self.wakers.lock().unwrap_or_else(|p| p.into_inner()).push(tx);
+        self.wakers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tx);
     }
 }
 
@@ -123,12 +126,18 @@ impl InstallStatus {
     }
 
     pub fn last_error(&self) -> Option<String> {
-        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The config file holding our entry, once installed.
     pub fn config_path(&self) -> Option<PathBuf> {
-        self.config_path.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.config_path
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn record(&self, r: InstallResult) {
@@ -156,12 +165,15 @@ fn relevant(ev: &notify::Event, bin_dirs: &[PathBuf], bin_names: &[String]) -> b
         return true;
     }
     ev.paths.iter().any(|p| {
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         if name.contains(".meshcni-tmp-") {
             return false;
         }
         match p.parent() {
-            Some(parent) if bin_dirs.iter().any(|d| d == parent) => bin_names.iter().any(|n| *n == name),
+            Some(parent) if bin_dirs.iter().any(|d| d == parent) => bin_names.contains(&name),
             _ => true,
         }
     })
@@ -186,7 +198,10 @@ enum Woken {
 impl Keeper {
     fn watch_dirs(&mut self) {
         let cfg = self.installer.config();
-        let mut dirs = vec![cfg.mounted_cni_net_dir.clone(), cfg.service_account_dir.clone()];
+        let mut dirs = vec![
+            cfg.mounted_cni_net_dir.clone(),
+            cfg.service_account_dir.clone(),
+        ];
         dirs.extend(cfg.cni_bin_target_dirs.iter().cloned());
         if let Some(w) = self.watcher.as_mut() {
             for d in dirs {
@@ -195,7 +210,9 @@ impl Keeper {
                 }
                 match w.watch(&d, RecursiveMode::NonRecursive) {
                     Ok(()) => self.watched.push(d),
-                    Err(e) => tracing::debug!(dir = %d.display(), error = %e, "cannot watch yet; relying on resync"),
+                    Err(e) => {
+                        tracing::debug!(dir = %d.display(), error = %e, "cannot watch yet; relying on resync")
+                    }
                 }
             }
         }
@@ -238,7 +255,11 @@ impl Keeper {
     /// Delay demanded by the rewrite-loop detector (zero when calm).
     fn loop_delay(&mut self, now: Instant) -> Duration {
         let t = &self.installer.config().keeper;
-        while self.reinsert_times.front().is_some_and(|f| now.duration_since(*f) > t.loop_window) {
+        while self
+            .reinsert_times
+            .front()
+            .is_some_and(|f| now.duration_since(*f) > t.loop_window)
+        {
             self.reinsert_times.pop_front();
         }
         let n = self.reinsert_times.len();
@@ -246,8 +267,13 @@ impl Keeper {
             return Duration::ZERO;
         }
         let excess = (n - t.loop_threshold - 1).min(20) as u32;
-        let delay = t.loop_backoff_base.saturating_mul(1u32 << excess).min(t.loop_backoff_max);
-        self.status.rewrite_loop_warnings.fetch_add(1, Ordering::SeqCst);
+        let delay = t
+            .loop_backoff_base
+            .saturating_mul(1u32 << excess)
+            .min(t.loop_backoff_max);
+        self.status
+            .rewrite_loop_warnings
+            .fetch_add(1, Ordering::SeqCst);
         tracing::warn!(
             reinserts = n,
             window_s = t.loop_window.as_secs_f64(),
@@ -275,8 +301,11 @@ impl Keeper {
                 Ok(outcome) => {
                     self.status.record(InstallResult::Success);
                     error_delay = self.installer.config().keeper.error_retry;
-                    *self.status.config_path.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(outcome.config_path.clone());
+                    *self
+                        .status
+                        .config_path
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(outcome.config_path.clone());
                     if outcome.config_written {
                         if initial {
                             tracing::info!(path = %outcome.config_path.display(), "CNI config installed");
@@ -313,7 +342,8 @@ impl Keeper {
                     self.status.set_ready(false);
                     self.status.set_error(Some(e.to_string()));
                     let d = error_delay;
-                    error_delay = (error_delay * 2).min(self.installer.config().keeper.loop_backoff_max);
+                    error_delay =
+                        (error_delay * 2).min(self.installer.config().keeper.loop_backoff_max);
                     Some(d)
                 }
             };

@@ -44,7 +44,11 @@ pub fn render(inp: &KubeconfigInputs<'_>) -> Result<String, KubeconfigError> {
     if inp.port.is_empty() {
         return Err(KubeconfigError::PortNotSet);
     }
-    let protocol = if inp.protocol.is_empty() { "https" } else { inp.protocol };
+    let protocol = if inp.protocol.is_empty() {
+        "https"
+    } else {
+        inp.protocol
+    };
     let server = format!("{protocol}://{}", join_host_port(inp.host, inp.port));
     let mut y = String::with_capacity(2048);
     y.push_str("apiVersion: v1\nclusters:\n- cluster:\n");

@@ -28,7 +28,11 @@ fn compare(case: &str, got: &[u8], golden: &str) -> Result<(), String> {
     if got == want.as_slice() {
         return Ok(());
     }
-    let how = if trimmed(got) == trimmed(&want) { "trimmed equal but bytes differ" } else { "differs" };
+    let how = if trimmed(got) == trimmed(&want) {
+        "trimmed equal but bytes differ"
+    } else {
+        "differs"
+    };
     Err(format!(
         "{case}: output {how} from {golden}\n--- got ---\n{}\n--- want ---\n{}",
         String::from_utf8_lossy(got),
@@ -68,7 +72,10 @@ fn run_case(defaults: &Value, case: &Value) -> Result<(), String> {
             match (res, s(expect, "result_file")) {
                 (Ok(w), Some(result_file)) => {
                     if w.path != conf_dir.join(result_file) {
-                        return Err(format!("{name}: wrote {} want {result_file}", w.path.display()));
+                        return Err(format!(
+                            "{name}: wrote {} want {result_file}",
+                            w.path.display()
+                        ));
                     }
                     let got = fs::read(&w.path).map_err(|e| e.to_string())?;
                     compare(name, &got, s(expect, "content_equals").unwrap_or_default())?;
@@ -78,13 +85,21 @@ fn run_case(defaults: &Value, case: &Value) -> Result<(), String> {
                         let had = |n: &str| before.iter().any(|(b, _)| b == n);
                         if cfg.owned_mode() {
                             for (n, content) in &before {
-                                let now = fs::read(conf_dir.join(n)).map_err(|e| format!("{name}: {n}: {e}"))?;
+                                let now = fs::read(conf_dir.join(n))
+                                    .map_err(|e| format!("{name}: {n}: {e}"))?;
                                 if &now != content {
-                                    return Err(format!("{name}: primary {n} was modified in owned mode"));
+                                    return Err(format!(
+                                        "{name}: primary {n} was modified in owned mode"
+                                    ));
                                 }
                             }
-                        } else if had(conf_name) && !had(result_file) && conf_dir.join(conf_name).exists() {
-                            return Err(format!("{name}: {conf_name} still exists after conversion"));
+                        } else if had(conf_name)
+                            && !had(result_file)
+                            && conf_dir.join(conf_name).exists()
+                        {
+                            return Err(format!(
+                                "{name}: {conf_name} still exists after conversion"
+                            ));
                         }
                     }
                     Ok(())
@@ -104,12 +119,17 @@ fn run_case(defaults: &Value, case: &Value) -> Result<(), String> {
             populate_inline(&bin_dir, inputs.get("bin_dir_inline_files"));
             let mut cfg = cfg.clone();
             cfg.kubeconfig_dir = Some(conf_dir.clone());
-            cfg.kubecfg_file_name = s(inputs, "installed_kubeconfig_file").unwrap_or_default().into();
+            cfg.kubecfg_file_name = s(inputs, "installed_kubeconfig_file")
+                .unwrap_or_default()
+                .into();
             cfg.cni_bin_target_dirs = vec![bin_dir.clone()];
             cfg.cni_bin_names = vec!["istio-cni".into()];
             let inst = Installer::new(cfg).map_err(|e| e.to_string())?;
-            inst.adopt_installed_config(conf_dir.join(s(inputs, "installed_config_file").unwrap_or_default()));
-            inst.uninstall().map_err(|e| format!("{name}: uninstall: {e}"))?;
+            inst.adopt_installed_config(
+                conf_dir.join(s(inputs, "installed_config_file").unwrap_or_default()),
+            );
+            inst.uninstall()
+                .map_err(|e| format!("{name}: uninstall: {e}"))?;
             for d in expect["deleted"].as_array().into_iter().flatten() {
                 let d = d.as_str().unwrap_or_default();
                 let p = match d.strip_prefix("<bin>/") {
@@ -149,7 +169,10 @@ fn run_case(defaults: &Value, case: &Value) -> Result<(), String> {
             if res.is_ok() == want {
                 Ok(())
             } else {
-                Err(format!("{name}: valid={} want {want} ({res:?})", res.is_ok()))
+                Err(format!(
+                    "{name}: valid={} want {want} ({res:?})",
+                    res.is_ok()
+                ))
             }
         }
         "get_cni_config_filepath" => {
@@ -186,7 +209,10 @@ fn run_case(defaults: &Value, case: &Value) -> Result<(), String> {
                             return Err(format!("{name}: resolved before the file was written"));
                         }
                         if resolved_at - w > Duration::from_millis(250) {
-                            return Err(format!("{name}: resolved {:?} after the write", resolved_at - w));
+                            return Err(format!(
+                                "{name}: resolved {:?} after the write",
+                                resolved_at - w
+                            ));
                         }
                     }
                     Ok(())
@@ -204,7 +230,9 @@ fn run_case(defaults: &Value, case: &Value) -> Result<(), String> {
                 }
             };
             match (get_config_filenames(&target), s(expect, "first")) {
-                (Ok(names), Some(first)) if names.first().map(String::as_str) == Some(first) => Ok(()),
+                (Ok(names), Some(first)) if names.first().map(String::as_str) == Some(first) => {
+                    Ok(())
+                }
                 (Err(_), None) if expect["error"] == true => Ok(()),
                 (r, _) => Err(format!("{name}: unexpected result {r:?}")),
             }
@@ -224,6 +252,64 @@ fn istio_install_cases() {
             failures.push(e);
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n\n")
+    );
     println!("{} install cases passed", cases.len());
+}
+
+/// The G1 path: `CNI_NETWORK_CONFIG` template (`istio-cni.conf.template`, as in Istio 1.20's
+/// cniconfig test with log level `debug` and kubeconfig file name `/path/to/kubeconfig`)
+/// merged into `list.conflist` gives exactly `list-with-istio.conflist`; standalone writes the
+/// substituted template verbatim; the template file wins over the inline template.
+#[test]
+fn g1_template_config() {
+    let template = String::from_utf8(fixture_bytes("istio-cni.conf.template")).expect("utf8");
+    let dir = tempfile::tempdir().expect("tmp");
+    fs::copy(
+        fixtures(CORPUS).join("list.conflist"),
+        dir.path().join("list.conflist"),
+    )
+    .expect("copy");
+    let cfg = meshcni_install::InstallConfig {
+        mounted_cni_net_dir: dir.path().to_path_buf(),
+        cni_network_config: template.clone(),
+        plugin_log_level: "debug".into(),
+        kubecfg_file_name: "/path/to/kubeconfig".into(),
+        plugin_type: "istio-cni".into(),
+        plugin_name: "istio-cni".into(),
+        ..Default::default()
+    };
+    let w = write_cni_config(&cfg, &Wait::no_wait()).expect("write");
+    assert_eq!(w.path, dir.path().join("list.conflist"));
+    compare(
+        "g1 template chained",
+        &fs::read(&w.path).expect("read"),
+        "list-with-istio.conflist",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    let standalone_dir = tempfile::tempdir().expect("tmp");
+    let tfile = standalone_dir.path().join("template.json");
+    fs::write(
+        &tfile,
+        template.replace("__LOG_LEVEL__", "from-file-__LOG_LEVEL__"),
+    )
+    .expect("w");
+    let cfg = meshcni_install::InstallConfig {
+        mounted_cni_net_dir: standalone_dir.path().to_path_buf(),
+        chained_cni_plugin: false,
+        cni_network_config_file: Some(tfile),
+        ..cfg
+    };
+    let w = write_cni_config(&cfg, &Wait::no_wait()).expect("write");
+    assert_eq!(w.path, standalone_dir.path().join("YYY-istio-cni.conf"));
+    let want = template
+        .replace("__LOG_LEVEL__", "from-file-debug")
+        .replace("__KUBECONFIG_FILENAME__", "/path/to/kubeconfig");
+    assert_eq!(fs::read_to_string(&w.path).expect("read"), want);
 }

@@ -48,7 +48,8 @@ fn run_case(case: &Value) -> Result<(), String> {
     }
     populate(&conf_dir, CORPUS, inputs.get("conf_dir_files"));
     for f in ["ca.crt", "namespace", "token"] {
-        fs::copy(fixtures(CORPUS).join("k8s_svcacct").join(f), sa_dir.join(f)).map_err(|e| e.to_string())?;
+        fs::copy(fixtures(CORPUS).join("k8s_svcacct").join(f), sa_dir.join(f))
+            .map_err(|e| e.to_string())?;
     }
     let mut cfg = config_from_settings(&Value::Null, settings, &conf_dir);
     cfg.cni_bin_source_dir = fixtures(CORPUS).join("bindir");
@@ -58,8 +59,9 @@ fn run_case(case: &Value) -> Result<(), String> {
     let chained = cfg.chained_cni_plugin;
 
     let result = conf_dir.join(s(expect, "result_file").unwrap_or_default());
-    let expected = fs::read(fixtures(CORPUS).join(s(expect, "expected_output").unwrap_or_default()))
-        .map_err(|e| e.to_string())?;
+    let expected =
+        fs::read(fixtures(CORPUS).join(s(expect, "expected_output").unwrap_or_default()))
+            .map_err(|e| e.to_string())?;
 
     let installer = Arc::new(Installer::new(cfg).map_err(|e| e.to_string())?);
     let status = Arc::new(InstallStatus::new());
@@ -75,15 +77,22 @@ fn run_case(case: &Value) -> Result<(), String> {
         let end = Instant::now() + after;
         while Instant::now() < end {
             if file_is(&result, &expected) {
-                return Err(format!("{name}: result written before the delayed file appeared"));
+                return Err(format!(
+                    "{name}: result written before the delayed file appeared"
+                ));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        fs::copy(fixtures(CORPUS).join(s(d, "source").unwrap_or_default()), conf_dir.join(s(d, "name").unwrap_or_default()))
-            .map_err(|e| e.to_string())?;
+        fs::copy(
+            fixtures(CORPUS).join(s(d, "source").unwrap_or_default()),
+            conf_dir.join(s(d, "name").unwrap_or_default()),
+        )
+        .map_err(|e| e.to_string())?;
     }
     // 3. binary.
-    if !wait_until(Duration::from_secs(5), || bin_dir.join("istio-cni").exists()) {
+    if !wait_until(Duration::from_secs(5), || {
+        bin_dir.join("istio-cni").exists()
+    }) {
         return Err(format!("{name}: istio-cni binary not installed"));
     }
     // 4. result.
@@ -100,38 +109,62 @@ fn run_case(case: &Value) -> Result<(), String> {
     }
     // 5. tamper.
     if chained {
-        let mut doc: Value = serde_json::from_slice(&fs::read(&result).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        let mut doc: Value = serde_json::from_slice(&fs::read(&result).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
         let plugins = doc["plugins"].as_array_mut().ok_or("no plugins")?;
-        let i = plugins.iter().position(|p| p["type"] == "istio-cni").ok_or("no istio-cni")?;
+        let i = plugins
+            .iter()
+            .position(|p| p["type"] == "istio-cni")
+            .ok_or("no istio-cni")?;
         plugins.remove(i);
         fs::write(&result, conflist::render_sorted(&doc)).map_err(|e| e.to_string())?;
-        fs::set_permissions(&result, fs::Permissions::from_mode(0o644)).map_err(|e| e.to_string())?;
+        fs::set_permissions(&result, fs::Permissions::from_mode(0o644))
+            .map_err(|e| e.to_string())?;
     } else {
         fs::remove_file(&result).map_err(|e| e.to_string())?;
     }
     // 6. restored.
     if !wait_until(Duration::from_secs(3), || file_is(&result, &expected)) {
-        return Err(format!("{name}: not restored after tampering: {:?}", fs::read_to_string(&result)));
+        return Err(format!(
+            "{name}: not restored after tampering: {:?}",
+            fs::read_to_string(&result)
+        ));
     }
-    if chained && fs::metadata(&result).map(|m| m.permissions().mode() & 0o777).ok() != Some(0o644) {
+    if chained
+        && fs::metadata(&result)
+            .map(|m| m.permissions().mode() & 0o777)
+            .ok()
+            != Some(0o644)
+    {
         return Err(format!("{name}: primary file mode not preserved"));
     }
     // 7. stop + clean up.
     drop(guard);
     keeper.join().map_err(|_| "keeper panicked")?;
-    installer.uninstall().map_err(|e| format!("{name}: uninstall: {e}"))?;
+    installer
+        .uninstall()
+        .map_err(|e| format!("{name}: uninstall: {e}"))?;
     // 8.
     if chained {
-        let clean = fs::read(fixtures(CORPUS).join(s(expect, "expected_after_cleanup").unwrap_or_default()))
-            .map_err(|e| e.to_string())?;
+        let clean = fs::read(
+            fixtures(CORPUS).join(s(expect, "expected_after_cleanup").unwrap_or_default()),
+        )
+        .map_err(|e| e.to_string())?;
         if !file_is(&result, &clean) {
-            return Err(format!("{name}: after cleanup: {:?}", fs::read_to_string(&result)));
+            return Err(format!(
+                "{name}: after cleanup: {:?}",
+                fs::read_to_string(&result)
+            ));
         }
     } else if result.exists() {
         return Err(format!("{name}: standalone file not removed"));
     }
     // 9. binaries gone (all of ours: istio-cni and istio-iptables).
-    let left: Vec<PathBuf> = fs::read_dir(&bin_dir).map_err(|e| e.to_string())?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    let left: Vec<PathBuf> = fs::read_dir(&bin_dir)
+        .map_err(|e| e.to_string())?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| e.to_string())?;
     if !left.is_empty() {
         return Err(format!("{name}: binaries left: {left:?}"));
     }
@@ -172,5 +205,10 @@ fn istio_install_e2e_cases() {
             Err(_) => Some("case panicked".into()),
         })
         .collect();
-    assert!(failures.is_empty(), "{} e2e cases failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} e2e cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

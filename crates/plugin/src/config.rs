@@ -151,6 +151,9 @@ pub struct PluginConf {
     pub pod_metadata_dir: Option<PathBuf>,
     /// Force an iptables binary instead of detecting legacy vs nft per pod netns.
     pub iptables_binary: Option<IptablesBinary>,
+    /// Attempts for the sidecar-path pod fetch on retryable API errors (unreachable, timeout,
+    /// 429, 5xx), one second apart. Default 30, as Istio's `podRetrievalMaxRetries`.
+    pub pod_fetch_attempts: Option<u32>,
 }
 
 /// Why the plugin configuration is unusable (fails ADD, §1.8).

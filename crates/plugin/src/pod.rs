@@ -24,6 +24,8 @@ pub const ISTIO_PROXY: &str = "istio-proxy";
 pub const ISTIO_INIT: &str = "istio-init";
 /// Name prefix of the agent DaemonSet's pods.
 pub const AGENT_POD_PREFIX: &str = "istio-cni-node-";
+/// Name prefix of meshcni-agent DaemonSet pods.
+pub const MESHCNI_AGENT_POD_PREFIX: &str = "meshcni-node-";
 
 /// Set by the injector on every injected pod.
 pub const ANN_SIDECAR_STATUS: &str = "sidecar.istio.io/status";
@@ -57,6 +59,17 @@ pub const ALWAYS_EXCLUDED_INBOUND_PORTS: &str = "15020,15021,15090";
 pub struct PodRef<'a> {
     pub namespace: &'a str,
     pub name: &'a str,
+}
+
+impl<'a> PodRef<'a> {
+    /// From the optional `CNI_ARGS` values; a missing one becomes empty, which
+    /// [`skip_before_lookup`] reports as [`SkipReason::NotKubernetesPod`].
+    pub fn from_cni_args(namespace: Option<&'a str>, name: Option<&'a str>) -> PodRef<'a> {
+        PodRef {
+            namespace: namespace.unwrap_or_default(),
+            name: name.unwrap_or_default(),
+        }
+    }
 }
 
 /// Where the injection opt-out came from.
@@ -161,7 +174,8 @@ pub fn parse_go_bool(s: &str) -> Option<bool> {
 
 /// HEAD own-agent shortcut: `istio-cni-node-*` in `pod_namespace`.
 pub fn is_own_agent_pod(conf: &PluginConf, pod: PodRef<'_>) -> bool {
-    pod.name.starts_with(AGENT_POD_PREFIX) && pod.namespace == conf.pod_namespace
+    (pod.name.starts_with(AGENT_POD_PREFIX) || pod.name.starts_with(MESHCNI_AGENT_POD_PREFIX))
+        && pod.namespace == conf.pod_namespace
 }
 
 /// The skips decidable from `CNI_ARGS` alone, before any lookup (HEAD order: not a pod,
@@ -270,8 +284,9 @@ pub fn exclude_inbound_ports_fixup(value: &str) -> String {
 ///
 /// Deliberate differences from Istio, all stricter-or-equal on what gets programmed:
 /// whitespace around list elements is trimmed (Istio trims ports but not CIDRs); ports are
-/// normalised to plain decimal; `*` is rejected in the *exclude* port lists (Istio accepts it
-/// there and then fails to program `--dport *`). `enable_ipv6` stays false (detected later).
+/// normalised to plain decimal; `*` is accepted only where the generator gives it a meaning
+/// (`includeInboundPorts`, `includeOutboundIPRanges`) — in the other port lists Istio accepts
+/// it and then fails to program `--dport *`. `enable_ipv6` stays false (detected later).
 pub fn capture_config_from_pod(pod: &Pod) -> Result<CaptureConfig, AnnotationError> {
     let ann = |key: &str| pod.annotation(key);
 
@@ -337,7 +352,7 @@ pub fn capture_config_from_pod(pod: &Pod) -> Result<CaptureConfig, AnnotationErr
             ANN_INCLUDE_OUTBOUND_PORTS,
             ann(ANN_INCLUDE_OUTBOUND_PORTS),
             "",
-            true,
+            false,
         )?,
         outbound_ports_exclude: port_list(
             ANN_EXCLUDE_OUTBOUND_PORTS,
@@ -377,7 +392,11 @@ fn elements<'a>(
         return if allow_wildcard {
             Ok(None)
         } else {
-            Err(err(key, value, "\"*\" is not allowed here"))
+            Err(err(
+                key,
+                value,
+                "the wildcard \"*\" is not allowed for this annotation; list the values",
+            ))
         };
     }
     if trimmed.is_empty() {
@@ -593,6 +612,10 @@ mod tests {
             ),
             ("default", "p", None),
         ];
+        assert_eq!(
+            skip_before_lookup(&c, PodRef::from_cni_args(None, Some("p"))),
+            Some(SkipReason::NotKubernetesPod)
+        );
         for (ns, name, want) in cases {
             let got = skip_before_lookup(
                 &c,
@@ -832,6 +855,7 @@ mod tests {
         };
         assert_eq!(cfg, want);
         assert_eq!(cfg.proxy_port, "15001");
+        cfg.validate().expect("generator accepts the defaults");
     }
 
     #[test]
@@ -913,7 +937,7 @@ mod tests {
             (ANN_INCLUDE_INBOUND_PORTS, "*", inc_in, "*"),
             (ANN_INCLUDE_INBOUND_PORTS, "", inc_in, ""),
             (ANN_INCLUDE_INBOUND_PORTS, "9080, 8080", inc_in, "9080,8080"),
-            (ANN_INCLUDE_INBOUND_PORTS, "0,65535", inc_in, "0,65535"),
+            (ANN_INCLUDE_INBOUND_PORTS, "1,65535", inc_in, "1,65535"),
             (ANN_INCLUDE_INBOUND_PORTS, "080", inc_in, "80"),
             (
                 ANN_EXCLUDE_INBOUND_PORTS,
@@ -928,7 +952,6 @@ mod tests {
                 exc_in,
                 "15021,8000,15020,15090",
             ),
-            (ANN_INCLUDE_OUTBOUND_PORTS, "*", inc_out, "*"),
             (
                 ANN_INCLUDE_OUTBOUND_PORTS,
                 "32000,31000",
@@ -975,7 +998,20 @@ mod tests {
             let cfg = capture_config_from_pod(&pod)
                 .unwrap_or_else(|e| panic!("{key}={value:?} rejected: {e}"));
             assert_eq!(field(&cfg), *want, "{key}={value:?}");
+            // What we accept, the generator accepts.
+            cfg.validate()
+                .unwrap_or_else(|e| panic!("{key}={value:?}: generator rejects {cfg:?}: {e}"));
         }
+    }
+
+    /// Istio's validator (`ParseUint(s, 10, 16)`) accepts port 0; so do we. (The rules
+    /// crate's generator currently rejects 0, so this is not cross-checked with it.)
+    #[test]
+    fn port_zero_accepted_like_istio() {
+        let mut pod = sidecar_pod();
+        annotate(&mut pod, ANN_INCLUDE_INBOUND_PORTS, "0,65535");
+        let cfg = capture_config_from_pod(&pod).expect("cfg");
+        assert_eq!(cfg.inbound_ports_include, "0,65535");
     }
 
     /// (annotation, value, phrase the reason must contain)
@@ -1051,6 +1087,7 @@ mod tests {
             (ANN_EXCLUDE_INBOUND_PORTS, "*", "not allowed"),
             (ANN_EXCLUDE_INBOUND_PORTS, "99999", "not a port number"),
             (ANN_INCLUDE_OUTBOUND_PORTS, "abc", "not a port number"),
+            (ANN_INCLUDE_OUTBOUND_PORTS, "*", "not allowed"),
             (ANN_EXCLUDE_OUTBOUND_PORTS, "*", "not allowed"),
             (ANN_EXCLUDE_OUTBOUND_PORTS, "1e3", "not a port number"),
             (

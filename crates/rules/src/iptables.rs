@@ -170,10 +170,7 @@ pub fn rule_spec(rule: &Rule) -> Vec<String> {
 /// `-t <table> -C <chain> <spec>` for [`RuleOp::Check`], `-t <table> -D <chain> <spec>` for
 /// [`RuleOp::Delete`].
 pub fn rule_args(rule: &Rule, op: RuleOp) -> Vec<String> {
-    let mut v = vec![
-        "-t".to_owned(),
-        rule.table.name().to_owned(),
-    ];
+    let mut v = vec!["-t".to_owned(), rule.table.name().to_owned()];
     match (op, rule.position) {
         (RuleOp::Add, Position::Append) => v.push("-A".into()),
         (RuleOp::Add, Position::Insert(_)) => v.push("-I".into()),

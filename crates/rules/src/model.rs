@@ -303,9 +303,16 @@ pub enum Target {
     Accept,
     Drop,
     /// `-j REDIRECT --to-ports <port>`; `singular` spells `--to-port` (Istio's UDP DNS rule).
-    Redirect { port: u16, singular: bool },
+    Redirect {
+        port: u16,
+        singular: bool,
+    },
     /// `-j TPROXY --tproxy-mark <mark>/<mask> --on-port <port>`
-    Tproxy { port: u16, mark: u32, mask: u32 },
+    Tproxy {
+        port: u16,
+        mark: u32,
+        mask: u32,
+    },
     /// `-j MARK --set-mark <mark>`
     SetMark(u32),
     /// `-j CONNMARK --save-mark`

@@ -262,7 +262,11 @@ pub fn write_rule(out: &mut String, rule: &Rule) {
             }
             Match::DestPorts { ports, negate } => {
                 let list: Vec<String> = ports.iter().map(u16::to_string).collect();
-                toks.push(format!("{l4} dport {}{{ {} }}", neq(*negate), list.join(", ")));
+                toks.push(format!(
+                    "{l4} dport {}{{ {} }}",
+                    neq(*negate),
+                    list.join(", ")
+                ));
             }
             Match::Owner { kind, id, negate } => {
                 let key = match kind {

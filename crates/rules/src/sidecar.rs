@@ -129,7 +129,9 @@ pub enum ConfigError {
         value: String,
         expected: &'static str,
     },
-    #[error("unknown interception mode `{0}` in inbound_interception_mode (expected REDIRECT or TPROXY)")]
+    #[error(
+        "unknown interception mode `{0}` in inbound_interception_mode (expected REDIRECT or TPROXY)"
+    )]
     UnknownInterceptionMode(String),
     #[error("wildcard `*` not allowed in {field}")]
     WildcardNotAllowed { field: &'static str },
@@ -647,7 +649,8 @@ impl CaptureConfig {
             self.inbound_tproxy_route_table.trim(),
         )?;
 
-        let inbound_exclude = parse_port_list("inbound_ports_exclude", &self.inbound_ports_exclude)?;
+        let inbound_exclude =
+            parse_port_list("inbound_ports_exclude", &self.inbound_ports_exclude)?;
         let inbound = match self.inbound_ports_include.trim() {
             "" => InboundPorts::None,
             "*" => InboundPorts::AllExcept(inbound_exclude),
@@ -676,15 +679,24 @@ impl CaptureConfig {
             false,
         )?;
 
-        let virt_ifaces = parse_ifaces("reroute_virtual_interfaces", &self.reroute_virtual_interfaces)?;
+        let virt_ifaces = parse_ifaces(
+            "reroute_virtual_interfaces",
+            &self.reroute_virtual_interfaces,
+        )?;
         let exclude_ifaces = parse_ifaces("exclude_interfaces", &self.exclude_interfaces)?;
 
         let owner_groups = if self.owner_groups_include.trim() == "*" {
-            OwnerGroups::AllExcept(parse_groups("owner_groups_exclude", &self.owner_groups_exclude)?)
+            OwnerGroups::AllExcept(parse_groups(
+                "owner_groups_exclude",
+                &self.owner_groups_exclude,
+            )?)
         } else {
             // Istio ignores the exclude list unless the include list is `*`; still validate it.
             parse_groups("owner_groups_exclude", &self.owner_groups_exclude)?;
-            OwnerGroups::Only(parse_groups("owner_groups_include", &self.owner_groups_include)?)
+            OwnerGroups::Only(parse_groups(
+                "owner_groups_include",
+                &self.owner_groups_include,
+            )?)
         };
 
         let lo_v4 = parse_loopback(&self.host_ipv4_loopback_cidr)?;
@@ -802,19 +814,39 @@ pub fn build(cfg: &CaptureConfig) -> Result<RuleSet, ConfigError> {
 
     // 1. Excluded interfaces bypass capture entirely.
     for iface in &p.exclude_ifaces {
-        e.push(Rule::append(Nat, Prerouting).in_iface(iface).to(Target::Return));
-        e.push(Rule::append(Nat, Output).out_iface(iface).to(Target::Return));
+        e.push(
+            Rule::append(Nat, Prerouting)
+                .in_iface(iface)
+                .to(Target::Return),
+        );
+        e.push(
+            Rule::append(Nat, Output)
+                .out_iface(iface)
+                .to(Target::Return),
+        );
     }
     if p.tproxy {
         for iface in &p.exclude_ifaces {
-            e.push(Rule::append(Mangle, Prerouting).in_iface(iface).to(Target::Return));
-            e.push(Rule::append(Mangle, Output).out_iface(iface).to(Target::Return));
+            e.push(
+                Rule::append(Mangle, Prerouting)
+                    .in_iface(iface)
+                    .to(Target::Return),
+            );
+            e.push(
+                Rule::append(Mangle, Output)
+                    .out_iface(iface)
+                    .to(Target::Return),
+            );
         }
     }
 
     // 2. Virtual interfaces (KubeVirt): HEAD returns early from nat PREROUTING.
     for iface in &p.virt_ifaces {
-        e.push(Rule::insert(Nat, Prerouting, 1).in_iface(iface).to(Target::Return));
+        e.push(
+            Rule::insert(Nat, Prerouting, 1)
+                .in_iface(iface)
+                .to(Target::Return),
+        );
     }
 
     // 3. Drop conntrack-invalid packets.
@@ -832,15 +864,28 @@ pub fn build(cfg: &CaptureConfig) -> Result<RuleSet, ConfigError> {
     }
 
     // 4-6. The tunnel port is never captured; the two redirect chains.
-    e.push(Rule::append(Nat, IstioInbound).proto(Proto::Tcp).dport(p.tunnel_port).to(Target::Return));
-    e.push(Rule::append(Nat, IstioRedirect).proto(Proto::Tcp).to(Target::Redirect {
-        port: p.proxy_port,
-        singular: false,
-    }));
-    e.push(Rule::append(Nat, IstioInRedirect).proto(Proto::Tcp).to(Target::Redirect {
-        port: p.inbound_capture_port,
-        singular: false,
-    }));
+    e.push(
+        Rule::append(Nat, IstioInbound)
+            .proto(Proto::Tcp)
+            .dport(p.tunnel_port)
+            .to(Target::Return),
+    );
+    e.push(
+        Rule::append(Nat, IstioRedirect)
+            .proto(Proto::Tcp)
+            .to(Target::Redirect {
+                port: p.proxy_port,
+                singular: false,
+            }),
+    );
+    e.push(
+        Rule::append(Nat, IstioInRedirect)
+            .proto(Proto::Tcp)
+            .to(Target::Redirect {
+                port: p.inbound_capture_port,
+                singular: false,
+            }),
+    );
 
     // 7. Inbound capture.
     if p.inbound != InboundPorts::None {
@@ -859,13 +904,22 @@ pub fn build(cfg: &CaptureConfig) -> Result<RuleSet, ConfigError> {
                     })
             });
         }
-        e.push(Rule::append(table, Prerouting).proto(Proto::Tcp).jump(IstioInbound));
+        e.push(
+            Rule::append(table, Prerouting)
+                .proto(Proto::Tcp)
+                .jump(IstioInbound),
+        );
         let established = [CtState::Related, CtState::Established];
         match &p.inbound {
             InboundPorts::None => {}
             InboundPorts::AllExcept(excluded) => {
                 for &port in excluded {
-                    e.push(Rule::append(table, IstioInbound).proto(Proto::Tcp).dport(port).to(Target::Return));
+                    e.push(
+                        Rule::append(table, IstioInbound)
+                            .proto(Proto::Tcp)
+                            .dport(port)
+                            .to(Target::Return),
+                    );
                 }
                 if p.tproxy {
                     e.push(
@@ -874,9 +928,17 @@ pub fn build(cfg: &CaptureConfig) -> Result<RuleSet, ConfigError> {
                             .ctstate(&established)
                             .jump(IstioDivert),
                     );
-                    e.push(Rule::append(Mangle, IstioInbound).proto(Proto::Tcp).jump(IstioTproxy));
+                    e.push(
+                        Rule::append(Mangle, IstioInbound)
+                            .proto(Proto::Tcp)
+                            .jump(IstioTproxy),
+                    );
                 } else {
-                    e.push(Rule::append(Nat, IstioInbound).proto(Proto::Tcp).jump(IstioInRedirect));
+                    e.push(
+                        Rule::append(Nat, IstioInbound)
+                            .proto(Proto::Tcp)
+                            .jump(IstioInRedirect),
+                    );
                 }
             }
             InboundPorts::Only(ports) => {
@@ -961,7 +1023,11 @@ pub fn build(cfg: &CaptureConfig) -> Result<RuleSet, ConfigError> {
                 };
                 e.push(r.owner(kind, id, true).to(Target::Return));
             }
-            e.push(Rule::append(Nat, IstioOutput).owner(kind, id, false).to(Target::Return));
+            e.push(
+                Rule::append(Nat, IstioOutput)
+                    .owner(kind, id, false)
+                    .to(Target::Return),
+            );
         }
     }
 
@@ -969,7 +1035,11 @@ pub fn build(cfg: &CaptureConfig) -> Result<RuleSet, ConfigError> {
     match &p.owner_groups {
         OwnerGroups::AllExcept(excluded) => {
             for g in excluded {
-                e.push(Rule::append(Nat, IstioOutput).owner(OwnerKind::Gid, g, false).to(Target::Return));
+                e.push(
+                    Rule::append(Nat, IstioOutput)
+                        .owner(OwnerKind::Gid, g, false)
+                        .to(Target::Return),
+                );
             }
         }
         OwnerGroups::Only(included) => {
@@ -987,12 +1057,21 @@ pub fn build(cfg: &CaptureConfig) -> Result<RuleSet, ConfigError> {
     }
 
     // 15. Traffic to loopback is never captured.
-    e.versioned(&p, |fam, p| Rule::append(Nat, IstioOutput).dst(p.lo(fam)).to(Target::Return));
+    e.versioned(&p, |fam, p| {
+        Rule::append(Nat, IstioOutput)
+            .dst(p.lo(fam))
+            .to(Target::Return)
+    });
 
     // 16. Excluded outbound ranges.
     for (fam, cidrs) in [(Family::V4, &p.exclude_v4), (Family::V6, &p.exclude_v6)] {
         for c in cidrs {
-            e.push(Rule::append(Nat, IstioOutput).scope(fam.into()).dst(c).to(Target::Return));
+            e.push(
+                Rule::append(Nat, IstioOutput)
+                    .scope(fam.into())
+                    .dst(c)
+                    .to(Target::Return),
+            );
         }
     }
 
@@ -1012,7 +1091,11 @@ pub fn build(cfg: &CaptureConfig) -> Result<RuleSet, ConfigError> {
     if p.include_v4.wildcard {
         e.push(Rule::append(Nat, IstioOutput).jump(IstioRedirect));
         for iface in &p.virt_ifaces {
-            e.push(Rule::insert(Nat, Prerouting, 1).in_iface(iface).jump(IstioRedirect));
+            e.push(
+                Rule::insert(Nat, Prerouting, 1)
+                    .in_iface(iface)
+                    .jump(IstioRedirect),
+            );
         }
     } else {
         for (fam, ranges) in [(Family::V4, &p.include_v4), (Family::V6, &p.include_v6)] {
@@ -1026,7 +1109,12 @@ pub fn build(cfg: &CaptureConfig) -> Result<RuleSet, ConfigError> {
                             .jump(IstioRedirect),
                     );
                 }
-                e.push(Rule::append(Nat, IstioOutput).scope(fam.into()).dst(c).jump(IstioRedirect));
+                e.push(
+                    Rule::append(Nat, IstioOutput)
+                        .scope(fam.into())
+                        .dst(c)
+                        .jump(IstioRedirect),
+                );
             }
         }
     }
@@ -1113,14 +1201,15 @@ fn emit_dns(e: &mut Emitter, p: &Plan, dns: &Dns) {
         // Istio's UDP rule says `--to-port`; same meaning, kept for byte-identical output.
         singular: proto == Proto::Udp,
     };
-    let servers = [
-        (Family::V4, &dns.servers_v4),
-        (Family::V6, &dns.servers_v6),
-    ];
+    let servers = [(Family::V4, &dns.servers_v4), (Family::V6, &dns.servers_v6)];
 
     e.push(Rule::append(Raw, Output).jump(IstioOutputDns));
     if let Some(scope) = Scope::of(v4, v6) {
-        e.push(Rule::append(Nat, IstioOutput).scope(scope).jump(IstioOutputDns));
+        e.push(
+            Rule::append(Nat, IstioOutput)
+                .scope(scope)
+                .jump(IstioOutputDns),
+        );
     }
     for proto in [Proto::Tcp, Proto::Udp] {
         if dns.capture_all {
@@ -1190,7 +1279,11 @@ fn emit_dns(e: &mut Emitter, p: &Plan, dns: &Dns) {
         let has4 = !dns.servers_v4.is_empty();
         let has6 = p.ipv6 && !dns.servers_v6.is_empty();
         if let Some(scope) = Scope::of(has4, has6) {
-            e.push(Rule::append(Raw, Prerouting).scope(scope).jump(IstioInbound));
+            e.push(
+                Rule::append(Raw, Prerouting)
+                    .scope(scope)
+                    .jump(IstioInbound),
+            );
         }
         for (fam, list) in servers {
             for s in list {

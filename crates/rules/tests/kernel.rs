@@ -152,7 +152,12 @@ fn check_iptables(tools: &Tools) {
             if add.is_empty() {
                 continue;
             }
-            ns.ok(tools.restore[i], &restore_args, &add, &format!("{name} {fam:?} apply"));
+            ns.ok(
+                tools.restore[i],
+                &restore_args,
+                &add,
+                &format!("{name} {fam:?} apply"),
+            );
             let save = ns.ok(tools.save[i], &[], "", "save");
             assert_eq!(
                 rule_lines(&save).len(),
@@ -166,7 +171,12 @@ fn check_iptables(tools: &Tools) {
                 ns.ok(tools.cmd[i], &args, "", &format!("{name} {fam:?} -C"));
             }
             let del = iptables::render_cleanup(&rs, fam);
-            ns.ok(tools.restore[i], &restore_args, &del, &format!("{name} {fam:?} cleanup"));
+            ns.ok(
+                tools.restore[i],
+                &restore_args,
+                &del,
+                &format!("{name} {fam:?} cleanup"),
+            );
             let save = ns.ok(tools.save[i], &[], "", "save");
             assert!(
                 rule_lines(&save).is_empty() && !save.contains("ISTIO"),
@@ -214,7 +224,12 @@ fn iptables_nft_accepts_and_cleans_up() {
 fn nft_accepts_reapplies_and_deletes() {
     let ns = Netns::new();
     // Deleting absent tables is fine.
-    ns.ok("nft", &["-f", "-"], &nft::render_delete(), "delete on empty netns");
+    ns.ok(
+        "nft",
+        &["-f", "-"],
+        &nft::render_delete(),
+        "delete on empty netns",
+    );
     for (name, cfg) in configs() {
         let rs = sidecar::build(&cfg).expect("valid config");
         let text = nft::render(&rs);
@@ -222,7 +237,10 @@ fn nft_accepts_reapplies_and_deletes() {
         let first = ns.ok("nft", &["list", "ruleset"], "", "list");
         let n_rules = text.lines().filter(|l| l.contains(" rule ")).count();
         assert_eq!(
-            first.lines().filter(|l| l.contains("counter packets")).count(),
+            first
+                .lines()
+                .filter(|l| l.contains("counter packets"))
+                .count(),
             n_rules,
             "{name}: rule count\n{first}"
         );
@@ -230,7 +248,12 @@ fn nft_accepts_reapplies_and_deletes() {
         ns.ok("nft", &["-f", "-"], &text, &format!("{name} re-apply"));
         let second = ns.ok("nft", &["list", "ruleset"], "", "list");
         assert_eq!(first, second, "{name}: re-apply changed the ruleset");
-        ns.ok("nft", &["-f", "-"], &nft::render_delete(), &format!("{name} delete"));
+        ns.ok(
+            "nft",
+            &["-f", "-"],
+            &nft::render_delete(),
+            &format!("{name} delete"),
+        );
         let after = ns.ok("nft", &["list", "ruleset"], "", "list");
         assert_eq!(after.trim(), "", "{name}: leftovers after delete\n{after}");
     }

@@ -10,7 +10,9 @@ use meshcni_install::{InstallConfig, KeeperTuning};
 use serde_json::Value;
 
 pub fn fixtures(corpus: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../testdata/istio").join(corpus)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata/istio")
+        .join(corpus)
 }
 
 pub fn load_cases(corpus: &str) -> Value {
@@ -35,7 +37,9 @@ pub fn config_from_settings(defaults: &Value, settings: &Value, conf_dir: &Path)
     InstallConfig {
         mounted_cni_net_dir: conf_dir.to_path_buf(),
         cni_conf_name: gs("cni_conf_name"),
-        chained_cni_plugin: get("chained_cni_plugin").and_then(Value::as_bool).unwrap_or(true),
+        chained_cni_plugin: get("chained_cni_plugin")
+            .and_then(Value::as_bool)
+            .unwrap_or(true),
         cni_agent_run_dir: gs("cni_agent_run_dir").into(),
         plugin_log_level: gs("plugin_log_level"),
         pod_namespace: gs("pod_namespace"),
@@ -104,7 +108,10 @@ pub fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
         .expect("ls")
         .map(|e| {
             let e = e.expect("entry");
-            (e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).unwrap_or_default())
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                fs::read(e.path()).unwrap_or_default(),
+            )
         })
         .collect();
     v.sort();

@@ -203,6 +203,7 @@ pub fn assert_no_istio(rules: &str, what: &str) {
 pub fn plugin_dir(dir: &Path) -> PathBuf {
     let bin = dir.join("bin");
     fs::create_dir_all(&bin).expect("create plugin dir");
+    fs::create_dir_all(dir.join("run")).expect("create agent run dir"); // see conflist()
     for p in ["bridge", "host-local", "portmap", "loopback"] {
         std::os::unix::fs::symlink(Path::new(CNI_PLUGINS_DIR).join(p), bin.join(p))
             .expect("symlink plugin");
@@ -226,7 +227,9 @@ pub fn conflist(version: &str, name: &str, subnet: &str, dir: &Path, metadata_di
                       "ranges": [[{"subnet": subnet}]], "routes": [{"dst": "0.0.0.0/0"}]}},
             {"type": "portmap", "capabilities": {"portMappings": true}},
             {"type": "cni-log", "logDir": dir.join("cni-log")},
-            {"type": "meshcni", "pod_metadata_dir": metadata_dir, "plugin_log_level": "debug"}
+            // cni_agent_run_dir: keep the plugin's log file/sockets inside the test dir.
+            {"type": "meshcni", "pod_metadata_dir": metadata_dir, "plugin_log_level": "debug",
+             "cni_agent_run_dir": dir.join("run")}
         ]
     })
 }

@@ -31,7 +31,10 @@ fn bad_cidr_names_field_and_value() {
         matches!(&e, ConfigError::BadCidr { field: "outbound_ip_ranges_include", value, .. } if value == "x"),
         "{e:?}"
     );
-    assert!(e.to_string().starts_with("bad CIDR `x` in outbound_ip_ranges_include"));
+    assert!(
+        e.to_string()
+            .starts_with("bad CIDR `x` in outbound_ip_ranges_include")
+    );
 }
 
 #[test]
@@ -48,12 +51,24 @@ fn port_out_of_range() {
         outbound_ports_exclude: "http".into(),
         ..cfg()
     });
-    assert_eq!(e.to_string(), "port `http` is not a number in outbound_ports_exclude");
+    assert_eq!(
+        e.to_string(),
+        "port `http` is not a number in outbound_ports_exclude"
+    );
     let e = err(CaptureConfig {
         proxy_port: "0".into(),
         ..cfg()
     });
-    assert!(matches!(e, ConfigError::BadPort { field: "proxy_port", .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            ConfigError::BadPort {
+                field: "proxy_port",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -86,7 +101,10 @@ fn exclude_wildcard_rejected() {
             field: "outbound_ip_ranges_exclude"
         }
     );
-    assert_eq!(e.to_string(), "wildcard `*` not allowed in outbound_ip_ranges_exclude");
+    assert_eq!(
+        e.to_string(),
+        "wildcard `*` not allowed in outbound_ip_ranges_exclude"
+    );
     // `*` inside an include list is not the wildcard either.
     let e = err(CaptureConfig {
         outbound_ip_ranges_include: "10.0.0.0/8,*".into(),
@@ -97,12 +115,25 @@ fn exclude_wildcard_rejected() {
         inbound_ports_exclude: "*".into(),
         ..cfg()
     });
-    assert!(matches!(e, ConfigError::WildcardNotAllowed { field: "inbound_ports_exclude" }));
+    assert!(matches!(
+        e,
+        ConfigError::WildcardNotAllowed {
+            field: "inbound_ports_exclude"
+        }
+    ));
 }
 
 #[test]
 fn bad_interface_names() {
-    for bad in ["eth0/1", "averyveryverylongname", "a b", "..", "!eth0", "et+h0", "eth:0"] {
+    for bad in [
+        "eth0/1",
+        "averyveryverylongname",
+        "a b",
+        "..",
+        "!eth0",
+        "et+h0",
+        "eth:0",
+    ] {
         let e = err(CaptureConfig {
             exclude_interfaces: format!("eth0,{bad}"),
             ..cfg()
@@ -116,7 +147,13 @@ fn bad_interface_names() {
         reroute_virtual_interfaces: "x/y".into(),
         ..cfg()
     });
-    assert!(matches!(e, ConfigError::BadInterface { field: "reroute_virtual_interfaces", .. }));
+    assert!(matches!(
+        e,
+        ConfigError::BadInterface {
+            field: "reroute_virtual_interfaces",
+            ..
+        }
+    ));
     CaptureConfig {
         exclude_interfaces: "eth0,veth+,net1.100,br-x_y".into(),
         ..cfg()
@@ -131,34 +168,70 @@ fn bad_ids_marks_tables() {
         proxy_uid: "abc".into(),
         ..cfg()
     });
-    assert!(matches!(&e, ConfigError::BadOwner { field: "proxy_uid", what: "uid", value, .. } if value == "abc"));
+    assert!(
+        matches!(&e, ConfigError::BadOwner { field: "proxy_uid", what: "uid", value, .. } if value == "abc")
+    );
     let e = err(CaptureConfig {
         proxy_gid: "-1".into(),
         ..cfg()
     });
-    assert!(matches!(e, ConfigError::BadOwner { field: "proxy_gid", .. }));
+    assert!(matches!(
+        e,
+        ConfigError::BadOwner {
+            field: "proxy_gid",
+            ..
+        }
+    ));
     let e = err(CaptureConfig {
         proxy_uid: "4294967296".into(),
         ..cfg()
     });
-    assert!(matches!(e, ConfigError::BadOwner { field: "proxy_uid", .. }));
+    assert!(matches!(
+        e,
+        ConfigError::BadOwner {
+            field: "proxy_uid",
+            ..
+        }
+    ));
     let e = err(CaptureConfig {
         proxy_uid: " ".into(),
         ..cfg()
     });
-    assert_eq!(e, ConfigError::Empty { field: "proxy_uid", what: "uid" });
+    assert_eq!(
+        e,
+        ConfigError::Empty {
+            field: "proxy_uid",
+            what: "uid"
+        }
+    );
     let e = err(CaptureConfig {
         owner_groups_include: "java,bad group".into(),
         ..cfg()
     });
-    assert!(matches!(e, ConfigError::BadOwner { field: "owner_groups_include", what: "group", .. }));
+    assert!(matches!(
+        e,
+        ConfigError::BadOwner {
+            field: "owner_groups_include",
+            what: "group",
+            ..
+        }
+    ));
     let e = err(CaptureConfig {
         owner_groups_exclude: (0..65).map(|i| i.to_string()).collect::<Vec<_>>().join(","),
         ..cfg()
     });
-    assert!(matches!(e, ConfigError::TooManyOwnerGroups { count: 65, .. }));
+    assert!(matches!(
+        e,
+        ConfigError::TooManyOwnerGroups { count: 65, .. }
+    ));
 
-    for (mark, ok) in [("1337", true), ("0x539", true), ("0", false), ("x", false), ("4294967296", false)] {
+    for (mark, ok) in [
+        ("1337", true),
+        ("0x539", true),
+        ("0", false),
+        ("x", false),
+        ("4294967296", false),
+    ] {
         let r = CaptureConfig {
             inbound_tproxy_mark: mark.into(),
             ..cfg()
@@ -166,7 +239,13 @@ fn bad_ids_marks_tables() {
         .validate();
         assert_eq!(r.is_ok(), ok, "mark {mark}: {r:?}");
         if let Err(e) = r {
-            assert!(matches!(e, ConfigError::BadMark { field: "inbound_tproxy_mark", .. }));
+            assert!(matches!(
+                e,
+                ConfigError::BadMark {
+                    field: "inbound_tproxy_mark",
+                    ..
+                }
+            ));
         }
     }
     for (table, ok) in [("133", true), ("0", false), ("254", false), ("main", false)] {
@@ -188,18 +267,40 @@ fn dns_servers_and_loopback_cidr() {
         dns_servers_v4: vec!["::1".into()],
         ..cfg()
     });
-    assert!(matches!(e, ConfigError::BadDnsServer { field: "dns_servers_v4", expected: "IPv4", .. }));
+    assert!(matches!(
+        e,
+        ConfigError::BadDnsServer {
+            field: "dns_servers_v4",
+            expected: "IPv4",
+            ..
+        }
+    ));
     let e = err(CaptureConfig {
         dns_servers_v6: vec!["10.0.0.10".into()],
         ..cfg()
     });
-    assert!(matches!(e, ConfigError::BadDnsServer { field: "dns_servers_v6", .. }));
+    assert!(matches!(
+        e,
+        ConfigError::BadDnsServer {
+            field: "dns_servers_v6",
+            ..
+        }
+    ));
     for bad in ["10.0.0.0/8", "127.0.0.1/4", "::1/128", "127.0.0.1"] {
         let e = err(CaptureConfig {
             host_ipv4_loopback_cidr: bad.into(),
             ..cfg()
         });
-        assert!(matches!(e, ConfigError::BadCidr { field: "host_ipv4_loopback_cidr", .. }), "{bad}: {e:?}");
+        assert!(
+            matches!(
+                e,
+                ConfigError::BadCidr {
+                    field: "host_ipv4_loopback_cidr",
+                    ..
+                }
+            ),
+            "{bad}: {e:?}"
+        );
     }
 }
 
@@ -269,7 +370,8 @@ fn every_jump_target_is_declared_and_populated() {
             for r in rs.rules_for(fam) {
                 if let Target::Jump(t) = r.target {
                     assert!(
-                        rs.rules_for(fam).any(|x| x.table == r.table && x.chain == t),
+                        rs.rules_for(fam)
+                            .any(|x| x.table == r.table && x.chain == t),
                         "{fam:?} {:?}: jump to {t:?} which has no rules",
                         r.table
                     );
@@ -295,7 +397,10 @@ fn families_are_separated() {
             assert_eq!(rs.lo_ipv6_address, None);
         } else {
             assert!(!v6.is_empty());
-            assert_eq!(rs.lo_ipv6_address, Some("::6/128".parse().expect("literal")));
+            assert_eq!(
+                rs.lo_ipv6_address,
+                Some("::6/128".parse().expect("literal"))
+            );
         }
     }
 }
@@ -324,10 +429,23 @@ fn tproxy_routing_only_with_tproxy_inbound_capture() {
     })
     .expect("valid");
     let rt = rs.tproxy_routing.expect("tproxy routing");
-    assert_eq!(rt, TproxyRouting { mark: 16, table: 100, ipv6: true });
+    assert_eq!(
+        rt,
+        TproxyRouting {
+            mark: 16,
+            table: 100,
+            ipv6: true
+        }
+    );
     assert_eq!(rt.families(), vec![Family::V4, Family::V6]);
-    assert_eq!(rt.ip_rule_add_args(Family::V4).join(" "), "-4 rule add fwmark 16 lookup 100");
-    assert_eq!(rt.ip_rule_del_args(Family::V6).join(" "), "-6 rule del fwmark 16 lookup 100");
+    assert_eq!(
+        rt.ip_rule_add_args(Family::V4).join(" "),
+        "-4 rule add fwmark 16 lookup 100"
+    );
+    assert_eq!(
+        rt.ip_rule_del_args(Family::V6).join(" "),
+        "-6 rule del fwmark 16 lookup 100"
+    );
     assert_eq!(
         rt.ip_route_add_args(Family::V6).join(" "),
         "-6 route add local default dev lo table 100"
@@ -366,9 +484,17 @@ fn capture_all_dns_and_outbound_port_exclusion() {
     }
     let n = nft::render(&rs);
     // Family-independent DNS rules appear once in the inet table.
-    assert_eq!(n.matches("istio-output-dns udp dport 53 counter redirect to :15053").count(), 1);
-    assert!(n.contains("add rule inet istio-proxy-nat istio-output tcp dport 9000 counter return\n"));
-    assert!(n.contains("add rule inet istio-proxy-raw istio-inbound udp sport 53 counter ct zone set 1\n"));
+    assert_eq!(
+        n.matches("istio-output-dns udp dport 53 counter redirect to :15053")
+            .count(),
+        1
+    );
+    assert!(
+        n.contains("add rule inet istio-proxy-nat istio-output tcp dport 9000 counter return\n")
+    );
+    assert!(n.contains(
+        "add rule inet istio-proxy-raw istio-inbound udp sport 53 counter ct zone set 1\n"
+    ));
 }
 
 #[test]
@@ -382,11 +508,23 @@ fn wildcard_include_is_emitted_once_for_both_families() {
     .expect("valid");
     for fam in [Family::V4, Family::V6] {
         let t = iptables::render_restore(&rs, fam);
-        assert_eq!(t.matches("-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n").count(), 1, "{fam:?}");
-        assert_eq!(t.matches("-I PREROUTING 1 -i eth1 -j ISTIO_REDIRECT\n").count(), 1);
+        assert_eq!(
+            t.matches("-A ISTIO_OUTPUT -j ISTIO_REDIRECT\n").count(),
+            1,
+            "{fam:?}"
+        );
+        assert_eq!(
+            t.matches("-I PREROUTING 1 -i eth1 -j ISTIO_REDIRECT\n")
+                .count(),
+            1
+        );
     }
     let n = nft::render(&rs);
-    assert_eq!(n.matches("istio-output counter jump istio-redirect\n").count(), 1);
+    assert_eq!(
+        n.matches("istio-output counter jump istio-redirect\n")
+            .count(),
+        1
+    );
 }
 
 #[test]
@@ -398,8 +536,15 @@ fn nft_insert_becomes_add_on_short_chains() {
     .expect("valid");
     let n = nft::render(&rs);
     assert!(n.contains("add rule inet istio-proxy-nat prerouting iifname a counter return\n"));
-    assert!(n.contains("insert rule inet istio-proxy-nat prerouting index 0 iifname b counter return\n"));
-    let positions: Vec<_> = rs.rules.iter().filter(|r| r.chain == Chain::Prerouting).map(|r| r.position).collect();
+    assert!(n.contains(
+        "insert rule inet istio-proxy-nat prerouting index 0 iifname b counter return\n"
+    ));
+    let positions: Vec<_> = rs
+        .rules
+        .iter()
+        .filter(|r| r.chain == Chain::Prerouting)
+        .map(|r| r.position)
+        .collect();
     assert_eq!(positions, vec![Position::Insert(1), Position::Insert(1)]);
 }
 
@@ -411,7 +556,9 @@ fn nft_interface_wildcard_is_quoted_glob() {
     })
     .expect("valid");
     assert!(nft::render(&rs).contains("prerouting iifname \"veth*\" counter return\n"));
-    assert!(iptables::render_restore(&rs, Family::V4).contains("-A PREROUTING -i veth+ -j RETURN\n"));
+    assert!(
+        iptables::render_restore(&rs, Family::V4).contains("-A PREROUTING -i veth+ -j RETURN\n")
+    );
 }
 
 #[test]
@@ -425,27 +572,58 @@ fn cleanup_mirrors_restore() {
                 assert_eq!(del, "");
                 continue;
             }
-            let tables = |t: &str| t.lines().filter(|l| l.starts_with("* ")).map(str::to_owned).collect::<Vec<_>>();
+            let tables = |t: &str| {
+                t.lines()
+                    .filter(|l| l.starts_with("* "))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            };
             assert_eq!(tables(&add), tables(&del));
-            let declared: Vec<String> = add.lines().filter_map(|l| l.strip_prefix("-N ")).map(str::to_owned).collect();
-            let flushed: Vec<String> = del.lines().filter_map(|l| l.strip_prefix(':')).map(|l| l.trim_end_matches(" - [0:0]").to_owned()).collect();
-            let deleted: Vec<String> = del.lines().filter_map(|l| l.strip_prefix("-X ")).map(str::to_owned).collect();
+            let declared: Vec<String> = add
+                .lines()
+                .filter_map(|l| l.strip_prefix("-N "))
+                .map(str::to_owned)
+                .collect();
+            let flushed: Vec<String> = del
+                .lines()
+                .filter_map(|l| l.strip_prefix(':'))
+                .map(|l| l.trim_end_matches(" - [0:0]").to_owned())
+                .collect();
+            let deleted: Vec<String> = del
+                .lines()
+                .filter_map(|l| l.strip_prefix("-X "))
+                .map(str::to_owned)
+                .collect();
             assert_eq!(declared, flushed);
             assert_eq!(declared, deleted);
             // Every built-in-chain rule is deleted, with the same spec.
             let builtin_rules = rs.rules_for(fam).filter(|r| r.chain.is_builtin()).count();
-            assert_eq!(del.lines().filter(|l| l.starts_with("-D ")).count(), builtin_rules);
+            assert_eq!(
+                del.lines().filter(|l| l.starts_with("-D ")).count(),
+                builtin_rules
+            );
             for r in rs.rules_for(fam).filter(|r| r.chain.is_builtin()) {
                 let spec = iptables::rule_spec(r).join(" ");
-                assert!(del.contains(&format!("-D {} {spec}\n", r.chain.iptables_name())), "{spec}");
+                assert!(
+                    del.contains(&format!("-D {} {spec}\n", r.chain.iptables_name())),
+                    "{spec}"
+                );
             }
 
             let cmds = iptables::cleanup_commands(&rs, fam);
             let n_rules = rs.rules_for(fam).count();
             assert_eq!(cmds.len(), n_rules + 2 * declared.len());
             assert!(cmds[..n_rules].iter().all(|c| c[2] == "-D"));
-            assert!(cmds[n_rules..n_rules + declared.len()].iter().all(|c| c[2] == "-F"));
-            assert!(cmds[n_rules + declared.len()..].iter().all(|c| c[2] == "-X"));
+            assert!(
+                cmds[n_rules..n_rules + declared.len()]
+                    .iter()
+                    .all(|c| c[2] == "-F")
+            );
+            assert!(
+                cmds[n_rules + declared.len()..]
+                    .iter()
+                    .all(|c| c[2] == "-X")
+            );
         }
     }
 }
@@ -457,7 +635,11 @@ fn rule_args_forms() {
         ..cfg()
     })
     .expect("valid");
-    let insert = rs.rules.iter().find(|r| r.position == Position::Insert(1)).expect("insert rule");
+    let insert = rs
+        .rules
+        .iter()
+        .find(|r| r.position == Position::Insert(1))
+        .expect("insert rule");
     assert_eq!(
         iptables::rule_args(insert, RuleOp::Add).join(" "),
         "-t nat -I PREROUTING 1 -i eth1 -j RETURN"
@@ -491,4 +673,21 @@ fn config_deserializes_from_cases_json_keys() {
     assert_eq!(c.inbound_ports_include, "*");
     assert!(c.enable_ipv6);
     assert_eq!(c.proxy_port, "15001", "missing keys take the defaults");
+}
+
+#[test]
+fn address_matches_agree_with_rule_scope() {
+    for c in configs() {
+        let rs = build(&c).expect("valid");
+        for r in &rs.rules {
+            for m in &r.matches {
+                if let Match::Source { cidr, .. } | Match::Destination { cidr, .. } = m {
+                    assert_eq!(r.scope, Scope::from(cidr.family()), "{r:?}");
+                }
+            }
+            if let Target::Tproxy { .. } = r.target {
+                assert_ne!(r.scope, Scope::Both, "tproxy needs a family: {r:?}");
+            }
+        }
+    }
 }

@@ -22,7 +22,10 @@ pub fn load_cases(corpus: &str) -> Vec<Case> {
     let dir = corpus_dir(corpus);
     let text = std::fs::read_to_string(dir.join("cases.json")).expect("read cases.json");
     let doc: Value = serde_json::from_str(&text).expect("parse cases.json");
-    let defaults = doc["defaults"].as_object().expect("defaults object").clone();
+    let defaults = doc["defaults"]
+        .as_object()
+        .expect("defaults object")
+        .clone();
     doc["cases"]
         .as_array()
         .expect("cases array")
@@ -51,4 +54,3 @@ pub fn load_cases(corpus: &str) -> Vec<Case> {
         })
         .collect()
 }
-
