@@ -11,8 +11,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod ambient;
 pub mod ambient_config;
 pub mod cli;
+pub mod enroll;
 pub mod http;
 pub mod install_bridge;
 pub mod installer;

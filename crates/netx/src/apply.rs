@@ -59,7 +59,9 @@ impl RoutesPlan {
         if ipv6 {
             plan.addresses.push(AddressSpec {
                 ifname: "lo".to_string(),
-                addr: ipnet::IpNet::V6(ipnet::Ipv6Net::from(std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6))),
+                addr: ipnet::IpNet::V6(ipnet::Ipv6Net::from(std::net::Ipv6Addr::new(
+                    0, 0, 0, 0, 0, 0, 0, 6,
+                ))),
             });
         }
         if let Some(tp) = tproxy {
@@ -157,7 +159,11 @@ impl Applier {
     }
 
     /// [`Applier::apply_capture`] on a thread that is already inside the netns.
-    pub fn apply_capture_here(&self, ns: &InNetns<'_>, plan: &ApplyPlan) -> Result<Applied, NetxError> {
+    pub fn apply_capture_here(
+        &self,
+        ns: &InNetns<'_>,
+        plan: &ApplyPlan,
+    ) -> Result<Applied, NetxError> {
         match self.backend {
             Backend::Iptables => self.apply_iptables(ns, plan),
             Backend::Nftables => self.apply_nft(ns, plan),
@@ -212,8 +218,14 @@ impl Applier {
     ) -> NetxError {
         let mut failure = None;
         for t in touched.iter().rev() {
-            let restored =
-                iptables::rollback_here(ns, &self.iptables, flavor, t.family, &t.snapshot, &t.tables);
+            let restored = iptables::rollback_here(
+                ns,
+                &self.iptables,
+                flavor,
+                t.family,
+                &t.snapshot,
+                &t.tables,
+            );
             if let Err(e) = restored {
                 failure.get_or_insert(e);
             }
@@ -295,7 +307,9 @@ fn apply_routes(ns: &InNetns<'_>, routes: &RoutesPlan) -> Result<usize, NetxErro
 
 /// [`Applier::apply_capture`] with the iptables backend and settings from the environment.
 pub fn apply_capture(netns: &Path, plan: &ApplyPlan) -> Result<(), NetxError> {
-    Applier::from_env(false).apply_capture(netns, plan).map(|_| ())
+    Applier::from_env(false)
+        .apply_capture(netns, plan)
+        .map(|_| ())
 }
 
 #[cfg(test)]
@@ -305,16 +319,31 @@ mod tests {
     #[test]
     fn sidecar_routes_match_istio_step_20() {
         assert!(RoutesPlan::sidecar(false, None).is_empty());
-        let plan = RoutesPlan::sidecar(true, Some(TproxyRouting { mark: 1337, table: 133 }));
+        let plan = RoutesPlan::sidecar(
+            true,
+            Some(TproxyRouting {
+                mark: 1337,
+                table: 133,
+            }),
+        );
         assert_eq!(plan.addresses.len(), 1);
         assert_eq!(plan.addresses[0].ifname, "lo");
         assert_eq!(plan.addresses[0].addr.to_string(), "::6/128");
         assert_eq!(
-            plan.rules.iter().map(|r| (r.family, r.fwmark, r.table)).collect::<Vec<_>>(),
+            plan.rules
+                .iter()
+                .map(|r| (r.family, r.fwmark, r.table))
+                .collect::<Vec<_>>(),
             vec![(IpFamily::V4, 1337, 133), (IpFamily::V6, 1337, 133)]
         );
         assert_eq!(plan.local_routes.len(), 2);
-        let v4only = RoutesPlan::sidecar(false, Some(TproxyRouting { mark: 1337, table: 133 }));
+        let v4only = RoutesPlan::sidecar(
+            false,
+            Some(TproxyRouting {
+                mark: 1337,
+                table: 133,
+            }),
+        );
         assert!(v4only.addresses.is_empty());
         assert_eq!(v4only.rules.len(), 1);
     }

@@ -117,3 +117,57 @@ impl<'a> Cmd<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_found_in_sbin_even_without_path() {
+        assert!(find_program("ip").is_some(), "iproute2 is required");
+        assert!(find_program("mcni-no-such-program").is_none());
+    }
+
+    /// Needs root (unshare of net and mount namespaces).
+    #[test]
+    fn nss_isolation_hides_nsswitch_from_the_child_only() {
+        let host = std::fs::read("/etc/nsswitch.conf").expect("host has /etc/nsswitch.conf");
+        assert!(!host.is_empty());
+        let (isolated, plain) = crate::netns::with_scratch_netns(|ns| {
+            let mut cmd = Cmd::new("cat").arg("/etc/nsswitch.conf");
+            let plain = cmd.run(ns).expect("cat");
+            cmd.isolate_nss = true;
+            (cmd.run(ns).expect("cat isolated"), plain)
+        })
+        .expect("scratch netns");
+        assert_eq!(isolated, "", "child must see an empty nsswitch.conf");
+        assert_eq!(plain.as_bytes(), host.as_slice());
+        assert_eq!(
+            std::fs::read("/etc/nsswitch.conf").expect("reread"),
+            host,
+            "host untouched"
+        );
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        assert!(
+            !mounts.contains("nsswitch"),
+            "no mount leaked to our mount namespace"
+        );
+    }
+
+    #[test]
+    fn failures_name_command_netns_and_stderr() {
+        let err = crate::netns::with_scratch_netns(|ns| {
+            Cmd::new("ip")
+                .arg("link")
+                .arg("show")
+                .arg("mcni-nope0")
+                .run(ns)
+        })
+        .expect("scratch")
+        .expect_err("missing link");
+        let msg = err.to_string();
+        assert!(msg.contains("`ip link show mcni-nope0`"), "{msg}");
+        assert!(msg.contains("<scratch netns>"), "{msg}");
+        assert!(msg.contains("does not exist"), "{msg}");
+    }
+}

@@ -89,6 +89,17 @@ pub struct RuleInfo {
     pub table: u32,
 }
 
+impl RuleInfo {
+    /// Whether this listed rule is the one `spec` describes (any priority if `spec` has none).
+    pub fn matches(&self, spec: &RuleSpec) -> bool {
+        self.family == spec.family
+            && self.fwmark == Some(spec.fwmark)
+            && self.fwmask.unwrap_or(u32::MAX) == spec.fwmask.unwrap_or(u32::MAX)
+            && self.table == spec.table
+            && spec.priority.is_none_or(|p| self.priority == Some(p))
+    }
+}
+
 /// A route as listed by the kernel (the fields this crate manages).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteInfo {
@@ -98,6 +109,9 @@ pub struct RouteInfo {
     pub dst: Option<IpNet>,
     pub oif: Option<u32>,
 }
+
+/// Upper bound on waiting for a kernel reply.
+const RECV_TIMEOUT_SECS: i64 = 10;
 
 /// Kernel "table id fits in the header" limit; larger ids go in RTA_TABLE/FRA_TABLE only.
 const RT_TABLE_COMPAT: u8 = 252;
@@ -151,6 +165,13 @@ impl Netlink {
         socket
             .connect(&SocketAddr::new(0, 0))
             .map_err(|e| err("connect", e))?;
+        // The kernel always answers; a timeout turns a protocol bug into an error, not a hang.
+        nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(RECV_TIMEOUT_SECS, 0),
+        )
+        .map_err(|e| err("set receive timeout", e.into()))?;
         Ok(Netlink {
             socket,
             seq: 0,
@@ -172,11 +193,13 @@ impl Netlink {
         packet.finalize();
         let mut buf = vec![0u8; packet.buffer_len()];
         packet.serialize(&mut buf);
-        self.socket.send(&buf, 0).map_err(|source| NetxError::Netlink {
-            netns: self.netns.clone(),
-            op: op.to_string(),
-            source,
-        })?;
+        self.socket
+            .send(&buf, 0)
+            .map_err(|source| NetxError::Netlink {
+                netns: self.netns.clone(),
+                op: op.to_string(),
+                source,
+            })?;
         Ok(self.seq)
     }
 
@@ -200,13 +223,14 @@ impl Netlink {
             let mut offset = 0;
             while offset < datagram.len() {
                 let bytes = &datagram[offset..];
-                let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(
-                    |e| NetxError::NetlinkProtocol {
-                        netns: self.netns.clone(),
-                        op: op.to_string(),
-                        detail: e.to_string(),
-                    },
-                )?;
+                let msg =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(|e| {
+                        NetxError::NetlinkProtocol {
+                            netns: self.netns.clone(),
+                            op: op.to_string(),
+                            detail: e.to_string(),
+                        }
+                    })?;
                 let len = msg.header.length as usize;
                 if len == 0 {
                     return Err(NetxError::NetlinkProtocol {
@@ -235,14 +259,24 @@ impl Netlink {
     }
 
     /// Send a request that expects an ack. Returns the kernel's errno on a NACK.
-    pub fn ack(&mut self, op: &str, msg: RouteNetlinkMessage, flags: u16) -> Result<Result<(), i32>, NetxError> {
+    pub fn ack(
+        &mut self,
+        op: &str,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Result<(), i32>, NetxError> {
         let seq = self.send(op, msg, flags | NLM_F_REQUEST | NLM_F_ACK)?;
         Ok(self.receive(op, seq)?.map(|_| ()))
     }
 
-    fn dump(&mut self, op: &str, msg: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>, NetxError> {
+    fn dump(
+        &mut self,
+        op: &str,
+        msg: RouteNetlinkMessage,
+    ) -> Result<Vec<RouteNetlinkMessage>, NetxError> {
         let seq = self.send(op, msg, NLM_F_REQUEST | NLM_F_DUMP)?;
-        self.receive(op, seq)?.map_err(|errno| self.errno(op, errno))
+        self.receive(op, seq)?
+            .map_err(|errno| self.errno(op, errno))
     }
 
     fn errno(&self, op: &str, errno: i32) -> NetxError {
@@ -254,7 +288,12 @@ impl Netlink {
     }
 
     /// Map an ack to Change: `benign` errnos mean "nothing to do".
-    fn change(&self, op: &str, result: Result<(), i32>, benign: &[i32]) -> Result<Change, NetxError> {
+    fn change(
+        &self,
+        op: &str,
+        result: Result<(), i32>,
+        benign: &[i32],
+    ) -> Result<Change, NetxError> {
         match result {
             Ok(()) => Ok(Change::Applied),
             Err(errno) if benign.contains(&errno) => Ok(Change::Unchanged),
@@ -266,7 +305,10 @@ impl Netlink {
 
     /// All links.
     pub fn links(&mut self) -> Result<Vec<LinkInfo>, NetxError> {
-        let replies = self.dump("list links", RouteNetlinkMessage::GetLink(LinkMessage::default()))?;
+        let replies = self.dump(
+            "list links",
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        )?;
         Ok(replies
             .into_iter()
             .filter_map(|m| match m {
@@ -281,7 +323,12 @@ impl Netlink {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
         let op = format!("get link {name}");
-        let seq = self.send(&op, RouteNetlinkMessage::GetLink(msg), NLM_F_REQUEST)?;
+        // NLM_F_ACK: a plain GET gets one reply and no DONE; the ack marks the end.
+        let seq = self.send(
+            &op,
+            RouteNetlinkMessage::GetLink(msg),
+            NLM_F_REQUEST | NLM_F_ACK,
+        )?;
         match self.receive(&op, seq)? {
             Ok(replies) => Ok(replies.into_iter().find_map(|m| match m {
                 RouteNetlinkMessage::NewLink(link) => Some(link.header.index),
@@ -406,6 +453,11 @@ impl Netlink {
     /// `ip rule add fwmark M[/MASK] lookup T [pref P]`; an identical rule is `Unchanged`.
     pub fn add_rule(&mut self, spec: &RuleSpec) -> Result<Change, NetxError> {
         let op = Self::rule_op("add", spec);
+        // Without an explicit priority the kernel picks a fresh one, so NLM_F_EXCL cannot see
+        // the duplicate: look for an equal rule (any priority) first.
+        if spec.priority.is_none() && self.rules(spec.family)?.iter().any(|r| r.matches(spec)) {
+            return Ok(Change::Unchanged);
+        }
         let result = self.ack(
             &op,
             RouteNetlinkMessage::NewRule(Self::rule_message(spec)),
@@ -417,7 +469,11 @@ impl Netlink {
     /// `ip rule del …`; a missing rule is `Unchanged`.
     pub fn del_rule(&mut self, spec: &RuleSpec) -> Result<Change, NetxError> {
         let op = Self::rule_op("delete", spec);
-        let result = self.ack(&op, RouteNetlinkMessage::DelRule(Self::rule_message(spec)), 0)?;
+        let result = self.ack(
+            &op,
+            RouteNetlinkMessage::DelRule(Self::rule_message(spec)),
+            0,
+        )?;
         self.change(&op, result, &[libc::ENOENT])
     }
 
@@ -425,7 +481,10 @@ impl Netlink {
     pub fn rules(&mut self, family: IpFamily) -> Result<Vec<RuleInfo>, NetxError> {
         let mut req = RuleMessage::default();
         req.header.family = af(family);
-        let replies = self.dump(&format!("list rules ({family})"), RouteNetlinkMessage::GetRule(req))?;
+        let replies = self.dump(
+            &format!("list rules ({family})"),
+            RouteNetlinkMessage::GetRule(req),
+        )?;
         Ok(replies
             .into_iter()
             .filter_map(|m| match m {
@@ -437,7 +496,11 @@ impl Netlink {
 
     // ----- routes ----------------------------------------------------------------------------
 
-    fn local_route_message(&mut self, spec: &LocalRouteSpec, delete: bool) -> Result<RouteMessage, NetxError> {
+    fn local_route_message(
+        &mut self,
+        spec: &LocalRouteSpec,
+        delete: bool,
+    ) -> Result<RouteMessage, NetxError> {
         let lo = self.require_link("lo")?;
         let mut msg = RouteMessage::default();
         msg.header.address_family = af(spec.family);
@@ -458,33 +521,57 @@ impl Netlink {
 
     /// `ip route add local default dev lo table T`; an existing route is `Unchanged`.
     pub fn add_local_route(&mut self, spec: &LocalRouteSpec) -> Result<Change, NetxError> {
-        let op = format!("add route ({}) local default dev lo table {}", spec.family, spec.table);
+        let op = format!(
+            "add route ({}) local default dev lo table {}",
+            spec.family, spec.table
+        );
         let msg = self.local_route_message(spec, false)?;
-        let result = self.ack(&op, RouteNetlinkMessage::NewRoute(msg), NLM_F_CREATE | NLM_F_EXCL)?;
+        let result = self.ack(
+            &op,
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_EXCL,
+        )?;
         self.change(&op, result, &[libc::EEXIST])
     }
 
     /// `ip route replace local default dev lo table T` (always `Applied`).
     pub fn replace_local_route(&mut self, spec: &LocalRouteSpec) -> Result<Change, NetxError> {
-        let op = format!("replace route ({}) local default dev lo table {}", spec.family, spec.table);
+        let op = format!(
+            "replace route ({}) local default dev lo table {}",
+            spec.family, spec.table
+        );
         let msg = self.local_route_message(spec, false)?;
-        let result = self.ack(&op, RouteNetlinkMessage::NewRoute(msg), NLM_F_CREATE | NLM_F_REPLACE)?;
+        let result = self.ack(
+            &op,
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )?;
         self.change(&op, result, &[])
     }
 
     /// `ip route del local default dev lo table T`; a missing route is `Unchanged`.
     pub fn del_local_route(&mut self, spec: &LocalRouteSpec) -> Result<Change, NetxError> {
-        let op = format!("delete route ({}) local default dev lo table {}", spec.family, spec.table);
+        let op = format!(
+            "delete route ({}) local default dev lo table {}",
+            spec.family, spec.table
+        );
         let msg = self.local_route_message(spec, true)?;
         let result = self.ack(&op, RouteNetlinkMessage::DelRoute(msg), 0)?;
         self.change(&op, result, &[libc::ESRCH, libc::ENOENT])
     }
 
     /// Routes of one family in `table` (all tables if `None`).
-    pub fn routes(&mut self, family: IpFamily, table: Option<u32>) -> Result<Vec<RouteInfo>, NetxError> {
+    pub fn routes(
+        &mut self,
+        family: IpFamily,
+        table: Option<u32>,
+    ) -> Result<Vec<RouteInfo>, NetxError> {
         let mut req = RouteMessage::default();
         req.header.address_family = af(family);
-        let replies = self.dump(&format!("list routes ({family})"), RouteNetlinkMessage::GetRoute(req))?;
+        let replies = self.dump(
+            &format!("list routes ({family})"),
+            RouteNetlinkMessage::GetRoute(req),
+        )?;
         Ok(replies
             .into_iter()
             .filter_map(|m| match m {
@@ -577,6 +664,10 @@ fn route_info(family: IpFamily, r: &RouteMessage) -> RouteInfo {
         IpFamily::V4 => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         IpFamily::V6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
     };
-    info.dst = IpNet::new(dst.unwrap_or(unspecified), r.header.destination_prefix_length).ok();
+    info.dst = IpNet::new(
+        dst.unwrap_or(unspecified),
+        r.header.destination_prefix_length,
+    )
+    .ok();
     info
 }

@@ -61,8 +61,9 @@ fn enter(file: &File, path: &Path) -> Result<(), NetxError> {
         if source == Errno::EINVAL {
             NetxError::NotANetns {
                 path: path.to_path_buf(),
-                detail: "setns(CLONE_NEWNET) rejected it (EINVAL): it is a namespace of another type"
-                    .to_string(),
+                detail:
+                    "setns(CLONE_NEWNET) rejected it (EINVAL): it is a namespace of another type"
+                        .to_string(),
             }
         } else {
             NetxError::Setns {

@@ -15,7 +15,16 @@ pub struct NftTable {
 }
 
 const FAMILIES: [&str; 6] = ["ip", "ip6", "inet", "arp", "bridge", "netdev"];
-const OBJECTS: [&str; 8] = ["table", "chain", "rule", "set", "map", "element", "flowtable", "counter"];
+const OBJECTS: [&str; 8] = [
+    "table",
+    "chain",
+    "rule",
+    "set",
+    "map",
+    "element",
+    "flowtable",
+    "counter",
+];
 const VERBS: [&str; 6] = ["add", "create", "insert", "replace", "flush", "delete"];
 
 /// Apply `text` with `nft -f -` in the current netns (all-or-nothing).

@@ -7,7 +7,9 @@ use std::path::Path;
 use common::TestNetns;
 use meshcni_netx::iptables::{self, IptablesFlavor, IptablesOptions};
 use meshcni_netx::netlink::{LocalRouteSpec, RuleSpec};
-use meshcni_netx::{Applier, ApplyPlan, Backend, IpFamily, NetxError, RoutesPlan, TproxyRouting, nft, with_netns};
+use meshcni_netx::{
+    Applier, ApplyPlan, Backend, IpFamily, NetxError, RoutesPlan, TproxyRouting, nft, with_netns,
+};
 
 /// Istio's HEAD golden for `ipv6-dns-uid-gid`: v4 and v6 restore text (uses `-m owner`).
 fn golden_v4_v6() -> (String, String) {
@@ -49,7 +51,9 @@ fn apply_golden_and_read_back(flavor: IptablesFlavor) {
         v6_restore: Some(v6),
         ..ApplyPlan::default()
     };
-    let applied = applier(flavor).apply_capture(&ns.path(), &plan).expect("apply golden");
+    let applied = applier(flavor)
+        .apply_capture(&ns.path(), &plan)
+        .expect("apply golden");
     assert_eq!(applied.flavor, Some(flavor));
     let s4 = save(&ns, flavor, IpFamily::V4);
     let s6 = save(&ns, flavor, IpFamily::V6);
@@ -57,12 +61,19 @@ fn apply_golden_and_read_back(flavor: IptablesFlavor) {
         ":ISTIO_OUTPUT - [0:0]",
         "-A OUTPUT -j ISTIO_OUTPUT",
         "-A ISTIO_OUTPUT -m owner --uid-owner 3 -j RETURN",
-        "-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN",
+        "-A ISTIO_OUTPUT -s 127.0.0.6/32 -o lo -j RETURN",
+        "-A ISTIO_OUTPUT ! -d 127.0.0.1/32 -o lo -p tcp -m tcp ! --dport 15008 -m owner --gid-owner 2 -j ISTIO_IN_REDIRECT",
         "-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
     ] {
-        assert!(s4.contains(want), "{flavor:?} v4 save lacks `{want}`:\n{s4}");
+        assert!(
+            s4.contains(want),
+            "{flavor:?} v4 save lacks `{want}`:\n{s4}"
+        );
     }
-    assert!(s6.contains("-A ISTIO_OUTPUT -o lo -s ::6/128 -j RETURN"), "{s6}");
+    assert!(
+        s6.contains("-A ISTIO_OUTPUT -s ::6/128 -o lo -j RETURN"),
+        "{s6}"
+    );
     assert!(!s4.contains("# Generated"), "comments are stripped");
     // The other flavor sees nothing: rules went to the chosen kernel API only.
     let other = match flavor {
@@ -90,17 +101,33 @@ fn detection_picks_nft_for_a_fresh_netns_and_legacy_when_it_has_rules() {
     assert_eq!(fresh.expect("detect"), IptablesFlavor::Nft);
     // Detection must not leave anything behind in the pod netns.
     assert_eq!(nft::list_ruleset(&ns.path()).expect("list").trim(), "");
-    let legacy_rules = "*filter\n-A INPUT -j ACCEPT\n-A INPUT -j ACCEPT\n-A OUTPUT -j ACCEPT\nCOMMIT\n";
-    let forced = IptablesOptions { force: Some(IptablesFlavor::Legacy), ..IptablesOptions::default() };
+    let legacy_rules =
+        "*filter\n-A INPUT -j ACCEPT\n-A INPUT -j ACCEPT\n-A OUTPUT -j ACCEPT\nCOMMIT\n";
+    let forced = IptablesOptions {
+        force: Some(IptablesFlavor::Legacy),
+        ..IptablesOptions::default()
+    };
     with_netns(&ns.path(), |here| {
-        iptables::restore_here(here, &forced, IptablesFlavor::Legacy, IpFamily::V4, legacy_rules, true)
+        iptables::restore_here(
+            here,
+            &forced,
+            IptablesFlavor::Legacy,
+            IpFamily::V4,
+            legacy_rules,
+            true,
+        )
     })
     .expect("enter")
     .expect("seed legacy rules");
-    let detected = with_netns(&ns.path(), |here| iptables::detect_here(here, &opts)).expect("enter");
+    let detected =
+        with_netns(&ns.path(), |here| iptables::detect_here(here, &opts)).expect("enter");
     assert_eq!(detected.expect("detect"), IptablesFlavor::Legacy);
-    let forced_nft = IptablesOptions { force: Some(IptablesFlavor::Nft), ..IptablesOptions::default() };
-    let detected = with_netns(&ns.path(), |here| iptables::detect_here(here, &forced_nft)).expect("enter");
+    let forced_nft = IptablesOptions {
+        force: Some(IptablesFlavor::Nft),
+        ..IptablesOptions::default()
+    };
+    let detected =
+        with_netns(&ns.path(), |here| iptables::detect_here(here, &forced_nft)).expect("enter");
     assert_eq!(detected.expect("detect"), IptablesFlavor::Nft);
 }
 
@@ -110,10 +137,28 @@ const EXISTING_V6: &str = "*nat\n-A OUTPUT -p udp -j RETURN\nCOMMIT\n";
 const PLAN_V4: &str = "*nat\n-N ISTIO_OUTPUT\n-A OUTPUT -j ISTIO_OUTPUT\n-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN\nCOMMIT\n*raw\n-N ISTIO_OUTPUT_DNS\n-A OUTPUT -j ISTIO_OUTPUT_DNS\nCOMMIT\n";
 const BAD_V6: &str = "*nat\n-N ISTIO_OUTPUT\n-A OUTPUT -j ISTIO_OUTPUT\n-A ISTIO_OUTPUT -j NO_SUCH_CHAIN_MCNI\nCOMMIT\n";
 
+/// Legacy (x_tables) cannot unregister a table from a netns, so a table the failed plan brought
+/// into existence stays (empty). To compare byte for byte, the legacy scenario pre-creates `raw`;
+/// the nft scenario leaves it absent and checks that the rollback deletes it again.
+const EXISTING_V4_LEGACY_RAW: &str = "*raw\n-A PREROUTING -j RETURN\nCOMMIT\n";
+
 fn seed(ns: &TestNetns, flavor: IptablesFlavor) {
-    let opts = IptablesOptions { force: Some(flavor), ..IptablesOptions::default() };
+    let opts = IptablesOptions {
+        force: Some(flavor),
+        ..IptablesOptions::default()
+    };
     with_netns(&ns.path(), |here| {
         iptables::restore_here(here, &opts, flavor, IpFamily::V4, EXISTING_V4, true)?;
+        if flavor == IptablesFlavor::Legacy {
+            iptables::restore_here(
+                here,
+                &opts,
+                flavor,
+                IpFamily::V4,
+                EXISTING_V4_LEGACY_RAW,
+                true,
+            )?;
+        }
         iptables::restore_here(here, &opts, flavor, IpFamily::V6, EXISTING_V6, true)
     })
     .expect("enter")
@@ -125,31 +170,57 @@ fn failed_v6_leaves_v4_untouched(flavor: IptablesFlavor) {
     seed(&ns, flavor);
     let before4 = save(&ns, flavor, IpFamily::V4);
     let before6 = save(&ns, flavor, IpFamily::V6);
-    let nft_before = nft::list_ruleset(&ns.path()).expect("nft list");
     let plan = ApplyPlan {
         v4_restore: PLAN_V4.to_string(),
         v6_restore: Some(BAD_V6.to_string()),
         ..ApplyPlan::default()
     };
-    let err = applier(flavor).apply_capture(&ns.path(), &plan).expect_err("v6 must fail");
+    let err = applier(flavor)
+        .apply_capture(&ns.path(), &plan)
+        .expect_err("v6 must fail");
     let msg = err.to_string();
-    assert!(matches!(err, NetxError::Command { .. }), "original error expected: {err:?}");
-    assert!(msg.contains(&flavor.restore_binary(IpFamily::V6)), "names the command: {msg}");
-    assert!(msg.contains(&ns.path().display().to_string()), "names the netns: {msg}");
+    assert!(
+        matches!(err, NetxError::Command { .. }),
+        "original error expected: {err:?}"
+    );
+    assert!(
+        msg.contains(&flavor.restore_binary(IpFamily::V6)),
+        "names the command: {msg}"
+    );
+    assert!(
+        msg.contains(&ns.path().display().to_string()),
+        "names the netns: {msg}"
+    );
     assert!(msg.contains("line"), "carries stderr: {msg}");
-    assert_eq!(save(&ns, flavor, IpFamily::V4), before4, "{flavor:?} v4 must be byte-identical");
-    assert_eq!(save(&ns, flavor, IpFamily::V6), before6, "{flavor:?} v6 must be byte-identical");
+    assert_eq!(
+        save(&ns, flavor, IpFamily::V4),
+        before4,
+        "{flavor:?} v4 must be byte-identical"
+    );
+    assert_eq!(
+        save(&ns, flavor, IpFamily::V6),
+        before6,
+        "{flavor:?} v6 must be byte-identical"
+    );
     if flavor == IptablesFlavor::Nft {
-        assert_eq!(nft::list_ruleset(&ns.path()).expect("nft list"), nft_before);
+        // The `raw` table did not exist before; the rollback removed it again.
+        let ruleset = nft::list_ruleset(&ns.path()).expect("nft list");
+        assert!(!ruleset.contains("table ip raw"), "{ruleset}");
+        assert!(!ruleset.contains("ISTIO"), "{ruleset}");
     }
     // And the same plan with a good v6 goes through afterwards.
     let good = ApplyPlan {
         v6_restore: Some(PLAN_V4.replace("*raw", "*mangle")),
         ..plan
     };
-    applier(flavor).apply_capture(&ns.path(), &good).expect("good plan");
-    assert!(save(&ns, flavor, IpFamily::V4).contains("-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN"));
-    assert!(save(&ns, flavor, IpFamily::V4).contains("-A KEEP -p tcp --dport 9 -j RETURN"));
+    applier(flavor)
+        .apply_capture(&ns.path(), &good)
+        .expect("good plan");
+    assert!(
+        save(&ns, flavor, IpFamily::V4)
+            .contains("-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN")
+    );
+    assert!(save(&ns, flavor, IpFamily::V4).contains("-A KEEP -p tcp -m tcp --dport 9 -j RETURN"));
 }
 
 #[test]
@@ -172,21 +243,44 @@ fn failed_routes_roll_back_rules_and_created_routing() {
     let before4 = save(&ns, flavor, IpFamily::V4);
     let before6 = save(&ns, flavor, IpFamily::V6);
     let rules_before = ns.ip(&["rule", "show"]);
-    let mut routes = RoutesPlan::sidecar(false, Some(TproxyRouting { mark: 1337, table: 133 }));
-    routes.local_routes.push(LocalRouteSpec { family: IpFamily::V6, table: 133 });
+    let mut routes = RoutesPlan::sidecar(
+        false,
+        Some(TproxyRouting {
+            mark: 1337,
+            table: 133,
+        }),
+    );
+    routes.local_routes.push(LocalRouteSpec {
+        family: IpFamily::V6,
+        table: 133,
+    });
     let plan = ApplyPlan {
         v4_restore: PLAN_V4.to_string(),
         v6_restore: Some(PLAN_V4.replace("*raw", "*mangle")),
         routes,
         ..ApplyPlan::default()
     };
-    let err = applier(flavor).apply_capture(&ns.path(), &plan).expect_err("v6 route must fail");
+    let err = applier(flavor)
+        .apply_capture(&ns.path(), &plan)
+        .expect_err("v6 route must fail");
     assert!(matches!(err, NetxError::Netlink { .. }), "{err:?}");
-    assert!(err.to_string().contains("add route (ipv6) local default dev lo table 133"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("add route (ipv6) local default dev lo table 133"),
+        "{err}"
+    );
     assert_eq!(save(&ns, flavor, IpFamily::V4), before4);
     assert_eq!(save(&ns, flavor, IpFamily::V6), before6);
-    assert_eq!(ns.ip(&["rule", "show"]), rules_before, "created ip rule must be removed");
-    assert_eq!(ns.ip(&["route", "show", "table", "133"]).trim(), "", "created route must be removed");
+    assert_eq!(
+        ns.ip(&["rule", "show"]),
+        rules_before,
+        "created ip rule must be removed"
+    );
+    assert_eq!(
+        ns.ip(&["route", "show", "table", "133"]).trim(),
+        "",
+        "created route must be removed"
+    );
 }
 
 #[test]
@@ -195,19 +289,44 @@ fn sidecar_tproxy_routes_are_applied_and_reapplying_is_idempotent() {
     let plan = ApplyPlan {
         v4_restore: PLAN_V4.to_string(),
         v6_restore: None,
-        routes: RoutesPlan::sidecar(true, Some(TproxyRouting { mark: 1337, table: 133 })),
+        routes: RoutesPlan::sidecar(
+            true,
+            Some(TproxyRouting {
+                mark: 1337,
+                table: 133,
+            }),
+        ),
         ..ApplyPlan::default()
     };
-    let first = applier(IptablesFlavor::Nft).apply_capture(&ns.path(), &plan).expect("apply");
+    let first = applier(IptablesFlavor::Nft)
+        .apply_capture(&ns.path(), &plan)
+        .expect("apply");
     assert_eq!(first.routes_created, 5);
     assert!(ns.ip(&["rule", "show"]).contains("fwmark 0x539 lookup 133"));
-    assert!(ns.ip(&["-6", "rule", "show"]).contains("fwmark 0x539 lookup 133"));
-    assert!(ns.ip(&["route", "show", "table", "133"]).contains("local default dev lo"));
-    assert!(ns.ip(&["-6", "route", "show", "table", "133"]).contains("local default dev lo"));
-    assert!(ns.ip(&["-6", "addr", "show", "dev", "lo"]).contains("::6/128"));
+    assert!(
+        ns.ip(&["-6", "rule", "show"])
+            .contains("fwmark 0x539 lookup 133")
+    );
+    assert!(
+        ns.ip(&["route", "show", "table", "133"])
+            .contains("local default dev lo")
+    );
+    assert!(
+        ns.ip(&["-6", "route", "show", "table", "133"])
+            .contains("local default dev lo")
+    );
+    assert!(
+        ns.ip(&["-6", "addr", "show", "dev", "lo"])
+            .contains("::6/128")
+    );
     // Routing is idempotent; the rule text itself is the caller's to reconcile.
-    let again = ApplyPlan { v4_restore: String::new(), ..plan };
-    let second = applier(IptablesFlavor::Nft).apply_capture(&ns.path(), &again).expect("re-apply");
+    let again = ApplyPlan {
+        v4_restore: String::new(),
+        ..plan
+    };
+    let second = applier(IptablesFlavor::Nft)
+        .apply_capture(&ns.path(), &again)
+        .expect("re-apply");
     assert_eq!(second.routes_created, 0);
     assert_eq!(ns.ip(&["rule", "show"]).matches("fwmark 0x539").count(), 1);
 }
@@ -228,10 +347,17 @@ fn nft_apply_lists_and_rolls_back_on_route_failure() {
     assert!(listed.contains("table inet mcni-test-nat"), "{listed}");
     assert!(listed.contains("redirect to :15001"), "{listed}");
     // Invalid text: one transaction, nothing applied, stderr in the error.
-    let err = nft::apply(&ns.path(), "add table inet mcni-x\nadd rule inet mcni-x nochain drop\n")
-        .expect_err("bad nft");
+    let err = nft::apply(
+        &ns.path(),
+        "add table inet mcni-x\nadd rule inet mcni-x nochain drop\n",
+    )
+    .expect_err("bad nft");
     assert!(err.to_string().contains("nft -f -"), "{err}");
-    assert!(!nft::list_ruleset(&ns.path()).expect("list").contains("mcni-x"));
+    assert!(
+        !nft::list_ruleset(&ns.path())
+            .expect("list")
+            .contains("mcni-x")
+    );
 
     // Transaction with the nft backend: the route fails (lo down for v6) → table restored.
     let down = TestNetns::new_lo_down();
@@ -241,31 +367,64 @@ fn nft_apply_lists_and_rolls_back_on_route_failure() {
     let plan = ApplyPlan {
         nft: Some(changed.clone()),
         routes: RoutesPlan {
-            local_routes: vec![LocalRouteSpec { family: IpFamily::V6, table: 100 }],
+            local_routes: vec![LocalRouteSpec {
+                family: IpFamily::V6,
+                table: 100,
+            }],
             ..RoutesPlan::default()
         },
         ..ApplyPlan::default()
     };
-    let nft_applier = Applier { backend: Backend::Nftables, iptables: IptablesOptions::default() };
-    nft_applier.apply_capture(&down.path(), &plan).expect_err("route must fail");
+    let nft_applier = Applier {
+        backend: Backend::Nftables,
+        iptables: IptablesOptions::default(),
+    };
+    nft_applier
+        .apply_capture(&down.path(), &plan)
+        .expect_err("route must fail");
     assert_eq!(nft::list_ruleset(&down.path()).expect("list"), before);
     // Plan without nft text is rejected up front.
-    let err = nft_applier.apply_capture(&down.path(), &ApplyPlan::default()).expect_err("no text");
+    let err = nft_applier
+        .apply_capture(&down.path(), &ApplyPlan::default())
+        .expect_err("no text");
     assert!(matches!(err, NetxError::InvalidPlan { .. }));
     // Success path.
-    let ok = ApplyPlan { nft: Some(changed), ..ApplyPlan::default() };
+    let ok = ApplyPlan {
+        nft: Some(changed),
+        ..ApplyPlan::default()
+    };
     nft_applier.apply_capture(&down.path(), &ok).expect("apply");
-    assert!(nft::list_ruleset(&down.path()).expect("list").contains("redirect to :15999"));
+    assert!(
+        nft::list_ruleset(&down.path())
+            .expect("list")
+            .contains("redirect to :15999")
+    );
 }
 
 #[test]
 fn rule_specs_with_mask_and_priority() {
     let ns = TestNetns::new();
-    let spec = RuleSpec { family: IpFamily::V4, fwmark: 0x111, fwmask: Some(0xfff), table: 100, priority: Some(32764) };
+    let spec = RuleSpec {
+        family: IpFamily::V4,
+        fwmark: 0x111,
+        fwmask: Some(0xfff),
+        table: 100,
+        priority: Some(32764),
+    };
     let plan = ApplyPlan {
-        routes: RoutesPlan { rules: vec![spec], ..RoutesPlan::default() },
+        routes: RoutesPlan {
+            rules: vec![spec],
+            ..RoutesPlan::default()
+        },
         ..ApplyPlan::default()
     };
-    applier(IptablesFlavor::Nft).apply_capture(&ns.path(), &plan).expect("apply");
-    assert!(ns.ip(&["rule", "show"]).contains("32764:\tfrom all fwmark 0x111/0xfff lookup 100"), "{}", ns.ip(&["rule", "show"]));
+    applier(IptablesFlavor::Nft)
+        .apply_capture(&ns.path(), &plan)
+        .expect("apply");
+    assert!(
+        ns.ip(&["rule", "show"])
+            .contains("32764:\tfrom all fwmark 0x111/0xfff lookup 100"),
+        "{}",
+        ns.ip(&["rule", "show"])
+    );
 }

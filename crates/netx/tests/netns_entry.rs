@@ -49,15 +49,29 @@ fn closure_and_children_run_in_the_netns_and_caller_stays_put() {
             .arg("/proc/self/ns/net")
             .output()
             .expect("spawn readlink from the netns thread");
-        (inside, String::from_utf8_lossy(&out.stdout).trim().to_string())
+        (
+            inside,
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        )
     })
     .expect("enter netns");
     assert_eq!(inside, want);
-    assert_eq!(child_link, format!("net:[{want}]"), "child must inherit the thread's netns");
-    assert_eq!(current_netns_inode().expect("after"), host, "caller thread must not move");
+    assert_eq!(
+        child_link,
+        format!("net:[{want}]"),
+        "child must inherit the thread's netns"
+    );
+    assert_eq!(
+        current_netns_inode().expect("after"),
+        host,
+        "caller thread must not move"
+    );
     // The child sees only the netns' links (lo), not the host's.
     let links = run_in_netns(&ns.path(), || {
-        Command::new("ip").args(["-o", "link"]).output().expect("ip link")
+        Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .expect("ip link")
     })
     .expect("enter");
     let text = String::from_utf8_lossy(&links.stdout);
@@ -75,7 +89,10 @@ fn panics_propagate_and_spawned_threads_stay_inside() {
 
     let want = netns_inode(&path).expect("inode");
     let handle = spawn_in_netns(&path, "long-lived", |token| {
-        (token.path().to_path_buf(), current_netns_inode().expect("inode"))
+        (
+            token.path().to_path_buf(),
+            current_netns_inode().expect("inode"),
+        )
     })
     .expect("spawn");
     let (p, inode) = handle.join().expect("join");

@@ -1,1 +1,24 @@
-//! TODO: see ARCHITECTURE.md
+//! `meshcni-testkit`: test-only helpers (a dev-dependency, never shipped). Uniquely named
+//! network namespaces that delete themselves, veth labs, a transparent-proxy stand-in that
+//! records original destinations (REDIRECT and TPROXY), a DNS stand-in, a TCP server that
+//! reports what it saw, and clients that connect from inside a namespace as any uid/gid.
+//!
+//! Everything needs root. Only namespaces created here are touched; names are
+//! `mcni-<pid>-<counter>-<tag>`; traffic stays inside them.
+
+#![deny(unsafe_code)]
+
+mod error;
+pub mod lab;
+mod netns;
+pub mod proxy;
+pub mod server;
+mod sockets;
+mod sys;
+
+pub use error::TestkitError;
+pub use lab::Lab;
+pub use netns::{Netns, veth};
+pub use proxy::{DnsQuery, ProxiedConn, ProxyConfig, TransparentProxy};
+pub use server::{ConnectOpts, TcpServer, connect, connect_text, udp_exchange};
+pub use sockets::nat_original_dst;

@@ -32,7 +32,10 @@ impl TestNetns {
             .args(["netns", "add", &name])
             .status()
             .expect("run `ip netns add` (tests need root and iproute2)");
-        assert!(status.success(), "`ip netns add {name}` failed: tests need root");
+        assert!(
+            status.success(),
+            "`ip netns add {name}` failed: tests need root"
+        );
         TestNetns { name }
     }
 
@@ -60,6 +63,8 @@ impl TestNetns {
 
 impl Drop for TestNetns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
