@@ -35,15 +35,36 @@
 //!    remove everything (uninstall); a plain restart leaves the dataplane in place so traffic
 //!    keeps flowing and the next agent adopts it through `actual()`.
 //!
+//! 6. **No ztunnel yet**: a mode that cannot program a pod while no ztunnel is Ready (G1
+//!    iptables: the ipset, tunnels and routes exist only after `ztunnel_changed(Some)`) should
+//!    fail `apply` with a *pod*-scoped error ("ztunnel not ready"): the pod is retried with
+//!    back-off, readiness stays open (Istio §7.7 does not require ztunnel), and every pending
+//!    retry is reset the moment `ztunnel_changed` succeeds, so pods enroll right away then.
+//!
 //! `actual()` is not called on every pass: the loop keeps a copy updated by successful
 //! actions and re-reads the driver at start-up, after `ztunnel_changed`, after any apply
 //! error, and on the periodic resync.
 
 use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-pub use crate::enroll::{Action, EnrolledPod, EnrolledState, PodId};
+use prometheus_client::metrics::gauge::Gauge;
+use tracing::{debug, info, warn};
+
+use crate::ambient_config::AmbientConfigWriter;
 use crate::ambient_config::RedirectMode;
+pub use crate::enroll::{Action, EnrolledPod, EnrolledState, PodId};
+use crate::enroll::{Conflict, plan};
+use crate::workloads::{
+    EnrollPolicy, NamespaceInfo, SourceUpdate, Workload, WorkloadSnapshot, active_ztunnel,
+    desired_set,
+};
 
 /// The active ztunnel on this node: among pods on the node with label `app=ztunnel`, the
 /// Ready one with the newest `creationTimestamp` (ties broken by UID).
@@ -114,7 +135,9 @@ pub trait RedirectDriver: Send {
 }
 
 /// The driver for `mode`, or `Err(reason)` when this build has none (ambient then stays
-/// not ready with that reason). Redirect-mode helpers add their arm here.
+/// not ready with that reason: gate `redirect-mode`). Redirect-mode drivers add their arm
+/// here; `args` carries everything a driver may need (node name, host IP, iptables flavour,
+/// DNS capture, IPv6, ...).
 pub fn make_driver(
     mode: RedirectMode,
     args: &crate::cli::AgentArgs,
@@ -125,4 +148,709 @@ pub fn make_driver(
             "redirect mode {mode} has no driver in this build of meshcni-agent"
         )),
     }
+}
+
+// ---- the reconcile loop ----------------------------------------------------------------
+
+/// Timing of the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoopOptions {
+    /// Re-read the driver's actual state and re-plan at least this often (repairs drift, e.g.
+    /// someone flushed the ipset).
+    pub resync: Duration,
+    /// First retry delay after a failure; doubles per consecutive failure up to `max_backoff`.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+    /// After an update arrives, wait this long for more before planning (coalesces bursts).
+    pub debounce: Duration,
+}
+
+impl Default for LoopOptions {
+    fn default() -> Self {
+        LoopOptions {
+            resync: Duration::from_secs(60),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(30),
+            debounce: Duration::from_millis(20),
+        }
+    }
+}
+
+/// What the loop exposes to readiness and to tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopStatus {
+    /// `Ok` = the driver works (readiness gate `redirect-mode` open); `Err(reason)` otherwise.
+    pub redirect: Result<(), String>,
+    /// Pods enrolled according to the last pass.
+    pub enrolled: BTreeSet<String>,
+    /// The active ztunnel last reported to the driver.
+    pub ztunnel: Option<PodId>,
+    /// Completed passes (for tests waiting for convergence).
+    pub passes: u64,
+    /// Actions applied successfully since start.
+    pub applied: u64,
+    /// Pods whose last action failed (uid → error).
+    pub failing: BTreeMap<String, String>,
+    /// Current IP conflicts, rendered.
+    pub conflicts: Vec<String>,
+}
+
+/// Shared, cloneable view of [`LoopStatus`].
+#[derive(Debug, Clone)]
+pub struct StatusHandle(Arc<Mutex<LoopStatus>>);
+
+impl StatusHandle {
+    pub fn new(initial: Result<(), String>) -> StatusHandle {
+        StatusHandle(Arc::new(Mutex::new(LoopStatus {
+            redirect: initial,
+            enrolled: BTreeSet::new(),
+            ztunnel: None,
+            passes: 0,
+            applied: 0,
+            failing: BTreeMap::new(),
+            conflicts: Vec::new(),
+        })))
+    }
+
+    pub fn get(&self) -> LoopStatus {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut LoopStatus)) {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// The readiness probe: open iff the driver works.
+    pub fn probe(&self) -> Result<(), String> {
+        self.get().redirect
+    }
+}
+
+/// Per-pod retry bookkeeping.
+#[derive(Debug, Clone)]
+struct Failure {
+    attempts: u32,
+    next: Instant,
+    error: String,
+}
+
+/// The reconcile state machine. [`Reconciler::run`] drives it from a channel; tests may call
+/// [`Reconciler::update`] and [`Reconciler::reconcile`] directly.
+pub struct Reconciler {
+    driver: Box<dyn RedirectDriver>,
+    policy: EnrollPolicy,
+    options: LoopOptions,
+    status: StatusHandle,
+    gauge: Option<Gauge>,
+    config: Option<Arc<AmbientConfigWriter>>,
+    pods: Option<Vec<Workload>>,
+    namespaces: Option<Vec<NamespaceInfo>>,
+    snapshot: WorkloadSnapshot,
+    /// `None` = must be (re-)read from the driver.
+    actual: Option<EnrolledState>,
+    /// `None` = the driver has not been told yet (start-up, or the last call failed).
+    notified_ztunnel: Option<Option<ZtunnelInfo>>,
+    failures: BTreeMap<String, Failure>,
+    /// Whole-pass retry after a driver-scoped failure.
+    driver_retry: Option<(u32, Instant)>,
+    last_resync: Instant,
+    last_conflicts: Vec<Conflict>,
+    last_source_error: Option<String>,
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PassReport {
+    pub applied: Vec<Action>,
+    pub failed: Vec<(Action, DriverError)>,
+    /// Actions skipped because their pod is in back-off.
+    pub deferred: usize,
+    /// The pass did not plan: sources not synced yet, or a driver-scoped failure.
+    pub blocked: Option<String>,
+}
+
+impl Reconciler {
+    pub fn new(
+        driver: Box<dyn RedirectDriver>,
+        policy: EnrollPolicy,
+        options: LoopOptions,
+        status: StatusHandle,
+    ) -> Reconciler {
+        Reconciler {
+            driver,
+            policy,
+            options,
+            status,
+            gauge: None,
+            config: None,
+            pods: None,
+            namespaces: None,
+            snapshot: WorkloadSnapshot::default(),
+            actual: None,
+            notified_ztunnel: None,
+            failures: BTreeMap::new(),
+            driver_retry: None,
+            last_resync: Instant::now(),
+            last_conflicts: Vec::new(),
+            last_source_error: None,
+        }
+    }
+
+    /// Also keep this gauge at the number of enrolled pods.
+    pub fn with_gauge(mut self, gauge: Gauge) -> Reconciler {
+        self.gauge = Some(gauge);
+        self
+    }
+
+    /// Also record ztunnel readiness in the ambient config file.
+    pub fn with_config_writer(mut self, writer: Arc<AmbientConfigWriter>) -> Reconciler {
+        self.config = Some(writer);
+        self
+    }
+
+    pub fn status(&self) -> StatusHandle {
+        self.status.clone()
+    }
+
+    /// Take in what a source reported.
+    pub fn update(&mut self, update: SourceUpdate) {
+        match update {
+            SourceUpdate::Snapshot(s) => {
+                self.pods = Some(s.pods.into_values().collect());
+                self.namespaces = Some(s.namespaces.into_values().collect());
+            }
+            SourceUpdate::Pods(p) => self.pods = Some(p),
+            SourceUpdate::Namespaces(n) => self.namespaces = Some(n),
+            SourceUpdate::Resync => self.actual = None,
+            SourceUpdate::Error(e) => {
+                debug!(error = %e, "workload source reported a problem");
+                self.last_source_error = Some(e);
+            }
+        }
+        if let (Some(p), Some(n)) = (&self.pods, &self.namespaces) {
+            self.snapshot = WorkloadSnapshot::from_parts(p.iter().cloned(), n.iter().cloned());
+        }
+    }
+
+    /// Whether both pods and namespaces have been received.
+    pub fn synced(&self) -> bool {
+        self.pods.is_some() && self.namespaces.is_some()
+    }
+
+    fn backoff(&self, attempts: u32) -> Duration {
+        let factor = 1u32 << attempts.saturating_sub(1).min(16);
+        (self.options.min_backoff * factor).min(self.options.max_backoff)
+    }
+
+    fn driver_failed(&mut self, what: &str, e: &DriverError, now: Instant) -> PassReport {
+        let attempts = self.driver_retry.map_or(1, |(a, _)| a + 1);
+        let next = now + self.backoff(attempts);
+        self.driver_retry = Some((attempts, next));
+        self.actual = None;
+        let reason = format!("{} driver: {what}: {e}", self.driver.name());
+        warn!(error = %reason, attempt = attempts, "redirect driver failed; retrying");
+        self.status.update(|s| s.redirect = Err(reason.clone()));
+        PassReport {
+            blocked: Some(reason),
+            ..PassReport::default()
+        }
+    }
+
+    /// One reconcile pass at time `now`.
+    pub fn reconcile(&mut self, now: Instant) -> PassReport {
+        if !self.synced() {
+            let mut reason = "waiting for the first list of pods and namespaces".to_string();
+            if let Some(e) = &self.last_source_error {
+                reason.push_str(&format!(" (last source error: {e})"));
+            }
+            self.status.update(|s| s.redirect = Err(reason.clone()));
+            return PassReport {
+                blocked: Some(reason),
+                ..PassReport::default()
+            };
+        }
+        if let Some((_, next)) = self.driver_retry {
+            if now < next {
+                return PassReport {
+                    blocked: Some("driver in back-off".into()),
+                    ..PassReport::default()
+                };
+            }
+        }
+        if now.duration_since(self.last_resync) >= self.options.resync {
+            self.actual = None;
+            self.last_resync = now;
+        }
+        if self.actual.is_none() {
+            match self.driver.actual() {
+                Ok(a) => self.actual = Some(a),
+                Err(e) => return self.driver_failed("reading enrolled state", &e, now),
+            }
+        }
+
+        let zt = active_ztunnel(&self.snapshot);
+        if self.notified_ztunnel.as_ref() != Some(&zt) {
+            match &zt {
+                Some(z) => info!(ztunnel = %z.pod, ips = ?z.ips, "active ztunnel"),
+                None => info!("no ready ztunnel on this node"),
+            }
+            let res = self.driver.ztunnel_changed(zt.as_ref());
+            if let Some(w) = &self.config {
+                if let Err(e) = w.set_ztunnel_ready(zt.is_some() && res.is_ok()) {
+                    warn!(error = %e, "writing ztunnel readiness into the ambient config");
+                }
+            }
+            if let Err(e) = res {
+                self.notified_ztunnel = None;
+                return self.driver_failed("applying the ztunnel change", &e, now);
+            }
+            self.notified_ztunnel = Some(zt.clone());
+            self.status
+                .update(|s| s.ztunnel = zt.as_ref().map(|z| z.pod.clone()));
+            // New node rules: re-read, and retry every pod now.
+            self.failures.clear();
+            match self.driver.actual() {
+                Ok(a) => self.actual = Some(a),
+                Err(e) => return self.driver_failed("reading enrolled state", &e, now),
+            }
+        }
+
+        let desired = desired_set(&self.snapshot, &self.policy);
+        let mut actual = self.actual.take().unwrap_or_default();
+        let planned = plan(&desired, &actual);
+        if planned.conflicts != self.last_conflicts {
+            for c in &planned.conflicts {
+                warn!(conflict = %c, "pod IP conflict");
+            }
+            self.last_conflicts = planned.conflicts.clone();
+        }
+        for p in &planned.waiting_for_ip {
+            debug!(pod = %p, "selected for ambient, waiting for an IP");
+        }
+
+        let mut report = PassReport::default();
+        let mut driver_error = None;
+        for action in planned.actions {
+            let uid = action.pod().uid.clone();
+            if self.failures.get(&uid).is_some_and(|f| now < f.next) {
+                report.deferred += 1;
+                continue;
+            }
+            if let Some((ip, holder)) = actual.blocks(&action) {
+                debug!(action = %action, %ip, %holder, "deferred: the IP is not released yet");
+                report.deferred += 1;
+                continue;
+            }
+            match self.driver.apply(&action) {
+                Ok(()) => {
+                    info!(action = %action, driver = self.driver.name(), "applied");
+                    actual.apply(&action);
+                    self.failures.remove(&uid);
+                    report.applied.push(action);
+                }
+                Err(e) => {
+                    let attempts = self.failures.get(&uid).map_or(1, |f| f.attempts + 1);
+                    warn!(action = %action, error = %e, attempt = attempts, "action failed; will retry");
+                    self.failures.insert(
+                        uid,
+                        Failure {
+                            attempts,
+                            next: now + self.backoff(attempts),
+                            error: e.to_string(),
+                        },
+                    );
+                    let scope = e.scope;
+                    report.failed.push((action, e.clone()));
+                    if scope == ErrorScope::Driver {
+                        driver_error = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        // Forget failures of pods that need nothing any more.
+        let desired_uids: BTreeSet<&String> = desired.keys().collect();
+        self.failures
+            .retain(|uid, _| desired_uids.contains(uid) || actual.pods.contains_key(uid));
+
+        let enrolled: BTreeSet<String> = actual.pods.keys().cloned().collect();
+        if let Some(g) = &self.gauge {
+            g.set(i64::try_from(enrolled.len()).unwrap_or(i64::MAX));
+        }
+        let any_failed = !report.failed.is_empty();
+        self.actual = if any_failed { None } else { Some(actual) };
+        let failing: BTreeMap<String, String> = self
+            .failures
+            .iter()
+            .map(|(u, f)| (u.clone(), f.error.clone()))
+            .collect();
+        let conflicts: Vec<String> = self.last_conflicts.iter().map(|c| c.to_string()).collect();
+        let applied_n = report.applied.len() as u64;
+        if let Some(e) = driver_error {
+            let mut r = self.driver_failed("applying an action", &e, now);
+            r.applied = report.applied;
+            r.failed = report.failed;
+            self.status.update(|s| {
+                s.enrolled = enrolled;
+                s.failing = failing;
+                s.conflicts = conflicts;
+                s.applied += applied_n;
+                s.passes += 1;
+            });
+            return r;
+        }
+        self.driver_retry = None;
+        self.status.update(|s| {
+            s.redirect = Ok(());
+            s.enrolled = enrolled;
+            s.failing = failing;
+            s.conflicts = conflicts;
+            s.applied += applied_n;
+            s.passes += 1;
+        });
+        report
+    }
+
+    /// When the next pass is due without new input (retries, resync).
+    pub fn next_deadline(&self, now: Instant) -> Instant {
+        let mut next = self.last_resync + self.options.resync;
+        if let Some((_, t)) = self.driver_retry {
+            next = next.min(t);
+        }
+        if let Some(t) = self.failures.values().map(|f| f.next).min() {
+            next = next.min(t);
+        }
+        next.max(now)
+    }
+
+    /// Run until `stop` is set (checked at least every 200 ms and on every message); then
+    /// call `driver.uninstall()` if `uninstall` is set by then.
+    pub fn run(mut self, rx: Receiver<SourceUpdate>, control: Arc<LoopControl>) {
+        info!(
+            driver = self.driver.name(),
+            "ambient enrollment loop started"
+        );
+        let mut dirty = true;
+        loop {
+            if control.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let now = Instant::now();
+            if dirty || now >= self.next_deadline(now) {
+                self.reconcile(now);
+                dirty = false;
+            }
+            let now = Instant::now();
+            let wait = self
+                .next_deadline(now)
+                .saturating_duration_since(now)
+                .clamp(Duration::from_millis(1), Duration::from_millis(200));
+            match rx.recv_timeout(wait) {
+                Ok(u) => {
+                    self.update(u);
+                    // Coalesce a burst.
+                    let until = Instant::now() + self.options.debounce;
+                    while let Ok(u) =
+                        rx.recv_timeout(until.saturating_duration_since(Instant::now()))
+                    {
+                        self.update(u);
+                    }
+                    dirty = true;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Sources gone: keep serving retries until stopped.
+                    std::thread::sleep(wait);
+                }
+            }
+        }
+        if control.uninstall.load(Ordering::SeqCst) {
+            match self.driver.uninstall() {
+                Ok(()) => info!(driver = self.driver.name(), "removed ambient redirection"),
+                Err(e) => warn!(error = %e, "removing ambient redirection failed"),
+            }
+        }
+        info!("ambient enrollment loop stopped");
+    }
+}
+
+/// Stop switch of a running loop.
+#[derive(Debug, Default)]
+pub struct LoopControl {
+    pub stop: AtomicBool,
+    /// Set together with `stop` to have the driver remove everything.
+    pub uninstall: AtomicBool,
+}
+
+/// A running loop thread plus its sources.
+pub struct AmbientLoop {
+    control: Arc<LoopControl>,
+    tx: Sender<SourceUpdate>,
+    thread: Option<JoinHandle<()>>,
+    status: StatusHandle,
+    sources: Vec<Box<dyn Send>>,
+}
+
+impl AmbientLoop {
+    /// Start `reconciler` on its own thread. Returns the loop and the sender sources use.
+    pub fn spawn(reconciler: Reconciler) -> AmbientLoop {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let control = Arc::new(LoopControl::default());
+        let status = reconciler.status();
+        let c2 = control.clone();
+        let thread = std::thread::Builder::new()
+            .name("ambient-enroll".into())
+            .spawn(move || reconciler.run(rx, c2))
+            .ok();
+        AmbientLoop {
+            control,
+            tx,
+            thread,
+            status,
+            sources: Vec::new(),
+        }
+    }
+
+    /// The sender sources feed.
+    pub fn sender(&self) -> Sender<SourceUpdate> {
+        self.tx.clone()
+    }
+
+    /// Keep a source alive as long as the loop.
+    pub fn keep(&mut self, source: Box<dyn Send>) {
+        self.sources.push(source);
+    }
+
+    pub fn status(&self) -> StatusHandle {
+        self.status.clone()
+    }
+
+    /// Stop the sources and the loop; with `uninstall`, the driver removes its dataplane
+    /// state before the loop exits. Waits for the loop thread.
+    pub fn stop(mut self, uninstall: bool) {
+        self.shutdown(uninstall);
+    }
+
+    fn shutdown(&mut self, uninstall: bool) {
+        self.sources.clear();
+        self.control.uninstall.store(uninstall, Ordering::SeqCst);
+        self.control.stop.store(true, Ordering::SeqCst);
+        let _ = self.tx.send(SourceUpdate::Resync);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for AmbientLoop {
+    fn drop(&mut self) {
+        self.shutdown(false);
+    }
+}
+
+// ---- a driver for tests --------------------------------------------------------------
+
+/// What [`FakeDriver`] has "programmed", shared with the test that created it.
+#[derive(Debug, Default)]
+pub struct FakeDataplane {
+    pub enrolled: EnrolledState,
+    pub ztunnel: Option<ZtunnelInfo>,
+    /// Every call, rendered (`actual`, `apply <action>`, `ztunnel <name|none>`, `uninstall`).
+    pub calls: Vec<String>,
+    /// Fail the next N calls of `apply` with this error.
+    pub fail_apply: Vec<DriverError>,
+    /// Fail `apply` for these UIDs (pod-scoped) until removed.
+    pub fail_uids: BTreeSet<String>,
+    /// Fail the next N calls of `actual`.
+    pub fail_actual: u32,
+    /// When set, `apply` of an Enroll/UpdateIps fails (driver-scoped) while no ztunnel is
+    /// known, like the G1 iptables mode whose ipset exists only once ztunnel is up.
+    pub require_ztunnel: bool,
+}
+
+/// An in-memory [`RedirectDriver`] for tests: records calls, keeps the enrolled set, can be
+/// told to fail.
+#[derive(Debug, Clone, Default)]
+pub struct FakeDriver {
+    pub dataplane: Arc<Mutex<FakeDataplane>>,
+}
+
+impl FakeDriver {
+    pub fn new() -> FakeDriver {
+        FakeDriver::default()
+    }
+
+    /// A driver whose dataplane already holds `state` (an agent restart).
+    pub fn with_state(state: EnrolledState) -> FakeDriver {
+        let d = FakeDriver::default();
+        d.lock().enrolled = state;
+        d
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, FakeDataplane> {
+        self.dataplane.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl RedirectDriver for FakeDriver {
+    fn name(&self) -> &str {
+        "fake"
+    }
+
+    fn actual(&mut self) -> Result<EnrolledState, DriverError> {
+        let mut d = self.lock();
+        d.calls.push("actual".into());
+        if d.fail_actual > 0 {
+            d.fail_actual -= 1;
+            return Err(DriverError::driver("fake: listing enrolled pods failed"));
+        }
+        // Like a real dataplane, only UIDs and IPs survive.
+        let mut s = EnrolledState::default();
+        for (uid, p) in &d.enrolled.pods {
+            s.insert(PodId::new(uid, "", ""), p.ips.iter().copied());
+        }
+        Ok(s)
+    }
+
+    fn apply(&mut self, action: &Action) -> Result<(), DriverError> {
+        let mut d = self.lock();
+        d.calls.push(format!("apply {action}"));
+        if !d.fail_apply.is_empty() {
+            return Err(d.fail_apply.remove(0));
+        }
+        if d.fail_uids.contains(&action.pod().uid) {
+            return Err(DriverError::pod(format!(
+                "fake: {} fails for {}",
+                action.kind(),
+                action.pod()
+            )));
+        }
+        if d.require_ztunnel && d.ztunnel.is_none() && !matches!(action, Action::Release { .. }) {
+            return Err(DriverError::driver("fake: no ztunnel, node rules missing"));
+        }
+        d.enrolled.apply(action);
+        Ok(())
+    }
+
+    fn ztunnel_changed(&mut self, ztunnel: Option<&ZtunnelInfo>) -> Result<(), DriverError> {
+        let mut d = self.lock();
+        d.calls.push(format!(
+            "ztunnel {}",
+            ztunnel.map_or("none".to_string(), |z| z.pod.name.clone())
+        ));
+        d.ztunnel = ztunnel.cloned();
+        Ok(())
+    }
+
+    fn uninstall(&mut self) -> Result<(), DriverError> {
+        let mut d = self.lock();
+        d.calls.push("uninstall".into());
+        d.enrolled = EnrolledState::default();
+        d.ztunnel = None;
+        Ok(())
+    }
+}
+
+// ---- wiring from the agent's flags ------------------------------------------------------
+
+/// The enrollment policy from the flags: `--ambient-enablement-selector` (YAML list; empty =
+/// Istio's default selectors) and `--exclude-namespaces`.
+pub fn policy_from_args(args: &crate::cli::AgentArgs) -> Result<EnrollPolicy, String> {
+    let selectors = if args.ambient_enablement_selector.trim().is_empty() {
+        meshcni_kube::EnablementSelector::istio_defaults()
+    } else {
+        serde_yaml::from_str::<Option<Vec<meshcni_kube::EnablementSelector>>>(
+            &args.ambient_enablement_selector,
+        )
+        .map_err(|e| format!("--ambient-enablement-selector is not a YAML list of selectors: {e}"))?
+        .unwrap_or_default()
+    };
+    for s in &selectors {
+        s.validate()
+            .map_err(|e| format!("--ambient-enablement-selector: {e}"))?;
+    }
+    Ok(EnrollPolicy {
+        selectors,
+        excluded_namespaces: args.excluded_namespaces().into_iter().collect(),
+    })
+}
+
+/// Start ambient enrollment for the running agent: registers the `redirect-mode` readiness
+/// gate, builds the driver for `mode` ([`make_driver`]) and the workload source
+/// (`--ambient-workloads-file`, else the Kubernetes API), and spawns the loop. When something
+/// is missing (no driver for the mode, bad selector, no source), the gate stays closed with the
+/// reason and `None` is returned.
+pub fn start_from_args(
+    args: &crate::cli::AgentArgs,
+    mode: RedirectMode,
+    readiness: &crate::readiness::Readiness,
+    enrolled_gauge: Gauge,
+    config: Option<Arc<AmbientConfigWriter>>,
+) -> Option<AmbientLoop> {
+    let status = StatusHandle::new(Err("starting".into()));
+    {
+        let s = status.clone();
+        readiness.probe("redirect-mode", move || s.probe());
+    }
+    let fail = |reason: String| {
+        warn!(%reason, "ambient enrollment not started");
+        status.update(|s| s.redirect = Err(reason));
+        None
+    };
+    let policy = match policy_from_args(args) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let driver = match make_driver(mode, args) {
+        Ok(d) => d,
+        Err(e) => return fail(e),
+    };
+    let node = args.effective_node_name();
+    let mut reconciler = Reconciler::new(driver, policy, LoopOptions::default(), status.clone())
+        .with_gauge(enrolled_gauge);
+    if let Some(w) = config {
+        reconciler = reconciler.with_config_writer(w);
+    }
+    if !args.ambient_workloads_file.is_empty() {
+        let mut l = AmbientLoop::spawn(reconciler);
+        let src = crate::workloads::file::FileSource::spawn(
+            args.ambient_workloads_file.clone().into(),
+            node,
+            Duration::from_secs(10),
+            l.sender(),
+        );
+        l.keep(Box::new(src));
+        return Some(l);
+    }
+    let access = if !args.ambient_kubeconfig.is_empty() {
+        crate::workloads::kube::AccessConfig::Kubeconfig(args.ambient_kubeconfig.clone().into())
+    } else if !args.kubernetes_service_host.is_empty() {
+        crate::workloads::kube::AccessConfig::InCluster {
+            protocol: args.kubernetes_service_protocol.clone(),
+            host: args.kubernetes_service_host.clone(),
+            port: if args.kubernetes_service_port.is_empty() {
+                "443".into()
+            } else {
+                args.kubernetes_service_port.clone()
+            },
+            service_account_dir: args.service_account_dir.clone(),
+            skip_tls_verify: args.skip_tls_verify,
+        }
+    } else {
+        return fail(
+            "no workload source: set --ambient-workloads-file, --ambient-kubeconfig, or run in a cluster (KUBERNETES_SERVICE_HOST)".into(),
+        );
+    };
+    if node.is_empty() {
+        return fail("node name unknown: set NODE_NAME".into());
+    }
+    let mut l = AmbientLoop::spawn(reconciler);
+    let src = crate::workloads::kube::KubeSource::spawn(
+        access,
+        node,
+        crate::workloads::kube::KubeSourceOptions::default(),
+        l.sender(),
+    );
+    l.keep(Box::new(src));
+    Some(l)
 }

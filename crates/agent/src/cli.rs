@@ -320,6 +320,16 @@ pub struct AgentArgs {
     #[arg(long, env = "AMBIENT_ENABLEMENT_SELECTOR", default_value = "")]
     pub ambient_enablement_selector: String,
 
+    /// Read the workloads (pods and namespaces, Kubernetes JSON shape) from this JSON/YAML
+    /// file instead of the Kubernetes API (hosts without Kubernetes, demos). Re-read on change.
+    #[arg(long, env = "AMBIENT_WORKLOADS_FILE", default_value = "")]
+    pub ambient_workloads_file: String,
+
+    /// Kubeconfig the agent uses to watch pods and namespaces; empty = in-cluster (service
+    /// account token + KUBERNETES_SERVICE_HOST/PORT).
+    #[arg(long, env = "AMBIENT_KUBECONFIG", default_value = "")]
+    pub ambient_kubeconfig: String,
+
     /// Capture DNS (UDP/TCP 53) of ambient pods into ztunnel. [Accepted and validated; used by a later release.]
     #[arg(long, env = "AMBIENT_DNS_CAPTURE", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]

@@ -312,6 +312,28 @@ impl EnrolledState {
         }
     }
 
+    /// The UID of a pod other than `except` enrolled with `ip`.
+    pub fn holder_of(&self, ip: &IpAddr, except: &str) -> Option<&str> {
+        self.pods
+            .iter()
+            .find(|(uid, p)| uid.as_str() != except && p.ips.binary_search(ip).is_ok())
+            .map(|(uid, _)| uid.as_str())
+    }
+
+    /// Whether `action` would take an IP another pod still holds in `self` — which happens
+    /// only when an earlier release/update of the same plan failed. The loop defers such an
+    /// action to the next pass, keeping IPs exclusive at every step.
+    pub fn blocks(&self, action: &Action) -> Option<(IpAddr, String)> {
+        let (uid, claimed) = match action {
+            Action::Enroll { pod, ips, .. } => (&pod.uid, ips),
+            Action::UpdateIps { pod, new, .. } => (&pod.uid, new),
+            Action::Release { .. } => return None,
+        };
+        claimed
+            .iter()
+            .find_map(|ip| self.holder_of(ip, uid).map(|h| (*ip, h.to_string())))
+    }
+
     /// Number of enrolled pods.
     pub fn len(&self) -> usize {
         self.pods.len()
@@ -331,5 +353,323 @@ impl EnrolledState {
                 ips: canonical_ips(ips),
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("ip")
+    }
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        canonical_ips(list.iter().map(|s| ip(s)))
+    }
+
+    fn desired(pods: &[(&str, &[&str])]) -> DesiredSet {
+        pods.iter()
+            .map(|(uid, list)| {
+                (
+                    uid.to_string(),
+                    DesiredPod {
+                        id: PodId::new(uid, "ns", &format!("pod-{uid}")),
+                        ips: ips(list),
+                        annotations: BTreeMap::new(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn actual(pods: &[(&str, &[&str])]) -> EnrolledState {
+        let mut s = EnrolledState::default();
+        for (uid, list) in pods {
+            // As a driver rebuilds it: UID and IPs only.
+            s.insert(PodId::new(uid, "", ""), ips(list));
+        }
+        s
+    }
+
+    fn render(p: &Plan) -> Vec<String> {
+        p.actions.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn table() {
+        type Case<'a> = (
+            &'a str,
+            &'a [(&'a str, &'a [&'a str])],
+            &'a [(&'a str, &'a [&'a str])],
+            &'a [&'a str],
+        );
+        let cases: &[Case] = &[
+            ("nothing", &[], &[], &[]),
+            (
+                "new pod enrolls",
+                &[("u1", &["10.0.0.1"])],
+                &[],
+                &["enroll ns/pod-u1 (uid u1) ips [10.0.0.1]"],
+            ),
+            (
+                "dual-stack pod enrolls with both IPs, sorted",
+                &[("u1", &["fd00::1", "10.0.0.1"])],
+                &[],
+                &["enroll ns/pod-u1 (uid u1) ips [10.0.0.1,fd00::1]"],
+            ),
+            (
+                "already enrolled: nothing (restart with dataplane state)",
+                &[("u1", &["10.0.0.1"])],
+                &[("u1", &["10.0.0.1"])],
+                &[],
+            ),
+            (
+                "no longer desired: release with the enrolled IPs",
+                &[],
+                &[("u1", &["10.0.0.1"])],
+                &["release uid u1 ips [10.0.0.1]"],
+            ),
+            ("pod without IP waits", &[("u1", &[])], &[], &[]),
+            (
+                "enrolled pod lost its IP: released",
+                &[("u1", &[])],
+                &[("u1", &["10.0.0.1"])],
+                &["release ns/pod-u1 (uid u1) ips [10.0.0.1]"],
+            ),
+            (
+                "IP change",
+                &[("u1", &["10.0.0.2"])],
+                &[("u1", &["10.0.0.1"])],
+                &["update ns/pod-u1 (uid u1) ips [10.0.0.1] -> [10.0.0.2]"],
+            ),
+            (
+                "second IP added",
+                &[("u1", &["10.0.0.1", "fd00::1"])],
+                &[("u1", &["10.0.0.1"])],
+                &["update ns/pod-u1 (uid u1) ips [10.0.0.1] -> [10.0.0.1,fd00::1]"],
+            ),
+            (
+                "duplicate IP, one enrolled: the enrolled one keeps it",
+                &[("u2", &["10.0.0.1"]), ("u9", &["10.0.0.1"])],
+                &[("u9", &["10.0.0.1"])],
+                &[],
+            ),
+            (
+                "duplicate IP, both new: smaller UID wins",
+                &[("u9", &["10.0.0.1"]), ("u2", &["10.0.0.1"])],
+                &[],
+                &["enroll ns/pod-u2 (uid u2) ips [10.0.0.1]"],
+            ),
+            (
+                "IP reused by a new pod after the old one is gone: release before enroll",
+                &[("new", &["10.0.0.1"])],
+                &[("old", &["10.0.0.1"])],
+                &[
+                    "release uid old ips [10.0.0.1]",
+                    "enroll ns/pod-new (uid new) ips [10.0.0.1]",
+                ],
+            ),
+            (
+                "dual-stack pod shares one IP with an enrolled pod: enrolled with the other",
+                &[("a", &["10.0.0.1"]), ("b", &["10.0.0.1", "fd00::2"])],
+                &[("a", &["10.0.0.1"])],
+                &["enroll ns/pod-b (uid b) ips [fd00::2]"],
+            ),
+            (
+                "namespace unlabelled: every pod released, in UID order",
+                &[],
+                &[("u2", &["10.0.0.2"]), ("u1", &["10.0.0.1"])],
+                &[
+                    "release uid u1 ips [10.0.0.1]",
+                    "release uid u2 ips [10.0.0.2]",
+                ],
+            ),
+            (
+                "moved IP: pod A's old IP now B's; A releases it first (update), then B enrolls",
+                &[("a", &["10.0.0.2"]), ("b", &["10.0.0.1"])],
+                &[("a", &["10.0.0.1"])],
+                &[
+                    "update ns/pod-a (uid a) ips [10.0.0.1] -> [10.0.0.2]",
+                    "enroll ns/pod-b (uid b) ips [10.0.0.1]",
+                ],
+            ),
+        ];
+        for (name, want, have, expected) in cases {
+            let d = desired(want);
+            let mut a = actual(have);
+            let p = plan(&d, &a);
+            assert_eq!(render(&p), *expected, "{name}");
+            for action in &p.actions {
+                a.apply(action);
+            }
+            assert_eq!(plan(&d, &a).actions, vec![], "{name}: idempotent");
+        }
+    }
+
+    #[test]
+    fn conflicts_and_waiting_are_reported() {
+        let d = desired(&[("u9", &["10.0.0.1"]), ("u2", &["10.0.0.1"]), ("w", &[])]);
+        let p = plan(&d, &EnrolledState::default());
+        assert_eq!(p.conflicts.len(), 1);
+        assert_eq!(p.conflicts[0].holder.uid, "u2");
+        assert_eq!(p.conflicts[0].loser.uid, "u9");
+        assert!(
+            p.conflicts[0]
+                .to_string()
+                .contains("IP 10.0.0.1 is claimed by"),
+            "{}",
+            p.conflicts[0]
+        );
+        assert_eq!(p.waiting_for_ip, vec![PodId::new("w", "ns", "pod-w")]);
+        // Once the winner is gone the loser gets the IP.
+        let mut a = EnrolledState::default();
+        for x in &p.actions {
+            a.apply(x);
+        }
+        let d2 = desired(&[("u9", &["10.0.0.1"])]);
+        assert_eq!(
+            render(&plan(&d2, &a)),
+            vec![
+                "release ns/pod-u2 (uid u2) ips [10.0.0.1]",
+                "enroll ns/pod-u9 (uid u9) ips [10.0.0.1]"
+            ]
+        );
+    }
+
+    /// xorshift64*: deterministic pseudo-random numbers without a dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// No IP is held by two enrolled pods.
+    fn assert_exclusive(a: &EnrolledState, ctx: &str) {
+        let mut seen: BTreeMap<IpAddr, &str> = BTreeMap::new();
+        for (uid, p) in &a.pods {
+            assert!(!p.ips.is_empty(), "{ctx}: {uid} enrolled without IPs");
+            for ip in &p.ips {
+                if let Some(other) = seen.insert(*ip, uid) {
+                    panic!("{ctx}: {ip} held by {other} and {uid}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn random_event_sequences_converge() {
+        // Small pools make IP reuse, duplicates and flips frequent.
+        let pool: Vec<IpAddr> = (1..=6)
+            .map(|i| IpAddr::from([10, 0, 0, i]))
+            .chain((1..=2).map(|i| IpAddr::from([0xfd00, 0, 0, 0, 0, 0, 0, i as u16])))
+            .collect();
+        for seed in 1..=200u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut world: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
+            let mut actual = EnrolledState::default();
+            let mut next_uid = 0u32;
+            for step in 0..60 {
+                let ctx = format!("seed {seed} step {step}");
+                // One random event.
+                match rng.below(6) {
+                    0 | 1 => {
+                        next_uid += 1;
+                        let n = rng.below(3) as usize;
+                        let ips = (0..n)
+                            .map(|_| pool[rng.below(pool.len() as u64) as usize])
+                            .collect();
+                        world.insert(format!("p{next_uid:03}"), ips);
+                    }
+                    2 if !world.is_empty() => {
+                        let k = world.keys().nth(rng.below(world.len() as u64) as usize);
+                        let k = k.cloned().unwrap_or_default();
+                        world.remove(&k);
+                    }
+                    3 if !world.is_empty() => {
+                        let k = world.keys().nth(rng.below(world.len() as u64) as usize);
+                        let k = k.cloned().unwrap_or_default();
+                        world.insert(k, vec![pool[rng.below(pool.len() as u64) as usize]]);
+                    }
+                    4 => {
+                        // A "namespace flip": drop or keep every other pod.
+                        let keep = rng.below(2) == 0;
+                        world.retain(|k, _| keep || k.ends_with(['0', '2', '4', '6', '8']));
+                    }
+                    _ => {}
+                }
+                let d: DesiredSet = world
+                    .iter()
+                    .map(|(uid, ips)| {
+                        (
+                            uid.clone(),
+                            DesiredPod {
+                                id: PodId::new(uid, "ns", uid),
+                                ips: canonical_ips(ips.iter().copied()),
+                                annotations: BTreeMap::new(),
+                            },
+                        )
+                    })
+                    .collect();
+                // Apply the plan, sometimes with failing actions (not recorded), and re-plan
+                // until nothing is left; every intermediate state keeps IPs exclusive.
+                let mut rounds = 0;
+                loop {
+                    let p = plan(&d, &actual);
+                    if p.actions.is_empty() {
+                        break;
+                    }
+                    rounds += 1;
+                    assert!(rounds < 10, "{ctx}: no convergence: {:?}", p.actions);
+                    for a in &p.actions {
+                        if actual.blocks(a).is_some() {
+                            continue; // an earlier release of this IP failed
+                        }
+                        if rounds < 3 && rng.below(4) == 0 {
+                            continue; // the driver failed this one
+                        }
+                        actual.apply(a);
+                        assert_exclusive(&actual, &ctx);
+                    }
+                }
+                // Converged: idempotent, and exactly the expected pods are enrolled.
+                assert_eq!(plan(&d, &actual), plan(&d, &actual), "{ctx}: deterministic");
+                assert!(plan(&d, &actual).actions.is_empty(), "{ctx}");
+                for (uid, e) in &actual.pods {
+                    let want = &d[uid];
+                    assert!(
+                        e.ips.iter().all(|ip| want.ips.contains(ip)),
+                        "{ctx}: {uid} holds an IP it no longer has"
+                    );
+                }
+                for (uid, want) in &d {
+                    let free = want.ips.iter().any(|ip| {
+                        !actual
+                            .pods
+                            .iter()
+                            .any(|(u, e)| u != uid && e.ips.contains(ip))
+                    });
+                    if free {
+                        assert!(actual.pods.contains_key(uid), "{ctx}: {uid} not enrolled");
+                    }
+                }
+                // A restarted driver that only knows UIDs and IPs changes nothing.
+                let mut rebuilt = EnrolledState::default();
+                for (uid, e) in &actual.pods {
+                    rebuilt.insert(PodId::new(uid, "", ""), e.ips.iter().copied());
+                }
+                assert!(
+                    plan(&d, &rebuilt).actions.is_empty(),
+                    "{ctx}: after restart"
+                );
+            }
+        }
     }
 }

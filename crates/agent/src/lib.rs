@@ -7,7 +7,9 @@
 //!
 //! Modules: [`cli`] flags, [`run`] lifecycle orchestration, [`installer`] the installer seam,
 //! [`install_bridge`] its `meshcni-install` implementation, [`readiness`] gates, [`metrics`],
-//! [`plugin_report`] the plugin → agent wire format, [`ambient_config`], [`http`], [`logging`].
+//! [`plugin_report`] the plugin → agent wire format, [`ambient_config`], [`http`], [`logging`];
+//! ambient enrollment: [`workloads`] (pods/namespaces from Kubernetes or a file, mesh
+//! decisions), [`enroll`] (pure planner), [`ambient`] (reconcile loop, `RedirectDriver`).
 
 #![forbid(unsafe_code)]
 
@@ -21,9 +23,11 @@ pub mod installer;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
+pub mod modes;
 pub mod plugin_report;
 pub mod readiness;
 pub mod run;
+pub mod workloads;
 
 use std::process::ExitCode;
 

@@ -54,6 +54,8 @@ pub struct AgentHandle {
     pub ambient: Option<Arc<AmbientConfigWriter>>,
     pub metrics: AgentMetrics,
     pub readiness: Readiness,
+    /// The ambient enrollment loop (`crate::ambient`), when ambient is enabled and startable.
+    pub enrollment: Option<Arc<std::sync::Mutex<Option<crate::ambient::AmbientLoop>>>>,
 }
 
 /// Everything decided from the flags before starting.
@@ -74,7 +76,7 @@ pub fn run(plan: RunPlan, installer: Arc<dyn NodeInstaller>) -> Result<(), Agent
     // Stop serving before touching the node: after this point nothing reports ready.
     rt.shutdown_timeout(Duration::from_secs(1));
     let result = match served {
-        Ok(()) => shutdown(&args, installer.as_ref()),
+        Ok(enrollment) => shutdown(&args, installer.as_ref(), enrollment),
         Err(e) => {
             // Start-up failed: stop the keeper, touch nothing (this is no uninstall signal).
             installer.stop();
@@ -88,7 +90,7 @@ pub fn run(plan: RunPlan, installer: Arc<dyn NodeInstaller>) -> Result<(), Agent
 async fn serve_until_signal(
     plan: RunPlan,
     installer: Arc<dyn NodeInstaller>,
-) -> Result<(), AgentError> {
+) -> Result<Option<crate::ambient::AmbientLoop>, AgentError> {
     use tokio::signal::unix::{SignalKind, signal};
     // Install handlers first so a SIGTERM during start-up is not lost.
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
@@ -101,7 +103,9 @@ async fn serve_until_signal(
         _ = sigterm.recv() => info!("received SIGTERM"),
         _ = sigint.recv() => info!("received SIGINT"),
     }
-    Ok(())
+    Ok(handle
+        .enrollment
+        .and_then(|e| e.lock().unwrap_or_else(|p| p.into_inner()).take()))
 }
 
 /// Start every async component; returns the handles.
@@ -125,8 +129,8 @@ pub async fn start(
     }
 
     let ambient = if args.ambient_enabled {
-        // Until the redirect-mode driver lands, the ambient side consists of the config file:
-        // the gate opens once it is written. The driver will own a `redirect-mode` gate.
+        // The config file has its own gate; enrollment registers `redirect-mode` below
+        // (`ambient::start_from_args`).
         let gate = readiness.gate("ambient-config");
         let w = Arc::new(AmbientConfigWriter::new(
             &args.ambient_config_dir,
@@ -141,6 +145,18 @@ pub async fn start(
     };
 
     let (registry, metrics) = build_registry(installer);
+    let enrollment = if args.ambient_enabled {
+        crate::ambient::start_from_args(
+            args,
+            plan.redirect_mode,
+            &readiness,
+            metrics.enrolled_pods.clone(),
+            ambient.clone(),
+        )
+        .map(|l| Arc::new(std::sync::Mutex::new(Some(l))))
+    } else {
+        None
+    };
     let sock = bind_metrics_socket(&args.cni_agent_run_dir, &args.metrics_socket())?;
     tokio::spawn(receive_reports(sock, metrics.clone()));
 
@@ -169,6 +185,7 @@ pub async fn start(
         ambient,
         metrics,
         readiness,
+        enrollment,
     })
 }
 
@@ -250,7 +267,11 @@ fn remove_metrics_socket(path: &Path) {
 }
 
 /// After the signal: stop the keeper, then decide.
-fn shutdown(args: &AgentArgs, installer: &dyn NodeInstaller) -> Result<(), AgentError> {
+fn shutdown(
+    args: &AgentArgs,
+    installer: &dyn NodeInstaller,
+    enrollment: Option<crate::ambient::AmbientLoop>,
+) -> Result<(), AgentError> {
     // The keeper must stop first, or it would put back what uninstall removes.
     installer.stop();
     let action = decide(&ExitInputs {
@@ -258,6 +279,11 @@ fn shutdown(args: &AgentArgs, installer: &dyn NodeInstaller) -> Result<(), Agent
         disable_safe_upgrade: args.ambient_disable_safe_upgrade,
         marker: read_marker(&args.uninstall_marker_file),
     });
+    // Ambient redirection stays in place across restarts (the next agent adopts it) and is
+    // removed only together with the plugin.
+    if let Some(l) = enrollment {
+        l.stop(matches!(action, ExitAction::Uninstall { .. }));
+    }
     match action {
         ExitAction::LeaveInstalled { reason } => {
             info!(%reason, "leaving the CNI plugin installed");

@@ -12,11 +12,13 @@
 pub mod client;
 pub mod error;
 pub mod fake;
+pub mod fake_cluster;
 pub mod kubeconfig;
 pub mod retry;
 pub mod selector;
 pub mod source;
 pub mod types;
+pub mod watch;
 
 pub use client::{ApiClient, ApiPodSource, ClientOptions};
 pub use error::{KubeError, ObjectKind};
@@ -28,4 +30,7 @@ pub use selector::{
 pub use source::{LocalPodSource, PodSource};
 pub use types::{
     Container, EnvVar, Namespace, ObjectMeta, Pod, PodIp, PodSpec, PodStatus, SecurityContext,
+};
+pub use watch::{
+    ObjectList, Reflector, ReflectorOptions, Resource, StoreChange, WatchEnd, WatchEvent,
 };

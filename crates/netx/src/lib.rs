@@ -1,6 +1,8 @@
 //! `meshcni-netx`: the dataplane edge. Entering network namespaces on dedicated threads,
 //! applying rule text atomically (`iptables-restore`, `nft -f`), legacy-vs-nft detection per
-//! netns, and a small synchronous rtnetlink client for addresses, rules and routes.
+//! netns, and a small synchronous rtnetlink client for addresses, rules and routes, plus
+//! [`route`] (generic routes/rules), [`tunnel`] (GENEVE/VXLAN), [`ipset`] and [`sysctl`] for the
+//! ambient node-level mode.
 //!
 //! It executes decisions; it does not make policy (that is `meshcni-rules`). Synchronous, no
 //! tokio: the CNI plugin is short-lived and must start fast.
@@ -13,11 +15,15 @@ pub mod apply;
 pub mod detect;
 mod error;
 pub mod exec;
+pub mod ipset;
 pub mod iptables;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod route;
 mod sys;
+pub mod sysctl;
+pub mod tunnel;
 
 use std::fmt;
 use std::net::IpAddr;

@@ -269,7 +269,9 @@ impl Netlink {
         Ok(self.receive(op, seq)?.map(|_| ()))
     }
 
-    fn dump(
+    /// Send a dump request and collect every reply message (for modules that decode
+    /// attributes this client does not model, e.g. tunnel links and gatewayed routes).
+    pub fn dump(
         &mut self,
         op: &str,
         msg: RouteNetlinkMessage,

@@ -62,7 +62,11 @@ pub enum AgentError {
 }
 
 /// Sends the event and waits (up to `timeout`) for the agent's verdict.
-pub fn push_cmdadd(socket: &Path, event: &CmdAddEvent, timeout: Duration) -> Result<(), AgentError> {
+pub fn push_cmdadd(
+    socket: &Path,
+    event: &CmdAddEvent,
+    timeout: Duration,
+) -> Result<(), AgentError> {
     let sock = socket.display().to_string();
     let unreachable = |source| AgentError::Unreachable {
         socket: sock.clone(),
@@ -73,8 +77,12 @@ pub fn push_cmdadd(socket: &Path, event: &CmdAddEvent, timeout: Duration) -> Res
         reason: format!("cannot encode event: {e}"),
     })?;
     let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
-    stream.set_read_timeout(Some(timeout)).map_err(unreachable)?;
-    stream.set_write_timeout(Some(timeout)).map_err(unreachable)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(unreachable)?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(unreachable)?;
     let head = format!(
         "POST /cmdadd HTTP/1.1\r\nHost: unix\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
@@ -86,12 +94,18 @@ pub fn push_cmdadd(socket: &Path, event: &CmdAddEvent, timeout: Duration) -> Res
     let text = String::from_utf8_lossy(&reply);
     let status = parse_status(&text).ok_or_else(|| AgentError::BadReply {
         socket: sock.clone(),
-        reason: format!("no HTTP status line in {:?}", text.lines().next().unwrap_or("")),
+        reason: format!(
+            "no HTTP status line in {:?}",
+            text.lines().next().unwrap_or("")
+        ),
     })?;
     if status == 200 {
         return Ok(());
     }
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.trim()).unwrap_or("");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim())
+        .unwrap_or("");
     Err(AgentError::Rejected {
         socket: sock,
         status,
@@ -130,7 +144,13 @@ mod tests {
         }
     }
 
-    fn serve_once(reply: &'static str) -> (tempfile::TempDir, std::path::PathBuf, std::thread::JoinHandle<String>) {
+    fn serve_once(
+        reply: &'static str,
+    ) -> (
+        tempfile::TempDir,
+        std::path::PathBuf,
+        std::thread::JoinHandle<String>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pluginevent.sock");
         let listener = UnixListener::bind(&path).unwrap();
@@ -155,7 +175,8 @@ mod tests {
 
     #[test]
     fn non_200_is_rejected_with_body() {
-        let (_d, path, _h) = serve_once("HTTP/1.1 500 Internal Server Error\r\n\r\nztunnel not connected");
+        let (_d, path, _h) =
+            serve_once("HTTP/1.1 500 Internal Server Error\r\n\r\nztunnel not connected");
         let err = push_cmdadd(&path, &event(), Duration::from_secs(2)).unwrap_err();
         assert!(matches!(err, AgentError::Rejected { status: 500, .. }));
         assert!(err.to_string().contains("ztunnel not connected"), "{err}");
@@ -164,7 +185,12 @@ mod tests {
     #[test]
     fn missing_socket_is_unreachable() {
         let dir = tempfile::tempdir().unwrap();
-        let err = push_cmdadd(&dir.path().join("nope.sock"), &event(), Duration::from_secs(1)).unwrap_err();
+        let err = push_cmdadd(
+            &dir.path().join("nope.sock"),
+            &event(),
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
         assert!(matches!(err, AgentError::Unreachable { .. }));
         assert!(err.to_string().contains("nope.sock"), "{err}");
     }

@@ -8,7 +8,9 @@
 use std::path::Path;
 
 use meshcni_netx::netlink::Netlink;
-use meshcni_netx::{Applier, Backend, IpFamily, RoutesPlan, TproxyRouting, iptables as ipt, with_netns};
+use meshcni_netx::{
+    Applier, Backend, IpFamily, RoutesPlan, TproxyRouting, iptables as ipt, with_netns,
+};
 use meshcni_rules::iptables::{self, Family};
 use meshcni_rules::nft;
 use meshcni_rules::sidecar::RuleSet;
@@ -18,7 +20,8 @@ pub fn remove_sidecar_capture(applier: &Applier, netns: &Path, rs: &RuleSet) -> 
     with_netns(netns, |ns| -> Result<(), String> {
         match applier.backend {
             Backend::Nftables => {
-                meshcni_netx::nft::apply_here(ns, &nft::render_delete()).map_err(|e| e.to_string())?;
+                meshcni_netx::nft::apply_here(ns, &nft::render_delete())
+                    .map_err(|e| e.to_string())?;
             }
             _ => {
                 let flavor = ipt::detect_here(ns, &applier.iptables).map_err(|e| e.to_string())?;
@@ -28,11 +31,13 @@ pub fn remove_sidecar_capture(applier: &Applier, netns: &Path, rs: &RuleSet) -> 
                     }
                     let exact = iptables::render_cleanup(rs, family);
                     if exact.is_empty()
-                        || ipt::restore_here(ns, &applier.iptables, flavor, fam, &exact, true).is_ok()
+                        || ipt::restore_here(ns, &applier.iptables, flavor, fam, &exact, true)
+                            .is_ok()
                     {
                         continue;
                     }
-                    let save = ipt::save_here(ns, &applier.iptables, flavor, fam).map_err(|e| e.to_string())?;
+                    let save = ipt::save_here(ns, &applier.iptables, flavor, fam)
+                        .map_err(|e| e.to_string())?;
                     let filtered = without_istio_chains(&save);
                     if !filtered.is_empty() {
                         ipt::restore_here(ns, &applier.iptables, flavor, fam, &filtered, false)
@@ -41,7 +46,10 @@ pub fn remove_sidecar_capture(applier: &Applier, netns: &Path, rs: &RuleSet) -> 
                 }
             }
         }
-        let tproxy = rs.tproxy_routing.as_ref().map(|t| TproxyRouting { mark: t.mark, table: t.table });
+        let tproxy = rs.tproxy_routing.as_ref().map(|t| TproxyRouting {
+            mark: t.mark,
+            table: t.table,
+        });
         let routes = RoutesPlan::sidecar(rs.ipv6, tproxy);
         let mut nl = Netlink::open_here(ns).map_err(|e| e.to_string())?;
         for r in &routes.local_routes {
@@ -75,9 +83,11 @@ pub fn without_istio_chains(save: &str) -> String {
         }
         let istio = line.starts_with(":ISTIO_")
             || line.starts_with("-A ISTIO_")
-            || line.split_whitespace().collect::<Vec<_>>().windows(2).any(|w| {
-                (w[0] == "-j" || w[0] == "-g") && w[1].starts_with("ISTIO_")
-            });
+            || line
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .windows(2)
+                .any(|w| (w[0] == "-j" || w[0] == "-g") && w[1].starts_with("ISTIO_"));
         if istio {
             touched = true;
             continue;
@@ -109,6 +119,9 @@ mod tests {
 
     #[test]
     fn nothing_to_do_without_istio() {
-        assert_eq!(without_istio_chains("*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"), "");
+        assert_eq!(
+            without_istio_chains("*nat\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"),
+            ""
+        );
     }
 }

@@ -10,9 +10,12 @@ use std::time::Duration;
 use base64::Engine;
 use meshcni_cni::{CniError, Context, Plugin};
 use meshcni_kube::{
-    ApiClient, ClientOptions, KubeError, LocalPodSource, Namespace, Pod, PodSource, RetryOn, RetryPolicy,
+    ApiClient, ClientOptions, KubeError, LocalPodSource, Namespace, Pod, PodSource, RetryOn,
+    RetryPolicy,
 };
-use meshcni_netx::{Applier, ApplyPlan, Backend, IptablesFlavor, IptablesOptions, RoutesPlan, TproxyRouting};
+use meshcni_netx::{
+    Applier, ApplyPlan, Backend, IptablesFlavor, IptablesOptions, RoutesPlan, TproxyRouting,
+};
 use meshcni_rules::iptables::{self, Family};
 use meshcni_rules::nft;
 use meshcni_rules::sidecar::{self, CaptureConfig};
@@ -79,16 +82,18 @@ impl Plugin for MeshPlugin {
             Err(e) => {
                 return Err(CniError::new(
                     codes::INVALID_POD_CONFIG,
-                    format!("invalid capture configuration for pod {}", format_ref(pod_ref)),
+                    format!(
+                        "invalid capture configuration for pod {}",
+                        format_ref(pod_ref)
+                    ),
                     e.to_string(),
                 ));
             }
         };
-        let netns = ctx
-            .env
-            .netns
-            .as_deref()
-            .ok_or_else(|| CniError::invalid_environment("CNI_NETNS is required for ADD", ""))?;
+        let netns =
+            ctx.env.netns.as_deref().ok_or_else(|| {
+                CniError::invalid_environment("CNI_NETNS is required for ADD", "")
+            })?;
         let applied = apply_sidecar(&conf, netns, cfg).map_err(|e| e.with_pod(pod_ref))?;
         info!(pod = %format_ref(pod_ref), netns = %netns.display(), backend = ?applied.backend,
             flavor = ?applied.flavor, "sidecar capture applied");
@@ -155,8 +160,9 @@ impl Plugin for MeshPlugin {
 }
 
 fn load_conf(ctx: &Context) -> Result<PluginConf, CniError> {
-    let conf = PluginConf::from_json(&ctx.stdin)
-        .map_err(|e| CniError::invalid_config("invalid meshcni plugin configuration", e.to_string()))?;
+    let conf = PluginConf::from_json(&ctx.stdin).map_err(|e| {
+        CniError::invalid_config("invalid meshcni plugin configuration", e.to_string())
+    })?;
     crate::logging::init(conf.log_level());
     Ok(conf)
 }
@@ -197,21 +203,42 @@ fn kubeconfig_path(conf: &PluginConf) -> PathBuf {
         return conf.kubeconfig_path();
     }
     let ours = conf.agent_run_dir().join("meshcni-kubeconfig");
-    if ours.exists() { ours } else { conf.kubeconfig_path() }
+    if ours.exists() {
+        ours
+    } else {
+        conf.kubeconfig_path()
+    }
 }
 
 /// Ambient detection (HEAD): pod + namespace lookups, then the enablement selectors.
-fn ambient_check(conf: &PluginConf, source: &dyn PodSource, p: PodRef<'_>) -> Result<bool, KubeError> {
+fn ambient_check(
+    conf: &PluginConf,
+    source: &dyn PodSource,
+    p: PodRef<'_>,
+) -> Result<bool, KubeError> {
     let policy = RetryPolicy {
-        attempts: if conf.enable_ambient_detection_retry { 30 } else { 2 },
+        attempts: if conf.enable_ambient_detection_retry {
+            30
+        } else {
+            2
+        },
         interval: Duration::from_secs(1),
         retry_on: RetryOn::Any,
     };
     let (pod, ns): (Pod, Namespace) = policy.run(
-        |_| Ok((source.get_pod(p.namespace, p.name)?, source.get_namespace(p.namespace)?)),
+        |_| {
+            Ok((
+                source.get_pod(p.namespace, p.name)?,
+                source.get_namespace(p.namespace)?,
+            ))
+        },
         |_, _| true,
     )?;
-    Ok(pod::is_ambient_pod(&pod, &ns.metadata.labels, &conf.enablement_selectors()))
+    Ok(pod::is_ambient_pod(
+        &pod,
+        &ns.metadata.labels,
+        &conf.enablement_selectors(),
+    ))
 }
 
 fn enroll_ambient(ctx: &Context, conf: &PluginConf, p: PodRef<'_>) -> Result<(), CniError> {
@@ -223,13 +250,19 @@ fn enroll_ambient(ctx: &Context, conf: &PluginConf, p: PodRef<'_>) -> Result<(),
             interface: 0,
             address: EventAddr {
                 ip: ip.address.addr().to_string(),
-                mask: base64::engine::general_purpose::STANDARD.encode(mask_bytes(ip.address.netmask())),
+                mask: base64::engine::general_purpose::STANDARD
+                    .encode(mask_bytes(ip.address.netmask())),
             },
             gateway: ip.gateway.map(|g| g.to_string()),
         })
         .collect();
     let event = CmdAddEvent {
-        netns: ctx.env.netns.as_ref().map(|n| n.display().to_string()).unwrap_or_default(),
+        netns: ctx
+            .env
+            .netns
+            .as_ref()
+            .map(|n| n.display().to_string())
+            .unwrap_or_default(),
         pod_name: p.name.to_string(),
         pod_namespace: p.namespace.to_string(),
         ips,
@@ -237,7 +270,10 @@ fn enroll_ambient(ctx: &Context, conf: &PluginConf, p: PodRef<'_>) -> Result<(),
     agent_client::push_cmdadd(&conf.agent_event_socket(), &event, AGENT_TIMEOUT).map_err(|e| {
         CniError::new(
             codes::AGENT_FAILED,
-            format!("cannot enroll ambient pod {}: node agent unavailable", format_ref(p)),
+            format!(
+                "cannot enroll ambient pod {}: node agent unavailable",
+                format_ref(p)
+            ),
             e.to_string(),
         )
     })
@@ -280,14 +316,22 @@ struct ApplyError {
 
 impl ApplyError {
     fn with_pod(self, p: PodRef<'_>) -> CniError {
-        CniError::new(self.code, format!("{} for pod {}", self.msg, format_ref(p)), self.details)
+        CniError::new(
+            self.code,
+            format!("{} for pod {}", self.msg, format_ref(p)),
+            self.details,
+        )
     }
 }
 
 /// Builds the rules for `cfg` (IPv6 detected from the pod netns) and applies them as one
 /// transaction: one restore per family (rolled back if a later step fails) or one nft
 /// transaction, then the TPROXY routes / `::6` address.
-fn apply_sidecar(conf: &PluginConf, netns: &Path, mut cfg: CaptureConfig) -> Result<meshcni_netx::Applied, ApplyError> {
+fn apply_sidecar(
+    conf: &PluginConf,
+    netns: &Path,
+    mut cfg: CaptureConfig,
+) -> Result<meshcni_netx::Applied, ApplyError> {
     let backend = conf.rule_backend().map_err(|e| ApplyError {
         code: CniError::INVALID_NETWORK_CONFIG,
         msg: "invalid rule backend".into(),
@@ -321,12 +365,22 @@ fn apply_sidecar(conf: &PluginConf, netns: &Path, mut cfg: CaptureConfig) -> Res
 }
 
 /// The full apply plan for a capture config (pure).
-pub fn plan_for(cfg: &CaptureConfig, backend: RuleBackend) -> Result<ApplyPlan, sidecar::ConfigError> {
+pub fn plan_for(
+    cfg: &CaptureConfig,
+    backend: RuleBackend,
+) -> Result<ApplyPlan, sidecar::ConfigError> {
     let rs = sidecar::build(cfg)?;
-    let tproxy = rs.tproxy_routing.as_ref().map(|t| TproxyRouting { mark: t.mark, table: t.table });
+    let tproxy = rs.tproxy_routing.as_ref().map(|t| TproxyRouting {
+        mark: t.mark,
+        table: t.table,
+    });
     let nftables = matches!(backend, RuleBackend::Nftables);
     Ok(ApplyPlan {
-        v4_restore: if nftables { String::new() } else { iptables::render_restore(&rs, Family::V4) },
+        v4_restore: if nftables {
+            String::new()
+        } else {
+            iptables::render_restore(&rs, Family::V4)
+        },
         v6_restore: (!nftables && rs.ipv6).then(|| iptables::render_restore(&rs, Family::V6)),
         nft: nftables.then(|| nft::render(&rs)),
         routes: RoutesPlan::sidecar(rs.ipv6, tproxy),
@@ -341,7 +395,10 @@ fn iptables_options(conf: &PluginConf) -> IptablesOptions {
         // An explicit binary path picks the flavor its name says (`iptables-legacy`,
         // `iptables-nft`), else the distribution's plain `iptables`.
         Some(IptablesBinary::Path(p)) => {
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             opts.force = Some(if name.contains("legacy") {
                 IptablesFlavor::Legacy
             } else if name.contains("nft") {

@@ -25,10 +25,20 @@ pub struct InitArgs {
     #[arg(short = 'p', long, env = "ENVOY_PORT", default_value = "15001")]
     pub envoy_port: String,
     /// Inbound capture port.
-    #[arg(short = 'z', long, env = "INBOUND_CAPTURE_PORT", default_value = "15006")]
+    #[arg(
+        short = 'z',
+        long,
+        env = "INBOUND_CAPTURE_PORT",
+        default_value = "15006"
+    )]
     pub inbound_capture_port: String,
     /// HBONE tunnel port (never captured).
-    #[arg(short = 'e', long, env = "INBOUND_TUNNEL_PORT", default_value = "15008")]
+    #[arg(
+        short = 'e',
+        long,
+        env = "INBOUND_TUNNEL_PORT",
+        default_value = "15008"
+    )]
     pub inbound_tunnel_port: String,
     /// UID(s) of the proxy, exempt from capture (comma list). Default: uid of ENVOY_USER or 1337.
     #[arg(short = 'u', long, env = "PROXY_UID")]
@@ -37,37 +47,72 @@ pub struct InitArgs {
     #[arg(short = 'g', long, env = "PROXY_GID")]
     pub proxy_gid: Option<String>,
     /// REDIRECT or TPROXY.
-    #[arg(short = 'm', long, env = "ISTIO_INBOUND_INTERCEPTION_MODE", default_value = "")]
+    #[arg(
+        short = 'm',
+        long,
+        env = "ISTIO_INBOUND_INTERCEPTION_MODE",
+        default_value = ""
+    )]
     pub istio_inbound_interception_mode: String,
     /// Inbound ports to capture (comma list or `*`).
     #[arg(short = 'b', long, env = "ISTIO_INBOUND_PORTS", default_value = "")]
     pub istio_inbound_ports: String,
     /// Inbound ports excluded from capture (comma list).
-    #[arg(short = 'd', long, env = "ISTIO_LOCAL_EXCLUDE_PORTS", default_value = "")]
+    #[arg(
+        short = 'd',
+        long,
+        env = "ISTIO_LOCAL_EXCLUDE_PORTS",
+        default_value = ""
+    )]
     pub istio_local_exclude_ports: String,
     /// Interfaces whose traffic is never captured (comma list).
-    #[arg(short = 'c', long, env = "ISTIO_EXCLUDE_INTERFACES", default_value = "")]
+    #[arg(
+        short = 'c',
+        long,
+        env = "ISTIO_EXCLUDE_INTERFACES",
+        default_value = ""
+    )]
     pub istio_exclude_interfaces: String,
     /// Outbound IP ranges to capture (CIDR list or `*`).
     #[arg(short = 'i', long, env = "ISTIO_SERVICE_CIDR", default_value = "")]
     pub istio_service_cidr: String,
     /// Outbound IP ranges excluded from capture (CIDR list).
-    #[arg(short = 'x', long, env = "ISTIO_SERVICE_EXCLUDE_CIDR", default_value = "")]
+    #[arg(
+        short = 'x',
+        long,
+        env = "ISTIO_SERVICE_EXCLUDE_CIDR",
+        default_value = ""
+    )]
     pub istio_service_exclude_cidr: String,
     /// Outbound ports always captured (comma list).
     #[arg(short = 'q', long, env = "ISTIO_OUTBOUND_PORTS", default_value = "")]
     pub istio_outbound_ports: String,
     /// Outbound ports excluded from capture (comma list).
-    #[arg(short = 'o', long, env = "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE", default_value = "")]
+    #[arg(
+        short = 'o',
+        long,
+        env = "ISTIO_LOCAL_OUTBOUND_PORTS_EXCLUDE",
+        default_value = ""
+    )]
     pub istio_local_outbound_ports_exclude: String,
     /// Virtual interfaces whose inbound traffic is treated as outbound (comma list).
     #[arg(short = 'k', long, env = "KUBE_VIRT_INTERFACES", default_value = "")]
     pub kube_virt_interfaces: String,
     /// TPROXY mark.
-    #[arg(short = 't', long, env = "ISTIO_INBOUND_TPROXY_MARK", default_value = "1337")]
+    #[arg(
+        short = 't',
+        long,
+        env = "ISTIO_INBOUND_TPROXY_MARK",
+        default_value = "1337"
+    )]
     pub istio_inbound_tproxy_mark: String,
     /// TPROXY route table.
-    #[arg(short = 'r', long, env = "ISTIO_INBOUND_TPROXY_ROUTE_TABLE", default_value = "133")]
+    #[arg(
+        short = 'r',
+        long,
+        env = "ISTIO_INBOUND_TPROXY_ROUTE_TABLE",
+        default_value = "133"
+    )]
     pub istio_inbound_tproxy_route_table: String,
     /// Print the rules instead of applying them.
     #[arg(short = 'n', long, env = "DRY_RUN")]
@@ -118,7 +163,11 @@ impl InitArgs {
             .clone()
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| "1337".to_string());
-        let gid = self.proxy_gid.clone().filter(|s| !s.is_empty()).unwrap_or_else(|| uid.clone());
+        let gid = self
+            .proxy_gid
+            .clone()
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| uid.clone());
         let mut cfg = CaptureConfig {
             proxy_port: self.envoy_port.clone(),
             inbound_capture_port: self.inbound_capture_port.clone(),
@@ -175,7 +224,9 @@ pub fn resolv_conf_servers(text: &str) -> (Vec<String>, Vec<String>) {
 
 /// Entry point for `meshcni iptables …`; returns the exit code.
 pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
-    let args = match InitArgs::try_parse_from(std::iter::once(OsString::from("meshcni iptables")).chain(args)) {
+    let args = match InitArgs::try_parse_from(
+        std::iter::once(OsString::from("meshcni iptables")).chain(args),
+    ) {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
@@ -209,11 +260,19 @@ fn run(args: &InitArgs) -> Result<(), String> {
     options.force = match args.force_iptables_binary.as_deref() {
         Some("legacy") => Some(IptablesFlavor::Legacy),
         Some("nft") => Some(IptablesFlavor::Nft),
-        Some(other) => return Err(format!("--force-iptables-binary {other:?}: want legacy or nft")),
+        Some(other) => {
+            return Err(format!(
+                "--force-iptables-binary {other:?}: want legacy or nft"
+            ));
+        }
         None => options.force,
     };
     let applier = Applier {
-        backend: if args.native_nftables { Backend::Nftables } else { Backend::Iptables },
+        backend: if args.native_nftables {
+            Backend::Nftables
+        } else {
+            Backend::Iptables
+        },
         iptables: options,
     };
     if args.dry_run {
@@ -228,13 +287,17 @@ fn run(args: &InitArgs) -> Result<(), String> {
         return Ok(());
     }
     if args.cleanup_only || args.reconcile {
-        crate::cleanup::remove_sidecar_capture(&applier, netns, &rs).map_err(|e| format!("cleanup failed: {e}"))?;
+        crate::cleanup::remove_sidecar_capture(&applier, netns, &rs)
+            .map_err(|e| format!("cleanup failed: {e}"))?;
         if args.cleanup_only {
             return Ok(());
         }
     }
-    let plan = crate::flow::plan_for(&cfg, backend).map_err(|e| format!("invalid configuration: {e}"))?;
-    applier.apply_capture(netns, &plan).map_err(|e| format!("applying capture failed: {e}"))?;
+    let plan =
+        crate::flow::plan_for(&cfg, backend).map_err(|e| format!("invalid configuration: {e}"))?;
+    applier
+        .apply_capture(netns, &plan)
+        .map_err(|e| format!("applying capture failed: {e}"))?;
     Ok(())
 }
 
@@ -243,16 +306,34 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> InitArgs {
-        InitArgs::try_parse_from(std::iter::once("meshcni iptables").chain(args.iter().copied())).unwrap()
+        InitArgs::try_parse_from(std::iter::once("meshcni iptables").chain(args.iter().copied()))
+            .unwrap()
     }
 
     #[test]
     fn istio_init_container_args_map_onto_the_capture_config() {
         // The args Istio's injector gives istio-init.
-        let a = parse(&[
-            "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*", "-d",
-            "15090,15021,15020", "--log_output_level=default:info",
-        ][..16]);
+        let a = parse(
+            &[
+                "-p",
+                "15001",
+                "-z",
+                "15006",
+                "-u",
+                "1337",
+                "-m",
+                "REDIRECT",
+                "-i",
+                "*",
+                "-x",
+                "",
+                "-b",
+                "*",
+                "-d",
+                "15090,15021,15020",
+                "--log_output_level=default:info",
+            ][..16],
+        );
         let cfg = a.capture_config(|_| None);
         assert_eq!(cfg.proxy_uid, "1337");
         assert_eq!(cfg.proxy_gid, "1337");
@@ -278,7 +359,9 @@ mod tests {
 
     #[test]
     fn resolv_conf_parsing_splits_families() {
-        let (v4, v6) = resolv_conf_servers("# x\nnameserver 10.96.0.10\nsearch a b\nnameserver fd00::a\nnameserver bogus\n");
+        let (v4, v6) = resolv_conf_servers(
+            "# x\nnameserver 10.96.0.10\nsearch a b\nnameserver fd00::a\nnameserver bogus\n",
+        );
         assert_eq!(v4, vec!["10.96.0.10"]);
         assert_eq!(v6, vec!["fd00::a"]);
     }

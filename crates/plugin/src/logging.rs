@@ -13,7 +13,8 @@ static INIT: Once = Once::new();
 /// directive) overrides the configured level.
 pub fn init(level: LogLevel) {
     INIT.call_once(|| {
-        let directive = std::env::var("MESHCNI_LOG").unwrap_or_else(|_| level_name(level).to_string());
+        let directive =
+            std::env::var("MESHCNI_LOG").unwrap_or_else(|_| level_name(level).to_string());
         let filter = EnvFilter::try_new(&directive).unwrap_or_else(|_| EnvFilter::new("info"));
         let _ = tracing_subscriber::fmt()
             .json()

@@ -16,7 +16,9 @@ fn main() {
     let mut stdin = Vec::new();
     let command = std::env::var("CNI_COMMAND").unwrap_or_default();
     if command != "VERSION" && !command.is_empty() {
-        let _ = std::io::stdin().take(meshcni_cni::skel::MAX_STDIN_BYTES + 1).read_to_end(&mut stdin);
+        let _ = std::io::stdin()
+            .take(meshcni_cni::skel::MAX_STDIN_BYTES + 1)
+            .read_to_end(&mut stdin);
     }
     let mut stdout = std::io::stdout().lock();
     let code = meshcni_cni::run(

@@ -3,10 +3,12 @@
 //! * [`model`] — the rule model (typed matches and targets) shared by generators and renderers.
 //! * [`sidecar`] — the sidecar capture generator (Istio's `istio-iptables`), producing one
 //!   rule model that both renderers consume.
+//! * [`ambient_node`] — ambient node-level (`iptables` redirect mode) node/ztunnel rules, routes, sysctls.
 //! * [`iptables`] — `iptables-restore` text renderer.
 //! * [`nft`] — native nftables (`nft -f`) transaction renderer.
 #![forbid(unsafe_code)]
 
+pub mod ambient_node;
 pub mod iptables;
 pub mod model;
 pub mod nft;

@@ -10,15 +10,19 @@
 
 mod error;
 pub mod lab;
+pub mod multinode;
 mod netns;
 pub mod proxy;
 pub mod server;
 mod sockets;
 mod sys;
+pub mod ztunnel;
 
 pub use error::TestkitError;
 pub use lab::Lab;
+pub use multinode::{LabNode, LabPod, MultiNodeLab};
 pub use netns::{Netns, veth};
 pub use proxy::{DnsQuery, ProxiedConn, ProxyConfig, TransparentProxy};
 pub use server::{ConnectOpts, TcpServer, connect, connect_text, udp_exchange};
 pub use sockets::nat_original_dst;
+pub use ztunnel::{ZtunnelConfig, ZtunnelHop, ZtunnelStandIn};

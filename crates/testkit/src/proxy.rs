@@ -78,11 +78,23 @@ impl TransparentProxy {
 
     /// Listen on the configured ports inside `ns`.
     pub fn start_with(ns: &Netns, cfg: &ProxyConfig) -> Result<Self, TestkitError> {
+        Self::start_owned_by(ns, cfg, None)
+    }
+
+    /// Like [`TransparentProxy::start_with`], with the sockets owned by `(uid, gid)` as a real
+    /// proxy's are (iptables `-m owner` matches the socket owner, i.e. the creator's
+    /// fsuid/fsgid). The sockets are created on a dedicated thread whose fsuid/fsgid is switched
+    /// (a per-thread change); the caller's credentials are untouched.
+    pub fn start_owned_by(ns: &Netns, cfg: &ProxyConfig, owner: Option<(u32, u32)>) -> Result<Self, TestkitError> {
         let tcp_ports = cfg.tcp_ports.clone();
         let dns_port = cfg.dns_port;
         let what = format!("open proxy listeners in {}", ns.name());
         let (tcp, dns_udp, dns_tcp) = ns
             .run(move || -> std::io::Result<_> {
+                if let Some((uid, gid)) = owner {
+                    nix::unistd::setfsgid(nix::unistd::Gid::from_raw(gid));
+                    nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid));
+                }
                 let mut tcp = Vec::new();
                 for port in tcp_ports {
                     for addr in any_addrs(port) {

@@ -1,0 +1,433 @@
+//! The workloads the agent knows about: pods on this node and all namespaces, and the pure
+//! decisions over them — which pods belong in the mesh ([`wants_mesh`], [`desired_set`]) and
+//! which ztunnel is the active one ([`active_ztunnel`]).
+//!
+//! Sources ([`file`]: a local JSON/YAML file; [`kube`]: a Kubernetes list+watch) decode
+//! objects in the Kubernetes JSON shape into [`Workload`]/[`NamespaceInfo`] and send
+//! [`SourceUpdate`]s to the reconcile loop (`crate::ambient`).
+
+pub mod file;
+pub mod kube;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use meshcni_kube::EnablementSelector;
+use serde::{Deserialize, Deserializer};
+
+use crate::ambient::ZtunnelInfo;
+use crate::enroll::{DesiredPod, DesiredSet, PodId, canonical_ips};
+
+/// Annotation the sidecar injector sets on injected pods.
+pub const ANN_SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+/// Label identifying ztunnel pods (`app=ztunnel`).
+pub const ZTUNNEL_APP_LABEL: (&str, &str) = ("app", "ztunnel");
+
+/// A pod, reduced to what enrollment needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Workload {
+    /// `metadata.uid`; a source falls back to `namespace/name` when the object has none
+    /// (hand-written local files).
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    /// `status.podIPs` (else `status.podIP`), parsed, sorted, deduplicated; unparsable
+    /// entries are dropped.
+    pub ips: Vec<IpAddr>,
+    pub host_network: bool,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// Injected with a sidecar (annotation `sidecar.istio.io/status` present).
+    pub has_sidecar: bool,
+    pub node_name: String,
+    /// `status.phase` (`Pending`, `Running`, `Succeeded`, `Failed`, `Unknown`, or empty).
+    pub phase: String,
+    /// Condition `Ready` is `True`.
+    pub ready: bool,
+    /// `metadata.creationTimestamp` (RFC 3339; compares correctly as a string).
+    pub created: String,
+    /// `metadata.deletionTimestamp` is set (graceful termination in progress).
+    pub deleting: bool,
+}
+
+impl Workload {
+    /// `Succeeded` or `Failed`: the containers are gone for good.
+    pub fn terminal(&self) -> bool {
+        matches!(self.phase.as_str(), "Succeeded" | "Failed")
+    }
+
+    pub fn id(&self) -> PodId {
+        PodId::new(&self.uid, &self.namespace, &self.name)
+    }
+
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn is_ztunnel(&self) -> bool {
+        self.labels.get(ZTUNNEL_APP_LABEL.0).map(String::as_str) == Some(ZTUNNEL_APP_LABEL.1)
+    }
+}
+
+/// A namespace, reduced to its labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamespaceInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Everything known at one moment: pods on this node (keyed by UID) and namespaces (by name).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkloadSnapshot {
+    pub pods: BTreeMap<String, Workload>,
+    pub namespaces: BTreeMap<String, NamespaceInfo>,
+}
+
+impl WorkloadSnapshot {
+    pub fn from_parts(
+        pods: impl IntoIterator<Item = Workload>,
+        namespaces: impl IntoIterator<Item = NamespaceInfo>,
+    ) -> WorkloadSnapshot {
+        WorkloadSnapshot {
+            pods: pods.into_iter().map(|p| (p.uid.clone(), p)).collect(),
+            namespaces: namespaces
+                .into_iter()
+                .map(|n| (n.name.clone(), n))
+                .collect(),
+        }
+    }
+}
+
+/// What a source tells the reconcile loop. Pods and namespaces may come separately (two
+/// watches); the loop plans only once it has had both (otherwise a pod seen before its
+/// namespace would look un-enrolled and be released).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceUpdate {
+    /// Both halves at once (local file).
+    Snapshot(WorkloadSnapshot),
+    /// The complete current set of pods on this node.
+    Pods(Vec<Workload>),
+    /// The complete current set of namespaces.
+    Namespaces(Vec<NamespaceInfo>),
+    /// The source has a problem (logged; the last good data stays in force).
+    Error(String),
+    /// Re-read the driver's state and re-plan (also used to wake the loop).
+    Resync,
+}
+
+/// The agent's enrollment policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollPolicy {
+    /// Ambient enablement selectors; a pod is ambient if any matches.
+    pub selectors: Vec<EnablementSelector>,
+    /// Namespaces whose pods are never enrolled (the agent's `EXCLUDE_NAMESPACES`).
+    pub excluded_namespaces: BTreeSet<String>,
+}
+
+impl Default for EnrollPolicy {
+    /// Istio's default selectors, nothing excluded.
+    fn default() -> Self {
+        EnrollPolicy {
+            selectors: EnablementSelector::istio_defaults(),
+            excluded_namespaces: BTreeSet::new(),
+        }
+    }
+}
+
+/// Why a pod is (not) in the mesh. `In` is the only enrolling answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshDecision {
+    In,
+    HostNetwork,
+    Sidecar,
+    Ztunnel,
+    ExcludedNamespace,
+    Terminal,
+    NoIp,
+    NotSelected,
+}
+
+impl fmt::Display for MeshDecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MeshDecision::In => "in the mesh",
+            MeshDecision::HostNetwork => "host network",
+            MeshDecision::Sidecar => "has a sidecar",
+            MeshDecision::Ztunnel => "is a ztunnel pod",
+            MeshDecision::ExcludedNamespace => "namespace excluded",
+            MeshDecision::Terminal => "terminated",
+            MeshDecision::NoIp => "no pod IP yet",
+            MeshDecision::NotSelected => "not selected for ambient",
+        })
+    }
+}
+
+/// Whether `pod` belongs in the mesh, with the reason. `ns` is the pod's namespace (`None`
+/// if unknown: no namespace labels). Order: the pod kinds ambient never handles first (host
+/// network, sidecar, ztunnel itself, excluded namespace), then lifecycle (terminal), then the
+/// enablement selectors (pod label `istio.io/dataplane-mode=ambient`, or namespace label
+/// `ambient` unless the pod says `none`, with the default selectors), then the IP.
+pub fn mesh_decision(
+    pod: &Workload,
+    ns: Option<&NamespaceInfo>,
+    policy: &EnrollPolicy,
+) -> MeshDecision {
+    static EMPTY: BTreeMap<String, String> = BTreeMap::new();
+    if pod.host_network {
+        return MeshDecision::HostNetwork;
+    }
+    if pod.has_sidecar {
+        return MeshDecision::Sidecar;
+    }
+    if pod.is_ztunnel() {
+        return MeshDecision::Ztunnel;
+    }
+    if policy.excluded_namespaces.contains(&pod.namespace) {
+        return MeshDecision::ExcludedNamespace;
+    }
+    if pod.terminal() {
+        return MeshDecision::Terminal;
+    }
+    let ns_labels = ns.map_or(&EMPTY, |n| &n.labels);
+    if !policy
+        .selectors
+        .iter()
+        .any(|s| s.matches(&pod.labels, ns_labels))
+    {
+        return MeshDecision::NotSelected;
+    }
+    if pod.ips.is_empty() {
+        return MeshDecision::NoIp;
+    }
+    MeshDecision::In
+}
+
+/// [`mesh_decision`] `== In`.
+pub fn wants_mesh(pod: &Workload, ns: Option<&NamespaceInfo>, policy: &EnrollPolicy) -> bool {
+    mesh_decision(pod, ns, policy) == MeshDecision::In
+}
+
+/// The desired set: every pod that should be enrolled, plus selected pods still waiting for
+/// an IP (with empty `ips`; the planner waits for them).
+pub fn desired_set(snapshot: &WorkloadSnapshot, policy: &EnrollPolicy) -> DesiredSet {
+    snapshot
+        .pods
+        .values()
+        .filter(|p| {
+            matches!(
+                mesh_decision(p, snapshot.namespaces.get(&p.namespace), policy),
+                MeshDecision::In | MeshDecision::NoIp
+            )
+        })
+        .map(|p| {
+            (
+                p.uid.clone(),
+                DesiredPod {
+                    id: p.id(),
+                    ips: p.ips.clone(),
+                    annotations: p.annotations.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// Spec §3.2 `UpdateActiveNodeProxy`: among ztunnel pods (label `app=ztunnel`, any
+/// namespace) on this node, the Ready, non-terminal one with an IP and the newest
+/// `creationTimestamp` (ties: larger UID, so the choice is deterministic).
+pub fn active_ztunnel(snapshot: &WorkloadSnapshot) -> Option<ZtunnelInfo> {
+    snapshot
+        .pods
+        .values()
+        .filter(|p| p.is_ztunnel() && p.ready && !p.terminal() && !p.ips.is_empty())
+        .max_by(|a, b| a.created.cmp(&b.created).then(a.uid.cmp(&b.uid)))
+        .map(|p| ZtunnelInfo {
+            pod: p.id(),
+            ips: p.ips.clone(),
+            created: p.created.clone(),
+            annotations: p.annotations.clone(),
+        })
+}
+
+// ---- decoding the Kubernetes JSON shape -------------------------------------------------
+
+fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct Meta {
+    #[serde(deserialize_with = "null_default")]
+    name: String,
+    #[serde(deserialize_with = "null_default")]
+    namespace: String,
+    #[serde(deserialize_with = "null_default")]
+    uid: String,
+    #[serde(deserialize_with = "null_default")]
+    labels: BTreeMap<String, String>,
+    #[serde(deserialize_with = "null_default")]
+    annotations: BTreeMap<String, String>,
+    #[serde(deserialize_with = "null_default")]
+    creation_timestamp: String,
+    deletion_timestamp: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct PodSpecLite {
+    #[serde(deserialize_with = "null_default")]
+    host_network: bool,
+    #[serde(deserialize_with = "null_default")]
+    node_name: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct Condition {
+    #[serde(rename = "type", deserialize_with = "null_default")]
+    typ: String,
+    #[serde(deserialize_with = "null_default")]
+    status: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PodIpLite {
+    #[serde(deserialize_with = "null_default")]
+    ip: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct PodStatusLite {
+    #[serde(deserialize_with = "null_default")]
+    phase: String,
+    #[serde(rename = "podIP", deserialize_with = "null_default")]
+    pod_ip: String,
+    #[serde(rename = "podIPs", deserialize_with = "null_default")]
+    pod_ips: Vec<PodIpLite>,
+    #[serde(deserialize_with = "null_default")]
+    conditions: Vec<Condition>,
+}
+
+/// A Pod in API JSON shape (only the fields used here).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct PodObject {
+    #[serde(deserialize_with = "null_default")]
+    metadata: Meta,
+    #[serde(deserialize_with = "null_default")]
+    spec: PodSpecLite,
+    #[serde(deserialize_with = "null_default")]
+    status: PodStatusLite,
+}
+
+/// A Namespace in API JSON shape.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct NamespaceObject {
+    #[serde(deserialize_with = "null_default")]
+    metadata: Meta,
+}
+
+/// A decoding problem that makes an object unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("{kind} object without metadata.name: {object}")]
+    NoName { kind: &'static str, object: String },
+    #[error("pod {name} without metadata.namespace")]
+    NoNamespace { name: String },
+    #[error("{kind} object is not valid: {reason}")]
+    Invalid { kind: &'static str, reason: String },
+}
+
+impl PodObject {
+    pub fn into_workload(self) -> Result<Workload, DecodeError> {
+        let m = self.metadata;
+        if m.name.is_empty() {
+            return Err(DecodeError::NoName {
+                kind: "pod",
+                object: format!("namespace {:?}, uid {:?}", m.namespace, m.uid),
+            });
+        }
+        if m.namespace.is_empty() {
+            return Err(DecodeError::NoNamespace { name: m.name });
+        }
+        let raw_ips: Vec<&str> = if self.status.pod_ips.is_empty() {
+            vec![self.status.pod_ip.as_str()]
+        } else {
+            self.status.pod_ips.iter().map(|p| p.ip.as_str()).collect()
+        };
+        let ips = canonical_ips(raw_ips.iter().filter_map(|s| s.trim().parse().ok()));
+        let ready = self
+            .status
+            .conditions
+            .iter()
+            .any(|c| c.typ == "Ready" && c.status == "True");
+        let has_sidecar = m.annotations.contains_key(ANN_SIDECAR_STATUS);
+        Ok(Workload {
+            uid: if m.uid.is_empty() {
+                format!("{}/{}", m.namespace, m.name)
+            } else {
+                m.uid
+            },
+            namespace: m.namespace,
+            name: m.name,
+            ips,
+            host_network: self.spec.host_network,
+            labels: m.labels,
+            annotations: m.annotations,
+            has_sidecar,
+            node_name: self.spec.node_name,
+            phase: self.status.phase,
+            ready,
+            created: m.creation_timestamp,
+            deleting: m.deletion_timestamp.is_some(),
+        })
+    }
+}
+
+impl NamespaceObject {
+    pub fn into_info(self) -> Result<NamespaceInfo, DecodeError> {
+        if self.metadata.name.is_empty() {
+            return Err(DecodeError::NoName {
+                kind: "namespace",
+                object: format!("labels {:?}", self.metadata.labels),
+            });
+        }
+        Ok(NamespaceInfo {
+            name: self.metadata.name,
+            labels: self.metadata.labels,
+        })
+    }
+}
+
+/// Decode a pod from API JSON.
+pub fn decode_pod(v: &serde_json::Value) -> Result<Workload, DecodeError> {
+    PodObject::deserialize(v)
+        .map_err(|e| DecodeError::Invalid {
+            kind: "pod",
+            reason: e.to_string(),
+        })?
+        .into_workload()
+}
+
+/// Decode a namespace from API JSON.
+pub fn decode_namespace(v: &serde_json::Value) -> Result<NamespaceInfo, DecodeError> {
+    NamespaceObject::deserialize(v)
+        .map_err(|e| DecodeError::Invalid {
+            kind: "namespace",
+            reason: e.to_string(),
+        })?
+        .into_info()
+}
+
+#[cfg(test)]
+mod tests;

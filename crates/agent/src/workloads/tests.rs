@@ -1,0 +1,264 @@
+use super::*;
+use serde_json::json;
+use std::path::Path;
+
+fn pod_json(name: &str, ns: &str) -> serde_json::Value {
+    json!({
+        "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"),
+                     "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"nodeName": "node-1", "containers": [{"name": "app"}]},
+        "status": {"phase": "Running", "podIP": "10.0.0.5",
+                   "podIPs": [{"ip": "10.0.0.5"}, {"ip": "fd00::5"}],
+                   "conditions": [{"type": "Ready", "status": "True"}]}
+    })
+}
+
+fn ns(name: &str, labels: &[(&str, &str)]) -> NamespaceInfo {
+    NamespaceInfo {
+        name: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+#[test]
+fn decodes_the_api_shape() {
+    let w = decode_pod(&pod_json("p", "demo")).expect("decode");
+    assert_eq!(w.uid, "uid-p");
+    assert_eq!(w.key(), "demo/p");
+    assert_eq!(
+        w.ips,
+        vec![
+            "10.0.0.5".parse::<IpAddr>().expect("v4"),
+            "fd00::5".parse().expect("v6")
+        ]
+    );
+    assert!(w.ready && !w.terminal() && !w.deleting && !w.has_sidecar && !w.host_network);
+    assert_eq!(w.created, "2026-01-01T00:00:00Z");
+    assert_eq!(w.node_name, "node-1");
+
+    // podIP only, nulls, a sidecar, deletion, bad IP dropped, uid fallback.
+    let w = decode_pod(&json!({
+        "metadata": {"name": "q", "namespace": "demo", "labels": null,
+                     "annotations": {"sidecar.istio.io/status": "{}"},
+                     "deletionTimestamp": "2026-01-01T00:00:01Z"},
+        "spec": {"hostNetwork": null},
+        "status": {"phase": "Succeeded", "podIP": "not-an-ip", "podIPs": null}
+    }))
+    .expect("decode");
+    assert_eq!(w.uid, "demo/q");
+    assert!(w.ips.is_empty());
+    assert!(w.has_sidecar && w.deleting && w.terminal() && !w.ready);
+
+    assert!(matches!(
+        decode_pod(&json!({"metadata": {"namespace": "x"}})),
+        Err(DecodeError::NoName { .. })
+    ));
+    assert!(matches!(
+        decode_pod(&json!({"metadata": {"name": "x"}})),
+        Err(DecodeError::NoNamespace { .. })
+    ));
+    let e = decode_pod(&json!({"metadata": {"name": 5}})).expect_err("bad type");
+    assert!(e.to_string().contains("pod object is not valid"), "{e}");
+    assert_eq!(
+        decode_namespace(&json!({"metadata": {"name": "a", "labels": {"x": "y"}}})).expect("ns"),
+        ns("a", &[("x", "y")])
+    );
+}
+
+#[test]
+fn mesh_decisions() {
+    let ambient = ns("demo", &[("istio.io/dataplane-mode", "ambient")]);
+    let plain = ns("demo", &[]);
+    let base = decode_pod(&pod_json("p", "demo")).expect("decode");
+    let mut policy = EnrollPolicy::default();
+    policy.excluded_namespaces.insert("kube-system".into());
+    type Mutate = fn(&mut Workload);
+    let cases: &[(&str, Mutate, &NamespaceInfo, MeshDecision)] = &[
+        (
+            "plain pod, ambient namespace",
+            |_| {},
+            &ambient,
+            MeshDecision::In,
+        ),
+        (
+            "plain pod, plain namespace",
+            |_| {},
+            &plain,
+            MeshDecision::NotSelected,
+        ),
+        (
+            "pod opt-in, plain namespace",
+            |p| {
+                p.labels
+                    .insert("istio.io/dataplane-mode".into(), "ambient".into());
+            },
+            &plain,
+            MeshDecision::In,
+        ),
+        (
+            "pod opt-out",
+            |p| {
+                p.labels
+                    .insert("istio.io/dataplane-mode".into(), "none".into());
+            },
+            &ambient,
+            MeshDecision::NotSelected,
+        ),
+        (
+            "host network",
+            |p| p.host_network = true,
+            &ambient,
+            MeshDecision::HostNetwork,
+        ),
+        (
+            "sidecar",
+            |p| p.has_sidecar = true,
+            &ambient,
+            MeshDecision::Sidecar,
+        ),
+        (
+            "ztunnel itself",
+            |p| {
+                p.labels.insert("app".into(), "ztunnel".into());
+            },
+            &ambient,
+            MeshDecision::Ztunnel,
+        ),
+        (
+            "excluded namespace",
+            |p| p.namespace = "kube-system".into(),
+            &ambient,
+            MeshDecision::ExcludedNamespace,
+        ),
+        (
+            "succeeded",
+            |p| p.phase = "Succeeded".into(),
+            &ambient,
+            MeshDecision::Terminal,
+        ),
+        (
+            "failed",
+            |p| p.phase = "Failed".into(),
+            &ambient,
+            MeshDecision::Terminal,
+        ),
+        ("no IP yet", |p| p.ips.clear(), &ambient, MeshDecision::NoIp),
+        (
+            "being deleted stays in",
+            |p| p.deleting = true,
+            &ambient,
+            MeshDecision::In,
+        ),
+    ];
+    for (name, mutate, namespace, want) in cases {
+        let mut p = base.clone();
+        mutate(&mut p);
+        assert_eq!(mesh_decision(&p, Some(namespace), &policy), *want, "{name}");
+        assert_eq!(
+            wants_mesh(&p, Some(namespace), &policy),
+            *want == MeshDecision::In
+        );
+    }
+    // Unknown namespace = no labels.
+    assert_eq!(
+        mesh_decision(&base, None, &policy),
+        MeshDecision::NotSelected
+    );
+    // No selectors at all: nothing is ambient.
+    let none = EnrollPolicy {
+        selectors: vec![],
+        excluded_namespaces: Default::default(),
+    };
+    assert_eq!(
+        mesh_decision(&base, Some(&ambient), &none),
+        MeshDecision::NotSelected
+    );
+}
+
+fn ztunnel(name: &str, created: &str, ready: bool, ip: &str) -> Workload {
+    Workload {
+        uid: format!("uid-{name}"),
+        namespace: "istio-system".into(),
+        name: name.into(),
+        ips: ip.parse().map(|i| vec![i]).unwrap_or_default(),
+        labels: [("app".to_string(), "ztunnel".to_string())].into(),
+        phase: "Running".into(),
+        ready,
+        created: created.into(),
+        ..Workload::default()
+    }
+}
+
+#[test]
+fn desired_set_and_active_ztunnel() {
+    let mut p1 = decode_pod(&pod_json("p1", "demo")).expect("p1");
+    p1.ips.clear();
+    let p2 = decode_pod(&pod_json("p2", "demo")).expect("p2");
+    let p3 = decode_pod(&pod_json("p3", "other")).expect("p3");
+    let zt_old = ztunnel("zt-old", "2026-01-01T00:00:00Z", true, "10.0.0.100");
+    let zt_new = ztunnel("zt-new", "2026-01-02T00:00:00Z", true, "10.0.0.101");
+    let zt_newest_unready = ztunnel("zt-x", "2026-01-03T00:00:00Z", false, "10.0.0.102");
+    let snap = WorkloadSnapshot::from_parts(
+        [p1, p2, p3, zt_old.clone(), zt_new, zt_newest_unready],
+        [
+            ns("demo", &[("istio.io/dataplane-mode", "ambient")]),
+            ns("istio-system", &[("istio.io/dataplane-mode", "ambient")]),
+        ],
+    );
+    let d = desired_set(&snap, &EnrollPolicy::default());
+    assert_eq!(
+        d.keys().cloned().collect::<Vec<_>>(),
+        vec!["uid-p1", "uid-p2"],
+        "p1 waits for its IP, p3's namespace is not ambient, ztunnels never enroll"
+    );
+    assert!(d["uid-p1"].ips.is_empty());
+    let zt = active_ztunnel(&snap).expect("ztunnel");
+    assert_eq!(zt.pod.name, "zt-new", "newest Ready wins");
+    assert_eq!(zt.ips, vec!["10.0.0.101".parse::<IpAddr>().expect("ip")]);
+
+    let only_old = WorkloadSnapshot::from_parts([zt_old], []);
+    assert_eq!(active_ztunnel(&only_old).expect("zt").pod.name, "zt-old");
+    let none = WorkloadSnapshot::from_parts(
+        [ztunnel("z", "2026-01-01T00:00:00Z", false, "10.0.0.1")],
+        [],
+    );
+    assert_eq!(active_ztunnel(&none), None);
+}
+
+#[test]
+fn workloads_file_json_and_yaml() {
+    let path = Path::new("/x/workloads.json");
+    let text = json!({
+        "namespaces": [{"metadata": {"name": "demo", "labels": {"istio.io/dataplane-mode": "ambient"}}}],
+        "pods": [pod_json("mine", "demo"),
+                 {"metadata": {"name": "elsewhere", "namespace": "demo"}, "spec": {"nodeName": "node-2"}},
+                 {"metadata": {"name": "nonode", "namespace": "demo"}}]
+    })
+    .to_string();
+    let snap = file::parse_workloads(&text, "node-1", path).expect("parse");
+    let names: Vec<&str> = snap.pods.values().map(|p| p.name.as_str()).collect();
+    // Keyed by UID ("demo/nonode" is the fallback UID); the node-2 pod is ignored.
+    assert_eq!(names, vec!["nonode", "mine"]);
+    assert_eq!(snap.namespaces.len(), 1);
+
+    let yaml = "namespaces:\n- metadata:\n    name: demo\npods:\n- metadata:\n    name: y\n    namespace: demo\n    uid: u-y\n  status:\n    podIP: 10.1.1.1\n";
+    let snap = file::parse_workloads(yaml, "node-1", path).expect("yaml");
+    assert_eq!(
+        snap.pods["u-y"].ips,
+        vec!["10.1.1.1".parse::<IpAddr>().expect("ip")]
+    );
+
+    for (bad, want) in [
+        ("", "file is empty"),
+        ("{\"pods\": [", "not valid JSON/YAML"),
+        ("{\"pod\": []}", "unknown field"),
+        ("{\"pods\": [{\"metadata\": {\"name\": \"x\"}}]}", "pods[0]"),
+    ] {
+        let e = file::parse_workloads(bad, "node-1", path).expect_err(bad);
+        assert!(e.to_string().contains(want), "{bad:?}: {e}");
+        assert!(e.to_string().contains("/x/workloads.json"), "{e}");
+    }
+}

@@ -1,0 +1,281 @@
+//! Test harness shared by `tests/ambient_traffic.rs` and `examples/ambient_conn_bench.rs`: a
+//! two-node [`MultiNodeLab`] with a ztunnel stand-in per node, the `iptables` redirect driver
+//! running against each node netns, and enrollment decided by the agent's own pure code
+//! (`workloads::desired_set` over a snapshot of the lab's pods → `enroll::plan` → driver).
+//!
+//! Pods (namespace `mesh` is labelled `istio.io/dataplane-mode=ambient`, `plain` is not):
+//!
+//! | node | pod | namespace | labels | captured |
+//! |---|---|---|---|---|
+//! | 1 | a | mesh | – | yes |
+//! | 1 | b | plain | – | no |
+//! | 1 | d | mesh | – | yes |
+//! | 1 | o | mesh | `istio.io/dataplane-mode=none` (opt-out) | no |
+//! | 2 | c | mesh | – | yes |
+//! | 2 | e | plain | – | no |
+
+#![allow(dead_code)] // each includer uses a subset
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use std::path::Path;
+
+use meshcni_agent::ambient::RedirectDriver;
+use meshcni_agent::enroll::{EnrolledState, plan};
+use meshcni_agent::modes::iptables::{
+    IptablesDriver, IptablesModeConfig, ZTUNNEL_NETNS_ANNOTATION,
+};
+use meshcni_agent::workloads::{
+    EnrollPolicy, NamespaceInfo, Workload, WorkloadSnapshot, active_ztunnel, desired_set,
+};
+use meshcni_testkit::{LabNode, LabPod, MultiNodeLab, TcpServer, ZtunnelHop, ZtunnelStandIn};
+
+pub const PORT: u16 = 8080;
+pub const T: Duration = Duration::from_secs(5);
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+
+/// (node, pod, namespace, extra labels)
+pub const PODS: &[(u8, &str, &str, &[(&str, &str)])] = &[
+    (1, "a", "mesh", &[]),
+    (1, "b", "plain", &[]),
+    (1, "d", "mesh", &[]),
+    (1, "o", "mesh", &[(DATAPLANE_MODE, "none")]),
+    (2, "c", "mesh", &[]),
+    (2, "e", "plain", &[]),
+];
+
+/// The lab plus the meshcni dataplane and ztunnel stand-ins.
+pub struct Mesh {
+    /// Per node, index 0 = node 1. Dropped before the lab (field order).
+    pub drivers: Vec<Box<dyn RedirectDriver>>,
+    pub ztunnels: Vec<ZtunnelStandIn>,
+    pub servers: BTreeMap<String, TcpServer>,
+    /// Per pod name: labels (mutable to enroll/release running pods).
+    pub labels: BTreeMap<String, BTreeMap<String, String>>,
+    pub pod_ns: BTreeMap<String, String>,
+    pub lab: MultiNodeLab,
+    pub tmp: tempfile::TempDir,
+}
+
+/// The `iptables` driver programming one lab node's netns (state file under `state_dir`).
+/// The ztunnel netns is named through the ztunnel pod annotation (see [`Mesh::snapshot`]).
+pub fn iptables_driver(node: &LabNode, state_dir: &Path) -> Box<dyn RedirectDriver> {
+    let cfg = IptablesModeConfig {
+        node_netns: node.netns.path().to_path_buf(),
+        netns_dir: state_dir.join("netns"),
+        state_file: state_dir.join(format!("node{}/iptables-mode.json", node.index)),
+        ..IptablesModeConfig::default()
+    };
+    Box::new(IptablesDriver::new(cfg).expect("iptables driver"))
+}
+
+impl Mesh {
+    /// Build the lab, start stand-ins and a server on `PORT` in every pod, create the
+    /// drivers, tell them about the ztunnel and reconcile every node.
+    pub fn new(tag: &str) -> Mesh {
+        let node1: Vec<&str> = PODS.iter().filter(|p| p.0 == 1).map(|p| p.1).collect();
+        let node2: Vec<&str> = PODS.iter().filter(|p| p.0 == 2).map(|p| p.1).collect();
+        let lab = MultiNodeLab::new(tag, &[&node1, &node2]).expect("multi-node lab");
+        let ztunnels = lab
+            .nodes
+            .iter()
+            .map(|n| {
+                ZtunnelStandIn::start(&n.ztunnel.netns, IpAddr::V4(n.ztunnel.ip))
+                    .expect("ztunnel stand-in")
+            })
+            .collect();
+        let mut servers = BTreeMap::new();
+        let mut labels = BTreeMap::new();
+        let mut pod_ns = BTreeMap::new();
+        for (_, name, ns, extra) in PODS {
+            let pod = lab.pod(name);
+            servers.insert(
+                name.to_string(),
+                TcpServer::start(&pod.netns, pod.addr(PORT)).expect("server"),
+            );
+            labels.insert(
+                name.to_string(),
+                extra
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            );
+            pod_ns.insert(name.to_string(), ns.to_string());
+        }
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let drivers = lab
+            .nodes
+            .iter()
+            .map(|n| iptables_driver(n, tmp.path()))
+            .collect();
+        let mut mesh = Mesh {
+            drivers,
+            ztunnels,
+            servers,
+            labels,
+            pod_ns,
+            lab,
+            tmp,
+        };
+        for i in 0..mesh.drivers.len() {
+            let snap = mesh.snapshot(i);
+            let zt = active_ztunnel(&snap);
+            assert!(zt.is_some(), "the lab's ztunnel pod must be active");
+            mesh.drivers[i]
+                .ztunnel_changed(zt.as_ref())
+                .unwrap_or_else(|e| panic!("node {} ztunnel_changed: {e}", i + 1));
+        }
+        mesh.reconcile();
+        mesh
+    }
+
+    /// The Kubernetes view of node `i` (0-based): its pods and both namespaces.
+    pub fn snapshot(&self, i: usize) -> WorkloadSnapshot {
+        let node = &self.lab.nodes[i];
+        let node_name = format!("node{}", node.index);
+        let mut pods: Vec<Workload> = node
+            .pods
+            .iter()
+            .map(|p| Workload {
+                uid: format!("uid-{}", p.name),
+                namespace: self.pod_ns[&p.name].clone(),
+                name: p.name.clone(),
+                ips: vec![IpAddr::V4(p.ip)],
+                labels: self.labels[&p.name].clone(),
+                node_name: node_name.clone(),
+                phase: "Running".into(),
+                ready: true,
+                created: "2026-01-01T00:00:00Z".into(),
+                ..Workload::default()
+            })
+            .collect();
+        pods.push(Workload {
+            uid: format!("uid-ztunnel-{}", node.index),
+            namespace: "istio-system".into(),
+            name: format!("ztunnel-{}", node.index),
+            ips: vec![IpAddr::V4(node.ztunnel.ip)],
+            labels: [("app".to_string(), "ztunnel".to_string())].into(),
+            annotations: [(
+                ZTUNNEL_NETNS_ANNOTATION.to_string(),
+                node.ztunnel.netns.path().display().to_string(),
+            )]
+            .into(),
+            node_name,
+            phase: "Running".into(),
+            ready: true,
+            created: "2026-01-01T00:00:00Z".into(),
+            ..Workload::default()
+        });
+        let namespaces = [
+            NamespaceInfo {
+                name: "mesh".into(),
+                labels: [(DATAPLANE_MODE.to_string(), "ambient".to_string())].into(),
+            },
+            NamespaceInfo {
+                name: "plain".into(),
+                labels: BTreeMap::new(),
+            },
+        ];
+        WorkloadSnapshot::from_parts(pods, namespaces)
+    }
+
+    /// One reconcile pass per node (desired from the snapshot, actual from the driver), then
+    /// the stand-ins learn the captured set (their "xDS").
+    pub fn reconcile(&mut self) {
+        let mut captured = Vec::new();
+        for i in 0..self.drivers.len() {
+            let desired = desired_set(&self.snapshot(i), &EnrollPolicy::default());
+            let actual: EnrolledState = self.drivers[i]
+                .actual()
+                .unwrap_or_else(|e| panic!("node {} actual: {e}", i + 1));
+            for action in plan(&desired, &actual).actions {
+                self.drivers[i]
+                    .apply(&action)
+                    .unwrap_or_else(|e| panic!("node {} apply {action}: {e}", i + 1));
+            }
+            let after = self.drivers[i].actual().expect("actual after apply");
+            let want: Vec<IpAddr> = desired.values().flat_map(|d| d.ips.clone()).collect();
+            let mut have: Vec<IpAddr> = after.pods.values().flat_map(|p| p.ips.clone()).collect();
+            have.sort();
+            let mut want_sorted = want.clone();
+            want_sorted.sort();
+            assert_eq!(have, want_sorted, "node {} enrolled set", i + 1);
+            captured.extend(have);
+        }
+        for z in &self.ztunnels {
+            z.set_captured(captured.iter().copied());
+        }
+    }
+
+    /// Set (or with `None` remove) a label on a pod; call [`Mesh::reconcile`] afterwards.
+    pub fn set_label(&mut self, pod: &str, key: &str, value: Option<&str>) {
+        let l = self.labels.get_mut(pod).expect("pod");
+        match value {
+            Some(v) => {
+                l.insert(key.to_string(), v.to_string());
+            }
+            None => {
+                l.remove(key);
+            }
+        }
+    }
+
+    pub fn pod(&self, name: &str) -> &LabPod {
+        self.lab.pod(name)
+    }
+
+    /// The stand-in of node `index` (1-based).
+    pub fn zt(&self, index: u8) -> &ZtunnelStandIn {
+        &self.ztunnels[usize::from(index) - 1]
+    }
+
+    /// Forget every recorded hop.
+    pub fn clear_hops(&self) {
+        for z in &self.ztunnels {
+            z.take_hops();
+        }
+    }
+
+    pub fn server(&self, pod: &str) -> &TcpServer {
+        &self.servers[pod]
+    }
+
+    /// `from` connects to `to`:PORT, sends a payload, and reads the reply; asserts the bytes
+    /// echoed and that the server saw `from`'s IP. Returns the server's peer address.
+    pub fn exchange(&self, from: &str, to: &str) -> SocketAddr {
+        let (f, t) = (self.pod(from), self.pod(to));
+        let before = self.server(to).accepted().len();
+        let payload = format!("{from}->{to} payload\n");
+        let opts = meshcni_testkit::ConnectOpts {
+            payload: payload.clone().into_bytes(),
+            ..Default::default()
+        };
+        let got = meshcni_testkit::connect_text(&f.netns, t.addr(PORT), &opts)
+            .unwrap_or_else(|e| panic!("{from} → {to}: {e}"));
+        let banner = format!("server:{}:{PORT} peer:{}:", t.ip, f.ip);
+        assert!(
+            got.starts_with(&banner),
+            "{from} → {to}: server must see the client pod's IP {}: {got:?}",
+            f.ip
+        );
+        assert!(got.ends_with(&payload), "{from} → {to}: echo: {got:?}");
+        let accepted = self.server(to).accepted();
+        assert_eq!(accepted.len(), before + 1, "{from} → {to}: one accept");
+        accepted[before].1
+    }
+
+    /// Hops of both stand-ins, waiting until there are at least `n` in total.
+    pub fn hops(&self, n: usize) -> (Vec<ZtunnelHop>, Vec<ZtunnelHop>) {
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            let h1 = self.zt(1).hops();
+            let h2 = self.zt(2).hops();
+            if h1.len() + h2.len() >= n || std::time::Instant::now() > deadline {
+                return (h1, h2);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}

@@ -1,0 +1,549 @@
+//! Ambient enrollment end to end, with the fake driver: workloads from a local file (and from
+//! the fake Kubernetes API) → reconcile loop → driver actions, readiness, gauge, config file.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshcni_agent::ambient::{
+    AmbientLoop, DriverError, FakeDriver, LoopOptions, LoopStatus, Reconciler, StatusHandle,
+};
+use meshcni_agent::ambient_config::{AmbientConfigWriter, RedirectMode};
+use meshcni_agent::enroll::{EnrolledState, PodId};
+use meshcni_agent::workloads::EnrollPolicy;
+use meshcni_agent::workloads::file::FileSource;
+use meshcni_agent::workloads::kube::{AccessConfig, KubeSource, KubeSourceOptions};
+use meshcni_kube::fake_cluster::FakeCluster;
+use meshcni_kube::watch::ReflectorOptions;
+use prometheus_client::metrics::gauge::Gauge;
+use serde_json::{Value, json};
+
+const NODE: &str = "node-1";
+
+fn pod(name: &str, ns: &str, ip: &str, labels: Value) -> Value {
+    json!({
+        "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"), "labels": labels,
+                     "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"nodeName": NODE},
+        "status": {"phase": "Running", "podIP": ip,
+                   "conditions": [{"type": "Ready", "status": "True"}]}
+    })
+}
+
+fn ztunnel(name: &str, ip: &str) -> Value {
+    pod(name, "istio-system", ip, json!({"app": "ztunnel"}))
+}
+
+fn namespace(name: &str, ambient: bool) -> Value {
+    if ambient {
+        json!({"metadata": {"name": name, "labels": {"istio.io/dataplane-mode": "ambient"}}})
+    } else {
+        json!({"metadata": {"name": name}})
+    }
+}
+
+/// Replace the file atomically (as a careful writer would).
+fn write_file(path: &Path, namespaces: &[Value], pods: &[Value]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        json!({"namespaces": namespaces, "pods": pods}).to_string(),
+    )
+    .expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+fn options() -> LoopOptions {
+    LoopOptions {
+        resync: Duration::from_secs(60),
+        min_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+        debounce: Duration::from_millis(5),
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    file: PathBuf,
+    driver: FakeDriver,
+    gauge: Gauge,
+    config: Arc<AmbientConfigWriter>,
+    status: StatusHandle,
+    running: Option<AmbientLoop>,
+}
+
+impl Setup {
+    fn new(driver: FakeDriver, namespaces: &[Value], pods: &[Value]) -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("workloads.json");
+        write_file(&file, namespaces, pods);
+        let config = Arc::new(AmbientConfigWriter::new(
+            &dir.path().join("ambient"),
+            RedirectMode::Iptables,
+        ));
+        config.write_initial().expect("initial config");
+        let mut s = Setup {
+            _dir: dir,
+            file,
+            driver,
+            gauge: Gauge::default(),
+            config,
+            status: StatusHandle::new(Err("starting".into())),
+            running: None,
+        };
+        s.start();
+        s
+    }
+
+    fn start(&mut self) {
+        self.status = StatusHandle::new(Err("starting".into()));
+        let rec = Reconciler::new(
+            Box::new(self.driver.clone()),
+            EnrollPolicy::default(),
+            options(),
+            self.status.clone(),
+        )
+        .with_gauge(self.gauge.clone())
+        .with_config_writer(self.config.clone());
+        let mut l = AmbientLoop::spawn(rec);
+        let src = FileSource::spawn(
+            self.file.clone(),
+            NODE.into(),
+            Duration::from_millis(300),
+            l.sender(),
+        );
+        l.keep(Box::new(src));
+        self.running = Some(l);
+    }
+
+    fn stop(&mut self, uninstall: bool) {
+        if let Some(l) = self.running.take() {
+            l.stop(uninstall);
+        }
+    }
+
+    fn wait(&self, what: &str, cond: impl Fn(&LoopStatus) -> bool) -> LoopStatus {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.status.get();
+            if cond(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {s:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn wait_enrolled(&self, uids: &[&str]) -> LoopStatus {
+        let want: BTreeSet<String> = uids.iter().map(|s| s.to_string()).collect();
+        let s = self.wait(&format!("enrolled = {want:?}"), |s| {
+            s.enrolled == want && s.redirect.is_ok()
+        });
+        assert_eq!(
+            self.driver
+                .lock()
+                .enrolled
+                .pods
+                .keys()
+                .cloned()
+                .collect::<BTreeSet<_>>(),
+            want,
+            "driver's dataplane"
+        );
+        assert_eq!(self.gauge.get(), want.len() as i64, "gauge");
+        s
+    }
+
+    fn applies(&self) -> Vec<String> {
+        self.driver
+            .lock()
+            .calls
+            .iter()
+            .filter(|c| c.starts_with("apply"))
+            .cloned()
+            .collect()
+    }
+}
+
+#[test]
+fn labelling_and_unlabelling_a_namespace_enrolls_and_releases_running_pods() {
+    let pods = [
+        pod("a", "demo", "10.0.0.1", json!({})),
+        pod("b", "demo", "10.0.0.2", json!({})),
+        pod("c", "other", "10.0.0.3", json!({})),
+    ];
+    let mut s = Setup::new(
+        FakeDriver::new(),
+        &[namespace("demo", false), namespace("other", false)],
+        &pods,
+    );
+    s.wait("first pass", |st| st.passes >= 1 && st.redirect.is_ok());
+    s.wait_enrolled(&[]);
+
+    write_file(
+        &s.file,
+        &[namespace("demo", true), namespace("other", false)],
+        &pods,
+    );
+    s.wait_enrolled(&["uid-a", "uid-b"]);
+    assert_eq!(
+        s.applies(),
+        vec![
+            "apply enroll demo/a (uid uid-a) ips [10.0.0.1]",
+            "apply enroll demo/b (uid uid-b) ips [10.0.0.2]"
+        ]
+    );
+
+    write_file(
+        &s.file,
+        &[namespace("demo", false), namespace("other", false)],
+        &pods,
+    );
+    s.wait_enrolled(&[]);
+    let applies = s.applies();
+    assert_eq!(applies.len(), 4, "{applies:?}");
+    assert!(
+        applies[2].starts_with("apply release demo/a"),
+        "{applies:?}"
+    );
+    s.stop(false);
+}
+
+#[test]
+fn opt_out_ip_change_and_deletion() {
+    let ns = [namespace("demo", true)];
+    let mut s = Setup::new(
+        FakeDriver::new(),
+        &ns,
+        &[
+            pod("a", "demo", "10.0.0.1", json!({})),
+            pod("b", "demo", "10.0.0.2", json!({})),
+        ],
+    );
+    s.wait_enrolled(&["uid-a", "uid-b"]);
+    // b opts out; a's IP changes.
+    write_file(
+        &s.file,
+        &ns,
+        &[
+            pod("a", "demo", "10.0.0.9", json!({})),
+            pod(
+                "b",
+                "demo",
+                "10.0.0.2",
+                json!({"istio.io/dataplane-mode": "none"}),
+            ),
+        ],
+    );
+    s.wait_enrolled(&["uid-a"]);
+    s.wait("update applied", |_| {
+        s.driver.lock().enrolled.pods["uid-a"].ips
+            == vec!["10.0.0.9".parse::<std::net::IpAddr>().expect("ip")]
+    });
+    assert!(
+        s.applies()
+            .contains(&"apply update demo/a (uid uid-a) ips [10.0.0.1] -> [10.0.0.9]".to_string()),
+        "{:?}",
+        s.applies()
+    );
+    // a is deleted.
+    write_file(&s.file, &ns, &[]);
+    s.wait_enrolled(&[]);
+    s.stop(false);
+}
+
+#[test]
+fn restart_with_existing_dataplane_state_applies_nothing() {
+    let ns = [namespace("demo", true)];
+    let pods = [
+        pod("a", "demo", "10.0.0.1", json!({})),
+        pod("b", "demo", "10.0.0.2", json!({})),
+    ];
+    let mut existing = EnrolledState::default();
+    existing.insert(
+        PodId::new("uid-a", "", ""),
+        ["10.0.0.1".parse().expect("ip")],
+    );
+    existing.insert(
+        PodId::new("uid-b", "", ""),
+        ["10.0.0.2".parse().expect("ip")],
+    );
+    let mut s = Setup::new(FakeDriver::with_state(existing), &ns, &pods);
+    s.wait_enrolled(&["uid-a", "uid-b"]);
+    s.wait("a few passes", |st| st.passes >= 1);
+    assert_eq!(s.applies(), Vec::<String>::new(), "nothing re-applied");
+
+    // Stop and start again (same driver state): still nothing.
+    s.stop(false);
+    assert!(
+        !s.driver.lock().enrolled.is_empty(),
+        "a plain stop keeps the dataplane"
+    );
+    s.start();
+    s.wait_enrolled(&["uid-a", "uid-b"]);
+    assert_eq!(s.applies(), Vec::<String>::new());
+    let calls = s.driver.lock().calls.clone();
+    assert_eq!(
+        calls.first().map(String::as_str),
+        Some("actual"),
+        "actual() first: {calls:?}"
+    );
+
+    // Uninstall removes everything.
+    s.stop(true);
+    assert!(s.driver.lock().enrolled.is_empty());
+    assert_eq!(
+        s.driver.lock().calls.last().map(String::as_str),
+        Some("uninstall")
+    );
+}
+
+#[test]
+fn ztunnel_changes_reach_the_driver_and_the_config_file() {
+    let ns = [namespace("demo", true), namespace("istio-system", false)];
+    let app = pod("a", "demo", "10.0.0.1", json!({}));
+    let mut s = Setup::new(FakeDriver::new(), &ns, std::slice::from_ref(&app));
+    s.wait_enrolled(&["uid-a"]);
+    assert_eq!(s.status.get().ztunnel, None);
+    assert!(!s.config.current().expect("config").ztunnel_ready);
+
+    write_file(&s.file, &ns, &[app.clone(), ztunnel("zt-1", "10.0.0.100")]);
+    s.wait("ztunnel", |st| {
+        st.ztunnel.as_ref().is_some_and(|z| z.name == "zt-1")
+    });
+    s.wait("config", |_| {
+        s.config.current().is_some_and(|c| c.ztunnel_ready)
+    });
+    let written = std::fs::read_to_string(s.config.path()).expect("config");
+    assert_eq!(
+        written,
+        r#"{"ztunnelReady":true,"redirectMode":"iptables"}"#
+    );
+
+    // ztunnel goes away: driver told `None`, file says not ready, pods stay enrolled.
+    write_file(&s.file, &ns, &[app]);
+    s.wait("ztunnel gone", |st| st.ztunnel.is_none() && st.passes > 0);
+    s.wait("config", |_| {
+        s.config.current().is_some_and(|c| !c.ztunnel_ready)
+    });
+    s.wait_enrolled(&["uid-a"]);
+    let calls = s.driver.lock().calls.clone();
+    let zt: Vec<&String> = calls.iter().filter(|c| c.starts_with("ztunnel")).collect();
+    assert_eq!(
+        zt,
+        ["ztunnel none", "ztunnel zt-1", "ztunnel none"],
+        "{calls:?}"
+    );
+    s.stop(false);
+}
+
+#[test]
+fn driver_failures_close_the_gate_and_are_retried() {
+    let ns = [namespace("demo", true)];
+    let driver = FakeDriver::new();
+    driver.lock().fail_actual = 3;
+    let mut s = Setup::new(driver, &ns, &[pod("a", "demo", "10.0.0.1", json!({}))]);
+    // Driver-scoped: gate closed with the reason, then recovers by itself.
+    let st = s.wait("gate closed", |st| {
+        st.redirect
+            .as_ref()
+            .is_err_and(|e| e.contains("listing enrolled pods failed"))
+    });
+    assert!(st.redirect.expect_err("closed").contains("fake driver"));
+    s.wait_enrolled(&["uid-a"]);
+
+    // Pod-scoped: retried with back-off, gate stays open, others proceed.
+    s.driver.lock().fail_uids.insert("uid-b".into());
+    write_file(
+        &s.file,
+        &ns,
+        &[
+            pod("a", "demo", "10.0.0.1", json!({})),
+            pod("b", "demo", "10.0.0.2", json!({})),
+            pod("c", "demo", "10.0.0.3", json!({})),
+        ],
+    );
+    let st = s.wait("b failing", |st| {
+        st.failing.contains_key("uid-b") && st.enrolled.len() == 2
+    });
+    assert!(st.redirect.is_ok(), "{st:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let tries = s.applies().iter().filter(|c| c.contains("uid-b")).count();
+    assert!(tries >= 2, "retried: {:?}", s.applies());
+    s.driver.lock().fail_uids.clear();
+    s.wait_enrolled(&["uid-a", "uid-b", "uid-c"]);
+    assert!(s.status.get().failing.is_empty());
+
+    // Driver-scoped apply failure (G1: no ztunnel → node rules missing).
+    s.driver.lock().fail_apply = vec![DriverError::driver("ipset ztunnel-pods-ips does not exist")];
+    write_file(&s.file, &ns, &[pod("d", "demo", "10.0.0.4", json!({}))]);
+    s.wait("gate closed by apply", |st| {
+        st.redirect
+            .as_ref()
+            .is_err_and(|e| e.contains("ipset ztunnel-pods-ips"))
+    });
+    s.wait_enrolled(&["uid-d"]);
+    s.stop(false);
+}
+
+#[test]
+fn unparsable_file_keeps_the_last_good_snapshot() {
+    let ns = [namespace("demo", true)];
+    let mut s = Setup::new(
+        FakeDriver::new(),
+        &ns,
+        &[pod("a", "demo", "10.0.0.1", json!({}))],
+    );
+    s.wait_enrolled(&["uid-a"]);
+    // A half-written file (not atomic) and then garbage: nothing is released.
+    std::fs::write(&s.file, "{\"namespaces\": [{\"metadata\": {\"na").expect("write");
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(&s.file, "").expect("truncate");
+    std::thread::sleep(Duration::from_millis(500));
+    s.wait_enrolled(&["uid-a"]);
+    assert_eq!(s.applies().len(), 1, "{:?}", s.applies());
+    // A good file again is picked up.
+    write_file(&s.file, &ns, &[]);
+    s.wait_enrolled(&[]);
+    s.stop(false);
+}
+
+#[test]
+fn duplicate_pod_ip_enrolls_only_one() {
+    let ns = [namespace("demo", true)];
+    let mut s = Setup::new(
+        FakeDriver::new(),
+        &ns,
+        &[
+            pod("a", "demo", "10.0.0.1", json!({})),
+            pod("b", "demo", "10.0.0.1", json!({})),
+        ],
+    );
+    let st = s.wait_enrolled(&["uid-a"]);
+    assert_eq!(st.conflicts.len(), 1, "{st:?}");
+    assert!(st.conflicts[0].contains("10.0.0.1"), "{st:?}");
+    // a goes away: b takes the IP.
+    write_file(&s.file, &ns, &[pod("b", "demo", "10.0.0.1", json!({}))]);
+    let st = s.wait_enrolled(&["uid-b"]);
+    assert!(st.conflicts.is_empty());
+    s.stop(false);
+}
+
+#[test]
+fn kubernetes_source_follows_pods_and_namespace_labels() {
+    let cluster = FakeCluster::start().expect("fake cluster");
+    cluster.apply_namespace(namespace("demo", false));
+    cluster.apply_pod(pod("a", "demo", "10.0.0.1", json!({})));
+    let mut other_node = pod("x", "demo", "10.0.0.9", json!({}));
+    other_node["spec"]["nodeName"] = json!("node-2");
+    cluster.apply_pod(other_node);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, cluster.kubeconfig_yaml()).expect("kubeconfig");
+
+    let driver = FakeDriver::new();
+    let status = StatusHandle::new(Err("starting".into()));
+    let rec = Reconciler::new(
+        Box::new(driver.clone()),
+        EnrollPolicy::default(),
+        options(),
+        status.clone(),
+    );
+    let mut l = AmbientLoop::spawn(rec);
+    let opts = KubeSourceOptions {
+        reflector: ReflectorOptions {
+            watch_timeout: Duration::from_secs(2),
+            resync: Duration::from_secs(3600),
+            list_timeout: Duration::from_secs(5),
+            min_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+        },
+        client_refresh: Duration::from_secs(3600),
+    };
+    l.keep(Box::new(KubeSource::spawn(
+        AccessConfig::Kubeconfig(kubeconfig),
+        NODE.into(),
+        opts,
+        l.sender(),
+    )));
+    let wait = |what: &str, want: &[&str]| {
+        let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while status.get().enrolled != want || status.get().redirect.is_err() {
+            assert!(Instant::now() < deadline, "{what}: {:?}", status.get());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait("nothing ambient yet", &[]);
+    cluster.apply_namespace(namespace("demo", true));
+    wait("namespace labelled", &["uid-a"]);
+    cluster.apply_pod(pod("b", "demo", "10.0.0.2", json!({})));
+    wait("new pod", &["uid-a", "uid-b"]);
+    // History compacted while a change happens: the watch gets 410, relists, converges.
+    cluster.compact();
+    cluster.delete_pod("demo", "a");
+    wait("after 410 relist", &["uid-b"]);
+    cluster.apply_namespace(namespace("demo", false));
+    wait("namespace unlabelled", &[]);
+    assert!(
+        cluster.list_count("/api/v1/pods") >= 2,
+        "relisted after 410"
+    );
+    let applies: Vec<String> = driver
+        .lock()
+        .calls
+        .iter()
+        .filter(|c| c.starts_with("apply"))
+        .cloned()
+        .collect();
+    assert!(
+        !applies.iter().any(|a| a.contains("uid-x")),
+        "other node's pod: {applies:?}"
+    );
+    l.stop(false);
+}
+
+#[test]
+fn file_changes_are_noticed_without_waiting_for_the_resync() {
+    use meshcni_agent::workloads::SourceUpdate;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("w.yaml");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Missing at start: reported, nothing else.
+    let src = FileSource::spawn(file.clone(), NODE.into(), Duration::from_secs(3600), tx);
+    match rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("first report")
+    {
+        SourceUpdate::Error(e) => assert!(e.contains("w.yaml"), "{e}"),
+        other => panic!("expected an error for the missing file, got {other:?}"),
+    }
+    // Appears (written in place, YAML): inotify wakes the source.
+    std::fs::write(
+        &file,
+        "namespaces: []\npods:\n- metadata: {name: a, namespace: demo, uid: u-a}\n",
+    )
+    .expect("write");
+    let t = Instant::now();
+    let snap = loop {
+        match rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("update after write")
+        {
+            SourceUpdate::Snapshot(s) => break s,
+            SourceUpdate::Error(_) => continue, // caught mid-write
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert!(snap.pods.contains_key("u-a"));
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "noticed by inotify, not by the resync"
+    );
+    src.stop();
+}

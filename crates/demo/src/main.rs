@@ -1,0 +1,199 @@
+//! `meshcni-demo`: builds a throw-away node out of network namespaces, starts pods through the
+//! real `meshcni` plugin with `cnitool`, shows the rules the plugin installed, makes real flows
+//! and prints where each one was captured; then DELs every pod and removes every namespace.
+//! Run it through `scripts/demo.sh` (as root).
+//!
+//! ```text
+//! meshcni-demo [--plugin-dir DIR] [--cni-plugins DIR] [--work-dir DIR]
+//! ```
+//! * `--plugin-dir` — where the built `meshcni` is (default: this binary's directory);
+//! * `--cni-plugins` — the reference plugins (default `/usr/lib/cni`);
+//! * `--work-dir` — conflist, pod metadata, IPAM state, and the list of namespaces created
+//!   (`<dir>/netns`, for the caller's cleanup trap); default a fresh `/tmp/mcni-demo-<pid>`.
+//!
+//! Sections are modules (`sidecar` today); later modes add theirs to [`SECTIONS`].
+#![forbid(unsafe_code)]
+
+mod error;
+mod flows;
+mod node;
+mod sidecar;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use error::DemoError;
+use flows::Row;
+use node::Node;
+
+/// One demo section: a title and what it runs on the node.
+type Section = (&'static str, fn(&mut Node) -> Result<Vec<Row>, DemoError>);
+
+/// The sections, in order.
+const SECTIONS: &[Section] = &[("sidecar mode", sidecar::run)];
+
+struct Opts {
+    plugin_dir: PathBuf,
+    cni_plugins: PathBuf,
+    work_dir: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Opts, DemoError> {
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let mut opts = Opts {
+        plugin_dir: exe_dir,
+        cni_plugins: PathBuf::from("/usr/lib/cni"),
+        work_dir: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || {
+            args.next()
+                .map(PathBuf::from)
+                .ok_or_else(|| DemoError::Usage(format!("{a} needs a directory")))
+        };
+        match a.as_str() {
+            "--plugin-dir" => opts.plugin_dir = value()?,
+            "--cni-plugins" => opts.cni_plugins = value()?,
+            "--work-dir" => opts.work_dir = Some(value()?),
+            "-h" | "--help" => {
+                println!("meshcni-demo [--plugin-dir DIR] [--cni-plugins DIR] [--work-dir DIR]");
+                std::process::exit(0);
+            }
+            other => return Err(DemoError::Usage(format!("unknown argument {other:?}"))),
+        }
+    }
+    Ok(opts)
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+fn preflight(opts: &Opts) -> Result<(), DemoError> {
+    let mut missing = Vec::new();
+    if !nix::unistd::geteuid().is_root() {
+        missing.push("root".to_string());
+    }
+    for p in [
+        "ip",
+        "cnitool",
+        "iptables-nft-save",
+        "iptables-legacy-save",
+        "nft",
+    ] {
+        if !on_path(p) {
+            missing.push(format!("`{p}` on PATH"));
+        }
+    }
+    let meshcni = opts.plugin_dir.join("meshcni");
+    if !meshcni.is_file() {
+        missing.push(format!("{} (build the workspace first)", meshcni.display()));
+    }
+    for p in ["bridge", "host-local", "portmap"] {
+        let f = opts.cni_plugins.join(p);
+        if !f.is_file() {
+            missing.push(f.display().to_string());
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(DemoError::Precondition(format!(
+            "missing {}; run `scripts/demo.sh` as root (it installs what is needed via scripts/setup.sh)",
+            missing.join(", ")
+        )))
+    }
+}
+
+/// Print a section heading.
+pub fn heading(text: &str) {
+    println!("\n── {text}");
+}
+
+/// Print `text` indented by four spaces.
+pub fn indent(text: &str) {
+    for line in text.lines() {
+        println!("    {line}");
+    }
+}
+
+fn run(opts: &Opts) -> Result<bool, DemoError> {
+    preflight(opts)?;
+    let started = Instant::now();
+    let (work, owned) = match &opts.work_dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("mcni-demo-{}", std::process::id())),
+            true,
+        ),
+    };
+    let mut node = Node::new(&work, &opts.plugin_dir, &opts.cni_plugins)?;
+    println!("meshcni demo: a throw-away node made of network namespaces");
+    println!(
+        "  node netns {} (bridge {} on {}, gateway .1), CNI network {}",
+        node.netns().name(),
+        node::BRIDGE,
+        node::SUBNET,
+        node.network_name()
+    );
+    println!(
+        "  plugin {}, conflist {}",
+        opts.plugin_dir.join("meshcni").display(),
+        node.conflist_path().display()
+    );
+
+    let mut rows = Vec::new();
+    let mut result = Ok(());
+    for (title, section) in SECTIONS {
+        println!("\n═══ {title}");
+        match section(&mut node) {
+            Ok(r) => rows.extend(r),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+
+    heading("teardown: cnitool del every pod, delete every namespace");
+    for line in node.teardown() {
+        println!("    {line}");
+    }
+    let node_ns = node.netns().name().to_string();
+    drop(node);
+    println!("    deleted pod namespaces and node netns {node_ns}");
+    if owned {
+        let _ = std::fs::remove_dir_all(&work);
+    }
+    result?;
+
+    let ok = rows.iter().filter(|r| r.as_expected).count();
+    println!(
+        "\n{ok}/{} flows landed where expected; demo took {:.1}s",
+        rows.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ok == rows.len())
+}
+
+fn main() -> ExitCode {
+    let result = parse_args().and_then(|o| run(&o));
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("meshcni-demo: some flows did not land where expected (see the table)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("meshcni-demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

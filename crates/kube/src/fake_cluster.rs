@@ -1,0 +1,481 @@
+//! A stateful in-process fake API server for list + watch of pods and namespaces (plain
+//! HTTP on `127.0.0.1`), for tests of [`crate::watch`] and of the node agent's informers.
+//!
+//! Tests change the cluster with [`FakeCluster::apply_pod`], [`FakeCluster::delete_pod`],
+//! [`FakeCluster::apply_namespace`], ...; every change gets the next resourceVersion and is
+//! streamed to open watches as `ADDED`/`MODIFIED`/`DELETED`. [`FakeCluster::compact`] makes all
+//! versions seen so far too old (open watches get an `ERROR` 410 event, new watches from an old
+//! version too), [`FakeCluster::close_watches`] ends open streams as a server timeout would.
+//! Supported query parameters: `watch`, `resourceVersion`, `timeoutSeconds`, and
+//! `fieldSelector=spec.nodeName=<node>` on pods. Responses use chunked encoding like the real
+//! server. Std threads only.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// Which collection an object belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Pod,
+    Namespace,
+}
+
+#[derive(Debug, Clone)]
+struct Change {
+    rv: u64,
+    kind: Kind,
+    typ: &'static str,
+    object: Value,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    rv: u64,
+    /// Versions below this are compacted away.
+    oldest: u64,
+    pods: BTreeMap<String, Value>,
+    namespaces: BTreeMap<String, Value>,
+    log: Vec<Change>,
+    /// Bumped by `close_watches`/`compact` so open streams notice.
+    generation: u64,
+    /// Requests seen, as `METHOD path?query`.
+    requests: Vec<String>,
+    /// While > 0, list requests are answered 500 and this is decremented.
+    fail_lists: u32,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The running fake; stops (and ends all streams) when dropped.
+pub struct FakeCluster {
+    addr: SocketAddr,
+    url: String,
+    shared: Arc<Shared>,
+    accept_thread: Option<JoinHandle<()>>,
+}
+
+impl FakeCluster {
+    /// Start on `127.0.0.1:<ephemeral>` with no objects.
+    pub fn start() -> io::Result<FakeCluster> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                rv: 100,
+                oldest: 0,
+                ..State::default()
+            }),
+            changed: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let s2 = shared.clone();
+        let accept_thread = std::thread::Builder::new()
+            .name("fake-cluster".into())
+            .spawn(move || {
+                for conn in listener.incoming() {
+                    if s2.stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(stream) = conn else { continue };
+                    let s3 = s2.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("fake-cluster-conn".into())
+                        .spawn(move || {
+                            let _ = serve(stream, &s3);
+                        });
+                }
+            })?;
+        Ok(FakeCluster {
+            addr,
+            url: format!("http://{addr}"),
+            shared,
+            accept_thread: Some(accept_thread),
+        })
+    }
+
+    /// Base URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A kubeconfig pointing at this server (token auth, ignored by the fake).
+    pub fn kubeconfig_yaml(&self) -> String {
+        format!(
+            "apiVersion: v1\nclusters:\n- cluster:\n    server: {}\n  name: local\ncontexts:\n- context:\n    cluster: local\n    user: u\n  name: c\ncurrent-context: c\nkind: Config\nusers:\n- name: u\n  user:\n    token: t\n",
+            self.url
+        )
+    }
+
+    /// Create or replace a pod (API JSON; `metadata.namespace`/`name` identify it). Returns
+    /// the resourceVersion assigned.
+    pub fn apply_pod(&self, pod: Value) -> u64 {
+        self.apply(Kind::Pod, pod)
+    }
+
+    /// Delete a pod; no-op (returns `None`) if absent.
+    pub fn delete_pod(&self, namespace: &str, name: &str) -> Option<u64> {
+        self.delete(Kind::Pod, &format!("{namespace}/{name}"))
+    }
+
+    /// Create or replace a namespace.
+    pub fn apply_namespace(&self, ns: Value) -> u64 {
+        self.apply(Kind::Namespace, ns)
+    }
+
+    /// Delete a namespace.
+    pub fn delete_namespace(&self, name: &str) -> Option<u64> {
+        self.delete(Kind::Namespace, name)
+    }
+
+    /// Forget all history: every version handed out so far becomes "too old" (410), and
+    /// open watches receive an `ERROR` 410 event.
+    pub fn compact(&self) {
+        let mut st = self.shared.lock();
+        st.rv += 1;
+        st.oldest = st.rv;
+        st.log.clear();
+        st.generation += 1;
+        self.shared.changed.notify_all();
+    }
+
+    /// End every open watch stream normally (as the server's `timeoutSeconds` would).
+    pub fn close_watches(&self) {
+        let mut st = self.shared.lock();
+        st.generation += 1;
+        self.shared.changed.notify_all();
+    }
+
+    /// Answer the next `n` list requests with 500.
+    pub fn fail_next_lists(&self, n: u32) {
+        self.shared.lock().fail_lists = n;
+    }
+
+    /// Requests received so far (`GET /path?query`).
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.lock().requests.clone()
+    }
+
+    /// Number of list (non-watch) requests for `path` so far.
+    pub fn list_count(&self, path: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|r| {
+                let p = r.trim_start_matches("GET ");
+                (p == path || p.starts_with(&format!("{path}?"))) && !p.contains("watch=1")
+            })
+            .count()
+    }
+
+    fn apply(&self, kind: Kind, mut object: Value) -> u64 {
+        let mut st = self.shared.lock();
+        st.rv += 1;
+        let rv = st.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let key = crate::watch::object_key(&object);
+        let map = match kind {
+            Kind::Pod => &mut st.pods,
+            Kind::Namespace => &mut st.namespaces,
+        };
+        let typ = if map.insert(key, object.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        st.log.push(Change {
+            rv,
+            kind,
+            typ,
+            object,
+        });
+        self.shared.changed.notify_all();
+        rv
+    }
+
+    fn delete(&self, kind: Kind, key: &str) -> Option<u64> {
+        let mut st = self.shared.lock();
+        let map = match kind {
+            Kind::Pod => &mut st.pods,
+            Kind::Namespace => &mut st.namespaces,
+        };
+        let mut object = map.remove(key)?;
+        st.rv += 1;
+        let rv = st.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        st.log.push(Change {
+            rv,
+            kind,
+            typ: "DELETED",
+            object,
+        });
+        self.shared.changed.notify_all();
+        Some(rv)
+    }
+}
+
+impl Drop for FakeCluster {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.changed.notify_all();
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.accept_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Query {
+    watch: bool,
+    resource_version: Option<u64>,
+    timeout: Duration,
+    node: Option<String>,
+}
+
+fn parse_query(q: &str) -> Query {
+    let mut out = Query {
+        watch: false,
+        resource_version: None,
+        timeout: Duration::from_secs(300),
+        node: None,
+    };
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_decode(v);
+        match k {
+            "watch" => out.watch = v == "1" || v == "true",
+            "resourceVersion" => out.resource_version = v.parse().ok(),
+            "timeoutSeconds" => {
+                out.timeout = Duration::from_secs(v.parse().unwrap_or(300));
+            }
+            "fieldSelector" => {
+                out.node = v.strip_prefix("spec.nodeName=").map(str::to_string);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn matches(kind: Kind, object: &Value, want: Kind, node: Option<&str>) -> bool {
+    kind == want
+        && match (want, node) {
+            (Kind::Pod, Some(n)) => object["spec"]["nodeName"].as_str() == Some(n),
+            _ => true,
+        }
+}
+
+fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut it = line.split_whitespace();
+    let method = it.next().unwrap_or_default().to_string();
+    let target = it.next().unwrap_or_default().to_string();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 || h.trim_end().is_empty() {
+            break;
+        }
+    }
+    let mut stream = reader.into_inner();
+    shared.lock().requests.push(format!("{method} {target}"));
+    let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
+    let q = parse_query(query);
+    let kind = match path {
+        "/api/v1/pods" => Kind::Pod,
+        "/api/v1/namespaces" => Kind::Namespace,
+        _ => {
+            return write_full(
+                &mut stream,
+                404,
+                &status_json(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                ),
+            );
+        }
+    };
+    if method != "GET" {
+        return write_full(
+            &mut stream,
+            405,
+            &status_json(405, "MethodNotAllowed", "only GET is supported"),
+        );
+    }
+    if !q.watch {
+        let body = {
+            let mut st = shared.lock();
+            if st.fail_lists > 0 {
+                st.fail_lists -= 1;
+                None
+            } else {
+                let map = match kind {
+                    Kind::Pod => &st.pods,
+                    Kind::Namespace => &st.namespaces,
+                };
+                let items: Vec<Value> = map
+                    .values()
+                    .filter(|o| matches(kind, o, kind, q.node.as_deref()))
+                    .cloned()
+                    .collect();
+                let list_kind = match kind {
+                    Kind::Pod => "PodList",
+                    Kind::Namespace => "NamespaceList",
+                };
+                Some(
+                    json!({"kind": list_kind, "apiVersion": "v1",
+                           "metadata": {"resourceVersion": st.rv.to_string()},
+                           "items": items})
+                    .to_string(),
+                )
+            }
+        };
+        return match body {
+            Some(b) => write_full(&mut stream, 200, &b),
+            None => write_full(
+                &mut stream,
+                500,
+                &status_json(500, "InternalError", "injected list failure"),
+            ),
+        };
+    }
+
+    // Watch.
+    let from = q.resource_version.unwrap_or(0);
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    stream.write_all(head.as_bytes())?;
+    let deadline = Instant::now() + q.timeout;
+    let mut sent_up_to = from;
+    let mut st = shared.lock();
+    if from < st.oldest {
+        drop(st);
+        write_chunk(&mut stream, &expired_event(from))?;
+        return finish(&mut stream);
+    }
+    let generation = st.generation;
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            break;
+        }
+        if st.generation != generation {
+            let expired = sent_up_to < st.oldest;
+            drop(st);
+            if expired {
+                write_chunk(&mut stream, &expired_event(sent_up_to))?;
+            }
+            return finish(&mut stream);
+        }
+        let pending: Vec<Change> = st
+            .log
+            .iter()
+            .filter(|c| c.rv > sent_up_to && matches(c.kind, &c.object, kind, q.node.as_deref()))
+            .cloned()
+            .collect();
+        if let Some(last) = st.log.last() {
+            sent_up_to = sent_up_to.max(last.rv);
+        }
+        if !pending.is_empty() {
+            drop(st);
+            for c in pending {
+                let line = json!({"type": c.typ, "object": c.object}).to_string() + "\n";
+                write_chunk(&mut stream, &line)?;
+            }
+            st = shared.lock();
+            continue;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        let (guard, _) = shared
+            .changed
+            .wait_timeout(st, (deadline - now).min(Duration::from_millis(200)))
+            .unwrap_or_else(PoisonError::into_inner);
+        st = guard;
+    }
+    drop(st);
+    finish(&mut stream)
+}
+
+fn expired_event(rv: u64) -> String {
+    json!({"type": "ERROR", "object": serde_json::from_str::<Value>(&status_json(
+        410, "Expired", &format!("too old resource version: {rv}"))).unwrap_or(Value::Null)})
+    .to_string()
+        + "\n"
+}
+
+fn status_json(code: u16, reason: &str, message: &str) -> String {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+    .to_string()
+}
+
+fn write_chunk(stream: &mut TcpStream, data: &str) -> io::Result<()> {
+    write!(stream, "{:x}\r\n{data}\r\n", data.len())?;
+    stream.flush()
+}
+
+fn finish(stream: &mut TcpStream) -> io::Result<()> {
+    stream.write_all(b"0\r\n\r\n")?;
+    stream.flush()
+}
+
+fn write_full(stream: &mut TcpStream, status: u16, body: &str) -> io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        _ => "Internal Server Error",
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# demo.sh: the README demo, as root on Debian 12. Builds a throw-away node out of network
+# namespaces, starts pods through the meshcni plugin with cnitool (conflist: bridge+host-local →
+# portmap → meshcni), shows the rules the plugin installed, makes real flows and prints where
+# each was captured; then DELs every pod and removes every namespace it created.
+#
+#   scripts/demo.sh              install missing deps (scripts/setup.sh), build, run
+#   SKIP_SETUP=1 scripts/demo.sh skip scripts/setup.sh (deps known to be present)
+#
+# Safety: only namespaces named mcni-<pid>-… created by the demo are touched (their names are
+# recorded in the work dir and removed by the trap below even if the demo is killed); the
+# host's own network is never changed; traffic stays between those namespaces.
+set -euo pipefail
+cd "$(dirname "$(readlink -f "$0")")/.."
+
+[ "$(id -u)" = 0 ] || { echo "demo.sh: run as root (network namespaces, iptables)" >&2; exit 1; }
+
+if [ "${SKIP_SETUP:-0}" != 1 ]; then
+    # Idempotent: checks first, installs only what is missing. Its chatter goes to a log.
+    log="$(mktemp /tmp/mcni-demo-setup.XXXXXX.log)"
+    if ! bash scripts/setup.sh >"$log" 2>&1; then
+        cat "$log" >&2
+        echo "demo.sh: scripts/setup.sh failed (log above)" >&2
+        exit 1
+    fi
+    rm -f "$log"
+fi
+
+echo "demo.sh: building the workspace (cargo build --workspace) ..."
+cargo build --workspace --quiet
+target_dir="$(readlink -f "${CARGO_TARGET_DIR:-target}")/debug"
+
+WORK="$(mktemp -d /tmp/mcni-demo.XXXXXX)"
+cleanup() {
+    # The demo cleans up after itself; this catches a crash or a signal.
+    if [ -f "$WORK/netns" ]; then
+        while read -r ns; do
+            case "$ns" in
+                mcni-*) [ -e "/run/netns/$ns" ] && ip netns del "$ns" 2>/dev/null || true ;;
+            esac
+        done <"$WORK/netns"
+    fi
+    rm -f /var/lib/cni/results/mcni-demo-"${demo_pid:-none}"-* 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+"$target_dir/meshcni-demo" --plugin-dir "$target_dir" --work-dir "$WORK" &
+demo_pid=$!
+wait "$demo_pid"
