@@ -280,26 +280,26 @@ if command -v strace > /dev/null; then
 fi
 
 # --- report ---------------------------------------------------------------------------------------
-# stat FILE -> "median p90 min" in ms (nearest-rank percentiles)
-stat() {
+# stats FILE -> "median p90 min" in ms (nearest-rank percentiles)
+stats() {
     sort -n "$1" | awk '{v[NR]=$1} END {
         m=int((NR+1)/2); p=int(NR*0.9+0.999); if (p<1) p=1;
         printf "%.2f %.2f %.2f", v[m]/1000, v[p]/1000, v[1]/1000 }'
 }
-read -r A_MED A_P90 A_MIN <<< "$(stat "$WORK/t-a")"
-read -r B_MED B_P90 B_MIN <<< "$(stat "$WORK/t-b")"
-read -r C_MED C_P90 C_MIN <<< "$(stat "$WORK/t-c")"
+read -r A_MED A_P90 A_MIN <<< "$(stats "$WORK/t-a")"
+read -r B_MED B_P90 B_MIN <<< "$(stats "$WORK/t-b")"
+read -r C_MED C_P90 C_MIN <<< "$(stats "$WORK/t-c")"
 row() { # label file note
-    local med p90 min; read -r med p90 min <<< "$(stat "$2")"
+    local med p90 min; read -r med p90 min <<< "$(stats "$2")"
     printf '| %s | %s | %s | %s | %s |\n' "$1" "$med" "$p90" "$min" "$3"
 }
 SHARE="$(awk -v a="$A_MED" -v b="$B_MED" 'BEGIN{printf "%.2f", b-a}')"
 RATIO="$(awk -v a="$A_MED" -v b="$B_MED" 'BEGIN{printf "%.2f", (b-a)/a}')"
 SHARE_C="$(awk -v a="$A_MED" -v b="$C_MED" 'BEGIN{printf "%.2f", b-a}')"
 RATIO_C="$(awk -v a="$A_MED" -v b="$C_MED" 'BEGIN{printf "%.2f", (b-a)/a}')"
-read -r D_MED _ _ <<< "$(stat "$WORK/t-d")"
+read -r D_MED _ _ <<< "$(stats "$WORK/t-d")"
 ratio_d() { # file -> median / bridge-direct median
-    awk -v d="$D_MED" -v m="$(stat "$1" | cut -d' ' -f1)" 'BEGIN{printf "%.2f", m/d}'
+    awk -v d="$D_MED" -v m="$(stats "$1" | cut -d' ' -f1)" 'BEGIN{printf "%.2f", m/d}'
 }
 
 MACHINE="$(nproc) vCPU $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), \

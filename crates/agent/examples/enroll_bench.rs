@@ -165,10 +165,13 @@ fn bench_baseline(pods: usize) -> (Duration, Duration, usize, usize) {
         dns_capture: false,
         hairpin: false,
     };
+    // Commands run from a thread inside the netns (fork inherits it): the exec cost of the
+    // reference running in the node netns, without `ip netns exec` overhead.
+    let npath = lab.node.path().to_path_buf();
+    let zpath = lab.zt.path().to_path_buf();
     let in_ns = |ns: &str, prog: &str, args: &[&str]| {
-        let mut v = vec!["netns", "exec", ns, prog];
-        v.extend_from_slice(args);
-        run("ip", &v);
+        let path = if ns == n { &npath } else { &zpath };
+        meshcni_netx::run_in_netns(path, || run(prog, args)).expect("enter netns");
     };
     let write = |ns: &Netns, key: &str| ns.sysctl(key, "0").expect("sysctl");
     let t = Instant::now();
@@ -267,17 +270,13 @@ fn bench_baseline(pods: usize) -> (Duration, Duration, usize, usize) {
             ],
         );
         let spec = format!("table 100 {ip}/32 via 192.168.126.2 dev istioin src {HOST}");
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &n,
-                "bash",
-                "-c",
-                &format!("ip route show {spec} | wc -l"),
-            ])
-            .output()
-            .expect("bash");
+        let out = meshcni_netx::run_in_netns(&npath, || {
+            Command::new("bash")
+                .args(["-c", &format!("ip route show {spec} | wc -l")])
+                .output()
+                .expect("bash")
+        })
+        .expect("enter netns");
         assert!(out.status.success());
         if String::from_utf8_lossy(&out.stdout).trim() != "1" {
             let mut v = vec!["-n", n.as_str(), "route", "add"];

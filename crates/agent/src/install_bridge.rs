@@ -48,13 +48,51 @@ pub fn install_config(args: &AgentArgs) -> Result<InstallConfig, String> {
         .into(),
         log_uds_address: args.log_uds_address.to_string_lossy().into_owned(),
         ambient_enabled: args.ambient_enabled,
-        ambient_enablement_selector: args.ambient_enablement_selector.clone(),
+        // An empty selector means Istio's defaults for the agent's own enrollment; write those
+        // defaults into the plugin config too, so plugin and agent agree on who is ambient
+        // (an explicit `[]` would tell the plugin that no pod is).
+        ambient_enablement_selector: if args.ambient_enabled
+            && args.ambient_enablement_selector.trim().is_empty()
+        {
+            DEFAULT_ENABLEMENT_SELECTORS_YAML.to_string()
+        } else {
+            args.ambient_enablement_selector.clone()
+        },
         exclude_namespaces: args.excluded_namespaces().join(","),
         pod_namespace: args.pod_namespace.clone(),
         native_nftables: args.native_nftables,
         enable_ambient_detection_retry: args.enable_ambient_detection_retry,
         ..defaults
     })
+}
+
+/// Istio's Helm default `ambient.enablementSelectors`: pods labelled
+/// `istio.io/dataplane-mode=ambient`, or pods not opted out in a namespace labelled so.
+pub const DEFAULT_ENABLEMENT_SELECTORS_YAML: &str = r#"- podSelector:
+    matchLabels:
+      istio.io/dataplane-mode: ambient
+- podSelector:
+    matchExpressions:
+    - key: istio.io/dataplane-mode
+      operator: NotIn
+      values: ["none"]
+  namespaceSelector:
+    matchLabels:
+      istio.io/dataplane-mode: ambient
+"#;
+
+#[cfg(test)]
+mod selector_tests {
+    use super::*;
+
+    #[test]
+    fn default_selectors_match_the_plugin_and_agent_defaults() {
+        meshcni_install::conflist::parse_enablement_selectors(DEFAULT_ENABLEMENT_SELECTORS_YAML)
+            .expect("the installer accepts the default selectors");
+        let parsed: Vec<meshcni_kube::EnablementSelector> =
+            serde_yaml::from_str(DEFAULT_ENABLEMENT_SELECTORS_YAML).expect("default selectors parse");
+        assert_eq!(parsed, meshcni_kube::EnablementSelector::istio_defaults());
+    }
 }
 
 /// The real installer plus its keeper thread.

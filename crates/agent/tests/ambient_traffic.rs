@@ -225,6 +225,10 @@ fn enrolling_a_running_pod_keeps_its_open_connection_and_captures_new_ones() {
         "{banner}"
     );
     ping(&mut live, "before enroll").expect("direct connection works");
+    // ...and e holds one to b (inbound for b).
+    let mut live_in = open_stream(&m.pod("e").netns, addr(&m, "b", PORT), T).expect("open in");
+    read_line(&mut live_in).expect("banner in");
+    ping(&mut live_in, "before enroll (inbound)").expect("direct connection works");
 
     m.set_label("b", ambient_mesh::DATAPLANE_MODE, Some("ambient"));
     m.reconcile();
@@ -246,7 +250,19 @@ fn enrolling_a_running_pod_keeps_its_open_connection_and_captures_new_ones() {
         tcp_counters(&m.pod("b").netns),
         m.zt(1).hops()
     );
-    assert_eq!(m.zt(1).hops().len(), 1, "the open connection must not move");
+    let result = ping(&mut live_in, "after enroll (inbound)");
+    assert!(
+        result.is_ok(),
+        "inbound connection opened before enrollment must survive it: {result:?}; \
+         ztunnel-1 netns TCP counters: {}; pod e: {}",
+        tcp_counters(&m.lab.node(1).ztunnel.netns),
+        tcp_counters(&m.pod("e").netns),
+    );
+    assert_eq!(
+        m.zt(1).hops().len(),
+        1,
+        "the open connections must not move"
+    );
 }
 
 #[test]
@@ -263,7 +279,16 @@ fn releasing_a_running_pod_keeps_its_open_connection_and_new_ones_go_direct() {
         "{banner}"
     );
     ping(&mut live, "while enrolled").expect("captured connection works");
-    assert_eq!(m.zt(1).hops().len(), 1, "{:?}", m.zt(1).hops());
+    let mut live_in = open_stream(&m.pod("e").netns, addr(&m, "b", PORT), T).expect("open in");
+    read_line(&mut live_in).expect("banner in");
+    ping(&mut live_in, "while enrolled (inbound)").expect("captured connection works");
+    let hops = m.zt(1).hops();
+    assert_eq!(hops.len(), 2, "{hops:?}");
+    assert_eq!(
+        (hops[0].listener_port, hops[1].listener_port),
+        (OUTBOUND_PORT, INBOUND_PORT),
+        "{hops:?}"
+    );
 
     m.set_label("b", ambient_mesh::DATAPLANE_MODE, None);
     m.reconcile();
@@ -284,5 +309,10 @@ fn releasing_a_running_pod_keeps_its_open_connection_and_new_ones_go_direct() {
          pod b TCP counters: {}; pod e: {}",
         tcp_counters(&m.pod("b").netns),
         tcp_counters(&m.pod("e").netns),
+    );
+    let result = ping(&mut live_in, "after release (inbound)");
+    assert!(
+        result.is_ok(),
+        "inbound connection opened while enrolled must survive the release: {result:?}"
     );
 }

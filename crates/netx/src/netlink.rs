@@ -269,6 +269,18 @@ impl Netlink {
         Ok(self.receive(op, seq)?.map(|_| ()))
     }
 
+    /// Send a request that expects replies and an ack (e.g. a `GET` of one object) and return
+    /// the replies, or the kernel's errno on a NACK.
+    pub fn request(
+        &mut self,
+        op: &str,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Result<Vec<RouteNetlinkMessage>, i32>, NetxError> {
+        let seq = self.send(op, msg, flags | NLM_F_REQUEST | NLM_F_ACK)?;
+        self.receive(op, seq)
+    }
+
     /// Send a dump request and collect every reply message (for modules that decode
     /// attributes this client does not model, e.g. tunnel links and gatewayed routes).
     pub fn dump(

@@ -250,13 +250,49 @@ pub fn list_routes(nl: &mut Netlink, table: Option<u32>) -> Result<Vec<RouteEntr
 }
 
 /// The output interface index of the main-table route to exactly `ip/32` (how the reference
-/// finds a pod's or ztunnel's host veth), `None` when there is no such route.
+/// finds a pod's or ztunnel's host veth), `None` when there is no such route. One
+/// `RTM_GETROUTE` with `RTM_F_FIB_MATCH` (the matching FIB entry itself, not a dump).
 pub fn host_route_oif(nl: &mut Netlink, ip: Ipv4Addr) -> Result<Option<u32>, NetxError> {
-    let want = Ipv4Net::from(ip);
-    Ok(list_routes(nl, Some(254))?
-        .into_iter()
-        .find(|r| r.dst == want && r.unicast)
-        .and_then(|r| r.oif))
+    let mut req = RouteMessage::default();
+    req.header.address_family = AddressFamily::Inet;
+    req.header.destination_prefix_length = 32;
+    req.header.flags = RouteFlags::FibMatch;
+    req.attributes
+        .push(RouteAttribute::Destination(RouteAddress::Inet(ip)));
+    req.attributes.push(RouteAttribute::Table(254));
+    let op = format!("get route {ip}");
+    let replies = match nl.request(&op, RouteNetlinkMessage::GetRoute(req), 0)? {
+        Ok(r) => r,
+        // No route at all (ENETUNREACH) / nothing matching.
+        Err(e) if e == libc::ENETUNREACH || e == libc::ESRCH || e == libc::EHOSTUNREACH => {
+            return Ok(None);
+        }
+        Err(e) => return Err(errno(nl, &op, e)),
+    };
+    for m in replies {
+        let RouteNetlinkMessage::NewRoute(r) = m else {
+            continue;
+        };
+        let mut table = u32::from(r.header.table);
+        let mut oif = None;
+        let mut dst = None;
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Table(t) => table = *t,
+                RouteAttribute::Oif(o) => oif = Some(*o),
+                RouteAttribute::Destination(d) => dst = v4(d),
+                _ => {}
+            }
+        }
+        if table == 254
+            && r.header.destination_prefix_length == 32
+            && dst == Some(ip)
+            && r.header.kind == RouteType::Unicast
+        {
+            return Ok(oif);
+        }
+    }
+    Ok(None)
 }
 
 fn rule_message(r: &Rule4) -> RuleMessage {

@@ -279,9 +279,23 @@ pub fn link_details(nl: &mut Netlink, name: &str) -> Result<Option<LinkDetails>,
     Ok(list_links(nl)?.into_iter().find(|l| l.name == name))
 }
 
-/// Details of the link with `index`, `None` if absent.
+/// Details of the link with `index`, `None` if absent (one `RTM_GETLINK`, no dump).
 pub fn link_by_index(nl: &mut Netlink, index: u32) -> Result<Option<LinkDetails>, NetxError> {
-    Ok(list_links(nl)?.into_iter().find(|l| l.index == index))
+    let mut msg = LinkMessage::default();
+    msg.header.index = index;
+    let op = format!("get link #{index}");
+    match nl.request(&op, RouteNetlinkMessage::GetLink(msg), 0)? {
+        Ok(replies) => Ok(replies.iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => Some(details(l)),
+            _ => None,
+        })),
+        Err(e) if e == libc::ENODEV => Ok(None),
+        Err(e) => Err(NetxError::Netlink {
+            netns: nl.netns().to_path_buf(),
+            op,
+            source: std::io::Error::from_raw_os_error(e),
+        }),
+    }
 }
 
 /// Whether the kernel can create GENEVE links: one probe in a throwaway netns per process.

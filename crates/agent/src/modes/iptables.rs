@@ -142,6 +142,9 @@ pub struct IptablesDriver {
     ipset: Option<IpsetNl>,
     last_switch: SwitchTimings,
     kind: Option<TunnelKind>,
+    /// Node netns rtnetlink socket reused by per-pod work (taken and put back; an error
+    /// path simply drops it and the next call reopens).
+    pod_nl: Option<Netlink>,
 }
 
 fn drv(e: impl std::fmt::Display) -> DriverError {
@@ -176,6 +179,7 @@ impl IptablesDriver {
             ipset: None,
             last_switch: SwitchTimings::default(),
             kind: None,
+            pod_nl: None,
         })
     }
 
@@ -230,6 +234,13 @@ impl IptablesDriver {
 
     fn nl(&self) -> Result<Netlink, DriverError> {
         Netlink::open(self.node()).map_err(drv)
+    }
+
+    fn take_pod_nl(&mut self) -> Result<Netlink, DriverError> {
+        match self.pod_nl.take() {
+            Some(nl) => Ok(nl),
+            None => self.nl(),
+        }
     }
 
     fn flavor(&mut self) -> Result<IptablesFlavor, DriverError> {
@@ -669,7 +680,7 @@ impl IptablesDriver {
             .state
             .host_ip
             .ok_or_else(|| drv("node rules are not installed yet (no ztunnel has been ready)"))?;
-        let mut nl = self.nl()?;
+        let mut nl = self.take_pod_nl()?;
         let oif = route::host_route_oif(&mut nl, ip)
             .map_err(drv)?
             .ok_or_else(|| {
@@ -692,6 +703,7 @@ impl IptablesDriver {
             .map_err(|e| DriverError::pod(format!("iptables mode: enroll {pod}: {e}")))?;
         route::replace_route(&mut nl, &to_route4(&an::pod_route(ip, host_ip)))
             .map_err(|e| DriverError::pod(format!("iptables mode: enroll {pod}: {e}")))?;
+        self.pod_nl = Some(nl);
         self.node_sysctls(&an::pod_sysctls(&dev))?;
         self.owners.insert(ip, uid);
         Ok(())
@@ -705,9 +717,10 @@ impl IptablesDriver {
             return Ok(());
         }
         if let Some(host_ip) = self.state.host_ip {
-            let mut nl = self.nl()?;
+            let mut nl = self.take_pod_nl()?;
             route::del_route(&mut nl, &to_route4(&an::pod_route(ip, host_ip)))
                 .map_err(|e| DriverError::pod(format!("iptables mode: release {pod}: {e}")))?;
+            self.pod_nl = Some(nl);
         }
         if self.ipset_exists()? {
             self.ipset_nl()?
@@ -955,6 +968,7 @@ impl RedirectDriver for IptablesDriver {
             self.state = PersistedState::default();
             self.owners.clear();
             self.ipset = None;
+            self.pod_nl = None;
             Ok(())
         } else {
             Err(drv(format!("uninstall incomplete: {}", errors.join("; "))))

@@ -37,7 +37,14 @@ pub const T: Duration = Duration::from_secs(5);
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
 
 /// (node, pod, namespace, extra labels)
-pub const PODS: &[(u8, &str, &str, &[(&str, &str)])] = &[
+pub type PodSpec = (
+    u8,
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
+pub const PODS: &[PodSpec] = &[
     (1, "a", "mesh", &[]),
     (1, "b", "plain", &[]),
     (1, "d", "mesh", &[]),
