@@ -191,6 +191,21 @@ pub fn replace_route(nl: &mut Netlink, r: &Route4) -> Result<Change, NetxError> 
     }
 }
 
+/// [`replace_route`] with the output device given by index (`r.dev` is only used in
+/// messages): saves the name lookup on hot paths that already know the index.
+pub fn replace_route_oif(nl: &mut Netlink, r: &Route4, oif: u32) -> Result<Change, NetxError> {
+    let op = format!("replace route {r}");
+    let msg = route_message(oif, r, false);
+    match nl.ack(
+        &op,
+        RouteNetlinkMessage::NewRoute(msg),
+        NLM_F_CREATE | NLM_F_REPLACE,
+    )? {
+        Ok(()) => Ok(Change::Applied),
+        Err(e) => Err(errno(nl, &op, e)),
+    }
+}
+
 /// `ip route del ROUTE`; an absent route (or device) is `Unchanged`.
 pub fn del_route(nl: &mut Netlink, r: &Route4) -> Result<Change, NetxError> {
     let op = format!("delete route {r}");

@@ -298,6 +298,18 @@ pub fn link_by_index(nl: &mut Netlink, index: u32) -> Result<Option<LinkDetails>
     }
 }
 
+/// The name of interface `index` in the calling thread's netns (`if_indextoname`: one ioctl,
+/// much cheaper than a netlink `GETLINK` whose full reply must be parsed).
+pub fn link_name_here(ns: &crate::InNetns<'_>, index: u32) -> Result<String, NetxError> {
+    nix::net::if_::if_indextoname(index)
+        .map(|c| c.to_string_lossy().into_owned())
+        .map_err(|e| NetxError::Netlink {
+            netns: ns.path().to_path_buf(),
+            op: format!("if_indextoname({index})"),
+            source: e.into(),
+        })
+}
+
 /// Whether the kernel can create GENEVE links: one probe in a throwaway netns per process.
 pub fn geneve_supported() -> bool {
     static PROBE: OnceLock<bool> = OnceLock::new();

@@ -13,8 +13,14 @@ static INIT: Once = Once::new();
 /// directive) overrides the configured level.
 pub fn init(level: LogLevel) {
     INIT.call_once(|| {
-        let directive =
-            std::env::var("MESHCNI_LOG").unwrap_or_else(|_| level_name(level).to_string());
+        // netlink-packet-route warns about kernel attributes newer than it knows (e.g.
+        // IFLA_INET6_CONF growing); harmless for us, so keep it out of the runtime's logs.
+        let directive = std::env::var("MESHCNI_LOG").unwrap_or_else(|_| {
+            format!(
+                "{},netlink_packet_route=error,netlink_packet_core=error",
+                level_name(level)
+            )
+        });
         let filter = EnvFilter::try_new(&directive).unwrap_or_else(|_| EnvFilter::new("info"));
         let _ = tracing_subscriber::fmt()
             .json()

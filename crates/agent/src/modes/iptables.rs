@@ -145,6 +145,51 @@ pub struct IptablesDriver {
     /// Node netns rtnetlink socket reused by per-pod work (taken and put back; an error
     /// path simply drops it and the next call reopens).
     pod_nl: Option<Netlink>,
+    /// Long-lived thread inside the node netns for per-pod sysctl writes (a thread spawn +
+    /// setns per pod would dominate the per-pod cost).
+    worker: Option<NodeWorker>,
+    /// ifindex of `istioin` (per-pod routes), refreshed on install and after a route error.
+    tun_in_index: Option<u32>,
+}
+
+type Job = Box<dyn for<'a> FnOnce(&meshcni_netx::InNetns<'a>) + Send>;
+
+/// A thread parked inside the node netns running jobs sent to it.
+struct NodeWorker {
+    tx: std::sync::mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for NodeWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeWorker")
+    }
+}
+
+impl NodeWorker {
+    fn start(netns: &Path) -> Result<NodeWorker, NetxError> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        // Detached: the loop ends when the driver (the only sender) is dropped.
+        meshcni_netx::spawn_in_netns(netns, "mcni-iptables-node", move |ns| {
+            while let Ok(job) = rx.recv() {
+                job(ns);
+            }
+        })?;
+        Ok(NodeWorker { tx })
+    }
+
+    /// Run `f` on the worker; `None` if the worker is gone.
+    fn run<R: Send + 'static>(
+        &self,
+        f: impl for<'a> FnOnce(&meshcni_netx::InNetns<'a>) -> R + Send + 'static,
+    ) -> Option<R> {
+        let (rtx, rrx) = std::sync::mpsc::sync_channel(1);
+        self.tx
+            .send(Box::new(move |ns| {
+                let _ = rtx.send(f(ns));
+            }))
+            .ok()?;
+        rrx.recv().ok()
+    }
 }
 
 fn drv(e: impl std::fmt::Display) -> DriverError {
@@ -180,6 +225,8 @@ impl IptablesDriver {
             last_switch: SwitchTimings::default(),
             kind: None,
             pod_nl: None,
+            worker: None,
+            tun_in_index: None,
         })
     }
 
@@ -222,7 +269,7 @@ impl IptablesDriver {
                 .map_err(|e| drv(format!("cannot create {}: {e}", dir.display())))?;
         }
         let tmp = path.with_extension("tmp");
-        let bytes = serde_json::to_vec_pretty(&self.state).map_err(drv)?;
+        let bytes = serde_json::to_vec(&self.state).map_err(drv)?;
         std::fs::write(&tmp, bytes)
             .and_then(|()| std::fs::rename(&tmp, path))
             .map_err(|e| drv(format!("cannot write state file {}: {e}", path.display())))
@@ -285,17 +332,59 @@ impl IptablesDriver {
 
     /// Write node sysctls, remembering each previous value once.
     fn node_sysctls(&mut self, list: &[an::Sysctl]) -> Result<(), DriverError> {
-        let changed = with_netns(self.node(), |ns| {
+        if self.worker.is_none() {
+            self.worker = Some(NodeWorker::start(&self.cfg.node_netns).map_err(drv)?);
+        }
+        let list = list.to_vec();
+        let job = move |ns: &meshcni_netx::InNetns<'_>| {
             let mut prev = Vec::new();
-            for s in list {
+            for s in &list {
                 if let Some(old) = sysctl::write_here(ns, &s.path(), s.value)? {
                     prev.push((s.path(), old));
                 }
             }
             Ok::<_, NetxError>(prev)
-        })
-        .and_then(|r| r)
-        .map_err(drv)?;
+        };
+        let changed = match self.worker.as_ref().and_then(|w| w.run(job)) {
+            Some(r) => r.map_err(drv)?,
+            None => {
+                self.worker = None;
+                return Err(drv("node netns worker thread is gone"));
+            }
+        };
+        self.remember(changed)
+    }
+
+    /// `rp_filter=0` on the pod's host veth (spec §3.4 step 3), named by index on the node
+    /// worker thread; the previous value is remembered like every node sysctl.
+    fn pod_rp_filter(&mut self, pod: &PodId, oif: u32) -> Result<(), DriverError> {
+        if self.worker.is_none() {
+            self.worker = Some(NodeWorker::start(&self.cfg.node_netns).map_err(drv)?);
+        }
+        let job = move |ns: &meshcni_netx::InNetns<'_>| {
+            let dev = tunnel::link_name_here(ns, oif)?;
+            let s = an::pod_sysctls(&dev);
+            let mut prev = Vec::new();
+            for s in &s {
+                if let Some(old) = sysctl::write_here(ns, &s.path(), s.value)? {
+                    prev.push((s.path(), old));
+                }
+            }
+            Ok::<_, NetxError>(prev)
+        };
+        let changed = match self.worker.as_ref().and_then(|w| w.run(job)) {
+            Some(r) => {
+                r.map_err(|e| DriverError::pod(format!("iptables mode: enroll {pod}: {e}")))?
+            }
+            None => {
+                self.worker = None;
+                return Err(drv("node netns worker thread is gone"));
+            }
+        };
+        self.remember(changed)
+    }
+
+    fn remember(&mut self, changed: Vec<(String, String)>) -> Result<(), DriverError> {
         let mut dirty = false;
         for (k, v) in changed {
             if let std::collections::btree_map::Entry::Vacant(e) = self.state.sysctls.entry(k) {
@@ -477,6 +566,7 @@ impl IptablesDriver {
 
     fn install_node(&mut self, z: &ResolvedZtunnel) -> Result<(), DriverError> {
         let started = Instant::now();
+        self.tun_in_index = None;
         let flavor = self.flavor()?;
         let save = self.node_save()?;
         self.check_conflicts(&save)?;
@@ -689,22 +779,34 @@ impl IptablesDriver {
                     self.node().display()
                 ))
             })?;
-        let dev = tunnel::link_by_index(&mut nl, oif)
-            .map_err(drv)?
-            .map(|l| l.name)
-            .ok_or_else(|| {
-                DriverError::pod(format!(
-                    "iptables mode: {pod}: route to {ip} uses vanished ifindex {oif}"
-                ))
-            })?;
         let uid = pod.uid.clone();
         self.ipset_nl()?
             .add(an::IPSET_NAME, ip, Some(&uid))
             .map_err(|e| DriverError::pod(format!("iptables mode: enroll {pod}: {e}")))?;
-        route::replace_route(&mut nl, &to_route4(&an::pod_route(ip, host_ip)))
-            .map_err(|e| DriverError::pod(format!("iptables mode: enroll {pod}: {e}")))?;
+        let tun_in = match self.tun_in_index {
+            Some(i) => i,
+            None => {
+                let i = nl.link_index(an::TUN_IN).map_err(drv)?.ok_or_else(|| {
+                    drv(format!(
+                        "tunnel {} is missing from node netns {}",
+                        an::TUN_IN,
+                        self.node().display()
+                    ))
+                })?;
+                self.tun_in_index = Some(i);
+                i
+            }
+        };
+        if let Err(e) =
+            route::replace_route_oif(&mut nl, &to_route4(&an::pod_route(ip, host_ip)), tun_in)
+        {
+            self.tun_in_index = None;
+            return Err(DriverError::pod(format!(
+                "iptables mode: enroll {pod}: {e}"
+            )));
+        }
         self.pod_nl = Some(nl);
-        self.node_sysctls(&an::pod_sysctls(&dev))?;
+        self.pod_rp_filter(pod, oif)?;
         self.owners.insert(ip, uid);
         Ok(())
     }
@@ -811,14 +913,21 @@ pub fn find_conflicts(
     if let Some(v) = state.ztunnel_veth.as_deref() {
         allowed.push(v);
     }
-    // Routes towards ztunnel veths are ours only once we have installed.
+    // Our tunnel present = a previous install by this mode (adopted even if the state file
+    // was lost: then routes of our tables via any veth are taken as ours).
+    let tunnel_present = links
+        .iter()
+        .any(|l| l.name == an::TUN_IN && l.vni == Some(an::VNI_IN));
+    let adopted = tunnel_present && state.ztunnel_veth.is_none();
     let installed = state.ztunnel_veth.is_some();
     for e in routes {
         if ![an::TABLE_INBOUND, an::TABLE_OUTBOUND, an::TABLE_PROXY].contains(&e.table) {
             continue;
         }
         let dev = e.oif.and_then(|o| idx.get(&o).copied()).unwrap_or("?");
-        let ours = OUR_LINKS.contains(&dev) || (installed && allowed.contains(&dev));
+        let ours = OUR_LINKS.contains(&dev)
+            || (installed && allowed.contains(&dev))
+            || (adopted && links.iter().any(|l| l.name == dev && l.kind == "veth"));
         if !ours {
             out.push(format!(
                 "route table {} {} dev {dev} is in a table this mode uses",
@@ -842,7 +951,7 @@ pub fn find_conflicts(
     let chains_present = an::NODE_CHAINS
         .iter()
         .any(|(t, c, _)| an::chain_exists(save, *t, c));
-    if chains_present && state.host_ip.is_none() {
+    if chains_present && state.host_ip.is_none() && !tunnel_present {
         out.push(
             "iptables chains ztunnel-* already exist and were not created by this agent"
                 .to_string(),
@@ -969,6 +1078,8 @@ impl RedirectDriver for IptablesDriver {
             self.owners.clear();
             self.ipset = None;
             self.pod_nl = None;
+            self.worker = None;
+            self.tun_in_index = None;
             Ok(())
         } else {
             Err(drv(format!("uninstall incomplete: {}", errors.join("; "))))
