@@ -14,9 +14,13 @@ mod ambient_mesh;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ambient_mesh::{Mesh, PORT};
-use meshcni_testkit::multinode::timed_exchanges;
-use meshcni_testkit::{Netns, TcpServer};
+use ambient_mesh::Mesh;
+use meshcni_testkit::Netns;
+use meshcni_testkit::multinode::{EchoServer, timed_exchanges};
+
+/// Port of the bench servers ([`EchoServer`]: blocking accept, so no polling interval is
+/// measured; the harness's `TcpServer`s on 8080 poll accept every 5 ms).
+const BENCH_PORT: u16 = 8090;
 
 struct Stats {
     rate: f64,
@@ -71,7 +75,11 @@ fn main() {
         .unwrap_or(500);
     let m = Mesh::new("bench");
     let payload = b"ping\n";
-    let to = |pod: &str| m.pod(pod).addr(PORT);
+    let _servers: Vec<EchoServer> = ["o", "d", "e", "c"]
+        .iter()
+        .map(|p| EchoServer::start(&m.pod(p).netns, m.pod(p).addr(BENCH_PORT)).expect("server"))
+        .collect();
+    let to = |pod: &str| m.pod(pod).addr(BENCH_PORT);
 
     // Same node: b → o is direct (neither enrolled), a → o is captured (15001 hop, spoofed
     // upstream), a → d is captured → captured (15001 → HBONE hairpin → 15008).
@@ -86,7 +94,7 @@ fn main() {
     // The stand-in's own floor, on loopback inside ztunnel pod 1.
     let zt = &m.lab.node(1).ztunnel.netns;
     let target: SocketAddr = "127.0.0.1:9000".parse().expect("addr");
-    let _target = TcpServer::start(zt, target).expect("loopback target");
+    let _target = EchoServer::start(zt, target).expect("loopback target");
     let lo_direct = run(zt, target, n, payload);
     let hbone: SocketAddr = "127.0.0.1:15008".parse().expect("addr");
     let lo_standin = run(zt, hbone, n, b"CONNECT 127.0.0.1:9000 127.0.0.2\nping\n");

@@ -59,11 +59,12 @@ use tracing::{debug, info, warn};
 
 use crate::ambient_config::AmbientConfigWriter;
 use crate::ambient_config::RedirectMode;
+use crate::cni_events::{CniAddRequest, CniOutcome, CniRejection, RejectKind};
 pub use crate::enroll::{Action, EnrolledPod, EnrolledState, PodId};
 use crate::enroll::{Conflict, plan};
 use crate::workloads::{
-    EnrollPolicy, NamespaceInfo, SourceUpdate, Workload, WorkloadSnapshot, active_ztunnel,
-    desired_set,
+    EnrollPolicy, MeshDecision, NamespaceInfo, SourceUpdate, Workload, WorkloadSnapshot,
+    active_ztunnel, desired_set, mesh_decision,
 };
 
 /// The active ztunnel on this node: among pods on the node with label `app=ztunnel`, the
@@ -256,6 +257,13 @@ pub struct Reconciler {
     last_resync: Instant,
     last_conflicts: Vec<Conflict>,
     last_source_error: Option<String>,
+    /// CNI ADDs waiting for an answer (see "CNI events" below).
+    cni_pending: Vec<PendingCni>,
+    /// Pod IPs from CNI events: uid → (IPs, when). In force over the watch's IPs until the
+    /// watch shows the same IPs (or any IPs after [`CNI_IPS_MAX_AGE`]), or the pod goes.
+    cni_ips: BTreeMap<String, (Vec<IpAddr>, Instant)>,
+    /// What is enrolled after the current pass, kept only while CNI requests wait for it.
+    cni_state: Option<EnrolledState>,
 }
 
 /// What one pass did.
@@ -293,6 +301,9 @@ impl Reconciler {
             last_resync: Instant::now(),
             last_conflicts: Vec::new(),
             last_source_error: None,
+            cni_pending: Vec::new(),
+            cni_ips: BTreeMap::new(),
+            cni_state: None,
         }
     }
 
@@ -326,9 +337,14 @@ impl Reconciler {
                 debug!(error = %e, "workload source reported a problem");
                 self.last_source_error = Some(e);
             }
+            SourceUpdate::CniAdd(req) => {
+                self.cni_accept(req);
+                return;
+            }
         }
         if let (Some(p), Some(n)) = (&self.pods, &self.namespaces) {
             self.snapshot = WorkloadSnapshot::from_parts(p.iter().cloned(), n.iter().cloned());
+            self.apply_cni_ips(Instant::now());
         }
     }
 
@@ -356,8 +372,17 @@ impl Reconciler {
         }
     }
 
-    /// One reconcile pass at time `now`.
+    /// One reconcile pass at time `now`, answering the CNI requests it can.
     pub fn reconcile(&mut self, now: Instant) -> PassReport {
+        self.cni_state = None;
+        self.cni_resolve(now);
+        let report = self.reconcile_pass(now);
+        self.cni_answer(&report, now);
+        self.cni_state = None;
+        report
+    }
+
+    fn reconcile_pass(&mut self, now: Instant) -> PassReport {
         if !self.synced() {
             let mut reason = "waiting for the first list of pods and namespaces".to_string();
             if let Some(e) = &self.last_source_error {
@@ -478,6 +503,9 @@ impl Reconciler {
             g.set(i64::try_from(enrolled.len()).unwrap_or(i64::MAX));
         }
         let any_failed = !report.failed.is_empty();
+        if self.cni_pending.iter().any(|p| p.uid.is_some()) {
+            self.cni_state = Some(actual.clone());
+        }
         self.actual = if any_failed { None } else { Some(actual) };
         let failing: BTreeMap<String, String> = self
             .failures
@@ -518,6 +546,9 @@ impl Reconciler {
             next = next.min(t);
         }
         if let Some(t) = self.failures.values().map(|f| f.next).min() {
+            next = next.min(t);
+        }
+        if let Some(t) = self.cni_pending.iter().map(PendingCni::due).min() {
             next = next.min(t);
         }
         next.max(now)
@@ -571,6 +602,300 @@ impl Reconciler {
             }
         }
         info!("ambient enrollment loop stopped");
+    }
+}
+
+// ---- CNI events ------------------------------------------------------------------------
+//
+// The plugin's ADD of an ambient pod (`crate::cni_events`) waits here for its answer. A pass
+// first resolves each new request against the workload view: the pod (by namespace/name, not
+// terminating) must be known — waiting up to the request's lookup deadline for the source to
+// catch up —, selected for ambient (else refused, like Istio), and a ztunnel must be Ready on
+// the node (else refused: the pod would start uncaptured; the runtime retries the sandbox).
+// The event's IPs then override the watch's for that pod (the pod status often has no IP yet
+// at ADD time, or still the previous sandbox's), any back-off of the pod is reset, and the
+// pass plans as usual. After the pass the request is answered: 200 when the pod is enrolled
+// with exactly the event's IPs, 500 with the driver's error if its action failed or the
+// driver is failing, and 500 at its deadline if it is still not enrolled (e.g. its IP is
+// still held by another pod). On a refusal the IP override is dropped: the sandbox is about
+// to be torn down.
+
+/// How long CNI-event IPs win over different, non-empty IPs from the watch. The kubelet
+/// writes the sandbox's IPs into the pod status within seconds; past this, the watch is
+/// trusted again.
+pub const CNI_IPS_MAX_AGE: Duration = Duration::from_secs(120);
+
+/// A CNI request waiting in the loop; `uid` is set once the pod is resolved.
+#[derive(Debug)]
+struct PendingCni {
+    req: CniAddRequest,
+    uid: Option<String>,
+}
+
+impl PendingCni {
+    /// When the loop must look at it again without new input.
+    fn due(&self) -> Instant {
+        if self.uid.is_some() {
+            self.req.deadline
+        } else {
+            self.req.lookup_deadline
+        }
+    }
+}
+
+enum Lookup {
+    Wait,
+    Found(String),
+    Reject(CniRejection),
+}
+
+impl Reconciler {
+    fn cni_accept(&mut self, req: CniAddRequest) {
+        // A runtime retry of the same pod while the first ADD still waits: the newer one,
+        // with the current sandbox's IPs, wins.
+        let (ns, name) = (&req.event.namespace, &req.event.name);
+        let mut superseded = Vec::new();
+        self.cni_pending.retain(|p| {
+            let same = &p.req.event.namespace == ns && &p.req.event.name == name;
+            if same {
+                superseded.push(p.req.reply.clone());
+            }
+            !same
+        });
+        for r in superseded {
+            r.send(Err(CniRejection::new(
+                RejectKind::Superseded,
+                format!("a newer ADD for pod {ns}/{name} replaced this one"),
+            )));
+        }
+        debug!(pod = %req.event.key(), ips = ?req.event.ips, "CNI ADD received");
+        self.cni_pending.push(PendingCni { req, uid: None });
+    }
+
+    /// Put CNI-event IPs into the snapshot; forget overrides that are no longer needed.
+    fn apply_cni_ips(&mut self, now: Instant) {
+        let pods = &mut self.snapshot.pods;
+        self.cni_ips
+            .retain(|uid, (ips, since)| match pods.get_mut(uid) {
+                None => false,
+                Some(p) if p.ips == *ips => false,
+                Some(p) if !p.ips.is_empty() && now.duration_since(*since) > CNI_IPS_MAX_AGE => {
+                    false
+                }
+                Some(p) => {
+                    p.ips = ips.clone();
+                    true
+                }
+            });
+    }
+
+    fn cni_lookup(&self, req: &CniAddRequest, now: Instant, ztunnel: bool) -> Lookup {
+        let ev = &req.event;
+        let key = ev.key();
+        let waited = now.saturating_duration_since(req.received).as_millis();
+        let expired = now >= req.lookup_deadline;
+        if !self.synced() {
+            if !expired {
+                return Lookup::Wait;
+            }
+            let mut m = format!(
+                "cannot check pod {key}: the agent has not received its first list of pods and namespaces after {waited} ms"
+            );
+            if let Some(e) = &self.last_source_error {
+                m.push_str(&format!(" (last source error: {e})"));
+            }
+            return Lookup::Reject(CniRejection::new(RejectKind::NotSynced, m));
+        }
+        let named: Vec<&Workload> = self
+            .snapshot
+            .pods
+            .values()
+            .filter(|p| p.namespace == ev.namespace && p.name == ev.name)
+            .collect();
+        let live = named
+            .iter()
+            .filter(|p| !p.deleting && !p.terminal())
+            .max_by(|a, b| a.created.cmp(&b.created).then(a.uid.cmp(&b.uid)));
+        let Some(pod) = live else {
+            if !expired {
+                return Lookup::Wait;
+            }
+            let mut m = format!("pod {key} not found in the agent's view after {waited} ms");
+            if let Some(old) = named.first() {
+                m.push_str(&format!(
+                    " (only a terminating pod with that name, uid {})",
+                    old.uid
+                ));
+            }
+            return Lookup::Reject(CniRejection::new(RejectKind::NotFound, m));
+        };
+        let mut with_ips = (*pod).clone();
+        with_ips.ips = ev.ips.clone();
+        let decision = mesh_decision(
+            &with_ips,
+            self.snapshot.namespaces.get(&pod.namespace),
+            &self.policy,
+        );
+        if decision != MeshDecision::In {
+            let why = match decision {
+                MeshDecision::NotSelected => {
+                    "no ambient enablement selector matches its labels or its namespace's labels"
+                        .to_string()
+                }
+                d => d.to_string(),
+            };
+            return Lookup::Reject(CniRejection::new(
+                RejectKind::NotSelected,
+                format!("pod {key} is not selected for ambient by the agent: {why}"),
+            ));
+        }
+        if !ztunnel {
+            if !expired {
+                return Lookup::Wait;
+            }
+            return Lookup::Reject(CniRejection::new(
+                RejectKind::NoZtunnel,
+                format!(
+                    "no ztunnel ready on this node (waited {waited} ms): pod {key} would start without capture"
+                ),
+            ));
+        }
+        Lookup::Found(pod.uid.clone())
+    }
+
+    /// Before a pass: drop abandoned requests, resolve new ones (or refuse them).
+    fn cni_resolve(&mut self, now: Instant) {
+        if self.cni_pending.is_empty() {
+            return;
+        }
+        let ztunnel = active_ztunnel(&self.snapshot).is_some();
+        let pending = std::mem::take(&mut self.cni_pending);
+        let mut keep = Vec::with_capacity(pending.len());
+        for mut p in pending {
+            if p.req.reply.is_closed() {
+                debug!(pod = %p.req.event.key(), "CNI ADD abandoned by its caller");
+                if let Some(uid) = &p.uid {
+                    self.drop_cni_ips(uid, &p.req.event.ips);
+                }
+                continue;
+            }
+            if p.uid.is_some() {
+                keep.push(p);
+                continue;
+            }
+            match self.cni_lookup(&p.req, now, ztunnel) {
+                Lookup::Wait => keep.push(p),
+                Lookup::Reject(r) => {
+                    p.req.reply.send(Err(r));
+                }
+                Lookup::Found(uid) => {
+                    self.cni_ips
+                        .insert(uid.clone(), (p.req.event.ips.clone(), now));
+                    // A fresh sandbox: retry now even if the pod was in back-off.
+                    self.failures.remove(&uid);
+                    p.uid = Some(uid);
+                    keep.push(p);
+                }
+            }
+        }
+        self.cni_pending = keep;
+        self.apply_cni_ips(now);
+    }
+
+    fn drop_cni_ips(&mut self, uid: &str, ips: &[IpAddr]) {
+        if self.cni_ips.get(uid).is_some_and(|(i, _)| i == ips) {
+            self.cni_ips.remove(uid);
+            // Back to what the watch says (the snapshot was patched in place).
+            if let (Some(p), Some(n)) = (&self.pods, &self.namespaces) {
+                self.snapshot = WorkloadSnapshot::from_parts(p.iter().cloned(), n.iter().cloned());
+                self.apply_cni_ips(Instant::now());
+            }
+        }
+    }
+
+    /// After a pass: answer resolved requests whose outcome is known, and expired ones.
+    fn cni_answer(&mut self, report: &PassReport, now: Instant) {
+        if self.cni_pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.cni_pending);
+        let mut keep = Vec::with_capacity(pending.len());
+        for p in pending {
+            let Some(uid) = p.uid.clone() else {
+                keep.push(p);
+                continue;
+            };
+            let outcome = self.cni_outcome(&uid, &p.req, report, now);
+            match outcome {
+                None => keep.push(p),
+                Some(o) => {
+                    if o.is_err() {
+                        self.drop_cni_ips(&uid, &p.req.event.ips);
+                    }
+                    p.req.reply.send(o);
+                }
+            }
+        }
+        self.cni_pending = keep;
+    }
+
+    fn cni_outcome(
+        &self,
+        uid: &str,
+        req: &CniAddRequest,
+        report: &PassReport,
+        now: Instant,
+    ) -> Option<CniOutcome> {
+        let key = req.event.key();
+        if let Some((_, e)) = report.failed.iter().find(|(a, _)| a.pod().uid == uid) {
+            return Some(Err(CniRejection::new(
+                RejectKind::Driver,
+                format!(
+                    "{} driver could not capture pod {key}: {e}",
+                    self.driver.name()
+                ),
+            )));
+        }
+        if let Some(blocked) = &report.blocked {
+            let detail = self.status.get().redirect.err().unwrap_or(blocked.clone());
+            return Some(Err(CniRejection::new(
+                RejectKind::Driver,
+                format!("pod {key} not captured: {detail}"),
+            )));
+        }
+        let state = self.cni_state.as_ref();
+        if state
+            .and_then(|s| s.pods.get(uid))
+            .is_some_and(|e| e.ips == req.event.ips)
+        {
+            return Some(Ok(()));
+        }
+        if now < req.deadline {
+            return None;
+        }
+        let why = req
+            .event
+            .ips
+            .iter()
+            .find_map(|ip| {
+                state
+                    .and_then(|s| s.holder_of(ip, uid))
+                    .map(|h| format!("IP {ip} is still enrolled for pod uid {h}"))
+            })
+            .or_else(|| {
+                self.last_conflicts
+                    .iter()
+                    .find(|c| c.loser.uid == uid)
+                    .map(|c| c.to_string())
+            })
+            .unwrap_or_else(|| "its enrollment is still pending".into());
+        Some(Err(CniRejection::new(
+            RejectKind::Timeout,
+            format!(
+                "pod {key} was not captured within {} ms: {why}",
+                now.saturating_duration_since(req.received).as_millis()
+            ),
+        )))
     }
 }
 

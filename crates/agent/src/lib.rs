@@ -7,7 +7,8 @@
 //!
 //! Modules: [`cli`] flags, [`run`] lifecycle orchestration, [`installer`] the installer seam,
 //! [`install_bridge`] its `meshcni-install` implementation, [`readiness`] gates, [`metrics`],
-//! [`plugin_report`] the plugin → agent wire format, [`ambient_config`], [`http`], [`logging`];
+//! [`plugin_report`] the plugin → agent wire format, [`cni_events`] the plugin's ambient
+//! hand-off (`POST /cmdadd` on `pluginevent.sock`), [`ambient_config`], [`http`], [`logging`];
 //! ambient enrollment: [`workloads`] (pods/namespaces from Kubernetes or a file, mesh
 //! decisions), [`enroll`] (pure planner), [`ambient`] (reconcile loop, `RedirectDriver`).
 
@@ -16,6 +17,7 @@
 pub mod ambient;
 pub mod ambient_config;
 pub mod cli;
+pub mod cni_events;
 pub mod enroll;
 pub mod http;
 pub mod install_bridge;

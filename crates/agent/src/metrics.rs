@@ -10,6 +10,8 @@
 //! | `meshcni_cni_request_duration_seconds{command}` | histogram | plugin reports |
 //! | `meshcni_plugin_reports_malformed_total` | counter | datagrams that failed to parse |
 //! | `meshcni_enrolled_pods` | gauge | enrollment (0 until ambient enrollment lands) |
+//! | `meshcni_cni_events_total{result}` | counter | `POST /cmdadd` answers (`cni_events`): `captured`, `bad_request`, `not_found`, `not_selected`, `no_ztunnel`, `driver_error`, `not_synced`, `timeout`, `unavailable`, `superseded` |
+//! | `meshcni_cni_event_duration_seconds` | histogram | time to answer a `POST /cmdadd` |
 //!
 //! Installer-derived series are produced by a [`Collector`] that reads the installer when
 //! scraped, so there is no copy to keep in sync.
@@ -39,6 +41,12 @@ pub struct RequestLabels {
     pub result: &'static str,
 }
 
+/// Labels of `meshcni_cni_events_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommandLabels {
     pub command: &'static str,
@@ -55,9 +63,20 @@ pub struct AgentMetrics {
     pub cni_request_duration: Family<CommandLabels, Histogram, fn() -> Histogram>,
     pub malformed_reports: Counter,
     pub enrolled_pods: Gauge,
+    /// Plugin events (`POST /cmdadd`) by answer.
+    pub cni_events: Family<EventLabels, Counter>,
+    pub cni_event_duration: Histogram,
 }
 
 impl AgentMetrics {
+    /// The handles the plugin event server records into.
+    pub fn cni_event_metrics(&self) -> crate::cni_events::CniEventMetrics {
+        crate::cni_events::CniEventMetrics {
+            events: self.cni_events.clone(),
+            duration: self.cni_event_duration.clone(),
+        }
+    }
+
     /// Record one plugin report.
     pub fn record(&self, r: &NormalizedReport) {
         self.cni_requests
@@ -143,6 +162,8 @@ pub fn build_registry(installer: Arc<dyn NodeInstaller>) -> (Registry, AgentMetr
         cni_request_duration: Family::new_with_constructor(duration_histogram),
         malformed_reports: Counter::default(),
         enrolled_pods: Gauge::default(),
+        cni_events: Family::default(),
+        cni_event_duration: duration_histogram(),
     };
     registry.register(
         "meshcni_cni_requests",
@@ -163,6 +184,16 @@ pub fn build_registry(installer: Arc<dyn NodeInstaller>) -> (Registry, AgentMetr
         "meshcni_enrolled_pods",
         "Pods currently enrolled in ambient redirection on this node.",
         metrics.enrolled_pods.clone(),
+    );
+    registry.register(
+        "meshcni_cni_events",
+        "Ambient pods handed over by the plugin (POST /cmdadd), by answer.",
+        metrics.cni_events.clone(),
+    );
+    registry.register(
+        "meshcni_cni_event_duration_seconds",
+        "Time the agent took to answer a POST /cmdadd from the plugin.",
+        metrics.cni_event_duration.clone(),
     );
     registry.register_collector(Box::new(InstallCollector { installer }));
     (registry, metrics)
@@ -211,6 +242,11 @@ mod tests {
             result: "success",
             seconds: 0.003,
         });
+        m.cni_event_metrics()
+            .events
+            .get_or_create(&EventLabels { result: "captured" })
+            .inc();
+        m.cni_event_metrics().duration.observe(0.02);
         let text = render(&reg).expect("render");
         for line in [
             "meshcni_install_events_total{result=\"success\"} 3",
@@ -225,6 +261,8 @@ mod tests {
             "meshcni_cni_request_duration_seconds_bucket{le=\"0.005\",command=\"ADD\"} 1",
             "meshcni_enrolled_pods 0",
             "meshcni_plugin_reports_malformed_total 0",
+            "meshcni_cni_events_total{result=\"captured\"} 1",
+            "meshcni_cni_event_duration_seconds_count 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

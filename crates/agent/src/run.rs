@@ -39,6 +39,8 @@ pub enum AgentError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    PluginEvents(#[from] crate::cni_events::CniEventError),
     #[error("writing the ambient config: {0}")]
     AmbientConfig(#[from] crate::ambient_config::AmbientConfigError),
     #[error("installing signal handlers: {0}")]
@@ -56,6 +58,9 @@ pub struct AgentHandle {
     pub readiness: Readiness,
     /// The ambient enrollment loop (`crate::ambient`), when ambient is enabled and startable.
     pub enrollment: Option<Arc<std::sync::Mutex<Option<crate::ambient::AmbientLoop>>>>,
+    /// The plugin event server (`pluginevent.sock`), when ambient is enabled. Dropping the
+    /// last handle stops it and removes the socket.
+    pub cni_events: Option<Arc<crate::cni_events::CniEventServer>>,
 }
 
 /// Everything decided from the flags before starting.
@@ -84,6 +89,7 @@ pub fn run(plan: RunPlan, installer: Arc<dyn NodeInstaller>) -> Result<(), Agent
         }
     };
     remove_metrics_socket(&args.metrics_socket());
+    crate::cni_events::remove_socket(&crate::cni_events::socket_path(&args.cni_agent_run_dir));
     result
 }
 
@@ -159,6 +165,16 @@ pub async fn start(
     };
     let sock = bind_metrics_socket(&args.cni_agent_run_dir, &args.metrics_socket())?;
     tokio::spawn(receive_reports(sock, metrics.clone()));
+    let cni_events = if args.ambient_enabled {
+        Some(Arc::new(start_cni_events(
+            args,
+            enrollment.as_ref(),
+            &readiness,
+            &metrics,
+        )?))
+    } else {
+        None
+    };
 
     let listeners = Listeners::bind(
         args.listen_address,
@@ -186,7 +202,41 @@ pub async fn start(
         metrics,
         readiness,
         enrollment,
+        cni_events,
     })
+}
+
+/// Serve `pluginevent.sock`. Also when enrollment could not start: the plugin's ADD then gets
+/// the reason (from the `redirect-mode` gate) instead of "connection refused".
+fn start_cni_events(
+    args: &AgentArgs,
+    enrollment: Option<&Arc<std::sync::Mutex<Option<crate::ambient::AmbientLoop>>>>,
+    readiness: &Readiness,
+    metrics: &AgentMetrics,
+) -> Result<crate::cni_events::CniEventServer, AgentError> {
+    use crate::cni_events::{Backend, CniEventOptions, CniEventServer};
+    let sender = enrollment.and_then(|e| {
+        e.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|l| l.sender())
+    });
+    let backend = match sender {
+        Some(tx) => Backend::Loop(tx),
+        None => Backend::Unavailable(
+            readiness
+                .closed()
+                .into_iter()
+                .find(|g| g.starts_with("redirect-mode"))
+                .unwrap_or_else(|| "enrollment did not start".into()),
+        ),
+    };
+    Ok(CniEventServer::start(
+        &args.cni_agent_run_dir,
+        backend,
+        CniEventOptions::default(),
+        metrics.cni_event_metrics(),
+    )?)
 }
 
 /// Log readiness transitions (once per change, not per probe) so "why is the pod not ready" is
@@ -315,6 +365,7 @@ pub fn uninstall_all(args: &AgentArgs, installer: &dyn NodeInstaller) -> Result<
         }
     }
     remove_metrics_socket(&args.metrics_socket());
+    crate::cni_events::remove_socket(&crate::cni_events::socket_path(&args.cni_agent_run_dir));
     // Only an empty dir: other tools may share it.
     let _ = std::fs::remove_dir(&args.cni_agent_run_dir);
     Ok(())

@@ -2,14 +2,21 @@
 //! native nftables, then policy routing — all inside the pod netns, on one thread, with "a
 //! failed apply leaves the netns exactly as before" semantics:
 //!
-//! 1. detect the iptables flavor (or use the forced one);
-//! 2. snapshot (`-save`) every family that will be touched;
+//! 1. detect the iptables flavor (or use the forced one) without exec'ing anything on a fresh
+//!    netns ([`iptables::detect_fast_here`]);
+//! 2. snapshot every family that will be touched: nothing to exec when the netns provably has
+//!    none of the touched tables, else `-save` (plus, for iptables-nft, the nf_tables chains);
 //! 3. `-restore --noflush` v4, then v6;
 //! 4. add addresses, ip rules and routes over netlink (existing ones are left alone and are not
 //!    considered ours);
 //! 5. on any failure: delete what step 4 created (reverse order), then replace every table
-//!    touched in step 3 with its snapshot (`-restore` without `--noflush`, only those tables),
-//!    and report the original error (or both errors if the rollback fails too).
+//!    touched in step 3 with its snapshot (iptables-nft: in place, see
+//!    [`iptables::nft_rollback_texts`]; legacy: `-restore` without `--noflush`, only those
+//!    tables), and report the original error (or both errors if the rollback fails too).
+//!
+//! With a detected (not forced) nft flavor, the restore of step 3 doubles as Istio's nft
+//! usability probe: if it fails and the probe confirms nft is unusable, the transaction is
+//! rolled back and run again with plain `iptables`.
 
 use std::path::Path;
 
@@ -136,7 +143,7 @@ enum Created {
 /// iptables state to put back on failure.
 struct Touched {
     family: IpFamily,
-    snapshot: String,
+    snapshot: iptables::FamilySnapshot,
     tables: Vec<String>,
 }
 
@@ -172,7 +179,31 @@ impl Applier {
 
     fn apply_iptables(&self, ns: &InNetns<'_>, plan: &ApplyPlan) -> Result<Applied, NetxError> {
         let opts = &self.iptables;
-        let flavor = iptables::detect_here(ns, opts)?;
+        let detection = iptables::detect_fast_here(ns, opts)?;
+        match self.apply_iptables_with(ns, plan, &detection) {
+            // nft was chosen without Istio's probe (see `detect_fast_here`). The failed restore
+            // has been rolled back; if the probe confirms that iptables-nft cannot work here,
+            // Istio would have picked plain `iptables`: do that.
+            Err(NetxError::Command { ref command, .. })
+                if detection.nft_unverified
+                    && command.contains("tables-nft-restore")
+                    && !iptables::nft_probe_ok(opts) =>
+            {
+                let plain = iptables::Detection::only(iptables::plain_or_none(ns)?);
+                self.apply_iptables_with(ns, plan, &plain)
+            }
+            other => other,
+        }
+    }
+
+    fn apply_iptables_with(
+        &self,
+        ns: &InNetns<'_>,
+        plan: &ApplyPlan,
+        detection: &iptables::Detection,
+    ) -> Result<Applied, NetxError> {
+        let opts = &self.iptables;
+        let flavor = detection.flavor;
         let mut work: Vec<(IpFamily, &str)> = Vec::new();
         if !plan.v4_restore.trim().is_empty() {
             work.push((IpFamily::V4, &plan.v4_restore));
@@ -183,11 +214,12 @@ impl Applier {
         // Snapshot every family before changing anything.
         let mut snapshots = Vec::new();
         for &(family, text) in &work {
-            let snapshot = iptables::save_here(ns, opts, flavor, family)?;
+            let tables = iptables::tables_in(text);
+            let snapshot = iptables::snapshot_here(ns, opts, detection, family, &tables)?;
             snapshots.push(Touched {
                 family,
                 snapshot,
-                tables: iptables::tables_in(text),
+                tables,
             });
         }
         let mut touched: Vec<Touched> = Vec::new();
@@ -218,7 +250,7 @@ impl Applier {
     ) -> NetxError {
         let mut failure = None;
         for t in touched.iter().rev() {
-            let restored = iptables::rollback_here(
+            let restored = iptables::rollback_snapshot_here(
                 ns,
                 &self.iptables,
                 flavor,

@@ -29,6 +29,11 @@ fn is_executable(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Largest stdin written without a helper thread: one page, the capacity every pipe has even
+/// when the user is over `/proc/sys/fs/pipe-user-pages-soft` (then new pipes get one page, not
+/// the default 64 KiB), so the write never blocks. Saves a thread per restore of small text.
+const INLINE_STDIN_MAX: usize = 4096;
+
 /// One external command.
 #[derive(Debug, Clone)]
 pub(crate) struct Cmd<'a> {
@@ -91,12 +96,18 @@ impl<'a> Cmd<'a> {
         let mut child = command.spawn().map_err(spawn_err)?;
         let output = std::thread::scope(|scope| {
             if let (Some(input), Some(mut stdin)) = (self.stdin, child.stdin.take()) {
-                // A writer thread avoids a pipe deadlock should the child write a lot before
-                // reading all of its input. A write error means the child exited early; its
-                // exit status and stderr tell the real story.
-                scope.spawn(move || {
+                // Input that surely fits in the pipe buffer is written inline (the write cannot block,
+                // whatever the child does); larger input gets a writer thread, which avoids a
+                // pipe deadlock should the child write a lot before reading all of its input.
+                // A write error means the child exited early; its exit status and stderr tell
+                // the real story. Dropping `stdin` closes the pipe (EOF for the child).
+                if input.len() <= INLINE_STDIN_MAX {
                     let _ = stdin.write_all(input);
-                });
+                } else {
+                    scope.spawn(move || {
+                        let _ = stdin.write_all(input);
+                    });
+                }
             }
             child.wait_with_output()
         })

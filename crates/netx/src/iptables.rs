@@ -14,7 +14,7 @@ use std::ffi::OsString;
 
 use crate::exec::{Cmd, find_program};
 use crate::netns::InNetns;
-use crate::{IpFamily, NetxError};
+use crate::{IpFamily, NetxError, nft};
 
 /// Which iptables binary family to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -131,39 +131,155 @@ fn rule_lines(save: &str) -> usize {
 /// netns that already has legacy rules was set up by a legacy host; a fresh pod netns has none).
 const LEGACY_RULES_THRESHOLD: usize = 3;
 
+/// The result of flavor detection, plus what detection learnt that the snapshot can reuse.
+#[derive(Debug, Clone)]
+pub struct Detection {
+    /// The chosen flavor.
+    pub flavor: IptablesFlavor,
+    /// nft was chosen because nf_tables answers over netlink and `iptables-nft-restore` exists,
+    /// but Istio's add-a-probe-rule check has not run yet: the real restore is the probe. If it
+    /// fails, [`nft_probe_ok`] decides whether nft was unusable after all (→ plain).
+    pub nft_unverified: bool,
+    /// Legacy table names per family (v4, v6) from `/proc/thread-self/net/*_tables_names`;
+    /// `None` if unknown (unreadable).
+    legacy_tables: [Option<Vec<String>>; 2],
+    /// `*-legacy-save` outputs run by detection (v4, v6).
+    legacy_saves: [Option<String>; 2],
+    /// nf_tables tables of the netns (`None` if not queried or not available).
+    nft_tables: Option<Vec<nft::NftTable>>,
+}
+
+impl Detection {
+    /// A detection result that is just `flavor` (nothing learnt, nothing deferred).
+    pub fn only(flavor: IptablesFlavor) -> Self {
+        Detection {
+            flavor,
+            nft_unverified: false,
+            legacy_tables: [None, None],
+            legacy_saves: [None, None],
+            nft_tables: None,
+        }
+    }
+}
+
+fn family_index(family: IpFamily) -> usize {
+    match family {
+        IpFamily::V4 => 0,
+        IpFamily::V6 => 1,
+    }
+}
+
+/// Names of the x_tables (legacy) tables that exist in the netns of the calling thread, read
+/// from `/proc/thread-self/net/{ip,ip6}_tables_names` (per *thread*: `/proc/self/net` would show
+/// the main thread's netns). A missing file means the x_tables module is not loaded, hence no
+/// legacy table anywhere. `None` if the file exists but cannot be read.
+pub fn legacy_tables_here(_ns: &InNetns<'_>, family: IpFamily) -> Option<Vec<String>> {
+    let file = match family {
+        IpFamily::V4 => "/proc/thread-self/net/ip_tables_names",
+        IpFamily::V6 => "/proc/thread-self/net/ip6_tables_names",
+    };
+    match std::fs::read_to_string(file) {
+        Ok(text) => Some(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect(),
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(Vec::new()),
+        Err(e) => {
+            tracing::debug!(error = %e, file, "cannot read legacy table names");
+            None
+        }
+    }
+}
+
 /// Choose the iptables flavor for the netns this thread is in (Istio `DetectIptablesVersion`):
 /// forced flavor if any; else legacy if `iptables-legacy-save` works and the netns already has
 /// ≥ 3 legacy rules (v4 + v6); else nft if usable; else plain `iptables`.
 ///
-/// "Usable nft" = `iptables-nft-save` runs here and a probe rule (`-t nat -A INPUT -p 255 -j
-/// RETURN`, then `-D`) can be added and deleted. Unlike Istio, the probe runs in a throwaway
+/// "Usable nft" = nf_tables can be read here and a probe rule (`-t nat -A INPUT -p 255 -j
+/// RETURN`) can be added with `iptables-nft`. Unlike Istio, the probe runs in a throwaway
 /// network namespace (so the pod netns is left without a stray empty `nat` table), and its
-/// result is cached for the life of the process.
+/// result is cached for the life of the process. See [`detect_fast_here`] for the exec-free
+/// variant the capture transaction uses.
 pub fn detect_here(ns: &InNetns<'_>, opts: &IptablesOptions) -> Result<IptablesFlavor, NetxError> {
+    let detection = detect_fast_here(ns, opts)?;
+    if detection.nft_unverified && !nft_probe_ok(opts) {
+        return plain_or_none(ns);
+    }
+    Ok(detection.flavor)
+}
+
+/// [`detect_here`] without any exec on a fresh pod netns:
+/// * legacy rules are only counted (`*-legacy-save`) when `/proc/thread-self/net/ip{,6}_tables_names`
+///   lists a table — a fresh netns has none, so it has fewer than 3 legacy rules;
+/// * nft counts as usable when an nf_tables table dump over netlink succeeds here (the kernel
+///   side of `iptables-nft-save` working) and `iptables-nft-restore` exists. The probe rule is
+///   deferred ([`Detection::nft_unverified`]): the caller's real restore is the probe, and only
+///   if it fails is [`nft_probe_ok`] consulted, which keeps Istio's choice rule.
+pub fn detect_fast_here(ns: &InNetns<'_>, opts: &IptablesOptions) -> Result<Detection, NetxError> {
+    let legacy_tables = [
+        legacy_tables_here(ns, IpFamily::V4),
+        legacy_tables_here(ns, IpFamily::V6),
+    ];
+    let mut detection = Detection {
+        flavor: IptablesFlavor::Plain,
+        nft_unverified: false,
+        legacy_tables,
+        legacy_saves: [None, None],
+        nft_tables: None,
+    };
     if let Some(forced) = opts.force {
-        return Ok(forced);
+        detection.flavor = forced;
+        if forced == IptablesFlavor::Nft {
+            detection.nft_tables = nft::kernel_tables_here(ns).ok();
+        }
+        return Ok(detection);
     }
     let legacy = IptablesFlavor::Legacy;
     if find_program(&legacy.save_binary(IpFamily::V4)).is_some() {
         let mut rules = 0;
         let mut works = false;
         for family in [IpFamily::V4, IpFamily::V6] {
+            let i = family_index(family);
+            if detection.legacy_tables[i]
+                .as_ref()
+                .is_some_and(Vec::is_empty)
+            {
+                continue; // no legacy table, no legacy rule
+            }
             if let Ok(text) = save_here(ns, opts, legacy, family) {
                 works = true;
                 rules += rule_lines(&text);
+                detection.legacy_saves[i] = Some(text);
             }
         }
         if works && rules >= LEGACY_RULES_THRESHOLD {
-            return Ok(legacy);
+            detection.flavor = legacy;
+            return Ok(detection);
         }
     }
     let nft = IptablesFlavor::Nft;
-    if find_program(&nft.save_binary(IpFamily::V4)).is_some()
-        && save_here(ns, opts, nft, IpFamily::V4).is_ok()
-        && nft_probe_ok(opts)
-    {
-        return Ok(nft);
+    if find_program(&nft.restore_binary(IpFamily::V4)).is_some() {
+        match nft::kernel_tables_here(ns) {
+            Ok(tables) => {
+                detection.flavor = nft;
+                detection.nft_unverified = true;
+                detection.nft_tables = Some(tables);
+                return Ok(detection);
+            }
+            Err(e) => tracing::debug!(error = %e, "nf_tables not usable"),
+        }
     }
+    plain_or_none(ns).map(|flavor| {
+        detection.flavor = flavor;
+        detection
+    })
+}
+
+/// Plain `iptables` if installed (Istio's last resort), else "no usable iptables".
+pub fn plain_or_none(ns: &InNetns<'_>) -> Result<IptablesFlavor, NetxError> {
     if find_program(&IptablesFlavor::Plain.restore_binary(IpFamily::V4)).is_some() {
         return Ok(IptablesFlavor::Plain);
     }
@@ -174,21 +290,22 @@ pub fn detect_here(ns: &InNetns<'_>, opts: &IptablesOptions) -> Result<IptablesF
     })
 }
 
-fn nft_probe_ok(opts: &IptablesOptions) -> bool {
+/// Istio's nft usability probe: add `-t nat -A INPUT -p 255 -j RETURN` with `iptables-nft`, here
+/// in a throwaway netns (never the pod's). The rule is not deleted: the scratch netns and its
+/// tables go away with the thread, and an nf_tables deletion commit costs ≈ 10 ms (it waits for
+/// an RCU grace period). Cached for the life of the process.
+pub fn nft_probe_ok(opts: &IptablesOptions) -> bool {
     static PROBE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *PROBE.get_or_init(|| {
         let bin = IptablesFlavor::Nft.binary(IpFamily::V4);
         let probe = ["-t", "nat", "-A", "INPUT", "-p", "255", "-j", "RETURN"];
         let result = crate::netns::with_scratch_netns(|scratch| {
-            let run = |op: &str| {
-                let mut cmd = opts.cmd(scratch, &bin);
-                cmd.env.clear(); // the scratch netns path is not a lock file
-                for (i, a) in probe.iter().enumerate() {
-                    cmd = cmd.arg(if i == 2 { op } else { a });
-                }
-                cmd.run(scratch)
-            };
-            run("-A").and_then(|_| run("-D"))
+            let mut cmd = opts.cmd(scratch, &bin);
+            cmd.env.clear(); // the scratch netns path is not a lock file
+            for a in probe {
+                cmd = cmd.arg(a);
+            }
+            cmd.run(scratch)
         });
         match result {
             Ok(Ok(_)) => true,
@@ -244,10 +361,25 @@ pub fn restore_here(
     text: &str,
     noflush: bool,
 ) -> Result<(), NetxError> {
+    restore_inner(ns, opts, flavor, family, text, noflush, false)
+}
+
+fn restore_inner(
+    ns: &InNetns<'_>,
+    opts: &IptablesOptions,
+    flavor: IptablesFlavor,
+    family: IpFamily,
+    text: &str,
+    noflush: bool,
+    counters: bool,
+) -> Result<(), NetxError> {
     let bin = flavor.restore_binary(family);
     let mut cmd = opts.cmd(ns, &bin);
     if noflush {
         cmd = cmd.arg("--noflush");
+    }
+    if counters {
+        cmd = cmd.arg("--counters");
     }
     if flavor == IptablesFlavor::Legacy {
         cmd = cmd.arg(format!("--wait={}", opts.wait_secs));
@@ -268,6 +400,202 @@ pub fn apply(
         restore_here(ns, &opts, flavor, family, text, true)?;
         Ok(flavor)
     })?
+}
+
+/// What one family's tables looked like before a transaction touched them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FamilySnapshot {
+    /// `-save` output (legacy, plain, or nft without netlink access); empty when the kernel
+    /// provably has none of the touched tables. Rolled back by restoring the touched tables'
+    /// sections without `--noflush` ([`rollback_here`]).
+    Save(String),
+    /// iptables-nft: per touched table, its prior state (`None`: it did not exist). Rolled
+    /// back in place (see [`nft_rollback_texts`]), so that `nft list ruleset` is unchanged too.
+    Nft(Vec<(String, Option<NftPrior>)>),
+}
+
+/// An iptables-nft table as it was before the transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftPrior {
+    /// Its section of `iptables-nft-save -c` (rules with counters).
+    pub section: String,
+    /// Its chains at the nf_tables level, in kernel order (iptables-nft creates built-in
+    /// chains on demand; `-save` shows all of them regardless).
+    pub chains: Vec<nft::NftChain>,
+}
+
+fn nft_family(family: IpFamily) -> (&'static str, u8) {
+    match family {
+        IpFamily::V4 => ("ip", nft::NFPROTO_IPV4),
+        IpFamily::V6 => ("ip6", nft::NFPROTO_IPV6),
+    }
+}
+
+/// Snapshot the `tables` of `family` before they are changed, reusing what detection learnt:
+/// no exec at all when the netns provably has none of them (a fresh pod netns).
+pub fn snapshot_here(
+    ns: &InNetns<'_>,
+    opts: &IptablesOptions,
+    detection: &Detection,
+    family: IpFamily,
+    tables: &[String],
+) -> Result<FamilySnapshot, NetxError> {
+    let flavor = detection.flavor;
+    let i = family_index(family);
+    match flavor {
+        IptablesFlavor::Nft => {
+            let Some(kernel_tables) = detection.nft_tables.as_ref() else {
+                return save_here(ns, opts, flavor, family).map(FamilySnapshot::Save);
+            };
+            let (fam, nfproto) = nft_family(family);
+            let exists = |t: &String| {
+                kernel_tables
+                    .iter()
+                    .any(|k| k.family == fam && &k.name == t)
+            };
+            if !tables.iter().any(exists) {
+                return Ok(FamilySnapshot::Nft(
+                    tables.iter().map(|t| (t.clone(), None)).collect(),
+                ));
+            }
+            let save = strip_comments(
+                &opts
+                    .cmd(ns, &flavor.save_binary(family))
+                    .arg("-c")
+                    .run(ns)?,
+            );
+            let chains = nft::kernel_chains_here(ns, nfproto)?;
+            let mut out = Vec::new();
+            for t in tables {
+                let prior = exists(t).then(|| NftPrior {
+                    section: table_section(&save, t).unwrap_or_else(|| format!("*{t}\nCOMMIT\n")),
+                    chains: chains
+                        .iter()
+                        .filter(|c| c.table.family == fam && &c.table.name == t)
+                        .cloned()
+                        .collect(),
+                });
+                out.push((t.clone(), prior));
+            }
+            Ok(FamilySnapshot::Nft(out))
+        }
+        IptablesFlavor::Legacy => {
+            if let Some(names) = &detection.legacy_tables[i]
+                && !tables.iter().any(|t| names.contains(t))
+            {
+                return Ok(FamilySnapshot::Save(String::new()));
+            }
+            match &detection.legacy_saves[i] {
+                Some(save) => Ok(FamilySnapshot::Save(save.clone())),
+                None => save_here(ns, opts, flavor, family).map(FamilySnapshot::Save),
+            }
+        }
+        IptablesFlavor::Plain => save_here(ns, opts, flavor, family).map(FamilySnapshot::Save),
+    }
+}
+
+/// The two steps that put iptables-nft tables back in place (pure):
+/// 1. `nft -f` text: a table that did not exist is deleted; an existing one is flushed (rules
+///    only: the table keeps its place in the ruleset and its chains their order) and every
+///    chain it has `now` but did not have before is deleted — user chains and built-in chains
+///    the failed apply brought into existence alike;
+/// 2. `iptables-nft-restore --noflush --counters` text that re-adds the prior rules, re-sets
+///    the policies of the built-in chains that existed, and re-creates user chains that are
+///    gone. Built-in chains that `-save` shows but nf_tables never had are left out, as are user
+///    chains that still exist (already empty).
+///
+/// Restoring rules through iptables (not `nft -f` of an `nft list table`) keeps them
+/// byte-identical in both views: nft cannot re-read xtables-compat expressions (`xt match
+/// socket`, `xt target TPROXY`) and does not print `-m comment`.
+pub fn nft_rollback_texts(
+    family: IpFamily,
+    tables: &[(String, Option<NftPrior>)],
+    now: &[nft::NftChain],
+) -> (String, String) {
+    let (fam, _) = nft_family(family);
+    let mut nft_text = String::new();
+    let mut restore = String::new();
+    for (table, prior) in tables {
+        let Some(prior) = prior else {
+            nft_text.push_str(&format!(
+                "add table {fam} {table}\ndelete table {fam} {table}\n"
+            ));
+            continue;
+        };
+        nft_text.push_str(&format!(
+            "add table {fam} {table}\nflush table {fam} {table}\n"
+        ));
+        let in_table = |c: &&nft::NftChain| c.table.family == fam && &c.table.name == table;
+        for chain in now.iter().filter(in_table) {
+            if !prior.chains.iter().any(|p| p.name == chain.name) {
+                nft_text.push_str(&format!(
+                    "delete chain {fam} {table} handle {}\n",
+                    chain.handle
+                ));
+            }
+        }
+        restore.push_str(&format!("*{table}\n"));
+        for line in prior.section.lines() {
+            if let Some(decl) = line.strip_prefix(':') {
+                let name = decl.split_whitespace().next().unwrap_or_default();
+                let before = prior.chains.iter().find(|p| p.name == name);
+                let exists_now = now.iter().filter(in_table).any(|c| c.name == name);
+                let keep = match before {
+                    Some(p) => p.base || !exists_now,
+                    None => false,
+                };
+                if keep {
+                    restore.push_str(line);
+                    restore.push('\n');
+                }
+            } else if line.starts_with('-') || line.starts_with('[') {
+                restore.push_str(line);
+                restore.push('\n');
+            }
+        }
+        restore.push_str("COMMIT\n");
+    }
+    (nft_text, restore)
+}
+
+/// Put the snapshotted `tables` back (see [`FamilySnapshot`]).
+pub fn rollback_snapshot_here(
+    ns: &InNetns<'_>,
+    opts: &IptablesOptions,
+    flavor: IptablesFlavor,
+    family: IpFamily,
+    snapshot: &FamilySnapshot,
+    tables: &[String],
+) -> Result<(), NetxError> {
+    match snapshot {
+        FamilySnapshot::Save(save) => rollback_here(ns, opts, flavor, family, save, tables),
+        FamilySnapshot::Nft(prior) => {
+            if find_program("nft").is_none() {
+                // Without nft, fall back to the iptables-level rollback (same iptables view;
+                // nf_tables may keep extra empty built-in chains).
+                let save: String = prior
+                    .iter()
+                    .filter_map(|(_, p)| p.as_ref().map(|p| p.section.clone()))
+                    .collect();
+                let (text, _) = rollback_text(&save, tables);
+                return restore_inner(ns, opts, flavor, family, &text, false, true);
+            }
+            let (_, nfproto) = nft_family(family);
+            let now = if prior.iter().any(|(_, p)| p.is_some()) {
+                nft::kernel_chains_here(ns, nfproto)?
+            } else {
+                Vec::new()
+            };
+            let (nft_text, restore) = nft_rollback_texts(family, prior, &now);
+            if !nft_text.is_empty() {
+                nft::apply_here(ns, &nft_text)?;
+            }
+            if !restore.is_empty() {
+                restore_inner(ns, opts, flavor, family, &restore, true, true)?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Tables named in restore text (`*nat` → `nat`), in order of appearance, deduplicated.
@@ -430,5 +758,52 @@ mod tests {
             "*nat\n-A OUTPUT -j RETURN\n-A OUTPUT -j RETURN\nCOMMIT\n"
         );
         assert_eq!(rule_lines(raw), 2);
+    }
+
+    fn chain(family: &str, table: &str, name: &str, base: bool, handle: u64) -> nft::NftChain {
+        nft::NftChain {
+            table: nft::NftTable {
+                family: family.to_string(),
+                name: table.to_string(),
+            },
+            name: name.to_string(),
+            base,
+            handle,
+        }
+    }
+
+    #[test]
+    fn nft_rollback_restores_in_place_and_only_existing_chains() {
+        let prior = NftPrior {
+            section: "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT DROP [3:180]\n:POSTROUTING ACCEPT [0:0]\n:KEEP - [0:0]\n:GONE - [0:0]\n[1:60] -A OUTPUT -j KEEP\n[0:0] -A KEEP -m comment --comment \"x y\" -j RETURN\nCOMMIT\n".to_string(),
+            chains: vec![
+                chain("ip", "nat", "KEEP", false, 1),
+                chain("ip", "nat", "GONE", false, 2),
+                chain("ip", "nat", "OUTPUT", true, 3),
+            ],
+        };
+        let now = vec![
+            chain("ip", "nat", "KEEP", false, 1),
+            chain("ip", "nat", "OUTPUT", true, 3),
+            chain("ip", "nat", "ISTIO_OUTPUT", false, 7),
+            chain("ip", "nat", "PREROUTING", true, 8),
+            chain("ip", "raw", "OUTPUT", true, 9),
+            chain("ip6", "nat", "ISTIO_OUTPUT", false, 4),
+        ];
+        let tables = vec![("nat".to_string(), Some(prior)), ("raw".to_string(), None)];
+        let (nft_text, restore) = nft_rollback_texts(IpFamily::V4, &tables, &now);
+        assert_eq!(
+            nft_text,
+            "add table ip nat\nflush table ip nat\ndelete chain ip nat handle 7\ndelete chain ip nat handle 8\nadd table ip raw\ndelete table ip raw\n"
+        );
+        assert_eq!(
+            restore,
+            "*nat\n:OUTPUT DROP [3:180]\n:GONE - [0:0]\n[1:60] -A OUTPUT -j KEEP\n[0:0] -A KEEP -m comment --comment \"x y\" -j RETURN\nCOMMIT\n"
+        );
+        // Nothing existed: only deletions, no restore.
+        let (nft_text, restore) =
+            nft_rollback_texts(IpFamily::V6, &[("nat".to_string(), None)], &now);
+        assert_eq!(nft_text, "add table ip6 nat\ndelete table ip6 nat\n");
+        assert_eq!(restore, "");
     }
 }

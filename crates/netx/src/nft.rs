@@ -1,5 +1,10 @@
 //! Native nftables: apply `nft -f -` text inside a network namespace (one kernel transaction,
 //! atomic by nature), list rules, and snapshot/restore the tables a transaction touches.
+//!
+//! Also a minimal in-process nf_tables reader over `NETLINK_NETFILTER` ([`kernel_tables_here`],
+//! [`kernel_chains_here`]): which tables and chains exist in the current netns. The CNI ADD path
+//! uses it instead of exec'ing `nft`/`iptables-nft-save` to learn that a fresh pod netns is empty
+//! (≈ 2 ms per avoided exec), and the iptables-nft rollback uses it to restore chains in place.
 
 use std::path::Path;
 
@@ -126,11 +131,18 @@ pub struct NftSnapshot {
     pub tables: Vec<(NftTable, Option<String>)>,
 }
 
-/// Snapshot the tables that `text` touches.
+/// Snapshot the tables that `text` touches. Tables that the kernel reports absent (netlink
+/// table dump, no exec) need no `nft list table`; a fresh pod netns needs no exec at all.
 pub fn snapshot_here(ns: &InNetns<'_>, text: &str) -> Result<NftSnapshot, NetxError> {
+    let existing = kernel_tables_here(ns)
+        .map_err(|e| tracing::debug!(error = %e, "nf_tables table dump failed; listing each table"))
+        .ok();
     let mut tables = Vec::new();
     for table in tables_in(text) {
-        let listing = list_table_here(ns, &table)?;
+        let listing = match &existing {
+            Some(existing) if !existing.contains(&table) => None,
+            _ => list_table_here(ns, &table)?,
+        };
         tables.push((table, listing));
     }
     Ok(NftSnapshot { tables })
@@ -160,6 +172,277 @@ pub fn restore_here(ns: &InNetns<'_>, snapshot: &NftSnapshot) -> Result<(), Netx
         return Ok(());
     }
     apply_here(ns, &restore_text(snapshot))
+}
+
+// ----- nf_tables over netlink -------------------------------------------------------------------
+
+/// `NETLINK_NETFILTER` socket protocol.
+const NETLINK_NETFILTER: isize = 12;
+/// nfnetlink subsystem id of nf_tables (`NFNL_SUBSYS_NFTABLES`).
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWTABLE: u16 = 0;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_NEWCHAIN: u16 = 3;
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFTA_TABLE_NAME: u16 = 1;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_HANDLE: u16 = 2;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NFTA_CHAIN_HOOK: u16 = 4;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_DUMP: u16 = 0x300;
+const NLMSG_HDRLEN: usize = 16;
+const NFGENMSG_LEN: usize = 4;
+/// `NFPROTO_UNSPEC`: a dump of every family.
+pub const NFPROTO_UNSPEC: u8 = 0;
+/// `NFPROTO_IPV4` (nft family `ip`).
+pub const NFPROTO_IPV4: u8 = 2;
+/// `NFPROTO_IPV6` (nft family `ip6`).
+pub const NFPROTO_IPV6: u8 = 10;
+
+/// nft family keyword of an `NFPROTO_*` value.
+pub fn family_name(nfproto: u8) -> Option<&'static str> {
+    Some(match nfproto {
+        1 => "inet",
+        2 => "ip",
+        3 => "arp",
+        5 => "netdev",
+        7 => "bridge",
+        10 => "ip6",
+        _ => return None,
+    })
+}
+
+/// One nf_tables chain as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NftChain {
+    pub table: NftTable,
+    pub name: String,
+    /// A base chain (attached to a netfilter hook), e.g. iptables-nft's `OUTPUT`.
+    pub base: bool,
+    /// The kernel's handle (`nft delete chain ip nat handle N` needs no name quoting).
+    pub handle: u64,
+}
+
+/// The bytes of an nf_tables dump request: `nlmsghdr` (type `NFNL_SUBSYS_NFTABLES << 8 | msg`,
+/// flags `NLM_F_REQUEST | NLM_F_DUMP`) followed by `nfgenmsg` (family, `NFNETLINK_V0`, res_id 0).
+pub fn encode_dump_request(msg: u16, family: u8, seq: u32) -> Vec<u8> {
+    let len = (NLMSG_HDRLEN + NFGENMSG_LEN) as u32;
+    let mut buf = Vec::with_capacity(len as usize);
+    buf.extend_from_slice(&len.to_ne_bytes());
+    buf.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
+    buf.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it in
+    buf.push(family);
+    buf.push(0); // NFNETLINK_V0
+    buf.extend_from_slice(&0u16.to_be_bytes()); // res_id (big endian, unused)
+    buf
+}
+
+/// One decoded reply message of a dump.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum DumpPart<'a> {
+    /// An object message: (nfproto family, netlink attributes (type, payload)).
+    Object(u16, u8, Vec<(u16, &'a [u8])>),
+    Done,
+    /// `NLMSG_ERROR` with a non-zero errno (positive).
+    Error(i32),
+}
+
+/// Netlink attributes of `buf` (type with the NESTED/BYTEORDER flags masked off, payload).
+fn parse_attrs(mut buf: &[u8]) -> Result<Vec<(u16, &[u8])>, String> {
+    let mut out = Vec::new();
+    while buf.len() >= 4 {
+        let len = u16::from_ne_bytes([buf[0], buf[1]]) as usize;
+        let kind = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;
+        if len < 4 || len > buf.len() {
+            return Err(format!("attribute of type {kind} has bad length {len}"));
+        }
+        out.push((kind, &buf[4..len]));
+        let aligned = (len + 3) & !3;
+        buf = &buf[aligned.min(buf.len())..];
+    }
+    Ok(out)
+}
+
+/// Split one datagram into reply messages that belong to request `seq`.
+fn decode_datagram(datagram: &[u8], seq: u32) -> Result<Vec<DumpPart<'_>>, String> {
+    let mut parts = Vec::new();
+    let mut rest = datagram;
+    while rest.len() >= NLMSG_HDRLEN {
+        let len = u32::from_ne_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if len < NLMSG_HDRLEN || len > rest.len() {
+            return Err(format!("message has bad length {len}"));
+        }
+        let kind = u16::from_ne_bytes([rest[4], rest[5]]);
+        let msg_seq = u32::from_ne_bytes([rest[8], rest[9], rest[10], rest[11]]);
+        let payload = &rest[NLMSG_HDRLEN..len];
+        rest = &rest[((len + 3) & !3).min(rest.len())..];
+        if msg_seq != seq {
+            continue;
+        }
+        match kind {
+            NLMSG_DONE => parts.push(DumpPart::Done),
+            NLMSG_ERROR => {
+                let errno = payload
+                    .get(..4)
+                    .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+                    .ok_or("truncated NLMSG_ERROR")?;
+                if errno == 0 {
+                    parts.push(DumpPart::Done);
+                } else {
+                    parts.push(DumpPart::Error(-errno));
+                }
+            }
+            k if k >> 8 == NFNL_SUBSYS_NFTABLES => {
+                if payload.len() < NFGENMSG_LEN {
+                    return Err("truncated nfgenmsg".to_string());
+                }
+                parts.push(DumpPart::Object(
+                    k & 0xff,
+                    payload[0],
+                    parse_attrs(&payload[NFGENMSG_LEN..])?,
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(parts)
+}
+
+/// A NUL-terminated string attribute.
+fn attr_str(payload: &[u8]) -> String {
+    let end = payload
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(payload.len());
+    String::from_utf8_lossy(&payload[..end]).into_owned()
+}
+
+/// Tables from the object messages of a `GETTABLE` dump.
+fn tables_from(parts: &[DumpPart<'_>]) -> Vec<NftTable> {
+    let mut out = Vec::new();
+    for part in parts {
+        if let DumpPart::Object(NFT_MSG_NEWTABLE, family, attrs) = part {
+            let name = attrs.iter().find(|(k, _)| *k == NFTA_TABLE_NAME);
+            if let (Some(family), Some((_, name))) = (family_name(*family), name) {
+                out.push(NftTable {
+                    family: family.to_string(),
+                    name: attr_str(name),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Chains from the object messages of a `GETCHAIN` dump.
+fn chains_from(parts: &[DumpPart<'_>]) -> Vec<NftChain> {
+    let mut out = Vec::new();
+    for part in parts {
+        if let DumpPart::Object(NFT_MSG_NEWCHAIN, family, attrs) = part {
+            let get = |kind| attrs.iter().find(|(k, _)| *k == kind).map(|(_, v)| *v);
+            if let (Some(family), Some(table), Some(name)) = (
+                family_name(*family),
+                get(NFTA_CHAIN_TABLE),
+                get(NFTA_CHAIN_NAME),
+            ) {
+                out.push(NftChain {
+                    table: NftTable {
+                        family: family.to_string(),
+                        name: attr_str(table),
+                    },
+                    name: attr_str(name),
+                    base: get(NFTA_CHAIN_HOOK).is_some(),
+                    handle: get(NFTA_CHAIN_HANDLE)
+                        .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                        .map_or(0, u64::from_be_bytes),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Run one nf_tables dump in the netns of the calling thread and hand every reply message to
+/// `collect` (which keeps what it needs: the datagrams are not kept).
+fn dump_here<T>(
+    ns: &InNetns<'_>,
+    op: &str,
+    msg: u16,
+    family: u8,
+    collect: impl Fn(&[DumpPart<'_>]) -> Vec<T>,
+) -> Result<Vec<T>, NetxError> {
+    use netlink_sys::{Socket, SocketAddr};
+    let err = |source| NetxError::Netlink {
+        netns: ns.path().to_path_buf(),
+        op: op.to_string(),
+        source,
+    };
+    let protocol = |detail: String| NetxError::NetlinkProtocol {
+        netns: ns.path().to_path_buf(),
+        op: op.to_string(),
+        detail,
+    };
+    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(err)?;
+    socket.bind_auto().map_err(err)?;
+    socket.connect(&SocketAddr::new(0, 0)).map_err(err)?;
+    // The kernel always answers; a timeout turns a protocol bug into an error, not a hang.
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(5, 0),
+    )
+    .map_err(|e| err(e.into()))?;
+    let seq = 1;
+    socket
+        .send(&encode_dump_request(msg, family, seq), 0)
+        .map_err(err)?;
+    let mut out = Vec::new();
+    loop {
+        let (datagram, _) = socket.recv_from_full().map_err(err)?;
+        if datagram.is_empty() {
+            return Err(protocol("empty datagram before NLMSG_DONE".to_string()));
+        }
+        let parts = decode_datagram(&datagram, seq).map_err(protocol)?;
+        out.extend(collect(&parts));
+        for part in &parts {
+            match part {
+                DumpPart::Done => return Ok(out),
+                DumpPart::Error(errno) => {
+                    return Err(err(std::io::Error::from_raw_os_error(*errno)));
+                }
+                DumpPart::Object(..) => {}
+            }
+        }
+    }
+}
+
+/// Every nf_tables table in the netns of the calling thread (all families), in kernel order.
+/// An error means nf_tables is not usable here (no kernel support, no permission).
+pub fn kernel_tables_here(ns: &InNetns<'_>) -> Result<Vec<NftTable>, NetxError> {
+    dump_here(
+        ns,
+        "nf_tables table dump",
+        NFT_MSG_GETTABLE,
+        NFPROTO_UNSPEC,
+        tables_from,
+    )
+}
+
+/// Every nf_tables chain of family `nfproto` ([`NFPROTO_IPV4`], …; [`NFPROTO_UNSPEC`] = all) in
+/// the netns of the calling thread, in kernel order.
+pub fn kernel_chains_here(ns: &InNetns<'_>, nfproto: u8) -> Result<Vec<NftChain>, NetxError> {
+    dump_here(
+        ns,
+        "nf_tables chain dump",
+        NFT_MSG_GETCHAIN,
+        nfproto,
+        chains_from,
+    )
 }
 
 #[cfg(test)]
@@ -199,5 +482,120 @@ mod tests {
             restore_text(&snap),
             "add table inet a\ndelete table inet a\ntable inet a {\n}\nadd table inet b\ndelete table inet b\n"
         );
+    }
+
+    #[test]
+    fn dump_request_bytes() {
+        let buf = encode_dump_request(NFT_MSG_GETTABLE, NFPROTO_UNSPEC, 7);
+        let mut want = Vec::new();
+        want.extend_from_slice(&20u32.to_ne_bytes());
+        want.extend_from_slice(&0x0a01u16.to_ne_bytes());
+        want.extend_from_slice(&0x0301u16.to_ne_bytes());
+        want.extend_from_slice(&7u32.to_ne_bytes());
+        want.extend_from_slice(&0u32.to_ne_bytes());
+        want.extend_from_slice(&[0, 0, 0, 0]);
+        assert_eq!(buf, want);
+        let chains = encode_dump_request(NFT_MSG_GETCHAIN, NFPROTO_IPV6, 1);
+        assert_eq!(u16::from_ne_bytes([chains[4], chains[5]]), 0x0a04);
+        assert_eq!(chains[16], 10);
+    }
+
+    /// Builds a reply message the way the kernel lays it out.
+    fn reply(kind: u16, seq: u32, family: u8, attrs: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut body = vec![family, 0, 0, 0];
+        for (k, v) in attrs {
+            let len = 4 + v.len();
+            body.extend_from_slice(&(len as u16).to_ne_bytes());
+            body.extend_from_slice(&k.to_ne_bytes());
+            body.extend_from_slice(v);
+            body.resize((body.len() + 3) & !3, 0);
+        }
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&((16 + body.len()) as u32).to_ne_bytes());
+        msg.extend_from_slice(&kind.to_ne_bytes());
+        msg.extend_from_slice(&2u16.to_ne_bytes()); // NLM_F_MULTI
+        msg.extend_from_slice(&seq.to_ne_bytes());
+        msg.extend_from_slice(&0u32.to_ne_bytes());
+        msg.extend_from_slice(&body);
+        msg
+    }
+
+    fn done(seq: u32) -> Vec<u8> {
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&20u32.to_ne_bytes());
+        msg.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
+        msg.extend_from_slice(&2u16.to_ne_bytes());
+        msg.extend_from_slice(&seq.to_ne_bytes());
+        msg.extend_from_slice(&[0; 8]);
+        msg
+    }
+
+    #[test]
+    fn table_and_chain_dumps_decode() {
+        let mut dgram = reply(
+            0x0a00,
+            1,
+            NFPROTO_IPV4,
+            &[(1, b"nat\0"), (3, &[0, 0, 0, 1])],
+        );
+        dgram.extend(reply(0x0a00, 9, NFPROTO_IPV4, &[(1, b"other-seq\0")]));
+        dgram.extend(reply(0x0a00, 1, 1, &[(1, b"istio-ambient-nat\0")]));
+        dgram.extend(done(1));
+        let parts = decode_datagram(&dgram, 1).expect("decode");
+        assert_eq!(parts.last(), Some(&DumpPart::Done));
+        assert_eq!(
+            tables_from(&parts),
+            vec![t("ip", "nat"), t("inet", "istio-ambient-nat")]
+        );
+        let hook: &[u8] = &[8, 0, 1, 0, 0, 0, 0, 3]; // nested NFTA_HOOK_HOOKNUM
+        let mut dgram = reply(
+            0x0a03,
+            4,
+            NFPROTO_IPV6,
+            &[
+                (1, b"nat\0"),
+                (2, &7u64.to_be_bytes()),
+                (3, b"OUTPUT\0"),
+                (4 | 0x8000, hook),
+            ],
+        );
+        dgram.extend(reply(
+            0x0a03,
+            4,
+            NFPROTO_IPV6,
+            &[(1, b"nat\0"), (3, b"ISTIO_OUTPUT\0")],
+        ));
+        let parts = decode_datagram(&dgram, 4).expect("decode");
+        let chains = chains_from(&parts);
+        assert_eq!(chains.len(), 2);
+        assert_eq!(chains[0].table, t("ip6", "nat"));
+        assert_eq!((chains[0].name.as_str(), chains[0].base), ("OUTPUT", true));
+        assert_eq!(chains[0].handle, 7);
+        assert_eq!(
+            (chains[1].name.as_str(), chains[1].base),
+            ("ISTIO_OUTPUT", false)
+        );
+    }
+
+    #[test]
+    fn errors_and_garbage_are_reported() {
+        let mut err = Vec::new();
+        err.extend_from_slice(&36u32.to_ne_bytes());
+        err.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        err.extend_from_slice(&0u16.to_ne_bytes());
+        err.extend_from_slice(&3u32.to_ne_bytes());
+        err.extend_from_slice(&0u32.to_ne_bytes());
+        err.extend_from_slice(&(-95i32).to_ne_bytes());
+        err.extend_from_slice(&[0; 16]);
+        assert_eq!(
+            decode_datagram(&err, 3).expect("decode"),
+            vec![DumpPart::Error(95)]
+        );
+        let mut bad = done(1);
+        bad[0] = 200;
+        assert!(decode_datagram(&bad, 1).is_err());
+        assert!(parse_attrs(&[2, 0, 1, 0]).is_err());
+        assert_eq!(family_name(NFPROTO_IPV6), Some("ip6"));
+        assert_eq!(family_name(4), None);
     }
 }

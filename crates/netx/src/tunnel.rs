@@ -52,6 +52,9 @@ pub struct TunnelSpec {
     pub vni: u32,
     pub remote: Ipv4Addr,
     pub port: u16,
+    /// Fixed MAC address. A tunnel peer that is re-created (ztunnel restart) then keeps its
+    /// MAC, so the other side's neighbour entry stays valid and traffic resumes at once.
+    pub mac: Option<[u8; 6]>,
 }
 
 impl std::fmt::Display for TunnelSpec {
@@ -91,6 +94,9 @@ pub fn tunnel_message(spec: &TunnelSpec) -> LinkMessage {
     let mut msg = LinkMessage::default();
     msg.attributes
         .push(LinkAttribute::IfName(spec.name.clone()));
+    if let Some(mac) = spec.mac {
+        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+    }
     let (kind, data) = match spec.kind {
         TunnelKind::Geneve => (
             InfoKind::Geneve,
@@ -102,10 +108,13 @@ pub fn tunnel_message(spec: &TunnelSpec) -> LinkMessage {
         ),
         TunnelKind::Vxlan => (
             InfoKind::Vxlan,
+            // No learning: every frame goes to the one remote; a learnt per-MAC entry would
+            // keep pointing at a previous ztunnel after the remote changes.
             InfoData::Vxlan(vec![
                 InfoVxlan::Id(spec.vni),
                 InfoVxlan::Group(spec.remote),
                 InfoVxlan::Port(spec.port),
+                InfoVxlan::Learning(false),
             ]),
         ),
     };
@@ -324,6 +333,7 @@ pub fn geneve_supported() -> bool {
                     vni: 1,
                     remote: Ipv4Addr::new(192, 0, 2, 1),
                     port: 6081,
+                    mac: None,
                 },
             )
         });
@@ -425,11 +435,14 @@ mod tests {
             vni: 1000,
             remote: Ipv4Addr::new(10, 244, 1, 5),
             port: 6081,
+            mac: Some([2, 0x6d, 0x63, 0x6e, 1, 2]),
         };
         let buf = bytes(&spec);
         // nlmsghdr (16) + ifinfomsg (16), then attributes.
         let attrs = &buf[32..];
         assert_eq!(find_attr(attrs, IFLA_IFNAME), Some(&b"istioin\0"[..]));
+        // IFLA_ADDRESS = 1: the fixed MAC.
+        assert_eq!(find_attr(attrs, 1), Some(&[2, 0x6d, 0x63, 0x6e, 1, 2][..]));
         let info = find_attr(attrs, IFLA_LINKINFO).expect("IFLA_LINKINFO");
         assert_eq!(find_attr(info, IFLA_INFO_KIND), Some(&b"geneve\0"[..]));
         let data = find_attr(info, IFLA_INFO_DATA).expect("IFLA_INFO_DATA");
@@ -448,6 +461,7 @@ mod tests {
             vni: 1001,
             remote: Ipv4Addr::new(10, 244, 1, 5),
             port: 4789,
+            mac: None,
         };
         let buf = bytes(&spec);
         let info = find_attr(&buf[32..], IFLA_LINKINFO).expect("linkinfo");

@@ -32,6 +32,7 @@ fn tunnel_links_are_created_idempotently_retargeted_and_deleted() {
         vni: 1000,
         remote: Ipv4Addr::new(10, 0, 0, 5),
         port: k.default_port(),
+        mac: None,
     };
     assert_eq!(
         tunnel::add_tunnel(&mut nl, &spec).expect("add"),
@@ -98,6 +99,7 @@ fn geneve_creation_fails_cleanly_or_works_matching_detection() {
             vni: 1,
             remote: Ipv4Addr::new(10, 0, 0, 1),
             port: 6081,
+            mac: None,
         },
     );
     assert_eq!(r.is_ok(), tunnel::geneve_supported(), "{r:?}");

@@ -534,7 +534,6 @@ fn late_apply_failure_keeps_existing_iptables_rules() {
 /// different `nft list ruleset` bytes. Owner: crates/netx (rollback for the nft flavor should
 /// snapshot/restore at the nft level, as the native backend does).
 #[test]
-#[ignore = "known netx defect: iptables-nft rollback recreates empty base chains (see doc comment)"]
 fn late_apply_failure_keeps_existing_rules_byte_identical_in_nft() {
     require_root(TOOLS);
     let ns = with_existing_rules("lateexact");

@@ -14,6 +14,8 @@
 //! * the ztunnel netns rules live in user chains `ztunnel-PREROUTING`/`ztunnel-OUTPUT`
 //!   jumped to from the built-ins, instead of flushing ztunnel's `mangle PREROUTING` and
 //!   `nat OUTPUT`;
+//! * fixed tunnel MAC addresses ([`MAC_TUN_IN_ZTUNNEL`] …) and no VXLAN learning, so a
+//!   ztunnel restart does not leave the node with a stale neighbour entry;
 //! * ztunnel netns: `pistioin accept_local=1` (needed by the hairpin when ztunnel's HBONE source
 //!   is its own IP);
 //! * the unused `ztunnel-POSTROUTING` chains are created (as the reference does) but every
@@ -70,6 +72,14 @@ pub const TUN_IN_ZTUNNEL: Ipv4Addr = Ipv4Addr::new(192, 168, 126, 2);
 pub const TUN_OUT_HOST: Ipv4Addr = Ipv4Addr::new(192, 168, 127, 1);
 pub const TUN_OUT_ZTUNNEL: Ipv4Addr = Ipv4Addr::new(192, 168, 127, 2);
 pub const TUN_PREFIX: u8 = 30;
+/// Fixed (locally administered) tunnel MACs — not in the reference, which lets the kernel
+/// pick random ones: a restarted ztunnel's new `pistioin` then has a new MAC and the node's
+/// neighbour entry for 192.168.126.2 points at the old one until it expires (~30 s of
+/// dropped inbound traffic). With fixed MACs the switch is immediate.
+pub const MAC_TUN_IN_HOST: [u8; 6] = [0x02, 0x6d, 0x63, 0x6e, 0x01, 0x01];
+pub const MAC_TUN_OUT_HOST: [u8; 6] = [0x02, 0x6d, 0x63, 0x6e, 0x02, 0x01];
+pub const MAC_TUN_IN_ZTUNNEL: [u8; 6] = [0x02, 0x6d, 0x63, 0x6e, 0x01, 0x02];
+pub const MAC_TUN_OUT_ZTUNNEL: [u8; 6] = [0x02, 0x6d, 0x63, 0x6e, 0x02, 0x02];
 
 /// ztunnel ports.
 pub const PORT_OUTBOUND: u16 = 15001;

@@ -21,8 +21,13 @@
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::proxy::echo;
+use crate::sockets::tcp_listener;
+use crate::ztunnel::Acceptor;
 use crate::{Netns, TestkitError, veth};
 
 /// The link-local gateway every pod routes through.
@@ -335,4 +340,58 @@ pub fn timed_exchanges(
         Ok(times)
     })?
     .map_err(|e| TestkitError::io(what, e))
+}
+
+/// A TCP server with the same behaviour as [`crate::TcpServer`] (writes
+/// `server:<local> peer:<peer>\n`, then echoes) but a blocking accept loop instead of a
+/// polling one, so connection-latency measurements do not include a polling interval.
+#[derive(Debug)]
+pub struct EchoServer {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    _acceptor: Acceptor,
+}
+
+impl EchoServer {
+    /// Listen on `addr` inside `ns`.
+    pub fn start(ns: &Netns, addr: SocketAddr) -> Result<EchoServer, TestkitError> {
+        let what = format!("listen on {addr} in {}", ns.name());
+        let listener = ns
+            .run(move || tcp_listener(addr, false))?
+            .map_err(|e| TestkitError::io(what.clone(), e))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| TestkitError::io(what, e))?;
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        let acceptor = Acceptor::spawn(ns, listener, move |mut stream, peer| {
+            count.fetch_add(1, Ordering::SeqCst);
+            let Ok(local) = stream.local_addr() else {
+                return;
+            };
+            let _ = stream.set_nodelay(true);
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            if stream
+                .write_all(format!("server:{local} peer:{peer}\n").as_bytes())
+                .is_ok()
+            {
+                echo(stream);
+            }
+        })?;
+        Ok(EchoServer {
+            addr: bound,
+            accepted,
+            _acceptor: acceptor,
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
 }

@@ -100,8 +100,7 @@ struct Shared {
 #[derive(Debug)]
 pub struct ZtunnelStandIn {
     shared: Arc<Shared>,
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    _acceptors: Vec<Acceptor>,
 }
 
 impl ZtunnelStandIn {
@@ -117,8 +116,7 @@ impl ZtunnelStandIn {
             cfg,
             hops: Mutex::new(Vec::new()),
         });
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
+        let mut acceptors = Vec::new();
         for port in [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT] {
             for addr in [
                 SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
@@ -128,23 +126,15 @@ impl ZtunnelStandIn {
                 let listener = ns
                     .run(move || tcp_listener(addr, true))?
                     .map_err(|e| TestkitError::io(what.clone(), e))?;
-                listener
-                    .set_nonblocking(true)
-                    .map_err(|e| TestkitError::io(what.clone(), e))?;
                 let shared = Arc::clone(&shared);
-                let stop = Arc::clone(&stop);
-                // The accept loop runs on a thread inside the netns so the per-connection
-                // threads it spawns (and the upstream sockets they create) are in it too.
-                let handle = meshcni_netx::spawn_in_netns(ns.path(), "zt-accept", move |_| {
-                    accept_loop(port, listener, shared, stop)
-                })?;
-                threads.push(handle);
+                acceptors.push(Acceptor::spawn(ns, listener, move |stream, peer| {
+                    handle_conn(port, stream, peer, &shared);
+                })?);
             }
         }
         Ok(ZtunnelStandIn {
             shared,
-            stop,
-            threads,
+            _acceptors: acceptors,
         })
     }
 
@@ -210,33 +200,64 @@ impl ZtunnelStandIn {
     }
 }
 
-impl Drop for ZtunnelStandIn {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+/// A blocking accept loop on a thread inside a netns; each connection is handled on its own
+/// thread (spawned from the netns thread, so sockets it creates belong to the netns too).
+/// Blocking `accept` (no polling interval) keeps the measured connection latency honest; on
+/// drop the listening socket is shut down, which wakes the blocked `accept`.
+#[derive(Debug)]
+pub(crate) struct Acceptor {
+    stop: Arc<AtomicBool>,
+    waker: TcpListener,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Acceptor {
+    pub(crate) fn spawn<F>(
+        ns: &Netns,
+        listener: TcpListener,
+        handle: F,
+    ) -> Result<Self, TestkitError>
+    where
+        F: Fn(TcpStream, SocketAddr) + Send + Sync + 'static,
+    {
+        let what = format!("accept loop in {}", ns.name());
+        let waker = listener
+            .try_clone()
+            .map_err(|e| TestkitError::io(what.clone(), e))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let handle = Arc::new(handle);
+        let thread = meshcni_netx::spawn_in_netns(ns.path(), "mcni-accept", move |_| {
+            while !flag.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        let handle = Arc::clone(&handle);
+                        std::thread::spawn(move || handle(stream, peer));
+                    }
+                    Err(_) if flag.load(Ordering::SeqCst) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        })?;
+        Ok(Acceptor {
+            stop,
+            waker,
+            thread: Some(thread),
+        })
     }
 }
 
-fn accept_loop(port: u16, listener: TcpListener, shared: Arc<Shared>, stop: Arc<AtomicBool>) {
-    while !stop.load(Ordering::SeqCst) {
-        match listener.accept() {
-            Ok((stream, peer)) => {
-                let shared = Arc::clone(&shared);
-                std::thread::spawn(move || {
-                    if stream.set_nonblocking(false).is_ok() {
-                        handle_conn(port, stream, peer, &shared);
-                    }
-                });
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, port, "ztunnel stand-in accept failed");
-                std::thread::sleep(Duration::from_millis(5));
-            }
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the blocked accept (it returns EINVAL on a shut-down listener).
+        let _ =
+            nix::sys::socket::shutdown(self.waker.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

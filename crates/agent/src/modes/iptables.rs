@@ -616,9 +616,14 @@ impl IptablesDriver {
         let switch_start = Instant::now();
         let mut sysctls = an::node_sysctls(&z.veth);
         let mut recreated = false;
-        for (name, vni, addr) in [
-            (an::TUN_IN, an::VNI_IN, an::TUN_IN_HOST),
-            (an::TUN_OUT, an::VNI_OUT, an::TUN_OUT_HOST),
+        for (name, vni, addr, mac) in [
+            (an::TUN_IN, an::VNI_IN, an::TUN_IN_HOST, an::MAC_TUN_IN_HOST),
+            (
+                an::TUN_OUT,
+                an::VNI_OUT,
+                an::TUN_OUT_HOST,
+                an::MAC_TUN_OUT_HOST,
+            ),
         ] {
             let spec = TunnelSpec {
                 name: name.to_string(),
@@ -626,6 +631,7 @@ impl IptablesDriver {
                 vni,
                 remote: z.ip,
                 port,
+                mac: Some(mac),
             };
             recreated |= Self::ensure_tunnel(&mut nl, &spec, addr)?;
         }
@@ -697,9 +703,19 @@ impl IptablesDriver {
             .tunnel_port
             .ok_or_else(|| drv("tunnel port unknown (node state not installed)"))?;
         let mut nl = Netlink::open(&z.netns).map_err(drv)?;
-        for (name, vni, addr) in [
-            (an::ZTUN_IN, an::VNI_IN, an::TUN_IN_ZTUNNEL),
-            (an::ZTUN_OUT, an::VNI_OUT, an::TUN_OUT_ZTUNNEL),
+        for (name, vni, addr, mac) in [
+            (
+                an::ZTUN_IN,
+                an::VNI_IN,
+                an::TUN_IN_ZTUNNEL,
+                an::MAC_TUN_IN_ZTUNNEL,
+            ),
+            (
+                an::ZTUN_OUT,
+                an::VNI_OUT,
+                an::TUN_OUT_ZTUNNEL,
+                an::MAC_TUN_OUT_ZTUNNEL,
+            ),
         ] {
             let spec = TunnelSpec {
                 name: name.to_string(),
@@ -707,6 +723,7 @@ impl IptablesDriver {
                 vni,
                 remote: z.host_ip_by_route,
                 port,
+                mac: Some(mac),
             };
             Self::ensure_tunnel(&mut nl, &spec, addr)?;
         }
@@ -733,8 +750,9 @@ impl IptablesDriver {
         .map_err(drv)?;
         let opts = self.cfg.iptables.clone();
         let chains = an::ztunnel_chains(&zcfg);
+        // Same binary as the node (the reference uses one `$IPT` for both netns).
+        let flavor = self.flavor()?;
         with_netns(&z.netns, |ns| {
-            let flavor = ipt::detect_here(ns, &opts)?;
             let save = ipt::save_here(ns, &opts, flavor, IpFamily::V4)?;
             if let Some(text) = an::restore_text(&chains, &save) {
                 ipt::restore_here(ns, &opts, flavor, IpFamily::V4, &text, true)?;
@@ -1090,8 +1108,8 @@ impl RedirectDriver for IptablesDriver {
 impl IptablesDriver {
     fn uninstall_ztunnel_netns(&mut self, zns: &Path) -> Result<(), DriverError> {
         let opts = self.cfg.iptables.clone();
+        let flavor = self.flavor()?;
         with_netns(zns, |ns| {
-            let flavor = ipt::detect_here(ns, &opts)?;
             let save = ipt::save_here(ns, &opts, flavor, IpFamily::V4)?;
             if let Some(text) = an::removal_text(&an::ZTUNNEL_CHAINS, &save) {
                 ipt::restore_here(ns, &opts, flavor, IpFamily::V4, &text, true)?;

@@ -115,6 +115,9 @@ pub enum SourceUpdate {
     Error(String),
     /// Re-read the driver's state and re-plan (also used to wake the loop).
     Resync,
+    /// The CNI plugin's ADD of an ambient pod (`crate::cni_events`): authoritative pod IPs,
+    /// and a caller waiting for the pod to be captured.
+    CniAdd(crate::cni_events::CniAddRequest),
 }
 
 /// The agent's enrollment policy.

@@ -1,7 +1,8 @@
 //! Test harness shared by `tests/ambient_traffic.rs` and `examples/ambient_conn_bench.rs`: a
 //! two-node [`MultiNodeLab`] with a ztunnel stand-in per node, the `iptables` redirect driver
-//! running against each node netns, and enrollment decided by the agent's own pure code
-//! (`workloads::desired_set` over a snapshot of the lab's pods → `enroll::plan` → driver).
+//! running against each node netns, and enrollment decided by the agent's own reconciler
+//! (`ambient::Reconciler`, fed a Kubernetes-shaped snapshot of the lab's pods and
+//! namespaces, one pass at a time).
 //!
 //! Pods (namespace `mesh` is labelled `istio.io/dataplane-mode=ambient`, `plain` is not):
 //!
@@ -18,17 +19,15 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::time::Duration;
 
-use std::path::Path;
-
-use meshcni_agent::ambient::RedirectDriver;
-use meshcni_agent::enroll::{EnrolledState, plan};
+use meshcni_agent::ambient::{LoopOptions, Reconciler, RedirectDriver, StatusHandle};
 use meshcni_agent::modes::iptables::{
     IptablesDriver, IptablesModeConfig, ZTUNNEL_NETNS_ANNOTATION,
 };
 use meshcni_agent::workloads::{
-    EnrollPolicy, NamespaceInfo, Workload, WorkloadSnapshot, active_ztunnel, desired_set,
+    EnrollPolicy, NamespaceInfo, SourceUpdate, Workload, WorkloadSnapshot, desired_set,
 };
 use meshcni_testkit::{LabNode, LabPod, MultiNodeLab, TcpServer, ZtunnelHop, ZtunnelStandIn};
 
@@ -55,8 +54,9 @@ pub const PODS: &[PodSpec] = &[
 
 /// The lab plus the meshcni dataplane and ztunnel stand-ins.
 pub struct Mesh {
-    /// Per node, index 0 = node 1. Dropped before the lab (field order).
-    pub drivers: Vec<Box<dyn RedirectDriver>>,
+    /// Per node (index 0 = node 1): the reconciler owning that node's driver. Dropped before
+    /// the lab (field order).
+    pub reconcilers: Vec<(Reconciler, StatusHandle)>,
     pub ztunnels: Vec<ZtunnelStandIn>,
     pub servers: BTreeMap<String, TcpServer>,
     /// Per pod name: labels (mutable to enroll/release running pods).
@@ -112,13 +112,22 @@ impl Mesh {
             pod_ns.insert(name.to_string(), ns.to_string());
         }
         let tmp = tempfile::tempdir().expect("tempdir");
-        let drivers = lab
+        let reconcilers = lab
             .nodes
             .iter()
-            .map(|n| iptables_driver(n, tmp.path()))
+            .map(|n| {
+                let status = StatusHandle::new(Err("starting".into()));
+                let rec = Reconciler::new(
+                    iptables_driver(n, tmp.path()),
+                    EnrollPolicy::default(),
+                    LoopOptions::default(),
+                    status.clone(),
+                );
+                (rec, status)
+            })
             .collect();
         let mut mesh = Mesh {
-            drivers,
+            reconcilers,
             ztunnels,
             servers,
             labels,
@@ -126,14 +135,6 @@ impl Mesh {
             lab,
             tmp,
         };
-        for i in 0..mesh.drivers.len() {
-            let snap = mesh.snapshot(i);
-            let zt = active_ztunnel(&snap);
-            assert!(zt.is_some(), "the lab's ztunnel pod must be active");
-            mesh.drivers[i]
-                .ztunnel_changed(zt.as_ref())
-                .unwrap_or_else(|e| panic!("node {} ztunnel_changed: {e}", i + 1));
-        }
         mesh.reconcile();
         mesh
     }
@@ -188,32 +189,45 @@ impl Mesh {
         WorkloadSnapshot::from_parts(pods, namespaces)
     }
 
-    /// One reconcile pass per node (desired from the snapshot, actual from the driver), then
-    /// the stand-ins learn the captured set (their "xDS").
+    /// One reconcile pass per node (the reconciler tells the driver about the ztunnel on the
+    /// first pass, then plans desired vs actual and applies), asserting it applied cleanly
+    /// and enrolled exactly the desired pods; then the stand-ins learn the captured set
+    /// (their "xDS").
     pub fn reconcile(&mut self) {
         let mut captured = Vec::new();
-        for i in 0..self.drivers.len() {
-            let desired = desired_set(&self.snapshot(i), &EnrollPolicy::default());
-            let actual: EnrolledState = self.drivers[i]
-                .actual()
-                .unwrap_or_else(|e| panic!("node {} actual: {e}", i + 1));
-            for action in plan(&desired, &actual).actions {
-                self.drivers[i]
-                    .apply(&action)
-                    .unwrap_or_else(|e| panic!("node {} apply {action}: {e}", i + 1));
-            }
-            let after = self.drivers[i].actual().expect("actual after apply");
-            let want: Vec<IpAddr> = desired.values().flat_map(|d| d.ips.clone()).collect();
-            let mut have: Vec<IpAddr> = after.pods.values().flat_map(|p| p.ips.clone()).collect();
-            have.sort();
-            let mut want_sorted = want.clone();
-            want_sorted.sort();
-            assert_eq!(have, want_sorted, "node {} enrolled set", i + 1);
-            captured.extend(have);
+        for i in 0..self.reconcilers.len() {
+            let snapshot = self.snapshot(i);
+            let desired = desired_set(&snapshot, &EnrollPolicy::default());
+            let (rec, status) = &mut self.reconcilers[i];
+            rec.update(SourceUpdate::Snapshot(snapshot.clone()));
+            let report = rec.reconcile(std::time::Instant::now());
+            assert!(
+                report.blocked.is_none() && report.failed.is_empty(),
+                "node {} reconcile: {report:?}",
+                i + 1
+            );
+            let st = status.get();
+            assert_eq!(st.redirect, Ok(()), "node {} redirect status", i + 1);
+            let want: std::collections::BTreeSet<String> = desired.keys().cloned().collect();
+            assert_eq!(st.enrolled, want, "node {} enrolled set", i + 1);
+            captured.extend(
+                st.enrolled
+                    .iter()
+                    .flat_map(|uid| snapshot.pods[uid].ips.iter().copied()),
+            );
         }
         for z in &self.ztunnels {
             z.set_captured(captured.iter().copied());
         }
+    }
+
+    /// Names of the pods enrolled on any node, per the reconcilers' status.
+    pub fn enrolled(&self) -> Vec<String> {
+        self.reconcilers
+            .iter()
+            .flat_map(|(_, st)| st.get().enrolled)
+            .map(|uid| uid.trim_start_matches("uid-").to_string())
+            .collect()
     }
 
     /// Set (or with `None` remove) a label on a pod; call [`Mesh::reconcile`] afterwards.

@@ -1,0 +1,745 @@
+//! The plugin event server: `POST /cmdadd` over HTTP/1.1 on the unix socket
+//! `<cni_agent_run_dir>/pluginevent.sock` (Istio HEAD `cni-watcher.go`, spec §1.5 step 6 and
+//! §7.3). The `meshcni` plugin hands every ambient pod to the agent here at ADD time and fails
+//! the ADD unless the answer is 200, so a pod never starts uncaptured (fail closed; the runtime
+//! retries the sandbox).
+//!
+//! This module owns the wire side: the pure body parser ([`parse_cmdadd`]), the request the
+//! reconcile loop answers ([`CniAddRequest`], carried by `SourceUpdate::CniAdd`), and the
+//! server ([`CniEventServer`]). The decision — is the pod known, selected, is there a ztunnel,
+//! did the driver enroll it — is taken by the loop (`crate::ambient::Reconciler`), which owns
+//! the workload view and the driver.
+//!
+//! Wire behaviour:
+//!
+//! | answer | when |
+//! |---|---|
+//! | 200 `captured <ns>/<name> ...` | the driver applied the pod's enrollment with the event's IPs, or it was already enrolled with them |
+//! | 400 `<what is wrong with the body>` | not JSON of Istio's shape, `PodName`/`PodNamespace` missing, no IP, an IP or mask that does not parse |
+//! | 500 `<reason>` | pod not in the agent's view after the lookup wait, not selected for ambient, no ztunnel Ready on the node, driver failure, enrollment loop not running or too slow |
+//!
+//! The loop answers within [`CniEventOptions::reply_timeout`] (default 4.5 s, under the
+//! plugin's 5 s); the server answers 500 itself if it does not.
+//!
+//! **Socket permissions**: Istio makes the socket 0666. Here it is 0600 (owner = the agent's
+//! user, root in a deployment): the CNI plugin runs as root, and any local process able to
+//! post events could have arbitrary IPs redirected to ztunnel. The socket is bound under a
+//! temporary name, chmod-ed, then renamed into place, so it is never reachable with looser
+//! permissions.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+use serde::Deserialize;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use crate::enroll::canonical_ips;
+use crate::metrics::EventLabels;
+use crate::workloads::SourceUpdate;
+
+/// File name of the socket in the agent run dir (what the plugin's `agent_event_socket()`
+/// uses by default).
+pub const SOCKET_NAME: &str = "pluginevent.sock";
+
+/// Largest accepted request body. An event is a few hundred bytes.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// `<run_dir>/pluginevent.sock`.
+pub fn socket_path(run_dir: &Path) -> PathBuf {
+    run_dir.join(SOCKET_NAME)
+}
+
+// ---- the event body -------------------------------------------------------------------
+
+/// A validated `cmdadd` event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CmdAdd {
+    /// `CNI_NETNS` of the sandbox; may be empty (Istio then finds the netns itself; the
+    /// iptables mode does not need it).
+    pub netns: String,
+    pub namespace: String,
+    pub name: String,
+    /// The pod's addresses from the CNI result, sorted, deduplicated, IPv4-mapped IPv6
+    /// unmapped.
+    pub ips: Vec<IpAddr>,
+}
+
+impl CmdAdd {
+    /// `namespace/name`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Why a body was refused (HTTP 400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadEvent {
+    #[error("body is not a cmdadd event (JSON object with Netns, PodName, PodNamespace, IPs): {0}")]
+    NotJson(String),
+    #[error("field {0} is missing or empty")]
+    Missing(&'static str),
+    #[error("IPs is empty: the event names no pod address to capture")]
+    NoIps,
+    #[error("IPs[{index}].Address.IP {value:?} is not an IP address")]
+    BadIp { index: usize, value: String },
+    #[error("IPs[{index}].Address.Mask {value:?} {reason}")]
+    BadMask {
+        index: usize,
+        value: String,
+        reason: String,
+    },
+    #[error("IPs[{index}].Gateway {value:?} is not an IP address")]
+    BadGateway { index: usize, value: String },
+}
+
+// Go's `encoding/json` shape of Istio's `CNIPluginAddEvent`. Every field optional here so a
+// missing one is reported by name rather than by serde's generic message.
+#[derive(Debug, Deserialize)]
+struct WireEvent {
+    #[serde(rename = "Netns")]
+    netns: Option<String>,
+    #[serde(rename = "PodName")]
+    pod_name: Option<String>,
+    #[serde(rename = "PodNamespace")]
+    pod_namespace: Option<String>,
+    #[serde(rename = "IPs")]
+    ips: Option<Vec<WireIp>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireIp {
+    // `*int` in Go; unused by the agent (the reference ignores it too).
+    #[serde(rename = "Interface")]
+    _interface: Option<serde_json::Value>,
+    #[serde(rename = "Address")]
+    address: Option<WireNet>,
+    #[serde(rename = "Gateway")]
+    gateway: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireNet {
+    #[serde(rename = "IP")]
+    ip: Option<String>,
+    /// `net.IPMask` = bytes = base64 in Go's JSON.
+    #[serde(rename = "Mask")]
+    mask: Option<String>,
+}
+
+/// Check a base64 `net.IPMask` against the address family: 4 bytes for IPv4 (16 bytes whose
+/// first 12 are 0xff also, Go's 16-byte form), 16 for IPv6, contiguous ones.
+fn check_mask(index: usize, ip: IpAddr, b64: &str) -> Result<(), BadEvent> {
+    let bad = |reason: String| BadEvent::BadMask {
+        index,
+        value: b64.to_string(),
+        reason,
+    };
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|e| bad(format!("is not base64: {e}")))?;
+    let bytes: &[u8] = match (ip, bytes.len()) {
+        (IpAddr::V4(_), 4) | (IpAddr::V6(_), 16) => &bytes,
+        (IpAddr::V4(_), 16) if bytes[..12].iter().all(|b| *b == 0xff) => &bytes[12..],
+        (_, n) => {
+            return Err(bad(format!(
+                "has {n} bytes, which is not a netmask for {ip} ({} bytes expected)",
+                if ip.is_ipv4() { 4 } else { 16 }
+            )));
+        }
+    };
+    // Left-align the mask in 128 bits: contiguous ⇔ leading ones + trailing zeros cover it.
+    let bits: u128 = bytes
+        .iter()
+        .fold(0u128, |acc, b| (acc << 8) | u128::from(*b));
+    let v = bits << (128 - bytes.len() * 8);
+    if v.leading_ones() + v.trailing_zeros() < 128 {
+        return Err(bad("is not a contiguous netmask".into()));
+    }
+    Ok(())
+}
+
+/// Parse and validate a `POST /cmdadd` body. Pure.
+pub fn parse_cmdadd(body: &[u8]) -> Result<CmdAdd, BadEvent> {
+    let w: WireEvent =
+        serde_json::from_slice(body).map_err(|e| BadEvent::NotJson(e.to_string()))?;
+    let name = w
+        .pod_name
+        .filter(|s| !s.is_empty())
+        .ok_or(BadEvent::Missing("PodName"))?;
+    let namespace = w
+        .pod_namespace
+        .filter(|s| !s.is_empty())
+        .ok_or(BadEvent::Missing("PodNamespace"))?;
+    let wire_ips = w.ips.unwrap_or_default();
+    if wire_ips.is_empty() {
+        return Err(BadEvent::NoIps);
+    }
+    let mut ips = Vec::with_capacity(wire_ips.len());
+    for (index, wip) in wire_ips.into_iter().enumerate() {
+        let addr = wip.address.ok_or(BadEvent::Missing("IPs[].Address"))?;
+        let raw = addr.ip.unwrap_or_default();
+        let ip = raw
+            .trim()
+            .parse::<IpAddr>()
+            .map_err(|_| BadEvent::BadIp {
+                index,
+                value: raw.clone(),
+            })?
+            .to_canonical();
+        if let Some(mask) = addr.mask.as_deref() {
+            check_mask(index, ip, mask)?;
+        }
+        if let Some(gw) = wip.gateway.as_deref().filter(|g| !g.is_empty()) {
+            gw.parse::<IpAddr>().map_err(|_| BadEvent::BadGateway {
+                index,
+                value: gw.to_string(),
+            })?;
+        }
+        ips.push(ip);
+    }
+    Ok(CmdAdd {
+        netns: w.netns.unwrap_or_default(),
+        namespace,
+        name,
+        ips: canonical_ips(ips),
+    })
+}
+
+// ---- the request the loop answers -------------------------------------------------------
+
+/// Why the agent refused to confirm a capture (HTTP 500).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectKind {
+    /// The pod is not in the agent's view after the lookup wait.
+    NotFound,
+    /// The agent's selectors/exclusions say the pod is not ambient.
+    NotSelected,
+    /// No Ready ztunnel on this node: the pod would start uncaptured.
+    NoZtunnel,
+    /// The redirect driver failed (pod- or driver-scoped).
+    Driver,
+    /// The workload source has not delivered its first list yet.
+    NotSynced,
+    /// The pod was found and selected but not enrolled in time (e.g. its IP is still held by
+    /// another pod), or the loop did not answer in time.
+    Timeout,
+    /// Ambient enrollment is not running (no driver, loop stopped).
+    Unavailable,
+    /// A newer ADD for the same pod arrived while this one waited.
+    Superseded,
+}
+
+impl RejectKind {
+    /// Value of the `result` label of `meshcni_cni_events_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            RejectKind::NotFound => "not_found",
+            RejectKind::NotSelected => "not_selected",
+            RejectKind::NoZtunnel => "no_ztunnel",
+            RejectKind::Driver => "driver_error",
+            RejectKind::NotSynced => "not_synced",
+            RejectKind::Timeout => "timeout",
+            RejectKind::Unavailable => "unavailable",
+            RejectKind::Superseded => "superseded",
+        }
+    }
+}
+
+/// A refusal with its reason, sent back to the plugin as the 500 body.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct CniRejection {
+    pub kind: RejectKind,
+    pub message: String,
+}
+
+impl CniRejection {
+    pub fn new(kind: RejectKind, message: impl Into<String>) -> CniRejection {
+        CniRejection {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// What the loop answers: `Ok(())` = captured.
+pub type CniOutcome = Result<(), CniRejection>;
+
+/// The one-shot answer channel of a request. Cloneable and comparable only so that
+/// `SourceUpdate` keeps its derives; equality is identity.
+#[derive(Clone)]
+pub struct ReplySlot(Arc<Mutex<Option<oneshot::Sender<CniOutcome>>>>);
+
+impl ReplySlot {
+    pub fn new() -> (ReplySlot, oneshot::Receiver<CniOutcome>) {
+        let (tx, rx) = oneshot::channel();
+        (ReplySlot(Arc::new(Mutex::new(Some(tx)))), rx)
+    }
+
+    /// Deliver the answer; `false` if it was already answered or nobody waits any more.
+    pub fn send(&self, outcome: CniOutcome) -> bool {
+        let tx = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        tx.is_some_and(|tx| tx.send(outcome).is_ok())
+    }
+
+    /// Nobody waits for the answer any more (the server gave up, or it was answered).
+    pub fn is_closed(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_none_or(|tx| tx.is_closed())
+    }
+}
+
+impl std::fmt::Debug for ReplySlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_closed() {
+            "ReplySlot(closed)"
+        } else {
+            "ReplySlot(waiting)"
+        })
+    }
+}
+
+impl PartialEq for ReplySlot {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ReplySlot {}
+
+/// A `cmdadd` handed to the reconcile loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CniAddRequest {
+    pub event: CmdAdd,
+    pub received: Instant,
+    /// Stop waiting for the pod to appear in the agent's view at this point.
+    pub lookup_deadline: Instant,
+    /// Answer by then at the latest (a little before the server's own timeout, so the reason
+    /// is precise).
+    pub deadline: Instant,
+    pub reply: ReplySlot,
+}
+
+impl CniAddRequest {
+    /// A request received now, with the waits of `options`, and the receiver of its answer.
+    pub fn new(
+        event: CmdAdd,
+        options: &CniEventOptions,
+    ) -> (CniAddRequest, oneshot::Receiver<CniOutcome>) {
+        let (reply, rx) = ReplySlot::new();
+        let received = Instant::now();
+        let margin = (options.reply_timeout / 10).min(Duration::from_millis(300));
+        let deadline = received + options.reply_timeout.saturating_sub(margin);
+        let lookup_deadline = (received + options.pod_lookup_wait).min(deadline);
+        (
+            CniAddRequest {
+                event,
+                received,
+                lookup_deadline,
+                deadline,
+                reply,
+            },
+            rx,
+        )
+    }
+}
+
+// ---- the server ---------------------------------------------------------------------------
+
+/// Timing of the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CniEventOptions {
+    /// How long the loop waits for an unknown pod to show up in its view (Istio: 10 × 10 ms
+    /// on its informer cache; a watch may lag more, and pods are normally known long before
+    /// the kubelet runs their sandbox, so a longer wait costs nothing in the common case).
+    pub pod_lookup_wait: Duration,
+    /// The longest a request is held; must stay under the plugin's 5 s timeout.
+    pub reply_timeout: Duration,
+}
+
+impl Default for CniEventOptions {
+    fn default() -> Self {
+        CniEventOptions {
+            pod_lookup_wait: Duration::from_secs(2),
+            reply_timeout: Duration::from_millis(4500),
+        }
+    }
+}
+
+/// Where the server sends requests.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The reconcile loop's channel (`AmbientLoop::sender`).
+    Loop(Sender<SourceUpdate>),
+    /// Ambient enrollment could not start; every request is refused with this reason.
+    Unavailable(String),
+}
+
+/// The server's metrics: `meshcni_cni_events_total{result}` and
+/// `meshcni_cni_event_duration_seconds` (registered in `crate::metrics`).
+#[derive(Clone, Debug)]
+pub struct CniEventMetrics {
+    pub events: Family<EventLabels, Counter>,
+    pub duration: Histogram,
+}
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum CniEventError {
+    #[error("creating run dir {path}: {source}")]
+    RunDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("binding the plugin event socket {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone)]
+struct ServerState {
+    backend: Backend,
+    options: CniEventOptions,
+    metrics: CniEventMetrics,
+}
+
+impl ServerState {
+    fn count(&self, result: &'static str, started: Instant) {
+        self.metrics
+            .events
+            .get_or_create(&EventLabels { result })
+            .inc();
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    async fn submit(&self, event: CmdAdd) -> CniOutcome {
+        let tx = match &self.backend {
+            Backend::Loop(tx) => tx,
+            Backend::Unavailable(reason) => {
+                return Err(CniRejection::new(
+                    RejectKind::Unavailable,
+                    format!("ambient enrollment is not running on this node: {reason}"),
+                ));
+            }
+        };
+        let (req, rx) = CniAddRequest::new(event, &self.options);
+        if tx.send(SourceUpdate::CniAdd(req)).is_err() {
+            return Err(CniRejection::new(
+                RejectKind::Unavailable,
+                "the ambient enrollment loop is not running",
+            ));
+        }
+        match tokio::time::timeout(self.options.reply_timeout, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err(CniRejection::new(
+                RejectKind::Unavailable,
+                "the ambient enrollment loop stopped before answering",
+            )),
+            Err(_) => Err(CniRejection::new(
+                RejectKind::Timeout,
+                format!(
+                    "the ambient enrollment loop did not answer within {} ms",
+                    self.options.reply_timeout.as_millis()
+                ),
+            )),
+        }
+    }
+}
+
+async fn cmdadd(State(s): State<ServerState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let event = match parse_cmdadd(&body) {
+        Ok(e) => e,
+        Err(e) => {
+            s.count("bad_request", started);
+            warn!(error = %e, "refused a malformed cmdadd event");
+            return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response();
+        }
+    };
+    let key = event.key();
+    let ips = event.ips.clone();
+    match s.submit(event).await {
+        Ok(()) => {
+            s.count("captured", started);
+            info!(pod = %key, ?ips, ms = started.elapsed().as_millis() as u64, "cmdadd: pod captured");
+            let ips: Vec<String> = ips.iter().map(IpAddr::to_string).collect();
+            (
+                StatusCode::OK,
+                format!("captured {key} ({})\n", ips.join(",")),
+            )
+                .into_response()
+        }
+        Err(r) => {
+            s.count(r.kind.label(), started);
+            warn!(pod = %key, result = r.kind.label(), reason = %r, "cmdadd refused");
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("{r}\n")).into_response()
+        }
+    }
+}
+
+/// The router (exposed for tests that want to drive it without a socket).
+pub fn router(backend: Backend, options: CniEventOptions, metrics: CniEventMetrics) -> Router {
+    Router::new()
+        .route("/cmdadd", post(cmdadd))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(ServerState {
+            backend,
+            options,
+            metrics,
+        })
+}
+
+/// A running server. Dropping it (or [`CniEventServer::shutdown`]) stops it and removes the
+/// socket file, so the plugin's `STATUS` and ADD see at once that nobody listens.
+pub struct CniEventServer {
+    path: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for CniEventServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CniEventServer")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Bind `path` with mode 0600: bind a temporary name next to it, chmod, rename into place
+/// (replacing a stale socket of a previous agent; never a non-socket file).
+fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, CniEventError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let bind_err = |source| CniEventError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(CniEventError::NotASocket {
+                path: path.to_path_buf(),
+            });
+        }
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = tokio::net::UnixListener::bind(&tmp).map_err(bind_err)?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(bind_err(e));
+    }
+    Ok(listener)
+}
+
+/// Remove the socket file at `path` if it is a socket (agent exit, uninstall).
+pub fn remove_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+impl CniEventServer {
+    /// Create `run_dir` if needed, bind `<run_dir>/pluginevent.sock` and serve on the current
+    /// tokio runtime.
+    pub fn start(
+        run_dir: &Path,
+        backend: Backend,
+        options: CniEventOptions,
+        metrics: CniEventMetrics,
+    ) -> Result<CniEventServer, CniEventError> {
+        std::fs::create_dir_all(run_dir).map_err(|source| CniEventError::RunDir {
+            path: run_dir.to_path_buf(),
+            source,
+        })?;
+        let path = socket_path(run_dir);
+        let listener = bind_socket(&path)?;
+        let app = router(backend, options, metrics);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let what = path.display().to_string();
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(socket = %what, error = %e, "plugin event server stopped");
+            }
+        });
+        info!(socket = %path.display(), "serving plugin events (POST /cmdadd)");
+        Ok(CniEventServer {
+            path,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stop accepting, remove the socket file, and wait (up to `grace`) for requests in
+    /// flight to be answered; the rest are cut (their ADD fails and is retried).
+    pub async fn shutdown(mut self, grace: Duration) {
+        remove_socket(&self.path);
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(grace, t).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
+
+impl Drop for CniEventServer {
+    fn drop(&mut self) {
+        remove_socket(&self.path);
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"Netns":"/var/run/netns/cni-1","PodName":"p","PodNamespace":"ns","IPs":[{"Interface":0,"Address":{"IP":"10.0.0.2","Mask":"////AA=="},"Gateway":"10.0.0.1"}]}"#;
+
+    #[test]
+    fn parses_istio_shape() {
+        let e = parse_cmdadd(GOOD.as_bytes()).expect("valid");
+        assert_eq!(
+            e,
+            CmdAdd {
+                netns: "/var/run/netns/cni-1".into(),
+                namespace: "ns".into(),
+                name: "p".into(),
+                ips: vec!["10.0.0.2".parse().expect("ip")],
+            }
+        );
+    }
+
+    #[test]
+    fn dual_stack_null_fields_and_mapped_v4() {
+        let body = r#"{"Netns":"","PodName":"p","PodNamespace":"ns","IPs":[
+            {"Interface":null,"Address":{"IP":"fd00::5","Mask":"/////////////////////w=="},"Gateway":null},
+            {"Address":{"IP":"::ffff:10.0.0.9","Mask":"/////////////////////w=="}},
+            {"Address":{"IP":"10.0.0.9","Mask":"/////////////////wAAAA=="}}]}"#;
+        let e = parse_cmdadd(body.as_bytes()).expect("valid");
+        assert_eq!(e.netns, "");
+        assert_eq!(
+            e.ips,
+            vec![
+                "10.0.0.9".parse::<IpAddr>().expect("ip"),
+                "fd00::5".parse().expect("ip")
+            ]
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        let cases: &[(&str, &str)] = &[
+            ("not json", "body is not a cmdadd event"),
+            (
+                r#"{"PodNamespace":"ns","IPs":[]}"#,
+                "field PodName is missing",
+            ),
+            (
+                r#"{"PodName":"p","PodNamespace":"","IPs":[]}"#,
+                "field PodNamespace",
+            ),
+            (
+                r#"{"PodName":"p","PodNamespace":"ns","IPs":[]}"#,
+                "IPs is empty",
+            ),
+            (r#"{"PodName":"p","PodNamespace":"ns"}"#, "IPs is empty"),
+            (
+                r#"{"PodName":"p","PodNamespace":"ns","IPs":[{"Address":{"IP":"10.0.0.300"}}]}"#,
+                r#"IPs[0].Address.IP "10.0.0.300" is not an IP address"#,
+            ),
+            (
+                r#"{"PodName":"p","PodNamespace":"ns","IPs":[{"Address":{"IP":"10.0.0.3","Mask":"!!"}}]}"#,
+                "is not base64",
+            ),
+            (
+                r#"{"PodName":"p","PodNamespace":"ns","IPs":[{"Address":{"IP":"10.0.0.3","Mask":"//8="}}]}"#,
+                "has 2 bytes, which is not a netmask for 10.0.0.3",
+            ),
+            (
+                r#"{"PodName":"p","PodNamespace":"ns","IPs":[{"Address":{"IP":"10.0.0.3","Mask":"/wD/AA=="}}]}"#,
+                "is not a contiguous netmask",
+            ),
+            (
+                r#"{"PodName":"p","PodNamespace":"ns","IPs":[{"Address":{"IP":"10.0.0.3"},"Gateway":"x"}]}"#,
+                r#"IPs[0].Gateway "x""#,
+            ),
+            (
+                r#"{"PodName":"p","PodNamespace":"ns","IPs":[{"Interface":0}]}"#,
+                "IPs[].Address is missing",
+            ),
+        ];
+        for (body, want) in cases {
+            let err = parse_cmdadd(body.as_bytes()).expect_err(body);
+            assert!(err.to_string().contains(want), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn masks() {
+        let ip4: IpAddr = "10.0.0.1".parse().expect("ip");
+        let ip6: IpAddr = "fd00::1".parse().expect("ip");
+        assert!(check_mask(0, ip4, "AAAAAA==").is_ok(), "/0");
+        assert!(check_mask(0, ip4, "/////w==").is_ok(), "/32");
+        assert!(check_mask(0, ip4, "///+AA==").is_ok(), "/23");
+        assert!(
+            check_mask(0, ip6, "////////////////AAAAAA==").is_ok(),
+            "/96"
+        );
+        assert!(check_mask(0, ip6, "/////w==").is_err(), "v4 mask on v6");
+        assert!(check_mask(0, ip4, "AP///w==").is_err(), "leading zeros");
+    }
+
+    #[test]
+    fn reply_slot_answers_once() {
+        let (slot, mut rx) = ReplySlot::new();
+        let copy = slot.clone();
+        assert_eq!(slot, copy);
+        assert!(!slot.is_closed());
+        assert!(slot.send(Ok(())));
+        assert!(!copy.send(Ok(())), "second answer is dropped");
+        assert!(slot.is_closed());
+        assert_eq!(rx.try_recv().expect("answered"), Ok(()));
+        let (slot, rx) = ReplySlot::new();
+        drop(rx);
+        assert!(slot.is_closed(), "receiver gone");
+    }
+}
