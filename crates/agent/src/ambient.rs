@@ -711,6 +711,7 @@ impl Reconciler {
             .pods
             .values()
             .filter(|p| p.namespace == ev.namespace && p.name == ev.name)
+            .filter(|p| ev.uid.as_deref().is_none_or(|uid| p.uid == uid))
             .collect();
         let live = named
             .iter()

@@ -76,6 +76,9 @@ pub struct CmdAdd {
     /// The pod's addresses from the CNI result, sorted, deduplicated, IPv4-mapped IPv6
     /// unmapped.
     pub ips: Vec<IpAddr>,
+    /// The pod UID when the plugin sent one (meshcni does; Istio's plugin does not): the
+    /// lookup then matches it exactly instead of by namespace/name alone.
+    pub uid: Option<String>,
 }
 
 impl CmdAdd {
@@ -118,6 +121,9 @@ struct WireEvent {
     pod_namespace: Option<String>,
     #[serde(rename = "IPs")]
     ips: Option<Vec<WireIp>>,
+    /// meshcni's plugin adds the pod UID (from `K8S_POD_UID`); Istio's does not send it.
+    #[serde(rename = "PodUID", default)]
+    pod_uid: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,6 +222,7 @@ pub fn parse_cmdadd(body: &[u8]) -> Result<CmdAdd, BadEvent> {
         namespace,
         name,
         ips: canonical_ips(ips),
+        uid: w.pod_uid.filter(|u| !u.is_empty()),
     })
 }
 
@@ -644,7 +651,17 @@ mod tests {
                 namespace: "ns".into(),
                 name: "p".into(),
                 ips: vec!["10.0.0.2".parse().expect("ip")],
+                uid: None,
             }
+        );
+    }
+
+    #[test]
+    fn meshcni_sends_the_pod_uid() {
+        let body = GOOD.replace(r#""IPs""#, r#""PodUID":"u-1","IPs""#);
+        assert_eq!(
+            parse_cmdadd(body.as_bytes()).expect("valid").uid.as_deref(),
+            Some("u-1")
         );
     }
 

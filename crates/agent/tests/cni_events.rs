@@ -84,6 +84,7 @@ fn event(ns: &str, name: &str, ip: &str) -> CmdAddEvent {
             },
             gateway: Some("10.0.0.1".into()),
         }],
+        pod_uid: None,
     }
 }
 
@@ -757,6 +758,7 @@ fn reconciler_answers_not_synced_and_terminating_only() {
         namespace: "demo".into(),
         name: "app".into(),
         ips: vec!["10.0.0.2".parse().expect("ip")],
+        uid: None,
     };
     let mut rec = Reconciler::new(
         Box::new(FakeDriver::new()),

@@ -703,3 +703,49 @@ fn ztunnel_restart_capture_gap_in_place_vs_reference_teardown() {
     );
     d.uninstall().expect("uninstall");
 }
+
+#[test]
+fn dns_capture_dnats_pod_dns_to_ztunnel_15053() {
+    use meshcni_testkit::{ConnectOpts, ProxyConfig, TransparentProxy, proxy, udp_exchange};
+    let lab = lab(1);
+    let dns = TransparentProxy::start_with(
+        &lab.ztunnel,
+        &ProxyConfig {
+            tcp_ports: vec![],
+            dns_port: Some(15053),
+        },
+    )
+    .expect("dns stand-in");
+    let before = lab.snapshot();
+    let mut d = IptablesDriver::new(IptablesModeConfig {
+        dns_capture: true,
+        ..lab.config()
+    })
+    .expect("driver");
+    d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
+        .expect("install");
+    d.apply(&lab.enroll(0)).expect("enroll");
+    let save = lab.save(&lab.node);
+    assert!(
+        save.contains("-A ztunnel-PREROUTING -p udp -m set --match-set ztunnel-pods-ips src -m udp --dport 53 -j DNAT --to-destination 10.244.1.5:15053"),
+        "{save}"
+    );
+    let reply = udp_exchange(
+        &lab.pods[0].0,
+        "10.96.0.10:53".parse().expect("addr"),
+        &ConnectOpts {
+            payload: proxy::dns_query(7, "example.com"),
+            ..ConnectOpts::default()
+        },
+    )
+    .expect("dns answer through ztunnel");
+    assert!(!reply.is_empty());
+    let q = dns.dns_queries();
+    assert!(
+        q.iter()
+            .any(|q| q.qname.trim_end_matches('.') == "example.com"),
+        "{q:?}"
+    );
+    d.uninstall().expect("uninstall");
+    assert_eq!(lab.snapshot(), before);
+}

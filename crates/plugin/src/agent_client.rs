@@ -41,6 +41,10 @@ pub struct CmdAddEvent {
     pub pod_namespace: String,
     #[serde(rename = "IPs")]
     pub ips: Vec<EventIp>,
+    /// meshcni extension (`K8S_POD_UID`), so the agent matches the exact pod; agents that do
+    /// not know it ignore it.
+    #[serde(rename = "PodUID", skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +145,7 @@ mod tests {
                 },
                 gateway: Some("10.0.0.1".into()),
             }],
+            pod_uid: None,
         }
     }
 

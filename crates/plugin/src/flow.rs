@@ -266,6 +266,7 @@ fn enroll_ambient(ctx: &Context, conf: &PluginConf, p: PodRef<'_>) -> Result<(),
         pod_name: p.name.to_string(),
         pod_namespace: p.namespace.to_string(),
         ips,
+        pod_uid: ctx.env.args.k8s_pod_uid().map(str::to_string),
     };
     agent_client::push_cmdadd(&conf.agent_event_socket(), &event, AGENT_TIMEOUT).map_err(|e| {
         CniError::new(
