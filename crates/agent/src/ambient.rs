@@ -143,9 +143,28 @@ pub fn make_driver(
     mode: RedirectMode,
     args: &crate::cli::AgentArgs,
 ) -> Result<Box<dyn RedirectDriver>, String> {
-    let _ = args;
     match mode {
-        RedirectMode::Iptables | RedirectMode::Ebpf | RedirectMode::Inpod => Err(format!(
+        RedirectMode::Iptables => {
+            use crate::modes::iptables::{IptablesDriver, IptablesModeConfig};
+            let mut iptables = meshcni_netx::IptablesOptions::from_env();
+            if let Some(forced) =
+                meshcni_netx::IptablesFlavor::parse_forced(&args.force_iptables_binary)
+            {
+                iptables.force = Some(forced);
+            }
+            let cfg = IptablesModeConfig {
+                dns_capture: args.ambient_dns_capture,
+                // Kept on a hostPath with the rest of the run dir, so a restarted agent adopts
+                // its own state (and remembers the sysctls to restore on uninstall).
+                state_file: args.cni_agent_run_dir.join("iptables-mode.json"),
+                iptables,
+                ..IptablesModeConfig::default()
+            };
+            IptablesDriver::new(cfg)
+                .map(|d| Box::new(d) as Box<dyn RedirectDriver>)
+                .map_err(|e| e.message)
+        }
+        RedirectMode::Ebpf | RedirectMode::Inpod => Err(format!(
             "redirect mode {mode} has no driver in this build of meshcni-agent"
         )),
     }

@@ -248,6 +248,15 @@ pub fn node_chains(cfg: &NodeConfig) -> Vec<ChainRules> {
         "-p udp {}",
         set_mark(MARK_CONN_SKIP, MARK_CONN_SKIP)
     ));
+    // Not in the reference: only *new* connections are captured. A connection that was open
+    // before its pod was enrolled has no ztunnel socket; redirecting its next segment (to
+    // 15001 outbound, or via table 100 to 15006 inbound) would make ztunnel's listener answer
+    // with a RST. Connections that already go through ztunnel never get here: they carry
+    // connmark 0x210 from ztunnel's first reply and are steered by the 0x040 rule above.
+    mangle_pre.push(format!(
+        "-p tcp -m conntrack ! --ctstate NEW {}",
+        set_mark(MARK_SKIP, MARK_SKIP)
+    ));
     mangle_pre.push(format!("{} -j RETURN", has_mark(MARK_SKIP)));
     mangle_pre.push(format!(
         "-p tcp -m set --match-set {IPSET_NAME} src {}",
@@ -835,6 +844,7 @@ COMMIT
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
 -A ztunnel-PREROUTING -i vethZ -j MARK --set-xmark 0x220/0x220
 -A ztunnel-PREROUTING -p udp -j MARK --set-xmark 0x220/0x220
+-A ztunnel-PREROUTING -p tcp -m conntrack ! --ctstate NEW -j MARK --set-xmark 0x200/0x200
 -A ztunnel-PREROUTING -m mark --mark 0x200/0x200 -j RETURN
 -A ztunnel-PREROUTING -p tcp -m set --match-set ztunnel-pods-ips src -j MARK --set-xmark 0x100/0x100
 -I POSTROUTING -j ztunnel-POSTROUTING
@@ -888,7 +898,7 @@ COMMIT
             "hairpin must precede the ztunnel-veth skip marks"
         );
         let total: usize = chains.iter().map(|c| c.rules.len()).sum();
-        assert_eq!(total, 23 + 2);
+        assert_eq!(total, 24 + 2);
     }
 
     #[test]
@@ -1037,7 +1047,7 @@ COMMIT
     #[test]
     fn reference_baseline_has_one_command_per_rule_and_chain() {
         let cmds = reference_iptables_commands(&cfg());
-        assert_eq!(cmds.len(), 16 + 23);
+        assert_eq!(cmds.len(), 16 + 24);
         assert_eq!(cmds[0], vec!["-t", "nat", "-N", "ztunnel-PREROUTING"]);
     }
 }
