@@ -105,9 +105,12 @@ impl World {
             .expect("alt v6");
         // Owned by the proxy uid/gid like Envoy's sockets, so DNS replies leave in the right
         // conntrack zone and the app receives them.
-        let sidecar =
-            TransparentProxy::start_owned_by(&lab.client, &ProxyConfig::default(), Some((1337, 1337)))
-                .expect("sidecar stand-in");
+        let sidecar = TransparentProxy::start_owned_by(
+            &lab.client,
+            &ProxyConfig::default(),
+            Some((1337, 1337)),
+        )
+        .expect("sidecar stand-in");
         let app = Servers::start(&lab.client, &[APP_PORT, ADMIN_PORT]);
         let remote = Servers::start(&lab.server, &[SVC_PORT, DB_PORT]);
         let remote_dns = TransparentProxy::start_with(

@@ -85,7 +85,11 @@ impl TransparentProxy {
     /// proxy's are (iptables `-m owner` matches the socket owner, i.e. the creator's
     /// fsuid/fsgid). The sockets are created on a dedicated thread whose fsuid/fsgid is switched
     /// (a per-thread change); the caller's credentials are untouched.
-    pub fn start_owned_by(ns: &Netns, cfg: &ProxyConfig, owner: Option<(u32, u32)>) -> Result<Self, TestkitError> {
+    pub fn start_owned_by(
+        ns: &Netns,
+        cfg: &ProxyConfig,
+        owner: Option<(u32, u32)>,
+    ) -> Result<Self, TestkitError> {
         let tcp_ports = cfg.tcp_ports.clone();
         let dns_port = cfg.dns_port;
         let what = format!("open proxy listeners in {}", ns.name());
