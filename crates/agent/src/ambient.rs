@@ -157,6 +157,7 @@ pub fn make_driver(
                 // Kept on a hostPath with the rest of the run dir, so a restarted agent adopts
                 // its own state (and remembers the sysctls to restore on uninstall).
                 state_file: args.cni_agent_run_dir.join("iptables-mode.json"),
+                netns_dir: args.netns_dir.clone(),
                 iptables,
                 ..IptablesModeConfig::default()
             };

@@ -367,6 +367,12 @@ pub struct AgentArgs {
     #[arg(long, env = "FORCE_IPTABLES_BINARY", default_value = "")]
     pub force_iptables_binary: String,
 
+    /// Directory of the node's named network namespaces (the host's `/var/run/netns`, as
+    /// mounted into the agent). The iptables redirect mode finds the ztunnel pod's netns here
+    /// (by the peer of its host veth).
+    #[arg(long, env = "NETNS_DIR", default_value = "/var/run/netns")]
+    pub netns_dir: PathBuf,
+
     /// Let the agent enter the host netns through /host/proc/1/ns/net (non-hostNetwork pod). [Accepted and validated; used by a later release.]
     #[arg(long, env = "ALLOW_SWITCH_TO_HOST_NS", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]

@@ -677,6 +677,7 @@ fn manifest_is_the_chart_rendered_with_defaults() {
             "MOUNTED_CNI_NET_DIR",
             "CNI_BIN_DIRS",
             "CNI_AGENT_RUN_DIR",
+            "NETNS_DIR",
             "UNINSTALL_MARKER_FILE",
             "NODE_NAME",
             "REPAIR_NODE_NAME",
