@@ -330,7 +330,7 @@ pub struct AgentArgs {
     #[arg(long, env = "AMBIENT_KUBECONFIG", default_value = "")]
     pub ambient_kubeconfig: String,
 
-    /// Capture DNS (UDP/TCP 53) of ambient pods into ztunnel. [Accepted and validated; used by a later release.]
+    /// Capture DNS (UDP 53) of ambient pods into ztunnel's DNS proxy on 15053 (iptables mode: DNAT on the node).
     #[arg(long, env = "AMBIENT_DNS_CAPTURE", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ambient_dns_capture: bool,
@@ -363,7 +363,7 @@ pub struct AgentArgs {
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub native_nftables: bool,
 
-    /// Force an iptables flavour (`iptables-legacy` or `iptables-nft`) instead of detecting it. [Accepted and validated; used by a later release.]
+    /// Force an iptables flavour (`legacy` or `nft`) for the node rules of the iptables redirect mode instead of detecting it.
     #[arg(long, env = "FORCE_IPTABLES_BINARY", default_value = "")]
     pub force_iptables_binary: String,
 
