@@ -364,6 +364,17 @@ pub fn uninstall_all(args: &AgentArgs, installer: &dyn NodeInstaller) -> Result<
             )));
         }
     }
+    if args.ambient_enabled {
+        // Redirection left in place by an agent that stopped without uninstalling (the normal
+        // restart/upgrade path): remove it now. A mode without a driver has nothing to remove.
+        let mode = args.effective_redirect_mode(false);
+        if let Ok(mut driver) = crate::ambient::make_driver(mode, args) {
+            driver.uninstall().map_err(|e| {
+                AgentError::Uninstall(format!("removing the {mode} redirection: {e}"))
+            })?;
+            info!(%mode, "removed the ambient redirection");
+        }
+    }
     remove_metrics_socket(&args.metrics_socket());
     crate::cni_events::remove_socket(&crate::cni_events::socket_path(&args.cni_agent_run_dir));
     // Only an empty dir: other tools may share it.

@@ -122,8 +122,10 @@ impl Node {
         let log = fs::File::create(self.log()).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_meshcni-agent"))
             .env_clear()
-            .env("KUBERNETES_SERVICE_HOST", "10.96.0.1")
-            .env("KUBERNETES_SERVICE_PORT", "443")
+            // Only rendered into the plugin kubeconfig: these tests have no API server, and an
+            // agent with ambient on must never reach out to one (loopback, nothing listens).
+            .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+            .env("KUBERNETES_SERVICE_PORT", "1")
             .args(self.args())
             .arg(format!("--readiness-port={readiness}"))
             .arg(format!("--monitoring-port={monitoring}"))
@@ -461,11 +463,12 @@ fn uninstall_on_exit_flag_removes_everything() {
 #[test]
 fn uninstall_subcommand_removes_what_a_stopped_agent_left() {
     let node = Node::new(true);
-    let mut agent = node.agent(&["--ambient-enabled", "--ambient-redirect-mode=iptables"]);
+    // inpod: no driver in this build, so nothing touches this (the host's) network namespace.
+    let mut agent = node.agent(&["--ambient-enabled", "--ambient-redirect-mode=inpod"]);
     agent.wait_ready_except_enrollment(Duration::from_secs(20));
     assert_eq!(
         fs::read_to_string(node.ambient_dir().join("config.json")).expect("ambient config"),
-        r#"{"ztunnelReady":false,"redirectMode":"iptables"}"#
+        r#"{"ztunnelReady":false,"redirectMode":"inpod"}"#
     );
     agent.terminate();
     node.assert_installed();

@@ -414,6 +414,43 @@ fn foreign_state_is_refused_before_anything_is_installed() {
 }
 
 #[test]
+fn uninstall_on_a_node_this_mode_never_installed_touches_nothing() {
+    // Look-alike state of another agent (Istio 1.18–1.20 uses the same chain, ipset and rule
+    // names): an uninstall with no state of ours must leave it alone.
+    let lab = lab(0);
+    lab.node
+        .exec_ok(
+            "iptables-nft",
+            &["-t", "mangle", "-N", "ztunnel-PREROUTING"],
+        )
+        .expect("foreign chain");
+    lab.node
+        .exec_ok(
+            "iptables-nft",
+            &[
+                "-t",
+                "mangle",
+                "-I",
+                "PREROUTING",
+                "-j",
+                "ztunnel-PREROUTING",
+            ],
+        )
+        .expect("foreign jump");
+    lab.node
+        .ip(&["rule", "add", "priority", "103", "lookup", "100"])
+        .expect("foreign rule");
+    let before = lab.snapshot();
+    let mut d = lab.driver();
+    d.uninstall().expect("uninstall is a no-op");
+    assert_eq!(
+        lab.snapshot(),
+        before,
+        "nothing of another agent may be removed"
+    );
+}
+
+#[test]
 fn bad_input_is_reported_per_pod_or_driver() {
     let lab = lab(1);
     let mut d = lab.driver();
@@ -732,7 +769,8 @@ fn dns_capture_dnats_pod_dns_to_ztunnel_15053() {
     );
     let reply = udp_exchange(
         &lab.pods[0].0,
-        "10.96.0.10:53".parse().expect("addr"),
+        // A resolver address inside the lab subnet (no such host: the node DNATs it to ztunnel).
+        "10.244.1.53:53".parse().expect("addr"),
         &ConnectOpts {
             payload: proxy::dns_query(7, "example.com"),
             ..ConnectOpts::default()

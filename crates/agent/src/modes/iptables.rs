@@ -450,9 +450,16 @@ impl IptablesDriver {
             }
             None => self.find_peer_netns(&veth)?,
         };
-        let host_ip_by_route = with_netns(self.node(), |ns| route::source_for_here(ns, ip))
-            .and_then(|r| r)
-            .map_err(drv)?;
+        // Once our rules are in place (a restarted agent adopting them), a route lookup goes
+        // through our own `ip rule … lookup 100`, whose route to ztunnel has no `src`, and
+        // yields the veth's address instead of the node's: keep the address the installed
+        // rules were built with.
+        let host_ip_by_route = match self.state.host_ip {
+            Some(adopted) => adopted,
+            None => with_netns(self.node(), |ns| route::source_for_here(ns, ip))
+                .and_then(|r| r)
+                .map_err(drv)?,
+        };
         Ok(ResolvedZtunnel {
             ip,
             veth: veth.name,
@@ -1073,6 +1080,19 @@ impl RedirectDriver for IptablesDriver {
     }
 
     fn uninstall(&mut self) -> Result<(), DriverError> {
+        // Never installed here (no state, no tunnel of ours): touch nothing. This keeps an
+        // uninstall on a node that never ran this mode from deleting look-alike state (e.g. an
+        // Istio 1.18–1.20 node agent's chains and rules, which use the same names).
+        if self.state == PersistedState::default() {
+            let mut nl = self.nl()?;
+            let ours = tunnel::list_links(&mut nl)
+                .map_err(drv)?
+                .into_iter()
+                .any(|l| OUR_LINKS.contains(&l.name.as_str()));
+            if !ours {
+                return Ok(());
+            }
+        }
         let mut errors: Vec<String> = Vec::new();
         let mut note = |r: Result<(), DriverError>| {
             if let Err(e) = r {

@@ -1,0 +1,316 @@
+//! The whole ambient `iptables` stack as processes, the way a node runs it: the real
+//! `meshcni-agent` binary inside a lab node's netns (`nsenter --net`), workloads from a local
+//! file, every host path in a temp dir; the real `meshcni` plugin binary exec'd with CNI
+//! environment for pods of that node; a ztunnel stand-in in the lab's ztunnel pod; real TCP.
+//!
+//! One test, in order (each step depends on the previous one's node state):
+//! (a) the agent becomes ready and writes `{"ztunnelReady":true,"redirectMode":"iptables"}`;
+//! (b) a new ambient pod, added to the workloads file and ADDed through the plugin, is captured
+//!     by the time ADD returns: its very first connection goes through the stand-in;
+//! (c) with the agent stopped (SIGTERM) the node rules stay, an ambient ADD fails closed with
+//!     CNI error 103 naming the socket, a non-ambient ADD passes through;
+//! (d) a restarted agent adopts the rules: node state identical, nothing duplicated;
+//! (e) the uninstall marker + SIGTERM removes everything: the node netns is back to its
+//!     pre-agent snapshot (iptables of both flavours, ip rule, all routes, links, ipsets).
+//!
+//! Needs root; fails (never skips) without it. The lab (one node: pods a, p, later n, m, q)
+//! is deleted on success and failure.
+
+#[path = "../../demo/src/ambient_kit.rs"]
+mod kit;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kit::{
+    Agent, AgentDirs, CNI_AGENT_FAILED, DATAPLANE_MODE, NodeState, namespace_json, plugin_add,
+    pod_json, write_pod_metadata, write_workloads, ztunnel_json,
+};
+use meshcni_testkit::ztunnel::OUTBOUND_PORT;
+use meshcni_testkit::{ConnectOpts, MultiNodeLab, TcpServer, ZtunnelStandIn, connect_text};
+use serde_json::Value;
+
+const NODE: &str = "node1";
+const PORT: u16 = 8080;
+const READY: Duration = Duration::from_secs(30);
+
+fn binaries() -> (PathBuf, PathBuf) {
+    let agent = PathBuf::from(env!("CARGO_BIN_EXE_meshcni-agent"));
+    let plugin = Path::new(env!("CARGO_BIN_EXE_meshcni-agent")).with_file_name("meshcni");
+    assert!(
+        plugin.is_file(),
+        "the meshcni plugin binary is not next to meshcni-agent at {} — build it too \
+         (`cargo test --workspace` or `cargo build -p meshcni-plugin`)",
+        plugin.display()
+    );
+    (agent, plugin)
+}
+
+fn namespaces() -> Vec<Value> {
+    vec![
+        namespace_json("mesh", &[(DATAPLANE_MODE, "ambient")]),
+        namespace_json("plain", &[]),
+        namespace_json("istio-system", &[]),
+    ]
+}
+
+fn ns_obj(name: &str) -> Value {
+    namespaces()
+        .into_iter()
+        .find(|n| n["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no namespace {name}"))
+}
+
+/// `from` → `to`:PORT; returns the reply text (banner `server:<addr> peer:<addr>\n` + echo).
+fn exchange(lab: &MultiNodeLab, from: &str, to: &str) -> String {
+    let (f, t) = (lab.pod(from), lab.pod(to));
+    let payload = format!("{from}->{to}\n");
+    let opts = ConnectOpts {
+        payload: payload.clone().into_bytes(),
+        ..Default::default()
+    };
+    let got = connect_text(&f.netns, t.addr(PORT), &opts)
+        .unwrap_or_else(|e| panic!("{from} → {to}: {e}"));
+    assert!(
+        got.starts_with(&format!("server:{}:{PORT} peer:{}:", t.ip, f.ip)),
+        "{from} → {to}: the server must see the client pod's IP {}: {got:?}",
+        f.ip
+    );
+    assert!(got.ends_with(&payload), "{from} → {to}: echo: {got:?}");
+    got
+}
+
+/// `from` → `to` must go through the stand-in's outbound listener (exactly one hop, original
+/// destination `to`:PORT, peer `from`), and the server's peer is the stand-in's upstream
+/// socket (spoofing `from`'s IP).
+fn assert_captured(lab: &MultiNodeLab, zt: &ZtunnelStandIn, from: &str, to: &str) {
+    zt.take_hops();
+    let reply = exchange(lab, from, to);
+    let hops = zt.take_hops();
+    let (f, t) = (lab.pod(from), lab.pod(to));
+    assert_eq!(hops.len(), 1, "{from} → {to}: one ztunnel hop: {hops:?}");
+    let hop = &hops[0];
+    assert_eq!(hop.listener_port, OUTBOUND_PORT, "{from} → {to}: {hop:?}");
+    assert_eq!(hop.original_dst, t.addr(PORT), "{from} → {to}: {hop:?}");
+    assert_eq!(hop.peer.ip(), IpAddr::V4(f.ip), "{from} → {to}: {hop:?}");
+    let seen: SocketAddr = reply
+        .lines()
+        .next()
+        .and_then(|l| l.split(" peer:").nth(1))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no peer in {reply:?}"));
+    assert_eq!(hop.upstream_local, Some(seen), "{from} → {to}: {hop:?}");
+}
+
+fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(e) if Instant::now() > deadline => panic!("{what} (after {timeout:?}): {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn ipset_has(node: &Path, ip: Ipv4Addr) -> Result<(), String> {
+    let sets = kit::exec_in(node, "ipset", &["list"])?;
+    let ip = ip.to_string();
+    if sets
+        .lines()
+        .any(|l| l.split_whitespace().next() == Some(ip.as_str()))
+    {
+        Ok(())
+    } else {
+        Err(format!("{ip} not in any ipset:\n{sets}"))
+    }
+}
+
+#[test]
+fn agent_and_plugin_binaries_capture_fail_closed_restart_and_uninstall_cleanly() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (network namespaces, iptables)"
+    );
+    let (agent_bin, plugin) = binaries();
+    let mut lab = MultiNodeLab::new("ast", &[&["a", "p"]]).expect("lab");
+    let node_ns = lab.node(1).netns.path().to_path_buf();
+    let pre_agent = NodeState::capture(&node_ns).expect("pre-agent snapshot");
+
+    let zt_pod = &lab.node(1).ztunnel;
+    let zt = ZtunnelStandIn::start(&zt_pod.netns, IpAddr::V4(zt_pod.ip)).expect("stand-in");
+    let mut servers = vec![
+        TcpServer::start(&lab.pod("p").netns, lab.pod("p").addr(PORT)).expect("server p"),
+        TcpServer::start(&lab.pod("a").netns, lab.pod("a").addr(PORT)).expect("server a"),
+    ];
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dirs = AgentDirs::create(tmp.path(), &plugin).expect("agent dirs");
+    let mut pods = vec![
+        ztunnel_json(NODE, zt_pod.ip, zt_pod.netns.path()),
+        pod_json("mesh", "a", NODE, Some(lab.pod("a").ip), &[], &[]),
+        pod_json("plain", "p", NODE, Some(lab.pod("p").ip), &[], &[]),
+    ];
+    write_workloads(&dirs.workloads, &namespaces(), &pods).expect("workloads");
+    // The stand-in's "xDS": which workloads are captured (HBONE-capable).
+    zt.set_captured([IpAddr::V4(lab.pod("a").ip)]);
+
+    // (a) ready, ambient config written.
+    let mut agent = Agent::start(&agent_bin, &node_ns, NODE, &dirs).expect("start agent");
+    let (_, config) = agent.wait_ready(READY).expect("agent ready");
+    assert_eq!(config, r#"{"ztunnelReady":true,"redirectMode":"iptables"}"#);
+    let a_ip = lab.pod("a").ip;
+    wait_for("pod a enrolled", Duration::from_secs(10), || {
+        ipset_has(&node_ns, a_ip)
+    });
+    assert_captured(&lab, &zt, "a", "p");
+    zt.take_hops();
+    exchange(&lab, "p", "a"); // inbound to a: through 15006
+    let hops = zt.take_hops();
+    assert!(
+        hops.len() == 1 && hops[0].listener_port == 15006,
+        "p → a: {hops:?}"
+    );
+
+    // (b) a new ambient pod: in the workloads file (no IP yet) and ADDed through the plugin.
+    let n_ip = lab.add_pod(1, "n").expect("pod n").ip;
+    let n_pod = pod_json("mesh", "n", NODE, None, &[], &[]);
+    pods.push(n_pod.clone());
+    write_workloads(&dirs.workloads, &namespaces(), &pods).expect("workloads");
+    write_pod_metadata(&dirs.meta, &n_pod, &ns_obj("mesh")).expect("metadata");
+    zt.add_captured(IpAddr::V4(n_ip));
+    let out = plugin_add(
+        &plugin,
+        &node_ns,
+        lab.pod("n").netns.path(),
+        "mesh",
+        "n",
+        n_ip,
+        &dirs,
+    )
+    .expect("run plugin");
+    assert!(
+        out.success,
+        "ADD n must succeed: {out:?}\nagent log:\n{}",
+        agent.log()
+    );
+    let result = out.json().expect("CNI result");
+    assert_eq!(result["ips"][0]["address"], format!("{n_ip}/32"), "{result}");
+    eprintln!("ambient ADD (plugin → agent → captured) took {:?}", out.took);
+    // Immediately: the pod's first connection is captured.
+    assert_captured(&lab, &zt, "n", "p");
+    // Then the kubelet reports the pod's IP (the watch catches up): nothing changes.
+    let n_running = pod_json("mesh", "n", NODE, Some(n_ip), &[], &[]);
+    *pods.last_mut().expect("n") = n_running;
+    let before_update = NodeState::capture(&node_ns).expect("snapshot");
+    write_workloads(&dirs.workloads, &namespaces(), &pods).expect("workloads");
+    std::thread::sleep(Duration::from_millis(300));
+    let updated = NodeState::capture(&node_ns).expect("snapshot");
+    assert!(
+        before_update.diff(&updated).is_empty(),
+        "the watch catching up with the CNI IP must change nothing:\n{}",
+        before_update.diff(&updated).join("\n")
+    );
+
+    // (c) agent stopped: rules stay; ambient ADD fails closed; non-ambient passes.
+    let before_stop = NodeState::capture(&node_ns).expect("snapshot");
+    let status = agent.terminate(Duration::from_secs(10)).expect("SIGTERM");
+    assert!(status.success(), "agent exit {status:?}; log:\n{}", agent.log());
+    let stopped = NodeState::capture(&node_ns).expect("snapshot");
+    assert!(
+        before_stop.diff(&stopped).is_empty(),
+        "SIGTERM must leave the node rules in place:\n{}",
+        before_stop.diff(&stopped).join("\n")
+    );
+    assert!(!dirs.socket().exists(), "socket left after SIGTERM");
+    assert_captured(&lab, &zt, "a", "p"); // still captured with no agent running
+
+    let m_ip = lab.add_pod(1, "m").expect("pod m").ip;
+    let m_pod = pod_json("mesh", "m", NODE, None, &[], &[]);
+    write_pod_metadata(&dirs.meta, &m_pod, &ns_obj("mesh")).expect("metadata");
+    let out = plugin_add(
+        &plugin,
+        &node_ns,
+        lab.pod("m").netns.path(),
+        "mesh",
+        "m",
+        m_ip,
+        &dirs,
+    )
+    .expect("run plugin");
+    assert!(!out.success, "ADD of an ambient pod with no agent: {out:?}");
+    let err = out.json().expect("CNI error object");
+    assert_eq!(err["code"], CNI_AGENT_FAILED, "{err}");
+    let text = format!("{} {}", err["msg"], err["details"]);
+    assert!(
+        text.contains("cannot enroll ambient pod mesh/m")
+            && text.contains(&dirs.socket().display().to_string()),
+        "the error names the pod and the socket: {err}"
+    );
+
+    let q_ip = lab.add_pod(1, "q").expect("pod q").ip;
+    let q_pod = pod_json("plain", "q", NODE, None, &[], &[]);
+    write_pod_metadata(&dirs.meta, &q_pod, &ns_obj("plain")).expect("metadata");
+    let out = plugin_add(
+        &plugin,
+        &node_ns,
+        lab.pod("q").netns.path(),
+        "plain",
+        "q",
+        q_ip,
+        &dirs,
+    )
+    .expect("run plugin");
+    assert!(out.success, "non-ambient ADD passes through: {out:?}");
+    assert_eq!(
+        out.json().expect("CNI result")["ips"][0]["address"],
+        format!("{q_ip}/32")
+    );
+    servers.push(TcpServer::start(&lab.pod("q").netns, lab.pod("q").addr(PORT)).expect("q"));
+
+    // (d) restart: adopts, nothing added or duplicated. (Snapshot again: pods m and q added
+    // links and routes since.)
+    let before_restart = NodeState::capture(&node_ns).expect("snapshot");
+    let mut agent = Agent::start(&agent_bin, &node_ns, NODE, &dirs).expect("restart agent");
+    agent.wait_ready(READY).expect("restarted agent ready");
+    // Give the first reconcile pass time to (not) change anything, then compare.
+    std::thread::sleep(Duration::from_millis(500));
+    let restarted = NodeState::capture(&node_ns).expect("snapshot");
+    assert!(
+        before_restart.diff(&restarted).is_empty(),
+        "a restarted agent must reconcile without changing the node:\n{}",
+        before_restart.diff(&restarted).join("\n")
+    );
+    for save in [&restarted.iptables_nft, &restarted.iptables_legacy] {
+        let mut rules: Vec<&str> = save.lines().filter(|l| l.starts_with("-A ")).collect();
+        let total = rules.len();
+        rules.sort_unstable();
+        rules.dedup();
+        assert_eq!(rules.len(), total, "duplicated rules:\n{save}");
+    }
+    assert_captured(&lab, &zt, "n", "q");
+    zt.take_hops();
+    exchange(&lab, "q", "p"); // plain → plain: untouched
+    assert!(zt.take_hops().is_empty(), "q → p must not be captured");
+
+    // (e) uninstall (marker + SIGTERM): the node is back to the pre-agent state.
+    std::fs::write(&dirs.marker, "true").expect("marker");
+    let status = agent.terminate(Duration::from_secs(10)).expect("SIGTERM");
+    assert!(status.success(), "agent exit {status:?}; log:\n{}", agent.log());
+    let after = NodeState::capture(&node_ns).expect("snapshot");
+    assert!(
+        pre_agent.diff(&after).is_empty(),
+        "uninstall must restore the pre-agent node state:\n{}",
+        pre_agent.diff(&after).join("\n")
+    );
+    assert!(!dirs.bin.join("meshcni").exists(), "plugin binary left");
+    assert!(!dirs.ambient_config().exists(), "ambient config left");
+    assert!(
+        !dirs.run.join("iptables-mode.json").exists(),
+        "driver state file left"
+    );
+    zt.take_hops();
+    exchange(&lab, "a", "p");
+    assert!(zt.take_hops().is_empty(), "a is no longer captured");
+    drop(servers);
+}
