@@ -302,6 +302,20 @@ impl Netlink {
     }
 
     /// Map an ack to Change: `benign` errnos mean "nothing to do".
+    /// Sends one request and maps the kernel's answer: `Applied` on success, `Unchanged` for
+    /// an errno in `benign` (e.g. `EEXIST` on create, `ENOENT` on delete), else an error that
+    /// names `op`.
+    pub fn request_change(
+        &mut self,
+        op: &str,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        benign: &[i32],
+    ) -> Result<Change, NetxError> {
+        let result = self.ack(op, msg, flags)?;
+        self.change(op, result, benign)
+    }
+
     fn change(
         &self,
         op: &str,

@@ -164,15 +164,12 @@ pub fn add_route(nl: &mut Netlink, r: &Route4) -> Result<Change, NetxError> {
     let op = format!("add route {r}");
     let index = require_link(nl, &r.dev)?;
     let msg = route_message(index, r, false);
-    match nl.ack(
+    nl.request_change(
         &op,
         RouteNetlinkMessage::NewRoute(msg),
         NLM_F_CREATE | NLM_F_EXCL,
-    )? {
-        Ok(()) => Ok(Change::Applied),
-        Err(e) if e == libc::EEXIST => Ok(Change::Unchanged),
-        Err(e) => Err(errno(nl, &op, e)),
-    }
+        &[libc::EEXIST],
+    )
 }
 
 /// `ip route replace ROUTE`: creates it, or atomically replaces the route with the same
@@ -181,14 +178,12 @@ pub fn replace_route(nl: &mut Netlink, r: &Route4) -> Result<Change, NetxError> 
     let op = format!("replace route {r}");
     let index = require_link(nl, &r.dev)?;
     let msg = route_message(index, r, false);
-    match nl.ack(
+    nl.request_change(
         &op,
         RouteNetlinkMessage::NewRoute(msg),
         NLM_F_CREATE | NLM_F_REPLACE,
-    )? {
-        Ok(()) => Ok(Change::Applied),
-        Err(e) => Err(errno(nl, &op, e)),
-    }
+        &[],
+    )
 }
 
 /// [`replace_route`] with the output device given by index (`r.dev` is only used in
@@ -196,14 +191,12 @@ pub fn replace_route(nl: &mut Netlink, r: &Route4) -> Result<Change, NetxError> 
 pub fn replace_route_oif(nl: &mut Netlink, r: &Route4, oif: u32) -> Result<Change, NetxError> {
     let op = format!("replace route {r}");
     let msg = route_message(oif, r, false);
-    match nl.ack(
+    nl.request_change(
         &op,
         RouteNetlinkMessage::NewRoute(msg),
         NLM_F_CREATE | NLM_F_REPLACE,
-    )? {
-        Ok(()) => Ok(Change::Applied),
-        Err(e) => Err(errno(nl, &op, e)),
-    }
+        &[],
+    )
 }
 
 /// `ip route del ROUTE`; an absent route (or device) is `Unchanged`.
@@ -213,11 +206,12 @@ pub fn del_route(nl: &mut Netlink, r: &Route4) -> Result<Change, NetxError> {
         return Ok(Change::Unchanged);
     };
     let msg = route_message(index, r, true);
-    match nl.ack(&op, RouteNetlinkMessage::DelRoute(msg), 0)? {
-        Ok(()) => Ok(Change::Applied),
-        Err(e) if e == libc::ESRCH || e == libc::ENOENT => Ok(Change::Unchanged),
-        Err(e) => Err(errno(nl, &op, e)),
-    }
+    nl.request_change(
+        &op,
+        RouteNetlinkMessage::DelRoute(msg),
+        0,
+        &[libc::ESRCH, libc::ENOENT],
+    )
 }
 
 fn v4(addr: &RouteAddress) -> Option<Ipv4Addr> {
@@ -339,25 +333,23 @@ pub fn add_rule(nl: &mut Netlink, r: &Rule4) -> Result<Change, NetxError> {
     if list_rules(nl)?.contains(r) {
         return Ok(Change::Unchanged);
     }
-    match nl.ack(
+    nl.request_change(
         &op,
         RouteNetlinkMessage::NewRule(rule_message(r)),
         NLM_F_CREATE | NLM_F_EXCL,
-    )? {
-        Ok(()) => Ok(Change::Applied),
-        Err(e) if e == libc::EEXIST => Ok(Change::Unchanged),
-        Err(e) => Err(errno(nl, &op, e)),
-    }
+        &[libc::EEXIST],
+    )
 }
 
 /// `ip rule del RULE`; an absent rule is `Unchanged`.
 pub fn del_rule(nl: &mut Netlink, r: &Rule4) -> Result<Change, NetxError> {
     let op = format!("delete rule {r}");
-    match nl.ack(&op, RouteNetlinkMessage::DelRule(rule_message(r)), 0)? {
-        Ok(()) => Ok(Change::Applied),
-        Err(e) if e == libc::ENOENT => Ok(Change::Unchanged),
-        Err(e) => Err(errno(nl, &op, e)),
-    }
+    nl.request_change(
+        &op,
+        RouteNetlinkMessage::DelRule(rule_message(r)),
+        0,
+        &[libc::ENOENT],
+    )
 }
 
 /// IPv4 policy-routing rules.
