@@ -13,7 +13,9 @@
 //! (e) the uninstall marker + SIGTERM removes everything: the node netns is back to its
 //!     pre-agent snapshot (iptables of both flavours, ip rule, all routes, links, ipsets).
 //!
-//! Needs root; fails (never skips) without it. The lab (one node: pods a, p, later n, m, q)
+//! A second test removes a stopped agent's leftovers with `meshcni-agent … uninstall`.
+//!
+//! Needs root; fails (never skips) without it. The lab (one node: pods a, p, n, m, q)
 //! is deleted on success and failure.
 
 #[path = "../../demo/src/ambient_kit.rs"]
@@ -134,7 +136,9 @@ fn agent_and_plugin_binaries_capture_fail_closed_restart_and_uninstall_cleanly()
         "this test needs root (network namespaces, iptables)"
     );
     let (agent_bin, plugin) = binaries();
-    let mut lab = MultiNodeLab::new("ast", &[&["a", "p"]]).expect("lab");
+    // Every pod's network wiring (the ptp part of the chain) exists from the start, so the
+    // pre-agent snapshot covers it; n, m and q are "started" (CNI ADD through meshcni) later.
+    let lab = MultiNodeLab::new("ast", &[&["a", "p", "n", "m", "q"]]).expect("lab");
     let node_ns = lab.node(1).netns.path().to_path_buf();
     let pre_agent = NodeState::capture(&node_ns).expect("pre-agent snapshot");
 
@@ -173,7 +177,7 @@ fn agent_and_plugin_binaries_capture_fail_closed_restart_and_uninstall_cleanly()
     );
 
     // (b) a new ambient pod: in the workloads file (no IP yet) and ADDed through the plugin.
-    let n_ip = lab.add_pod(1, "n").expect("pod n").ip;
+    let n_ip = lab.pod("n").ip;
     let n_pod = pod_json("mesh", "n", NODE, None, &[], &[]);
     pods.push(n_pod.clone());
     write_workloads(&dirs.workloads, &namespaces(), &pods).expect("workloads");
@@ -195,8 +199,15 @@ fn agent_and_plugin_binaries_capture_fail_closed_restart_and_uninstall_cleanly()
         agent.log()
     );
     let result = out.json().expect("CNI result");
-    assert_eq!(result["ips"][0]["address"], format!("{n_ip}/32"), "{result}");
-    eprintln!("ambient ADD (plugin → agent → captured) took {:?}", out.took);
+    assert_eq!(
+        result["ips"][0]["address"],
+        format!("{n_ip}/32"),
+        "{result}"
+    );
+    eprintln!(
+        "ambient ADD (plugin → agent → captured) took {:?}",
+        out.took
+    );
     // Immediately: the pod's first connection is captured.
     assert_captured(&lab, &zt, "n", "p");
     // Then the kubelet reports the pod's IP (the watch catches up): nothing changes.
@@ -215,7 +226,11 @@ fn agent_and_plugin_binaries_capture_fail_closed_restart_and_uninstall_cleanly()
     // (c) agent stopped: rules stay; ambient ADD fails closed; non-ambient passes.
     let before_stop = NodeState::capture(&node_ns).expect("snapshot");
     let status = agent.terminate(Duration::from_secs(10)).expect("SIGTERM");
-    assert!(status.success(), "agent exit {status:?}; log:\n{}", agent.log());
+    assert!(
+        status.success(),
+        "agent exit {status:?}; log:\n{}",
+        agent.log()
+    );
     let stopped = NodeState::capture(&node_ns).expect("snapshot");
     assert!(
         before_stop.diff(&stopped).is_empty(),
@@ -225,7 +240,7 @@ fn agent_and_plugin_binaries_capture_fail_closed_restart_and_uninstall_cleanly()
     assert!(!dirs.socket().exists(), "socket left after SIGTERM");
     assert_captured(&lab, &zt, "a", "p"); // still captured with no agent running
 
-    let m_ip = lab.add_pod(1, "m").expect("pod m").ip;
+    let m_ip = lab.pod("m").ip;
     let m_pod = pod_json("mesh", "m", NODE, None, &[], &[]);
     write_pod_metadata(&dirs.meta, &m_pod, &ns_obj("mesh")).expect("metadata");
     let out = plugin_add(
@@ -248,7 +263,7 @@ fn agent_and_plugin_binaries_capture_fail_closed_restart_and_uninstall_cleanly()
         "the error names the pod and the socket: {err}"
     );
 
-    let q_ip = lab.add_pod(1, "q").expect("pod q").ip;
+    let q_ip = lab.pod("q").ip;
     let q_pod = pod_json("plain", "q", NODE, None, &[], &[]);
     write_pod_metadata(&dirs.meta, &q_pod, &ns_obj("plain")).expect("metadata");
     let out = plugin_add(
@@ -281,13 +296,39 @@ fn agent_and_plugin_binaries_capture_fail_closed_restart_and_uninstall_cleanly()
         "a restarted agent must reconcile without changing the node:\n{}",
         before_restart.diff(&restarted).join("\n")
     );
-    for save in [&restarted.iptables_nft, &restarted.iptables_legacy] {
-        let mut rules: Vec<&str> = save.lines().filter(|l| l.starts_with("-A ")).collect();
-        let total = rules.len();
-        rules.sort_unstable();
-        rules.dedup();
-        assert_eq!(rules.len(), total, "duplicated rules:\n{save}");
+    // Spelled out: the same number of rules as before the restart, and every jump into our
+    // chains exactly once per table (re-adding jumps is how a restart duplicates rules; the
+    // chains themselves legitimately repeat some rules, as Istio's do).
+    let count = |save: &str| save.lines().filter(|l| l.starts_with("-A ")).count();
+    let mut all_jumps = 0;
+    for (save, before) in [
+        (&restarted.iptables_nft, &before_restart.iptables_nft),
+        (&restarted.iptables_legacy, &before_restart.iptables_legacy),
+    ] {
+        assert_eq!(count(save), count(before), "rule count changed:\n{save}");
+        let mut table = "";
+        let mut jumps = std::collections::BTreeMap::new();
+        for l in save.lines() {
+            if let Some(t) = l.strip_prefix('*') {
+                table = t;
+            } else if l.starts_with("-A ")
+                && !l.starts_with("-A ztunnel-")
+                && l.contains("-j ztunnel-")
+            {
+                *jumps.entry((table.to_string(), l.to_string())).or_insert(0) += 1;
+            }
+        }
+        assert!(
+            jumps.values().all(|n| *n == 1),
+            "jumps into ztunnel chains duplicated: {jumps:?}"
+        );
+        all_jumps += jumps.len();
     }
+    assert!(
+        all_jumps >= 7,
+        "mangle PREROUTING/INPUT/FORWARD/OUTPUT/POSTROUTING and nat PREROUTING/POSTROUTING \
+         jump into the ztunnel chains: only {all_jumps} jumps found"
+    );
     assert_captured(&lab, &zt, "n", "q");
     zt.take_hops();
     exchange(&lab, "q", "p"); // plain → plain: untouched
@@ -296,7 +337,11 @@ fn agent_and_plugin_binaries_capture_fail_closed_restart_and_uninstall_cleanly()
     // (e) uninstall (marker + SIGTERM): the node is back to the pre-agent state.
     std::fs::write(&dirs.marker, "true").expect("marker");
     let status = agent.terminate(Duration::from_secs(10)).expect("SIGTERM");
-    assert!(status.success(), "agent exit {status:?}; log:\n{}", agent.log());
+    assert!(
+        status.success(),
+        "agent exit {status:?}; log:\n{}",
+        agent.log()
+    );
     let after = NodeState::capture(&node_ns).expect("snapshot");
     assert!(
         pre_agent.diff(&after).is_empty(),
@@ -313,4 +358,59 @@ fn agent_and_plugin_binaries_capture_fail_closed_restart_and_uninstall_cleanly()
     exchange(&lab, "a", "p");
     assert!(zt.take_hops().is_empty(), "a is no longer captured");
     drop(servers);
+}
+
+#[test]
+fn uninstall_subcommand_removes_what_a_stopped_agent_left() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (network namespaces, iptables)"
+    );
+    let (agent_bin, plugin) = binaries();
+    let lab = MultiNodeLab::new("asu", &[&["a", "p"]]).expect("lab");
+    let node_ns = lab.node(1).netns.path().to_path_buf();
+    let pre_agent = NodeState::capture(&node_ns).expect("pre-agent snapshot");
+    let zt_pod = &lab.node(1).ztunnel;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dirs = AgentDirs::create(tmp.path(), &plugin).expect("agent dirs");
+    let pods = vec![
+        ztunnel_json(NODE, zt_pod.ip, zt_pod.netns.path()),
+        pod_json("mesh", "a", NODE, Some(lab.pod("a").ip), &[], &[]),
+        pod_json("plain", "p", NODE, Some(lab.pod("p").ip), &[], &[]),
+    ];
+    write_workloads(&dirs.workloads, &namespaces(), &pods).expect("workloads");
+    let mut agent = Agent::start(&agent_bin, &node_ns, NODE, &dirs).expect("start agent");
+    agent.wait_ready(READY).expect("agent ready");
+    let a_ip = lab.pod("a").ip;
+    wait_for("pod a enrolled", Duration::from_secs(10), || {
+        ipset_has(&node_ns, a_ip)
+    });
+    let status = agent.terminate(Duration::from_secs(10)).expect("SIGTERM");
+    assert!(status.success(), "agent exit {status:?}");
+    let left = NodeState::capture(&node_ns).expect("snapshot");
+    assert!(
+        !pre_agent.diff(&left).is_empty(),
+        "a plain SIGTERM leaves the redirection in place"
+    );
+    assert!(dirs.bin.join("meshcni").exists(), "plugin left installed");
+
+    let log = kit::run_uninstall(&agent_bin, &node_ns, NODE, &dirs).expect("uninstall");
+    let after = NodeState::capture(&node_ns).expect("snapshot");
+    assert!(
+        pre_agent.diff(&after).is_empty(),
+        "`meshcni-agent uninstall` must restore the pre-agent node state:\n{}\nlog:\n{log}",
+        pre_agent.diff(&after).join("\n")
+    );
+    assert!(!dirs.bin.join("meshcni").exists(), "plugin binary left");
+    assert!(
+        !dirs.run.join("iptables-mode.json").exists(),
+        "driver state file left"
+    );
+    // Idempotent: a second run finds nothing to do and succeeds.
+    kit::run_uninstall(&agent_bin, &node_ns, NODE, &dirs).expect("second uninstall");
+    assert!(
+        pre_agent
+            .diff(&NodeState::capture(&node_ns).expect("snapshot"))
+            .is_empty()
+    );
 }

@@ -214,8 +214,10 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Start `agent_bin` with `nsenter --net=<node_netns>` (nsenter execs it: the child pid is
-    /// the agent's), in iptables mode, with the workloads file and every path under `dirs`.
+    /// Start `agent_bin` with `setpriv --pdeathsig TERM -- nsenter --net=<node_netns>` (both
+    /// exec: the child pid is the agent's; the agent gets SIGTERM if its parent dies without
+    /// stopping it, e.g. a killed demo), in iptables mode, with the workloads file and every
+    /// path under `dirs`.
     pub fn start(
         agent_bin: &Path,
         node_netns: &Path,
@@ -227,7 +229,8 @@ impl Agent {
             .append(true)
             .open(&dirs.log)
             .map_err(|e| format!("open {}: {e}", dirs.log.display()))?;
-        let child = Command::new("nsenter")
+        let child = Command::new("setpriv")
+            .args(["--pdeathsig", "TERM", "--", "nsenter"])
             .arg(format!("--net={}", node_netns.display()))
             .arg("--")
             .arg(agent_bin)
@@ -239,7 +242,7 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("spawn nsenter … {}: {e}", agent_bin.display()))?;
+            .map_err(|e| format!("spawn setpriv … nsenter … {}: {e}", agent_bin.display()))?;
         Ok(Agent {
             child: Some(child),
             dirs: dirs.clone(),
@@ -387,6 +390,37 @@ pub fn agent_args(dirs: &AgentDirs) -> Vec<String> {
         "--monitoring-port=0".into(),
         "--log-level=info".into(),
     ]
+}
+
+/// `meshcni-agent [flags for dirs] uninstall` inside the node netns (what an operator runs to
+/// remove meshcni from a node whose agent is gone). Returns the command's stderr (its log).
+pub fn run_uninstall(
+    agent_bin: &Path,
+    node_netns: &Path,
+    node_name: &str,
+    dirs: &AgentDirs,
+) -> Result<String, String> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", node_netns.display()))
+        .arg("--")
+        .arg(agent_bin)
+        .args(agent_args(dirs))
+        .arg("uninstall")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("NODE_NAME", node_name)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("spawn nsenter … {} uninstall: {e}", agent_bin.display()))?;
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    if out.status.success() {
+        Ok(log)
+    } else {
+        Err(format!(
+            "meshcni-agent uninstall failed ({}):\n{log}",
+            out.status
+        ))
+    }
 }
 
 /// `GET path` on `addr` from inside the netns at `netns` (HTTP/1.0, whole reply).

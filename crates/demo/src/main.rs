@@ -4,16 +4,19 @@
 //! Run it through `scripts/demo.sh` (as root).
 //!
 //! ```text
-//! meshcni-demo [--plugin-dir DIR] [--cni-plugins DIR] [--work-dir DIR]
+//! meshcni-demo [--plugin-dir DIR] [--cni-plugins DIR] [--work-dir DIR] [--section NAME]...
 //! ```
 //! * `--plugin-dir` — where the built `meshcni` is (default: this binary's directory);
 //! * `--cni-plugins` — the reference plugins (default `/usr/lib/cni`);
 //! * `--work-dir` — conflist, pod metadata, IPAM state, and the list of namespaces created
-//!   (`<dir>/netns`, for the caller's cleanup trap); default a fresh `/tmp/mcni-demo-<pid>`.
+//!   (`<dir>/netns`, for the caller's cleanup trap); default a fresh `/tmp/mcni-demo-<pid>`;
+//! * `--section` — run only the named section(s) (`sidecar`, `ambient`); default: all.
 //!
-//! Sections are modules (`sidecar` today); later modes add theirs to [`SECTIONS`].
+//! Sections are modules (`sidecar`, `ambient`), listed in [`SECTIONS`].
 #![forbid(unsafe_code)]
 
+mod ambient;
+mod ambient_kit;
 mod error;
 mod flows;
 mod node;
@@ -27,16 +30,36 @@ use error::DemoError;
 use flows::Row;
 use node::Node;
 
-/// One demo section: a title and what it runs on the node.
-type Section = (&'static str, fn(&mut Node) -> Result<Vec<Row>, DemoError>);
+/// What a section may need besides the node: where the built binaries are and the work dir.
+pub struct SectionEnv {
+    /// Directory of the built `meshcni`, `meshcni-agent`.
+    pub plugin_dir: PathBuf,
+    /// The demo's work dir (scratch files; `<work>/netns` lists namespaces for the trap).
+    pub work: PathBuf,
+}
+
+/// One demo section: its `--section` name, a title and what it runs.
+type Section = (
+    &'static str,
+    &'static str,
+    fn(&mut Node, &SectionEnv) -> Result<Vec<Row>, DemoError>,
+);
 
 /// The sections, in order.
-const SECTIONS: &[Section] = &[("sidecar mode", sidecar::run)];
+const SECTIONS: &[Section] = &[
+    ("sidecar", "sidecar mode", |node, _| sidecar::run(node)),
+    (
+        "ambient",
+        "ambient mode (iptables redirect, 2 nodes, meshcni-agent per node)",
+        ambient::run,
+    ),
+];
 
 struct Opts {
     plugin_dir: PathBuf,
     cni_plugins: PathBuf,
     work_dir: Option<PathBuf>,
+    sections: Vec<String>,
 }
 
 fn parse_args() -> Result<Opts, DemoError> {
@@ -48,6 +71,7 @@ fn parse_args() -> Result<Opts, DemoError> {
         plugin_dir: exe_dir,
         cni_plugins: PathBuf::from("/usr/lib/cni"),
         work_dir: None,
+        sections: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -60,8 +84,21 @@ fn parse_args() -> Result<Opts, DemoError> {
             "--plugin-dir" => opts.plugin_dir = value()?,
             "--cni-plugins" => opts.cni_plugins = value()?,
             "--work-dir" => opts.work_dir = Some(value()?),
+            "--section" => {
+                let name = value()?.display().to_string();
+                if !SECTIONS.iter().any(|s| s.0 == name) {
+                    let known: Vec<&str> = SECTIONS.iter().map(|s| s.0).collect();
+                    return Err(DemoError::Usage(format!(
+                        "unknown section {name:?} (known: {})",
+                        known.join(", ")
+                    )));
+                }
+                opts.sections.push(name);
+            }
             "-h" | "--help" => {
-                println!("meshcni-demo [--plugin-dir DIR] [--cni-plugins DIR] [--work-dir DIR]");
+                println!(
+                    "meshcni-demo [--plugin-dir DIR] [--cni-plugins DIR] [--work-dir DIR] [--section sidecar|ambient]..."
+                );
                 std::process::exit(0);
             }
             other => return Err(DemoError::Usage(format!("unknown argument {other:?}"))),
@@ -87,6 +124,8 @@ fn preflight(opts: &Opts) -> Result<(), DemoError> {
         "iptables-nft-save",
         "iptables-legacy-save",
         "nft",
+        "nsenter",
+        "ipset",
     ] {
         if !on_path(p) {
             missing.push(format!("`{p}` on PATH"));
@@ -151,9 +190,16 @@ fn run(opts: &Opts) -> Result<bool, DemoError> {
 
     let mut rows = Vec::new();
     let mut result = Ok(());
-    for (title, section) in SECTIONS {
+    let env = SectionEnv {
+        plugin_dir: opts.plugin_dir.clone(),
+        work: work.clone(),
+    };
+    for (name, title, section) in SECTIONS {
+        if !opts.sections.is_empty() && !opts.sections.iter().any(|s| s == name) {
+            continue;
+        }
         println!("\n═══ {title}");
-        match section(&mut node) {
+        match section(&mut node, &env) {
             Ok(r) => rows.extend(r),
             Err(e) => {
                 result = Err(e);

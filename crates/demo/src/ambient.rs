@@ -1,0 +1,477 @@
+//! Demo section "ambient mode (iptables redirect)": two nodes of a [`MultiNodeLab`], a ztunnel
+//! stand-in in each node's ztunnel pod, the real `meshcni-agent` running per node (a child
+//! process inside the node netns, `--ambient-redirect-mode iptables`, workloads from a local
+//! file), pods started through the real `meshcni` plugin (exec'd with CNI environment, chained
+//! after the lab's ptp wiring). Prints the node state the way an operator inspects it, a table
+//! of flows with where each was captured, then uninstalls and shows the node is clean.
+//!
+//! Pods (namespace `mesh` is labelled `istio.io/dataplane-mode=ambient`, `plain` is not):
+//!
+//! | node | pod | namespace | note |
+//! |---|---|---|---|
+//! | 1 | a | mesh | ambient |
+//! | 1 | b | plain | not ambient |
+//! | 1 | d | mesh | ambient |
+//! | 1 | o | mesh | opt-out (`istio.io/dataplane-mode=none`) |
+//! | 2 | c | mesh | ambient |
+//! | 2 | e | plain | not ambient |
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use meshcni_testkit::ztunnel::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use meshcni_testkit::{ConnectOpts, MultiNodeLab, TcpServer, ZtunnelHop, ZtunnelStandIn};
+use serde_json::Value;
+
+use crate::SectionEnv;
+use crate::ambient_kit::{
+    Agent, AgentDirs, DATAPLANE_MODE, NodeState, exec_in, grep, namespace_json, plugin_add,
+    pod_json, write_pod_metadata, write_workloads, ztunnel_json,
+};
+use crate::error::DemoError;
+use crate::flows::{Row, table};
+use crate::node::Node;
+use crate::{heading, indent};
+
+const PORT: u16 = 8080;
+
+/// (node, pod, namespace, labels, note)
+type PodSpec = (
+    u8,
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str)],
+);
+
+const PODS: &[PodSpec] = &[
+    (1, "a", "mesh", &[]),
+    (1, "b", "plain", &[]),
+    (1, "d", "mesh", &[]),
+    (1, "o", "mesh", &[(DATAPLANE_MODE, "none")]),
+    (2, "c", "mesh", &[]),
+    (2, "e", "plain", &[]),
+];
+
+/// A hop the flow must take: (node index, ztunnel listener port).
+type Hop = (u8, u16);
+
+/// (flow, from, to, expected hops in order)
+const FLOWS: &[(&str, &str, &str, &[Hop])] = &[
+    ("captured→uncaptured", "a", "b", &[(1, OUTBOUND_PORT)]),
+    (
+        "captured→uncaptured (x-node)",
+        "a",
+        "e",
+        &[(1, OUTBOUND_PORT)],
+    ),
+    ("uncaptured→captured", "b", "a", &[(1, INBOUND_PORT)]),
+    (
+        "uncaptured→captured (x-node)",
+        "e",
+        "a",
+        &[(1, INBOUND_PORT)],
+    ),
+    (
+        "captured→captured (hairpin)",
+        "a",
+        "d",
+        &[(1, OUTBOUND_PORT), (1, HBONE_PORT)],
+    ),
+    (
+        "captured→captured (HBONE)",
+        "a",
+        "c",
+        &[(1, OUTBOUND_PORT), (2, HBONE_PORT)],
+    ),
+    ("non-ambient→non-ambient", "b", "e", &[]),
+    ("opt-out→non-ambient", "o", "b", &[]),
+    ("non-ambient→opt-out", "e", "o", &[]),
+];
+
+fn namespaces() -> Vec<Value> {
+    vec![
+        namespace_json("mesh", &[(DATAPLANE_MODE, "ambient")]),
+        namespace_json("plain", &[]),
+        namespace_json("istio-system", &[]),
+    ]
+}
+
+fn unexpected(e: String) -> DemoError {
+    DemoError::Unexpected(e)
+}
+
+fn record_netns(work: &Path, lab: &MultiNodeLab) -> Result<(), DemoError> {
+    let path = work.join("netns");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| DemoError::io(format!("open {}", path.display()), e))?;
+    let mut names = vec![lab.fabric.name().to_string()];
+    for n in &lab.nodes {
+        names.push(n.netns.name().to_string());
+        names.push(n.ztunnel.netns.name().to_string());
+        names.extend(n.pods.iter().map(|p| p.netns.name().to_string()));
+    }
+    for n in names {
+        writeln!(f, "{n}").map_err(|e| DemoError::io(format!("write {}", path.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Everything the section runs; dropped in field order (agents first, the lab last).
+struct Stack {
+    agents: Vec<Agent>,
+    ztunnels: Vec<ZtunnelStandIn>,
+    servers: BTreeMap<&'static str, TcpServer>,
+    lab: MultiNodeLab,
+}
+
+/// Run the section.
+pub fn run(_node: &mut Node, env: &SectionEnv) -> Result<Vec<Row>, DemoError> {
+    let agent_bin = env.plugin_dir.join("meshcni-agent");
+    let plugin = env.plugin_dir.join("meshcni");
+    for (bin, what) in [(&agent_bin, "meshcni-agent"), (&plugin, "meshcni")] {
+        if !bin.is_file() {
+            return Err(DemoError::Precondition(format!(
+                "{what} not found at {} (build the workspace first)",
+                bin.display()
+            )));
+        }
+    }
+    let node1: Vec<&str> = PODS.iter().filter(|p| p.0 == 1).map(|p| p.1).collect();
+    let node2: Vec<&str> = PODS.iter().filter(|p| p.0 == 2).map(|p| p.1).collect();
+    let lab = MultiNodeLab::new("amb", &[&node1, &node2])?;
+    record_netns(&env.work, &lab)?;
+    let pre: Vec<NodeState> = lab
+        .nodes
+        .iter()
+        .map(|n| NodeState::capture(n.netns.path()).map_err(unexpected))
+        .collect::<Result<_, _>>()?;
+    let mut stack = Stack {
+        agents: Vec::new(),
+        ztunnels: Vec::new(),
+        servers: BTreeMap::new(),
+        lab,
+    };
+    let lab = &stack.lab;
+    println!(
+        "  2 nodes ({}, {}) on an underlay bridge; per node a ztunnel pod 10.77.<n>.100 running a \
+         ztunnel stand-in (15001/15006/15008)",
+        lab.node(1).netns.name(),
+        lab.node(2).netns.name()
+    );
+    for n in &lab.nodes {
+        stack.ztunnels.push(ZtunnelStandIn::start(
+            &n.ztunnel.netns,
+            IpAddr::V4(n.ztunnel.ip),
+        )?);
+    }
+    for (_, name, _, _) in PODS {
+        let pod = lab.pod(name);
+        stack
+            .servers
+            .insert(name, TcpServer::start(&pod.netns, pod.addr(PORT))?);
+    }
+
+    heading(
+        "meshcni-agent per node (nsenter --net=<node netns>, --ambient-redirect-mode iptables)",
+    );
+    let mut dirs = Vec::new();
+    for n in &lab.nodes {
+        let node_name = format!("node{}", n.index);
+        let d = AgentDirs::create(&env.work.join(format!("ambient-{node_name}")), &plugin)
+            .map_err(unexpected)?;
+        let mut pods = vec![ztunnel_json(
+            &node_name,
+            n.ztunnel.ip,
+            n.ztunnel.netns.path(),
+        )];
+        for (_, name, ns, labels) in PODS.iter().filter(|p| p.0 == n.index) {
+            pods.push(pod_json(ns, name, &node_name, None, labels, &[]));
+        }
+        write_workloads(&d.workloads, &namespaces(), &pods).map_err(unexpected)?;
+        let started = Instant::now();
+        let mut agent =
+            Agent::start(&agent_bin, n.netns.path(), &node_name, &d).map_err(unexpected)?;
+        let (readyz, config) = agent
+            .wait_ready(Duration::from_secs(20))
+            .map_err(unexpected)?;
+        println!(
+            "    {node_name}: pid {} ready in {} ms (/readyz on {readyz} in the node netns), {} = {config}",
+            agent.pid().unwrap_or_default(),
+            started.elapsed().as_millis(),
+            d.ambient_config().display()
+        );
+        stack.agents.push(agent);
+        dirs.push(d);
+    }
+
+    heading("pods: CNI ADD through the meshcni plugin (chained after the lab's ptp wiring)");
+    let mut captured = Vec::new();
+    for (node, name, ns, labels) in PODS {
+        let pod = lab.pod(name);
+        let d = &dirs[usize::from(*node) - 1];
+        let node_name = format!("node{node}");
+        let obj = pod_json(ns, name, &node_name, None, labels, &[]);
+        let ns_obj = namespaces()
+            .into_iter()
+            .find(|n| n["metadata"]["name"] == *ns)
+            .ok_or_else(|| unexpected(format!("no namespace {ns}")))?;
+        write_pod_metadata(&d.meta, &obj, &ns_obj).map_err(unexpected)?;
+        let out = plugin_add(
+            &plugin,
+            lab.node(*node).netns.path(),
+            pod.netns.path(),
+            ns,
+            name,
+            pod.ip,
+            d,
+        )
+        .map_err(unexpected)?;
+        if !out.success {
+            return Err(unexpected(format!(
+                "CNI ADD of {ns}/{name} failed: {}{}\nagent log:\n{}",
+                out.stdout,
+                out.stderr,
+                stack.agents[usize::from(*node) - 1].log()
+            )));
+        }
+        let handed = out.stderr.contains("handed to the node agent");
+        if handed {
+            captured.push(IpAddr::V4(pod.ip));
+        }
+        println!(
+            "    {node_name} {:<8} {:<12} ADD ok in {:>3} ms: {}",
+            format!("{ns}/{name}"),
+            pod.ip.to_string(),
+            out.took.as_millis(),
+            if handed {
+                "ambient → agent captured it before ADD returned"
+            } else if labels.is_empty() {
+                "not ambient → passed through"
+            } else {
+                "opted out → passed through"
+            }
+        );
+    }
+    // The kubelet then reports the pods' IPs: the watch (here the file) catches up.
+    for n in &lab.nodes {
+        let node_name = format!("node{}", n.index);
+        let mut pods = vec![ztunnel_json(
+            &node_name,
+            n.ztunnel.ip,
+            n.ztunnel.netns.path(),
+        )];
+        for (_, name, ns, labels) in PODS.iter().filter(|p| p.0 == n.index) {
+            pods.push(pod_json(
+                ns,
+                name,
+                &node_name,
+                Some(lab.pod(name).ip),
+                labels,
+                &[],
+            ));
+        }
+        write_workloads(
+            &dirs[usize::from(n.index) - 1].workloads,
+            &namespaces(),
+            &pods,
+        )
+        .map_err(unexpected)?;
+    }
+    // ztunnel learns the captured workloads from its control plane; the stand-ins from us.
+    for z in &stack.ztunnels {
+        z.set_captured(captured.iter().copied());
+    }
+
+    show_node_state(lab, &dirs[0])?;
+
+    heading("flows (real TCP; witnesses: ztunnel stand-ins' records + the server's peer)");
+    let mut rows = Vec::new();
+    for (flow, from, to, hops) in FLOWS {
+        rows.push(run_flow(&stack, flow, from, to, hops)?);
+    }
+    indent(&table(&rows));
+
+    heading("uninstall: uninstall marker = true, then SIGTERM each agent");
+    let agents = std::mem::take(&mut stack.agents);
+    let mut clean = true;
+    for (i, (mut agent, d)) in agents.into_iter().zip(&dirs).enumerate() {
+        std::fs::write(&d.marker, "true")
+            .map_err(|e| DemoError::io(format!("write {}", d.marker.display()), e))?;
+        let status = agent
+            .terminate(Duration::from_secs(10))
+            .map_err(unexpected)?;
+        let n = &lab.nodes[i];
+        let after = NodeState::capture(n.netns.path()).map_err(unexpected)?;
+        let diff = pre[i].diff(&after);
+        if diff.is_empty() && status.success() {
+            println!(
+                "    node{}: agent exited ({status}); iptables (nft+legacy), ip rule, all routes, links, ipsets identical to before the agent",
+                n.index
+            );
+        } else {
+            clean = false;
+            println!("    node{}: agent exited ({status}); NOT CLEAN:", n.index);
+            indent(&diff.join("\n"));
+        }
+    }
+    let leftovers =
+        exec_in(lab.node(1).netns.path(), "ip", &["-br", "link"]).map_err(unexpected)?;
+    println!("    node1 `ip -br link` after uninstall:");
+    indent(&leftovers);
+    if !clean {
+        return Err(unexpected("uninstall left state behind (see above)".into()));
+    }
+    Ok(rows)
+}
+
+fn show_node_state(lab: &MultiNodeLab, d: &AgentDirs) -> Result<(), DemoError> {
+    let ns = lab.node(1).netns.path();
+    let run = |program: &str, args: &[&str]| exec_in(ns, program, args).map_err(unexpected);
+    // The driver uses the node's iptables flavour; show the one holding our chains. (Whole
+    // saves only: `iptables-legacy-save -t <table>` would instantiate that table.)
+    let mut save_bin = "iptables-nft-save";
+    let mut save = String::new();
+    for bin in ["iptables-nft-save", "iptables-legacy-save"] {
+        let text = run(bin, &[])?;
+        if text.contains("ztunnel-") {
+            save_bin = bin;
+            save = text;
+        }
+    }
+    for table in ["mangle", "nat"] {
+        heading(&format!(
+            "node1 ambient state: `{save_bin} -t {table}` (ztunnel chains)"
+        ));
+        indent(&grep(&table_section(&save, table), &["ztunnel"]));
+    }
+    heading("node1: `ip rule`");
+    indent(&run("ip", &["rule"])?);
+    for t in ["100", "101", "102"] {
+        heading(&format!("node1: `ip route show table {t}`"));
+        indent(&run("ip", &["route", "show", "table", t])?);
+    }
+    heading("node1: `ip -d link show istioin` / `istioout` (tunnels into the ztunnel pod)");
+    for l in ["istioin", "istioout"] {
+        let text = run("ip", &["-d", "link", "show", l])?;
+        let head = text.lines().next().unwrap_or_default().to_string();
+        let kind = text
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("vxlan") || l.starts_with("geneve"))
+            .map(|l| l.split(" srcport").next().unwrap_or(l).to_string())
+            .unwrap_or_default();
+        indent(&format!("{head}\n    {kind}"));
+    }
+    heading("node1: `ipset list ztunnel-pods-ips`");
+    indent(&grep(
+        &run("ipset", &["list", "ztunnel-pods-ips"])?,
+        &["Name", "Type", "Number", "comment"],
+    ));
+    heading(&format!("node1: {}", d.ambient_config().display()));
+    let config = std::fs::read_to_string(d.ambient_config())
+        .map_err(|e| DemoError::io(format!("read {}", d.ambient_config().display()), e))?;
+    indent(&config);
+    Ok(())
+}
+
+/// The `*<table>` … `COMMIT` section of an `iptables-save` output.
+fn table_section(save: &str, table: &str) -> String {
+    let head = format!("*{table}");
+    save.lines()
+        .skip_while(|l| *l != head)
+        .take_while(|l| *l != "COMMIT")
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+fn describe(hop: &ZtunnelHop, node: u8) -> String {
+    match hop.listener_port {
+        HBONE_PORT => format!("node{node}/ztunnel:{HBONE_PORT} (HBONE)"),
+        p => format!("node{node}/ztunnel:{p}"),
+    }
+}
+
+fn run_flow(
+    stack: &Stack,
+    flow: &str,
+    from: &str,
+    to: &str,
+    want: &[Hop],
+) -> Result<Row, DemoError> {
+    let lab = &stack.lab;
+    let (f, t) = (lab.pod(from), lab.pod(to));
+    for z in &stack.ztunnels {
+        z.take_hops();
+    }
+    let payload = format!("{flow} {from}->{to}\n");
+    let opts = ConnectOpts {
+        payload: payload.clone().into_bytes(),
+        ..Default::default()
+    };
+    let reply = meshcni_testkit::connect_text(&f.netns, t.addr(PORT), &opts);
+    // Hops are recorded as the stand-in handles them; give the last one a moment.
+    let deadline = Instant::now() + Duration::from_millis(if want.is_empty() { 50 } else { 2000 });
+    let mut got: Vec<(u8, ZtunnelHop)> = Vec::new();
+    loop {
+        got.clear();
+        for (i, z) in stack.ztunnels.iter().enumerate() {
+            let node = u8::try_from(i + 1).unwrap_or(u8::MAX);
+            got.extend(z.hops().into_iter().map(|h| (node, h)));
+        }
+        if got.len() >= want.len() && (!want.is_empty() || Instant::now() > deadline)
+            || Instant::now() > deadline
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Outbound first (15001), then what it led to.
+    got.sort_by_key(|(_, h)| h.listener_port != OUTBOUND_PORT);
+    let seen_hops: Vec<Hop> = got.iter().map(|(n, h)| (*n, h.listener_port)).collect();
+    let dst = t.addr(PORT);
+    let (server_peer, reply_ok) = match &reply {
+        Ok(text) => {
+            let peer: Option<SocketAddr> = text
+                .lines()
+                .next()
+                .and_then(|l| l.split(" peer:").nth(1))
+                .and_then(|p| p.trim().parse().ok());
+            (
+                peer.map_or_else(|| format!("? {text:?}"), |p| p.to_string()),
+                peer.is_some_and(|p| p.ip() == IpAddr::V4(f.ip)) && text.ends_with(&payload),
+            )
+        }
+        Err(e) => (format!("FAILED: {e}"), false),
+    };
+    let original_dst = match got.first() {
+        None => "-".to_string(),
+        Some((_, h)) => h.original_dst.to_string(),
+    };
+    let dst_ok = got.iter().all(|(_, h)| match h.listener_port {
+        HBONE_PORT => h.hbone == Some((dst, IpAddr::V4(f.ip))),
+        _ => h.original_dst == dst && h.peer.ip() == IpAddr::V4(f.ip),
+    });
+    let captured_at = if got.is_empty() {
+        "— (direct)".to_string()
+    } else {
+        got.iter()
+            .map(|(n, h)| describe(h, *n))
+            .collect::<Vec<_>>()
+            .join(" → ")
+    };
+    Ok(Row {
+        flow: flow.to_string(),
+        from: format!("{from} {}", f.ip),
+        to: format!("{to} {}", dst),
+        captured_at,
+        original_dst,
+        server_peer,
+        as_expected: reply_ok && dst_ok && seen_hops == want,
+    })
+}
