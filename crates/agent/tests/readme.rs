@@ -14,7 +14,10 @@ fn readme_agent_flag_table_matches_the_cli() {
         .expect("read README.md");
     let begin = "<!-- BEGIN agent-flags -->\n";
     let end = "\n<!-- END agent-flags -->";
-    let start = readme.find(begin).expect("README has the agent-flags markers") + begin.len();
+    let start = readme
+        .find(begin)
+        .expect("README has the agent-flags markers")
+        + begin.len();
     let stop = readme[start..].find(end).expect("end marker") + start;
     assert_eq!(
         readme[start..stop].trim_end(),
