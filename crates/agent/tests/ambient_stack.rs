@@ -18,8 +18,7 @@
 //! Needs root; fails (never skips) without it. The lab (one node: pods a, p, n, m, q)
 //! is deleted on success and failure.
 
-#[path = "../../demo/src/ambient_kit.rs"]
-mod kit;
+use meshcni_testkit::stack as kit;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};

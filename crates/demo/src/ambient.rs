@@ -27,14 +27,14 @@ use meshcni_testkit::{ConnectOpts, MultiNodeLab, TcpServer, ZtunnelHop, ZtunnelS
 use serde_json::Value;
 
 use crate::SectionEnv;
-use crate::ambient_kit::{
-    Agent, AgentDirs, DATAPLANE_MODE, NodeState, exec_in, grep, namespace_json, plugin_add,
-    pod_json, write_pod_metadata, write_workloads, ztunnel_json,
-};
 use crate::error::DemoError;
 use crate::flows::{Row, table};
 use crate::node::Node;
 use crate::{heading, indent};
+use meshcni_testkit::stack::{
+    Agent, AgentDirs, DATAPLANE_MODE, NodeState, exec_in, grep, namespace_json, plugin_add,
+    pod_json, write_pod_metadata, write_workloads, ztunnel_json,
+};
 
 const PORT: u16 = 8080;
 

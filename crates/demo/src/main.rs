@@ -16,7 +16,6 @@
 #![forbid(unsafe_code)]
 
 mod ambient;
-mod ambient_kit;
 mod error;
 mod flows;
 mod node;

@@ -14,6 +14,7 @@ pub mod multinode;
 mod netns;
 pub mod proxy;
 pub mod server;
+pub mod stack;
 mod sockets;
 mod sys;
 pub mod ztunnel;

@@ -3,12 +3,9 @@
 //! scratch dir), the `meshcni` plugin binary exec'd with CNI environment the way a runtime does,
 //! and snapshots of the node netns state an operator would inspect.
 //!
-//! Shared by the demo's ambient section and the agent's full-stack test
-//! (`crates/agent/tests/ambient_stack.rs` includes this file with `#[path]`), so it depends only
-//! on std, `serde_json`, `nix` and `meshcni-testkit`, and reports errors as `String`s that name
-//! the command, file or pod involved.
-
-#![allow(dead_code)] // each includer uses a subset
+//! Used by the demo's ambient section and the agent's full-stack test
+//! (`crates/agent/tests/ambient_stack.rs`); errors are `String`s that name the command, file or
+//! pod involved.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
