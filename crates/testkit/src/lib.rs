@@ -14,8 +14,8 @@ pub mod multinode;
 mod netns;
 pub mod proxy;
 pub mod server;
-pub mod stack;
 mod sockets;
+pub mod stack;
 mod sys;
 pub mod ztunnel;
 
