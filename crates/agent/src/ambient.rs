@@ -28,8 +28,8 @@
 //!    retry may become a different action if the world moved on).
 //! 4. **Errors**: [`DriverError::scope`] says whether the failure is about one pod
 //!    ([`ErrorScope::Pod`]: its netns is gone, ...) or the driver as a whole
-//!    ([`ErrorScope::Driver`]: ztunnel not ready so the node rules are missing, iptables
-//!    broken, ...). Driver-scoped failures close the agent's `redirect-mode` readiness gate
+//!    ([`ErrorScope::Driver`]: iptables broken, node netns unreachable, ...; *not* "no
+//!    ztunnel yet", see 6). Driver-scoped failures close the agent's `redirect-mode` readiness gate
 //!    until the next success; pod-scoped ones are retried and logged but keep the gate open.
 //! 5. **Shutdown**: [`RedirectDriver::uninstall`] is called only when the agent is told to
 //!    remove everything (uninstall); a plain restart leaves the dataplane in place so traffic
@@ -414,6 +414,15 @@ impl Reconciler {
                 ..PassReport::default()
             };
         }
+        let zt = active_ztunnel(&self.snapshot);
+        // A ztunnel that is gone is reported in the config file at once, not only once the
+        // driver has been told: the driver may be in back-off or failing for a long time.
+        if zt.is_none()
+            && let Some(w) = &self.config
+            && let Err(e) = w.set_ztunnel_ready(false)
+        {
+            warn!(error = %e, "writing ztunnel readiness into the ambient config");
+        }
         if let Some((_, next)) = self.driver_retry {
             if now < next {
                 return PassReport {
@@ -433,7 +442,6 @@ impl Reconciler {
             }
         }
 
-        let zt = active_ztunnel(&self.snapshot);
         if self.notified_ztunnel.as_ref() != Some(&zt) {
             match &zt {
                 Some(z) => info!(ztunnel = %z.pod, ips = ?z.ips, "active ztunnel"),
@@ -944,9 +952,22 @@ impl AmbientLoop {
         let control = Arc::new(LoopControl::default());
         let status = reconciler.status();
         let c2 = control.clone();
+        let s2 = status.clone();
         let thread = std::thread::Builder::new()
             .name("ambient-enroll".into())
-            .spawn(move || reconciler.run(rx, c2))
+            .spawn(move || {
+                // A panic (a driver bug) must not leave readiness open over a dead loop.
+                let run = std::panic::AssertUnwindSafe(|| reconciler.run(rx, c2));
+                if std::panic::catch_unwind(run).is_err() {
+                    tracing::error!("the ambient enrollment loop panicked; enrollment stopped");
+                    s2.update(|s| {
+                        s.redirect = Err(
+                            "the ambient enrollment loop panicked (see the log); restart the agent"
+                                .into(),
+                        )
+                    });
+                }
+            })
             .ok();
         AmbientLoop {
             control,

@@ -68,7 +68,10 @@ pub fn main_entry() -> ExitCode {
         }
         cli::Command::Uninstall => install_bridge::for_uninstall(&args)
             .map_err(run::AgentError::Installer)
-            .and_then(|inst| run::uninstall_all(&args, inst.as_ref())),
+            .and_then(|inst| {
+                let mode = args.effective_redirect_mode(explicit_mode);
+                run::uninstall_all(&args, mode, inst.as_ref())
+            }),
         cli::Command::Run => {
             let plan = run::RunPlan {
                 redirect_mode: args.effective_redirect_mode(explicit_mode),

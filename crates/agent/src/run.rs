@@ -77,11 +77,12 @@ pub fn run(plan: RunPlan, installer: Arc<dyn NodeInstaller>) -> Result<(), Agent
         .build()
         .map_err(AgentError::Runtime)?;
     let args = plan.args.clone();
+    let mode = plan.redirect_mode;
     let served = rt.block_on(serve_until_signal(plan, installer.clone()));
     // Stop serving before touching the node: after this point nothing reports ready.
     rt.shutdown_timeout(Duration::from_secs(1));
     let result = match served {
-        Ok(enrollment) => shutdown(&args, installer.as_ref(), enrollment),
+        Ok(enrollment) => shutdown(&args, mode, installer.as_ref(), enrollment),
         Err(e) => {
             // Start-up failed: stop the keeper, touch nothing (this is no uninstall signal).
             installer.stop();
@@ -319,6 +320,7 @@ fn remove_metrics_socket(path: &Path) {
 /// After the signal: stop the keeper, then decide.
 fn shutdown(
     args: &AgentArgs,
+    mode: RedirectMode,
     installer: &dyn NodeInstaller,
     enrollment: Option<crate::ambient::AmbientLoop>,
 ) -> Result<(), AgentError> {
@@ -341,14 +343,19 @@ fn shutdown(
         }
         ExitAction::Uninstall { reason } => {
             info!(%reason, "uninstalling the CNI plugin");
-            uninstall_all(args, installer)
+            uninstall_all(args, mode, installer)
         }
     }
 }
 
 /// Remove every file of ours: the installer's files, the ambient config file, the metrics socket
-/// and the run dir if it is left empty.
-pub fn uninstall_all(args: &AgentArgs, installer: &dyn NodeInstaller) -> Result<(), AgentError> {
+/// and the run dir if it is left empty; with ambient on, the redirection of `mode` (the mode
+/// the agent runs, [`AgentArgs::effective_redirect_mode`] with the flag's explicitness).
+pub fn uninstall_all(
+    args: &AgentArgs,
+    mode: RedirectMode,
+    installer: &dyn NodeInstaller,
+) -> Result<(), AgentError> {
     installer.uninstall().map_err(AgentError::Uninstall)?;
     info!("removed the plugin binaries, our CNI config entry and the kubeconfig");
     let ambient_file = args
@@ -367,7 +374,6 @@ pub fn uninstall_all(args: &AgentArgs, installer: &dyn NodeInstaller) -> Result<
     if args.ambient_enabled {
         // Redirection left in place by an agent that stopped without uninstalling (the normal
         // restart/upgrade path): remove it now. A mode without a driver has nothing to remove.
-        let mode = args.effective_redirect_mode(false);
         if let Ok(mut driver) = crate::ambient::make_driver(mode, args) {
             driver.uninstall().map_err(|e| {
                 AgentError::Uninstall(format!("removing the {mode} redirection: {e}"))

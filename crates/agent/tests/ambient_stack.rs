@@ -413,3 +413,59 @@ fn uninstall_subcommand_removes_what_a_stopped_agent_left() {
             .is_empty()
     );
 }
+
+/// `EBPF_ENABLED=true` with an explicit `--ambient-redirect-mode=iptables` runs the iptables
+/// mode (the explicit mode wins). `meshcni-agent uninstall` with the same settings must remove
+/// that iptables redirection too — not decide on "ebpf" (no driver) and leave it on the node.
+#[test]
+fn uninstall_subcommand_honours_an_explicit_mode_over_ebpf_enabled() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (network namespaces, iptables)"
+    );
+    let (agent_bin, plugin) = binaries();
+    let lab = MultiNodeLab::new("aue", &[&["a"]]).expect("lab");
+    let node_ns = lab.node(1).netns.path().to_path_buf();
+    let pre_agent = NodeState::capture(&node_ns).expect("pre-agent snapshot");
+    let zt_pod = &lab.node(1).ztunnel;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dirs = AgentDirs::create(tmp.path(), &plugin).expect("agent dirs");
+    let pods = vec![
+        ztunnel_json(NODE, zt_pod.ip, zt_pod.netns.path()),
+        pod_json("mesh", "a", NODE, Some(lab.pod("a").ip), &[], &[]),
+    ];
+    write_workloads(&dirs.workloads, &namespaces(), &pods).expect("workloads");
+    let mut agent = Agent::start(&agent_bin, &node_ns, NODE, &dirs).expect("start agent");
+    agent.wait_ready(READY).expect("agent ready");
+    let a_ip = lab.pod("a").ip;
+    wait_for("pod a enrolled", Duration::from_secs(10), || {
+        ipset_has(&node_ns, a_ip)
+    });
+    let status = agent.terminate(Duration::from_secs(10)).expect("SIGTERM");
+    assert!(status.success(), "agent exit {status:?}");
+
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", node_ns.display()))
+        .arg("--")
+        .arg(&agent_bin)
+        .args(kit::agent_args(&dirs))
+        .arg("uninstall")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("NODE_NAME", NODE)
+        .env("EBPF_ENABLED", "true")
+        .output()
+        .expect("run uninstall");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "uninstall failed:\n{log}");
+    let after = NodeState::capture(&node_ns).expect("snapshot");
+    assert!(
+        pre_agent.diff(&after).is_empty(),
+        "iptables redirection left behind:\n{}\nlog:\n{log}",
+        pre_agent.diff(&after).join("\n")
+    );
+    assert!(
+        !dirs.run.join("iptables-mode.json").exists(),
+        "driver state file left"
+    );
+}

@@ -378,7 +378,7 @@ fn driver_failures_close_the_gate_and_are_retried() {
     s.wait_enrolled(&["uid-a", "uid-b", "uid-c"]);
     assert!(s.status.get().failing.is_empty());
 
-    // Driver-scoped apply failure (G1: no ztunnel → node rules missing).
+    // Driver-scoped apply failure (e.g. the ipset was destroyed under the agent).
     s.driver.lock().fail_apply = vec![DriverError::driver("ipset ztunnel-pods-ips does not exist")];
     write_file(&s.file, &ns, &[pod("d", "demo", "10.0.0.4", json!({}))]);
     s.wait("gate closed by apply", |st| {
@@ -546,4 +546,117 @@ fn file_changes_are_noticed_without_waiting_for_the_resync() {
         "noticed by inotify, not by the resync"
     );
     src.stop();
+}
+
+/// ztunnel goes away while the driver is failing (e.g. its enrolled state cannot be read):
+/// the ambient config file must still say `ztunnelReady:false` right away — its readers must
+/// not be told a ztunnel is ready that no longer exists, for as long as the driver stays broken.
+#[test]
+fn ztunnel_gone_while_the_driver_fails_still_clears_ztunnel_ready() {
+    let ns = [namespace("demo", true), namespace("istio-system", false)];
+    let app = pod("a", "demo", "10.0.0.1", json!({}));
+    let mut s = Setup::new(
+        FakeDriver::new(),
+        &ns,
+        &[app.clone(), ztunnel("zt-1", "10.0.0.100")],
+    );
+    s.wait_enrolled(&["uid-a"]);
+    s.wait("config", |_| {
+        s.config.current().is_some_and(|c| c.ztunnel_ready)
+    });
+
+    // The driver breaks for good (every apply, then every state read fails), then ztunnel goes.
+    s.driver.lock().fail_apply =
+        vec![DriverError::driver("ipset ztunnel-pods-ips is gone"); 10_000];
+    write_file(
+        &s.file,
+        &ns,
+        &[
+            app.clone(),
+            ztunnel("zt-1", "10.0.0.100"),
+            pod("b", "demo", "10.0.0.2", json!({})),
+        ],
+    );
+    s.wait("driver failing", |st| {
+        st.redirect.is_err() && s.applies().iter().any(|c| c.contains("uid-b"))
+    });
+    s.driver.lock().fail_actual = u32::MAX;
+    write_file(&s.file, &ns, &[app]);
+    s.wait("config says ztunnel not ready", |_| {
+        s.config.current().is_some_and(|c| !c.ztunnel_ready)
+    });
+    assert_eq!(
+        std::fs::read_to_string(s.config.path()).expect("config"),
+        r#"{"ztunnelReady":false,"redirectMode":"iptables"}"#
+    );
+    s.stop(false);
+}
+
+/// A driver that panics (a bug) kills the loop thread: readiness must not stay open over a
+/// loop that no longer enrolls anything.
+#[test]
+fn a_panicking_driver_closes_the_redirect_gate() {
+    use meshcni_agent::ambient::{Action, RedirectDriver, ZtunnelInfo};
+    use meshcni_agent::workloads::{SourceUpdate, decode_namespace, decode_pod};
+
+    struct Panics;
+    impl RedirectDriver for Panics {
+        fn name(&self) -> &str {
+            "panics"
+        }
+        fn actual(&mut self) -> Result<EnrolledState, DriverError> {
+            Ok(EnrolledState::default())
+        }
+        fn apply(&mut self, action: &Action) -> Result<(), DriverError> {
+            if action.pod().uid == "uid-boom" {
+                panic!("driver bug applying {action}");
+            }
+            Ok(())
+        }
+        fn ztunnel_changed(&mut self, _: Option<&ZtunnelInfo>) -> Result<(), DriverError> {
+            Ok(())
+        }
+        fn uninstall(&mut self) -> Result<(), DriverError> {
+            Ok(())
+        }
+    }
+    let status = StatusHandle::new(Err("starting".into()));
+    let l = AmbientLoop::spawn(Reconciler::new(
+        Box::new(Panics),
+        EnrollPolicy::default(),
+        options(),
+        status.clone(),
+    ));
+    let tx = l.sender();
+    tx.send(SourceUpdate::Namespaces(vec![
+        decode_namespace(&namespace("demo", true)).expect("ns"),
+    ]))
+    .expect("send");
+    tx.send(SourceUpdate::Pods(vec![
+        decode_pod(&pod("a", "demo", "10.0.0.1", json!({}))).expect("pod"),
+    ]))
+    .expect("send");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status.get().redirect.is_err() {
+        assert!(Instant::now() < deadline, "never ready: {:?}", status.get());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    tx.send(SourceUpdate::Pods(vec![
+        decode_pod(&pod("a", "demo", "10.0.0.1", json!({}))).expect("pod"),
+        decode_pod(&pod("boom", "demo", "10.0.0.2", json!({}))).expect("pod"),
+    ]))
+    .expect("send");
+    loop {
+        let st = status.get();
+        if st
+            .redirect
+            .as_ref()
+            .is_err_and(|e| e.contains("enrollment loop panicked"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "gate not closed: {st:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    l.stop(false);
 }

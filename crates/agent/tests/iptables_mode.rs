@@ -454,9 +454,11 @@ fn uninstall_on_a_node_this_mode_never_installed_touches_nothing() {
 fn bad_input_is_reported_per_pod_or_driver() {
     let lab = lab(1);
     let mut d = lab.driver();
-    // Before any ztunnel: the node state does not exist yet.
+    // Before any ztunnel: the node state does not exist yet — a per-pod wait, not a driver
+    // failure (see `pod_before_ztunnel_waits_per_pod_and_enrolls_when_ztunnel_is_ready`).
     let err = d.apply(&lab.enroll(0)).expect_err("no node state yet");
-    assert_eq!(err.scope, ErrorScope::Driver, "{}", err.message);
+    assert_eq!(err.scope, ErrorScope::Pod, "{}", err.message);
+    assert!(err.message.contains("ztunnel not ready"), "{}", err.message);
     // ztunnel with no route to it.
     let err = d
         .ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.9.9", true)))
@@ -488,6 +490,21 @@ fn bad_input_is_reported_per_pod_or_driver() {
         annotations: BTreeMap::new(),
     };
     assert_eq!(d.apply(&v6).expect_err("v6").scope, ErrorScope::Pod);
+    // A UID longer than an ipset comment (non-ASCII around the cut): refused for this pod,
+    // no panic, nothing added.
+    let long = Action::Enroll {
+        pod: PodId::new(
+            &format!("{}é{}", "u".repeat(254), "x".repeat(20)),
+            "default",
+            "long",
+        ),
+        ips: vec![IpAddr::V4(lab.pods[0].1)],
+        annotations: BTreeMap::new(),
+    };
+    let err = d.apply(&long).expect_err("uid too long");
+    assert_eq!(err.scope, ErrorScope::Pod, "{}", err.message);
+    assert!(err.message.contains("276 bytes"), "{}", err.message);
+    assert!(!ipset(&lab.node).contains("10.244.1.10"));
     // Duplicate IP: a second UID claiming an enrolled IP is refused, the holder kept.
     d.apply(&lab.enroll(0)).expect("enroll");
     let dup = Action::Enroll {
@@ -786,4 +803,274 @@ fn dns_capture_dnats_pod_dns_to_ztunnel_15053() {
     );
     d.uninstall().expect("uninstall");
     assert_eq!(lab.snapshot(), before);
+}
+
+/// What kube-proxy (iptables mode, 1.29; the pre-1.28 `KUBE-MARK-DROP` 0x8000 chain
+/// included) and Calico (marks in 0xffff0000, its own `cali-*` chains) leave in a node's
+/// iptables. None of it uses this mode's mark bits (0x370), so none of it may be reported as
+/// a conflict.
+const KUBE_PROXY_AND_CALICO: &str = r#"*raw
+:cali-PREROUTING - [0:0]
+:cali-OUTPUT - [0:0]
+-A PREROUTING -m comment --comment "cali:6gwbT8clXdHdC1b1" -j cali-PREROUTING
+-A OUTPUT -m comment --comment "cali:tVnHkvAo15HuiPy0" -j cali-OUTPUT
+-A cali-PREROUTING -m comment --comment "cali:XFX5xbM8B9qR10JG" -j MARK --set-xmark 0x0/0xf0000
+-A cali-PREROUTING -i cali+ -m comment --comment "cali:EWMPb0zVROM-woQp" -j MARK --set-xmark 0x40000/0x40000
+-A cali-PREROUTING -m comment --comment "cali:Ttd4g6i5hA4Z7fBo" -m mark --mark 0x40000/0x40000 -m rpfilter --validmark --invert -j DROP
+-A cali-OUTPUT -m comment --comment "cali:njdnLwYeGqBJyh3b" -j MARK --set-xmark 0x0/0xf0000
+COMMIT
+*mangle
+:KUBE-IPTABLES-HINT - [0:0]
+:KUBE-KUBELET-CANARY - [0:0]
+:KUBE-PROXY-CANARY - [0:0]
+:cali-PREROUTING - [0:0]
+-A PREROUTING -m comment --comment "cali:6gwbT8clXdHdC1b1" -j cali-PREROUTING
+-A cali-PREROUTING -m comment --comment "cali:6BJqBjBC7crtA-7-" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A cali-PREROUTING -m comment --comment "cali:KX7AGNd6rMcDUai6" -m mark --mark 0x10000/0x10000 -j ACCEPT
+COMMIT
+*filter
+:KUBE-EXTERNAL-SERVICES - [0:0]
+:KUBE-FIREWALL - [0:0]
+:KUBE-FORWARD - [0:0]
+:KUBE-KUBELET-CANARY - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-PROXY-CANARY - [0:0]
+:KUBE-PROXY-FIREWALL - [0:0]
+:KUBE-SERVICES - [0:0]
+:cali-FORWARD - [0:0]
+-A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL
+-A INPUT -m comment --comment "kubernetes health check service ports" -j KUBE-NODEPORTS
+-A INPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service portals" -j KUBE-EXTERNAL-SERVICES
+-A INPUT -j KUBE-FIREWALL
+-A FORWARD -m comment --comment "cali:wUHhoiAYhphO9Mso" -j cali-FORWARD
+-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL
+-A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD
+-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A FORWARD -m conntrack --ctstate NEW -m comment --comment "kubernetes externally-visible service portals" -j KUBE-EXTERNAL-SERVICES
+-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes load balancer firewall" -j KUBE-PROXY-FIREWALL
+-A OUTPUT -m conntrack --ctstate NEW -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A OUTPUT -j KUBE-FIREWALL
+-A KUBE-FIREWALL ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m comment --comment "block incoming localnet connections" -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP
+-A KUBE-FIREWALL -m comment --comment "kubernetes firewall for dropping marked packets" -m mark --mark 0x8000/0x8000 -j DROP
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -m mark --mark 0x4000/0x4000 -j ACCEPT
+-A KUBE-FORWARD -m comment --comment "kubernetes forwarding conntrack rule" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A cali-FORWARD -m comment --comment "cali:vjrMJCRpqwy5oRoX" -j MARK --set-xmark 0x0/0xe0000
+-A cali-FORWARD -m comment --comment "cali:A_sPAO0mcxbT9mOV" -m mark --mark 0x0/0x10000 -j ACCEPT
+COMMIT
+*nat
+:KUBE-KUBELET-CANARY - [0:0]
+:KUBE-MARK-DROP - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-NODEPORTS - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-PROXY-CANARY - [0:0]
+:KUBE-SEP-IT2ZTR26TO4XFPTO - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-NPX46M4PTMTKRN6Y - [0:0]
+-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
+-A KUBE-MARK-DROP -j MARK --set-xmark 0x8000/0x8000
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000
+-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully
+-A KUBE-SEP-IT2ZTR26TO4XFPTO -s 172.18.0.2/32 -m comment --comment "default/kubernetes:https" -j KUBE-MARK-MASQ
+-A KUBE-SEP-IT2ZTR26TO4XFPTO -p tcp -m comment --comment "default/kubernetes:https" -m tcp -j DNAT --to-destination 172.18.0.2:6443
+-A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -m comment --comment "default/kubernetes:https cluster IP" -m tcp --dport 443 -j KUBE-SVC-NPX46M4PTMTKRN6Y
+-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+-A KUBE-SVC-NPX46M4PTMTKRN6Y ! -s 10.244.0.0/16 -d 10.96.0.1/32 -p tcp -m comment --comment "default/kubernetes:https cluster IP" -m tcp --dport 443 -j KUBE-MARK-MASQ
+-A KUBE-SVC-NPX46M4PTMTKRN6Y -m comment --comment "default/kubernetes:https -> 172.18.0.2:6443" -j KUBE-SEP-IT2ZTR26TO4XFPTO
+COMMIT
+"#;
+
+/// A normal kube-proxy + Calico node (rules in either iptables flavour) is not a conflict:
+/// the driver installs, enrolls, leaves every foreign rule as it was, and uninstalls back to
+/// the exact pre-install state.
+#[test]
+fn kube_proxy_and_calico_rules_are_not_conflicts() {
+    for restore in ["iptables-nft-restore", "iptables-legacy-restore"] {
+        let lab = lab(1);
+        let rules = lab.tmp.path().join("kube-proxy.rules");
+        std::fs::write(&rules, KUBE_PROXY_AND_CALICO).expect("write rules");
+        lab.node
+            .exec_ok(restore, &[&rules.to_string_lossy()])
+            .unwrap_or_else(|e| panic!("{restore}: {e}"));
+        let foreign_before = lab.save(&lab.node);
+        let foreign_lines: Vec<&str> = foreign_before
+            .lines()
+            .filter(|l| l.starts_with("-A "))
+            .collect();
+        assert!(foreign_lines.len() > 30, "{foreign_before}");
+        // Legacy chains count packets (the lab's own IPv4 traffic); compare without counters.
+        let snapshot = || {
+            lab.snapshot()
+                .lines()
+                .map(|l| match l.find(" [") {
+                    Some(i) if l.starts_with(':') => format!("{}\n", &l[..i]),
+                    _ => format!("{l}\n"),
+                })
+                .collect::<String>()
+        };
+        let before = snapshot();
+
+        let mut d = lab.driver();
+        d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
+            .unwrap_or_else(|e| panic!("{restore}: a kube-proxy/Calico node was refused: {e}"));
+        d.apply(&lab.enroll(0)).expect("enroll");
+        let installed = lab.save(&lab.node);
+        assert!(
+            installed.contains("-A PREROUTING -j ztunnel-PREROUTING"),
+            "{restore}: {installed}"
+        );
+        for l in &foreign_lines {
+            assert!(installed.contains(l), "{restore}: foreign rule lost: {l}");
+        }
+        d.uninstall().expect("uninstall");
+        assert_eq!(snapshot(), before, "{restore}: not back to pre-install");
+    }
+}
+
+/// An ambient pod known before any ztunnel was ever Ready on the node (fresh node, or ambient
+/// switched on in a running cluster): the node state does not exist yet, so the pod cannot be
+/// enrolled. That is a per-pod wait (loop contract 6, Istio §7.7: readiness does not need
+/// ztunnel), not a driver failure: the `redirect-mode` gate stays open, and the pass that
+/// sees the ztunnel become Ready installs the node state and enrolls the pod at once, instead
+/// of sitting out a driver-wide back-off first.
+#[test]
+fn pod_before_ztunnel_waits_per_pod_and_enrolls_when_ztunnel_is_ready() {
+    use meshcni_agent::ambient::{LoopOptions, Reconciler, StatusHandle};
+    use meshcni_agent::workloads::{EnrollPolicy, SourceUpdate, decode_namespace, decode_pod};
+    use serde_json::json;
+    use std::time::{Duration, Instant};
+
+    let lab = lab(1);
+    let status = StatusHandle::new(Err("starting".into()));
+    let mut rec = Reconciler::new(
+        Box::new(lab.driver()),
+        EnrollPolicy::default(),
+        LoopOptions {
+            resync: Duration::from_secs(600),
+            min_backoff: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(30),
+            debounce: Duration::from_millis(1),
+        },
+        status.clone(),
+    );
+    let pod = |name: &str, ns: &str, uid: &str, ip: &str, labels: serde_json::Value, ann| {
+        decode_pod(&json!({
+            "metadata": {"name": name, "namespace": ns, "uid": uid, "labels": labels,
+                         "annotations": ann, "creationTimestamp": "2026-01-01T00:00:00Z"},
+            "spec": {"nodeName": "node-1"},
+            "status": {"phase": "Running", "podIP": ip,
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }))
+        .expect("pod")
+    };
+    let app = pod(
+        "app",
+        "default",
+        "uid-0",
+        "10.244.1.10",
+        json!({}),
+        json!({}),
+    );
+    let zt = pod(
+        "ztunnel",
+        "istio-system",
+        "uid-zt",
+        "10.244.1.5",
+        json!({"app": "ztunnel"}),
+        json!({ZTUNNEL_NETNS_ANNOTATION: lab.ztunnel.path().display().to_string()}),
+    );
+    let namespaces = ["default", "istio-system"]
+        .iter()
+        .map(|n| {
+            let labels = if *n == "default" {
+                json!({"istio.io/dataplane-mode": "ambient"})
+            } else {
+                json!({})
+            };
+            decode_namespace(&json!({"metadata": {"name": n, "labels": labels}}))
+                .expect("namespace")
+        })
+        .collect();
+    rec.update(SourceUpdate::Namespaces(namespaces));
+    rec.update(SourceUpdate::Pods(vec![app.clone()]));
+
+    let t0 = Instant::now();
+    let r = rec.reconcile(t0);
+    assert_eq!(r.blocked, None, "{r:?}");
+    assert_eq!(r.failed.len(), 1, "{r:?}");
+    assert_eq!(r.failed[0].1.scope, ErrorScope::Pod, "{r:?}");
+    assert_eq!(
+        status.probe(),
+        Ok(()),
+        "no ztunnel yet must not close the redirect-mode gate"
+    );
+
+    rec.update(SourceUpdate::Pods(vec![app, zt]));
+    let r = rec.reconcile(t0 + Duration::from_millis(50));
+    assert_eq!(r.blocked, None, "ztunnel change held back: {r:?}");
+    assert_eq!(r.applied.len(), 1, "{r:?}");
+    assert!(ipset(&lab.node).contains("10.244.1.10 comment \"uid-0\""));
+    assert_eq!(status.probe(), Ok(()));
+    let mut d = lab.driver();
+    d.uninstall().expect("uninstall");
+}
+
+/// Pod veths come and go (every sandbox gets a new one). The previous `rp_filter` of each pod
+/// veth is remembered for uninstall; once the veth is gone the entry must be forgotten, or the
+/// state (and the state file rewritten on every enroll) grows with every pod ever enrolled.
+#[test]
+fn remembered_sysctls_of_vanished_pod_veths_are_forgotten() {
+    let lab = lab(2);
+    let mut d = lab.driver();
+    d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
+        .expect("install");
+    // A CNI that sets strict rp_filter on its pod veths (Calico's Felix does).
+    for v in ["vp0", "vp1"] {
+        lab.node
+            .sysctl(&format!("net.ipv4.conf.{v}.rp_filter"), "1")
+            .expect("rp_filter");
+    }
+    d.apply(&lab.enroll(0)).expect("enroll 0");
+    d.apply(&lab.enroll(1)).expect("enroll 1");
+    let key = |v: &str| format!("net/ipv4/conf/{v}/rp_filter");
+    let has = |d: &IptablesDriver, v: &str| {
+        d.state()
+            .sysctls
+            .keys()
+            .any(|k| k.replace('.', "/").ends_with(&key(v)))
+    };
+    assert!(has(&d, "vp0") && has(&d, "vp1"), "{:?}", d.state().sysctls);
+
+    // Pod 0's sandbox goes: its veth is deleted, the pod released.
+    lab.node.ip(&["link", "del", "vp0"]).expect("del veth");
+    d.apply(&Action::Release {
+        pod: PodId::new("uid-0", "", ""),
+        ips: vec![IpAddr::V4(lab.pods[0].1)],
+    })
+    .expect("release");
+    d.actual().expect("actual (resync)");
+    assert!(
+        !has(&d, "vp0"),
+        "vanished veth still remembered: {:?}",
+        d.state().sysctls
+    );
+    assert!(has(&d, "vp1"), "{:?}", d.state().sysctls);
+    let file = std::fs::read_to_string(&lab.config().state_file).expect("state file");
+    assert!(!file.contains("vp0"), "{file}");
+    // A restarted agent reads the pruned state; uninstall still restores the live veth.
+    drop(d);
+    let mut d = lab.driver();
+    assert!(!has(&d, "vp0") && has(&d, "vp1"));
+    d.uninstall().expect("uninstall");
+    assert_eq!(
+        lab.node
+            .read_sysctl("net.ipv4.conf.vp1.rp_filter")
+            .expect("rp"),
+        "1"
+    );
 }

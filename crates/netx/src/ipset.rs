@@ -34,6 +34,16 @@ const NLMSG_ERROR: u16 = 2;
 /// Kernel limit for ipset comments (`IPSET_MAX_COMMENT_SIZE`).
 pub const MAX_COMMENT: usize = 255;
 
+/// `c` cut to at most [`MAX_COMMENT`] bytes, at a character boundary (a byte cut inside a
+/// multi-byte character would panic).
+pub fn truncate_comment(c: &str) -> &str {
+    let mut end = c.len().min(MAX_COMMENT);
+    while !c.is_char_boundary(end) {
+        end -= 1;
+    }
+    &c[..end]
+}
+
 /// One entry of a set.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct IpsetEntry {
@@ -190,7 +200,7 @@ impl IpsetNl {
 
     /// `ipset add -exist SET IP comment "C"`.
     pub fn add(&mut self, set: &str, ip: Ipv4Addr, comment: Option<&str>) -> Result<(), NetxError> {
-        let comment = comment.map(|c| &c[..c.len().min(MAX_COMMENT)]);
+        let comment = comment.map(truncate_comment);
         self.request(format!("ipset add {set} {ip}"), true, set, ip, comment)
     }
 
@@ -283,6 +293,18 @@ pub fn parse_save(text: &str, name: &str) -> Vec<IpsetEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn comments_are_cut_at_a_char_boundary() {
+        // 254 ASCII bytes + a 2-byte char straddling the 255-byte limit: no panic, the char
+        // is dropped whole.
+        let long = format!("{}é", "a".repeat(254));
+        assert_eq!(truncate_comment(&long), "a".repeat(254));
+        let exact = "b".repeat(MAX_COMMENT + 10);
+        assert_eq!(truncate_comment(&exact).len(), MAX_COMMENT);
+        assert_eq!(truncate_comment("uid-1"), "uid-1");
+        assert_eq!(truncate_comment(&"é".repeat(200)).len(), 254);
+    }
 
     #[test]
     fn save_output_is_parsed_with_comments() {

@@ -384,6 +384,35 @@ impl IptablesDriver {
         self.remember(changed)
     }
 
+    /// Forget the remembered previous values of interfaces that no longer exist. Pod veths
+    /// come and go; without this the state (memory and the file rewritten on every new entry)
+    /// grows by one entry per pod veth ever enrolled. Called from `actual()` (start-up,
+    /// resync), so the cost is off the per-pod path.
+    fn prune_sysctls(&mut self) -> Result<(), DriverError> {
+        if self.state.sysctls.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = self.state.sysctls.keys().cloned().collect();
+        let gone = with_netns(self.node(), move |ns| {
+            let mut gone = Vec::new();
+            for k in keys {
+                if sysctl::read_here(ns, &k)?.is_none() {
+                    gone.push(k);
+                }
+            }
+            Ok::<_, NetxError>(gone)
+        })
+        .and_then(|r| r)
+        .map_err(drv)?;
+        if gone.is_empty() {
+            return Ok(());
+        }
+        for k in &gone {
+            self.state.sysctls.remove(k);
+        }
+        self.save_state()
+    }
+
     fn remember(&mut self, changed: Vec<(String, String)>) -> Result<(), DriverError> {
         let mut dirty = false;
         for (k, v) in changed {
@@ -784,6 +813,15 @@ impl IptablesDriver {
     }
 
     fn enroll_ip(&mut self, pod: &PodId, ip: Ipv4Addr) -> Result<(), DriverError> {
+        // The ipset comment is how `actual()` reads the owner back; a cut UID would read back
+        // as another pod (released and re-enrolled on every resync).
+        if pod.uid.len() > ipset::MAX_COMMENT {
+            return Err(DriverError::pod(format!(
+                "iptables mode: cannot enroll {pod}: its UID is {} bytes, longer than the {} bytes an ipset comment holds",
+                pod.uid.len(),
+                ipset::MAX_COMMENT
+            )));
+        }
         if let Some(owner) = self.owners.get(&ip)
             && owner != &pod.uid
         {
@@ -791,10 +829,13 @@ impl IptablesDriver {
                 "iptables mode: cannot enroll {pod}: IP {ip} is already enrolled for pod uid {owner}"
             )));
         }
-        let host_ip = self
-            .state
-            .host_ip
-            .ok_or_else(|| drv("node rules are not installed yet (no ztunnel has been ready)"))?;
+        // No node state before the first Ready ztunnel: a per-pod wait (loop contract 6), so
+        // readiness stays open and the pod is retried as soon as `ztunnel_changed` succeeds.
+        let host_ip = self.state.host_ip.ok_or_else(|| {
+            DriverError::pod(format!(
+                "iptables mode: cannot enroll {pod} yet: ztunnel not ready (node rules are not installed yet: no ztunnel has been ready on this node)"
+            ))
+        })?;
         let mut nl = self.take_pod_nl()?;
         let oif = route::host_route_oif(&mut nl, ip)
             .map_err(drv)?
@@ -1007,6 +1048,7 @@ impl RedirectDriver for IptablesDriver {
 
     fn actual(&mut self) -> Result<EnrolledState, DriverError> {
         let entries = self.ipset_entries()?;
+        self.prune_sysctls()?;
         let mut state = EnrolledState::default();
         let mut by_uid: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
         self.owners.clear();
