@@ -56,7 +56,25 @@ pub fn open_netns(path: &Path) -> Result<File, NetxError> {
     Ok(file)
 }
 
+/// Whether `file` is the network namespace the calling thread is already in (same nsfs device
+/// and inode).
+fn is_current_netns(file: &File) -> bool {
+    match (
+        file.metadata(),
+        std::fs::metadata("/proc/thread-self/ns/net"),
+    ) {
+        (Ok(target), Ok(current)) => target.dev() == current.dev() && target.ino() == current.ino(),
+        _ => false,
+    }
+}
+
 fn enter(file: &File, path: &Path) -> Result<(), NetxError> {
+    // `setns` needs CAP_SYS_ADMIN even into the namespace the thread is already in; an
+    // init container (`meshcni iptables`, netns `/proc/self/ns/net`) has only NET_ADMIN and
+    // NET_RAW, and a new thread already shares its creator's netns.
+    if is_current_netns(file) {
+        return Ok(());
+    }
     setns(file, CloneFlags::CLONE_NEWNET).map_err(|source| {
         if source == Errno::EINVAL {
             NetxError::NotANetns {

@@ -48,11 +48,14 @@ pub struct MeshPlugin;
 impl Plugin for MeshPlugin {
     fn add(&self, ctx: &Context) -> Result<Value, CniError> {
         let conf = load_conf(ctx)?;
+        // Converted up front (Istio does it while parsing the config): a prevResult that cannot
+        // be passed on must fail the ADD before anything is applied, not after.
+        let result = ctx.pass_through()?;
         let args = &ctx.env.args;
         let pod_ref = PodRef::from_cni_args(args.k8s_pod_namespace(), args.k8s_pod_name());
         if let Some(reason) = pod::skip_before_lookup(&conf, pod_ref) {
             info!(pod = %format_ref(pod_ref), %reason, "not capturing");
-            return ctx.pass_through();
+            return Ok(result);
         }
         let source = pod_source(&conf)?;
 
@@ -61,7 +64,7 @@ impl Plugin for MeshPlugin {
                 Ok(true) => {
                     enroll_ambient(ctx, &conf, pod_ref)?;
                     info!(pod = %format_ref(pod_ref), "ambient pod handed to the node agent");
-                    return ctx.pass_through();
+                    return Ok(result);
                 }
                 Ok(false) => {}
                 Err(e) if conf.enable_ambient_detection_retry => {
@@ -76,7 +79,7 @@ impl Plugin for MeshPlugin {
         let cfg = match pod::decide(&conf, pod_ref, &pod) {
             Ok(Decision::Skip(reason)) => {
                 info!(pod = %format_ref(pod_ref), %reason, "not capturing");
-                return ctx.pass_through();
+                return Ok(result);
             }
             Ok(Decision::Sidecar(cfg)) => *cfg,
             Err(e) => {
@@ -97,14 +100,20 @@ impl Plugin for MeshPlugin {
         let applied = apply_sidecar(&conf, netns, cfg).map_err(|e| e.with_pod(pod_ref))?;
         info!(pod = %format_ref(pod_ref), netns = %netns.display(), backend = ?applied.backend,
             flavor = ?applied.flavor, "sidecar capture applied");
-        ctx.pass_through()
+        Ok(result)
     }
 
     /// Sidecar rules live and die with the pod netns; ambient teardown is the agent's job (it
-    /// watches pods), exactly as the reference. DEL therefore only validates its input and is
-    /// idempotent, including the runtime's repeated DEL with an empty `CNI_NETNS`.
+    /// watches pods), exactly as the reference. DEL therefore changes nothing and is
+    /// idempotent, including the runtime's repeated DEL with an empty `CNI_NETNS`. Like Istio's
+    /// it never fails on the plugin's own fields: a configuration broken after pods started
+    /// fails ADD, but must not block their teardown (it is logged).
     fn del(&self, ctx: &Context) -> Result<(), CniError> {
-        load_conf(ctx).map(|_| ())
+        if let Err(e) = load_conf(ctx) {
+            crate::logging::init(crate::config::LogLevel::Info);
+            warn!(error = %e, "ignoring an invalid plugin configuration on DEL");
+        }
+        Ok(())
     }
 
     /// Validates the configuration; the capture itself is checked by the agent's repair loop.

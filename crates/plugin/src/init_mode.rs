@@ -5,7 +5,8 @@
 use std::ffi::OsString;
 use std::path::Path;
 
-use clap::Parser;
+use clap::builder::FalseyValueParser;
+use clap::{ArgAction, Parser};
 use meshcni_netx::{Applier, Backend, IptablesFlavor, IptablesOptions};
 use meshcni_rules::iptables::{self, Family};
 use meshcni_rules::nft;
@@ -40,7 +41,8 @@ pub struct InitArgs {
         default_value = "15008"
     )]
     pub inbound_tunnel_port: String,
-    /// UID(s) of the proxy, exempt from capture (comma list). Default: uid of ENVOY_USER or 1337.
+    /// UID(s) of the proxy, exempt from capture (comma list). Default: 1337 (Istio looks up the
+    /// uid of `$ENVOY_USER`, `istio-proxy`, which is 1337 in its images; not done here).
     #[arg(short = 'u', long, env = "PROXY_UID")]
     pub proxy_uid: Option<String>,
     /// GID(s) of the proxy (comma list). Default: the UID list.
@@ -115,44 +117,144 @@ pub struct InitArgs {
     )]
     pub istio_inbound_tproxy_route_table: String,
     /// Print the rules instead of applying them.
-    #[arg(short = 'n', long, env = "DRY_RUN")]
+    #[arg(short = 'n', long, env = "DRY_RUN", num_args = 0..=1, require_equals = true,
+        default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+        value_parser = FalseyValueParser::new())]
     pub dry_run: bool,
     /// Capture DNS (port 53) to the proxy agent on 15053.
-    #[arg(long, env = "ISTIO_META_DNS_CAPTURE")]
+    #[arg(long, env = "ISTIO_META_DNS_CAPTURE", num_args = 0..=1, require_equals = true,
+        default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+        value_parser = FalseyValueParser::new())]
     pub redirect_dns: bool,
     /// Capture all DNS, not only to the resolv.conf servers.
-    #[arg(long, env = "CAPTURE_ALL_DNS")]
+    #[arg(long, env = "CAPTURE_ALL_DNS", num_args = 0..=1, require_equals = true,
+        default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+        value_parser = FalseyValueParser::new())]
     pub capture_all_dns: bool,
     /// Drop packets conntrack marks INVALID.
-    #[arg(long, env = "INVALID_DROP")]
+    #[arg(long, env = "INVALID_DROP", num_args = 0..=1, require_equals = true,
+        default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+        value_parser = FalseyValueParser::new())]
     pub drop_invalid: bool,
     /// Program IPv6 whenever any IPv6 address exists.
-    #[arg(long, env = "ISTIO_DUAL_STACK")]
+    #[arg(long, env = "ISTIO_DUAL_STACK", num_args = 0..=1, require_equals = true,
+        default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+        value_parser = FalseyValueParser::new())]
     pub dual_stack: bool,
     /// Remove existing meshcni/Istio capture before applying (drift repair).
-    #[arg(long, env = "RECONCILE")]
+    #[arg(long, env = "RECONCILE", num_args = 0..=1, require_equals = true,
+        default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+        value_parser = FalseyValueParser::new())]
     pub reconcile: bool,
     /// Only remove the capture rules.
-    #[arg(long, env = "CLEANUP_ONLY")]
+    #[arg(long, env = "CLEANUP_ONLY", num_args = 0..=1, require_equals = true,
+        default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+        value_parser = FalseyValueParser::new())]
     pub cleanup_only: bool,
     /// Use the native nftables backend.
-    #[arg(long, env = "NATIVE_NFTABLES")]
+    #[arg(long, env = "NATIVE_NFTABLES", num_args = 0..=1, require_equals = true,
+        default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+        value_parser = FalseyValueParser::new())]
     pub native_nftables: bool,
     /// Force the iptables flavor (`legacy` or `nft`).
     #[arg(long, env = "FORCE_IPTABLES_BINARY")]
     pub force_iptables_binary: Option<String>,
     /// Accepted for compatibility; the init container runs in the pod netns already.
-    #[arg(long, env = "CNI_MODE", hide = true)]
+    #[arg(long, env = "CNI_MODE", hide = true, num_args = 0..=1, require_equals = true,
+        default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+        value_parser = FalseyValueParser::new())]
     pub cni_mode: bool,
     /// Accepted for compatibility (the rules do not depend on it).
     #[arg(long, env = "NETWORK_NAMESPACE", hide = true)]
     pub network_namespace: Option<String>,
-    /// Accepted for compatibility; meshcni applies atomically and verifies by exit status.
-    #[arg(long, hide = true)]
+    /// Do not touch the rules (the `istio-validation` init container: `--run-validation
+    /// --skip-rule-apply`, the CNI plugin having applied them).
+    #[arg(long, env = "SKIP_RULE_APPLY", num_args = 0..=1, require_equals = true,
+        default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+        value_parser = FalseyValueParser::new())]
     pub skip_rule_apply: bool,
+    /// Check that the capture works: a connection to 127.0.0.6:<probe port> must reach the
+    /// outbound/inbound capture ports; exits 126 if it does not within the probe timeout.
+    #[arg(long, env = "RUN_VALIDATION", num_args = 0..=1, require_equals = true,
+        default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+        value_parser = FalseyValueParser::new())]
+    pub run_validation: bool,
+    /// Port the validation probe dials (its original destination port).
+    #[arg(long, env = "IPTABLES_PROBE_PORT", default_value = "15002")]
+    pub iptables_probe_port: u16,
+    /// How long the validation may take (Go duration, e.g. `5s`, `500ms`).
+    #[arg(long, env = "PROBE_TIMEOUT", default_value = "5s", value_parser = parse_go_duration)]
+    pub probe_timeout: std::time::Duration,
     /// Accepted for compatibility.
-    #[arg(long, hide = true)]
+    #[arg(long, hide = true, num_args = 0..=1, require_equals = true,
+        default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+        value_parser = FalseyValueParser::new())]
     pub force_apply: bool,
+    /// Istio's logging flags (`--log_output_level=default:info`, `--log_as_json`, …, set by the
+    /// injector on every istio-init container): accepted and ignored, this mode logs to stderr.
+    #[command(flatten)]
+    pub istio_logging: IstioLogFlags,
+}
+
+/// The `istio.io/pkg/log` flags every Istio binary accepts. Accepted so that the injector's
+/// istio-init arguments parse; their values do not change what is applied.
+#[derive(Debug, Default, clap::Args)]
+pub struct IstioLogFlags {
+    #[arg(long = "log_output_level", hide = true)]
+    pub log_output_level: Option<String>,
+    #[arg(long = "log_stacktrace_level", hide = true)]
+    pub log_stacktrace_level: Option<String>,
+    #[arg(long = "log_target", hide = true)]
+    pub log_target: Vec<String>,
+    #[arg(long = "log_rotate", hide = true)]
+    pub log_rotate: Option<String>,
+    #[arg(long = "log_rotate_max_age", hide = true)]
+    pub log_rotate_max_age: Option<String>,
+    #[arg(long = "log_rotate_max_size", hide = true)]
+    pub log_rotate_max_size: Option<String>,
+    #[arg(long = "log_rotate_max_backups", hide = true)]
+    pub log_rotate_max_backups: Option<String>,
+    #[arg(long = "log_as_json", hide = true, num_args = 0..=1, require_equals = true,
+        default_missing_value = "true", default_value = "false", action = ArgAction::Set,
+        value_parser = FalseyValueParser::new())]
+    pub log_as_json: bool,
+    #[arg(long = "log_caller", hide = true)]
+    pub log_caller: Option<String>,
+}
+
+/// Parses a Go `time.Duration` string (`5s`, `1m30s`, `250ms`, `1.5s`).
+pub fn parse_go_duration(text: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("invalid duration {text:?} (want e.g. 5s, 500ms, 1m30s)");
+    let mut rest = text.trim();
+    if rest == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    let mut total = 0f64;
+    while !rest.is_empty() {
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let value: f64 = rest[..num_len].parse().map_err(|_| bad())?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_len] {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += value * scale;
+        rest = &rest[unit_len..];
+    }
+    std::time::Duration::try_from_secs_f64(total).map_err(|_| bad())
 }
 
 impl InitArgs {
@@ -233,13 +335,36 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    match run(&args) {
-        Ok(()) => 0,
-        Err(e) => {
+    if !args.skip_rule_apply {
+        if let Err(e) = run(&args) {
             eprintln!("meshcni iptables: {e}");
-            1
+            return 1;
         }
     }
+    if args.run_validation {
+        let port = |p: &str, flag: &str| {
+            p.parse::<u16>()
+                .map_err(|_| format!("{flag} {p:?} is not a port number"))
+        };
+        let probe = port(&args.envoy_port, "--envoy-port").and_then(|envoy| {
+            Ok(crate::validation::Probe {
+                capture_ports: vec![
+                    envoy,
+                    port(&args.inbound_capture_port, "--inbound-capture-port")?,
+                ],
+                probe_port: args.iptables_probe_port,
+                timeout: args.probe_timeout,
+            })
+        });
+        match probe.and_then(|p| crate::validation::run(&p).map_err(|e| e.to_string())) {
+            Ok(()) => eprintln!("meshcni iptables: validation passed, traffic capture is in place"),
+            Err(e) => {
+                eprintln!("meshcni iptables: validation failed: {e}");
+                return crate::validation::VALIDATION_ERROR_CODE;
+            }
+        }
+    }
+    0
 }
 
 fn run(args: &InitArgs) -> Result<(), String> {
@@ -313,27 +438,25 @@ mod tests {
     #[test]
     fn istio_init_container_args_map_onto_the_capture_config() {
         // The args Istio's injector gives istio-init.
-        let a = parse(
-            &[
-                "-p",
-                "15001",
-                "-z",
-                "15006",
-                "-u",
-                "1337",
-                "-m",
-                "REDIRECT",
-                "-i",
-                "*",
-                "-x",
-                "",
-                "-b",
-                "*",
-                "-d",
-                "15090,15021,15020",
-                "--log_output_level=default:info",
-            ][..16],
-        );
+        let a = parse(&[
+            "-p",
+            "15001",
+            "-z",
+            "15006",
+            "-u",
+            "1337",
+            "-m",
+            "REDIRECT",
+            "-i",
+            "*",
+            "-x",
+            "",
+            "-b",
+            "*",
+            "-d",
+            "15090,15021,15020",
+            "--log_output_level=default:info",
+        ]);
         let cfg = a.capture_config(|_| None);
         assert_eq!(cfg.proxy_uid, "1337");
         assert_eq!(cfg.proxy_gid, "1337");
@@ -364,6 +487,46 @@ mod tests {
         );
         assert_eq!(v4, vec!["10.96.0.10"]);
         assert_eq!(v6, vec!["fd00::a"]);
+    }
+
+    #[test]
+    fn istio_validation_and_logging_flags_parse() {
+        let a = parse(&[
+            "--log_output_level=default:info",
+            "--log_as_json",
+            "--log_caller=default",
+            "--log_target",
+            "stderr",
+            "--run-validation",
+            "--skip-rule-apply",
+            "--iptables-probe-port",
+            "15009",
+            "--probe-timeout=1m30s",
+            "--redirect-dns=false",
+            "--dual-stack=true",
+            "-n",
+        ]);
+        assert!(a.run_validation && a.skip_rule_apply && a.dry_run && a.dual_stack);
+        assert!(!a.redirect_dns && !a.force_apply);
+        assert_eq!(a.iptables_probe_port, 15009);
+        assert_eq!(a.probe_timeout, std::time::Duration::from_secs(90));
+        let d = parse(&[]);
+        assert!(!d.run_validation && !d.skip_rule_apply && !d.dry_run);
+        assert_eq!(d.probe_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(d.iptables_probe_port, 15002);
+    }
+
+    #[test]
+    fn go_durations_parse() {
+        use std::time::Duration;
+        assert_eq!(parse_go_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_go_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_go_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
+        for bad in ["", "5", "s", "5x", "-1s", "1e400s"] {
+            let err = parse_go_duration(bad).expect_err(bad);
+            assert!(err.contains(&format!("{bad:?}")), "{err}");
+        }
     }
 
     #[test]

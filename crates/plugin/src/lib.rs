@@ -7,6 +7,7 @@
 //! * [`report`] — fire-and-forget per-request metrics datagram to the agent.
 //! * [`init_mode`] — `meshcni iptables …`: Istio's `istio-iptables` CLI for clusters without the
 //!   CNI (init-container mode), applying the same rules in the current netns.
+//! * [`validation`] — its `--run-validation` probe (is the capture in place?).
 #![forbid(unsafe_code)]
 
 pub mod agent_client;
@@ -17,3 +18,4 @@ pub mod init_mode;
 pub mod logging;
 pub mod pod;
 pub mod report;
+pub mod validation;

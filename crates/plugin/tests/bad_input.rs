@@ -244,6 +244,35 @@ fn malformed_cni_args() {
     assert_eq!(ns.rules(), before);
 }
 
+/// A `prevResult` that cannot be passed on (bad address, unsupported version) fails ADD before
+/// anything is applied — Istio converts it while parsing the config — instead of after the
+/// capture has been installed.
+#[test]
+fn malformed_prev_result_fails_before_capture() {
+    require_root(TOOLS);
+    let cases = [
+        (
+            json!({"cniVersion": "1.0.0", "ips": [{"address": "10.199.0.500/24"}]}),
+            DECODING_FAILURE,
+            "10.199.0.500/24",
+        ),
+        (
+            json!({"cniVersion": "9.9.9", "ips": []}),
+            INCOMPATIBLE_VERSION,
+            "9.9.9",
+        ),
+    ];
+    for (i, (prev, code, cause)) in cases.into_iter().enumerate() {
+        let wd = Workdir::new();
+        let name = format!("bad-prev-{i}");
+        sidecar_pod(&name, &[]).write(&wd.metadata_dir());
+        let ns = Netns::pod("badprev", true);
+        let conf = wd.conf(json!({ "prevResult": prev }));
+        let text = add_fails_unchanged(&conf, &name, &ns, code);
+        assert_names(&text, &[cause]);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Invalid pod annotations → code 101 naming the annotation key and the bad value
 
@@ -559,6 +588,32 @@ fn del_twice_without_netns_or_prev_result() {
     // DEL tolerates a malformed CNI_ARGS too (it must be able to clean up).
     env[4] = ("CNI_ARGS", "K8S_POD_NAME");
     run_plugin(&env, conf.to_string().as_bytes()).expect_ok();
+}
+
+/// Istio's DEL never fails: a plugin configuration broken after pods started (here an
+/// unsupported `intercept_type`, a relative `pod_metadata_dir`, a wrongly typed field) fails
+/// ADD but must not block the teardown of existing pods.
+#[test]
+fn del_succeeds_with_an_invalid_plugin_config() {
+    require_root(TOOLS);
+    let wd = Workdir::new();
+    let args = k8s_args(POD_NS, "gone");
+    let ns = Netns::new("delconf");
+    let path = ns.path();
+    for bad in [
+        json!({"kubernetes": {"intercept_type": "ebpf"}}),
+        json!({"pod_metadata_dir": "relative/dir"}),
+        json!({"ambient_enabled": "yes"}),
+    ] {
+        let conf = wd.conf(bad.clone());
+        let add = run_plugin(&add_env(&path, &args), conf.to_string().as_bytes());
+        add.expect_error(INVALID_NETWORK_CONFIG);
+        let mut env = add_env("", &args);
+        env[0] = ("CNI_COMMAND", "DEL");
+        let del = run_plugin(&env, conf.to_string().as_bytes());
+        del.expect_ok();
+        assert_eq!(del.stdout.trim(), "", "DEL prints nothing for {bad}");
+    }
 }
 
 #[test]

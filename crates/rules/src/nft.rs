@@ -197,11 +197,17 @@ fn neq(negate: bool) -> &'static str {
     if negate { "!= " } else { "" }
 }
 
-/// nft interface name: iptables' `eth+` prefix wildcard is nft's quoted `"eth*"`.
+/// nft interface name: iptables' `eth+` prefix wildcard is nft's quoted `"eth*"`. Names that
+/// are not plain nft identifiers (Linux allows e.g. `1eth`, `a#b`, `a;b`) are quoted too:
+/// unquoted, `#` would comment out the rest of the rule and `;` would end it.
 fn ifname(i: &str) -> String {
+    let plain = i.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && i.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
     match i.strip_suffix('+') {
         Some(prefix) => format!("\"{prefix}*\""),
-        None => i.to_owned(),
+        None if plain => i.to_owned(),
+        None => format!("\"{i}\""),
     }
 }
 

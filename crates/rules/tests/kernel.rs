@@ -96,6 +96,19 @@ fn configs() -> Vec<(String, CaptureConfig)> {
             ..CaptureConfig::default()
         },
     ));
+    // Interface names Linux allows but nft only takes quoted: unquoted, `#` comments out the
+    // rest of the rule (silently dropping its verdict) and `;` ends it.
+    v.push((
+        "unusual interface names".into(),
+        CaptureConfig {
+            inbound_interception_mode: "TPROXY".into(),
+            inbound_ports_include: "*".into(),
+            outbound_ip_ranges_include: "10.0.0.0/8".into(),
+            reroute_virtual_interfaces: "2vm,v#m".into(),
+            exclude_interfaces: "1eth,a#b,a;b,x{y,p@q".into(),
+            ..CaptureConfig::default()
+        },
+    ));
     v
 }
 
