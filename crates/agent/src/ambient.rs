@@ -133,6 +133,15 @@ pub trait RedirectDriver: Send {
 
     /// Remove every trace of this mode from the node (agent uninstall).
     fn uninstall(&mut self) -> Result<(), DriverError>;
+
+    /// Whether this driver redirects traffic of `ip` (e.g. the node-level iptables mode is
+    /// IPv4 only). The loop plans with a pod's handled addresses only, so a dual-stack pod is not
+    /// "updated" on every pass; a pod with no handled address is still handed over whole, and
+    /// the driver reports why it cannot capture it.
+    fn handles(&self, ip: &IpAddr) -> bool {
+        let _ = ip;
+        true
+    }
 }
 
 /// The driver for `mode`, or `Err(reason)` when this build has none (ambient then stays
@@ -468,7 +477,12 @@ impl Reconciler {
             }
         }
 
-        let desired = desired_set(&self.snapshot, &self.policy);
+        let mut desired = desired_set(&self.snapshot, &self.policy);
+        for pod in desired.values_mut() {
+            if pod.ips.iter().any(|ip| self.driver.handles(ip)) {
+                pod.ips.retain(|ip| self.driver.handles(ip));
+            }
+        }
         let mut actual = self.actual.take().unwrap_or_default();
         let planned = plan(&desired, &actual);
         if planned.conflicts != self.last_conflicts {
@@ -1033,6 +1047,8 @@ pub struct FakeDataplane {
     /// When set, `apply` of an Enroll/UpdateIps fails (driver-scoped) while no ztunnel is
     /// known, like the G1 iptables mode whose ipset exists only once ztunnel is up.
     pub require_ztunnel: bool,
+    /// Handle IPv4 addresses only (like the node-level iptables mode).
+    pub ipv4_only: bool,
 }
 
 /// An in-memory [`RedirectDriver`] for tests: records calls, keeps the enrolled set, can be
@@ -1062,6 +1078,10 @@ impl FakeDriver {
 impl RedirectDriver for FakeDriver {
     fn name(&self) -> &str {
         "fake"
+    }
+
+    fn handles(&self, ip: &IpAddr) -> bool {
+        ip.is_ipv4() || !self.dataplane.lock().is_ok_and(|d| d.ipv4_only)
     }
 
     fn actual(&mut self) -> Result<EnrolledState, DriverError> {

@@ -257,6 +257,31 @@ fn opt_out_ip_change_and_deletion() {
 }
 
 #[test]
+fn dual_stack_pods_are_planned_with_the_addresses_the_driver_handles() {
+    let ns = [namespace("demo", true)];
+    let mut dual = pod("a", "demo", "10.0.0.1", json!({}));
+    dual["status"]["podIPs"] = json!([{"ip": "10.0.0.1"}, {"ip": "fd00::1"}]);
+    let driver = FakeDriver::new();
+    driver.dataplane.lock().expect("lock").ipv4_only = true;
+    let s = Setup::new(driver, &ns, std::slice::from_ref(&dual));
+    s.wait_enrolled(&["uid-a"]);
+    let first = s.applies();
+    assert_eq!(first.len(), 1, "one enroll: {first:?}");
+    assert!(
+        first[0].contains("10.0.0.1") && !first[0].contains("fd00::1"),
+        "{first:?}"
+    );
+    // More passes (each file change is one): the pod must not be "updated" again.
+    for i in 0..3 {
+        let passes = s.status.get().passes;
+        let other = pod(&format!("z{i}"), "other", &format!("10.0.1.{i}"), json!({}));
+        write_file(&s.file, &ns, &[dual.clone(), other]);
+        s.wait("another pass", |st| st.passes > passes);
+    }
+    assert_eq!(s.applies(), first, "no update on later passes");
+}
+
+#[test]
 fn restart_with_existing_dataplane_state_applies_nothing() {
     let ns = [namespace("demo", true)];
     let pods = [

@@ -1046,6 +1046,12 @@ impl RedirectDriver for IptablesDriver {
         "iptables"
     }
 
+    /// IPv4 only, like the reference's node-level mode (ipset `hash:ip` family inet, IPv4
+    /// tunnels and routes).
+    fn handles(&self, ip: &std::net::IpAddr) -> bool {
+        ip.is_ipv4()
+    }
+
     fn actual(&mut self) -> Result<EnrolledState, DriverError> {
         let entries = self.ipset_entries()?;
         self.prune_sysctls()?;
