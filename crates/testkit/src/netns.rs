@@ -56,7 +56,25 @@ impl Netns {
         );
         run_ok("ip", &["netns", "add", &name])?;
         let path = PathBuf::from(format!("/run/netns/{name}"));
-        Ok(Netns { name, path })
+        let ns = Netns { name, path };
+        // No IPv6 duplicate address detection in lab namespaces: interfaces created later get
+        // usable link-local addresses at once. With DAD, neighbour discovery over a new veth
+        // waits for the link-local to leave "tentative" (≥ 1 s, far longer on a loaded
+        // machine), and the first IPv6 connections of a test time out.
+        ns.run(|| {
+            for key in ["default", "all"] {
+                let file = format!("/proc/sys/net/ipv6/conf/{key}/accept_dad");
+                match std::fs::write(&file, "0") {
+                    Ok(()) => {}
+                    // Kernel without IPv6: nothing to disable.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })?
+        .map_err(|e| TestkitError::io(format!("disable IPv6 DAD in {}", ns.name), e))?;
+        Ok(ns)
     }
 
     pub fn name(&self) -> &str {
