@@ -230,9 +230,17 @@ pub fn plan(desired: &DesiredSet, actual: &EnrolledState) -> Plan {
         match desired.get(uid) {
             Some(d) => {
                 let want = target(d);
-                if want.is_empty() {
-                    // Lost its IPs (no IP in status any more, or all taken): keep nothing
-                    // half-applied.
+                if want.is_empty()
+                    && d.ips.is_empty()
+                    && !e.ips.iter().any(|ip| owner.contains_key(ip))
+                {
+                    // Still selected, but the view shows no IP (yet): e.g. a restarted agent
+                    // whose watch has not caught up with a pod enrolled at CNI ADD. Releasing
+                    // would let the pod's traffic escape capture until the status catches up;
+                    // as long as no other pod claims the address, keep the enrollment.
+                    out.waiting_for_ip.push(d.id.clone());
+                } else if want.is_empty() {
+                    // Lost its IPs (all taken by other pods): keep nothing half-applied.
                     releases.push(Action::Release {
                         pod: best_id(&d.id, &e.id),
                         ips: e.ips.clone(),
@@ -432,10 +440,19 @@ mod tests {
             ),
             ("pod without IP waits", &[("u1", &[])], &[], &[]),
             (
-                "enrolled pod lost its IP: released",
+                "enrolled pod whose IP the view does not show (yet): kept, not released",
                 &[("u1", &[])],
                 &[("u1", &["10.0.0.1"])],
-                &["release ns/pod-u1 (uid u1) ips [10.0.0.1]"],
+                &[],
+            ),
+            (
+                "enrolled pod without IP whose address another pod now claims: released",
+                &[("u1", &[]), ("u2", &["10.0.0.1"])],
+                &[("u1", &["10.0.0.1"])],
+                &[
+                    "release ns/pod-u1 (uid u1) ips [10.0.0.1]",
+                    "enroll ns/pod-u2 (uid u2) ips [10.0.0.1]",
+                ],
             ),
             (
                 "IP change",
