@@ -359,24 +359,34 @@ fn agent_and_plugin_binaries_capture_fail_closed_restart_and_uninstall_cleanly()
     drop(servers);
 }
 
-#[test]
-fn uninstall_subcommand_removes_what_a_stopped_agent_left() {
+/// A one-node lab where the real agent ran in iptables mode, enrolled pod `a` (other pods are
+/// in a plain namespace) and was stopped with a plain SIGTERM (redirection left in place).
+struct StoppedAgent {
+    agent_bin: PathBuf,
+    lab: MultiNodeLab,
+    node_ns: PathBuf,
+    pre_agent: NodeState,
+    _tmp: tempfile::TempDir,
+    dirs: AgentDirs,
+}
+
+fn stopped_agent_with_enrolled_pod(tag: &str, pod_names: &[&str]) -> StoppedAgent {
     assert!(
         nix::unistd::geteuid().is_root(),
         "this test needs root (network namespaces, iptables)"
     );
     let (agent_bin, plugin) = binaries();
-    let lab = MultiNodeLab::new("asu", &[&["a", "p"]]).expect("lab");
+    let lab = MultiNodeLab::new(tag, &[pod_names]).expect("lab");
     let node_ns = lab.node(1).netns.path().to_path_buf();
     let pre_agent = NodeState::capture(&node_ns).expect("pre-agent snapshot");
     let zt_pod = &lab.node(1).ztunnel;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dirs = AgentDirs::create(tmp.path(), &plugin).expect("agent dirs");
-    let pods = vec![
-        ztunnel_json(NODE, zt_pod.ip, zt_pod.netns.path()),
-        pod_json("mesh", "a", NODE, Some(lab.pod("a").ip), &[], &[]),
-        pod_json("plain", "p", NODE, Some(lab.pod("p").ip), &[], &[]),
-    ];
+    let mut pods = vec![ztunnel_json(NODE, zt_pod.ip, zt_pod.netns.path())];
+    for name in pod_names {
+        let ns = if *name == "a" { "mesh" } else { "plain" };
+        pods.push(pod_json(ns, name, NODE, Some(lab.pod(name).ip), &[], &[]));
+    }
     write_workloads(&dirs.workloads, &namespaces(), &pods).expect("workloads");
     let mut agent = Agent::start(&agent_bin, &node_ns, NODE, &dirs).expect("start agent");
     agent.wait_ready(READY).expect("agent ready");
@@ -386,6 +396,26 @@ fn uninstall_subcommand_removes_what_a_stopped_agent_left() {
     });
     let status = agent.terminate(Duration::from_secs(10)).expect("SIGTERM");
     assert!(status.success(), "agent exit {status:?}");
+    StoppedAgent {
+        agent_bin,
+        lab,
+        node_ns,
+        pre_agent,
+        _tmp: tmp,
+        dirs,
+    }
+}
+
+#[test]
+fn uninstall_subcommand_removes_what_a_stopped_agent_left() {
+    let StoppedAgent {
+        agent_bin,
+        lab: _lab,
+        node_ns,
+        pre_agent,
+        _tmp,
+        dirs,
+    } = stopped_agent_with_enrolled_pod("asu", &["a", "p"]);
     let left = NodeState::capture(&node_ns).expect("snapshot");
     assert!(
         !pre_agent.diff(&left).is_empty(),
@@ -419,30 +449,14 @@ fn uninstall_subcommand_removes_what_a_stopped_agent_left() {
 /// that iptables redirection too — not decide on "ebpf" (no driver) and leave it on the node.
 #[test]
 fn uninstall_subcommand_honours_an_explicit_mode_over_ebpf_enabled() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test needs root (network namespaces, iptables)"
-    );
-    let (agent_bin, plugin) = binaries();
-    let lab = MultiNodeLab::new("aue", &[&["a"]]).expect("lab");
-    let node_ns = lab.node(1).netns.path().to_path_buf();
-    let pre_agent = NodeState::capture(&node_ns).expect("pre-agent snapshot");
-    let zt_pod = &lab.node(1).ztunnel;
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dirs = AgentDirs::create(tmp.path(), &plugin).expect("agent dirs");
-    let pods = vec![
-        ztunnel_json(NODE, zt_pod.ip, zt_pod.netns.path()),
-        pod_json("mesh", "a", NODE, Some(lab.pod("a").ip), &[], &[]),
-    ];
-    write_workloads(&dirs.workloads, &namespaces(), &pods).expect("workloads");
-    let mut agent = Agent::start(&agent_bin, &node_ns, NODE, &dirs).expect("start agent");
-    agent.wait_ready(READY).expect("agent ready");
-    let a_ip = lab.pod("a").ip;
-    wait_for("pod a enrolled", Duration::from_secs(10), || {
-        ipset_has(&node_ns, a_ip)
-    });
-    let status = agent.terminate(Duration::from_secs(10)).expect("SIGTERM");
-    assert!(status.success(), "agent exit {status:?}");
+    let StoppedAgent {
+        agent_bin,
+        lab: _lab,
+        node_ns,
+        pre_agent,
+        _tmp,
+        dirs,
+    } = stopped_agent_with_enrolled_pod("aue", &["a"]);
 
     let out = std::process::Command::new("nsenter")
         .arg(format!("--net={}", node_ns.display()))
