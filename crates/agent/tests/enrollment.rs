@@ -396,9 +396,12 @@ fn driver_failures_close_the_gate_and_are_retried() {
         st.failing.contains_key("uid-b") && st.enrolled.len() == 2
     });
     assert!(st.redirect.is_ok(), "{st:?}");
-    std::thread::sleep(Duration::from_millis(300));
-    let tries = s.applies().iter().filter(|c| c.contains("uid-b")).count();
-    assert!(tries >= 2, "retried: {:?}", s.applies());
+    // Retried with back-off (100 ms at first): wait for the second attempt.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.applies().iter().filter(|c| c.contains("uid-b")).count() < 2 {
+        assert!(Instant::now() < deadline, "not retried: {:?}", s.applies());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     s.driver.lock().fail_uids.clear();
     s.wait_enrolled(&["uid-a", "uid-b", "uid-c"]);
     assert!(s.status.get().failing.is_empty());
