@@ -135,7 +135,7 @@ impl Plugin for MeshPlugin {
             }
             Some(_) => {}
             None => {
-                let kubeconfig = conf.kubeconfig_path();
+                let kubeconfig = kubeconfig_path(&conf);
                 if let Err(e) = std::fs::metadata(&kubeconfig) {
                     return Err(CniError::new(
                         CniError::PLUGIN_NOT_AVAILABLE,

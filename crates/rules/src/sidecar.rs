@@ -812,28 +812,18 @@ pub fn build(cfg: &CaptureConfig) -> Result<RuleSet, ConfigError> {
     use Chain::*;
     use Table::*;
 
-    // 1. Excluded interfaces bypass capture entirely.
-    for iface in &p.exclude_ifaces {
-        e.push(
-            Rule::append(Nat, Prerouting)
-                .in_iface(iface)
-                .to(Target::Return),
-        );
-        e.push(
-            Rule::append(Nat, Output)
-                .out_iface(iface)
-                .to(Target::Return),
-        );
-    }
-    if p.tproxy {
+    // 1. Excluded interfaces bypass capture entirely: in nat, and with TPROXY also in mangle
+    //    (all nat rules first, as Istio emits them).
+    let exclude_tables: &[Table] = if p.tproxy { &[Nat, Mangle] } else { &[Nat] };
+    for &table in exclude_tables {
         for iface in &p.exclude_ifaces {
             e.push(
-                Rule::append(Mangle, Prerouting)
+                Rule::append(table, Prerouting)
                     .in_iface(iface)
                     .to(Target::Return),
             );
             e.push(
-                Rule::append(Mangle, Output)
+                Rule::append(table, Output)
                     .out_iface(iface)
                     .to(Target::Return),
             );
