@@ -81,9 +81,14 @@ else
     # GOPATH mode: libcni and pkg/* come from the source tree itself, placed at its import path.
     mkdir -p "$W/gopath/src/github.com/containernetworking"
     mv "$srcdir" "$W/gopath/src/github.com/containernetworking/cni"
+    # Debian's Go explicitly (golang-go, /usr/lib/go): GOPATH mode against Debian's
+    # /usr/share/gocode is what that package is built for; a newer Go earlier on PATH (e.g.
+    # /usr/local/go) is for the Go module builds of the test infrastructure, not this one.
+    DEBIAN_GO=/usr/lib/go/bin/go
+    [ -x "$DEBIAN_GO" ] || { echo "setup.sh: $DEBIAN_GO missing (golang-go)" >&2; exit 1; }
     (cd "$W/gopath/src/github.com/containernetworking/cni/cnitool" &&
-        env GO111MODULE=off GOPATH="$W/gopath:/usr/share/gocode" GOCACHE="$W/gocache" \
-            GOFLAGS= GOPROXY=off CGO_ENABLED=0 go build -ldflags "-s -w" -o "$W/cnitool" .)
+        env GO111MODULE=off GOTOOLCHAIN=local GOPATH="$W/gopath:/usr/share/gocode" GOCACHE="$W/gocache" \
+            GOFLAGS= GOPROXY=off CGO_ENABLED=0 "$DEBIAN_GO" build -ldflags "-s -w" -o "$W/cnitool" .)
     install -m 0755 "$W/cnitool" "$CNITOOL"
     ts "built $CNITOOL from Debian source golang-github-appc-cni $ver"
 fi
