@@ -43,9 +43,17 @@ pub enum KubeError {
     /// TLS handshake failure (unknown CA, bad certificate, ...). Not retryable: needs new config.
     #[error("TLS handshake with kubernetes API server {server} failed: {reason}")]
     Tls { server: String, reason: String },
-    /// HTTP 404 (or missing local file).
+    /// HTTP 404.
     #[error("{kind} {name} not found")]
     NotFound { kind: ObjectKind, name: String },
+    /// The local metadata file of the object does not exist (a [`crate::LocalPodSource`]
+    /// lookup); names the file that was looked for.
+    #[error("{kind} {name} not found: no metadata file {path}")]
+    MissingFile {
+        kind: ObjectKind,
+        name: String,
+        path: PathBuf,
+    },
     /// HTTP 401.
     #[error("kubernetes API rejected the credentials for GET {url} (401 Unauthorized): {message}")]
     Unauthorized { url: String, message: String },
@@ -94,6 +102,7 @@ impl KubeError {
             KubeError::Api { status, .. } => *status == 429 || *status >= 500,
             KubeError::Tls { .. }
             | KubeError::NotFound { .. }
+            | KubeError::MissingFile { .. }
             | KubeError::Unauthorized { .. }
             | KubeError::Forbidden { .. }
             | KubeError::BadResponse { .. }
@@ -106,7 +115,10 @@ impl KubeError {
 
     /// Whether the object does not exist.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, KubeError::NotFound { .. })
+        matches!(
+            self,
+            KubeError::NotFound { .. } | KubeError::MissingFile { .. }
+        )
     }
 }
 

@@ -37,7 +37,9 @@ impl<T: PodSource + ?Sized> PodSource for Box<T> {
 ///
 /// Layout: `<root>/pods/<namespace>/<name>.json` (a Pod in API JSON) and
 /// `<root>/namespaces/<name>.json` (a Namespace). A missing file is
-/// [`KubeError::NotFound`], exactly like a 404 from the API.
+/// [`KubeError::MissingFile`] (like a 404 from the API, [`KubeError::is_not_found`], but naming
+/// the file that was looked for); a file that exists but cannot be read or parsed is an error
+/// naming its path.
 #[derive(Debug, Clone)]
 pub struct LocalPodSource {
     root: PathBuf,
@@ -73,9 +75,10 @@ impl LocalPodSource {
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(KubeError::NotFound {
+                return Err(KubeError::MissingFile {
                     kind,
                     name: display_name,
+                    path,
                 });
             }
             Err(source) => return Err(KubeError::LocalRead { path, source }),

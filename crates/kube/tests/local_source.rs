@@ -69,17 +69,33 @@ fn minimal_file_fills_identity_from_path() {
 fn missing_files_are_not_found() {
     let (_dir, src) = populated();
     let err = src.get_pod("default", "nope").expect_err("missing");
+    let want = src.pod_path("default", "nope");
     assert!(matches!(
-        err,
-        KubeError::NotFound {
+        &err,
+        KubeError::MissingFile {
             kind: ObjectKind::Pod,
+            path,
             ..
-        }
+        } if *path == want
     ));
-    assert_eq!(err.to_string(), "pod default/nope not found");
+    assert!(err.is_not_found());
+    // The message names the file that was looked for.
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "pod default/nope not found: no metadata file {}",
+            want.display()
+        )
+    );
     assert!(!err.is_retryable());
     let err = src.get_namespace("nope").expect_err("missing");
-    assert_eq!(err.to_string(), "namespace nope not found");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "namespace nope not found: no metadata file {}",
+            src.namespace_path("nope").display()
+        )
+    );
     let err = src.get_pod("other-ns", "x").expect_err("missing dir");
     assert!(err.is_not_found());
 }

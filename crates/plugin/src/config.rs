@@ -8,8 +8,12 @@
 //! every field and means "unset", as with Go's `encoding/json`.
 //!
 //! meshcni-specific optional fields: `pod_metadata_dir` (read pods from a
-//! [`meshcni_kube::LocalPodSource`] directory instead of the API) and `iptables_binary`
-//! (`legacy`, `nft` or an absolute path of an `iptables` binary; default: detect per pod).
+//! [`meshcni_kube::LocalPodSource`] directory instead of the API; a pod without a file there is
+//! not a mesh pod), `pod_metadata_default_namespace` (the namespace of pods whose runtime passes
+//! no `K8S_POD_NAMESPACE`, e.g. podman; default `default`; only with `pod_metadata_dir`),
+//! `ambient_detection_failure_policy` (`closed`, the default, or `open`: what ADD does when the
+//! ambient check cannot read the pod or its namespace), `iptables_binary` (`legacy`, `nft` or an
+//! absolute path of an `iptables` binary; default: detect per pod) and `pod_fetch_attempts`.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -88,6 +92,22 @@ impl<'de> Deserialize<'de> for IptablesBinary {
     }
 }
 
+/// What ADD does when ambient detection cannot read the pod or its namespace.
+///
+/// `closed` (default): fail the ADD (CNI error 100): the runtime retries, and an ambient pod never
+/// starts uncaptured. `open`: log a warning and treat the pod as non-ambient (Istio's behaviour
+/// without `enable_ambient_detection_retry`): the pod starts, possibly outside the mesh.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailurePolicy {
+    #[default]
+    Closed,
+    Open,
+}
+
+/// Default of `pod_metadata_default_namespace`.
+pub const DEFAULT_METADATA_NAMESPACE: &str = "default";
+
 /// Effective log level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogLevel {
@@ -149,6 +169,11 @@ pub struct PluginConf {
     // ---- meshcni ----
     /// Read pod/namespace metadata from this directory instead of the API server.
     pub pod_metadata_dir: Option<PathBuf>,
+    /// Namespace of pods whose `CNI_ARGS` carry `K8S_POD_NAME` but no `K8S_POD_NAMESPACE`
+    /// (podman); only with `pod_metadata_dir`. Default [`DEFAULT_METADATA_NAMESPACE`].
+    pub pod_metadata_default_namespace: Option<String>,
+    /// What ADD does when ambient detection fails; see [`FailurePolicy`].
+    pub ambient_detection_failure_policy: Option<FailurePolicy>,
     /// Force an iptables binary instead of detecting legacy vs nft per pod netns.
     pub iptables_binary: Option<IptablesBinary>,
     /// Attempts for the sidecar-path pod fetch on retryable API errors (unreachable, timeout,
@@ -172,6 +197,12 @@ pub enum ConfigError {
     },
     #[error("plugin configuration: pod_metadata_dir {0:?} must be an absolute path")]
     RelativeMetadataDir(PathBuf),
+    #[error(
+        "plugin configuration: pod_metadata_default_namespace is set but pod_metadata_dir is not (it only applies to the local metadata directory)"
+    )]
+    DefaultNamespaceWithoutDir,
+    #[error("plugin configuration: pod_metadata_default_namespace {0:?} is not a namespace name")]
+    InvalidDefaultNamespace(String),
 }
 
 impl PluginConf {
@@ -194,7 +225,41 @@ impl PluginConf {
                 return Err(ConfigError::RelativeMetadataDir(dir.clone()));
             }
         }
+        if let Some(ns) = &self.pod_metadata_default_namespace {
+            if self.pod_metadata_dir.is_none() {
+                return Err(ConfigError::DefaultNamespaceWithoutDir);
+            }
+            let valid = !ns.is_empty()
+                && ns.len() <= 63
+                && ns
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !ns.starts_with('-')
+                && !ns.ends_with('-');
+            if !valid {
+                return Err(ConfigError::InvalidDefaultNamespace(ns.clone()));
+            }
+        }
         Ok(())
+    }
+
+    /// The namespace of a pod whose runtime passed only `K8S_POD_NAME`: with a local metadata
+    /// dir, `pod_metadata_default_namespace` (default `default`); with the Kubernetes API, none
+    /// (kubelet always passes the namespace; such a pod is not a Kubernetes pod).
+    pub fn default_pod_namespace(&self) -> Option<&str> {
+        self.pod_metadata_dir.as_ref()?;
+        Some(
+            self.pod_metadata_default_namespace
+                .as_deref()
+                .unwrap_or(DEFAULT_METADATA_NAMESPACE),
+        )
+    }
+
+    /// The effective [`FailurePolicy`]: the field when set; otherwise `closed`. (Istio's
+    /// `enable_ambient_detection_retry: true` also means closed; only the explicit `open`
+    /// restores Istio's fail-open default.)
+    pub fn ambient_failure_policy(&self) -> FailurePolicy {
+        self.ambient_detection_failure_policy.unwrap_or_default()
     }
 
     /// `cni_agent_run_dir`, default `/var/run/istio-cni`.
@@ -532,6 +597,24 @@ mod tests {
     }
 
     #[test]
+    fn default_namespace_and_failure_policy() {
+        let c = parse(r#"{"pod_metadata_dir":"/m"}"#);
+        assert_eq!(c.default_pod_namespace(), Some("default"));
+        let c = parse(r#"{"pod_metadata_dir":"/m","pod_metadata_default_namespace":"demo"}"#);
+        assert_eq!(c.default_pod_namespace(), Some("demo"));
+        assert_eq!(parse("{}").default_pod_namespace(), None, "API: no default");
+        assert_eq!(parse("{}").ambient_failure_policy(), FailurePolicy::Closed);
+        assert_eq!(
+            parse(r#"{"ambient_detection_failure_policy":"open"}"#).ambient_failure_policy(),
+            FailurePolicy::Open
+        );
+        assert_eq!(
+            parse(r#"{"ambient_detection_failure_policy":"closed"}"#).ambient_failure_policy(),
+            FailurePolicy::Closed
+        );
+    }
+
+    #[test]
     fn log_level_precedence() {
         let c = parse(r#"{"log_level":"debug","plugin_log_level":"warn"}"#);
         assert_eq!(c.log_level(), LogLevel::Warn);
@@ -570,6 +653,18 @@ mod tests {
                 "want \"legacy\", \"nft\"",
             ),
             (r#"{"pod_metadata_dir":"pods"}"#, "absolute"),
+            (
+                r#"{"pod_metadata_default_namespace":"demo"}"#,
+                "pod_metadata_dir is not",
+            ),
+            (
+                r#"{"pod_metadata_dir":"/m","pod_metadata_default_namespace":"../x"}"#,
+                "not a namespace name",
+            ),
+            (
+                r#"{"ambient_detection_failure_policy":"sometimes"}"#,
+                "unknown variant",
+            ),
             (r#"{"ambient_enabled":"yes"}"#, "invalid type"),
             (r#"{"exclude_namespaces":"kube-system"}"#, "invalid type"),
             ("not json", "parsing plugin configuration"),

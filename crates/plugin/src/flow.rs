@@ -23,7 +23,7 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use crate::agent_client::{self, CmdAddEvent, EventAddr, EventIp};
-use crate::config::{IptablesBinary, PluginConf, RuleBackend};
+use crate::config::{FailurePolicy, IptablesBinary, PluginConf, RuleBackend};
 use crate::pod::{self, Decision, PodRef};
 
 /// Plugin-specific error codes (the spec reserves 0–99).
@@ -52,12 +52,20 @@ impl Plugin for MeshPlugin {
         // be passed on must fail the ADD before anything is applied, not after.
         let result = ctx.pass_through()?;
         let args = &ctx.env.args;
-        let pod_ref = PodRef::from_cni_args(args.k8s_pod_namespace(), args.k8s_pod_name());
+        // podman passes only K8S_POD_NAME: with a local metadata dir such a pod lives in the
+        // configured default namespace (see `PluginConf::default_pod_namespace`).
+        let namespace = args
+            .k8s_pod_namespace()
+            .or_else(|| args.k8s_pod_name().and(conf.default_pod_namespace()));
+        let pod_ref = PodRef::from_cni_args(namespace, args.k8s_pod_name());
         if let Some(reason) = pod::skip_before_lookup(&conf, pod_ref) {
             info!(pod = %format_ref(pod_ref), %reason, "not capturing");
             return Ok(result);
         }
         let source = pod_source(&conf)?;
+        if conf.pod_metadata_dir.is_some() && !has_local_metadata(&*source, pod_ref)? {
+            return Ok(result);
+        }
 
         if conf.ambient_enabled {
             match ambient_check(&conf, &*source, pod_ref) {
@@ -67,11 +75,22 @@ impl Plugin for MeshPlugin {
                     return Ok(result);
                 }
                 Ok(false) => {}
-                Err(e) if conf.enable_ambient_detection_retry => {
-                    return Err(lookup_error(pod_ref, &e));
-                }
-                Err(e) => warn!(pod = %format_ref(pod_ref), error = %e,
-                    "ambient detection failed; treating the pod as non-ambient"),
+                Err(e) => match conf.ambient_failure_policy() {
+                    FailurePolicy::Closed => {
+                        return Err(CniError::new(
+                            codes::POD_LOOKUP_FAILED,
+                            format!(
+                                "cannot decide whether pod {} is an ambient pod \
+                                 (ambient_detection_failure_policy=closed)",
+                                format_ref(pod_ref)
+                            ),
+                            e.to_string(),
+                        ));
+                    }
+                    FailurePolicy::Open => warn!(pod = %format_ref(pod_ref), error = %e,
+                        "ambient detection failed; treating the pod as non-ambient \
+                         (ambient_detection_failure_policy=open)"),
+                },
             }
         }
 
@@ -219,6 +238,27 @@ fn kubeconfig_path(conf: &PluginConf) -> PathBuf {
     }
 }
 
+/// Hosts without Kubernetes (local metadata dir): a pod without a metadata file is not a mesh
+/// pod (logged with the file looked for, and passed through); a file that exists but cannot be
+/// read or parsed fails the ADD naming the file. Names that cannot be Kubernetes names (podman
+/// container names may hold `_` or capitals) cannot have a file either.
+fn has_local_metadata(source: &dyn PodSource, p: PodRef<'_>) -> Result<bool, CniError> {
+    match source.get_pod(p.namespace, p.name) {
+        Ok(_) => Ok(true),
+        Err(KubeError::MissingFile { path, .. }) => {
+            info!(pod = %format_ref(p), path = %path.display(),
+                "no pod metadata file: not a mesh pod, not capturing");
+            Ok(false)
+        }
+        Err(e @ KubeError::InvalidName { .. }) => {
+            info!(pod = %format_ref(p), reason = %e,
+                "pod name cannot have a metadata file: not a mesh pod, not capturing");
+            Ok(false)
+        }
+        Err(e) => Err(lookup_error(p, &e)),
+    }
+}
+
 /// Ambient detection (HEAD): pod + namespace lookups, then the enablement selectors.
 fn ambient_check(
     conf: &PluginConf,
@@ -234,12 +274,16 @@ fn ambient_check(
         interval: Duration::from_secs(1),
         retry_on: RetryOn::Any,
     };
+    let local = conf.pod_metadata_dir.is_some();
     let (pod, ns): (Pod, Namespace) = policy.run(
         |_| {
-            Ok((
-                source.get_pod(p.namespace, p.name)?,
-                source.get_namespace(p.namespace)?,
-            ))
+            let pod = source.get_pod(p.namespace, p.name)?;
+            let ns = match source.get_namespace(p.namespace) {
+                // Without Kubernetes a namespace exists only as a name: no file, no labels.
+                Err(KubeError::MissingFile { .. }) if local => Namespace::default(),
+                other => other?,
+            };
+            Ok((pod, ns))
         },
         |_, _| true,
     )?;
