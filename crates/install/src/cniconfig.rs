@@ -305,14 +305,15 @@ pub fn plugin_config_bytes(cfg: &InstallConfig) -> Result<Vec<u8>, InstallError>
         if f.exists() {
             let t = fs::read_to_string(f)
                 .map_err(|e| InstallError::io("reading CNI network config template", f, e))?;
-            return Ok(conflist::substitute_template(&t, &cfg.template_vars()).into_bytes());
+            let rendered = conflist::substitute_template(&t, &cfg.template_vars());
+            return crate::agent_settings::merge_into_template(rendered.into_bytes(), cfg)
+                .map_err(InstallError::PluginConfig);
         }
     }
     if !cfg.cni_network_config.is_empty() {
-        return Ok(
-            conflist::substitute_template(&cfg.cni_network_config, &cfg.template_vars())
-                .into_bytes(),
-        );
+        let rendered = conflist::substitute_template(&cfg.cni_network_config, &cfg.template_vars());
+        return crate::agent_settings::merge_into_template(rendered.into_bytes(), cfg)
+            .map_err(InstallError::PluginConfig);
     }
     Ok(cfg
         .plugin_config()

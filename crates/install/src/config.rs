@@ -91,6 +91,8 @@ pub struct InstallConfig {
     pub native_nftables: bool,
     /// `ENABLE_AMBIENT_DETECTION_RETRY`.
     pub enable_ambient_detection_retry: bool,
+    /// meshcni's own plugin fields (`POD_METADATA_DIR`, ...); merged into templates too.
+    pub meshcni_plugin_fields: crate::agent_settings::AgentPluginFields,
     /// Keeper tuning.
     pub keeper: KeeperTuning,
 }
@@ -167,6 +169,7 @@ impl Default for InstallConfig {
             pod_namespace: String::new(),
             native_nftables: false,
             enable_ambient_detection_retry: false,
+            meshcni_plugin_fields: Default::default(),
             keeper: KeeperTuning::default(),
         }
     }
@@ -237,6 +240,7 @@ impl InstallConfig {
             pod_namespace: self.pod_namespace.clone(),
             native_nftables: self.native_nftables,
             enable_ambient_detection_retry: self.enable_ambient_detection_retry,
+            meshcni: self.meshcni_plugin_fields.clone(),
         })
     }
 

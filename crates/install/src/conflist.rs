@@ -28,9 +28,26 @@ pub enum ConfigError {
     PluginNotObject { index: usize, found: &'static str },
     #[error("ambient enablement selector YAML is invalid: {0}")]
     InvalidSelector(String),
+    /// A plugin config template sets a field the agent also sets, to a different value.
+    #[error(
+        "the plugin config template sets {key} to {template}, but the agent is configured with {agent} ({flag}); remove it from the template or make them agree"
+    )]
+    TemplateConflict {
+        key: &'static str,
+        template: String,
+        agent: String,
+        flag: &'static str,
+    },
+    /// A plugin config template has a field of the wrong type for the agent to merge into.
+    #[error("the plugin config template's {key} must be {want}, found {found}")]
+    TemplateFieldType {
+        key: &'static str,
+        want: &'static str,
+        found: &'static str,
+    },
 }
 
-fn kind_of(v: &Value) -> &'static str {
+pub(crate) fn kind_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -371,6 +388,9 @@ pub struct PluginConfig {
     pub pod_namespace: String,
     pub native_nftables: bool,
     pub enable_ambient_detection_retry: bool,
+    /// meshcni fields, written only when set (so Istio-shaped output stays byte-identical):
+    /// see [`crate::agent_settings`].
+    pub meshcni: crate::agent_settings::AgentPluginFields,
 }
 
 impl PluginConfig {
@@ -407,6 +427,9 @@ impl PluginConfig {
             "enable_ambient_detection_retry".into(),
             json!(self.enable_ambient_detection_retry),
         );
+        for (k, v) in self.meshcni.entries() {
+            m.insert(k.into(), json!(v));
+        }
         Value::Object(m)
     }
 

@@ -24,6 +24,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod agent_settings;
 pub mod binaries;
 pub mod cniconfig;
 pub mod config;
