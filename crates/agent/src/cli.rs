@@ -5,8 +5,12 @@
 //! binary except where a path or file name would collide with an Istio installation on the same
 //! node (run dir, kubeconfig name, istio-owned conflist name, log socket), which use `meshcni`.
 //!
-//! Settings that later issues consume (repair, enablement selectors, DNS capture, …) are parsed and
-//! validated now so the chart and manifests can set them; the report says which are live.
+//! Every setting is either implemented or rejected: Istio settings this build does not implement
+//! (the repair controller, in-pod/eBPF-only knobs, …) are accepted only at their default value, so
+//! an Istio-style environment that leaves them alone works, and one that turns them on fails at
+//! start-up and in `check-config` with an error naming the flag and its env var
+//! ([`AgentArgs::validate`]). Redirect modes without a driver in this build fail the same way
+//! when ambient is enabled.
 
 use std::path::PathBuf;
 
@@ -50,6 +54,26 @@ pub enum LogFormat {
     Json,
 }
 
+/// The plugin's `ambient_detection_failure_policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FailurePolicy {
+    Closed,
+    Open,
+}
+
+impl FailurePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailurePolicy::Closed => "closed",
+            FailurePolicy::Open => "open",
+        }
+    }
+}
+
+/// Redirect modes this build has a driver for (`ambient::make_driver`; a unit test keeps the
+/// two in step).
+pub const BUILT_REDIRECT_MODES: &[RedirectMode] = &[RedirectMode::Iptables];
+
 /// Parse a file mode the way operators write it: octal, with or without a leading `0`/`0o`
 /// (`0600`, `600`, `0o600`). Istio's flag is a Go int, which viper also reads from "0600".
 pub fn parse_mode(s: &str) -> Result<u32, String> {
@@ -71,7 +95,7 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
     name = "meshcni-agent",
     version,
     about = "meshcni node agent: installs the meshcni CNI plugin on the node, keeps it installed, \
-             serves readiness and metrics, and (later) drives ambient redirection.",
+             serves readiness and metrics, and drives ambient redirection (iptables mode).",
     long_about = None,
     after_help = "Every flag can also be set through the environment variable shown for it \
                   (flag name in UPPER_SNAKE, as in Istio's install-cni). A flag on the command \
@@ -254,19 +278,19 @@ pub struct AgentArgs {
     #[arg(long, env = "POD_NAMESPACE", default_value = "")]
     pub pod_namespace: String,
 
-    /// Name of this agent's pod (Downward API). [Accepted and validated; used by a later release.]
+    /// Name of this agent's pod (Downward API). [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "POD_NAME", default_value = "")]
     pub pod_name: String,
 
-    /// Mesh system namespace (where ztunnel runs). [Accepted and validated; used by a later release.]
+    /// Mesh system namespace (where ztunnel runs).
     #[arg(long, env = "SYSTEM_NAMESPACE", default_value = "istio-system")]
     pub system_namespace: String,
 
-    /// Control-plane revision. [Accepted and validated; used by a later release.]
+    /// Control-plane revision. [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "REVISION", default_value = "")]
     pub revision: String,
 
-    /// This node's IP (Downward API), used by node-level redirect modes. [Accepted and validated; used by a later release.]
+    /// This node's IP (Downward API), used by node-level redirect modes. [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "HOST_IP", default_value = "")]
     pub host_ip: String,
 
@@ -285,7 +309,9 @@ pub struct AgentArgs {
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ambient_enabled: bool,
 
-    /// Ambient redirect mode (written into the ambient config file).
+    /// Ambient redirect mode (written into the ambient config file). This build has a driver
+    /// for `iptables` only: with ambient enabled, `inpod` (the default, as in Istio) and `ebpf`
+    /// are rejected at start-up and by `check-config`.
     #[arg(
         long,
         env = "AMBIENT_REDIRECT_MODE",
@@ -295,7 +321,7 @@ pub struct AgentArgs {
     pub ambient_redirect_mode: RedirectMode,
 
     /// G1 switch for the eBPF redirect mode; when true it selects `ebpf` unless
-    /// --ambient-redirect-mode is set explicitly.
+    /// --ambient-redirect-mode is set explicitly. The ebpf mode is not built: `true` is rejected.
     #[arg(long, env = "EBPF_ENABLED", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ebpf_enabled: bool,
@@ -308,7 +334,7 @@ pub struct AgentArgs {
     )]
     pub ambient_config_dir: PathBuf,
 
-    /// Unix socket ztunnel connects to (ZDS). [Accepted and validated; used by a later release.]
+    /// Unix socket ztunnel connects to (ZDS). [Not supported by this build: a non-default value is rejected.]
     #[arg(
         long,
         env = "ZTUNNEL_UDS_ADDRESS",
@@ -335,8 +361,9 @@ pub struct AgentArgs {
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ambient_dns_capture: bool,
 
-    /// Program IPv6 rules for ambient pods. [Accepted and validated; used by a later release.]
-    #[arg(long, env = "AMBIENT_IPV6", default_value = "true", action = ArgAction::Set,
+    /// Program IPv6 rules for ambient pods (Istio's default is true; this build's ambient
+    /// redirection is IPv4-only, so the default is false). [Not supported by this build: a non-default value is rejected.]
+    #[arg(long, env = "AMBIENT_IPV6", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ambient_ipv6: bool,
 
@@ -346,17 +373,46 @@ pub struct AgentArgs {
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ambient_disable_safe_upgrade: bool,
 
-    /// Re-apply in-pod rules of already enrolled pods at start-up. [Accepted and validated; used by a later release.]
+    /// Re-apply in-pod rules of already enrolled pods at start-up. [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", default_value = "false",
           action = ArgAction::Set, value_parser = BoolishValueParser::new(), num_args = 0..=1,
           default_missing_value = "true")]
     pub ambient_reconcile_pod_rules_on_startup: bool,
 
-    /// Retry ambient detection in the plugin when the pod's namespace is not cached yet.
+    /// Retry ambient detection in the plugin (30 attempts, 1 s apart, instead of 2) before the
+    /// failure policy applies (written into the plugin config).
     #[arg(long, env = "ENABLE_AMBIENT_DETECTION_RETRY", default_value = "false",
           action = ArgAction::Set, value_parser = BoolishValueParser::new(), num_args = 0..=1,
           default_missing_value = "true")]
     pub enable_ambient_detection_retry: bool,
+
+    /// What the plugin's ADD does when ambient detection cannot read the pod or its namespace:
+    /// `closed` fails the ADD (the runtime retries; an ambient pod never starts uncaptured),
+    /// `open` starts the pod as non-ambient (Istio's behaviour without detection retry). Written
+    /// into the plugin config.
+    #[arg(
+        long,
+        env = "AMBIENT_DETECTION_FAILURE_POLICY",
+        value_enum,
+        default_value = "closed"
+    )]
+    pub ambient_detection_failure_policy: FailurePolicy,
+
+    /// Hosts without Kubernetes: the plugin reads pod metadata from this directory
+    /// (`pods/<namespace>/<name>.json`, `namespaces/<name>.json`, Kubernetes JSON) instead of
+    /// the API server; a pod without a file there is not a mesh pod. Absolute path, as the
+    /// plugin on the host sees it. Written into the plugin config (also into a template's).
+    #[arg(long, env = "POD_METADATA_DIR", default_value = "")]
+    pub pod_metadata_dir: String,
+
+    /// Namespace of pods whose runtime passes no K8S_POD_NAMESPACE (podman passes only
+    /// K8S_POD_NAME = the container name). Needs --pod-metadata-dir.
+    #[arg(
+        long,
+        env = "POD_METADATA_DEFAULT_NAMESPACE",
+        default_value = "default"
+    )]
+    pub pod_metadata_default_namespace: String,
 
     /// Use nftables instead of iptables.
     #[arg(long, env = "NATIVE_NFTABLES", default_value = "false", action = ArgAction::Set,
@@ -373,16 +429,16 @@ pub struct AgentArgs {
     #[arg(long, env = "NETNS_DIR", default_value = "/var/run/netns")]
     pub netns_dir: PathBuf,
 
-    /// Let the agent enter the host netns through /host/proc/1/ns/net (non-hostNetwork pod). [Accepted and validated; used by a later release.]
+    /// Let the agent enter the host netns through /host/proc/1/ns/net (non-hostNetwork pod). [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "ALLOW_SWITCH_TO_HOST_NS", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub allow_switch_to_host_ns: bool,
 
-    /// Source address kubelet probes are SNATed to (IPv4). [Accepted and validated; used by a later release.]
+    /// Source address kubelet probes are SNATed to (IPv4). [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "HOST_PROBE_SNAT_IP", default_value = "169.254.7.127")]
     pub host_probe_snat_ip: std::net::Ipv4Addr,
 
-    /// Source address kubelet probes are SNATed to (IPv6). [Accepted and validated; used by a later release.]
+    /// Source address kubelet probes are SNATed to (IPv6). [Not supported by this build: a non-default value is rejected.]
     #[arg(
         long,
         env = "HOST_PROBE_SNAT_IPV6",
@@ -390,40 +446,41 @@ pub struct AgentArgs {
     )]
     pub host_probe_snat_ipv6: std::net::Ipv6Addr,
 
-    /// Take per-pod (scoped) xtables locks instead of the global one. [Accepted and validated; used by a later release.]
+    /// Take per-pod (scoped) xtables locks instead of the global one. [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "AMBIENT_USE_SCOPED_XTABLES_LOCKING", default_value = "false",
           action = ArgAction::Set, value_parser = BoolishValueParser::new(), num_args = 0..=1,
           default_missing_value = "true")]
     pub ambient_use_scoped_xtables_locking: bool,
 
-    /// Add the AWS branch-ENI probe routing workaround. [Accepted and validated; used by a later release.]
+    /// Add the AWS branch-ENI probe routing workaround. [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "AMBIENT_ENABLE_AWS_BRANCH_ENI_PROBE", default_value = "false",
           action = ArgAction::Set, value_parser = BoolishValueParser::new(), num_args = 0..=1,
           default_missing_value = "true")]
     pub ambient_enable_aws_branch_eni_probe: bool,
 
     // ---- repair (spec §6) ----
-    /// Run the repair controller. [Accepted and validated; used by a later release.]
-    #[arg(long, env = "REPAIR_ENABLED", default_value = "true", action = ArgAction::Set,
+    /// Run the repair controller (Istio's default is true; this build has none, so the default
+    /// is false). [Not supported by this build: a non-default value is rejected.]
+    #[arg(long, env = "REPAIR_ENABLED", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub repair_enabled: bool,
 
-    /// Repair broken pods in place (re-apply the sidecar redirect in their netns). [Accepted and validated; used by a later release.]
+    /// Repair broken pods in place (re-apply the sidecar redirect in their netns). [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "REPAIR_REPAIR_PODS", default_value = "true", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub repair_repair_pods: bool,
 
-    /// Delete broken pods. [Accepted and validated; used by a later release.]
+    /// Delete broken pods. [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "REPAIR_DELETE_PODS", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub repair_delete_pods: bool,
 
-    /// Label broken pods. [Accepted and validated; used by a later release.]
+    /// Label broken pods. [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "REPAIR_LABEL_PODS", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub repair_label_pods: bool,
 
-    /// Label key put on broken pods. [Accepted and validated; used by a later release.]
+    /// Label key put on broken pods. [Not supported by this build: a non-default value is rejected.]
     #[arg(
         long,
         env = "REPAIR_BROKEN_POD_LABEL_KEY",
@@ -431,15 +488,15 @@ pub struct AgentArgs {
     )]
     pub repair_broken_pod_label_key: String,
 
-    /// Label value put on broken pods. [Accepted and validated; used by a later release.]
+    /// Label value put on broken pods. [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "REPAIR_BROKEN_POD_LABEL_VALUE", default_value = "true")]
     pub repair_broken_pod_label_value: String,
 
-    /// Node whose pods the repair controller watches (empty: this node). [Accepted and validated; used by a later release.]
+    /// Node whose pods the repair controller watches (empty: this node). [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "REPAIR_NODE_NAME", default_value = "")]
     pub repair_node_name: String,
 
-    /// Annotation that marks a pod as sidecar-injected. [Accepted and validated; used by a later release.]
+    /// Annotation that marks a pod as sidecar-injected. [Not supported by this build: a non-default value is rejected.]
     #[arg(
         long,
         env = "REPAIR_SIDECAR_ANNOTATION",
@@ -447,7 +504,7 @@ pub struct AgentArgs {
     )]
     pub repair_sidecar_annotation: String,
 
-    /// Name of the validation init container. [Accepted and validated; used by a later release.]
+    /// Name of the validation init container. [Not supported by this build: a non-default value is rejected.]
     #[arg(
         long,
         env = "REPAIR_INIT_CONTAINER_NAME",
@@ -455,7 +512,7 @@ pub struct AgentArgs {
     )]
     pub repair_init_container_name: String,
 
-    /// Termination message of a failed validation (empty: any). [Accepted and validated; used by a later release.]
+    /// Termination message of a failed validation (empty: any). [Not supported by this build: a non-default value is rejected.]
     #[arg(
         long,
         env = "REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE",
@@ -463,15 +520,15 @@ pub struct AgentArgs {
     )]
     pub repair_init_container_termination_message: String,
 
-    /// Exit code of a failed validation (0: any). [Accepted and validated; used by a later release.]
+    /// Exit code of a failed validation (0: any). [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "REPAIR_INIT_CONTAINER_EXIT_CODE", default_value_t = 126)]
     pub repair_init_container_exit_code: i32,
 
-    /// Extra label selectors for the repair pod watch. [Accepted and validated; used by a later release.]
+    /// Extra label selectors for the repair pod watch. [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "REPAIR_LABEL_SELECTORS", default_value = "")]
     pub repair_label_selectors: String,
 
-    /// Extra field selectors for the repair pod watch. [Accepted and validated; used by a later release.]
+    /// Extra field selectors for the repair pod watch. [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "REPAIR_FIELD_SELECTORS", default_value = "")]
     pub repair_field_selectors: String,
 
@@ -493,7 +550,159 @@ pub struct AgentArgs {
     pub uninstall_marker_file: PathBuf,
 }
 
+/// Compare each listed field with its default; a difference is an "unsupported setting" error.
+macro_rules! reject_non_default {
+    ($args:expr, $defaults:expr, $out:expr; $($field:ident: $why:expr),* $(,)?) => {
+        $(
+            if $args.$field != $defaults.$field {
+                $out.push(unsupported(
+                    stringify!($field),
+                    &format!("{:?}", $args.$field),
+                    &format!("{:?}", $defaults.$field),
+                    $why,
+                ));
+            }
+        )*
+    };
+}
+
+/// `--flag-name (FLAG_NAME)` of a field (the naming convention every flag here follows; a unit
+/// test checks it against the clap definitions).
+pub fn flag_and_env(field: &str) -> String {
+    format!(
+        "--{} ({})",
+        field.replace('_', "-"),
+        field.to_ascii_uppercase()
+    )
+}
+
+fn unsupported(field: &str, value: &str, default: &str, why: &str) -> String {
+    format!(
+        "{} = {value} is not supported by this build of meshcni-agent ({why}); \
+         unset it or set it to its default {default}",
+        flag_and_env(field)
+    )
+}
+
+/// Settings this build cannot honour, found by [`AgentArgs::validate`]. The message lists
+/// every problem, one per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration:\n  {}", .0.join("\n  "))]
+pub struct ConfigError(pub Vec<String>);
+
 impl AgentArgs {
+    /// Every flag at its built-in default (environment ignored).
+    pub fn defaults() -> AgentArgs {
+        use clap::{CommandFactory, FromArgMatches};
+        let cmd = Cli::command().mut_args(|a| a.env(None::<&str>));
+        let m = cmd
+            .try_get_matches_from(["meshcni-agent"])
+            .expect("the built-in defaults parse");
+        AgentArgs::from_arg_matches(&m).expect("the built-in defaults parse")
+    }
+
+    /// Reject what this build cannot do (for `run` and `check-config`; `uninstall` removes
+    /// files whatever the settings): unimplemented Istio settings at non-default values, a
+    /// redirect mode without a driver when ambient is on, and inconsistent meshcni settings.
+    pub fn validate(&self, redirect_mode_explicit: bool) -> Result<(), ConfigError> {
+        let d = AgentArgs::defaults();
+        let mut errs = Vec::new();
+        const REPAIR: &str = "there is no repair controller";
+        const INPOD: &str = "it configures the in-pod redirect mode, which has no driver";
+        const NODE_LEVEL: &str = "the iptables redirect mode does not implement it";
+        reject_non_default!(self, d, errs;
+            pod_name: "nothing reads the agent's own pod name",
+            revision: "there is no revision-specific behaviour",
+            host_ip: "the iptables redirect mode finds the node address itself",
+            log_uds_address: "the plugin does not send its logs to the agent; they go to the runtime's log",
+            ztunnel_uds_address: INPOD,
+            ambient_ipv6: "ambient redirection is IPv4-only",
+            ambient_reconcile_pod_rules_on_startup: INPOD,
+            allow_switch_to_host_ns: "the agent runs in the host network namespace (hostNetwork) or not at all",
+            host_probe_snat_ip: NODE_LEVEL,
+            host_probe_snat_ipv6: NODE_LEVEL,
+            ambient_use_scoped_xtables_locking: "rules are applied with one iptables-restore per table",
+            ambient_enable_aws_branch_eni_probe: NODE_LEVEL,
+            repair_enabled: REPAIR,
+            repair_repair_pods: REPAIR,
+            repair_delete_pods: REPAIR,
+            repair_label_pods: REPAIR,
+            repair_broken_pod_label_key: REPAIR,
+            repair_broken_pod_label_value: REPAIR,
+            repair_node_name: REPAIR,
+            repair_sidecar_annotation: REPAIR,
+            repair_init_container_name: REPAIR,
+            repair_init_container_termination_message: REPAIR,
+            repair_init_container_exit_code: REPAIR,
+            repair_label_selectors: REPAIR,
+            repair_field_selectors: REPAIR,
+        );
+        if self.ebpf_enabled {
+            errs.push(format!(
+                "{} = true selects the ebpf redirect mode, which is not available in this build; \
+                 unset it (use --ambient-redirect-mode=iptables)",
+                flag_and_env("ebpf_enabled")
+            ));
+        }
+        let mode = self.effective_redirect_mode(redirect_mode_explicit);
+        if self.ambient_enabled && !BUILT_REDIRECT_MODES.contains(&mode) && !self.ebpf_enabled {
+            let default = if redirect_mode_explicit {
+                ""
+            } else {
+                ", the default"
+            };
+            errs.push(format!(
+                "AMBIENT_REDIRECT_MODE={mode} (--ambient-redirect-mode{default}) is not available \
+                 in this build (no {mode} driver) and ambient is enabled; set \
+                 --ambient-redirect-mode=iptables (AMBIENT_REDIRECT_MODE=iptables)"
+            ));
+        }
+        if !self.pod_metadata_dir.is_empty() && !self.pod_metadata_dir.starts_with('/') {
+            errs.push(format!(
+                "{} = {:?} must be an absolute path (the plugin reads it on the host)",
+                flag_and_env("pod_metadata_dir"),
+                self.pod_metadata_dir
+            ));
+        }
+        if self.pod_metadata_default_namespace != d.pod_metadata_default_namespace
+            && self.pod_metadata_dir.is_empty()
+        {
+            errs.push(format!(
+                "{} = {:?} needs {} (it names the namespace of pods in the local metadata dir)",
+                flag_and_env("pod_metadata_default_namespace"),
+                self.pod_metadata_default_namespace,
+                flag_and_env("pod_metadata_dir")
+            ));
+        }
+        if !is_namespace_name(&self.pod_metadata_default_namespace) {
+            errs.push(format!(
+                "{} = {:?} is not a namespace name",
+                flag_and_env("pod_metadata_default_namespace"),
+                self.pod_metadata_default_namespace
+            ));
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError(errs))
+        }
+    }
+
+    /// The meshcni fields of the plugin config, as the installer writes them.
+    pub fn plugin_fields(&self) -> meshcni_install::agent_settings::AgentPluginFields {
+        let d = AgentArgs::defaults();
+        let metadata = !self.pod_metadata_dir.is_empty();
+        meshcni_install::agent_settings::AgentPluginFields {
+            pod_metadata_dir: metadata.then(|| self.pod_metadata_dir.clone()),
+            pod_metadata_default_namespace: (metadata
+                && self.pod_metadata_default_namespace != d.pod_metadata_default_namespace)
+                .then(|| self.pod_metadata_default_namespace.clone()),
+            ambient_detection_failure_policy: (self.ambient_detection_failure_policy
+                != d.ambient_detection_failure_policy)
+                .then(|| self.ambient_detection_failure_policy.as_str().to_string()),
+        }
+    }
+
     /// The redirect mode in effect (EBPF_ENABLED only upgrades the default).
     pub fn effective_redirect_mode(&self, redirect_mode_explicit: bool) -> RedirectMode {
         if self.ebpf_enabled && !redirect_mode_explicit {
@@ -530,6 +739,16 @@ impl AgentArgs {
         self.cni_agent_run_dir
             .join(crate::plugin_report::METRICS_SOCKET_NAME)
     }
+}
+
+/// A DNS-1123 label (Kubernetes namespace name).
+fn is_namespace_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 /// Render the flag reference as a Markdown table (flag, env, default, description), straight from
@@ -625,6 +844,66 @@ mod tests {
             .args;
         assert_eq!(a.effective_redirect_mode(false), RedirectMode::Ebpf);
         assert_eq!(a.effective_redirect_mode(true), RedirectMode::Inpod);
+    }
+
+    /// `BUILT_REDIRECT_MODES` is exactly the set of modes `ambient::make_driver` can build.
+    #[test]
+    fn built_modes_are_the_modes_with_a_driver() {
+        let tmp = std::env::temp_dir().join(format!("mcni-cli-{}", std::process::id()));
+        let mut args = AgentArgs::defaults();
+        args.cni_agent_run_dir = tmp.clone();
+        for mode in [
+            RedirectMode::Iptables,
+            RedirectMode::Ebpf,
+            RedirectMode::Inpod,
+        ] {
+            assert_eq!(
+                crate::ambient::make_driver(mode, &args).is_ok(),
+                BUILT_REDIRECT_MODES.contains(&mode),
+                "{mode}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(tmp);
+    }
+
+    /// Error messages derive `--flag (ENV)` from the field name: true for every flag.
+    #[test]
+    fn flag_and_env_names_follow_the_field_names() {
+        for arg in Cli::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if long == "help" || long == "version" {
+                continue;
+            }
+            let env = arg.get_env().map(|e| e.to_string_lossy().into_owned());
+            assert_eq!(
+                flag_and_env(arg.get_id().as_str()),
+                format!("--{long} ({})", env.unwrap_or_default())
+            );
+        }
+    }
+
+    #[test]
+    fn defaults_validate_and_ignore_the_environment() {
+        let d = AgentArgs::defaults();
+        assert_eq!(d.validate(false), Ok(()));
+        assert!(
+            !d.repair_enabled && !d.ambient_ipv6,
+            "no default claims an unbuilt feature"
+        );
+        let mut a = d.clone();
+        a.repair_enabled = true;
+        a.pod_metadata_default_namespace = "demo".into();
+        let err = a.validate(false).expect_err("rejected").to_string();
+        assert!(
+            err.contains("--repair-enabled (REPAIR_ENABLED) = true"),
+            "{err}"
+        );
+        assert!(err.contains("needs --pod-metadata-dir"), "{err}");
+        a.repair_enabled = false;
+        a.pod_metadata_dir = "/m".into();
+        assert_eq!(a.validate(false), Ok(()));
+        a.pod_metadata_dir = "m".into();
+        assert!(a.validate(false).is_err());
     }
 
     #[test]

@@ -62,6 +62,7 @@ pub fn install_config(args: &AgentArgs) -> Result<InstallConfig, String> {
         pod_namespace: args.pod_namespace.clone(),
         native_nftables: args.native_nftables,
         enable_ambient_detection_retry: args.enable_ambient_detection_retry,
+        meshcni_plugin_fields: args.plugin_fields(),
         ..defaults
     })
 }

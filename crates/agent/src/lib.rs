@@ -54,18 +54,24 @@ pub fn main_entry() -> ExitCode {
             print!("{}", cli::reference_markdown());
             Ok(())
         }
-        cli::Command::CheckConfig => {
-            let plan = run::RunPlan {
-                redirect_mode: args.effective_redirect_mode(explicit_mode),
-                args,
-            };
-            install_bridge::install_config(&plan.args)
-                .map(|ic| {
-                    println!("{plan:?}");
-                    println!("{ic:?}");
-                })
-                .map_err(run::AgentError::Installer)
-        }
+        cli::Command::CheckConfig => args
+            .validate(explicit_mode)
+            .map_err(run::AgentError::Config)
+            .and_then(|()| {
+                let plan = run::RunPlan {
+                    redirect_mode: args.effective_redirect_mode(explicit_mode),
+                    args,
+                };
+                let ic = install_bridge::install_config(&plan.args)
+                    .map_err(run::AgentError::Installer)?;
+                // What the installer will write for the plugin (templates merged).
+                let plugin = meshcni_install::cniconfig::plugin_config_bytes(&ic)
+                    .map_err(|e| run::AgentError::Installer(e.to_string()))?;
+                println!("{plan:?}");
+                println!("{ic:?}");
+                println!("plugin config: {}", String::from_utf8_lossy(&plugin));
+                Ok(())
+            }),
         cli::Command::Uninstall => install_bridge::for_uninstall(&args)
             .map_err(run::AgentError::Installer)
             .and_then(|inst| {
@@ -73,6 +79,11 @@ pub fn main_entry() -> ExitCode {
                 run::uninstall_all(&args, mode, inst.as_ref())
             }),
         cli::Command::Run => {
+            if let Err(e) = args.validate(explicit_mode) {
+                tracing::error!(error = %e, "meshcni-agent cannot start");
+                eprintln!("meshcni-agent: {e}");
+                return ExitCode::FAILURE;
+            }
             let plan = run::RunPlan {
                 redirect_mode: args.effective_redirect_mode(explicit_mode),
                 args,

@@ -25,6 +25,8 @@ use crate::readiness::Readiness;
 pub enum AgentError {
     #[error("starting the installer: {0}")]
     Installer(String),
+    #[error(transparent)]
+    Config(#[from] crate::cli::ConfigError),
     #[error("building the tokio runtime: {0}")]
     Runtime(std::io::Error),
     #[error(transparent)]
