@@ -309,14 +309,13 @@ fn rbac_is_least_privilege() {
         "/namespaces:get",
         "/namespaces:list",
         "/namespaces:watch",
-        "/nodes:get",
     ]
     .into_iter()
     .map(String::from)
     .collect();
     assert_eq!(
         granted, expected,
-        "default RBAC must be read-only pods/namespaces + get nodes"
+        "default RBAC must be read-only pods/namespaces"
     );
 
     // In the chart every write verb is inside an `if` on a value.
@@ -509,14 +508,13 @@ fn manifest_is_the_chart_rendered_with_defaults() {
         cm("AMBIENT_DNS_CAPTURE"),
         Some(cov.str("ambient.dnsCapture"))
     );
-    assert_eq!(cm("AMBIENT_IPV6"), Some(cov.str("ambient.ipv6")));
-    assert_eq!(
-        cm("AMBIENT_RECONCILE_POD_RULES_ON_STARTUP"),
-        Some(cov.str("ambient.reconcileIptablesOnStartup"))
-    );
     assert_eq!(
         cm("ENABLE_AMBIENT_DETECTION_RETRY"),
         Some(cov.str("ambient.enableAmbientDetectionRetry"))
+    );
+    assert_eq!(
+        cm("AMBIENT_DETECTION_FAILURE_POLICY"),
+        Some(cov.str("ambient.detectionFailurePolicy"))
     );
     assert_eq!(
         pod.host_network.map(|b| b.to_string()),
@@ -552,20 +550,17 @@ fn manifest_is_the_chart_rendered_with_defaults() {
         (seccomp != Value::Object(Default::default())).then_some(seccomp)
     );
 
-    // Repair.
-    for (k, env) in [
-        ("repair.enabled", "REPAIR_ENABLED"),
-        ("repair.repairPods", "REPAIR_REPAIR_PODS"),
-        ("repair.labelPods", "REPAIR_LABEL_PODS"),
-        ("repair.deletePods", "REPAIR_DELETE_PODS"),
-        ("repair.initContainerName", "REPAIR_INIT_CONTAINER_NAME"),
-        ("repair.brokenPodLabelKey", "REPAIR_BROKEN_POD_LABEL_KEY"),
-        (
-            "repair.brokenPodLabelValue",
-            "REPAIR_BROKEN_POD_LABEL_VALUE",
-        ),
+    // No value or env var for a setting this build does not implement (repair, in-pod knobs).
+    for gone in [
+        "REPAIR_",
+        "AMBIENT_IPV6",
+        "AMBIENT_RECONCILE",
+        "ALLOW_SWITCH_TO_HOST_NS",
     ] {
-        assert_eq!(cm(env), Some(cov.str(k)), "{k} → {env}");
+        assert!(
+            !data.keys().any(|k| k.starts_with(gone)),
+            "ConfigMap sets {gone}*"
+        );
     }
 
     // Ports.
@@ -680,10 +675,7 @@ fn manifest_is_the_chart_rendered_with_defaults() {
             "NETNS_DIR",
             "UNINSTALL_MARKER_FILE",
             "NODE_NAME",
-            "REPAIR_NODE_NAME",
-            "POD_NAME",
-            "POD_NAMESPACE",
-            "HOST_IP"
+            "POD_NAMESPACE"
         ]
     );
 
@@ -840,4 +832,101 @@ fn manifest_env_is_understood_by_the_agent() {
         text.contains("exclude_namespaces: [\"kube-system\"]"),
         "{text}"
     );
+}
+
+/// The agent's environment from the plain manifest (ConfigMap + DaemonSet env), with
+/// Downward-API values stood in for.
+fn manifest_env(o: &Objects) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = o
+        .config
+        .data
+        .clone()
+        .expect("data")
+        .into_iter()
+        .filter(|(k, _)| k != "CURRENT_AGENT_VERSION")
+        .collect();
+    for e in container(o).env.clone().expect("env") {
+        env.push((
+            e.name.clone(),
+            e.value.unwrap_or_else(|| "downward-api-value".into()),
+        ));
+    }
+    env
+}
+
+/// Safe defaults: with ambient on, the chart renders only a redirect mode the agent has a driver
+/// for. The chart's guard (`meshcni.checkRedirectMode`, a `fail` in the DaemonSet template) and
+/// the agent's refusal must agree mode for mode: the guard's list of built modes is the agent's
+/// `BUILT_REDIRECT_MODES`, and the manifest's environment with ambient switched on is accepted by
+/// `check-config` exactly for those modes (and refused, naming the setting, for the others).
+#[test]
+fn ambient_on_renders_only_built_redirect_modes() {
+    let helpers = read("deploy/helm/meshcni/templates/_helpers.tpl");
+    let body = helpers
+        .split("{{- define \"meshcni.builtRedirectModes\" -}}")
+        .nth(1)
+        .and_then(|r| r.split("{{- end }}").next())
+        .expect("meshcni.builtRedirectModes define");
+    let chart_built: BTreeSet<String> = body
+        .trim()
+        .split(',')
+        .map(|m| m.trim().to_string())
+        .collect();
+    let agent_built: BTreeSet<String> = meshcni_agent::cli::BUILT_REDIRECT_MODES
+        .iter()
+        .map(|m| m.to_string())
+        .collect();
+    assert_eq!(
+        chart_built, agent_built,
+        "chart and agent disagree on built modes"
+    );
+    let guard = helpers
+        .split("{{- define \"meshcni.checkRedirectMode\" -}}")
+        .nth(1)
+        .expect("meshcni.checkRedirectMode define");
+    assert!(
+        guard.contains(
+            "{{- if and .Values.ambient.enabled (not (has .Values.ambient.redirectMode $built)) }}"
+        ) && guard.contains("{{- fail (printf \"ambient.redirectMode=%s is not available"),
+        "the guard fails the render for an unbuilt mode with ambient on:\n{guard}"
+    );
+    let ds = read("deploy/helm/meshcni/templates/daemonset.yaml");
+    assert!(
+        ds.starts_with("{{- include \"meshcni.checkRedirectMode\" . }}"),
+        "the DaemonSet template runs the guard"
+    );
+    // The chart's defaults: ambient off, redirectMode inpod (Istio's) — rendering is fine.
+    let values = values();
+    assert_eq!(values["ambient"]["enabled"], Value::Bool(false));
+    assert_eq!(values["ambient"]["redirectMode"], "inpod");
+
+    let o = objects();
+    for mode in ["inpod", "ebpf", "iptables"] {
+        let mut env = manifest_env(&o);
+        for (k, v) in env.iter_mut() {
+            if k == "AMBIENT_ENABLED" {
+                *v = "true".into();
+            }
+            if k == "AMBIENT_REDIRECT_MODE" {
+                *v = mode.into();
+            }
+        }
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshcni-agent"))
+            .env_clear()
+            .envs(env)
+            .arg("check-config")
+            .output()
+            .expect("run meshcni-agent check-config");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if chart_built.contains(mode) {
+            assert!(out.status.success(), "{mode}: {stderr}");
+        } else {
+            assert!(!out.status.success(), "{mode} must be refused");
+            assert!(
+                stderr.contains(&format!("AMBIENT_REDIRECT_MODE={mode}"))
+                    && stderr.contains("not available in this build"),
+                "{mode}: {stderr}"
+            );
+        }
+    }
 }
