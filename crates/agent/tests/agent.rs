@@ -2,6 +2,10 @@
 //! readiness after install, metrics (installer counters and plugin reports), SIGTERM leaving the
 //! plugin installed, the uninstall paths removing every file of ours, a missing service-account
 //! token keeping readiness false with a clear log line, and the idle footprint.
+//!
+//! Every agent runs inside a network namespace of its own (created per test, `nsenter --net`),
+//! and the HTTP probes enter it too: with ambient on the agent runs the iptables redirect mode
+//! (the only one built), which programs the namespace it runs in — never the host's.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -36,17 +40,26 @@ fn fixture(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-/// Temp dirs standing in for the node.
+/// Ambient on, with the redirect mode this build has a driver for.
+const AMBIENT: [&str; 2] = ["--ambient-enabled", "--ambient-redirect-mode=iptables"];
+
+/// Temp dirs standing in for the node, and the node's (private) network namespace.
 struct Node {
     _tmp: tempfile::TempDir,
     root: PathBuf,
+    netns: meshcni_testkit::Netns,
 }
 
 impl Node {
     fn new(with_token: bool) -> Node {
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().to_path_buf();
-        let n = Node { _tmp: tmp, root };
+        let netns = meshcni_testkit::Netns::new("agent").expect("private netns for the agent");
+        let n = Node {
+            _tmp: tmp,
+            root,
+            netns,
+        };
         for d in [
             "host/etc/cni/net.d",
             "host/opt/cni/bin",
@@ -120,8 +133,10 @@ impl Node {
         let readiness = free_port();
         let monitoring = free_port();
         let log = fs::File::create(self.log()).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_meshcni-agent"))
+        let child = self
+            .command()
             .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             // Only rendered into the plugin kubeconfig: these tests have no API server, and an
             // agent with ambient on must never reach out to one (loopback, nothing listens).
             .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
@@ -139,7 +154,17 @@ impl Node {
             readiness,
             monitoring,
             log: self.log(),
+            netns: self.netns.path().to_path_buf(),
         }
+    }
+
+    /// `meshcni-agent` inside the node's network namespace.
+    fn command(&self) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", self.netns.path().display()))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_meshcni-agent"));
+        c
     }
 
     fn assert_installed(&self) {
@@ -215,6 +240,7 @@ struct Agent {
     readiness: u16,
     monitoring: u16,
     log: PathBuf,
+    netns: PathBuf,
 }
 
 impl Drop for Agent {
@@ -228,7 +254,12 @@ impl Agent {
     fn pid(&self) -> i32 {
         i32::try_from(self.child.id()).expect("pid fits")
     }
+    /// `GET path` on the agent's port, from inside its network namespace.
     fn get(&self, port: u16, path: &str) -> Option<(u16, String)> {
+        meshcni_netx::run_in_netns(&self.netns, || Self::get_here(port, path))
+            .expect("enter the agent's netns")
+    }
+    fn get_here(port: u16, path: &str) -> Option<(u16, String)> {
         let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
         s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         write!(
@@ -271,17 +302,14 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    /// With `--ambient-enabled` but no redirect driver / workload source on this test host,
-    /// every gate opens except `redirect-mode`, which says why (ambient enrollment, §3.2).
+    /// With ambient on but no ztunnel / reachable workload source on this test node, every gate
+    /// opens except `redirect-mode`, which says why (ambient enrollment, §3.2).
     fn wait_ready_except_enrollment(&mut self, within: Duration) {
         let t = Instant::now();
         loop {
             if let Some((503, body)) = self.readyz() {
                 if body.starts_with("not ready: redirect-mode (") && !body.contains("), ") {
-                    assert!(
-                        body.contains("has no driver") || body.contains("no workload source"),
-                        "{body}"
-                    );
+                    assert!(!body.contains("has no driver"), "{body}");
                     return;
                 }
             }
@@ -332,7 +360,7 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 #[test]
 fn becomes_ready_serves_metrics_and_sigterm_leaves_the_plugin() {
     let node = Node::new(true);
-    let mut agent = node.agent(&["--ambient-enabled"]);
+    let mut agent = node.agent(&AMBIENT);
     assert!(
         !matches!(agent.readyz(), Some((200, _))),
         "must not be ready before installing"
@@ -345,7 +373,7 @@ fn becomes_ready_serves_metrics_and_sigterm_leaves_the_plugin() {
     );
     assert_eq!(
         fs::read_to_string(node.ambient_dir().join("config.json")).expect("ambient config"),
-        r#"{"ztunnelReady":false,"redirectMode":"inpod"}"#
+        r#"{"ztunnelReady":false,"redirectMode":"iptables"}"#
     );
 
     let m = agent.metrics();
@@ -439,7 +467,7 @@ fn becomes_ready_serves_metrics_and_sigterm_leaves_the_plugin() {
 #[test]
 fn uninstall_marker_makes_sigterm_remove_everything() {
     let node = Node::new(true);
-    let mut agent = node.agent(&["--ambient-enabled"]);
+    let mut agent = node.agent(&AMBIENT);
     agent.wait_ready_except_enrollment(Duration::from_secs(20));
     node.assert_installed();
     // "false" (the chart's initial value) is not an uninstall signal …
@@ -463,18 +491,20 @@ fn uninstall_on_exit_flag_removes_everything() {
 #[test]
 fn uninstall_subcommand_removes_what_a_stopped_agent_left() {
     let node = Node::new(true);
-    // inpod: no driver in this build, so nothing touches this (the host's) network namespace.
-    let mut agent = node.agent(&["--ambient-enabled", "--ambient-redirect-mode=inpod"]);
+    let mut agent = node.agent(&AMBIENT);
     agent.wait_ready_except_enrollment(Duration::from_secs(20));
     assert_eq!(
         fs::read_to_string(node.ambient_dir().join("config.json")).expect("ambient config"),
-        r#"{"ztunnelReady":false,"redirectMode":"inpod"}"#
+        r#"{"ztunnelReady":false,"redirectMode":"iptables"}"#
     );
     agent.terminate();
     node.assert_installed();
-    let out = Command::new(env!("CARGO_BIN_EXE_meshcni-agent"))
+    let out = node
+        .command()
         .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .args(node.args())
+        .args(AMBIENT)
         .arg("uninstall")
         .output()
         .expect("run uninstall");
@@ -548,7 +578,7 @@ fn json_logs_are_one_object_per_line() {
 #[test]
 fn idle_footprint() {
     let node = Node::new(true);
-    let mut agent = node.agent(&["--ambient-enabled"]);
+    let mut agent = node.agent(&AMBIENT);
     agent.wait_ready_except_enrollment(Duration::from_secs(20));
     std::thread::sleep(Duration::from_secs(2));
     let ticks = |pid: i32| -> u64 {
