@@ -698,6 +698,8 @@ fn the_agent_binary_serves_the_socket_and_removes_it_on_sigterm() {
             format!("--uninstall-marker-file={}", p(root.join("marker"))),
             format!("--ambient-workloads-file={}", p(workloads)),
             "--ambient-enabled".into(),
+            // The only redirect mode built (the default, inpod, is refused at start-up).
+            "--ambient-redirect-mode=iptables".into(),
             // lo is down in the fresh netns; the wildcard binds anyway.
             "--listen-address=0.0.0.0".into(),
             "--readiness-port=0".into(),

@@ -376,7 +376,6 @@ pub fn agent_args(dirs: &AgentDirs) -> Vec<String> {
         "--kubernetes-service-host=127.0.0.1".into(),
         "--kubernetes-service-port=6443".into(),
         format!("--cni-agent-run-dir={}", p(&dirs.run)),
-        format!("--log-uds-address={}", p(&dirs.run.join("log.sock"))),
         format!("--ambient-config-dir={}", p(&dirs.ambient)),
         format!("--uninstall-marker-file={}", p(&dirs.marker)),
         format!("--ambient-workloads-file={}", p(&dirs.workloads)),
