@@ -10,6 +10,7 @@
 #   apt     iptables nftables ipset iproute2 conntrack jq      (rules, netns, assertions)
 #           containernetworking-plugins                          (/usr/lib/cni: bridge, host-local, portmap, ...)
 #           containerd runc busybox-static python3-venv          (containerd CRI runtime test)
+#           podman catatonit                                     (podman CNI-backend runtime test)
 #           golang-go golang-github-appc-cni-dev dpkg-dev        (to build cnitool, see below)
 #   cnitool $CNITOOL (default /usr/local/bin/cnitool), built from Debian's *source* package golang-github-appc-cni
 #           (the -dev package ships libcni but not cnitool) with Debian's Go in GOPATH mode: no Go
@@ -40,6 +41,7 @@ ts() { local now; now=$(date +%s); echo "setup: [+$((now - step_t))s, total $((n
 # ---- Debian packages ---------------------------------------------------------------------
 pkgs=(iptables nftables ipset iproute2 conntrack jq util-linux
       containernetworking-plugins containerd runc busybox-static python3 python3-venv
+      podman catatonit
       golang-go golang-github-appc-cni-dev dpkg-dev ca-certificates)
 [ $WANT_FUZZ = 1 ] && pkgs+=(g++)
 missing=()

@@ -9,8 +9,9 @@
 #   4. cargo clippy --workspace --all-targets -- -D warnings
 #   5. cargo test --workspace --no-fail-fast
 #                            unit, golden, root/netns tests and the real-runtime tests
-#                            (crates/plugin/tests/runtimes.rs: cnitool and containerd CRI
-#                            driving the built meshcni binary inside throw-away netns)
+#                            (crates/plugin/tests/runtimes.rs: cnitool and containerd CRI,
+#                            crates/plugin/tests/podman.rs: podman's CNI backend, driving the
+#                            built meshcni binary inside throw-away netns)
 #   6. fuzz                  every target in fuzz/ for FUZZ_SECONDS (default 60) each, with
 #                            cargo-fuzz + libFuzzer on *stable* Rust (--sanitizer none, see
 #                            fuzz/README.md); FUZZ_SECONDS=0 skips fuzzing.
@@ -57,7 +58,7 @@ run "setup" bash scripts/setup.sh "${setup_args[@]}" || finish
 preflight() {
     local missing=() t
     for t in ip nsenter iptables iptables-save iptables-legacy-save nft ipset conntrack jq \
-             cnitool containerd ctr runc python3 cargo; do
+             cnitool containerd ctr runc podman conmon python3 cargo; do
         command -v "$t" >/dev/null || missing+=("$t")
     done
     for t in /usr/lib/cni/bridge /usr/lib/cni/host-local /usr/lib/cni/portmap /bin/busybox \
