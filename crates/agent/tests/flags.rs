@@ -614,3 +614,51 @@ fn help_makes_no_promises() {
         assert!(!help.contains(bad), "--help says {bad:?}:\n{help}");
     }
 }
+
+/// A plugin config template (`CNI_NETWORK_CONFIG`) never drops the agent's exclusions or its
+/// `POD_METADATA_DIR`; a template contradicting the agent is refused naming both.
+#[test]
+fn a_template_keeps_the_agent_settings() {
+    let agent = env!("CARGO_BIN_EXE_meshcni-agent");
+    let out = Command::new(agent)
+        .env_clear()
+        .env("EXCLUDE_NAMESPACES", "kube-system,istio-system")
+        .env("POD_METADATA_DIR", "/var/lib/meshcni/pods")
+        .env(
+            "CNI_NETWORK_CONFIG",
+            r#"{"cniVersion":"0.3.1","name":"meshcni","type":"meshcni","log_level":"__LOG_LEVEL__"}"#,
+        )
+        .arg("check-config")
+        .output()
+        .expect("run agent");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let plugin = stdout
+        .split_once("plugin config: ")
+        .map(|(_, p)| p)
+        .expect("plugin config printed");
+    let v: serde_json::Value = serde_json::from_str(plugin.trim()).expect("plugin config JSON");
+    assert_eq!(
+        v["exclude_namespaces"],
+        serde_json::json!(["kube-system", "istio-system"])
+    );
+    assert_eq!(v["pod_metadata_dir"], "/var/lib/meshcni/pods");
+    assert_eq!(v["log_level"], "warn", "the template is still substituted");
+
+    let out = Command::new(agent)
+        .env_clear()
+        .env("POD_METADATA_DIR", "/var/lib/meshcni/pods")
+        .env(
+            "CNI_NETWORK_CONFIG",
+            r#"{"type":"meshcni","pod_metadata_dir":"/elsewhere"}"#,
+        )
+        .arg("check-config")
+        .output()
+        .expect("run agent");
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("/elsewhere") && stderr.contains("POD_METADATA_DIR"),
+        "{stderr}"
+    );
+}
