@@ -21,6 +21,7 @@
 //! Needs root, podman, runc, conmon, busybox and the reference CNI plugins (`scripts/setup.sh`
 //! installs them); missing ones fail the test.
 
+#[allow(dead_code)] // the support module serves runtimes.rs too
 mod support;
 
 use std::fs;
