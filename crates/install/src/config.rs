@@ -217,6 +217,12 @@ impl InstallConfig {
         OwnedTypes::new(self.plugin_type.clone(), &replaces)
     }
 
+    /// Whether the plugin needs the kubeconfig: not when it reads pods from a local
+    /// pod-metadata directory (hosts without Kubernetes, no service account to build it from).
+    pub fn needs_kubeconfig(&self) -> bool {
+        self.meshcni_plugin_fields.pod_metadata_dir.is_none()
+    }
+
     /// Where the kubeconfig is written.
     pub fn kubeconfig_path(&self) -> PathBuf {
         self.kubeconfig_dir

@@ -229,7 +229,7 @@ impl Installer {
     /// failure ends the pass).
     pub fn install_once(&self, wait: &Wait) -> Result<InstallOutcome, InstallError> {
         let binaries_written = self.install_binaries()?;
-        let kubeconfig_written = self.write_kubeconfig()?;
+        let kubeconfig_written = self.cfg.needs_kubeconfig() && self.write_kubeconfig()?;
         let w = self.write_cni_config(wait)?;
         Ok(InstallOutcome {
             config_path: w.path,
@@ -249,7 +249,7 @@ impl Installer {
             })?;
         cniconfig::check_valid_cni_config(&self.cfg, &path)?;
         let kc = self.cfg.kubeconfig_path();
-        if !kc.exists() {
+        if self.cfg.needs_kubeconfig() && !kc.exists() {
             return Err(InstallError::Removed { path: kc });
         }
         if let Some(sources) = self.state().sources.clone() {
