@@ -119,3 +119,204 @@ fn pod_metadata_dir_is_installed_without_a_service_account() {
     let st = child.wait().expect("wait");
     assert!(st.success(), "agent exit {st}:\n{}", log_text());
 }
+
+/// The whole operator flow on a podman host: `meshcni-agent` (as the installer, no Kubernetes)
+/// chains the real `meshcni` plugin into podman's CNI network, and a container started by
+/// podman 4.3 (CNI backend, `K8S_POD_NAME` only) whose metadata file says "sidecar-injected" is
+/// captured: an outbound connection from inside it lands on its `:15001`.
+///
+/// Isolation as in `crates/plugin/tests/podman.rs`: private containers.conf, storage and
+/// runroot, a busybox rootfs instead of an image, podman and the agent inside a node netns.
+#[test]
+fn agent_installs_into_podman_and_podman_captures() {
+    let missing: Vec<&str> = ["podman", "runc", "conmon", "nsenter", "umount"]
+        .into_iter()
+        .filter(|t| {
+            !std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+                .any(|d| d.join(t).is_file())
+        })
+        .collect();
+    assert!(
+        missing.is_empty() && Path::new("/bin/busybox").exists(),
+        "missing {missing:?} or /bin/busybox: run scripts/setup.sh as root"
+    );
+    let plugin = Path::new(env!("CARGO_BIN_EXE_meshcni-agent")).with_file_name("meshcni");
+    assert!(
+        plugin.exists(),
+        "{} not built (cargo build -p meshcni-plugin)",
+        plugin.display()
+    );
+    let node = meshcni_testkit::Netns::new("podagent").expect("node netns");
+    let tmp = tempfile::Builder::new()
+        .prefix("mcni-podagent-")
+        .tempdir_in("/var/tmp")
+        .expect("tempdir");
+    let r = tmp.path();
+    for d in [
+        "net.d",
+        "image",
+        "bin",
+        "run",
+        "ipam",
+        "meta/pods/default",
+        "storage",
+        "runroot",
+        "tmp",
+    ] {
+        fs::create_dir_all(r.join(d)).expect("mkdir");
+    }
+    let p = |rel: &str| r.join(rel).display().to_string();
+    let net = format!("mcni-{}-podagent", std::process::id());
+    let primary = serde_json::json!({
+        "cniVersion": "1.0.0", "name": net,
+        "plugins": [{"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false,
+            "ipam": {"type": "host-local", "dataDir": p("ipam"),
+                     "ranges": [[{"subnet": "10.250.13.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}}]
+    });
+    fs::write(r.join("net.d/87-podman.conflist"), primary.to_string()).expect("primary");
+    fs::copy(&plugin, r.join("image/meshcni")).expect("plugin into the image dir");
+    // Sidecar-injected pod "web" in the default namespace (podman passes no namespace).
+    fs::write(
+        r.join("meta/pods/default/web.json"),
+        serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web", "namespace": "default",
+                "annotations": {"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}"}},
+            "spec": {"containers": [{"name": "app"}, {"name": "istio-proxy",
+                "args": ["proxy", "sidecar"],
+                "securityContext": {"runAsUser": 1337, "runAsGroup": 1337}}]}})
+        .to_string(),
+    )
+    .expect("metadata");
+
+    let log = r.join("agent.log");
+    let mut agent = Command::new("nsenter")
+        .arg(format!("--net={}", node.path().display()))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_meshcni-agent"))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .args([
+            format!("--mounted-cni-net-dir={}", p("net.d")),
+            format!("--cni-net-dir={}", p("net.d")),
+            format!("--cni-bin-dir={}", p("image")),
+            format!("--cni-bin-dirs={}", p("bin")),
+            format!("--cni-agent-run-dir={}", p("run")),
+            format!("--service-account-dir={}", p("no-such-sa")),
+            format!("--uninstall-marker-file={}", p("marker")),
+            format!("--pod-metadata-dir={}", p("meta")),
+            "--listen-address=127.0.0.1".into(),
+            format!("--readiness-port={READINESS_PORT}"),
+            "--monitoring-port=0".into(),
+            "--log-level=debug".into(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("spawn meshcni-agent");
+    let t = Instant::now();
+    while !matches!(readyz(node.path()), Some((200, _))) {
+        if t.elapsed() > Duration::from_secs(20) {
+            let _ = agent.kill();
+            panic!(
+                "agent not ready:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // podman, configured privately, inside the node netns.
+    let rootfs = r.join("rootfs");
+    for d in ["bin", "etc", "proc", "sys", "dev", "tmp", "run"] {
+        fs::create_dir_all(rootfs.join(d)).expect("rootfs dir");
+    }
+    fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox");
+    for a in ["sh", "nc", "sleep", "cat", "echo"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a)).expect("applet");
+    }
+    fs::write(
+        r.join("containers.conf"),
+        format!(
+            "[containers]\ndefault_ulimits = [\"nofile=1024:1024\", \"nproc=4096:4096\"]\n\
+             [network]\nnetwork_backend = \"cni\"\ncni_plugin_dirs = [\"{}\", \"/usr/lib/cni\"]\n\
+             network_config_dir = \"{}\"\ndefault_network = \"{net}\"\n\
+             [engine]\nruntime = \"runc\"\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n",
+            p("bin"),
+            p("net.d")
+        ),
+    )
+    .expect("containers.conf");
+    let runc_root_existed = Path::new("/run/runc").exists();
+    let podman = |args: &[&str]| {
+        Command::new("nsenter")
+            .arg(format!("--net={}", node.path().display()))
+            .arg("--")
+            .arg("podman")
+            .args([
+                "--root",
+                &p("storage"),
+                "--runroot",
+                &p("runroot"),
+                "--tmpdir",
+                &p("tmp"),
+            ])
+            .args(args)
+            .env("CONTAINERS_CONF", r.join("containers.conf"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run podman")
+    };
+    let rootfs_s = rootfs.display().to_string();
+    let started = podman(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--rootfs",
+        &rootfs_s,
+        "/bin/sleep",
+        "600",
+    ]);
+    let probe = podman(&[
+        "exec",
+        "web",
+        "/bin/sh",
+        "-c",
+        "nc -l -p 15001 > /tmp/got & sleep 0.5; echo hello-mesh | nc -w 2 10.250.13.1 9; \
+         echo rc=$?; sleep 0.3; echo got=$(cat /tmp/got)",
+    ]);
+    // Clean up podman before asserting.
+    let _ = podman(&["rm", "-a", "-f", "-t", "0"]);
+    let prefix = format!("{}/", r.display());
+    let mut mounts: Vec<String> = fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .filter(|m| m.starts_with(&prefix))
+        .map(String::from)
+        .collect();
+    mounts.sort_by(|a, b| b.cmp(a));
+    for m in mounts {
+        let _ = Command::new("umount").args(["-l", &m]).status();
+    }
+    if !runc_root_existed {
+        let _ = fs::remove_dir("/run/runc");
+    }
+    let _ = kill(
+        Pid::from_raw(i32::try_from(agent.id()).expect("pid")),
+        Signal::SIGTERM,
+    );
+    let _ = agent.wait();
+
+    assert!(
+        started.status.success(),
+        "podman run: {}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let seen = String::from_utf8_lossy(&probe.stdout);
+    assert!(
+        seen.contains("rc=0") && seen.contains("got=hello-mesh"),
+        "the container started through the agent-installed chain must be captured:\n{seen}\n{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+}
