@@ -63,9 +63,15 @@ impl Plugin for MeshPlugin {
             return Ok(result);
         }
         let source = pod_source(&conf)?;
-        if conf.pod_metadata_dir.is_some() && !has_local_metadata(&*source, pod_ref)? {
-            return Ok(result);
-        }
+        // Hosts without Kubernetes: read once here (a missing file = not a mesh pod), reused by
+        // the sidecar path below.
+        let local_pod = match conf.pod_metadata_dir {
+            Some(_) => match local_metadata(&*source, pod_ref)? {
+                Some(pod) => Some(pod),
+                None => return Ok(result),
+            },
+            None => None,
+        };
 
         if conf.ambient_enabled {
             match ambient_check(&conf, &*source, pod_ref) {
@@ -94,7 +100,10 @@ impl Plugin for MeshPlugin {
             }
         }
 
-        let pod = fetch_pod(&conf, &*source, pod_ref)?;
+        let pod = match local_pod {
+            Some(pod) => pod,
+            None => fetch_pod(&conf, &*source, pod_ref)?,
+        };
         let cfg = match pod::decide(&conf, pod_ref, &pod) {
             Ok(Decision::Skip(reason)) => {
                 info!(pod = %format_ref(pod_ref), %reason, "not capturing");
@@ -238,22 +247,22 @@ fn kubeconfig_path(conf: &PluginConf) -> PathBuf {
     }
 }
 
-/// Hosts without Kubernetes (local metadata dir): a pod without a metadata file is not a mesh
-/// pod (logged with the file looked for, and passed through); a file that exists but cannot be
+/// Hosts without Kubernetes (local metadata dir): the pod, or `None` when it has no metadata
+/// file — then it is not a mesh pod (logged with the file looked for); a file that exists but cannot be
 /// read or parsed fails the ADD naming the file. Names that cannot be Kubernetes names (podman
 /// container names may hold `_` or capitals) cannot have a file either.
-fn has_local_metadata(source: &dyn PodSource, p: PodRef<'_>) -> Result<bool, CniError> {
+fn local_metadata(source: &dyn PodSource, p: PodRef<'_>) -> Result<Option<Pod>, CniError> {
     match source.get_pod(p.namespace, p.name) {
-        Ok(_) => Ok(true),
+        Ok(pod) => Ok(Some(pod)),
         Err(KubeError::MissingFile { path, .. }) => {
             info!(pod = %format_ref(p), path = %path.display(),
                 "no pod metadata file: not a mesh pod, not capturing");
-            Ok(false)
+            Ok(None)
         }
         Err(e @ KubeError::InvalidName { .. }) => {
             info!(pod = %format_ref(p), reason = %e,
                 "pod name cannot have a metadata file: not a mesh pod, not capturing");
-            Ok(false)
+            Ok(None)
         }
         Err(e) => Err(lookup_error(p, &e)),
     }
