@@ -231,7 +231,7 @@ fn agent_installs_into_podman_and_podman_captures() {
         fs::create_dir_all(rootfs.join(d)).expect("rootfs dir");
     }
     fs::copy("/bin/busybox", rootfs.join("bin/busybox")).expect("busybox");
-    for a in ["sh", "nc", "sleep", "cat", "echo"] {
+    for a in ["sh", "nc", "sleep", "cat", "echo", "netstat", "grep"] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(a)).expect("applet");
     }
     fs::write(
@@ -282,8 +282,12 @@ fn agent_installs_into_podman_and_podman_captures() {
         "web",
         "/bin/sh",
         "-c",
-        "nc -l -p 15001 > /tmp/got & sleep 0.5; echo hello-mesh | nc -w 2 10.250.13.1 9; \
-         echo rc=$?; sleep 0.3; echo got=$(cat /tmp/got)",
+        // Connect once the listener is up (it may start late under load).
+        "nc -l -p 15001 > /tmp/got & \
+         i=0; while [ $i -lt 50 ] && ! netstat -ltn | grep -q ':15001 '; do sleep 0.1; i=$((i+1)); done; \
+         echo hello-mesh | nc -w 2 10.250.13.1 9; echo rc=$?; \
+         i=0; while [ $i -lt 20 ] && [ ! -s /tmp/got ]; do sleep 0.1; i=$((i+1)); done; \
+         echo got=$(cat /tmp/got)",
     ]);
     // Clean up podman before asserting.
     let _ = podman(&["rm", "-a", "-f", "-t", "0"]);

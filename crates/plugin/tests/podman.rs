@@ -156,19 +156,23 @@ fn busybox_rootfs(dir: &Path) -> PathBuf {
         fs::create_dir_all(root.join(d)).expect("create rootfs dir");
     }
     fs::copy("/bin/busybox", root.join("bin/busybox")).expect("copy busybox");
-    for applet in ["sh", "nc", "sleep", "cat", "echo", "ip"] {
+    for applet in ["sh", "nc", "sleep", "cat", "echo", "ip", "netstat", "grep"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))
             .expect("symlink applet");
     }
     root
 }
 
-/// From inside the container: listen on :15001, connect to the gateway's port 9, print what the
-/// listener received. Captured: `rc=0 got=<probe>`; uncaptured: refused, `got=`.
+/// From inside the container: listen on :15001, connect to the gateway's port 9 once the
+/// listener is up, print what the listener received. Captured: `rc=0 got=<probe>`; uncaptured:
+/// refused by the gateway, `got=`.
 fn probe_script(probe: &str) -> String {
     format!(
-        "nc -l -p 15001 > /tmp/got & sleep 0.5; echo {probe} | nc -w 2 {GATEWAY} 9; \
-         echo rc=$?; sleep 0.3; echo got=$(cat /tmp/got); kill %1 2>/dev/null; true"
+        "nc -l -p 15001 > /tmp/got & \
+         i=0; while [ $i -lt 50 ] && ! netstat -ltn | grep -q ':15001 '; do sleep 0.1; i=$((i+1)); done; \
+         echo {probe} | nc -w 2 {GATEWAY} 9; echo rc=$?; \
+         i=0; while [ $i -lt 20 ] && [ ! -s /tmp/got ]; do sleep 0.1; i=$((i+1)); done; \
+         echo got=$(cat /tmp/got); kill %1 2>/dev/null; true"
     )
 }
 
