@@ -100,18 +100,16 @@ pub struct InstallConfig {
 pub struct KeeperTuning {
     /// Periodic full re-check even without file events (watches can miss events).
     pub resync_interval: Duration,
-    /// After a file event, wait until events are quiet this long before re-checking …
-    pub debounce: Duration,
-    /// … but never longer than this after the first event.
-    pub debounce_max: Duration,
     /// Rewrite-loop detection: more than `loop_threshold` re-inserts within `loop_window` …
     pub loop_window: Duration,
     pub loop_threshold: usize,
-    /// … logs a warning and delays the next re-insert by `loop_backoff_base * 2^excess`,
-    /// capped at `loop_backoff_max` (it never stops re-inserting).
+    /// … switches re-insert logging from one info line each to a warning that summarises them,
+    /// repeated after `loop_backoff_base * 2^n` (n = warnings so far in this loop), capped at
+    /// `loop_backoff_max`. Only logging backs off: every re-insert happens at once.
     pub loop_backoff_base: Duration,
     pub loop_backoff_max: Duration,
-    /// Delay before retrying a failed install pass (doubles up to `loop_backoff_max`).
+    /// Delay before retrying a failed install pass when no file event comes first (doubles up
+    /// to `resync_interval`).
     pub error_retry: Duration,
 }
 
@@ -119,8 +117,6 @@ impl Default for KeeperTuning {
     fn default() -> Self {
         KeeperTuning {
             resync_interval: Duration::from_secs(5),
-            debounce: Duration::from_millis(20),
-            debounce_max: Duration::from_millis(200),
             loop_window: Duration::from_secs(30),
             loop_threshold: 10,
             loop_backoff_base: Duration::from_millis(500),

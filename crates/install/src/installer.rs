@@ -140,10 +140,15 @@ impl Installer {
             }
             let _ = fsutil::sweep_stale_temps(dir);
             written.extend(binaries::install_into(&sources, dir)?);
-            let mut st = self.state();
-            for t in targets {
-                if let Some(v) = bin_version(&t) {
-                    st.verified.insert(t, v);
+            // Remember a target as verified only if its content is the source's and its
+            // metadata did not move while we looked: a write racing with ours (a tamper right
+            // after our rename) must not be cached as good.
+            for (t, src) in targets.into_iter().zip(&sources) {
+                let before = bin_version(&t);
+                if before.is_some() && binaries::up_to_date(src, &t) && bin_version(&t) == before {
+                    if let Some(v) = before {
+                        self.state().verified.insert(t, v);
+                    }
                 }
             }
         }
