@@ -91,6 +91,12 @@ pub struct InstallConfig {
     pub native_nftables: bool,
     /// `ENABLE_AMBIENT_DETECTION_RETRY`.
     pub enable_ambient_detection_retry: bool,
+    /// Where the installer keeps what uninstall needs to give the primary CNI's config back
+    /// byte for byte (the original file and the bytes we wrote, [`crate::backup`]). `None`:
+    /// no record; uninstall then cuts our entry out of the file's current bytes and a `.conf`
+    /// we converted stays a `.conflist` (the reference's behaviour). The agent uses its run
+    /// dir.
+    pub state_dir: Option<PathBuf>,
     /// Keeper tuning.
     pub keeper: KeeperTuning,
 }
@@ -163,6 +169,7 @@ impl Default for InstallConfig {
             pod_namespace: String::new(),
             native_nftables: false,
             enable_ambient_detection_retry: false,
+            state_dir: None,
             keeper: KeeperTuning::default(),
         }
     }
@@ -208,6 +215,11 @@ impl InstallConfig {
             .map(String::as_str)
             .collect();
         OwnedTypes::new(self.plugin_type.clone(), &replaces)
+    }
+
+    /// The uninstall record ([`crate::backup`]), when a state dir is configured.
+    pub fn backup_path(&self) -> Option<PathBuf> {
+        self.state_dir.as_deref().map(crate::backup::path_in)
     }
 
     /// Where the kubeconfig is written.

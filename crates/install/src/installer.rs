@@ -15,6 +15,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::backup;
 use crate::binaries::{self, SourceBinary};
 use crate::cniconfig::{self, Wait};
 use crate::config::InstallConfig;
@@ -225,9 +226,114 @@ impl Installer {
         let _lock = DirLock::acquire(dir)
             .map_err(|e| InstallError::io("locking CNI config dir", dir, e))?;
         let _ = fsutil::sweep_stale_temps(dir);
-        let w = cniconfig::write_cni_config(c, &Wait::no_wait())?;
+        let w = cniconfig::write_cni_config_observed(c, &Wait::no_wait(), &mut |edit| {
+            self.record_edit(edit)
+        })?;
         self.state().config_path = Some(w.path.clone());
         Ok(w)
+    }
+
+    /// Before an in-place edit of the primary's file: update the uninstall record (called
+    /// under the directory lock). A record that cannot be written costs only the byte-exact
+    /// restore at uninstall, never the install: it is logged and the edit goes ahead.
+    fn record_edit(&self, edit: &cniconfig::PrimaryEdit<'_>) {
+        let Some(path) = self.cfg.backup_path() else {
+            return;
+        };
+        let owned = self.cfg.owned_types();
+        let previous = backup::load(&path).unwrap_or_else(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "unreadable uninstall record; starting a new one");
+            None
+        });
+        let original = if !backup::has_owned_entry(edit.existing, &owned) {
+            // The primary's own version: what uninstall gives back.
+            match backup::original_of(edit.path, edit.existing) {
+                Ok(o) => Some(o),
+                Err(e) => {
+                    tracing::warn!(path = %edit.path.display(), error = %e, "cannot stat the primary CNI config; uninstall will only remove our entry");
+                    None
+                }
+            }
+        } else {
+            // Our own earlier write (keep what it replaced), or an entry we did not write
+            // (migration, lost record): no restorable original.
+            previous
+                .filter(|p| {
+                    p.written_name == backup::file_name(edit.path) && p.written == edit.existing
+                })
+                .and_then(|p| p.original)
+        };
+        let rec = backup::Backup {
+            version: 1,
+            written_name: backup::file_name(edit.target),
+            written: edit.new.to_vec(),
+            original,
+        };
+        if let Err(e) = backup::save(&path, &rec) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the uninstall record; uninstall will only remove our entry");
+        }
+    }
+
+    /// Give the primary's config back per the uninstall record ([`backup`] module docs).
+    /// Returns false if there is no record (the caller falls back to cutting our entry out).
+    fn restore_from_record(&self) -> Result<bool, InstallError> {
+        let c = &self.cfg;
+        let Some(path) = c.backup_path() else {
+            return Ok(false);
+        };
+        let rec = match backup::load(&path) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "unreadable uninstall record; removing only our entry");
+                return Ok(false);
+            }
+        };
+        let dir = &c.mounted_cni_net_dir;
+        let written = dir.join(&rec.written_name);
+        let current = match fs::read(&written) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(InstallError::io("reading CNI config", &written, e)),
+        };
+        let original_exists = rec
+            .original
+            .as_ref()
+            .is_some_and(|o| dir.join(&o.name).exists());
+        match backup::plan(&rec, current.as_deref(), original_exists, &c.owned_types()) {
+            backup::Plan::Restore(o) => {
+                let target = dir.join(&o.name);
+                fsutil::atomic_write(
+                    &target,
+                    &o.content,
+                    ModePolicy::Exact {
+                        mode: o.mode,
+                        uid: o.uid,
+                        gid: o.gid,
+                    },
+                )
+                .map_err(|e| InstallError::io("restoring the original CNI config", &target, e))?;
+                if target != written {
+                    fsutil::remove_if_exists(&written).map_err(|e| {
+                        InstallError::io("removing the CNI config converted from", &written, e)
+                    })?;
+                }
+                tracing::info!(path = %target.display(), bytes = o.content.len(), "restored the primary CNI config byte for byte");
+            }
+            backup::Plan::RemoveEntry => {
+                cniconfig::cleanup_cni_config(c, &written)?;
+                tracing::info!(path = %written.display(), "removed our entry from the CNI config (the primary changed the file since we edited it; its bytes are kept)");
+            }
+            backup::Plan::RemoveWritten => {
+                fsutil::remove_if_exists(&written)
+                    .map_err(|e| InstallError::io("removing CNI config", &written, e))?;
+                tracing::info!(path = %written.display(), "removed the conflist we converted from a .conf the primary has written again");
+            }
+            backup::Plan::Nothing => {
+                tracing::info!(path = %written.display(), "the CNI config we edited is gone; nothing to restore");
+            }
+        }
+        Ok(true)
     }
 
     /// One full pass: binaries, kubeconfig, CNI config (in the reference's order; the first
@@ -300,6 +406,9 @@ impl Installer {
                 .map_err(|e| InstallError::io("locking CNI config dir", dir, e))
                 .and_then(|_lock| {
                     let _ = fsutil::sweep_stale_temps(dir);
+                    if c.chained_cni_plugin && !c.owned_mode() && self.restore_from_record()? {
+                        return Ok(());
+                    }
                     let path = if path.exists() {
                         path
                     } else {
@@ -309,6 +418,17 @@ impl Installer {
                 });
             if let Err(e) = res {
                 first_err.get_or_insert(e);
+            }
+        }
+        if first_err.is_none() {
+            if let Some(p) = c.backup_path() {
+                if let Err(e) = fsutil::remove_if_exists(&p) {
+                    first_err.get_or_insert(InstallError::io(
+                        "removing the uninstall record",
+                        p,
+                        e,
+                    ));
+                }
             }
         }
         let kc = c.kubeconfig_path();

@@ -5,6 +5,7 @@
 //! * [`kubeconfig`] — pure: the plugin kubeconfig (sigs.k8s.io/yaml layout).
 //! * [`binaries`], [`fsutil`] — atomic copies/writes, directory lock, temp-file sweep.
 //! * [`cniconfig`] — the config-directory edge: choose, wait for, check, write, clean up.
+//! * [`backup`] — what uninstall needs to give the primary's config back byte for byte.
 //! * [`Installer`] — one install pass, readiness check, uninstall.
 //! * [`keeper`] — the watch + resync loop keeping everything installed, with status.
 //!
@@ -24,6 +25,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod binaries;
 pub mod cniconfig;
 pub mod config;

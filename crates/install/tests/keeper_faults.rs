@@ -67,6 +67,7 @@ fn lab() -> Lab {
         mounted_cni_net_dir: conf_dir.clone(),
         cni_agent_run_dir: "/var/run/meshcni".into(),
         kubeconfig_dir: Some(run_dir.clone()),
+        state_dir: Some(run_dir.clone()),
         service_account_dir: sa_dir.clone(),
         k8s_service_host: "10.96.0.1".into(),
         k8s_service_port: "443".into(),
