@@ -36,6 +36,26 @@ pub struct InstallOutcome {
     pub binaries_written: Vec<PathBuf>,
 }
 
+/// What [`Installer::verify_and_repair`] found for one part of the installation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RepairOutcome {
+    /// In place and correct.
+    Intact,
+    /// Missing or different; written again.
+    Repaired,
+    /// Could not be verified or repaired (the message says why).
+    Failed(String),
+}
+
+/// One part of the installation checked by [`Installer::verify_and_repair`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepairStep {
+    /// `plugin binary`, `kubeconfig`, `CNI config entry` or `installation check`.
+    pub what: &'static str,
+    pub path: PathBuf,
+    pub outcome: RepairOutcome,
+}
+
 type BinVersion = (u64, u64, i64, i64, i64);
 
 #[derive(Debug, Default)]
@@ -348,6 +368,84 @@ impl Installer {
             kubeconfig_written,
             binaries_written,
         })
+    }
+
+    /// A last verify-and-reinsert pass (the agent runs it when it stops without uninstalling,
+    /// after the keeper has stopped): every binary is hashed against its source (no cached
+    /// verification), the kubeconfig re-rendered, our CNI config entry checked — each step on
+    /// its own, so one failure does not skip the others — then the readiness check. Nothing
+    /// waits: a missing primary config is reported, not waited for.
+    pub fn verify_and_repair(&self) -> Vec<RepairStep> {
+        let c = &self.cfg;
+        let mut out = Vec::new();
+        self.state().verified.clear();
+        let bin_dirs: Vec<&PathBuf> = c
+            .cni_bin_target_dirs
+            .iter()
+            .filter(|d| binaries::dir_writable(d))
+            .collect();
+        match self.install_binaries() {
+            Ok(written) => {
+                let sources = self.state().sources.clone().unwrap_or_default();
+                for dir in &bin_dirs {
+                    for src in &sources {
+                        let path = dir.join(&src.name);
+                        let outcome = if written.contains(&path) {
+                            RepairOutcome::Repaired
+                        } else {
+                            RepairOutcome::Intact
+                        };
+                        out.push(RepairStep {
+                            what: "plugin binary",
+                            path,
+                            outcome,
+                        });
+                    }
+                }
+            }
+            Err(e) => out.push(RepairStep {
+                what: "plugin binary",
+                path: bin_dirs
+                    .first()
+                    .map_or_else(|| c.cni_bin_source_dir.clone(), |d| (*d).clone()),
+                outcome: RepairOutcome::Failed(e.to_string()),
+            }),
+        }
+        out.push(RepairStep {
+            what: "kubeconfig",
+            path: c.kubeconfig_path(),
+            outcome: match self.write_kubeconfig() {
+                Ok(true) => RepairOutcome::Repaired,
+                Ok(false) => RepairOutcome::Intact,
+                Err(e) => RepairOutcome::Failed(e.to_string()),
+            },
+        });
+        out.push(match self.write_cni_config(&Wait::no_wait()) {
+            Ok(w) => RepairStep {
+                what: "CNI config entry",
+                path: w.path,
+                outcome: if w.written {
+                    RepairOutcome::Repaired
+                } else {
+                    RepairOutcome::Intact
+                },
+            },
+            Err(e) => RepairStep {
+                what: "CNI config entry",
+                path: self
+                    .installed_config_path()
+                    .unwrap_or_else(|| c.mounted_cni_net_dir.clone()),
+                outcome: RepairOutcome::Failed(e.to_string()),
+            },
+        });
+        if let Err(e) = self.check() {
+            out.push(RepairStep {
+                what: "installation check",
+                path: c.mounted_cni_net_dir.clone(),
+                outcome: RepairOutcome::Failed(e.to_string()),
+            });
+        }
+        out
     }
 
     /// Readiness check of the current installation: the reference validity check on the file

@@ -44,5 +44,5 @@ pub use cniconfig::{
 pub use config::{InstallConfig, KeeperTuning};
 pub use conflist::{ConfigError, OwnedTypes, PluginConfig};
 pub use error::{InstallError, InstallResult};
-pub use installer::{InstallOutcome, Installer};
+pub use installer::{InstallOutcome, Installer, RepairOutcome, RepairStep};
 pub use keeper::{InstallStatus, Shutdown};
