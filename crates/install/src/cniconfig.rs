@@ -89,6 +89,13 @@ fn wait_for<T>(
         if !watching {
             if let Some(w) = watcher.as_mut() {
                 watching = w.watch(dir, notify::RecursiveMode::NonRecursive).is_ok();
+                // What appeared between the first probe and the watch has no event: look
+                // again now instead of after a whole poll interval.
+                if watching {
+                    if let Some(v) = probe() {
+                        return Ok(v);
+                    }
+                }
             }
         }
         let _ = rx.recv_timeout(timeout);

@@ -70,8 +70,7 @@ impl Shutdown {
 #[derive(Debug)]
 #[doc(hidden)]
 pub enum KeeperMsg {
-    /// Relevant file events, seen at this time.
-    Fs(Instant),
+    Fs,
     Stop,
 }
 
@@ -137,9 +136,9 @@ impl InstallStatus {
     }
 
     /// Time our entry was missing before the last re-insert: from the removal (the earliest of
-    /// the first file event, the first failed check and the modification time of the file
-    /// without our entry, never before the installation was last seen complete) to the
-    /// completed re-insert.
+    /// the first failed check — the watcher checks on every file event — and the modification
+    /// time of the file without our entry, never before the entry was last known present) to
+    /// the completed re-insert.
     pub fn last_reinsert_latency(&self) -> Option<Duration> {
         match self.last_reinsert_latency_us.load(Ordering::SeqCst) {
             0 => None,
@@ -316,8 +315,7 @@ struct Keeper {
 }
 
 enum Woken {
-    /// File events; the time the first of them was seen.
-    Event(Instant),
+    Event,
     Timer,
     Stop,
 }
@@ -350,21 +348,20 @@ impl Keeper {
     /// entry is answered at once.
     fn sleep(&mut self, deadline: Instant) -> Woken {
         let now = Instant::now();
-        let first = match self
+        match self
             .rx
             .recv_timeout(deadline.saturating_duration_since(now))
         {
             Ok(KeeperMsg::Stop) => return Woken::Stop,
-            Ok(KeeperMsg::Fs(at)) => at,
+            Ok(KeeperMsg::Fs) => {}
             Err(RecvTimeoutError::Timeout) => return Woken::Timer,
             Err(RecvTimeoutError::Disconnected) => return Woken::Stop,
-        };
-        let mut earliest = first;
+        }
         loop {
             match self.rx.try_recv() {
                 Ok(KeeperMsg::Stop) => return Woken::Stop,
-                Ok(KeeperMsg::Fs(at)) => earliest = earliest.min(at),
-                Err(_) => return Woken::Event(earliest),
+                Ok(KeeperMsg::Fs) => {}
+                Err(_) => return Woken::Event,
             }
         }
     }
@@ -422,33 +419,35 @@ impl Keeper {
         l.quiet_max_latency = Duration::ZERO;
     }
 
-    /// When our entry went missing: the earliest of the first failed check, the first file
-    /// event of the burst and the modification time of the file as found, but never before
-    /// the installation was last seen complete (an mtime older than that belongs to a file
-    /// version we already checked, e.g. our own write).
+    /// When our entry went missing: the earliest of the first failed check (the watcher's,
+    /// stamped when the event was seen, or the keeper's) and the modification time of the file
+    /// without our entry, but never before the entry was last known to be present (our own
+    /// previous write or verification, or the last complete check): an mtime older than that
+    /// belongs to a file version already seen with our entry, e.g. our own write.
     fn removal_time(
         settled: &Settled,
-        event_at: Option<Instant>,
+        present_before: Option<Instant>,
         mtime: Option<Instant>,
         pass_start: Instant,
     ) -> Instant {
-        let complete_at = settled.complete_before;
-        let broken_since = settled.broken_since;
-        let mtime = mtime.filter(|m| complete_at.is_none_or(|c| *m > c));
-        let earliest = [broken_since, event_at, mtime]
+        let lower = settled.complete_before.max(present_before);
+        let mtime = mtime.filter(|m| lower.is_none_or(|l| *m > l));
+        let earliest = [settled.broken_since, mtime]
             .into_iter()
             .flatten()
             .min()
             .unwrap_or(pass_start);
-        match complete_at {
-            Some(c) => earliest.max(c),
+        match lower {
+            Some(l) => earliest.max(l),
             None => earliest,
         }
     }
 
     fn run(mut self) {
         let mut initial = true;
-        let mut event_at: Option<Instant> = None;
+        // When our entry was last known to be in the file: right after our write, or at the
+        // start of a pass that found it current.
+        let mut present_at: Option<Instant> = None;
         let tuning = self.installer.config().keeper.clone();
         let mut error_delay = tuning.error_retry;
         let stop_wait = Wait::until_stopped(self.shutdown.flag());
@@ -459,8 +458,7 @@ impl Keeper {
             self.watch_dirs();
             let pass_start = Instant::now();
             // Resync passes and missed events: close readiness first if something is broken.
-            self.status
-                .close_if_broken(&self.installer, event_at.unwrap_or(pass_start));
+            self.status.close_if_broken(&self.installer, pass_start);
             let mtime = self
                 .installer
                 .installed_config_path()
@@ -482,11 +480,14 @@ impl Keeper {
                             tracing::info!(path = %outcome.config_path.display(), "CNI config installed");
                         } else {
                             let removed_at =
-                                Self::removal_time(&settled, event_at, mtime, pass_start);
+                                Self::removal_time(&settled, present_at, mtime, pass_start);
                             let lat = written_at.saturating_duration_since(removed_at);
                             self.status.record_reinsert_latency(lat);
                             self.log_reinsert(written_at, lat, &outcome.config_path);
                         }
+                        present_at = Some(written_at);
+                    } else {
+                        present_at = Some(pass_start);
                     }
                     initial = false;
                     match settled.check {
@@ -513,13 +514,10 @@ impl Keeper {
                     Some(d)
                 }
             };
-            event_at = None;
             let deadline = Instant::now()
                 + next_wait.map_or(tuning.resync_interval, |d| d.min(tuning.resync_interval));
-            match self.sleep(deadline) {
-                Woken::Stop => break,
-                Woken::Event(t) => event_at = Some(t),
-                Woken::Timer => {}
+            if let Woken::Stop = self.sleep(deadline) {
+                break;
             }
         }
         self.status.set_ready(false);
@@ -555,10 +553,11 @@ impl Installer {
             };
             if wanted {
                 let at = Instant::now();
-                // Readiness first, on this (the watcher's) thread: it must not wait for the
-                // keeper, which may be in the middle of a pass or waiting for the primary.
+                let _ = fs_tx.send(KeeperMsg::Fs);
+                // Readiness on this (the watcher's) thread, in parallel with the keeper's pass:
+                // it must not wait for the keeper, which may be in the middle of a pass or
+                // waiting for a deleted primary file to come back.
                 probe_status.close_if_broken(&probe_installer, at);
-                let _ = fs_tx.send(KeeperMsg::Fs(at));
             }
         })
         .map_err(|e| tracing::warn!(error = %e, "no inotify watcher; relying on periodic resync"))
