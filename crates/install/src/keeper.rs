@@ -202,18 +202,22 @@ impl InstallStatus {
             return; // Not installed yet: readiness is still closed.
         }
         let mut t = self.transition();
+        if !self.ready() {
+            // Already closed, and whoever closed it recorded when (the lock orders this with
+            // the keeper's end-of-pass check, which sees any later removal).
+            return;
+        }
         if let Err(e) = installer.check() {
-            if self.ready() {
-                tracing::debug!(error = %e, "installation broken; readiness closed");
-            }
+            tracing::debug!(error = %e, "installation broken; readiness closed");
             self.set_ready(false);
             self.set_error(Some(e.to_string()));
             t.broken_since.get_or_insert(at);
         }
     }
 
-    /// End of a pass: check and set readiness accordingly. Returns the check's result and the
-    /// time the installation was first seen broken (cleared when it is complete again).
+    /// End of a pass: check and set readiness accordingly; returns the check's result with what
+    /// was known before it (when the installation was first seen broken, cleared once it is
+    /// complete again, and when it was last seen complete).
     fn settle(&self, installer: &Installer) -> Settled {
         let mut t = self.transition();
         let res = installer.check();
