@@ -222,5 +222,10 @@ mod tests {
             std::path::PathBuf::from("/run/x/meshcni-kubeconfig")
         );
         assert_eq!(c.plugin_type, "meshcni");
+        assert_eq!(
+            c.state_dir,
+            Some(std::path::PathBuf::from("/run/x")),
+            "the uninstall record lives in the run dir"
+        );
     }
 }
