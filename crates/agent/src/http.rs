@@ -170,6 +170,9 @@ mod tests {
         fn uninstall(&self) -> Result<(), String> {
             Ok(())
         }
+        fn verify_and_repair(&self) -> Vec<meshcni_install::RepairStep> {
+            Vec::new()
+        }
     }
 
     async fn get(port: u16, path: &str) -> String {

@@ -63,6 +63,10 @@ pub fn install_config(args: &AgentArgs) -> Result<InstallConfig, String> {
         native_nftables: args.native_nftables,
         enable_ambient_detection_retry: args.enable_ambient_detection_retry,
         meshcni_plugin_fields: args.plugin_fields(),
+        // The uninstall record (the primary's config as it was before our edit) lives in the
+        // run dir, next to the kubeconfig; it survives agent restarts and upgrades (a hostPath)
+        // but not a reboot of a tmpfs /var/run, after which uninstall cuts out our entry only.
+        state_dir: Some(args.cni_agent_run_dir.clone()),
         ..defaults
     })
 }
@@ -118,6 +122,8 @@ impl NodeInstaller for MeshInstaller {
             create_kubeconfig_failure: s.installs(InstallResult::CreateKubeconfigFailure),
             create_cni_config_failure: s.installs(InstallResult::CreateCniConfigFailure),
             config_reinserts: s.reinserts(),
+            last_reinsert_latency: s.last_reinsert_latency(),
+            max_reinsert_latency: s.max_reinsert_latency(),
         }
     }
 
@@ -135,6 +141,10 @@ impl NodeInstaller for MeshInstaller {
 
     fn uninstall(&self) -> Result<(), String> {
         self.installer.uninstall().map_err(|e| e.to_string())
+    }
+
+    fn verify_and_repair(&self) -> Vec<meshcni_install::RepairStep> {
+        self.installer.verify_and_repair()
     }
 }
 
@@ -213,5 +223,10 @@ mod tests {
             std::path::PathBuf::from("/run/x/meshcni-kubeconfig")
         );
         assert_eq!(c.plugin_type, "meshcni");
+        assert_eq!(
+            c.state_dir,
+            Some(std::path::PathBuf::from("/run/x")),
+            "the uninstall record lives in the run dir"
+        );
     }
 }

@@ -16,6 +16,10 @@ pub struct InstallCounters {
     pub create_cni_config_failure: u64,
     /// Times our entry had to be put back because something removed or rewrote it.
     pub config_reinserts: u64,
+    /// How long our entry was missing before the last re-insert (removal → re-insert).
+    pub last_reinsert_latency: Option<std::time::Duration>,
+    /// The longest such time since start.
+    pub max_reinsert_latency: Option<std::time::Duration>,
 }
 
 impl InstallCounters {
@@ -54,4 +58,8 @@ pub trait NodeInstaller: Send + Sync + 'static {
     fn last_error(&self) -> Option<String>;
     /// Remove everything this installer put on the node.
     fn uninstall(&self) -> Result<(), String>;
+    /// After [`NodeInstaller::stop`], when the plugin stays installed: verify every part of
+    /// the installation once more and put back what is missing (a primary CNI that rewrote
+    /// its file while the keeper was stopping). Returns what was found and done per part.
+    fn verify_and_repair(&self) -> Vec<meshcni_install::RepairStep>;
 }

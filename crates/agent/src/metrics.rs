@@ -6,6 +6,8 @@
 //! | `istio_cni_installs_total{result}` | counter | same values under Istio's name and labels |
 //! | `meshcni_install_ready` / `istio_cni_install_ready` | gauge | installer ready flag |
 //! | `meshcni_config_reinserts_total` | counter | installer: our entry put back after removal |
+//! | `meshcni_config_reinsert_latency_seconds` | gauge | installer: removal → re-insert time of the last re-insert |
+//! | `meshcni_config_reinsert_latency_max_seconds` | gauge | installer: the longest such time since start |
 //! | `meshcni_cni_requests_total{command,result}` | counter | plugin reports (`plugin_report`) |
 //! | `meshcni_cni_request_duration_seconds{command}` | histogram | plugin reports |
 //! | `meshcni_plugin_reports_malformed_total` | counter | datagrams that failed to parse |
@@ -150,6 +152,22 @@ impl Collector for InstallCollector {
             None,
             r.metric_type(),
         )?)?;
+        for (name, help, v) in [
+            (
+                "meshcni_config_reinsert_latency_seconds",
+                "How long the meshcni entry was missing from the CNI config before the last \
+                 re-insert (from its removal to the completed re-insert; 0 before any).",
+                c.last_reinsert_latency,
+            ),
+            (
+                "meshcni_config_reinsert_latency_max_seconds",
+                "The longest time the meshcni entry was missing before a re-insert since start.",
+                c.max_reinsert_latency,
+            ),
+        ] {
+            let g = ConstGauge::new(v.map_or(0.0, |d| d.as_secs_f64()));
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
         Ok(())
     }
 }
@@ -223,6 +241,8 @@ mod tests {
                 create_kubeconfig_failure: 0,
                 create_cni_config_failure: 2,
                 config_reinserts: 5,
+                last_reinsert_latency: Some(std::time::Duration::from_millis(3)),
+                max_reinsert_latency: Some(std::time::Duration::from_millis(1500)),
             }
         }
         fn stop(&self) {}
@@ -231,6 +251,9 @@ mod tests {
         }
         fn uninstall(&self) -> Result<(), String> {
             Ok(())
+        }
+        fn verify_and_repair(&self) -> Vec<meshcni_install::RepairStep> {
+            Vec::new()
         }
     }
 
@@ -256,6 +279,8 @@ mod tests {
             "meshcni_install_ready 1",
             "istio_cni_install_ready 1",
             "meshcni_config_reinserts_total 5",
+            "meshcni_config_reinsert_latency_seconds 0.003",
+            "meshcni_config_reinsert_latency_max_seconds 1.5",
             "meshcni_cni_requests_total{command=\"ADD\",result=\"success\"} 1",
             "meshcni_cni_request_duration_seconds_count{command=\"ADD\"} 1",
             "meshcni_cni_request_duration_seconds_bucket{le=\"0.005\",command=\"ADD\"} 1",

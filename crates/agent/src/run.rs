@@ -341,12 +341,44 @@ fn shutdown(
     match action {
         ExitAction::LeaveInstalled { reason } => {
             info!(%reason, "leaving the CNI plugin installed");
+            final_check(installer);
             Ok(())
         }
         ExitAction::Uninstall { reason } => {
             info!(%reason, "uninstalling the CNI plugin");
             uninstall_all(args, mode, installer)
         }
+    }
+}
+
+/// The last verify-and-reinsert pass of an upgrade/restart stop: the keeper has stopped, and a
+/// primary CNI may have rewritten its config (or something removed our binary or kubeconfig)
+/// while it was stopping; the node must not be left without the plugin until the next agent
+/// starts. Logs what it found and did for every part.
+fn final_check(installer: &dyn NodeInstaller) {
+    use meshcni_install::RepairOutcome;
+    let steps = installer.verify_and_repair();
+    let mut failed = 0usize;
+    for s in &steps {
+        let path = s.path.display();
+        match &s.outcome {
+            RepairOutcome::Intact => info!(part = s.what, %path, "final check: in place"),
+            RepairOutcome::Repaired => {
+                warn!(part = s.what, %path, "final check: was missing or changed; put back")
+            }
+            RepairOutcome::Failed(e) => {
+                failed += 1;
+                error!(part = s.what, %path, error = %e, "final check: could not verify or repair")
+            }
+        }
+    }
+    if failed == 0 {
+        info!(
+            parts = steps.len(),
+            "final check done: the CNI plugin is installed"
+        );
+    } else {
+        error!(failed, "final check done: the installation is incomplete");
     }
 }
 

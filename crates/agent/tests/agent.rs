@@ -611,3 +611,173 @@ fn idle_footprint() {
     assert!(cpu_pct < 5.0, "idle CPU {cpu_pct:.2}%");
     agent.terminate();
 }
+
+/// Issue 7 item 4: the primary rewrites its config without our entry (and the plugin binary
+/// and kubeconfig get damaged) just as the agent is told to stop for an upgrade. The changes
+/// are made so that the keeper gets no file event for them (in-place writes through hard links
+/// outside the watched directories; the kubeconfig's run dir is not watched), which is what a
+/// rewrite racing with the keeper's stop looks like: only the final verify-and-reinsert pass
+/// can put them back.
+#[test]
+fn sigterm_right_after_the_primary_dropped_our_entry_leaves_the_plugin_installed() {
+    let node = Node::new(true);
+    let mut agent = node.agent(&[]);
+    agent.wait_ready(Duration::from_secs(20));
+    node.assert_installed();
+    let in_place = |target: &Path, link: &str, content: &[u8]| {
+        let link = node.root.join(link);
+        fs::hard_link(target, &link).expect("hard link");
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&link)
+            .expect("open through the link");
+        f.write_all(content).expect("write in place");
+    };
+    in_place(
+        &node.net_dir().join("10-bridge.conflist"),
+        "conflist-link",
+        PRIMARY.as_bytes(),
+    );
+    in_place(&node.bin_dir().join("meshcni"), "bin-link", b"damaged");
+    fs::remove_file(node.run_dir().join("meshcni-kubeconfig")).expect("rm kubeconfig");
+    let log = agent.terminate();
+    assert!(log.contains("leaving the CNI plugin installed"), "{log}");
+    node.assert_installed();
+    assert_eq!(
+        fs::read(node.bin_dir().join("meshcni")).expect("binary"),
+        b"\x7fELF meshcni stand-in",
+        "damaged plugin binary left behind"
+    );
+    for part in ["CNI config entry", "plugin binary", "kubeconfig"] {
+        assert!(
+            log.lines().any(
+                |l| l.contains("final check: was missing or changed; put back") && l.contains(part)
+            ),
+            "no log line about putting back the {part}:\n{log}"
+        );
+    }
+    assert!(
+        log.contains("final check done: the CNI plugin is installed"),
+        "{log}"
+    );
+}
+
+/// Issue 7 item 3: `/readyz` and `meshcni_install_ready` say "our entry is not in the file"
+/// within 100 ms, also while the keeper waits for the primary's file to come back, and the
+/// re-insert latency metric covers the whole time the entry was missing.
+#[test]
+fn readiness_closes_within_100ms_when_our_entry_goes_and_latency_covers_the_gap() {
+    let node = Node::new(true);
+    let mut agent = node.agent(&[]);
+    agent.wait_ready(Duration::from_secs(20));
+    let conf = node.net_dir().join("10-bridge.conflist");
+    let t0 = Instant::now();
+    fs::remove_file(&conf).expect("the primary deletes its config");
+    loop {
+        if let Some((503, body)) = agent.readyz() {
+            assert!(body.contains("install"), "{body}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_millis(100),
+            "/readyz still 200 {:?} after our entry went away",
+            t0.elapsed()
+        );
+    }
+    println!("/readyz closed {:?} after the removal", t0.elapsed());
+    assert_eq!(metric(&agent.metrics(), "meshcni_install_ready"), Some(0.0));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        agent.readyz().map(|r| r.0),
+        Some(503),
+        "ready while the config file is missing"
+    );
+    let missing_for = t0.elapsed();
+    fs::write(&conf, PRIMARY).expect("the primary writes its config again");
+    agent.wait_ready(Duration::from_secs(5));
+    let gap = t0.elapsed();
+    node.assert_installed();
+    let m = agent.metrics();
+    assert_eq!(metric(&m, "meshcni_install_ready"), Some(1.0));
+    assert_eq!(
+        metric(&m, "meshcni_config_reinserts_total"),
+        Some(1.0),
+        "{m}"
+    );
+    let lat = metric(&m, "meshcni_config_reinsert_latency_seconds").expect(&m);
+    assert!(
+        lat >= missing_for.as_secs_f64() && lat <= gap.as_secs_f64(),
+        "re-insert latency {lat} s does not cover the removal ({missing_for:?} missing, ready again after {gap:?})"
+    );
+    agent.terminate();
+}
+
+/// A primary conflist as an operator writes it: key order, tabs, CRLF, no final newline,
+/// characters and numbers a re-rendering would change.
+const HAND_WRITTEN: &str = "{\n    \"name\":\"k8s-pod-network\",\n\t\"cniVersion\" : \"0.3.1\",\r\n    \"plugins\": [\n        { \"type\": \"bridge\", \"bridge\": \"cni0\", \"mtu\": 1.5e3,\n          \"ipam\": {\"type\": \"host-local\", \"subnet\": \"10.22.0.0/16\"}, \"note\": \"<&>\" },\n\t{\"type\":\"portmap\",\"capabilities\":{\"portMappings\":true}}\n    ]\n}";
+
+/// Issue 7 item 5: uninstall gives back the operator's conflist byte for byte.
+#[test]
+fn uninstall_gives_back_a_hand_written_primary_byte_for_byte() {
+    let node = Node::new(true);
+    let conf = node.net_dir().join("10-bridge.conflist");
+    fs::write(&conf, HAND_WRITTEN).expect("hand-written primary");
+    let mut agent = node.agent(&["--uninstall-on-exit"]);
+    agent.wait_ready(Duration::from_secs(20));
+    assert_ne!(fs::read_to_string(&conf).expect("read"), HAND_WRITTEN);
+    agent.terminate();
+    let files = node.host_files();
+    assert_eq!(
+        files.keys().collect::<Vec<_>>(),
+        [
+            "host/etc/cni/net.d/10-bridge.conflist",
+            "host/opt/cni/bin/bridge"
+        ]
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&files["host/etc/cni/net.d/10-bridge.conflist"]),
+        HAND_WRITTEN
+    );
+    assert!(!node.run_dir().exists(), "run dir left behind");
+}
+
+/// Issue 7 item 5: a `.conf` primary that the install turned into a `.conflist` is a `.conf`
+/// again after `meshcni-agent uninstall` (another process than the agent that installed).
+#[test]
+fn uninstall_subcommand_turns_a_converted_conf_back() {
+    let node = Node::new(true);
+    fs::remove_file(node.net_dir().join("10-bridge.conflist")).expect("rm");
+    let conf = node.net_dir().join("10-bridge.conf");
+    let single = "{\"cniVersion\": \"0.4.0\", \"name\": \"bridge-net\",\n  \"type\": \"bridge\", \"bridge\": \"cni0\",\n  \"ipam\": {\"type\": \"host-local\", \"subnet\": \"10.22.0.0/16\"}}\n\n";
+    fs::write(&conf, single).expect("conf primary");
+    let mut agent = node.agent(&[]);
+    agent.wait_ready(Duration::from_secs(20));
+    assert!(!conf.exists(), "converted to a .conflist on install");
+    node.assert_installed();
+    agent.terminate();
+    let out = Command::new(env!("CARGO_BIN_EXE_meshcni-agent"))
+        .env_clear()
+        .args(node.args())
+        .arg("uninstall")
+        .output()
+        .expect("run uninstall");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let files = node.host_files();
+    assert_eq!(
+        files.keys().collect::<Vec<_>>(),
+        [
+            "host/etc/cni/net.d/10-bridge.conf",
+            "host/opt/cni/bin/bridge"
+        ]
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&files["host/etc/cni/net.d/10-bridge.conf"]),
+        single
+    );
+    assert!(!node.run_dir().exists(), "run dir left behind");
+}

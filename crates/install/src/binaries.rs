@@ -103,7 +103,7 @@ pub fn dir_writable(dir: &Path) -> bool {
 }
 
 /// Does `target` already hold exactly `src` with the right mode?
-fn up_to_date(src: &SourceBinary, target: &Path) -> bool {
+pub fn up_to_date(src: &SourceBinary, target: &Path) -> bool {
     let Ok(meta) = fs::metadata(target) else {
         return false;
     };

@@ -89,6 +89,13 @@ fn wait_for<T>(
         if !watching {
             if let Some(w) = watcher.as_mut() {
                 watching = w.watch(dir, notify::RecursiveMode::NonRecursive).is_ok();
+                // What appeared between the first probe and the watch has no event: look
+                // again now instead of after a whole poll interval.
+                if watching {
+                    if let Some(v) = probe() {
+                        return Ok(v);
+                    }
+                }
             }
         }
         let _ = rx.recv_timeout(timeout);
@@ -349,10 +356,35 @@ pub struct ConfigWrite {
     pub written: bool,
 }
 
+/// An in-place edit of the primary's file, about to be written (see
+/// [`write_cni_config_observed`]).
+#[derive(Debug)]
+pub struct PrimaryEdit<'a> {
+    /// The primary's file as read (`X.conf` for a conversion).
+    pub path: &'a Path,
+    /// Its content.
+    pub existing: &'a [u8],
+    /// The file that will hold the result (`X.conflist` for a conversion).
+    pub target: &'a Path,
+    /// The bytes about to be written there.
+    pub new: &'a [u8],
+}
+
 /// `createCNIConfigFile` + `writeCNIConfig`: resolve (waiting per `wait`), merge and write
 /// atomically. Writes only if the file is not already current. A primary file that is invalid
 /// JSON or has the wrong shape is left untouched and reported.
 pub fn write_cni_config(cfg: &InstallConfig, wait: &Wait) -> Result<ConfigWrite, InstallError> {
+    write_cni_config_observed(cfg, wait, &mut |_| {})
+}
+
+/// [`write_cni_config`], calling `before_edit` right before the primary's file is rewritten in
+/// place (not for standalone or owned files, which are ours): the installer records there
+/// what uninstall needs to give the file back byte for byte.
+pub fn write_cni_config_observed(
+    cfg: &InstallConfig,
+    wait: &Wait,
+    before_edit: &mut dyn FnMut(&PrimaryEdit<'_>),
+) -> Result<ConfigWrite, InstallError> {
     let plugin = plugin_config_bytes(cfg)?;
     let owned_types = cfg.owned_types();
     let new_mode = cfg.created_file_mode();
@@ -436,6 +468,12 @@ pub fn write_cni_config(cfg: &InstallConfig, wait: &Wait) -> Result<ConfigWrite,
         } else {
             ModePolicy::PreserveOr(new_mode)
         };
+        before_edit(&PrimaryEdit {
+            path: &path,
+            existing: &existing,
+            target: &target,
+            new: &bytes,
+        });
         fsutil::atomic_write(&target, &bytes, policy)
             .map_err(|e| InstallError::io("writing CNI config", &target, e))?;
         if is_conf {
@@ -452,9 +490,11 @@ pub fn write_cni_config(cfg: &InstallConfig, wait: &Wait) -> Result<ConfigWrite,
     })
 }
 
-/// Undo our config change (spec §5.5): chained → remove our entry from the list, keeping the
-/// file; standalone or our owned file → delete the file. An unparsable file is left alone
-/// and reported.
+/// Undo our config change (spec §5.5): chained → cut our entry out of the list, keeping the
+/// rest of the file's bytes as they are ([`conflist::remove_preserving`]); standalone or our
+/// owned file → delete the file. An unparsable file is left alone and reported. (Giving back
+/// the primary's original bytes and name is [`crate::Installer::uninstall`]'s job, from its
+/// [`crate::backup`] record.)
 pub fn cleanup_cni_config(cfg: &InstallConfig, path: &Path) -> Result<(), InstallError> {
     if !path.exists() {
         return Ok(());
@@ -475,12 +515,13 @@ pub fn cleanup_cni_config(cfg: &InstallConfig, path: &Path) -> Result<(), Instal
                 return Ok(());
             }
         }
-        let cleaned = conflist::remove(&existing, &cfg.plugin_type).map_err(|source| {
-            InstallError::Config {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
+        let cleaned =
+            conflist::remove_preserving(&existing, &cfg.plugin_type).map_err(|source| {
+                InstallError::Config {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
         fsutil::atomic_write(
             path,
             &cleaned,

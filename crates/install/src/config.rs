@@ -93,6 +93,12 @@ pub struct InstallConfig {
     pub enable_ambient_detection_retry: bool,
     /// meshcni's own plugin fields (`POD_METADATA_DIR`, ...); merged into templates too.
     pub meshcni_plugin_fields: crate::agent_settings::AgentPluginFields,
+    /// Where the installer keeps what uninstall needs to give the primary CNI's config back
+    /// byte for byte (the original file and the bytes we wrote, [`crate::backup`]). `None`:
+    /// no record; uninstall then cuts our entry out of the file's current bytes and a `.conf`
+    /// we converted stays a `.conflist` (the reference's behaviour). The agent uses its run
+    /// dir.
+    pub state_dir: Option<PathBuf>,
     /// Keeper tuning.
     pub keeper: KeeperTuning,
 }
@@ -102,18 +108,16 @@ pub struct InstallConfig {
 pub struct KeeperTuning {
     /// Periodic full re-check even without file events (watches can miss events).
     pub resync_interval: Duration,
-    /// After a file event, wait until events are quiet this long before re-checking …
-    pub debounce: Duration,
-    /// … but never longer than this after the first event.
-    pub debounce_max: Duration,
     /// Rewrite-loop detection: more than `loop_threshold` re-inserts within `loop_window` …
     pub loop_window: Duration,
     pub loop_threshold: usize,
-    /// … logs a warning and delays the next re-insert by `loop_backoff_base * 2^excess`,
-    /// capped at `loop_backoff_max` (it never stops re-inserting).
+    /// … switches re-insert logging from one info line each to a warning that summarises them,
+    /// repeated after `loop_backoff_base * 2^n` (n = warnings so far in this loop), capped at
+    /// `loop_backoff_max`. Only logging backs off: every re-insert happens at once.
     pub loop_backoff_base: Duration,
     pub loop_backoff_max: Duration,
-    /// Delay before retrying a failed install pass (doubles up to `loop_backoff_max`).
+    /// Delay before retrying a failed install pass when no file event comes first (doubles up
+    /// to `resync_interval`).
     pub error_retry: Duration,
 }
 
@@ -121,8 +125,6 @@ impl Default for KeeperTuning {
     fn default() -> Self {
         KeeperTuning {
             resync_interval: Duration::from_secs(5),
-            debounce: Duration::from_millis(20),
-            debounce_max: Duration::from_millis(200),
             loop_window: Duration::from_secs(30),
             loop_threshold: 10,
             loop_backoff_base: Duration::from_millis(500),
@@ -170,6 +172,7 @@ impl Default for InstallConfig {
             native_nftables: false,
             enable_ambient_detection_retry: false,
             meshcni_plugin_fields: Default::default(),
+            state_dir: None,
             keeper: KeeperTuning::default(),
         }
     }
@@ -221,6 +224,9 @@ impl InstallConfig {
     /// pod-metadata directory (hosts without Kubernetes, no service account to build it from).
     pub fn needs_kubeconfig(&self) -> bool {
         self.meshcni_plugin_fields.pod_metadata_dir.is_none()
+    /// The uninstall record ([`crate::backup`]), when a state dir is configured.
+    pub fn backup_path(&self) -> Option<PathBuf> {
+        self.state_dir.as_deref().map(crate::backup::path_in)
     }
 
     /// Where the kubeconfig is written.

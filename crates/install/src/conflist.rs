@@ -110,7 +110,8 @@ impl OwnedTypes {
         }
     }
 
-    fn matches(&self, t: &str) -> bool {
+    /// Is `t` our type or one we replace?
+    pub fn matches(&self, t: &str) -> bool {
         t == self.ours || self.replaces.iter().any(|r| r == t)
     }
 }
@@ -193,6 +194,170 @@ pub fn remove(existing: &[u8], plugin_type_to_remove: &str) -> Result<Vec<u8>, C
         }
     }
     Ok(render_sorted(&Value::Object(doc)))
+}
+
+/// [`remove`] that keeps the file's own bytes: only the removed entries (with the separator
+/// next to them) are cut out of the text of the `plugins` array; key order, indentation,
+/// number formatting and escapes of everything else stay as they were. Falls back to the
+/// [`remove`] rendering if the text cannot be edited so that it parses to exactly the same
+/// document (never expected for valid JSON). A list left empty becomes `[]`.
+pub fn remove_preserving(
+    existing: &[u8],
+    plugin_type_to_remove: &str,
+) -> Result<Vec<u8>, ConfigError> {
+    let fallback = remove(existing, plugin_type_to_remove)?;
+    let want: Value = serde_json::from_slice(&fallback).map_err(|e| ConfigError::InvalidJson {
+        what: "installed CNI config",
+        detail: e.to_string(),
+    })?;
+    let Some((array, elements)) = spans::plugins_array(existing) else {
+        return Ok(fallback);
+    };
+    let keep: Vec<usize> = (0..elements.len())
+        .filter(|&i| {
+            let (s, e) = elements[i];
+            let v: Option<Value> = serde_json::from_slice(&existing[s..e]).ok();
+            v.as_ref().and_then(plugin_type) != Some(plugin_type_to_remove)
+        })
+        .collect();
+    let mut out = existing[..array.0].to_vec();
+    match elements.last() {
+        Some(&(_, last_end)) if !keep.is_empty() => {
+            // `[` and the whitespace before the first element.
+            out.extend_from_slice(&existing[array.0..elements[0].0]);
+            for (n, &k) in keep.iter().enumerate() {
+                out.extend_from_slice(&existing[elements[k].0..elements[k].1]);
+                match keep.get(n + 1) {
+                    // The separator that followed this element in the original.
+                    Some(_) => out.extend_from_slice(&existing[elements[k].1..elements[k + 1].0]),
+                    // The whitespace before `]`, and `]`.
+                    None => out.extend_from_slice(&existing[last_end..array.1]),
+                }
+            }
+        }
+        _ => out.extend_from_slice(b"[]"),
+    }
+    out.extend_from_slice(&existing[array.1..]);
+    match serde_json::from_slice::<Value>(&out) {
+        Ok(v) if v == want => Ok(out),
+        _ => Ok(fallback),
+    }
+}
+
+/// Byte spans in a JSON text that serde_json has already accepted.
+mod spans {
+    /// `start..end` of a value in the text.
+    pub(super) type Span = (usize, usize);
+
+    fn ws(b: &[u8], mut i: usize) -> usize {
+        while b
+            .get(i)
+            .is_some_and(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+        {
+            i += 1;
+        }
+        i
+    }
+
+    /// `b[i] == '"'`: the index after the closing quote.
+    fn string(b: &[u8], mut i: usize) -> Option<usize> {
+        i += 1;
+        loop {
+            match b.get(i)? {
+                b'\\' => i += 2,
+                b'"' => return Some(i + 1),
+                _ => i += 1,
+            }
+        }
+    }
+
+    /// The index after the value starting at `i`.
+    fn value(b: &[u8], i: usize) -> Option<usize> {
+        match b.get(i)? {
+            b'"' => string(b, i),
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                let mut j = i;
+                loop {
+                    match b.get(j)? {
+                        b'"' => {
+                            j = string(b, j)?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                return Some(j + 1);
+                            }
+                        }
+                        _ => {}
+                    }
+                    j += 1;
+                }
+            }
+            _ => {
+                let mut j = i;
+                while b.get(j).is_some_and(|c| {
+                    !matches!(c, b',' | b']' | b'}' | b' ' | b'\t' | b'\n' | b'\r')
+                }) {
+                    j += 1;
+                }
+                Some(j)
+            }
+        }
+    }
+
+    /// The span of the top-level `"plugins"` array (the last one if repeated, like the
+    /// parser) and the spans of its elements.
+    pub(super) fn plugins_array(b: &[u8]) -> Option<(Span, Vec<Span>)> {
+        let mut i = ws(b, 0);
+        if *b.get(i)? != b'{' {
+            return None;
+        }
+        i = ws(b, i + 1);
+        let mut found = None;
+        if *b.get(i)? != b'}' {
+            loop {
+                let key_end = string(b, i)?;
+                let key: String = serde_json::from_slice(&b[i..key_end]).ok()?;
+                i = ws(b, key_end);
+                if *b.get(i)? != b':' {
+                    return None;
+                }
+                let vs = ws(b, i + 1);
+                let ve = value(b, vs)?;
+                if key == "plugins" {
+                    found = Some((vs, ve));
+                }
+                i = ws(b, ve);
+                match b.get(i)? {
+                    b',' => i = ws(b, i + 1),
+                    b'}' => break,
+                    _ => return None,
+                }
+            }
+        }
+        let (vs, ve) = found?;
+        if b[vs] != b'[' {
+            return None;
+        }
+        let mut els = Vec::new();
+        let mut j = ws(b, vs + 1);
+        if *b.get(j)? != b']' {
+            loop {
+                let e = value(b, j)?;
+                els.push((j, e));
+                j = ws(b, e);
+                match b.get(j)? {
+                    b',' => j = ws(b, j + 1),
+                    b']' => break,
+                    _ => return None,
+                }
+            }
+        }
+        Some(((vs, ve), els))
+    }
 }
 
 /// Kubelet/libcni acceptance of a config file's content (spec §5.3): `.conflist` needs a
@@ -519,6 +684,48 @@ mod tests {
             &json!({"type":"meshcni","v":3}),
             &owned
         ));
+    }
+
+    #[test]
+    fn remove_preserving_cuts_only_our_entries() {
+        let cases: [(&str, &str); 6] = [
+            (
+                "{\"name\":\"n\",\n\t\"plugins\" : [ {\"type\":\"a\", \"x\": 1.50},\n\t{\"type\":\"meshcni\"} ] }",
+                "{\"name\":\"n\",\n\t\"plugins\" : [ {\"type\":\"a\", \"x\": 1.50} ] }",
+            ),
+            (
+                "{\"plugins\":[{\"type\":\"meshcni\",\"s\":\"]}\\\"\"},\r\n  {\"type\":\"a\"}],\"name\":\"<n>\"}\n",
+                "{\"plugins\":[{\"type\":\"a\"}],\"name\":\"<n>\"}\n",
+            ),
+            (
+                "{\"plugins\":[{\"type\":\"a\"}, {\"type\":\"meshcni\"}, {\"type\":\"b\"},{\"type\":\"meshcni\"}]}",
+                "{\"plugins\":[{\"type\":\"a\"}, {\"type\":\"b\"}]}",
+            ),
+            (
+                "{\"plugins\":[ {\"type\":\"meshcni\"} ],\"name\":\"n\"}",
+                "{\"plugins\":[],\"name\":\"n\"}",
+            ),
+            (
+                "{\"plugins\":[],\"name\":\"n\"}",
+                "{\"plugins\":[],\"name\":\"n\"}",
+            ),
+            (
+                "{\"plugins\":[{\"type\":\"a\",\"p\":[{\"type\":\"meshcni\"}]}]}",
+                "{\"plugins\":[{\"type\":\"a\",\"p\":[{\"type\":\"meshcni\"}]}]}",
+            ),
+        ];
+        for (input, want) in cases {
+            let got = remove_preserving(input.as_bytes(), "meshcni").expect(input);
+            assert_eq!(String::from_utf8_lossy(&got), want, "input {input}");
+        }
+        // The reference's own output: the same bytes as its re-rendering.
+        let doc = json!({"name":"n","plugins":[{"type":"a","h":"<&>"},{"type":"meshcni"}]});
+        let rendered = render_sorted(&doc);
+        assert_eq!(
+            remove_preserving(&rendered, "meshcni").expect("remove"),
+            remove(&rendered, "meshcni").expect("remove")
+        );
+        assert!(remove_preserving(b"{", "meshcni").is_err());
     }
 
     #[test]

@@ -53,6 +53,8 @@ pub enum ModePolicy {
     /// Keep the existing file's mode and owner (editing the primary CNI's file); this mode if
     /// the file does not exist.
     PreserveOr(u32),
+    /// This mode and owner (giving the primary CNI's file back as it was).
+    Exact { mode: u32, uid: u32, gid: u32 },
 }
 
 /// Write `data` to `path` atomically. Any failure leaves `path` untouched and removes the
@@ -69,11 +71,17 @@ pub fn atomic_write_with(
 ) -> io::Result<()> {
     let existing = match policy {
         ModePolicy::PreserveOr(_) => fs::metadata(path).ok(),
-        ModePolicy::Fixed(_) => None,
+        ModePolicy::Fixed(_) | ModePolicy::Exact { .. } => None,
     };
     let mode = match (policy, &existing) {
         (ModePolicy::PreserveOr(_), Some(m)) => m.mode() & 0o7777,
         (ModePolicy::PreserveOr(m), None) | (ModePolicy::Fixed(m), _) => m,
+        (ModePolicy::Exact { mode, .. }, _) => mode,
+    };
+    let owner = match (policy, &existing) {
+        (ModePolicy::Exact { uid, gid, .. }, _) => Some((uid, gid)),
+        (_, Some(m)) => Some((m.uid(), m.gid())),
+        _ => None,
     };
     let tmp = temp_path_for(path)?;
     let result = (|| {
@@ -85,8 +93,11 @@ pub fn atomic_write_with(
         fill(&mut f)?;
         // Set mode explicitly: the open() mode is filtered by the umask.
         f.set_permissions(fs::Permissions::from_mode(mode))?;
-        if let Some(m) = &existing {
-            std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()))?;
+        if let Some((uid, gid)) = owner {
+            let m = f.metadata()?;
+            if (m.uid(), m.gid()) != (uid, gid) {
+                std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+            }
         }
         f.sync_all()?;
         drop(f);

@@ -15,6 +15,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
+use crate::backup;
 use crate::binaries::{self, SourceBinary};
 use crate::cniconfig::{self, Wait};
 use crate::config::InstallConfig;
@@ -33,6 +34,26 @@ pub struct InstallOutcome {
     pub kubeconfig_written: bool,
     /// Binaries copied in this pass.
     pub binaries_written: Vec<PathBuf>,
+}
+
+/// What [`Installer::verify_and_repair`] found for one part of the installation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RepairOutcome {
+    /// In place and correct.
+    Intact,
+    /// Missing or different; written again.
+    Repaired,
+    /// Could not be verified or repaired (the message says why).
+    Failed(String),
+}
+
+/// One part of the installation checked by [`Installer::verify_and_repair`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepairStep {
+    /// `plugin binary`, `kubeconfig`, `CNI config entry` or `installation check`.
+    pub what: &'static str,
+    pub path: PathBuf,
+    pub outcome: RepairOutcome,
 }
 
 type BinVersion = (u64, u64, i64, i64, i64);
@@ -140,10 +161,15 @@ impl Installer {
             }
             let _ = fsutil::sweep_stale_temps(dir);
             written.extend(binaries::install_into(&sources, dir)?);
-            let mut st = self.state();
-            for t in targets {
-                if let Some(v) = bin_version(&t) {
-                    st.verified.insert(t, v);
+            // Remember a target as verified only if its content is the source's and its
+            // metadata did not move while we looked: a write racing with ours (a tamper right
+            // after our rename) must not be cached as good.
+            for (t, src) in targets.into_iter().zip(&sources) {
+                let before = bin_version(&t);
+                if before.is_some() && binaries::up_to_date(src, &t) && bin_version(&t) == before {
+                    if let Some(v) = before {
+                        self.state().verified.insert(t, v);
+                    }
                 }
             }
         }
@@ -220,9 +246,114 @@ impl Installer {
         let _lock = DirLock::acquire(dir)
             .map_err(|e| InstallError::io("locking CNI config dir", dir, e))?;
         let _ = fsutil::sweep_stale_temps(dir);
-        let w = cniconfig::write_cni_config(c, &Wait::no_wait())?;
+        let w = cniconfig::write_cni_config_observed(c, &Wait::no_wait(), &mut |edit| {
+            self.record_edit(edit)
+        })?;
         self.state().config_path = Some(w.path.clone());
         Ok(w)
+    }
+
+    /// Before an in-place edit of the primary's file: update the uninstall record (called
+    /// under the directory lock). A record that cannot be written costs only the byte-exact
+    /// restore at uninstall, never the install: it is logged and the edit goes ahead.
+    fn record_edit(&self, edit: &cniconfig::PrimaryEdit<'_>) {
+        let Some(path) = self.cfg.backup_path() else {
+            return;
+        };
+        let owned = self.cfg.owned_types();
+        let previous = backup::load(&path).unwrap_or_else(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "unreadable uninstall record; starting a new one");
+            None
+        });
+        let original = if !backup::has_owned_entry(edit.existing, &owned) {
+            // The primary's own version: what uninstall gives back.
+            match backup::original_of(edit.path, edit.existing) {
+                Ok(o) => Some(o),
+                Err(e) => {
+                    tracing::warn!(path = %edit.path.display(), error = %e, "cannot stat the primary CNI config; uninstall will only remove our entry");
+                    None
+                }
+            }
+        } else {
+            // Our own earlier write (keep what it replaced), or an entry we did not write
+            // (migration, lost record): no restorable original.
+            previous
+                .filter(|p| {
+                    p.written_name == backup::file_name(edit.path) && p.written == edit.existing
+                })
+                .and_then(|p| p.original)
+        };
+        let rec = backup::Backup {
+            version: 1,
+            written_name: backup::file_name(edit.target),
+            written: edit.new.to_vec(),
+            original,
+        };
+        if let Err(e) = backup::save(&path, &rec) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the uninstall record; uninstall will only remove our entry");
+        }
+    }
+
+    /// Give the primary's config back per the uninstall record ([`backup`] module docs).
+    /// Returns false if there is no record (the caller falls back to cutting our entry out).
+    fn restore_from_record(&self) -> Result<bool, InstallError> {
+        let c = &self.cfg;
+        let Some(path) = c.backup_path() else {
+            return Ok(false);
+        };
+        let rec = match backup::load(&path) {
+            Ok(Some(r)) => r,
+            Ok(None) => return Ok(false),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "unreadable uninstall record; removing only our entry");
+                return Ok(false);
+            }
+        };
+        let dir = &c.mounted_cni_net_dir;
+        let written = dir.join(&rec.written_name);
+        let current = match fs::read(&written) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(InstallError::io("reading CNI config", &written, e)),
+        };
+        let original_exists = rec
+            .original
+            .as_ref()
+            .is_some_and(|o| dir.join(&o.name).exists());
+        match backup::plan(&rec, current.as_deref(), original_exists, &c.owned_types()) {
+            backup::Plan::Restore(o) => {
+                let target = dir.join(&o.name);
+                fsutil::atomic_write(
+                    &target,
+                    &o.content,
+                    ModePolicy::Exact {
+                        mode: o.mode,
+                        uid: o.uid,
+                        gid: o.gid,
+                    },
+                )
+                .map_err(|e| InstallError::io("restoring the original CNI config", &target, e))?;
+                if target != written {
+                    fsutil::remove_if_exists(&written).map_err(|e| {
+                        InstallError::io("removing the CNI config converted from", &written, e)
+                    })?;
+                }
+                tracing::info!(path = %target.display(), bytes = o.content.len(), "restored the primary CNI config byte for byte");
+            }
+            backup::Plan::RemoveEntry => {
+                cniconfig::cleanup_cni_config(c, &written)?;
+                tracing::info!(path = %written.display(), "removed our entry from the CNI config (the primary changed the file since we edited it; its bytes are kept)");
+            }
+            backup::Plan::RemoveWritten => {
+                fsutil::remove_if_exists(&written)
+                    .map_err(|e| InstallError::io("removing CNI config", &written, e))?;
+                tracing::info!(path = %written.display(), "removed the conflist we converted from a .conf the primary has written again");
+            }
+            backup::Plan::Nothing => {
+                tracing::info!(path = %written.display(), "the CNI config we edited is gone; nothing to restore");
+            }
+        }
+        Ok(true)
     }
 
     /// One full pass: binaries, kubeconfig, CNI config (in the reference's order; the first
@@ -237,6 +368,84 @@ impl Installer {
             kubeconfig_written,
             binaries_written,
         })
+    }
+
+    /// A last verify-and-reinsert pass (the agent runs it when it stops without uninstalling,
+    /// after the keeper has stopped): every binary is hashed against its source (no cached
+    /// verification), the kubeconfig re-rendered, our CNI config entry checked — each step on
+    /// its own, so one failure does not skip the others — then the readiness check. Nothing
+    /// waits: a missing primary config is reported, not waited for.
+    pub fn verify_and_repair(&self) -> Vec<RepairStep> {
+        let c = &self.cfg;
+        let mut out = Vec::new();
+        self.state().verified.clear();
+        let bin_dirs: Vec<&PathBuf> = c
+            .cni_bin_target_dirs
+            .iter()
+            .filter(|d| binaries::dir_writable(d))
+            .collect();
+        match self.install_binaries() {
+            Ok(written) => {
+                let sources = self.state().sources.clone().unwrap_or_default();
+                for dir in &bin_dirs {
+                    for src in &sources {
+                        let path = dir.join(&src.name);
+                        let outcome = if written.contains(&path) {
+                            RepairOutcome::Repaired
+                        } else {
+                            RepairOutcome::Intact
+                        };
+                        out.push(RepairStep {
+                            what: "plugin binary",
+                            path,
+                            outcome,
+                        });
+                    }
+                }
+            }
+            Err(e) => out.push(RepairStep {
+                what: "plugin binary",
+                path: bin_dirs
+                    .first()
+                    .map_or_else(|| c.cni_bin_source_dir.clone(), |d| (*d).clone()),
+                outcome: RepairOutcome::Failed(e.to_string()),
+            }),
+        }
+        out.push(RepairStep {
+            what: "kubeconfig",
+            path: c.kubeconfig_path(),
+            outcome: match self.write_kubeconfig() {
+                Ok(true) => RepairOutcome::Repaired,
+                Ok(false) => RepairOutcome::Intact,
+                Err(e) => RepairOutcome::Failed(e.to_string()),
+            },
+        });
+        out.push(match self.write_cni_config(&Wait::no_wait()) {
+            Ok(w) => RepairStep {
+                what: "CNI config entry",
+                path: w.path,
+                outcome: if w.written {
+                    RepairOutcome::Repaired
+                } else {
+                    RepairOutcome::Intact
+                },
+            },
+            Err(e) => RepairStep {
+                what: "CNI config entry",
+                path: self
+                    .installed_config_path()
+                    .unwrap_or_else(|| c.mounted_cni_net_dir.clone()),
+                outcome: RepairOutcome::Failed(e.to_string()),
+            },
+        });
+        if let Err(e) = self.check() {
+            out.push(RepairStep {
+                what: "installation check",
+                path: c.mounted_cni_net_dir.clone(),
+                outcome: RepairOutcome::Failed(e.to_string()),
+            });
+        }
+        out
     }
 
     /// Readiness check of the current installation: the reference validity check on the file
@@ -295,6 +504,9 @@ impl Installer {
                 .map_err(|e| InstallError::io("locking CNI config dir", dir, e))
                 .and_then(|_lock| {
                     let _ = fsutil::sweep_stale_temps(dir);
+                    if c.chained_cni_plugin && !c.owned_mode() && self.restore_from_record()? {
+                        return Ok(());
+                    }
                     let path = if path.exists() {
                         path
                     } else {
@@ -304,6 +516,17 @@ impl Installer {
                 });
             if let Err(e) = res {
                 first_err.get_or_insert(e);
+            }
+        }
+        if first_err.is_none() {
+            if let Some(p) = c.backup_path() {
+                if let Err(e) = fsutil::remove_if_exists(&p) {
+                    first_err.get_or_insert(InstallError::io(
+                        "removing the uninstall record",
+                        p,
+                        e,
+                    ));
+                }
             }
         }
         let kc = c.kubeconfig_path();

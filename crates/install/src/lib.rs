@@ -5,6 +5,7 @@
 //! * [`kubeconfig`] — pure: the plugin kubeconfig (sigs.k8s.io/yaml layout).
 //! * [`binaries`], [`fsutil`] — atomic copies/writes, directory lock, temp-file sweep.
 //! * [`cniconfig`] — the config-directory edge: choose, wait for, check, write, clean up.
+//! * [`backup`] — what uninstall needs to give the primary's config back byte for byte.
 //! * [`Installer`] — one install pass, readiness check, uninstall.
 //! * [`keeper`] — the watch + resync loop keeping everything installed, with status.
 //!
@@ -25,6 +26,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent_settings;
+pub mod backup;
 pub mod binaries;
 pub mod cniconfig;
 pub mod config;
@@ -43,5 +45,5 @@ pub use cniconfig::{
 pub use config::{InstallConfig, KeeperTuning};
 pub use conflist::{ConfigError, OwnedTypes, PluginConfig};
 pub use error::{InstallError, InstallResult};
-pub use installer::{InstallOutcome, Installer};
+pub use installer::{InstallOutcome, Installer, RepairOutcome, RepairStep};
 pub use keeper::{InstallStatus, Shutdown};
