@@ -324,8 +324,10 @@ impl Applier {
             return Ok(Step::Fresh);
         }
         let actual = iptables::current_save_here(ns, &self.iptables, detection, family)?;
-        let predicted = owned.save(family);
-        if crate::iptables_state::diff(predicted, &actual, &owned.iptables_chains).is_empty() {
+        if !crate::iptables_state::has_owned(&actual, &owned.iptables_chains) {
+            return Ok(Step::Fresh);
+        }
+        if predicted_identical(owned, family, fresh, &actual) {
             return Ok(Step::Unchanged);
         }
         let canonical =
@@ -429,9 +431,10 @@ impl Applier {
                         iptables::current_save_here(ns, &self.iptables, &detection, family)?
                     };
                     let chains = &owned.iptables_chains;
-                    let mut drift =
-                        crate::iptables_state::diff(owned.save(family), &actual, chains);
-                    if !drift.is_empty() && !actual.is_empty() {
+                    let predicted = owned.save(family);
+                    let trusted = crate::iptables_state::prediction_fits(predicted, fresh);
+                    let mut drift = crate::iptables_state::diff(predicted, &actual, chains);
+                    if !trusted || (!drift.is_empty() && !actual.is_empty()) {
                         let canonical = iptables::canonical_save(
                             ns,
                             &self.iptables,
@@ -484,6 +487,13 @@ impl Ownership {
             IpFamily::V6 => self.v6_save.as_deref().unwrap_or_default(),
         }
     }
+}
+
+/// The fast path: the plan's predicted `-save` form fits its restore text and matches `actual`.
+fn predicted_identical(owned: &Ownership, family: IpFamily, fresh: &str, actual: &str) -> bool {
+    let predicted = owned.save(family);
+    crate::iptables_state::prediction_fits(predicted, fresh)
+        && crate::iptables_state::diff(predicted, actual, &owned.iptables_chains).is_empty()
 }
 
 fn join(items: &[impl std::fmt::Display]) -> String {
