@@ -113,7 +113,7 @@ dump() { # backend ns
     case "$1" in
         ipt) ip netns exec "$2" iptables-nft-save | grep -v '^#' ;;
         legacy) ip netns exec "$2" iptables-legacy-save | grep -v '^#' ;;
-        nft) ip netns exec "$2" nft list ruleset ;;
+        nft) ip netns exec "$2" nft list ruleset 2> /dev/null ;;
     esac
 }
 
@@ -195,7 +195,10 @@ The repeated ADD reads the state (one \`-save\` per family; for nft one \`nft li
 and compares it with the predicted form; iptables needs no restore. The native nft backend
 compares listings, so it also lists the fresh text's result in a scratch netns (\`nft -f\` +
 \`nft list ruleset\` there): more execs than a plain re-apply would need, but the pod's tables are
-left untouched (no rule re-created, counters kept).
+left untouched (no rule re-created, counters kept). The repair path costs the comparison, the
+scratch-netns confirmation, a snapshot for the rollback and the repairing transaction.
+Absolute times depend on the machine's load (the run above shared 2 vCPUs with other jobs);
+compare the rows of one run.
 EOF
 }
 
