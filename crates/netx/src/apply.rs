@@ -612,7 +612,8 @@ fn with_rollback(original: NetxError, rollback: Option<NetxError>) -> NetxError 
     }
 }
 
-/// Add addresses, rules, routes; on failure delete what was created here and return the error.
+/// Add addresses, rules, routes (existing ones are kept, duplicated ip rules reduced to one); on
+/// failure delete what was created here and return the error.
 fn apply_routes(ns: &InNetns<'_>, routes: &RoutesPlan) -> Result<usize, NetxError> {
     if routes.is_empty() {
         return Ok(0);
@@ -638,7 +639,18 @@ fn apply_routes(ns: &InNetns<'_>, routes: &RoutesPlan) -> Result<usize, NetxErro
         Ok(())
     })();
     match result {
-        Ok(()) => Ok(created.len()),
+        Ok(()) => {
+            // Last, when nothing else can fail: extra copies of our ip rules (a rule without a
+            // priority can be added twice) go, the first one stays. Removing a duplicate does
+            // not change routing, so it needs no rollback.
+            for r in routes.rules.iter().filter(|r| r.priority.is_none()) {
+                let copies = nl.rules(r.family)?.iter().filter(|h| h.matches(r)).count();
+                for _ in 1..copies {
+                    nl.del_rule(r)?;
+                }
+            }
+            Ok(created.len())
+        }
         Err(e) => {
             let mut failure = None;
             for c in created.iter().rev() {

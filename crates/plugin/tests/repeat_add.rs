@@ -256,7 +256,8 @@ fn repeated_add_is_a_no_op_nftables() {
 }
 
 /// Deletes one rule, flushes one chain, adds an extra jump from a built-in chain (and, for
-/// TPROXY, removes the IPv4 policy rule): what an operator or a crashed tool might leave.
+/// TPROXY, removes the IPv4 policy rule and duplicates the IPv6 one): what an operator or a
+/// crashed tool might leave.
 fn drift(ns: &Netns, backend: RuleBackend, dual: bool, tproxy: bool) {
     let run = |prog: &str, args: &[&str]| {
         ns.exec_ok(prog, args)
@@ -373,6 +374,12 @@ fn drift(ns: &Netns, backend: RuleBackend, dual: bool, tproxy: bool) {
             "ip",
             &["-4", "rule", "del", "fwmark", "1337", "lookup", "133"],
         );
+        if dual {
+            run(
+                "ip",
+                &["-6", "rule", "add", "fwmark", "1337", "lookup", "133"],
+            );
+        }
     }
 }
 
@@ -406,8 +413,9 @@ fn drift_repaired(backend: RuleBackend, tag: &str) {
         }
         if tproxy {
             assert!(
-                text.contains("ip rule (ipv4) fwmark 0x539 lookup 133 missing"),
-                "{case}: CHECK must name the missing ip rule: {text}"
+                text.contains("ip rule (ipv4) fwmark 0x539 lookup 133 missing")
+                    && text.contains("ip rule (ipv6) fwmark 0x539 lookup 133 present 2 times"),
+                "{case}: CHECK must name the missing and the duplicated ip rule: {text}"
             );
         }
         assert_eq!(
