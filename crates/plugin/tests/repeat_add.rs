@@ -502,6 +502,45 @@ fn check_fails_on_an_empty_netns_and_passes_for_non_mesh_pods() {
     }
 }
 
+/// CHECK passes without looking at the netns for pods ADD leaves alone or hands to the agent:
+/// an injected pod in an excluded namespace, an opted-out pod, and an ambient pod (the agent
+/// programs it; CHECK neither inspects it nor needs the agent's socket). The netns is empty and
+/// stays so.
+#[test]
+fn check_passes_for_pods_add_does_not_capture() {
+    let w = World::new("chs", true);
+    let before = state(w.pod(), true);
+    let excluded = w.env.cni_with(
+        "CHECK",
+        &pod_for(false),
+        w.pod(),
+        serde_json::json!({"exclude_namespaces": ["demo"]}),
+        &w.ips(),
+    );
+    assert!(excluded.ok, "excluded namespace: {excluded:?}");
+    let opted_out = w.check(
+        &pod_for(false).annotate("sidecar.istio.io/inject", "false"),
+        RuleBackend::Iptables,
+    );
+    assert!(opted_out.ok, "opted-out pod: {opted_out:?}");
+    let ambient = w.env.cni_with(
+        "CHECK",
+        &PodSpec::plain("ratings-ambient").label("istio.io/dataplane-mode", "ambient"),
+        w.pod(),
+        serde_json::json!({"ambient_enabled": true}),
+        &w.ips(),
+    );
+    assert!(ambient.ok, "ambient pod: {ambient:?}");
+    // The same injected pod, with none of the above, fails: the passes were not by accident.
+    let plain_check = w.check(&pod_for(false), RuleBackend::Iptables);
+    assert_eq!(plain_check.error()["code"], codes::CAPTURE_MISMATCH);
+    assert_eq!(
+        state(w.pod(), true),
+        before,
+        "CHECK must not change the netns"
+    );
+}
+
 /// Every Istio golden case, every backend: applied to a fresh netns, a second apply of the same
 /// plan is `Unchanged` (iptables: the predicted `-save` form matches the real binaries' output,
 /// so no restore is exec'd) and the read-only check finds nothing.

@@ -60,6 +60,8 @@ pub struct PodSpec {
     pub proxy_env: Vec<(String, String)>,
     /// `runAsUser`/`runAsGroup` of `istio-proxy` (default 1337).
     pub proxy_uid: u32,
+    /// Pod labels besides `app: <name>`.
+    pub labels: Vec<(String, String)>,
 }
 
 impl PodSpec {
@@ -71,6 +73,7 @@ impl PodSpec {
             annotations: Vec::new(),
             proxy_env: Vec::new(),
             proxy_uid: 1337,
+            labels: Vec::new(),
         }
     }
 
@@ -83,6 +86,11 @@ impl PodSpec {
 
     pub fn annotate(mut self, key: &str, value: &str) -> PodSpec {
         self.annotations.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> PodSpec {
+        self.labels.push((key.into(), value.into()));
         self
     }
 
@@ -130,10 +138,15 @@ impl PodSpec {
         for (k, v) in &self.annotations {
             annotations.insert(k.clone(), Value::String(v.clone()));
         }
+        let mut labels = serde_json::Map::new();
+        labels.insert("app".into(), Value::String(self.name.clone()));
+        for (k, v) in &self.labels {
+            labels.insert(k.clone(), Value::String(v.clone()));
+        }
         json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": self.name, "namespace": self.namespace,
-                         "uid": format!("uid-{}", self.name), "labels": {"app": self.name},
+                         "uid": format!("uid-{}", self.name), "labels": labels,
                          "annotations": annotations},
             "spec": {"initContainers": init, "containers": containers}
         })
@@ -208,6 +221,11 @@ impl PluginEnv {
 
     /// The plugin's stdin for `netns` / `backend` / `ips`.
     fn conf(&self, netns: &Netns, backend: RuleBackend, ips: &[String]) -> Value {
+        self.conf_with(netns, backend.conf_fields(), ips)
+    }
+
+    /// The plugin's stdin for `netns` / `ips` with extra plugin config `fields`.
+    fn conf_with(&self, netns: &Netns, fields: Value, ips: &[String]) -> Value {
         let prev = json!({
             "cniVersion": "1.0.0",
             "interfaces": [{"name": "eth0", "sandbox": netns.path()}],
@@ -221,7 +239,7 @@ impl PluginEnv {
             "plugin_log_level": "debug",
             "prevResult": prev,
         });
-        if let (Some(c), Value::Object(extra)) = (conf.as_object_mut(), backend.conf_fields()) {
+        if let (Some(c), Value::Object(extra)) = (conf.as_object_mut(), fields) {
             c.extend(extra);
         }
         conf
@@ -237,8 +255,20 @@ impl PluginEnv {
         backend: RuleBackend,
         ips: &[String],
     ) -> CniRun {
+        self.cni_with(command, pod, netns, backend.conf_fields(), ips)
+    }
+
+    /// [`PluginEnv::cni`] with arbitrary extra plugin config `fields`.
+    pub fn cni_with(
+        &self,
+        command: &str,
+        pod: &PodSpec,
+        netns: &Netns,
+        fields: Value,
+        ips: &[String],
+    ) -> CniRun {
         self.write_pod(pod);
-        let conf = self.conf(netns, backend, ips);
+        let conf = self.conf_with(netns, fields, ips);
         let mut child = Command::new(env!("CARGO_BIN_EXE_meshcni"))
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
