@@ -1,7 +1,10 @@
 //! The CNI commands. ADD: identify the pod from `CNI_ARGS`, look it up (Kubernetes API or the
 //! local metadata dir), decide (spec §1.5 HEAD), then either hand an ambient pod to the agent,
 //! apply sidecar capture atomically inside the pod netns, or change nothing — and always pass
-//! the `prevResult` on, converted to the config's `cniVersion` (§1.4).
+//! the `prevResult` on, converted to the config's `cniVersion` (§1.4). A repeated ADD is
+//! verify-or-repair (rules already in place are left alone, drifted ones replaced atomically).
+//! CHECK takes ADD's decision path and compares a sidecar pod's netns with what ADD installs,
+//! read-only.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
