@@ -55,6 +55,7 @@ fn main() {
                 table: 133,
             }),
         ),
+        owned: None,
     };
     for force in [
         None,

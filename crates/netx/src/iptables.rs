@@ -409,6 +409,74 @@ pub fn apply(
     })?
 }
 
+/// Whether any of `tables` exists for `family` with the detected flavor, from what detection
+/// learnt without exec'ing anything; `None` when unknown (then `-save` must look).
+pub fn any_table_known(detection: &Detection, family: IpFamily, tables: &[String]) -> Option<bool> {
+    match detection.flavor {
+        IptablesFlavor::Nft => detection.nft_tables.as_ref().map(|kernel| {
+            let (fam, _) = nft_family(family);
+            kernel
+                .iter()
+                .any(|k| k.family == fam && tables.contains(&k.name))
+        }),
+        IptablesFlavor::Legacy => detection.legacy_tables[family_index(family)]
+            .as_ref()
+            .map(|names| names.iter().any(|n| tables.contains(n))),
+        IptablesFlavor::Plain => None,
+    }
+}
+
+/// `<flavor>-save` of `family` in the current netns, reusing the output detection already has.
+pub fn current_save_here(
+    ns: &InNetns<'_>,
+    opts: &IptablesOptions,
+    detection: &Detection,
+    family: IpFamily,
+) -> Result<String, NetxError> {
+    if detection.flavor == IptablesFlavor::Legacy
+        && let Some(save) = &detection.legacy_saves[family_index(family)]
+    {
+        return Ok(save.clone());
+    }
+    save_here(ns, opts, detection.flavor, family)
+}
+
+/// What `fresh` restore text looks like in `-save` form with this flavor's binaries: applied in
+/// a throwaway network namespace (never the pod's), then saved there. The authority when the
+/// predicted `-save` form and a netns disagree.
+pub fn canonical_save(
+    ns: &InNetns<'_>,
+    opts: &IptablesOptions,
+    flavor: IptablesFlavor,
+    family: IpFamily,
+    fresh: &str,
+) -> Result<String, NetxError> {
+    // The pod netns file stays the xtables lock (see the module docs); the scratch netns has no
+    // path of its own.
+    let lock = ns.path().as_os_str().to_owned();
+    crate::netns::with_scratch_netns(|scratch| {
+        fn with_lock<'c>(mut cmd: Cmd<'c>, lock: &std::ffi::OsStr, scoped: bool) -> Cmd<'c> {
+            cmd.env.retain(|(k, _)| *k != "XTABLES_LOCKFILE");
+            if scoped {
+                cmd.env.push(("XTABLES_LOCKFILE", lock.to_owned()));
+            }
+            cmd
+        }
+        let restore_bin = flavor.restore_binary(family);
+        let mut restore = with_lock(opts.cmd(scratch, &restore_bin), &lock, opts.pod_scoped_lock)
+            .arg("--noflush");
+        if flavor == IptablesFlavor::Legacy {
+            restore = restore.arg(format!("--wait={}", opts.wait_secs));
+        }
+        restore.stdin = Some(fresh.as_bytes());
+        restore.run(scratch)?;
+        let save_bin = flavor.save_binary(family);
+        with_lock(opts.cmd(scratch, &save_bin), &lock, opts.pod_scoped_lock)
+            .run(scratch)
+            .map(|out| strip_comments(&out))
+    })?
+}
+
 /// What one family's tables looked like before a transaction touched them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FamilySnapshot {

@@ -17,6 +17,7 @@ mod error;
 pub mod exec;
 pub mod ipset;
 pub mod iptables;
+pub mod iptables_state;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
@@ -28,7 +29,10 @@ pub mod tunnel;
 use std::fmt;
 use std::net::IpAddr;
 
-pub use apply::{Applied, Applier, ApplyPlan, Backend, RoutesPlan, TproxyRouting, apply_capture};
+pub use apply::{
+    Applied, Applier, ApplyPlan, Backend, Ownership, RoutesPlan, RulesOutcome, TproxyRouting,
+    apply_capture,
+};
 pub use error::NetxError;
 pub use iptables::{IptablesFlavor, IptablesOptions};
 pub use netlink::{AddressSpec, Change, LocalRouteSpec, Netlink, RuleSpec};

@@ -174,6 +174,157 @@ pub fn restore_here(ns: &InNetns<'_>, snapshot: &NftSnapshot) -> Result<(), Netx
     apply_here(ns, &restore_text(snapshot))
 }
 
+/// The `table FAMILY NAME { … }` blocks of an `nft list ruleset` output, each as its lines
+/// (trimmed, blank lines and `#` comments dropped, `counter packets N bytes M` → `counter`), so
+/// that two listings of the same rules compare equal whatever their counters.
+pub fn table_blocks(listing: &str) -> Vec<(NftTable, Vec<String>)> {
+    let mut out: Vec<(NftTable, Vec<String>)> = Vec::new();
+    let mut depth: usize = 0;
+    for raw in listing.lines() {
+        let line = raw.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if depth == 0 {
+            let mut words = line.split_whitespace();
+            if let (Some("table"), Some(family), Some(name)) =
+                (words.next(), words.next(), words.next())
+            {
+                out.push((
+                    NftTable {
+                        family: family.to_string(),
+                        name: name.to_string(),
+                    },
+                    Vec::new(),
+                ));
+            }
+        } else if let Some((_, lines)) = out.last_mut() {
+            if !(depth == 1 && line == "}") {
+                lines.push(normalise_counters(line));
+            }
+        }
+        for c in line.chars() {
+            match c {
+                '{' => depth += 1,
+                '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// `counter packets 12 bytes 720` → `counter`.
+fn normalise_counters(line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let mut out: Vec<&str> = Vec::with_capacity(words.len());
+    let mut i = 0;
+    while i < words.len() {
+        out.push(words[i]);
+        if words[i] == "counter"
+            && words.get(i + 1) == Some(&"packets")
+            && words.get(i + 3) == Some(&"bytes")
+        {
+            i += 5;
+        } else {
+            i += 1;
+        }
+    }
+    out.join(" ")
+}
+
+/// How the `owned` tables of `actual` (an `nft list ruleset`) differ from `desired` (the listing
+/// a fresh netns shows after the capture transaction); empty when identical.
+pub fn drift(desired: &str, actual: &str, owned: &[NftTable]) -> Vec<String> {
+    let want = table_blocks(desired);
+    let have = table_blocks(actual);
+    let mut out = Vec::new();
+    for table in owned {
+        let w = want.iter().find(|(t, _)| t == table).map(|(_, l)| l);
+        let h = have.iter().find(|(t, _)| t == table).map(|(_, l)| l);
+        let id = format!("nft table {} {}", table.family, table.name);
+        match (w, h) {
+            (None, None) => {}
+            (Some(_), None) => out.push(format!("{id} missing")),
+            (None, Some(_)) => out.push(format!("unexpected {id}")),
+            (Some(w), Some(h)) if w == h => {}
+            (Some(w), Some(h)) => {
+                let (want, have) = (chains_of(w), chains_of(h));
+                for (name, lines) in &want {
+                    let at = format!("{id} chain {name}");
+                    let Some((_, found)) = have.iter().find(|(n, _)| n == name) else {
+                        out.push(format!("{at} missing"));
+                        continue;
+                    };
+                    let n = lines.len().max(found.len());
+                    for i in 0..n {
+                        match (lines.get(i), found.get(i)) {
+                            (Some(a), Some(b)) if a == b => continue,
+                            (Some(a), Some(b)) => {
+                                out.push(if found[i + 1..].contains(a) {
+                                    format!("{at}: unexpected `{b}`")
+                                } else if lines[i + 1..].contains(b) {
+                                    format!("{at}: `{a}` missing")
+                                } else {
+                                    format!("{at}: rule differs: expected `{a}`, found `{b}`")
+                                });
+                            }
+                            (Some(a), None) => out.push(format!("{at}: `{a}` missing")),
+                            (None, Some(b)) => out.push(format!("{at}: unexpected `{b}`")),
+                            (None, None) => {}
+                        }
+                        break;
+                    }
+                }
+                for (name, _) in &have {
+                    if !want.iter().any(|(n, _)| n == name) {
+                        out.push(format!("unexpected {id} chain {name}"));
+                    }
+                }
+                if out.is_empty() {
+                    // Same chains and rules, different table-level lines (sets, flags, …).
+                    out.push(format!("{id} differs"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The chains of a table block (see [`table_blocks`]): name and body lines (without the
+/// closing brace).
+fn chains_of(lines: &[String]) -> Vec<(String, Vec<String>)> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    let mut inside = false;
+    for line in lines {
+        if let Some(rest) = line.strip_prefix("chain ") {
+            out.push((rest.trim_end_matches('{').trim().to_string(), Vec::new()));
+            inside = true;
+        } else if line == "}" {
+            inside = false;
+        } else if inside && let Some((_, body)) = out.last_mut() {
+            body.push(line.clone());
+        }
+    }
+    out
+}
+
+/// The repair transaction: every owned table is removed (`add` first, so the deletion cannot
+/// fail on a missing table) and `fresh` rebuilds the ones the plan wants — one `nft -f`, so the
+/// netns never shows a half-built table.
+pub fn replace_text(owned: &[NftTable], fresh: &str) -> String {
+    let mut text = String::new();
+    for t in owned {
+        text.push_str(&format!("add table {} {}\n", t.family, t.name));
+        text.push_str(&format!("delete table {} {}\n", t.family, t.name));
+    }
+    text.push_str(fresh);
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text
+}
+
 // ----- nf_tables over netlink -------------------------------------------------------------------
 
 /// `NETLINK_NETFILTER` socket protocol.
@@ -481,6 +632,67 @@ mod tests {
         assert_eq!(
             restore_text(&snap),
             "add table inet a\ndelete table inet a\ntable inet a {\n}\nadd table inet b\ndelete table inet b\n"
+        );
+    }
+
+    #[test]
+    fn listings_compare_without_counters_and_name_the_difference() {
+        let fresh = "table inet istio-proxy-nat {\n\tchain output {\n\t\ttype nat hook output priority -100; policy accept;\n\t\tcounter packets 0 bytes 0 jump istio-output\n\t}\n\n\tchain istio-output {\n\t\tmeta l4proto tcp counter packets 0 bytes 0 redirect to :15001\n\t}\n}\n";
+        let used = fresh.replace("packets 0 bytes 0 jump", "packets 9 bytes 540 jump");
+        let owned = vec![t("inet", "istio-proxy-nat"), t("inet", "istio-proxy-raw")];
+        let ruleset = format!(
+            "# Warning: table ip nat is managed by iptables-nft\ntable ip nat {{\n}}\n{used}"
+        );
+        assert_eq!(drift(fresh, &ruleset, &owned), Vec::<String>::new());
+        assert_eq!(
+            table_blocks(fresh)[0].1,
+            vec![
+                "chain output {",
+                "type nat hook output priority -100; policy accept;",
+                "counter jump istio-output",
+                "}",
+                "chain istio-output {",
+                "meta l4proto tcp counter redirect to :15001",
+                "}",
+            ]
+        );
+        let flushed = fresh.replace(
+            "\t\tmeta l4proto tcp counter packets 0 bytes 0 redirect to :15001\n",
+            "",
+        );
+        assert_eq!(
+            drift(fresh, &flushed, &owned),
+            vec![
+                "nft table inet istio-proxy-nat chain istio-output: `meta l4proto tcp counter redirect to :15001` missing"
+            ]
+        );
+        let extra_jump = fresh.replace(
+            "jump istio-output\n",
+            "jump istio-output\n\t\tcounter packets 0 bytes 0 jump istio-output\n",
+        );
+        assert_eq!(
+            drift(
+                fresh,
+                &extra_jump.replace("redirect to :15001", "redirect to :15002"),
+                &owned
+            ),
+            vec![
+                "nft table inet istio-proxy-nat chain output: unexpected `counter jump istio-output`",
+                "nft table inet istio-proxy-nat chain istio-output: rule differs: expected `meta l4proto tcp counter redirect to :15001`, found `meta l4proto tcp counter redirect to :15002`",
+            ]
+        );
+        let extra = format!("{fresh}table inet istio-proxy-raw {{\n}}\n");
+        assert_eq!(
+            drift(fresh, &extra, &owned),
+            vec!["unexpected nft table inet istio-proxy-raw"]
+        );
+        assert_eq!(
+            drift(fresh, "", &owned),
+            vec!["nft table inet istio-proxy-nat missing"]
+        );
+        assert_eq!(
+            replace_text(&owned, "add table inet istio-proxy-nat"),
+            "add table inet istio-proxy-nat\ndelete table inet istio-proxy-nat\nadd table inet istio-proxy-raw\ndelete table inet istio-proxy-raw\nadd table inet istio-proxy-nat\n"
         );
     }
 

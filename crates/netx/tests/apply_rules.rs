@@ -8,7 +8,8 @@ use common::TestNetns;
 use meshcni_netx::iptables::{self, IptablesFlavor, IptablesOptions};
 use meshcni_netx::netlink::{LocalRouteSpec, RuleSpec};
 use meshcni_netx::{
-    Applier, ApplyPlan, Backend, IpFamily, NetxError, RoutesPlan, TproxyRouting, nft, with_netns,
+    Applier, ApplyPlan, Backend, IpFamily, NetxError, Ownership, RoutesPlan, RulesOutcome,
+    TproxyRouting, nft, with_netns,
 };
 
 /// Istio's HEAD golden for `ipv6-dns-uid-gid`: v4 and v6 restore text (uses `-m owner`).
@@ -659,4 +660,188 @@ fn netlink_and_proc_readers_see_the_threads_netns() {
     })
     .expect("enter");
     assert_eq!(elsewhere, (vec![], Some(vec![])));
+}
+
+/// Ownership of the `PLAN_V4` chains, with a deliberately empty predicted `-save` form: every
+/// comparison then goes through the authoritative path (the plan applied and saved in a scratch
+/// netns), which must reach the same verdicts.
+fn plan_v4_ownership() -> Ownership {
+    Ownership {
+        v4_save: String::new(),
+        v6_save: None,
+        iptables_chains: vec!["ISTIO_OUTPUT".into(), "ISTIO_OUTPUT_DNS".into()],
+        iptables_tables: vec!["nat".into(), "mangle".into(), "raw".into()],
+        nft_tables: Vec::new(),
+    }
+}
+
+/// Issue 7 item 1 at the netx level: re-applying is `Unchanged`; a drifted netns (flushed chain,
+/// extra jump) whose repair fails late (IPv6 local route with `lo` down) is left exactly as it
+/// was; the repair then goes through and yields the fresh state, with foreign rules kept.
+fn failed_repair_leaves_the_drifted_netns(flavor: IptablesFlavor) {
+    let ns = TestNetns::new_lo_down();
+    seed(&ns, flavor);
+    let plan = ApplyPlan {
+        v4_restore: PLAN_V4.to_string(),
+        owned: Some(plan_v4_ownership()),
+        ..ApplyPlan::default()
+    };
+    let first = applier(flavor)
+        .apply_capture(&ns.path(), &plan)
+        .expect("first apply");
+    assert_eq!(first.rules, RulesOutcome::Installed);
+    let fresh = save(&ns, flavor, IpFamily::V4);
+    let again = applier(flavor)
+        .apply_capture(&ns.path(), &plan)
+        .expect("second apply");
+    assert_eq!(again.rules, RulesOutcome::Unchanged);
+    assert_eq!(save(&ns, flavor, IpFamily::V4), fresh);
+
+    let bin = flavor.binary(IpFamily::V4);
+    run_in(&ns, &bin, &["-t", "nat", "-F", "ISTIO_OUTPUT"]);
+    run_in(
+        &ns,
+        &bin,
+        &["-t", "nat", "-A", "OUTPUT", "-j", "ISTIO_OUTPUT"],
+    );
+    let drifted = save(&ns, flavor, IpFamily::V4);
+    assert_ne!(drifted, fresh);
+    let problems = applier(flavor)
+        .check_capture(&ns.path(), &plan)
+        .expect("check");
+    assert_eq!(
+        problems,
+        vec![
+            format!(
+                "{bin}: rule `-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN` missing (table nat)"
+            ),
+            format!("{bin}: unexpected rule `-A OUTPUT -j ISTIO_OUTPUT` (table nat)"),
+        ]
+    );
+    assert_eq!(
+        save(&ns, flavor, IpFamily::V4),
+        drifted,
+        "check is read-only"
+    );
+
+    let failing = ApplyPlan {
+        routes: RoutesPlan {
+            local_routes: vec![LocalRouteSpec {
+                family: IpFamily::V6,
+                table: 133,
+            }],
+            ..RoutesPlan::default()
+        },
+        ..plan.clone()
+    };
+    applier(flavor)
+        .apply_capture(&ns.path(), &failing)
+        .expect_err("the IPv6 route must fail");
+    assert_eq!(
+        save(&ns, flavor, IpFamily::V4),
+        drifted,
+        "{flavor:?}: a failed repair leaves the netns as it was"
+    );
+    let repaired = applier(flavor)
+        .apply_capture(&ns.path(), &plan)
+        .expect("repair");
+    assert_eq!(repaired.rules, RulesOutcome::Repaired);
+    assert_eq!(save(&ns, flavor, IpFamily::V4), fresh, "{flavor:?}");
+    assert!(fresh.contains("-A KEEP -p tcp -m tcp --dport 9 -j RETURN"));
+}
+
+#[test]
+fn failed_repair_leaves_the_drifted_netns_nft() {
+    failed_repair_leaves_the_drifted_netns(IptablesFlavor::Nft);
+}
+
+#[test]
+fn failed_repair_leaves_the_drifted_netns_legacy() {
+    failed_repair_leaves_the_drifted_netns(IptablesFlavor::Legacy);
+}
+
+/// The native nftables backend: re-applying is `Unchanged` (rule handles kept), a drifted
+/// table whose repair fails late is left as it was, and the repair rebuilds it in one
+/// transaction (a stray chain in our table goes too).
+#[test]
+fn nft_backend_verifies_and_repairs_in_one_transaction() {
+    let ns = TestNetns::new_lo_down();
+    let owned = Ownership {
+        nft_tables: vec![nft::NftTable {
+            family: "inet".into(),
+            name: "mcni-test-nat".into(),
+        }],
+        ..Ownership::default()
+    };
+    let plan = ApplyPlan {
+        nft: Some(NFT_TEXT.to_string()),
+        owned: Some(owned),
+        ..ApplyPlan::default()
+    };
+    let nft_applier = Applier {
+        backend: Backend::Nftables,
+        iptables: IptablesOptions::default(),
+    };
+    let handles = |ns: &TestNetns| run_in(ns, "nft", &["-a", "list", "ruleset"]);
+    let first = nft_applier.apply_capture(&ns.path(), &plan).expect("apply");
+    assert_eq!(first.rules, RulesOutcome::Installed);
+    let fresh = handles(&ns);
+    let again = nft_applier.apply_capture(&ns.path(), &plan).expect("again");
+    assert_eq!(again.rules, RulesOutcome::Unchanged);
+    assert_eq!(handles(&ns), fresh, "nothing re-created");
+
+    run_in(
+        &ns,
+        "nft",
+        &["flush", "chain", "inet", "mcni-test-nat", "istio-output"],
+    );
+    run_in(
+        &ns,
+        "nft",
+        &["add", "chain", "inet", "mcni-test-nat", "stray"],
+    );
+    let drifted = handles(&ns);
+    let problems = nft_applier.check_capture(&ns.path(), &plan).expect("check");
+    assert_eq!(
+        problems,
+        vec![
+            "nft table inet mcni-test-nat chain istio-output: `meta l4proto tcp ip daddr != 127.0.0.1 meta mark & 0x00000fff != 0x00000539 counter redirect to :15001` missing",
+            "unexpected nft table inet mcni-test-nat chain stray",
+        ]
+    );
+    let failing = ApplyPlan {
+        routes: RoutesPlan {
+            local_routes: vec![LocalRouteSpec {
+                family: IpFamily::V6,
+                table: 100,
+            }],
+            ..RoutesPlan::default()
+        },
+        ..plan.clone()
+    };
+    nft_applier
+        .apply_capture(&ns.path(), &failing)
+        .expect_err("route must fail");
+    assert_eq!(
+        strip_handles(&handles(&ns)),
+        strip_handles(&drifted),
+        "a failed repair leaves the table as it was"
+    );
+    let repaired = nft_applier
+        .apply_capture(&ns.path(), &plan)
+        .expect("repair");
+    assert_eq!(repaired.rules, RulesOutcome::Repaired);
+    assert_eq!(strip_handles(&handles(&ns)), strip_handles(&fresh));
+}
+
+/// `# handle N` comments removed (a restored table gets new handles).
+fn strip_handles(listing: &str) -> String {
+    listing
+        .lines()
+        .map(|l| match l.find(" # handle ") {
+            Some(i) => &l[..i],
+            None => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }

@@ -1,7 +1,10 @@
 //! The CNI commands. ADD: identify the pod from `CNI_ARGS`, look it up (Kubernetes API or the
 //! local metadata dir), decide (spec §1.5 HEAD), then either hand an ambient pod to the agent,
 //! apply sidecar capture atomically inside the pod netns, or change nothing — and always pass
-//! the `prevResult` on, converted to the config's `cniVersion` (§1.4).
+//! the `prevResult` on, converted to the config's `cniVersion` (§1.4). A repeated ADD is
+//! verify-or-repair (rules already in place are left alone, drifted ones replaced atomically).
+//! CHECK takes ADD's decision path and compares a sidecar pod's netns with what ADD installs,
+//! read-only.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -13,12 +16,14 @@ use meshcni_kube::{
     ApiClient, ClientOptions, KubeError, LocalPodSource, Namespace, Pod, PodSource, RetryOn,
     RetryPolicy,
 };
+use meshcni_netx::nft::NftTable;
 use meshcni_netx::{
-    Applier, ApplyPlan, Backend, IptablesFlavor, IptablesOptions, RoutesPlan, TproxyRouting,
+    Applier, ApplyPlan, Backend, IptablesFlavor, IptablesOptions, Ownership, RoutesPlan,
+    RulesOutcome, TproxyRouting,
 };
 use meshcni_rules::iptables::{self, Family};
-use meshcni_rules::nft;
 use meshcni_rules::sidecar::{self, CaptureConfig};
+use meshcni_rules::{nft, save_form};
 use serde_json::Value;
 use tracing::{info, warn};
 
@@ -36,6 +41,9 @@ pub mod codes {
     pub const APPLY_FAILED: u32 = 102;
     /// The node agent could not be reached or refused an ambient pod (fail closed).
     pub const AGENT_FAILED: u32 = 103;
+    /// CHECK: the pod netns's capture rules/routes are missing or differ from what ADD installs
+    /// (or could not be read).
+    pub const CAPTURE_MISMATCH: u32 = 104;
 }
 
 /// How long the agent may take to capture an ambient pod (Istio: 5 s).
@@ -126,8 +134,13 @@ impl Plugin for MeshPlugin {
                 CniError::invalid_environment("CNI_NETNS is required for ADD", "")
             })?;
         let applied = apply_sidecar(&conf, netns, cfg).map_err(|e| e.with_pod(pod_ref))?;
+        let what = match applied.rules {
+            RulesOutcome::Installed => "sidecar capture applied",
+            RulesOutcome::Unchanged => "sidecar capture already in place",
+            RulesOutcome::Repaired => "sidecar capture repaired",
+        };
         info!(pod = %format_ref(pod_ref), netns = %netns.display(), backend = ?applied.backend,
-            flavor = ?applied.flavor, "sidecar capture applied");
+            flavor = ?applied.flavor, routes_created = applied.routes_created, "{what}");
         Ok(result)
     }
 
@@ -144,9 +157,58 @@ impl Plugin for MeshPlugin {
         Ok(())
     }
 
-    /// Validates the configuration; the capture itself is checked by the agent's repair loop.
+    /// Validates the configuration, then, for a sidecar pod, compares the netns with what ADD
+    /// would install (same decision path: pod lookup, annotations, IPv6 detection): iptables
+    /// chains and rules (normalised `-save` output of our chains and of our rules in built-in
+    /// chains) or the nft tables' listing, plus the TPROXY ip rules/routes and `::6` on `lo`.
+    /// Any difference fails with [`codes::CAPTURE_MISMATCH`] naming it. Read-only: the netns is
+    /// never changed (expected forms are computed in a throwaway netns).
+    ///
+    /// Passes without looking at the netns for pods ADD leaves alone (non-mesh, excluded
+    /// namespaces, opted out) and for ambient pods: their capture is programmed by the node
+    /// agent, which CHECK does not inspect.
     fn check(&self, ctx: &Context) -> Result<(), CniError> {
-        load_conf(ctx).map(|_| ())
+        let conf = load_conf(ctx)?;
+        let args = &ctx.env.args;
+        let pod_ref = PodRef::from_cni_args(args.k8s_pod_namespace(), args.k8s_pod_name());
+        if pod::skip_before_lookup(&conf, pod_ref).is_some() {
+            return Ok(());
+        }
+        let source = pod_source(&conf)?;
+        if conf.ambient_enabled {
+            match ambient_check(&conf, &*source, pod_ref) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                // As ADD: fail when detection must succeed, else treat the pod as non-ambient.
+                Err(e) if conf.enable_ambient_detection_retry => {
+                    return Err(lookup_error(pod_ref, &e));
+                }
+                Err(e) => warn!(pod = %format_ref(pod_ref), error = %e,
+                    "ambient detection failed; checking the pod as non-ambient"),
+            }
+        }
+        let pod = fetch_pod(&conf, &*source, pod_ref)?;
+        let cfg = match pod::decide(&conf, pod_ref, &pod) {
+            Ok(Decision::Skip(_)) => return Ok(()),
+            Ok(Decision::Sidecar(cfg)) => *cfg,
+            Err(e) => {
+                return Err(CniError::new(
+                    codes::INVALID_POD_CONFIG,
+                    format!(
+                        "invalid capture configuration for pod {}",
+                        format_ref(pod_ref)
+                    ),
+                    e.to_string(),
+                ));
+            }
+        };
+        let netns =
+            ctx.env.netns.as_deref().ok_or_else(|| {
+                CniError::invalid_environment("CNI_NETNS is required for CHECK", "")
+            })?;
+        check_sidecar(&conf, netns, cfg).map_err(|e| e.with_pod(pod_ref))?;
+        info!(pod = %format_ref(pod_ref), netns = %netns.display(), "sidecar capture checked: in place");
+        Ok(())
     }
 
     /// Ready when the plugin can do an ADD: its pod metadata source is usable and, with ambient
@@ -389,12 +451,27 @@ impl ApplyError {
 
 /// Builds the rules for `cfg` (IPv6 detected from the pod netns) and applies them as one
 /// transaction: one restore per family (rolled back if a later step fails) or one nft
-/// transaction, then the TPROXY routes / `::6` address.
+/// transaction, then the TPROXY routes / `::6` address. Verify-or-repair: a netns that already
+/// holds exactly these rules is left untouched, a drifted one is repaired atomically.
 fn apply_sidecar(
     conf: &PluginConf,
     netns: &Path,
-    mut cfg: CaptureConfig,
+    cfg: CaptureConfig,
 ) -> Result<meshcni_netx::Applied, ApplyError> {
+    let (applier, plan) = sidecar_plan(conf, netns, cfg)?;
+    applier.apply_capture(netns, &plan).map_err(|e| ApplyError {
+        code: codes::APPLY_FAILED,
+        msg: "failed to program traffic capture".into(),
+        details: e.to_string(),
+    })
+}
+
+/// What ADD would apply for `cfg` in `netns`, and with which settings.
+fn sidecar_plan(
+    conf: &PluginConf,
+    netns: &Path,
+    mut cfg: CaptureConfig,
+) -> Result<(Applier, ApplyPlan), ApplyError> {
     let backend = conf.rule_backend().map_err(|e| ApplyError {
         code: CniError::INVALID_NETWORK_CONFIG,
         msg: "invalid rule backend".into(),
@@ -420,11 +497,35 @@ fn apply_sidecar(
         },
         iptables: iptables_options(conf),
     };
-    applier.apply_capture(netns, &plan).map_err(|e| ApplyError {
-        code: codes::APPLY_FAILED,
-        msg: "failed to program traffic capture".into(),
-        details: e.to_string(),
-    })
+    Ok((applier, plan))
+}
+
+/// CHECK of a sidecar pod: what ADD would install (same decision path) compared with the
+/// netns, read-only. A difference is a [`codes::CAPTURE_MISMATCH`] error naming it.
+fn check_sidecar(conf: &PluginConf, netns: &Path, cfg: CaptureConfig) -> Result<(), ApplyError> {
+    let (applier, plan) = sidecar_plan(conf, netns, cfg)?;
+    let problems = applier
+        .check_capture(netns, &plan)
+        .map_err(|e| ApplyError {
+            code: codes::CAPTURE_MISMATCH,
+            msg: "cannot read the capture state".into(),
+            details: e.to_string(),
+        })?;
+    match problems.first() {
+        None => Ok(()),
+        Some(first) => Err(ApplyError {
+            code: codes::CAPTURE_MISMATCH,
+            msg: format!(
+                "traffic capture differs from what ADD installs ({first}{})",
+                if problems.len() > 1 {
+                    format!(", and {} more", problems.len() - 1)
+                } else {
+                    String::new()
+                }
+            ),
+            details: problems.join("; "),
+        }),
+    }
 }
 
 /// The full apply plan for a capture config (pure).
@@ -438,6 +539,24 @@ pub fn plan_for(
         table: t.table,
     });
     let nftables = matches!(backend, RuleBackend::Nftables);
+    let owned = Ownership {
+        v4_save: if nftables {
+            String::new()
+        } else {
+            save_form::render(&rs, Family::V4)
+        },
+        v6_save: (!nftables && rs.ipv6).then(|| save_form::render(&rs, Family::V6)),
+        iptables_chains: save_form::sidecar_chain_names(),
+        iptables_tables: save_form::sidecar_table_names(),
+        nft_tables: nft::SIDECAR_LAYOUT
+            .tables
+            .iter()
+            .map(|(_, name, _)| NftTable {
+                family: "inet".to_string(),
+                name: (*name).to_string(),
+            })
+            .collect(),
+    };
     Ok(ApplyPlan {
         v4_restore: if nftables {
             String::new()
@@ -447,6 +566,7 @@ pub fn plan_for(
         v6_restore: (!nftables && rs.ipv6).then(|| iptables::render_restore(&rs, Family::V6)),
         nft: nftables.then(|| nft::render(&rs)),
         routes: RoutesPlan::sidecar(rs.ipv6, tproxy),
+        owned: Some(owned),
     })
 }
 

@@ -6,10 +6,12 @@
 //! * [`ambient_node`] — ambient node-level (`iptables` redirect mode) node/ztunnel rules, routes, sysctls.
 //! * [`iptables`] — `iptables-restore` text renderer.
 //! * [`nft`] — native nftables (`nft -f`) transaction renderer.
+//! * [`save_form`] — the `iptables-save` spelling of a rule set (verify-or-repair).
 #![forbid(unsafe_code)]
 
 pub mod ambient_node;
 pub mod iptables;
 pub mod model;
 pub mod nft;
+pub mod save_form;
 pub mod sidecar;

@@ -53,6 +53,7 @@ fn istio_tproxy_golden_captures_inbound_and_outbound() {
                 table: 133,
             }),
         ),
+        owned: None,
     };
     let applier = Applier {
         backend: Backend::Iptables,

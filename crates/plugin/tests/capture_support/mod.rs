@@ -60,6 +60,8 @@ pub struct PodSpec {
     pub proxy_env: Vec<(String, String)>,
     /// `runAsUser`/`runAsGroup` of `istio-proxy` (default 1337).
     pub proxy_uid: u32,
+    /// Pod labels besides `app: <name>`.
+    pub labels: Vec<(String, String)>,
 }
 
 impl PodSpec {
@@ -71,6 +73,7 @@ impl PodSpec {
             annotations: Vec::new(),
             proxy_env: Vec::new(),
             proxy_uid: 1337,
+            labels: Vec::new(),
         }
     }
 
@@ -83,6 +86,11 @@ impl PodSpec {
 
     pub fn annotate(mut self, key: &str, value: &str) -> PodSpec {
         self.annotations.push((key.into(), value.into()));
+        self
+    }
+
+    pub fn label(mut self, key: &str, value: &str) -> PodSpec {
+        self.labels.push((key.into(), value.into()));
         self
     }
 
@@ -130,10 +138,15 @@ impl PodSpec {
         for (k, v) in &self.annotations {
             annotations.insert(k.clone(), Value::String(v.clone()));
         }
+        let mut labels = serde_json::Map::new();
+        labels.insert("app".into(), Value::String(self.name.clone()));
+        for (k, v) in &self.labels {
+            labels.insert(k.clone(), Value::String(v.clone()));
+        }
         json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": self.name, "namespace": self.namespace,
-                         "uid": format!("uid-{}", self.name), "labels": {"app": self.name},
+                         "uid": format!("uid-{}", self.name), "labels": labels,
                          "annotations": annotations},
             "spec": {"initContainers": init, "containers": containers}
         })
@@ -182,9 +195,37 @@ impl PluginEnv {
 
     /// Exec the real plugin binary: `CNI_COMMAND=ADD` for `pod` in `netns`, stdin = the
     /// plugin's conflist entry (+ `backend` fields) with a `prevResult` naming `ips`. Asserts it
-    /// succeeds and hands the prevResult back unchanged.
-    pub fn cni_add(&self, pod: &PodSpec, netns: &Netns, backend: RuleBackend, ips: &[String]) {
-        self.write_pod(pod);
+    /// succeeds and hands the prevResult back unchanged. Returns the plugin's log (stderr).
+    pub fn cni_add(
+        &self,
+        pod: &PodSpec,
+        netns: &Netns,
+        backend: RuleBackend,
+        ips: &[String],
+    ) -> String {
+        let run = self.cni("ADD", pod, netns, backend, ips);
+        assert!(
+            run.ok,
+            "meshcni ADD for {}/{} ({backend:?}) failed:\nstdout: {}\nstderr: {}",
+            pod.namespace, pod.name, run.stdout, run.stderr
+        );
+        let result: Value = serde_json::from_str(&run.stdout)
+            .unwrap_or_else(|e| panic!("meshcni printed no JSON result ({e}): {}", run.stdout));
+        assert_eq!(
+            result,
+            self.conf(netns, backend, ips)["prevResult"],
+            "meshcni must pass the prevResult through"
+        );
+        run.stderr
+    }
+
+    /// The plugin's stdin for `netns` / `backend` / `ips`.
+    fn conf(&self, netns: &Netns, backend: RuleBackend, ips: &[String]) -> Value {
+        self.conf_with(netns, backend.conf_fields(), ips)
+    }
+
+    /// The plugin's stdin for `netns` / `ips` with extra plugin config `fields`.
+    fn conf_with(&self, netns: &Netns, fields: Value, ips: &[String]) -> Value {
         let prev = json!({
             "cniVersion": "1.0.0",
             "interfaces": [{"name": "eth0", "sandbox": netns.path()}],
@@ -198,13 +239,40 @@ impl PluginEnv {
             "plugin_log_level": "debug",
             "prevResult": prev,
         });
-        if let (Some(c), Value::Object(extra)) = (conf.as_object_mut(), backend.conf_fields()) {
+        if let (Some(c), Value::Object(extra)) = (conf.as_object_mut(), fields) {
             c.extend(extra);
         }
+        conf
+    }
+
+    /// Exec the real plugin binary with `CNI_COMMAND=command` (ADD, CHECK, …) for `pod` in
+    /// `netns` (its metadata written first); the outcome is returned, not asserted.
+    pub fn cni(
+        &self,
+        command: &str,
+        pod: &PodSpec,
+        netns: &Netns,
+        backend: RuleBackend,
+        ips: &[String],
+    ) -> CniRun {
+        self.cni_with(command, pod, netns, backend.conf_fields(), ips)
+    }
+
+    /// [`PluginEnv::cni`] with arbitrary extra plugin config `fields`.
+    pub fn cni_with(
+        &self,
+        command: &str,
+        pod: &PodSpec,
+        netns: &Netns,
+        fields: Value,
+        ips: &[String],
+    ) -> CniRun {
+        self.write_pod(pod);
+        let conf = self.conf_with(netns, fields, ips);
         let mut child = Command::new(env!("CARGO_BIN_EXE_meshcni"))
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("CNI_COMMAND", "ADD")
+            .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", format!("ctr-{}", pod.name))
             .env("CNI_NETNS", netns.path())
             .env("CNI_IFNAME", "eth0")
@@ -228,21 +296,31 @@ impl PluginEnv {
             .write_all(conf.to_string().as_bytes())
             .expect("write stdin");
         let out = child.wait_with_output().expect("wait meshcni");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "meshcni ADD for {}/{} ({backend:?}) failed ({}):\nstdout: {stdout}\nstderr: {}",
-            pod.namespace,
-            pod.name,
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let result: Value = serde_json::from_str(&stdout)
-            .unwrap_or_else(|e| panic!("meshcni printed no JSON result ({e}): {stdout}"));
-        assert_eq!(
-            result, conf["prevResult"],
-            "meshcni must pass the prevResult through"
-        );
+        CniRun {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+/// The outcome of one plugin exec.
+#[derive(Debug, Clone)]
+pub struct CniRun {
+    /// Exit status 0.
+    pub ok: bool,
+    /// The CNI result or error JSON.
+    pub stdout: String,
+    /// The plugin's JSON log lines.
+    pub stderr: String,
+}
+
+impl CniRun {
+    /// The CNI error object printed on failure (`code`, `msg`, `details`).
+    pub fn error(&self) -> Value {
+        assert!(!self.ok, "expected a failure, got success: {}", self.stdout);
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("no CNI error JSON ({e}): {}", self.stdout))
     }
 }
 
