@@ -224,6 +224,8 @@ impl InstallConfig {
     /// pod-metadata directory (hosts without Kubernetes, no service account to build it from).
     pub fn needs_kubeconfig(&self) -> bool {
         self.meshcni_plugin_fields.pod_metadata_dir.is_none()
+    }
+
     /// The uninstall record ([`crate::backup`]), when a state dir is configured.
     pub fn backup_path(&self) -> Option<PathBuf> {
         self.state_dir.as_deref().map(crate::backup::path_in)
