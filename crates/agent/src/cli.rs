@@ -66,6 +66,17 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
     Ok(m)
 }
 
+/// `--force-iptables-binary`: `legacy`, `nft`, or empty (detect). Anything else is an error, for
+/// the flag and the env var alike (a typo must not silently fall back to detection).
+pub fn parse_forced_iptables_binary(s: &str) -> Result<String, String> {
+    match s.trim() {
+        v @ ("" | "legacy" | "nft") => Ok(v.to_string()),
+        other => Err(format!(
+            "unknown iptables flavour {other:?}: expected `legacy`, `nft`, or empty to detect it"
+        )),
+    }
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "meshcni-agent",
@@ -363,8 +374,9 @@ pub struct AgentArgs {
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub native_nftables: bool,
 
-    /// Force an iptables flavour (`legacy` or `nft`) for the node rules of the iptables redirect mode instead of detecting it.
-    #[arg(long, env = "FORCE_IPTABLES_BINARY", default_value = "")]
+    /// Force an iptables flavour (`legacy` or `nft`) for the node rules of the iptables redirect mode instead of detecting it (empty: detect). Any other value is refused at start-up.
+    #[arg(long, env = "FORCE_IPTABLES_BINARY", default_value = "",
+          value_parser = parse_forced_iptables_binary)]
     pub force_iptables_binary: String,
 
     /// Directory of the node's named network namespaces (the host's `/var/run/netns`, as
