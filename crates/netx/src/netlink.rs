@@ -19,6 +19,7 @@ use netlink_packet_route::address::{
     AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope,
 };
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::nsid::{NsidAttribute, NsidMessage};
 use netlink_packet_route::route::{
     RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -383,6 +384,39 @@ impl Netlink {
         let op = format!("set link {name} up");
         let result = self.ack(&op, RouteNetlinkMessage::SetLink(msg), 0)?;
         result.map_err(|errno| self.errno(&op, errno))
+    }
+
+    // ----- namespace ids ---------------------------------------------------------------------
+
+    /// The id this socket's netns has given the netns open at `netns_fd` (`RTM_GETNSID` with
+    /// `NETNSA_FD`, like `ip netns identify` by id): the value `IFLA_LINK_NETNSID` of a link
+    /// shows when its peer lives there. `None` when that netns has no id here (no link of this
+    /// netns points into it). The fd is resolved in the calling process.
+    pub fn netns_id(
+        &mut self,
+        netns_fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Option<i32>, NetxError> {
+        use std::os::fd::AsRawFd;
+        let fd = u32::try_from(netns_fd.as_raw_fd()).map_err(|_| NetxError::NetlinkProtocol {
+            netns: self.netns.clone(),
+            op: "get netns id".into(),
+            detail: format!("invalid fd {}", netns_fd.as_raw_fd()),
+        })?;
+        let mut msg = NsidMessage::default();
+        msg.attributes.push(NsidAttribute::Fd(fd));
+        let op = format!("get netns id of fd {fd}");
+        let replies = self
+            .request(&op, RouteNetlinkMessage::GetNsId(msg), 0)?
+            .map_err(|errno| self.errno(&op, errno))?;
+        let id = replies.iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewNsId(n) => n.attributes.iter().find_map(|a| match a {
+                NsidAttribute::Id(id) => Some(*id),
+                _ => None,
+            }),
+            _ => None,
+        });
+        // NETNSA_NSID_NOT_ASSIGNED (-1): no id.
+        Ok(id.filter(|id| *id >= 0))
     }
 
     // ----- addresses -------------------------------------------------------------------------
@@ -768,6 +802,18 @@ pub fn parse_route_message(bytes: &[u8]) -> Result<NetlinkMessage<RouteNetlinkMe
             NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(|e| e.to_string())
         }
     }
+}
+
+/// The identity of the network namespace a netns file (`/proc/<pid>/ns/net`, a bind mount under
+/// `/run/netns`, or a symlink to either) refers to: the nsfs `(st_dev, st_ino)`. Two paths name
+/// the same netns iff their identities are equal, whatever the paths look like.
+pub fn netns_identity(path: &Path) -> Result<(u64, u64), NetxError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).map_err(|source| NetxError::NetnsOpen {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok((m.dev(), m.ino()))
 }
 
 fn link_info(link: &LinkMessage) -> LinkInfo {
