@@ -53,7 +53,11 @@ fn parse() -> Result<Opts, String> {
             "--settle-seconds" => o.settle = Duration::from_secs(num(val()?)?),
             "--restart-at" => {
                 let v = val()?;
-                o.restart_at = if v == "none" { None } else { Some(num(v)? as usize) };
+                o.restart_at = if v == "none" {
+                    None
+                } else {
+                    Some(num(v)? as usize)
+                };
             }
             "--probe-interval-us" => o.interval = Duration::from_micros(num(val()?)?),
             other => return Err(format!("unknown argument {other}")),
