@@ -64,7 +64,7 @@ pub use crate::enroll::{Action, EnrolledPod, EnrolledState, PodId};
 use crate::enroll::{Conflict, plan};
 use crate::workloads::{
     EnrollPolicy, MeshDecision, NamespaceInfo, SourceUpdate, Workload, WorkloadSnapshot,
-    active_ztunnel, desired_set, mesh_decision,
+    active_ztunnel, desired_set, mesh_decision, untrusted_ztunnels,
 };
 
 /// The active ztunnel on this node: among pods on the node with label `app=ztunnel`, the
@@ -293,6 +293,8 @@ pub struct Reconciler {
     cni_ips: BTreeMap<String, (Vec<IpAddr>, Instant)>,
     /// What is enrolled after the current pass, kept only while CNI requests wait for it.
     cni_state: Option<EnrolledState>,
+    /// Pods labelled `app=ztunnel` but not trusted as ztunnel, already logged (uid → reason).
+    untrusted_ztunnels: BTreeMap<String, String>,
 }
 
 /// What one pass did.
@@ -333,6 +335,7 @@ impl Reconciler {
             cni_pending: Vec::new(),
             cni_ips: BTreeMap::new(),
             cni_state: None,
+            untrusted_ztunnels: BTreeMap::new(),
         }
     }
 
@@ -411,6 +414,26 @@ impl Reconciler {
         report
     }
 
+    /// Log (once per pod and reason) each pod labelled `app=ztunnel` that is not trusted as the
+    /// node's ztunnel (wrong namespace or service account): it is ignored as a ztunnel.
+    fn warn_untrusted_ztunnels(&mut self) {
+        let mut now = BTreeMap::new();
+        for (pod, why) in untrusted_ztunnels(&self.snapshot, &self.policy.ztunnel) {
+            if self.untrusted_ztunnels.get(&pod.uid) != Some(&why) {
+                warn!(
+                    pod = %pod.key(),
+                    uid = %pod.uid,
+                    reason = %why,
+                    system_namespace = %self.policy.ztunnel.namespace,
+                    service_account = %self.policy.ztunnel.service_account,
+                    "ignoring untrusted ztunnel pod: it will not receive this node's traffic"
+                );
+            }
+            now.insert(pod.uid.clone(), why);
+        }
+        self.untrusted_ztunnels = now;
+    }
+
     fn reconcile_pass(&mut self, now: Instant) -> PassReport {
         if !self.synced() {
             let mut reason = "waiting for the first list of pods and namespaces".to_string();
@@ -423,7 +446,8 @@ impl Reconciler {
                 ..PassReport::default()
             };
         }
-        let zt = active_ztunnel(&self.snapshot);
+        self.warn_untrusted_ztunnels();
+        let zt = active_ztunnel(&self.snapshot, &self.policy.ztunnel);
         // A ztunnel that is gone is reported in the config file at once, not only once the
         // driver has been told: the driver may be in back-off or failing for a long time.
         if zt.is_none()
@@ -811,7 +835,7 @@ impl Reconciler {
         if self.cni_pending.is_empty() {
             return;
         }
-        let ztunnel = active_ztunnel(&self.snapshot).is_some();
+        let ztunnel = active_ztunnel(&self.snapshot, &self.policy.ztunnel).is_some();
         let pending = std::mem::take(&mut self.cni_pending);
         let mut keep = Vec::with_capacity(pending.len());
         for mut p in pending {
@@ -1159,6 +1183,10 @@ pub fn policy_from_args(args: &crate::cli::AgentArgs) -> Result<EnrollPolicy, St
     Ok(EnrollPolicy {
         selectors,
         excluded_namespaces: args.excluded_namespaces().into_iter().collect(),
+        ztunnel: crate::workloads::ZtunnelIdentity {
+            namespace: args.system_namespace.clone(),
+            service_account: args.ztunnel_service_account.clone(),
+        },
     })
 }
 

@@ -90,6 +90,45 @@ pub fn parse_mode(s: &str) -> Result<u32, String> {
     Ok(m)
 }
 
+/// `--force-iptables-binary`: `legacy`, `nft`, or empty (detect). Anything else is an error, for
+/// the flag and the env var alike (a typo must not silently fall back to detection).
+pub fn parse_forced_iptables_binary(s: &str) -> Result<String, String> {
+    match s.trim() {
+        v @ ("" | "legacy" | "nft") => Ok(v.to_string()),
+        other => Err(format!(
+            "unknown iptables flavour {other:?}: expected `legacy`, `nft`, or empty to detect it"
+        )),
+    }
+}
+
+/// A Kubernetes namespace name (RFC 1123 label: 1–63 of `a-z0-9-`, alphanumeric at both ends).
+pub fn parse_dns_label(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a namespace name (1-63 lowercase letters, digits or '-', starting and ending alphanumeric)"
+        ))
+    }
+}
+
+/// A Kubernetes service-account name (RFC 1123 subdomain: dot-separated labels, ≤ 253).
+pub fn parse_dns_subdomain(s: &str) -> Result<String, String> {
+    if !s.is_empty() && s.len() <= 253 && s.split('.').all(|l| parse_dns_label(l).is_ok()) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is not a service-account name (lowercase RFC 1123 subdomain, at most 253 characters)"
+        ))
+    }
+}
+
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "meshcni-agent",
@@ -282,9 +321,15 @@ pub struct AgentArgs {
     #[arg(long, env = "POD_NAME", default_value = "")]
     pub pod_name: String,
 
-    /// Mesh system namespace (where ztunnel runs).
-    #[arg(long, env = "SYSTEM_NAMESPACE", default_value = "istio-system")]
+    /// Mesh system namespace: only a pod labelled `app=ztunnel` in this namespace (and running as `--ztunnel-service-account`) is trusted as the node's ztunnel; others are ignored with a warning.
+    #[arg(long, env = "SYSTEM_NAMESPACE", default_value = "istio-system",
+          value_parser = parse_dns_label)]
     pub system_namespace: String,
+
+    /// Service account of ztunnel pods (Istio's chart: `ztunnel`): a pod labelled `app=ztunnel` in `--system-namespace` that runs as another account is not trusted as the node's ztunnel.
+    #[arg(long, env = "ZTUNNEL_SERVICE_ACCOUNT", default_value = "ztunnel",
+          value_parser = parse_dns_subdomain)]
+    pub ztunnel_service_account: String,
 
     /// Control-plane revision. [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "REVISION", default_value = "")]
@@ -419,8 +464,9 @@ pub struct AgentArgs {
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub native_nftables: bool,
 
-    /// Force an iptables flavour (`legacy` or `nft`) for the node rules of the iptables redirect mode instead of detecting it.
-    #[arg(long, env = "FORCE_IPTABLES_BINARY", default_value = "")]
+    /// Force an iptables flavour (`legacy` or `nft`) for the node rules of the iptables redirect mode instead of detecting it (empty: detect). Any other value is refused at start-up.
+    #[arg(long, env = "FORCE_IPTABLES_BINARY", default_value = "",
+          value_parser = parse_forced_iptables_binary)]
     pub force_iptables_binary: String,
 
     /// Directory of the node's named network namespaces (the host's `/var/run/netns`, as

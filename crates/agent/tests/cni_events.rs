@@ -43,12 +43,14 @@ fn pod(name: &str, ns: &str, ip: Option<&str>, labels: Value) -> Value {
 }
 
 fn ztunnel() -> Value {
-    pod(
+    let mut zt = pod(
         "ztunnel-x",
         "istio-system",
         Some("10.0.0.250"),
         json!({"app": "ztunnel"}),
-    )
+    );
+    zt["spec"]["serviceAccountName"] = json!("ztunnel");
+    zt
 }
 
 fn namespaces() -> Vec<Value> {

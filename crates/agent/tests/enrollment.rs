@@ -32,7 +32,9 @@ fn pod(name: &str, ns: &str, ip: &str, labels: Value) -> Value {
 }
 
 fn ztunnel(name: &str, ip: &str) -> Value {
-    pod(name, "istio-system", ip, json!({"app": "ztunnel"}))
+    let mut zt = pod(name, "istio-system", ip, json!({"app": "ztunnel"}));
+    zt["spec"]["serviceAccountName"] = json!("ztunnel");
+    zt
 }
 
 fn namespace(name: &str, ambient: bool) -> Value {

@@ -199,12 +199,18 @@ const TABLE: &[(&str, &str, &[&str], Expect)] = &[
         Installed("\"pod_namespace\": \"mesh\""),
     ),
     ("pod-name", "meshcni-node-x", &[], Rejected("pod name")),
-    // Wired to ztunnel identity by issue 8 item 13 (another change); until then in the plan.
+    // ztunnel identity (issue 8 item 13): behaviour proven by tests/ztunnel_discovery.rs.
     (
         "system-namespace",
         "mesh-system",
         &[],
         Runtime("system_namespace: \"mesh-system\""),
+    ),
+    (
+        "ztunnel-service-account",
+        "zt-sa",
+        &[],
+        Runtime("ztunnel_service_account: \"zt-sa\""),
     ),
     ("revision", "canary", &[], Rejected("revision")),
     ("host-ip", "10.0.0.1", &[], Rejected("node address")),

@@ -976,7 +976,7 @@ fn pod_before_ztunnel_waits_per_pod_and_enrolls_when_ztunnel_is_ready() {
         json!({}),
         json!({}),
     );
-    let zt = pod(
+    let mut zt = pod(
         "ztunnel",
         "istio-system",
         "uid-zt",
@@ -984,6 +984,7 @@ fn pod_before_ztunnel_waits_per_pod_and_enrolls_when_ztunnel_is_ready() {
         json!({"app": "ztunnel"}),
         json!({ZTUNNEL_NETNS_ANNOTATION: lab.ztunnel.path().display().to_string()}),
     );
+    zt.service_account = "ztunnel".into();
     let namespaces = ["default", "istio-system"]
         .iter()
         .map(|n| {

@@ -19,6 +19,7 @@ use netlink_packet_route::address::{
     AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope,
 };
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::nsid::{NsidAttribute, NsidMessage};
 use netlink_packet_route::route::{
     RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
@@ -224,12 +225,10 @@ impl Netlink {
             while offset < datagram.len() {
                 let bytes = &datagram[offset..];
                 let msg =
-                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(|e| {
-                        NetxError::NetlinkProtocol {
-                            netns: self.netns.clone(),
-                            op: op.to_string(),
-                            detail: e.to_string(),
-                        }
+                    parse_route_message(bytes).map_err(|detail| NetxError::NetlinkProtocol {
+                        netns: self.netns.clone(),
+                        op: op.to_string(),
+                        detail,
                     })?;
                 let len = msg.header.length as usize;
                 if len == 0 {
@@ -385,6 +384,39 @@ impl Netlink {
         let op = format!("set link {name} up");
         let result = self.ack(&op, RouteNetlinkMessage::SetLink(msg), 0)?;
         result.map_err(|errno| self.errno(&op, errno))
+    }
+
+    // ----- namespace ids ---------------------------------------------------------------------
+
+    /// The id this socket's netns has given the netns open at `netns_fd` (`RTM_GETNSID` with
+    /// `NETNSA_FD`, like `ip netns identify` by id): the value `IFLA_LINK_NETNSID` of a link
+    /// shows when its peer lives there. `None` when that netns has no id here (no link of this
+    /// netns points into it). The fd is resolved in the calling process.
+    pub fn netns_id(
+        &mut self,
+        netns_fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<Option<i32>, NetxError> {
+        use std::os::fd::AsRawFd;
+        let fd = u32::try_from(netns_fd.as_raw_fd()).map_err(|_| NetxError::NetlinkProtocol {
+            netns: self.netns.clone(),
+            op: "get netns id".into(),
+            detail: format!("invalid fd {}", netns_fd.as_raw_fd()),
+        })?;
+        let mut msg = NsidMessage::default();
+        msg.attributes.push(NsidAttribute::Fd(fd));
+        let op = format!("get netns id of fd {fd}");
+        let replies = self
+            .request(&op, RouteNetlinkMessage::GetNsId(msg), 0)?
+            .map_err(|errno| self.errno(&op, errno))?;
+        let id = replies.iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewNsId(n) => n.attributes.iter().find_map(|a| match a {
+                NsidAttribute::Id(id) => Some(*id),
+                _ => None,
+            }),
+            _ => None,
+        });
+        // NETNSA_NSID_NOT_ASSIGNED (-1): no id.
+        Ok(id.filter(|id| *id >= 0))
     }
 
     // ----- addresses -------------------------------------------------------------------------
@@ -609,6 +641,179 @@ impl Netlink {
             .filter(|r| table.is_none_or(|t| r.table == t))
             .collect())
     }
+}
+
+// ----- tolerant decoding ---------------------------------------------------------------------
+
+/// `RTM_NEWLINK`.
+const RTM_NEWLINK: u16 = 16;
+/// `sizeof(struct nlmsghdr)` and `sizeof(struct ifinfomsg)`.
+const NLMSG_HDR_LEN: usize = 16;
+const IFINFOMSG_LEN: usize = 16;
+/// `NLA_TYPE_MASK`: the type without the NESTED / NET_BYTEORDER flags.
+const NLA_TYPE_MASK: u16 = 0x3fff;
+const IFLA_STATS: u16 = 7;
+const IFLA_STATS64: u16 = 23;
+const IFLA_AF_SPEC: u16 = 26;
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+const IFLA_INET_CONF: u16 = 1;
+const IFLA_INET6_CONF: u16 = 2;
+const IFLA_INET6_STATS: u16 = 3;
+const IFLA_INET6_ICMP6STATS: u16 = 6;
+
+/// The fixed-size arrays of a link message that kernels grow by appending fields, with the
+/// length `netlink-packet-route` decodes (`struct rtnl_link_stats` = 24 × u32, `rtnl_link_stats64`
+/// = 25 × u64, `IPV4_DEVCONF_MAX` = 33 and `DEVCONF_MAX` = 59 × s32, `__IPSTATS_MIB_MAX` = 38 and
+/// `__ICMP6_MIB_MAX` = 7 × u64). The crate decodes a longer array correctly but logs a WARN per
+/// attribute ("IFLA_INET6_CONF … expecting 236, got 240" on 6.x kernels: one line per link per
+/// dump), which an operator can do nothing about; a shorter one it pads with zeros silently.
+const LINK_STATS_LEN: usize = 96;
+const LINK_STATS64_LEN: usize = 200;
+const INET_DEVCONF_LEN: usize = 33 * 4;
+const INET6_DEVCONF_LEN: usize = 59 * 4;
+const INET6_STATS_LEN: usize = 38 * 8;
+const ICMP6_STATS_LEN: usize = 7 * 8;
+
+/// Where an attribute sits in a link message, for [`known_len`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NlaLevel {
+    Link,
+    AfSpec,
+    AfInet,
+    AfInet6,
+}
+
+/// The decodable length of an array attribute at `level` (`None`: not a fixed array, keep).
+fn known_len(level: NlaLevel, kind: u16) -> Option<usize> {
+    match (level, kind) {
+        (NlaLevel::Link, IFLA_STATS) => Some(LINK_STATS_LEN),
+        (NlaLevel::Link, IFLA_STATS64) => Some(LINK_STATS64_LEN),
+        (NlaLevel::AfInet, IFLA_INET_CONF) => Some(INET_DEVCONF_LEN),
+        (NlaLevel::AfInet6, IFLA_INET6_CONF) => Some(INET6_DEVCONF_LEN),
+        (NlaLevel::AfInet6, IFLA_INET6_STATS) => Some(INET6_STATS_LEN),
+        (NlaLevel::AfInet6, IFLA_INET6_ICMP6STATS) => Some(ICMP6_STATS_LEN),
+        _ => None,
+    }
+}
+
+/// The attributes nested in an attribute of `kind` at `level`, if it is one we descend into.
+fn nested_level(level: NlaLevel, kind: u16) -> Option<NlaLevel> {
+    match (level, kind) {
+        (NlaLevel::Link, IFLA_AF_SPEC) => Some(NlaLevel::AfSpec),
+        (NlaLevel::AfSpec, AF_INET) => Some(NlaLevel::AfInet),
+        (NlaLevel::AfSpec, AF_INET6) => Some(NlaLevel::AfInet6),
+        _ => None,
+    }
+}
+
+/// Whether any array under `attrs` (attributes at `level`) is longer than decoded. `None` on a
+/// malformed attribute (the decoder then reports it).
+fn needs_trim(attrs: &[u8], level: NlaLevel) -> Option<bool> {
+    let mut off = 0;
+    while off + 4 <= attrs.len() {
+        let len = usize::from(u16::from_ne_bytes([attrs[off], attrs[off + 1]]));
+        let kind = u16::from_ne_bytes([attrs[off + 2], attrs[off + 3]]) & NLA_TYPE_MASK;
+        if len < 4 || off + len > attrs.len() {
+            return None;
+        }
+        let payload = &attrs[off + 4..off + len];
+        if known_len(level, kind).is_some_and(|n| payload.len() > n) {
+            return Some(true);
+        }
+        if let Some(inner) = nested_level(level, kind)
+            && needs_trim(payload, inner)?
+        {
+            return Some(true);
+        }
+        off += (len + 3) & !3;
+    }
+    Some(false)
+}
+
+/// Copy `attrs` (attributes at `level`) into `out`, cutting arrays to their decodable length
+/// (the fields a newer kernel appended are not decoded anyway). `None` on a malformed attribute.
+fn trim_attrs(attrs: &[u8], level: NlaLevel, out: &mut Vec<u8>) -> Option<()> {
+    let mut off = 0;
+    while off + 4 <= attrs.len() {
+        let len = usize::from(u16::from_ne_bytes([attrs[off], attrs[off + 1]]));
+        let raw_kind = u16::from_ne_bytes([attrs[off + 2], attrs[off + 3]]);
+        let kind = raw_kind & NLA_TYPE_MASK;
+        if len < 4 || off + len > attrs.len() {
+            return None;
+        }
+        let payload = &attrs[off + 4..off + len];
+        let start = out.len();
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(&raw_kind.to_ne_bytes());
+        match (known_len(level, kind), nested_level(level, kind)) {
+            (Some(n), _) if payload.len() > n => out.extend_from_slice(&payload[..n]),
+            (_, Some(inner)) => trim_attrs(payload, inner, out)?,
+            _ => out.extend_from_slice(payload),
+        }
+        let new_len = u16::try_from(out.len() - start).ok()?;
+        out[start..start + 2].copy_from_slice(&new_len.to_ne_bytes());
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        off += (len + 3) & !3;
+    }
+    Some(())
+}
+
+/// An `RTM_NEWLINK` message with its over-long arrays cut to the decodable length, `None` when
+/// there is nothing to cut (or it is not a well-formed link message: decoded as it is).
+fn trim_link_message(msg: &[u8]) -> Option<Vec<u8>> {
+    let len = usize::try_from(u32::from_ne_bytes(msg.get(..4)?.try_into().ok()?)).ok()?;
+    let kind = u16::from_ne_bytes(msg.get(4..6)?.try_into().ok()?);
+    let body_start = NLMSG_HDR_LEN + IFINFOMSG_LEN;
+    if kind != RTM_NEWLINK || len < body_start || len > msg.len() {
+        return None;
+    }
+    // Only an AF_UNSPEC link message nests per-family (inet, inet6) data in IFLA_AF_SPEC.
+    if msg[NLMSG_HDR_LEN] != 0 {
+        return None;
+    }
+    let attrs = &msg[body_start..len];
+    if !needs_trim(attrs, NlaLevel::Link)? {
+        return None;
+    }
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&msg[..body_start]);
+    trim_attrs(attrs, NlaLevel::Link, &mut out)?;
+    let new_len = u32::try_from(out.len()).ok()?;
+    out[..4].copy_from_slice(&new_len.to_ne_bytes());
+    Some(out)
+}
+
+/// Decode one route-netlink message (the first in `bytes`). Link messages are decoded tolerant
+/// of a newer kernel: arrays it extended (`IFLA_INET6_CONF`, `IFLA_STATS64`, …) are cut to the
+/// fields this decoder knows before decoding, so a link dump logs nothing an operator cannot act
+/// on. The reported header length stays the kernel's (callers step through a datagram by it).
+pub fn parse_route_message(bytes: &[u8]) -> Result<NetlinkMessage<RouteNetlinkMessage>, String> {
+    match trim_link_message(bytes) {
+        Some(trimmed) => {
+            let mut msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&trimmed)
+                .map_err(|e| e.to_string())?;
+            msg.header.length = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            Ok(msg)
+        }
+        None => {
+            NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// The identity of the network namespace a netns file (`/proc/<pid>/ns/net`, a bind mount under
+/// `/run/netns`, or a symlink to either) refers to: the nsfs `(st_dev, st_ino)`. Two paths name
+/// the same netns iff their identities are equal, whatever the paths look like.
+pub fn netns_identity(path: &Path) -> Result<(u64, u64), NetxError> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).map_err(|source| NetxError::NetnsOpen {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok((m.dev(), m.ino()))
 }
 
 fn link_info(link: &LinkMessage) -> LinkInfo {

@@ -8,10 +8,12 @@
 
 #![deny(unsafe_code)]
 
+pub mod ambient_bench;
 mod error;
 pub mod lab;
 pub mod multinode;
 mod netns;
+pub mod probe;
 pub mod proxy;
 pub mod server;
 mod sockets;

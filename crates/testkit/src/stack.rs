@@ -168,16 +168,19 @@ pub fn pod_uid(name: &str) -> String {
     format!("uid-{name}")
 }
 
-/// The ztunnel pod of a node: `app=ztunnel`, Ready, with its IP and netns annotation.
+/// The ztunnel pod of a node: `app=ztunnel` in `istio-system`, service account `ztunnel` (what
+/// the agent trusts by default), Ready, with its IP and netns annotation.
 pub fn ztunnel_json(node: &str, ip: Ipv4Addr, netns: &Path) -> Value {
-    pod_json(
+    let mut pod = pod_json(
         "istio-system",
         &format!("ztunnel-{node}"),
         node,
         Some(ip),
         &[("app", "ztunnel")],
         &[(ZTUNNEL_NETNS_ANNOTATION, &netns.display().to_string())],
-    )
+    );
+    pod["spec"]["serviceAccountName"] = Value::from("ztunnel");
+    pod
 }
 
 /// Write the workloads file (`{"namespaces": [...], "pods": [...]}`) atomically.

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 use ipnet::{IpNet, Ipv4Net};
 use meshcni_netx::ipset::{self, IpsetNl};
 use meshcni_netx::iptables::{self as ipt, IptablesFlavor, IptablesOptions};
-use meshcni_netx::netlink::{AddressSpec, Netlink};
+use meshcni_netx::netlink::{AddressSpec, Netlink, netns_identity};
 use meshcni_netx::route::{self, Route4, Rule4, RuleTarget};
 use meshcni_netx::tunnel::{self, LinkDetails, TunnelKind, TunnelSpec};
 use meshcni_netx::{IpFamily, NetxError, sysctl, with_netns};
@@ -468,6 +468,22 @@ impl IptablesDriver {
         let (netns, eth) = match z.annotations.get(ZTUNNEL_NETNS_ANNOTATION) {
             Some(p) => {
                 let p = PathBuf::from(p);
+                let why = match self.is_peer_netns(&mut nl, &p, &veth)? {
+                    PeerNetns::Yes => None,
+                    PeerNetns::Node => Some("is the node's own netns".to_string()),
+                    PeerNetns::Other => Some(format!(
+                        "is not the netns of its peer (IFLA_LINK_NETNSID {:?})",
+                        veth.link_netnsid
+                    )),
+                };
+                if let Some(why) = why {
+                    return Err(drv(format!(
+                        "netns {} (annotation {ZTUNNEL_NETNS_ANNOTATION} of ztunnel {}) {why} of ztunnel veth {}",
+                        p.display(),
+                        z.pod,
+                        veth.name
+                    )));
+                }
                 let eth = peer_in(&p, &veth)?.ok_or_else(|| {
                     drv(format!(
                         "netns {} (annotation {ZTUNNEL_NETNS_ANNOTATION}) holds no peer of {}",
@@ -477,7 +493,7 @@ impl IptablesDriver {
                 })?;
                 (p, eth)
             }
-            None => self.find_peer_netns(&veth)?,
+            None => self.find_peer_netns(&mut nl, &veth)?,
         };
         // Once our rules are in place (a restarted agent adopting them), a route lookup goes
         // through our own `ip rule … lookup 100`, whose route to ztunnel has no `src`, and
@@ -498,25 +514,75 @@ impl IptablesDriver {
         })
     }
 
-    fn find_peer_netns(&self, veth: &LinkDetails) -> Result<(PathBuf, String), DriverError> {
+    /// Whether the netns file `path` is the netns holding the peer of `veth` (a link of the
+    /// node netns), by identity: the node netns's id for `path` (`RTM_GETNSID`) must be the
+    /// veth's `IFLA_LINK_NETNSID`. Interface indexes alone prove nothing (every netns numbers
+    /// its links from 1), and the node netns is recognised by its nsfs inode, not its path.
+    fn is_peer_netns(
+        &self,
+        nl: &mut Netlink,
+        path: &Path,
+        veth: &LinkDetails,
+    ) -> Result<PeerNetns, DriverError> {
+        let node = netns_identity(self.node()).map_err(drv)?;
+        if netns_identity(path).map_err(drv)? == node {
+            return Ok(PeerNetns::Node);
+        }
+        let Some(want) = veth.link_netnsid else {
+            // No IFLA_LINK_NETNSID: the veth's peer is in the node netns itself.
+            return Ok(PeerNetns::Other);
+        };
+        let file = std::fs::File::open(path)
+            .map_err(|e| drv(format!("cannot open netns {}: {e}", path.display())))?;
+        let id = nl.netns_id(std::os::fd::AsFd::as_fd(&file)).map_err(drv)?;
+        Ok(if id == Some(want) {
+            PeerNetns::Yes
+        } else {
+            PeerNetns::Other
+        })
+    }
+
+    /// The netns under `--netns-dir` that holds ztunnel's end of `veth`, found by identity
+    /// ([`Self::is_peer_netns`]); entries that are not netns files are skipped.
+    fn find_peer_netns(
+        &self,
+        nl: &mut Netlink,
+        veth: &LinkDetails,
+    ) -> Result<(PathBuf, String), DriverError> {
         let dir = &self.cfg.netns_dir;
+        let Some(nsid) = veth.link_netnsid else {
+            return Err(drv(format!(
+                "ztunnel veth {} has its peer in the node netns (no IFLA_LINK_NETNSID): not a pod veth",
+                veth.name
+            )));
+        };
         let entries = std::fs::read_dir(dir)
             .map_err(|e| drv(format!("cannot list netns dir {}: {e}", dir.display())))?;
         let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
         paths.sort();
         for p in paths {
-            if p == self.cfg.node_netns {
-                continue;
-            }
-            if let Ok(Some(eth)) = peer_in(&p, veth) {
-                return Ok((p, eth));
+            match self.is_peer_netns(nl, &p, veth) {
+                Ok(PeerNetns::Yes) => {
+                    let eth = peer_in(&p, veth)?.ok_or_else(|| {
+                        drv(format!(
+                            "netns {} holds the peer of ztunnel veth {} (netnsid {nsid}) but no veth at ifindex {:?} pointing back to it",
+                            p.display(),
+                            veth.name,
+                            veth.link
+                        ))
+                    })?;
+                    return Ok((p, eth));
+                }
+                Ok(PeerNetns::Node | PeerNetns::Other) => {}
+                Err(e) => {
+                    tracing::debug!(path = %p.display(), error = %e, "skipping netns dir entry");
+                }
             }
         }
         Err(drv(format!(
-            "no netns under {} holds the peer of ztunnel veth {} (peer ifindex {:?})",
+            "no netns under {} is the peer netns (IFLA_LINK_NETNSID {nsid}) of ztunnel veth {}",
             dir.display(),
             veth.name,
-            veth.link
         )))
     }
 
@@ -910,6 +976,16 @@ impl IptablesDriver {
                 .is_some(),
         )
     }
+}
+
+/// What a netns file is to a node-netns veth (see [`IptablesDriver::is_peer_netns`]).
+enum PeerNetns {
+    /// The netns of the veth's peer.
+    Yes,
+    /// The node netns itself (under whatever path).
+    Node,
+    /// Some other netns.
+    Other,
 }
 
 /// Whether `netns` holds the veth peer of `veth` (the link at `veth.link` whose own peer is

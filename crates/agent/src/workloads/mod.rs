@@ -40,6 +40,9 @@ pub struct Workload {
     pub annotations: BTreeMap<String, String>,
     /// Injected with a sidecar (annotation `sidecar.istio.io/status` present).
     pub has_sidecar: bool,
+    /// `spec.serviceAccountName` (else the deprecated `spec.serviceAccount`, else `default`,
+    /// which is what the API server's admission fills in).
+    pub service_account: String,
     pub node_name: String,
     /// `status.phase` (`Pending`, `Running`, `Succeeded`, `Failed`, `Unknown`, or empty).
     pub phase: String,
@@ -66,8 +69,58 @@ impl Workload {
         format!("{}/{}", self.namespace, self.name)
     }
 
+    /// Labelled `app=ztunnel` (says it is a ztunnel; whether it is trusted as one is
+    /// [`ZtunnelIdentity::check`]).
     pub fn is_ztunnel(&self) -> bool {
         self.labels.get(ZTUNNEL_APP_LABEL.0).map(String::as_str) == Some(ZTUNNEL_APP_LABEL.1)
+    }
+}
+
+/// Which pods may be the node's ztunnel: labelled `app=ztunnel`, in the mesh's system namespace
+/// (`--system-namespace`) and running as ztunnel's service account
+/// (`--ztunnel-service-account`). The label alone is not enough: anyone who can create a pod
+/// can set it, and the active ztunnel receives the node's ambient traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ZtunnelIdentity {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl Default for ZtunnelIdentity {
+    /// Istio's chart: namespace `istio-system`, service account `ztunnel`.
+    fn default() -> Self {
+        ZtunnelIdentity {
+            namespace: "istio-system".into(),
+            service_account: "ztunnel".into(),
+        }
+    }
+}
+
+impl ZtunnelIdentity {
+    /// `Ok` if `pod` is a trusted ztunnel; `Err(why not)` for a pod labelled `app=ztunnel`
+    /// that is not (`None` for pods that do not claim to be one).
+    pub fn check(&self, pod: &Workload) -> Option<Result<(), String>> {
+        if !pod.is_ztunnel() {
+            return None;
+        }
+        Some(if pod.namespace != self.namespace {
+            Err(format!(
+                "labelled app=ztunnel but in namespace {:?}, not the system namespace {:?}",
+                pod.namespace, self.namespace
+            ))
+        } else if pod.service_account != self.service_account {
+            Err(format!(
+                "labelled app=ztunnel but runs as service account {:?}, not {:?}",
+                pod.service_account, self.service_account
+            ))
+        } else {
+            Ok(())
+        })
+    }
+
+    /// A trusted ztunnel pod.
+    pub fn accepts(&self, pod: &Workload) -> bool {
+        matches!(self.check(pod), Some(Ok(())))
     }
 }
 
@@ -127,6 +180,8 @@ pub struct EnrollPolicy {
     pub selectors: Vec<EnablementSelector>,
     /// Namespaces whose pods are never enrolled (the agent's `EXCLUDE_NAMESPACES`).
     pub excluded_namespaces: BTreeSet<String>,
+    /// Which pods are trusted as ztunnel (never enrolled; one of them is the active ztunnel).
+    pub ztunnel: ZtunnelIdentity,
 }
 
 impl Default for EnrollPolicy {
@@ -135,6 +190,7 @@ impl Default for EnrollPolicy {
         EnrollPolicy {
             selectors: EnablementSelector::istio_defaults(),
             excluded_namespaces: BTreeSet::new(),
+            ztunnel: ZtunnelIdentity::default(),
         }
     }
 }
@@ -184,7 +240,8 @@ pub fn mesh_decision(
     if pod.has_sidecar {
         return MeshDecision::Sidecar;
     }
-    if pod.is_ztunnel() {
+    // Only a trusted ztunnel is exempt: a pod merely labelled `app=ztunnel` is an ordinary pod.
+    if policy.ztunnel.accepts(pod) {
         return MeshDecision::Ztunnel;
     }
     if policy.excluded_namespaces.contains(&pod.namespace) {
@@ -237,14 +294,34 @@ pub fn desired_set(snapshot: &WorkloadSnapshot, policy: &EnrollPolicy) -> Desire
         .collect()
 }
 
-/// Spec §3.2 `UpdateActiveNodeProxy`: among ztunnel pods (label `app=ztunnel`, any
-/// namespace) on this node, the Ready, non-terminal one with an IP and the newest
-/// `creationTimestamp` (ties: larger UID, so the choice is deterministic).
-pub fn active_ztunnel(snapshot: &WorkloadSnapshot) -> Option<ZtunnelInfo> {
+/// Pods labelled `app=ztunnel` that are not trusted as ztunnel, with the reason (logged by the
+/// reconcile loop: such a pod is ignored as a ztunnel and treated as an ordinary pod).
+pub fn untrusted_ztunnels<'a>(
+    snapshot: &'a WorkloadSnapshot,
+    identity: &ZtunnelIdentity,
+) -> Vec<(&'a Workload, String)> {
     snapshot
         .pods
         .values()
-        .filter(|p| p.is_ztunnel() && p.ready && !p.terminal() && !p.ips.is_empty())
+        .filter_map(|p| match identity.check(p) {
+            Some(Err(why)) => Some((p, why)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Spec §3.2 `UpdateActiveNodeProxy`: among trusted ztunnel pods on this node (label
+/// `app=ztunnel`, system namespace and ztunnel's service account: `identity`; the reference
+/// accepts the label in any namespace), the Ready, non-terminal one with an IP and the newest
+/// `creationTimestamp` (ties: larger UID, so the choice is deterministic).
+pub fn active_ztunnel(
+    snapshot: &WorkloadSnapshot,
+    identity: &ZtunnelIdentity,
+) -> Option<ZtunnelInfo> {
+    snapshot
+        .pods
+        .values()
+        .filter(|p| identity.accepts(p) && p.ready && !p.terminal() && !p.ips.is_empty())
         .max_by(|a, b| a.created.cmp(&b.created).then(a.uid.cmp(&b.uid)))
         .map(|p| ZtunnelInfo {
             pod: p.id(),
@@ -289,6 +366,11 @@ struct PodSpecLite {
     host_network: bool,
     #[serde(deserialize_with = "null_default")]
     node_name: String,
+    #[serde(deserialize_with = "null_default")]
+    service_account_name: String,
+    /// Deprecated alias of `serviceAccountName` (still filled in by the API server).
+    #[serde(deserialize_with = "null_default")]
+    service_account: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -375,6 +457,10 @@ impl PodObject {
             .iter()
             .any(|c| c.typ == "Ready" && c.status == "True");
         let has_sidecar = m.annotations.contains_key(ANN_SIDECAR_STATUS);
+        let service_account = [self.spec.service_account_name, self.spec.service_account]
+            .into_iter()
+            .find(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".to_string());
         Ok(Workload {
             uid: if m.uid.is_empty() {
                 format!("{}/{}", m.namespace, m.name)
@@ -388,6 +474,7 @@ impl PodObject {
             labels: m.labels,
             annotations: m.annotations,
             has_sidecar,
+            service_account,
             node_name: self.spec.node_name,
             phase: self.status.phase,
             ready,

@@ -123,9 +123,29 @@ fn mesh_decisions() {
             "ztunnel itself",
             |p| {
                 p.labels.insert("app".into(), "ztunnel".into());
+                p.namespace = "istio-system".into();
+                p.service_account = "ztunnel".into();
             },
             &ambient,
             MeshDecision::Ztunnel,
+        ),
+        (
+            "labelled app=ztunnel outside the system namespace: an ordinary pod",
+            |p| {
+                p.labels.insert("app".into(), "ztunnel".into());
+                p.service_account = "ztunnel".into();
+            },
+            &ambient,
+            MeshDecision::In,
+        ),
+        (
+            "labelled app=ztunnel in the system namespace, other service account",
+            |p| {
+                p.labels.insert("app".into(), "ztunnel".into());
+                p.namespace = "istio-system".into();
+            },
+            &ambient,
+            MeshDecision::In,
         ),
         (
             "excluded namespace",
@@ -170,7 +190,7 @@ fn mesh_decisions() {
     // No selectors at all: nothing is ambient.
     let none = EnrollPolicy {
         selectors: vec![],
-        excluded_namespaces: Default::default(),
+        ..EnrollPolicy::default()
     };
     assert_eq!(
         mesh_decision(&base, Some(&ambient), &none),
@@ -188,6 +208,7 @@ fn ztunnel(name: &str, created: &str, ready: bool, ip: &str) -> Workload {
         phase: "Running".into(),
         ready,
         created: created.into(),
+        service_account: "ztunnel".into(),
         ..Workload::default()
     }
 }
@@ -215,17 +236,23 @@ fn desired_set_and_active_ztunnel() {
         "p1 waits for its IP, p3's namespace is not ambient, ztunnels never enroll"
     );
     assert!(d["uid-p1"].ips.is_empty());
-    let zt = active_ztunnel(&snap).expect("ztunnel");
+    let zt = active_ztunnel(&snap, &Default::default()).expect("ztunnel");
     assert_eq!(zt.pod.name, "zt-new", "newest Ready wins");
     assert_eq!(zt.ips, vec!["10.0.0.101".parse::<IpAddr>().expect("ip")]);
 
     let only_old = WorkloadSnapshot::from_parts([zt_old], []);
-    assert_eq!(active_ztunnel(&only_old).expect("zt").pod.name, "zt-old");
+    assert_eq!(
+        active_ztunnel(&only_old, &Default::default())
+            .expect("zt")
+            .pod
+            .name,
+        "zt-old"
+    );
     let none = WorkloadSnapshot::from_parts(
         [ztunnel("z", "2026-01-01T00:00:00Z", false, "10.0.0.1")],
         [],
     );
-    assert_eq!(active_ztunnel(&none), None);
+    assert_eq!(active_ztunnel(&none, &Default::default()), None);
 }
 
 #[test]

@@ -165,6 +165,7 @@ impl Mesh {
             name: format!("ztunnel-{}", node.index),
             ips: vec![IpAddr::V4(node.ztunnel.ip)],
             labels: [("app".to_string(), "ztunnel".to_string())].into(),
+            service_account: "ztunnel".into(),
             annotations: [(
                 ZTUNNEL_NETNS_ANNOTATION.to_string(),
                 node.ztunnel.netns.path().display().to_string(),
