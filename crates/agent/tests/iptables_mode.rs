@@ -74,6 +74,7 @@ impl NodeLab {
             node_netns: self.node.path().to_path_buf(),
             netns_dir: self.tmp.path().join("netns"),
             state_file: self.tmp.path().join("state/iptables-mode.json"),
+            node_xtables_lock: self.tmp.path().join("xtables.lock"),
             ..IptablesModeConfig::default()
         }
     }

@@ -73,6 +73,7 @@ pub fn iptables_driver(node: &LabNode, state_dir: &Path) -> Box<dyn RedirectDriv
         node_netns: node.netns.path().to_path_buf(),
         netns_dir: state_dir.join("netns"),
         state_file: state_dir.join(format!("node{}/iptables-mode.json", node.index)),
+        node_xtables_lock: state_dir.join(format!("node{}.xtables.lock", node.index)),
         ..IptablesModeConfig::default()
     };
     Box::new(IptablesDriver::new(cfg).expect("iptables driver"))
