@@ -16,7 +16,7 @@ use meshcni_agent::ambient::{Action, ErrorScope, PodId, RedirectDriver, ZtunnelI
 use meshcni_agent::modes::iptables::{
     IptablesDriver, IptablesModeConfig, ZTUNNEL_NETNS_ANNOTATION,
 };
-use meshcni_testkit::{Netns, veth};
+use meshcni_testkit::{Netns, NetnsSnapshot, veth};
 
 struct NodeLab {
     node: Netns,
@@ -53,6 +53,13 @@ fn lab(pods: usize) -> NodeLab {
     node.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
     let ztunnel = Netns::new("zt").expect("ztunnel netns");
     plug(&node, &ztunnel, "vzt", Ipv4Addr::new(10, 244, 1, 5));
+    // The operator's values in the ztunnel netns (strict rp_filter): install relaxes them,
+    // uninstall must put them back.
+    for k in ["all", "default", "eth0"] {
+        ztunnel
+            .sysctl(&format!("net.ipv4.conf.{k}.rp_filter"), "1")
+            .expect("ztunnel rp_filter");
+    }
     let mut v = Vec::new();
     for i in 0..pods {
         let ns = Netns::new(&format!("pod{i}")).expect("pod netns");
@@ -68,7 +75,39 @@ fn lab(pods: usize) -> NodeLab {
     }
 }
 
+/// Full snapshots (see `meshcni_testkit::snapshot`) of the netns a test's driver may touch,
+/// taken before the first install.
+struct Baseline(Vec<(String, std::path::PathBuf, NetnsSnapshot)>);
+
+impl Baseline {
+    fn of(netns: &[&Netns]) -> Baseline {
+        Baseline(
+            netns
+                .iter()
+                .map(|n| {
+                    let snap = NetnsSnapshot::capture(n.path()).expect("netns snapshot");
+                    (n.name().to_string(), n.path().to_path_buf(), snap)
+                })
+                .collect(),
+        )
+    }
+
+    /// After uninstall: every netns byte-identical to its baseline.
+    fn assert_restored(&self) {
+        for (name, path, before) in &self.0 {
+            meshcni_testkit::assert_netns_unchanged(path, before, &format!("after uninstall, netns {name}"));
+        }
+    }
+}
+
 impl NodeLab {
+    /// Baseline of the node and ztunnel netns (plus `extra`, e.g. a second ztunnel).
+    fn baseline(&self, extra: &[&Netns]) -> Baseline {
+        let mut all = vec![&self.node, &self.ztunnel];
+        all.extend_from_slice(extra);
+        Baseline::of(&all)
+    }
+
     fn config(&self) -> IptablesModeConfig {
         IptablesModeConfig {
             node_netns: self.node.path().to_path_buf(),
@@ -171,6 +210,7 @@ fn install_enroll_restart_release_uninstall_roundtrip() {
         .expect("rp");
     let before = lab.snapshot();
 
+    let base = lab.baseline(&[]);
     let mut d = lab.driver();
     assert!(d.actual().expect("actual").is_empty());
     let zt = lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true);
@@ -302,6 +342,7 @@ fn install_enroll_restart_release_uninstall_roundtrip() {
     assert!(t100.contains("10.244.1.11"), "{t100}");
 
     d.uninstall().expect("uninstall");
+    base.assert_restored();
     let after = lab.snapshot();
     assert_eq!(
         after, before,
@@ -318,15 +359,18 @@ fn install_enroll_restart_release_uninstall_roundtrip() {
 #[test]
 fn ztunnel_move_retargets_without_teardown_and_reports_the_gap() {
     let lab = lab(1);
+    // The next ztunnel pod (started later in real life; its netns exists from the start here
+    // so that the baseline covers it): new netns, new IP, new veth.
+    let zt2 = Netns::new("zt2").expect("zt2");
+    plug(&lab.node, &zt2, "vzt2", Ipv4Addr::new(10, 244, 1, 6));
+    let base = lab.baseline(&[&zt2]);
     let mut d = lab.driver();
     d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
         .expect("install");
     d.apply(&lab.enroll(0)).expect("enroll");
     let first = d.last_switch();
 
-    // A new ztunnel pod: new netns, new IP, new veth; found by scanning the netns dir.
-    let zt2 = Netns::new("zt2").expect("zt2");
-    plug(&lab.node, &zt2, "vzt2", Ipv4Addr::new(10, 244, 1, 6));
+    // The ztunnel moves to zt2, found by scanning the netns dir.
     let dir = lab.config().netns_dir;
     std::fs::create_dir_all(&dir).expect("netns dir");
     for ns in [&lab.ztunnel, &zt2] {
@@ -376,6 +420,7 @@ fn ztunnel_move_retargets_without_teardown_and_reports_the_gap() {
     );
     assert!(lab.save(&zt2).contains("TPROXY --on-port 15001"));
     d.uninstall().expect("uninstall");
+    base.assert_restored();
 }
 
 #[test]
@@ -400,6 +445,7 @@ fn foreign_state_is_refused_before_anything_is_installed() {
         )
         .expect("foreign mark");
     let before = lab.snapshot();
+    let base = lab.baseline(&[]);
     let mut d = lab.driver();
     let err = d
         .ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
@@ -412,6 +458,7 @@ fn foreign_state_is_refused_before_anything_is_installed() {
         err.message
     );
     assert_eq!(lab.snapshot(), before, "nothing may be changed on refusal");
+    base.assert_restored();
 }
 
 #[test]
@@ -442,6 +489,7 @@ fn uninstall_on_a_node_this_mode_never_installed_touches_nothing() {
         .ip(&["rule", "add", "priority", "103", "lookup", "100"])
         .expect("foreign rule");
     let before = lab.snapshot();
+    let base = lab.baseline(&[]);
     let mut d = lab.driver();
     d.uninstall().expect("uninstall is a no-op");
     assert_eq!(
@@ -449,11 +497,13 @@ fn uninstall_on_a_node_this_mode_never_installed_touches_nothing() {
         before,
         "nothing of another agent may be removed"
     );
+    base.assert_restored();
 }
 
 #[test]
 fn bad_input_is_reported_per_pod_or_driver() {
     let lab = lab(1);
+    let base = lab.baseline(&[]);
     let mut d = lab.driver();
     // Before any ztunnel: the node state does not exist yet — a per-pod wait, not a driver
     // failure (see `pod_before_ztunnel_waits_per_pod_and_enrolls_when_ztunnel_is_ready`).
@@ -521,6 +571,7 @@ fn bad_input_is_reported_per_pod_or_driver() {
     );
     assert!(ipset(&lab.node).contains("comment \"uid-0\""));
     d.uninstall().expect("uninstall");
+    base.assert_restored();
 }
 
 /// Connect from inside `ns` with a transparent socket bound to `src` (as ztunnel does when it
@@ -572,6 +623,7 @@ fn captured_traffic_reaches_the_ztunnel_stand_in_including_same_node_hbone() {
         },
     )
     .expect("ztunnel stand-in");
+    let base = lab.baseline(&[]);
     let mut d = lab.driver();
     d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
         .expect("install");
@@ -622,6 +674,7 @@ fn captured_traffic_reaches_the_ztunnel_stand_in_including_same_node_hbone() {
         "{peers:?}"
     );
     d.uninstall().expect("uninstall");
+    base.assert_restored();
 }
 
 #[test]
@@ -636,6 +689,7 @@ fn without_the_hairpin_same_node_hbone_goes_to_the_pod_like_the_reference() {
         },
     )
     .expect("ztunnel stand-in");
+    let base = lab.baseline(&[]);
     let mut d = IptablesDriver::new(IptablesModeConfig {
         hairpin: false,
         ..lab.config()
@@ -656,6 +710,7 @@ fn without_the_hairpin_same_node_hbone_goes_to_the_pod_like_the_reference() {
     .expect_err("reference rules deliver ztunnel's HBONE to the pod, which has no 15008");
     assert!(err.to_string().contains("refused"), "{err}");
     d.uninstall().expect("uninstall");
+    base.assert_restored();
 }
 
 /// Probe pod0 → pod1:80 in a loop while `switch` runs; returns (longest interval without a
@@ -722,6 +777,7 @@ fn ztunnel_restart_capture_gap_in_place_vs_reference_teardown() {
         meshcni_testkit::TcpServer::start(&lab.pods[1].0, "10.244.1.11:80".parse().expect("addr"))
             .expect("pod1 server");
 
+    let base = lab.baseline(&[&zt2, &zt3]);
     let mut d = lab.driver();
     d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
         .expect("install");
@@ -757,6 +813,7 @@ fn ztunnel_restart_capture_gap_in_place_vs_reference_teardown() {
         "in-place gap {gap:?}"
     );
     d.uninstall().expect("uninstall");
+    base.assert_restored();
 }
 
 #[test]
@@ -772,6 +829,7 @@ fn dns_capture_dnats_pod_dns_to_ztunnel_15053() {
     )
     .expect("dns stand-in");
     let before = lab.snapshot();
+    let base = lab.baseline(&[]);
     let mut d = IptablesDriver::new(IptablesModeConfig {
         dns_capture: true,
         ..lab.config()
@@ -803,6 +861,7 @@ fn dns_capture_dnats_pod_dns_to_ztunnel_15053() {
         "{q:?}"
     );
     d.uninstall().expect("uninstall");
+    base.assert_restored();
     assert_eq!(lab.snapshot(), before);
 }
 
@@ -915,7 +974,16 @@ fn kube_proxy_and_calico_rules_are_not_conflicts() {
                 .collect::<String>()
         };
         let before = snapshot();
+        if restore.contains("legacy") {
+            // x_tables cannot unregister a table from a netns: the empty `mangle` table the
+            // ztunnel rules bring into existence would stay. On a legacy node the ztunnel
+            // pod's netns is assumed to have it already (as here), so the comparison is exact.
+            lab.ztunnel
+                .exec_ok("iptables-legacy", &["-t", "mangle", "-S"])
+                .expect("instantiate legacy mangle in the ztunnel netns");
+        }
 
+        let base = lab.baseline(&[]);
         let mut d = lab.driver();
         d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
             .unwrap_or_else(|e| panic!("{restore}: a kube-proxy/Calico node was refused: {e}"));
@@ -929,6 +997,7 @@ fn kube_proxy_and_calico_rules_are_not_conflicts() {
             assert!(installed.contains(l), "{restore}: foreign rule lost: {l}");
         }
         d.uninstall().expect("uninstall");
+        base.assert_restored();
         assert_eq!(snapshot(), before, "{restore}: not back to pre-install");
     }
 }
@@ -947,6 +1016,7 @@ fn pod_before_ztunnel_waits_per_pod_and_enrolls_when_ztunnel_is_ready() {
     use std::time::{Duration, Instant};
 
     let lab = lab(1);
+    let base = lab.baseline(&[]);
     let status = StatusHandle::new(Err("starting".into()));
     let mut rec = Reconciler::new(
         Box::new(lab.driver()),
@@ -1019,6 +1089,7 @@ fn pod_before_ztunnel_waits_per_pod_and_enrolls_when_ztunnel_is_ready() {
     assert_eq!(status.probe(), Ok(()));
     let mut d = lab.driver();
     d.uninstall().expect("uninstall");
+    base.assert_restored();
 }
 
 /// Pod veths come and go (every sandbox gets a new one). The previous `rp_filter` of each pod
@@ -1027,15 +1098,18 @@ fn pod_before_ztunnel_waits_per_pod_and_enrolls_when_ztunnel_is_ready() {
 #[test]
 fn remembered_sysctls_of_vanished_pod_veths_are_forgotten() {
     let lab = lab(2);
-    let mut d = lab.driver();
-    d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
-        .expect("install");
     // A CNI that sets strict rp_filter on its pod veths (Calico's Felix does).
     for v in ["vp0", "vp1"] {
         lab.node
             .sysctl(&format!("net.ipv4.conf.{v}.rp_filter"), "1")
             .expect("rp_filter");
     }
+    // Pod 0's veth is deleted below: compared without it (its link, route and sysctls).
+    let base = NetnsSnapshot::capture(lab.node.path()).expect("snapshot");
+    let zbase = lab.baseline(&[]);
+    let mut d = lab.driver();
+    d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
+        .expect("install");
     d.apply(&lab.enroll(0)).expect("enroll 0");
     d.apply(&lab.enroll(1)).expect("enroll 1");
     let key = |v: &str| format!("net/ipv4/conf/{v}/rp_filter");
@@ -1068,6 +1142,13 @@ fn remembered_sysctls_of_vanished_pod_veths_are_forgotten() {
     let mut d = lab.driver();
     assert!(!has(&d, "vp0") && has(&d, "vp1"));
     d.uninstall().expect("uninstall");
+    let after = NetnsSnapshot::capture(lab.node.path()).expect("snapshot");
+    base.without("vp0")
+        .assert_same(&after.without("vp0"), "node after uninstall (pod 0's veth deleted)");
+    // The ztunnel netns is untouched by the veth deletion: compared whole.
+    zbase.0[1..].iter().for_each(|(name, path, before)| {
+        meshcni_testkit::assert_netns_unchanged(path, before, name);
+    });
     assert_eq!(
         lab.node
             .read_sysctl("net.ipv4.conf.vp1.rp_filter")

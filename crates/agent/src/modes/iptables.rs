@@ -104,6 +104,10 @@ pub struct PersistedState {
     pub sysctls: BTreeMap<String, String>,
     /// iptables tables absent from the node netns before the first install (nft flavor).
     pub created_tables: Vec<String>,
+    /// Built-in chains (`table/CHAIN`) absent from nf_tables before the first install
+    /// (iptables-nft creates them on use; deleted again on uninstall when empty).
+    #[serde(default)]
+    pub created_chains: Vec<String>,
     pub host_ip: Option<Ipv4Addr>,
     pub tunnel_kind: Option<String>,
     pub tunnel_port: Option<u16>,
@@ -126,6 +130,9 @@ pub struct ZtunnelNetnsMemory {
     /// iptables tables absent there before our first restore (nft flavor: deleted again).
     #[serde(default)]
     pub created_tables: Vec<String>,
+    /// Built-in chains (`table/CHAIN`) absent there before our first restore (nft flavor).
+    #[serde(default)]
+    pub created_chains: Vec<String>,
     /// Whether `created_tables` has been determined (before the first restore).
     #[serde(default)]
     pub tables_checked: bool,
@@ -812,6 +819,7 @@ impl IptablesDriver {
                 .filter(|t| ipt::table_section(&save, t).is_none())
                 .map(|t| t.to_string())
                 .collect();
+            self.state.created_chains = absent_builtin_chains(self.node(), flavor, &["filter", "mangle", "nat"])?;
         }
         let host_ip = self.cfg.host_ip.unwrap_or(z.host_ip_by_route);
         let kind = self.tunnel_kind();
@@ -967,6 +975,7 @@ impl IptablesDriver {
                     }
                 }
                 mem.created_tables = created;
+                mem.created_chains = absent_builtin_chains(&z.netns, flavor, &["mangle"])?;
                 mem.tables_checked = true;
             }
             mem.ztunnel_ip = Some(z.ip);
@@ -1580,7 +1589,7 @@ impl IptablesDriver {
             tunnel::del_link(&mut nl, l).map_err(drv)?;
         }
         restore_sysctls(zns, &mem.sysctls)?;
-        delete_created_tables(zns, &opts, flavor, &mem.created_tables)
+        delete_created(zns, &opts, flavor, &mem.created_tables, &mem.created_chains)
     }
 
     fn uninstall_node(&mut self) -> Result<(), DriverError> {
@@ -1636,7 +1645,13 @@ impl IptablesDriver {
         restore_sysctls(self.node(), &self.state.sysctls)?;
         // nft tables that only exist because we used them.
         let opts = self.node_opts();
-        delete_created_tables(self.node(), &opts, flavor, &self.state.created_tables)
+        delete_created(
+            self.node(),
+            &opts,
+            flavor,
+            &self.state.created_tables,
+            &self.state.created_chains,
+        )
     }
 }
 
@@ -1660,29 +1675,94 @@ fn restore_sysctls(netns: &Path, values: &BTreeMap<String, String>) -> Result<()
     .map_err(drv)
 }
 
-/// With iptables-nft, delete the tables in `created` (absent before our first install) if
-/// nothing but empty built-in chains with policy ACCEPT is left in them.
-fn delete_created_tables(
+/// Built-in chains of the iptables tables.
+fn builtin_chains(table: &str) -> &'static [&'static str] {
+    match table {
+        "filter" => &["INPUT", "FORWARD", "OUTPUT"],
+        "nat" => &["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"],
+        "mangle" => &["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"],
+        _ => &[],
+    }
+}
+
+/// With iptables-nft: the built-in chains (`table/CHAIN`) of `tables` that nf_tables does not
+/// have yet in `netns` (iptables-nft creates them when a restore uses the table, and
+/// `iptables-nft-save` lists them whether they exist or not, so ask the kernel).
+fn absent_builtin_chains(
+    netns: &Path,
+    flavor: IptablesFlavor,
+    tables: &[&str],
+) -> Result<Vec<String>, DriverError> {
+    if flavor != IptablesFlavor::Nft {
+        return Ok(Vec::new());
+    }
+    let present = with_netns(netns, |ns| nft::kernel_chains_here(ns, nft::NFPROTO_IPV4))
+        .and_then(|r| r)
+        .map_err(drv)?;
+    let mut out = Vec::new();
+    for t in tables {
+        for c in builtin_chains(t) {
+            if !present
+                .iter()
+                .any(|p| p.table.family == "ip" && p.table.name == *t && p.name == *c)
+            {
+                out.push(format!("{t}/{c}"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// With iptables-nft, delete what only exists because we used it: the built-in chains in
+/// `chains` (`table/CHAIN`) that are empty with policy ACCEPT, then the tables in `tables`
+/// left with nothing but such chains.
+fn delete_created(
     netns: &Path,
     opts: &IptablesOptions,
     flavor: IptablesFlavor,
-    created: &[String],
+    tables: &[String],
+    chains: &[String],
 ) -> Result<(), DriverError> {
-    if flavor != IptablesFlavor::Nft || created.is_empty() {
+    if flavor != IptablesFlavor::Nft || (tables.is_empty() && chains.is_empty()) {
         return Ok(());
     }
     with_netns(netns, |ns| {
         let after = ipt::save_here(ns, opts, flavor, IpFamily::V4)?;
-        for t in created {
+        let present = nft::kernel_chains_here(ns, nft::NFPROTO_IPV4)?;
+        let exists = |t: &str, c: &str| {
+            present
+                .iter()
+                .any(|p| p.table.family == "ip" && p.table.name == t && p.name == c)
+        };
+        let mut text = String::new();
+        for t in tables {
             let empty = ipt::table_section(&after, t).is_some_and(|s| {
                 !s.lines().any(|l| l.starts_with("-A "))
                     && s.lines()
                         .filter(|l| l.starts_with(':'))
                         .all(|l| l.contains(" ACCEPT "))
             });
-            if empty {
-                nft::apply_here(ns, &format!("delete table ip {t}\n"))?;
+            if empty && present.iter().any(|p| p.table.family == "ip" && p.table.name == *t) {
+                text.push_str(&format!("delete table ip {t}\n"));
             }
+        }
+        for tc in chains {
+            let Some((t, c)) = tc.split_once('/') else {
+                continue;
+            };
+            if text.contains(&format!("delete table ip {t}\n")) || !exists(t, c) {
+                continue;
+            }
+            let empty = ipt::table_section(&after, t).is_some_and(|s| {
+                s.lines().any(|l| l.starts_with(&format!(":{c} ACCEPT ")))
+                    && !s.lines().any(|l| l.starts_with(&format!("-A {c} ")))
+            });
+            if empty {
+                text.push_str(&format!("delete chain ip {t} {c}\n"));
+            }
+        }
+        if !text.is_empty() {
+            nft::apply_here(ns, &text)?;
         }
         Ok::<_, NetxError>(())
     })
