@@ -62,7 +62,8 @@ mod imp {
         let hit = HITS.fetch_add(1, Ordering::SeqCst) + 1;
         if hit == *n {
             eprintln!("meshcni crash point {name} #{hit}: SIGKILL");
-            let _ = nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::getpid(), nix::sys::signal::Signal::SIGKILL);
             // SIGKILL cannot be caught; should it somehow return, never continue past the point.
             std::process::abort();
         }

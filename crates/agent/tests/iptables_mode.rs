@@ -95,7 +95,11 @@ impl Baseline {
     /// After uninstall: every netns byte-identical to its baseline.
     fn assert_restored(&self) {
         for (name, path, before) in &self.0 {
-            meshcni_testkit::assert_netns_unchanged(path, before, &format!("after uninstall, netns {name}"));
+            meshcni_testkit::assert_netns_unchanged(
+                path,
+                before,
+                &format!("after uninstall, netns {name}"),
+            );
         }
     }
 }
@@ -1143,8 +1147,10 @@ fn remembered_sysctls_of_vanished_pod_veths_are_forgotten() {
     assert!(!has(&d, "vp0") && has(&d, "vp1"));
     d.uninstall().expect("uninstall");
     let after = NetnsSnapshot::capture(lab.node.path()).expect("snapshot");
-    base.without("vp0")
-        .assert_same(&after.without("vp0"), "node after uninstall (pod 0's veth deleted)");
+    base.without("vp0").assert_same(
+        &after.without("vp0"),
+        "node after uninstall (pod 0's veth deleted)",
+    );
     // The ztunnel netns is untouched by the veth deletion: compared whole.
     zbase.0[1..].iter().for_each(|(name, path, before)| {
         meshcni_testkit::assert_netns_unchanged(path, before, name);
@@ -1155,4 +1161,306 @@ fn remembered_sysctls_of_vanished_pod_veths_are_forgotten() {
             .expect("rp"),
         "1"
     );
+}
+
+/// Run `ipset`/`ip` inside the node netns (building half-enrolled state by hand).
+fn node_cmd(lab: &NodeLab, prog: &str, args: &[&str]) {
+    lab.node
+        .exec_ok(prog, args)
+        .unwrap_or_else(|e| panic!("{prog} {args:?}: {e}"));
+}
+
+fn table100(lab: &NodeLab) -> String {
+    lab.node
+        .ip(&["route", "show", "table", "100"])
+        .expect("table 100")
+}
+
+/// Issue 8 items 1 and 2: an agent killed between the steps of an enroll leaves a pod in the
+/// ipset without its table-100 route (inbound bypasses ztunnel) or without `rp_filter=0` on
+/// its veth; a release cut short leaves a route without a set member. A restarted agent (and
+/// every resync) must read every piece and complete or clean each pod.
+#[test]
+fn half_enrolled_pods_are_repaired_on_start_and_on_resync() {
+    let lab = lab(3);
+    for v in ["vp0", "vp1", "vp2"] {
+        lab.node
+            .sysctl(&format!("net.ipv4.conf.{v}.rp_filter"), "1")
+            .expect("operator rp_filter");
+    }
+    let base = lab.baseline(&[]);
+    let mut d = lab.driver();
+    d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
+        .expect("install");
+    drop(d);
+    // What a killed agent leaves: pod 0 only in the ipset (killed after `ipset add`); pod 1
+    // in the ipset with its route but without the sysctl (killed after the route); a route
+    // for pod 2 without a set member (killed in the middle of a release).
+    node_cmd(
+        &lab,
+        "ipset",
+        &["add", "ztunnel-pods-ips", "10.244.1.10", "comment", "uid-0"],
+    );
+    node_cmd(
+        &lab,
+        "ipset",
+        &["add", "ztunnel-pods-ips", "10.244.1.11", "comment", "uid-1"],
+    );
+    for ip in ["10.244.1.11", "10.244.1.12"] {
+        node_cmd(
+            &lab,
+            "ip",
+            &[
+                "route",
+                "add",
+                ip,
+                "via",
+                "192.168.126.2",
+                "dev",
+                "istioin",
+                "table",
+                "100",
+                "src",
+                "10.244.1.1",
+            ],
+        );
+    }
+
+    let mut d = lab.driver();
+    let actual = d.actual().expect("actual");
+    assert_eq!(actual.len(), 2, "{actual:?}");
+    let t100 = table100(&lab);
+    for ip in ["10.244.1.10", "10.244.1.11"] {
+        assert!(
+            t100.contains(&format!(
+                "{ip} via 192.168.126.2 dev istioin src 10.244.1.1"
+            )),
+            "enrolled pod {ip} has no inbound route after restart:\n{t100}"
+        );
+    }
+    assert!(!t100.contains("10.244.1.12"), "orphan route kept:\n{t100}");
+    for v in ["vp0", "vp1"] {
+        assert_eq!(
+            lab.node
+                .read_sysctl(&format!("net.ipv4.conf.{v}.rp_filter"))
+                .expect("rp"),
+            "0",
+            "{v}: rp_filter of an enrolled pod's veth not set"
+        );
+    }
+    assert_eq!(
+        lab.node
+            .read_sysctl("net.ipv4.conf.vp2.rp_filter")
+            .expect("rp"),
+        "1",
+        "vp2 is not enrolled"
+    );
+    let r = d.repairs();
+    assert_eq!((r.routes, r.sysctls, r.orphan_routes), (1, 2, 1), "{r:?}");
+
+    // Drift on a running agent: the next resync (`actual()`) repairs it again.
+    lab.node
+        .ip(&["route", "del", "10.244.1.10", "table", "100"])
+        .expect("del route");
+    lab.node
+        .sysctl("net.ipv4.conf.vp1.rp_filter", "1")
+        .expect("rp");
+    d.actual().expect("resync");
+    assert!(
+        table100(&lab).contains("10.244.1.10 via"),
+        "{}",
+        table100(&lab)
+    );
+    assert_eq!(
+        lab.node
+            .read_sysctl("net.ipv4.conf.vp1.rp_filter")
+            .expect("rp"),
+        "0"
+    );
+
+    // The operator's values (1) come back on uninstall, including the veths repaired above.
+    d.uninstall().expect("uninstall");
+    base.assert_restored();
+}
+
+/// Issue 8 item 3: the previous value of a sysctl must be on disk before the sysctl is
+/// changed. With the state file unwritable, an enroll must fail *without* touching the pod
+/// veth's `rp_filter` (old code wrote it first and lost the operator's value).
+#[test]
+fn a_sysctl_is_remembered_durably_before_it_is_written() {
+    let lab = lab(1);
+    lab.node
+        .sysctl("net.ipv4.conf.vp0.rp_filter", "2")
+        .expect("operator rp_filter");
+    let base = lab.baseline(&[]);
+    let mut d = lab.driver();
+    d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
+        .expect("install");
+    // The state file's temp path is a directory: no state write can succeed.
+    let tmp = lab.config().state_file.with_extension("tmp");
+    std::fs::create_dir_all(tmp.join("blocker")).expect("blocker dir");
+    let err = d.apply(&lab.enroll(0)).expect_err("state not writable");
+    assert!(
+        err.message.contains("cannot write state file"),
+        "{}",
+        err.message
+    );
+    assert_eq!(
+        lab.node
+            .read_sysctl("net.ipv4.conf.vp0.rp_filter")
+            .expect("rp"),
+        "2",
+        "rp_filter was changed although its previous value could not be saved"
+    );
+    std::fs::remove_dir_all(&tmp).expect("remove blocker");
+    d.apply(&lab.enroll(0)).expect("enroll");
+    let file = std::fs::read_to_string(&lab.config().state_file).expect("state file");
+    assert!(file.contains(r#"vp0/rp_filter":"2""#), "{file}");
+    assert_eq!(
+        lab.node
+            .read_sysctl("net.ipv4.conf.vp0.rp_filter")
+            .expect("rp"),
+        "0"
+    );
+    d.uninstall().expect("uninstall");
+    base.assert_restored();
+}
+
+/// Issue 8 item 17: enrolling N pods in one reconcile pass writes the state file once (it
+/// used to be rewritten after every pod: O(n²) bytes).
+#[test]
+fn one_state_write_per_reconcile_pass_however_many_pods() {
+    const N: usize = 20;
+    let lab = lab(N);
+    for i in 0..N {
+        // Strict rp_filter on every pod veth: every enroll changes (and remembers) a value.
+        lab.node
+            .sysctl(&format!("net.ipv4.conf.vp{i}.rp_filter"), "1")
+            .expect("rp");
+    }
+    let base = lab.baseline(&[]);
+    let mut d = lab.driver();
+    d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
+        .expect("install");
+    let (writes_before, _) = d.state_writes();
+    let actions: Vec<Action> = (0..N).map(|i| lab.enroll(i)).collect();
+    d.prepare(&actions).expect("prepare");
+    for a in &actions {
+        d.apply(a).expect("enroll");
+    }
+    let (writes, _) = d.state_writes();
+    assert_eq!(
+        writes - writes_before,
+        1,
+        "state file writes for {N} pods in one pass"
+    );
+    let pod_keys = d
+        .state()
+        .sysctls
+        .keys()
+        .filter(|k| k.contains("/vp"))
+        .count();
+    assert_eq!(pod_keys, N, "{:?}", d.state().sysctls);
+    for i in 0..N {
+        assert_eq!(
+            lab.node
+                .read_sysctl(&format!("net.ipv4.conf.vp{i}.rp_filter"))
+                .expect("rp"),
+            "0"
+        );
+    }
+    d.uninstall().expect("uninstall");
+    base.assert_restored();
+}
+
+/// Legacy iptables everywhere this test's driver goes, with the x_tables tables it will use
+/// already instantiated (x_tables cannot unregister a table from a netns, so a byte-for-byte
+/// comparison needs them there from the start, as on a real legacy node).
+fn legacy_lab() -> NodeLab {
+    let lab = lab(0);
+    for t in ["filter", "mangle", "nat"] {
+        lab.node
+            .exec_ok("iptables-legacy", &["-t", t, "-S"])
+            .expect("legacy table");
+    }
+    lab.ztunnel
+        .exec_ok("iptables-legacy", &["-t", "mangle", "-S"])
+        .expect("legacy table");
+    lab
+}
+
+fn legacy_config(
+    lab: &NodeLab,
+    wait_secs: u32,
+    timeout: std::time::Duration,
+) -> IptablesModeConfig {
+    let mut cfg = lab.config();
+    cfg.iptables.force = Some(meshcni_netx::IptablesFlavor::Legacy);
+    cfg.iptables.wait_secs = wait_secs;
+    cfg.iptables.timeout = timeout;
+    cfg
+}
+
+fn hold_lock(path: &std::path::Path) -> nix::fcntl::Flock<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .expect("open lock file");
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("flock")
+}
+
+/// Issue 8 item 18: node netns restores take the node's xtables lock (the global
+/// `/run/xtables.lock` by default; a test lock here), so on legacy nodes they serialise with
+/// kube-proxy. While another writer holds it, the restore waits `--wait` seconds and fails
+/// naming the lock; once released, the install goes through.
+#[test]
+fn node_restores_serialise_on_the_node_xtables_lock() {
+    let lab = legacy_lab();
+    let base = lab.baseline(&[]);
+    let cfg = legacy_config(&lab, 1, std::time::Duration::from_secs(60));
+    let lock = hold_lock(&cfg.node_xtables_lock);
+    let mut d = IptablesDriver::new(cfg.clone()).expect("driver");
+    let zt = lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true);
+    let err = d
+        .ztunnel_changed(Some(&zt))
+        .expect_err("the node lock is held by another writer");
+    assert!(err.message.contains("xtables lock"), "{}", err.message);
+    assert!(
+        err.message.contains("iptables-legacy-restore"),
+        "{}",
+        err.message
+    );
+    drop(lock);
+    d.ztunnel_changed(Some(&zt))
+        .expect("install once the lock is free");
+    let save = lab.node.exec_ok("iptables-legacy-save", &[]).expect("save");
+    assert!(save.contains("-j ztunnel-PREROUTING"), "{save}");
+    d.uninstall().expect("uninstall");
+    base.assert_restored();
+}
+
+/// Issue 8 item 18: every child process has a time limit. A restore stuck behind a held
+/// lock (legacy `--wait=30`) is killed at the driver's timeout with an error naming it.
+#[test]
+fn a_stuck_node_restore_is_killed_at_its_timeout() {
+    let lab = legacy_lab();
+    let base = lab.baseline(&[]);
+    let cfg = legacy_config(&lab, 30, std::time::Duration::from_secs(1));
+    let lock = hold_lock(&cfg.node_xtables_lock);
+    let mut d = IptablesDriver::new(cfg).expect("driver");
+    let zt = lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true);
+    let err = d.ztunnel_changed(Some(&zt)).expect_err("must time out");
+    assert!(
+        err.message.contains("timed out after 1s"),
+        "{}",
+        err.message
+    );
+    drop(lock);
+    d.ztunnel_changed(Some(&zt)).expect("install");
+    d.uninstall().expect("uninstall");
+    base.assert_restored();
 }

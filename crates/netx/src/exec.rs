@@ -261,21 +261,17 @@ mod tests {
         .expect("scratch")
         .expect_err("must time out");
         let msg = err.to_string();
-        assert!(
-            matches!(err, NetxError::Timeout { .. }),
-            "{msg} ({err:?})"
-        );
+        assert!(matches!(err, NetxError::Timeout { .. }), "{msg} ({err:?})");
         assert!(msg.contains("`sleep 30`"), "{msg}");
         assert!(msg.contains("timed out after 300ms"), "{msg}");
     }
 
     #[test]
     fn output_of_a_quick_child_is_complete() {
-        let big = crate::netns::with_scratch_netns(|ns| {
-            Cmd::new("seq").arg("1").arg("200000").run(ns)
-        })
-        .expect("scratch")
-        .expect("seq");
+        let big =
+            crate::netns::with_scratch_netns(|ns| Cmd::new("seq").arg("1").arg("200000").run(ns))
+                .expect("scratch")
+                .expect("seq");
         assert_eq!(big.lines().count(), 200_000);
         assert!(big.ends_with("200000\n"));
     }

@@ -39,8 +39,14 @@ impl NetnsSnapshot {
         for (name, args) in [
             ("ip -4 rule", vec!["-4", "rule"]),
             ("ip -6 rule", vec!["-6", "rule"]),
-            ("ip -4 route show table all", vec!["-4", "route", "show", "table", "all"]),
-            ("ip -6 route show table all", vec!["-6", "route", "show", "table", "all"]),
+            (
+                "ip -4 route show table all",
+                vec!["-4", "route", "show", "table", "all"],
+            ),
+            (
+                "ip -6 route show table all",
+                vec!["-6", "route", "show", "table", "all"],
+            ),
             // One line per link (`-o`), so a link's whole entry can be told apart.
             ("ip -o -d link", vec!["-o", "-d", "link", "show"]),
         ] {

@@ -380,11 +380,18 @@ fn netns_snapshot_is_stable_and_sees_changes() {
     let a = NetnsSnapshot::capture(ns.path()).expect("snapshot");
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let b = NetnsSnapshot::capture(ns.path()).expect("snapshot");
-    assert!(a.diff(&b).is_empty(), "idle netns changed:\n{}", a.diff(&b).join("\n"));
+    assert!(
+        a.diff(&b).is_empty(),
+        "idle netns changed:\n{}",
+        a.diff(&b).join("\n")
+    );
     assert_eq!(a.residue_bytes(&b), 0);
-    ns.sysctl("net.ipv4.conf.d0.rp_filter", "2").expect("sysctl");
-    ns.ip(&["rule", "add", "priority", "77", "lookup", "77"]).expect("rule");
-    ns.exec_ok("nft", &["add", "table", "ip", "mangle"]).expect("nft");
+    ns.sysctl("net.ipv4.conf.d0.rp_filter", "2")
+        .expect("sysctl");
+    ns.ip(&["rule", "add", "priority", "77", "lookup", "77"])
+        .expect("rule");
+    ns.exec_ok("nft", &["add", "table", "ip", "mangle"])
+        .expect("nft");
     let c = NetnsSnapshot::capture(ns.path()).expect("snapshot");
     let d = a.diff(&c).join("\n");
     assert!(d.contains("/proc/sys/net/ipv4/conf/d0/rp_filter=2"), "{d}");

@@ -394,17 +394,26 @@ impl IptablesDriver {
         current: impl IntoIterator<Item = (String, String)>,
     ) -> Result<(), DriverError> {
         let mem = self.memory(ns);
-        let mut dirty = false;
+        let mut added = Vec::new();
         for (k, v) in current {
-            if let std::collections::btree_map::Entry::Vacant(e) = mem.entry(k) {
+            if let std::collections::btree_map::Entry::Vacant(e) = mem.entry(k.clone()) {
                 e.insert(v);
-                dirty = true;
+                added.push(k);
             }
         }
-        if dirty {
-            self.save_state()?;
-            crate::crash::point("sysctl-after-save");
+        if added.is_empty() {
+            return Ok(());
         }
+        if let Err(e) = self.save_state() {
+            // Not on disk: not remembered (the caller must not write, and the next attempt
+            // must save again).
+            let mem = self.memory(ns);
+            for k in &added {
+                mem.remove(k);
+            }
+            return Err(e);
+        }
+        crate::crash::point("sysctl-after-save");
         Ok(())
     }
 
@@ -437,7 +446,11 @@ impl IptablesDriver {
 
     /// Set sysctls (`(key, value)`) in `ns`: read the current values, durably remember every
     /// value about to change (once per key), and only then write.
-    fn set_sysctls(&mut self, ns: &SysctlNs, list: Vec<(String, String)>) -> Result<(), DriverError> {
+    fn set_sysctls(
+        &mut self,
+        ns: &SysctlNs,
+        list: Vec<(String, String)>,
+    ) -> Result<(), DriverError> {
         let current = self.in_ns(ns, move |here| {
             let mut out = Vec::new();
             for (k, want) in list {
@@ -819,7 +832,8 @@ impl IptablesDriver {
                 .filter(|t| ipt::table_section(&save, t).is_none())
                 .map(|t| t.to_string())
                 .collect();
-            self.state.created_chains = absent_builtin_chains(self.node(), flavor, &["filter", "mangle", "nat"])?;
+            self.state.created_chains =
+                absent_builtin_chains(self.node(), flavor, &["filter", "mangle", "nat"])?;
         }
         let host_ip = self.cfg.host_ip.unwrap_or(z.host_ip_by_route);
         let kind = self.tunnel_kind();
@@ -1104,7 +1118,10 @@ impl IptablesDriver {
         })?;
         if !wrong.is_empty() {
             for (k, _) in &wrong {
-                tracing::warn!(sysctl = k, "enrolled pod's veth sysctl not set (enrollment was cut short); repairing");
+                tracing::warn!(
+                    sysctl = k,
+                    "enrolled pod's veth sysctl not set (enrollment was cut short); repairing"
+                );
             }
             self.repairs.sysctls += wrong.len() as u64;
             self.set_sysctls(&SysctlNs::Node, wrong)?;
@@ -1562,14 +1579,11 @@ impl IptablesDriver {
             route::del_rule(&mut nl, &to_rule4(&r)).map_err(drv)?;
         }
         let pick = |m: Option<Ipv4Addr>, s: Option<Ipv4Addr>| m.or(if current { s } else { None });
-        let eth = mem
-            .eth
-            .clone()
-            .or(if current {
-                self.state.ztunnel_eth.clone()
-            } else {
-                None
-            });
+        let eth = mem.eth.clone().or(if current {
+            self.state.ztunnel_eth.clone()
+        } else {
+            None
+        });
         if let (Some(ip), Some(hip), Some(eth)) = (
             pick(mem.ztunnel_ip, self.state.ztunnel_ip),
             pick(mem.host_ip, self.state.host_ip),
@@ -1742,7 +1756,11 @@ fn delete_created(
                         .filter(|l| l.starts_with(':'))
                         .all(|l| l.contains(" ACCEPT "))
             });
-            if empty && present.iter().any(|p| p.table.family == "ip" && p.table.name == *t) {
+            if empty
+                && present
+                    .iter()
+                    .any(|p| p.table.family == "ip" && p.table.name == *t)
+            {
                 text.push_str(&format!("delete table ip {t}\n"));
             }
         }
