@@ -29,7 +29,9 @@ use kit::{
     pod_json, write_pod_metadata, write_workloads, ztunnel_json,
 };
 use meshcni_testkit::ztunnel::OUTBOUND_PORT;
-use meshcni_testkit::{ConnectOpts, MultiNodeLab, TcpServer, ZtunnelStandIn, connect_text};
+use meshcni_testkit::{
+    ConnectOpts, MultiNodeLab, NetnsSnapshot, TcpServer, ZtunnelStandIn, connect_text,
+};
 use serde_json::Value;
 
 const NODE: &str = "node1";
@@ -104,6 +106,50 @@ fn assert_captured(lab: &MultiNodeLab, zt: &ZtunnelStandIn, from: &str, to: &str
     assert_eq!(hop.upstream_local, Some(seen), "{from} → {to}: {hop:?}");
 }
 
+/// Full snapshots of the lab's node and ztunnel netns before the agent first runs, with the
+/// operator's non-default sysctls set first (install relaxes them; uninstall must restore).
+struct Baseline(Vec<(String, PathBuf, NetnsSnapshot)>);
+
+impl Baseline {
+    fn of(lab: &MultiNodeLab) -> Baseline {
+        let node = lab.node(1);
+        node.netns
+            .sysctl("net.ipv4.conf.all.rp_filter", "2")
+            .expect("operator sysctl");
+        node.netns
+            .sysctl("net.ipv4.conf.default.rp_filter", "2")
+            .expect("operator sysctl");
+        for k in ["all", "default", "eth0"] {
+            node.ztunnel
+                .netns
+                .sysctl(&format!("net.ipv4.conf.{k}.rp_filter"), "1")
+                .expect("operator sysctl");
+        }
+        Baseline(
+            [("node", &node.netns), ("ztunnel", &node.ztunnel.netns)]
+                .into_iter()
+                .map(|(what, ns)| {
+                    (
+                        format!("{what} netns"),
+                        ns.path().to_path_buf(),
+                        NetnsSnapshot::capture(ns.path()).expect("netns snapshot"),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    fn assert_restored(&self) {
+        for (name, path, before) in &self.0 {
+            meshcni_testkit::assert_netns_unchanged(
+                path,
+                before,
+                &format!("after uninstall, {name}"),
+            );
+        }
+    }
+}
+
 fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<(), String>) {
     let deadline = Instant::now() + timeout;
     loop {
@@ -140,6 +186,7 @@ fn agent_and_plugin_binaries_capture_fail_closed_restart_and_uninstall_cleanly()
     let lab = MultiNodeLab::new("ast", &[&["a", "p", "n", "m", "q"]]).expect("lab");
     let node_ns = lab.node(1).netns.path().to_path_buf();
     let pre_agent = NodeState::capture(&node_ns).expect("pre-agent snapshot");
+    let full = Baseline::of(&lab);
 
     let zt_pod = &lab.node(1).ztunnel;
     let zt = ZtunnelStandIn::start(&zt_pod.netns, IpAddr::V4(zt_pod.ip)).expect("stand-in");
@@ -347,6 +394,7 @@ fn agent_and_plugin_binaries_capture_fail_closed_restart_and_uninstall_cleanly()
         "uninstall must restore the pre-agent node state:\n{}",
         pre_agent.diff(&after).join("\n")
     );
+    full.assert_restored();
     assert!(!dirs.bin.join("meshcni").exists(), "plugin binary left");
     assert!(!dirs.ambient_config().exists(), "ambient config left");
     assert!(
@@ -366,6 +414,7 @@ struct StoppedAgent {
     lab: MultiNodeLab,
     node_ns: PathBuf,
     pre_agent: NodeState,
+    full: Baseline,
     _tmp: tempfile::TempDir,
     dirs: AgentDirs,
 }
@@ -379,6 +428,7 @@ fn stopped_agent_with_enrolled_pod(tag: &str, pod_names: &[&str]) -> StoppedAgen
     let lab = MultiNodeLab::new(tag, &[pod_names]).expect("lab");
     let node_ns = lab.node(1).netns.path().to_path_buf();
     let pre_agent = NodeState::capture(&node_ns).expect("pre-agent snapshot");
+    let full = Baseline::of(&lab);
     let zt_pod = &lab.node(1).ztunnel;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dirs = AgentDirs::create(tmp.path(), &plugin).expect("agent dirs");
@@ -401,6 +451,7 @@ fn stopped_agent_with_enrolled_pod(tag: &str, pod_names: &[&str]) -> StoppedAgen
         lab,
         node_ns,
         pre_agent,
+        full,
         _tmp: tmp,
         dirs,
     }
@@ -413,6 +464,7 @@ fn uninstall_subcommand_removes_what_a_stopped_agent_left() {
         lab: _lab,
         node_ns,
         pre_agent,
+        full,
         _tmp,
         dirs,
     } = stopped_agent_with_enrolled_pod("asu", &["a", "p"]);
@@ -435,6 +487,7 @@ fn uninstall_subcommand_removes_what_a_stopped_agent_left() {
         !dirs.run.join("iptables-mode.json").exists(),
         "driver state file left"
     );
+    full.assert_restored();
     // Idempotent: a second run finds nothing to do and succeeds.
     kit::run_uninstall(&agent_bin, &node_ns, NODE, &dirs).expect("second uninstall");
     assert!(
@@ -454,6 +507,7 @@ fn uninstall_subcommand_honours_an_explicit_mode_over_ebpf_enabled() {
         lab: _lab,
         node_ns,
         pre_agent,
+        full,
         _tmp,
         dirs,
     } = stopped_agent_with_enrolled_pod("aue", &["a"]);
@@ -482,4 +536,5 @@ fn uninstall_subcommand_honours_an_explicit_mode_over_ebpf_enabled() {
         !dirs.run.join("iptables-mode.json").exists(),
         "driver state file left"
     );
+    full.assert_restored();
 }

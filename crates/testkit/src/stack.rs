@@ -380,6 +380,8 @@ pub fn agent_args(dirs: &AgentDirs) -> Vec<String> {
         format!("--ambient-config-dir={}", p(&dirs.ambient)),
         format!("--uninstall-marker-file={}", p(&dirs.marker)),
         format!("--ambient-workloads-file={}", p(&dirs.workloads)),
+        // The lab node's own xtables lock, not the host's `/run/xtables.lock`.
+        format!("--node-xtables-lock={}", p(&dirs.run.join("xtables.lock"))),
         "--ambient-enabled".into(),
         "--ambient-redirect-mode=iptables".into(),
         "--listen-address=127.0.0.1".into(),
