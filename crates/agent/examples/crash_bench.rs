@@ -110,7 +110,7 @@ fn recover(lab: &CrashLab, ambient: &[String], st: &mut PhaseStats) -> Agent {
     agent
 }
 
-fn pick<'a>(rng: &mut Rng, points: &[(&'a str, u64)]) -> String {
+fn pick(rng: &mut Rng, points: &[(&str, u64)]) -> String {
     let (p, max) = points[rng.below(points.len() as u64) as usize];
     format!("{p}:{}", 1 + rng.below(max))
 }

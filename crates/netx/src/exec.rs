@@ -165,15 +165,10 @@ impl<'a> Cmd<'a> {
                 let _ = o.read_to_end(&mut stdout);
             }
             // Wait for the exit without reaping (see the watchdog), then tell the watchdog.
-            loop {
-                match nix::sys::wait::waitid(
-                    nix::sys::wait::Id::Pid(pid),
-                    nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOWAIT,
-                ) {
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    _ => break,
-                }
-            }
+            while let Err(nix::errno::Errno::EINTR) = nix::sys::wait::waitid(
+                nix::sys::wait::Id::Pid(pid),
+                nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOWAIT,
+            ) {}
             let killed = {
                 let (lock, cvar) = &watch;
                 let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
