@@ -11,7 +11,7 @@
 //!   node iptables changes are one `iptables-restore --noflush` transaction — none at all when
 //!   the saved chains already match (reconcile after an agent restart changes nothing).
 //! * **Per pod**: one ipset entry (nfnetlink, no exec) + one route in table 100 (rtnetlink) +
-//!   `rp_filter=0` on the pod's host veth.
+//!   `rp_filter=0` on the pod's host veth, in that order (release: route, then entry).
 //! * **ztunnel change** (restart/move): nothing is torn down. The chains are rewritten in one
 //!   atomic restore, the tunnels' remote is changed in place (changelink; re-created only if
 //!   the kernel refuses), routes are replaced (`NLM_F_REPLACE`) and only then stale ones
@@ -26,10 +26,26 @@
 //! * **Conflicts**: before the first install, rule priorities 100–103, tables 100–102,
 //!   `ztunnel-*` chains, `istioin`/`istioout` links and our mark bits in other chains / ip rules
 //!   are checked; anything not ours is refused with an error naming it.
-//! * **Uninstall** removes every chain, jump, ipset, rule, route, tunnel (node and ztunnel
-//!   netns) and restores every sysctl it changed to the value it had before (remembered in a
-//!   state file, so this survives agent restarts); nft tables that did not exist before the
-//!   first install are deleted again.
+//! * **Uninstall** removes every chain, jump, ipset, rule, route, tunnel (node and every
+//!   ztunnel netns it programmed) and restores every sysctl it changed, in both, to the value
+//!   it had before (remembered in a state file, so this survives agent restarts); nft tables
+//!   and built-in chains that did not exist before the first install are deleted again. The
+//!   node and ztunnel netns end byte-identical to before (tests compare full snapshots).
+//! * **Crash consistency** (the agent can be SIGKILLed between any two steps):
+//!   - a value to restore is written to the state file durably (temp file, fsync, rename,
+//!     fsync of the directory) *before* the kernel value changes, so it is never lost;
+//!   - `actual()` (start-up and every resync) reads every piece of every enrolled pod — ipset
+//!     member, table-100 route, veth `rp_filter` — and completes a pod cut short between its
+//!     steps; a table-100 pod route without a member (a release cut short) is removed;
+//!   - every install/uninstall step is idempotent, so a restarted agent (or `meshcni-agent
+//!     uninstall`) finishes what a killed one began. Named crash points
+//!     ([`crate::crash`]) between the steps let tests kill the agent at each one.
+//! * **State writes are batched**: the pod-veth values a reconcile pass will change are
+//!   remembered in one durable write per pass ([`RedirectDriver::prepare`]), not one per pod.
+//! * **Locks and time limits**: iptables commands in the node netns take the node's global
+//!   xtables lock ([`IptablesModeConfig::node_xtables_lock`], `/run/xtables.lock`), so legacy
+//!   restores serialise with kube-proxy; the ztunnel netns keeps a netns-scoped lock. Every
+//!   child process (iptables, nft, ipset) is killed at its time limit with an error naming it.
 //!
 //! IPv4 only, like the reference.
 
