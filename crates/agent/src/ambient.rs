@@ -127,6 +127,15 @@ pub trait RedirectDriver: Send {
     /// Apply one action. Must be idempotent at the dataplane level.
     fn apply(&mut self, action: &Action) -> Result<(), DriverError>;
 
+    /// Called once per reconcile pass, before its first [`RedirectDriver::apply`], with every
+    /// action the pass may apply (some may then be deferred). A driver can do its durable
+    /// bookkeeping for the whole pass here in one go (the iptables mode writes its state file
+    /// once per pass, not once per pod). An error fails the pass like a driver-scoped error.
+    fn prepare(&mut self, actions: &[Action]) -> Result<(), DriverError> {
+        let _ = actions;
+        Ok(())
+    }
+
     /// The active ztunnel changed (or this is the start-up notification). `None` = no Ready
     /// ztunnel on the node.
     fn ztunnel_changed(&mut self, ztunnel: Option<&ZtunnelInfo>) -> Result<(), DriverError>;
@@ -167,6 +176,7 @@ pub fn make_driver(
                 // its own state (and remembers the sysctls to restore on uninstall).
                 state_file: args.cni_agent_run_dir.join("iptables-mode.json"),
                 netns_dir: args.netns_dir.clone(),
+                node_xtables_lock: args.node_xtables_lock.clone(),
                 iptables,
                 ..IptablesModeConfig::default()
             };
@@ -519,6 +529,11 @@ impl Reconciler {
             debug!(pod = %p, "selected for ambient, waiting for an IP");
         }
 
+        if !planned.actions.is_empty()
+            && let Err(e) = self.driver.prepare(&planned.actions)
+        {
+            return self.driver_failed("preparing the pass", &e, now);
+        }
         let mut report = PassReport::default();
         let mut driver_error = None;
         for action in planned.actions {

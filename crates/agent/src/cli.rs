@@ -469,6 +469,11 @@ pub struct AgentArgs {
           value_parser = parse_forced_iptables_binary)]
     pub force_iptables_binary: String,
 
+    /// xtables lock file (`XTABLES_LOCKFILE`) for the iptables redirect mode's commands in the
+    /// node netns: the host's global lock, shared with kube-proxy and every other writer.
+    #[arg(long, env = "NODE_XTABLES_LOCK", default_value = "/run/xtables.lock")]
+    pub node_xtables_lock: PathBuf,
+
     /// Directory of the node's named network namespaces (the host's `/var/run/netns`, as
     /// mounted into the agent). The iptables redirect mode finds the ztunnel pod's netns here
     /// (by the peer of its host veth).

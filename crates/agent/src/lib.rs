@@ -18,6 +18,7 @@ pub mod ambient;
 pub mod ambient_config;
 pub mod cli;
 pub mod cni_events;
+pub mod crash;
 pub mod enroll;
 pub mod http;
 pub mod install_bridge;

@@ -29,7 +29,9 @@ use kit::{
     pod_json, write_pod_metadata, write_workloads, ztunnel_json,
 };
 use meshcni_testkit::ztunnel::OUTBOUND_PORT;
-use meshcni_testkit::{ConnectOpts, MultiNodeLab, TcpServer, ZtunnelStandIn, connect_text};
+use meshcni_testkit::{
+    ConnectOpts, MultiNodeLab, NetnsSnapshot, TcpServer, ZtunnelStandIn, connect_text,
+};
 use serde_json::Value;
 
 const NODE: &str = "node1";
@@ -104,6 +106,50 @@ fn assert_captured(lab: &MultiNodeLab, zt: &ZtunnelStandIn, from: &str, to: &str
     assert_eq!(hop.upstream_local, Some(seen), "{from} → {to}: {hop:?}");
 }
 
+/// Full snapshots of the lab's node and ztunnel netns before the agent first runs, with the
+/// operator's non-default sysctls set first (install relaxes them; uninstall must restore).
+struct Baseline(Vec<(String, PathBuf, NetnsSnapshot)>);
+
+impl Baseline {
+    fn of(lab: &MultiNodeLab) -> Baseline {
+        let node = lab.node(1);
+        node.netns
+            .sysctl("net.ipv4.conf.all.rp_filter", "2")
+            .expect("operator sysctl");
+        node.netns
+            .sysctl("net.ipv4.conf.default.rp_filter", "2")
+            .expect("operator sysctl");
+        for k in ["all", "default", "eth0"] {
+            node.ztunnel
+                .netns
+                .sysctl(&format!("net.ipv4.conf.{k}.rp_filter"), "1")
+                .expect("operator sysctl");
+        }
+        Baseline(
+            [("node", &node.netns), ("ztunnel", &node.ztunnel.netns)]
+                .into_iter()
+                .map(|(what, ns)| {
+                    (
+                        format!("{what} netns"),
+                        ns.path().to_path_buf(),
+                        NetnsSnapshot::capture(ns.path()).expect("netns snapshot"),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    fn assert_restored(&self) {
+        for (name, path, before) in &self.0 {
+            meshcni_testkit::assert_netns_unchanged(
+                path,
+                before,
+                &format!("after uninstall, {name}"),
+            );
+        }
+    }
+}
+
 fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<(), String>) {
     let deadline = Instant::now() + timeout;
     loop {
@@ -140,6 +186,7 @@ fn agent_and_plugin_binaries_capture_fail_closed_restart_and_uninstall_cleanly()
     let lab = MultiNodeLab::new("ast", &[&["a", "p", "n", "m", "q"]]).expect("lab");
     let node_ns = lab.node(1).netns.path().to_path_buf();
     let pre_agent = NodeState::capture(&node_ns).expect("pre-agent snapshot");
+    let full = Baseline::of(&lab);
 
     let zt_pod = &lab.node(1).ztunnel;
     let zt = ZtunnelStandIn::start(&zt_pod.netns, IpAddr::V4(zt_pod.ip)).expect("stand-in");
@@ -347,6 +394,7 @@ fn agent_and_plugin_binaries_capture_fail_closed_restart_and_uninstall_cleanly()
         "uninstall must restore the pre-agent node state:\n{}",
         pre_agent.diff(&after).join("\n")
     );
+    full.assert_restored();
     assert!(!dirs.bin.join("meshcni").exists(), "plugin binary left");
     assert!(!dirs.ambient_config().exists(), "ambient config left");
     assert!(
@@ -366,6 +414,7 @@ struct StoppedAgent {
     lab: MultiNodeLab,
     node_ns: PathBuf,
     pre_agent: NodeState,
+    full: Baseline,
     _tmp: tempfile::TempDir,
     dirs: AgentDirs,
 }
@@ -379,6 +428,7 @@ fn stopped_agent_with_enrolled_pod(tag: &str, pod_names: &[&str]) -> StoppedAgen
     let lab = MultiNodeLab::new(tag, &[pod_names]).expect("lab");
     let node_ns = lab.node(1).netns.path().to_path_buf();
     let pre_agent = NodeState::capture(&node_ns).expect("pre-agent snapshot");
+    let full = Baseline::of(&lab);
     let zt_pod = &lab.node(1).ztunnel;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dirs = AgentDirs::create(tmp.path(), &plugin).expect("agent dirs");
@@ -401,6 +451,7 @@ fn stopped_agent_with_enrolled_pod(tag: &str, pod_names: &[&str]) -> StoppedAgen
         lab,
         node_ns,
         pre_agent,
+        full,
         _tmp: tmp,
         dirs,
     }
@@ -413,6 +464,7 @@ fn uninstall_subcommand_removes_what_a_stopped_agent_left() {
         lab: _lab,
         node_ns,
         pre_agent,
+        full,
         _tmp,
         dirs,
     } = stopped_agent_with_enrolled_pod("asu", &["a", "p"]);
@@ -435,6 +487,7 @@ fn uninstall_subcommand_removes_what_a_stopped_agent_left() {
         !dirs.run.join("iptables-mode.json").exists(),
         "driver state file left"
     );
+    full.assert_restored();
     // Idempotent: a second run finds nothing to do and succeeds.
     kit::run_uninstall(&agent_bin, &node_ns, NODE, &dirs).expect("second uninstall");
     assert!(
@@ -454,6 +507,7 @@ fn uninstall_subcommand_honours_an_explicit_mode_over_ebpf_enabled() {
         lab: _lab,
         node_ns,
         pre_agent,
+        full,
         _tmp,
         dirs,
     } = stopped_agent_with_enrolled_pod("aue", &["a"]);
@@ -482,4 +536,110 @@ fn uninstall_subcommand_honours_an_explicit_mode_over_ebpf_enabled() {
         !dirs.run.join("iptables-mode.json").exists(),
         "driver state file left"
     );
+    full.assert_restored();
+}
+
+/// The processes whose command line starts with `program` and whose environment has `var`.
+fn processes_with_env(program: &str, var: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let argv0 = cmd.split(|b| *b == 0).next().unwrap_or_default();
+        if !String::from_utf8_lossy(argv0).ends_with(program) {
+            continue;
+        }
+        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        if env.split(|b| *b == 0).any(|kv| kv == var.as_bytes()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// `--node-xtables-lock` (issue 8 item 18) is the lock the agent's restores into the node
+/// netns take (the host's `/run/xtables.lock` by default, so legacy restores serialise with
+/// kube-proxy). With legacy iptables forced and another writer holding that lock, the agent's
+/// `iptables-legacy-restore` runs with `XTABLES_LOCKFILE=<the flag's file>` and waits; once the
+/// lock is released the agent installs and becomes ready.
+#[test]
+fn node_xtables_lock_flag_is_the_lock_node_restores_wait_for() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root (network namespaces, iptables)"
+    );
+    let (agent_bin, plugin) = binaries();
+    let lab = MultiNodeLab::new("axl", &[&["a"]]).expect("lab");
+    let node = lab.node(1);
+    // x_tables cannot unregister a table from a netns: on a legacy node they exist already.
+    for t in ["filter", "mangle", "nat"] {
+        kit::exec_in(node.netns.path(), "iptables-legacy", &["-t", t, "-S"]).expect("legacy");
+    }
+    kit::exec_in(
+        node.ztunnel.netns.path(),
+        "iptables-legacy",
+        &["-t", "mangle", "-S"],
+    )
+    .expect("legacy");
+    let full = Baseline::of(&lab);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dirs = AgentDirs::create(tmp.path(), &plugin).expect("agent dirs");
+    std::fs::create_dir_all(&dirs.run).expect("run dir");
+    let lock_path = dirs.run.join("xtables.lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .expect("lock file");
+    let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("flock");
+    let pods = vec![
+        ztunnel_json(NODE, node.ztunnel.ip, node.ztunnel.netns.path()),
+        pod_json("mesh", "a", NODE, Some(lab.pod("a").ip), &[], &[]),
+    ];
+    write_workloads(&dirs.workloads, &namespaces(), &pods).expect("workloads");
+    let node_ns = node.netns.path().to_path_buf();
+    let mut agent = Agent::start_with_env(
+        &agent_bin,
+        &node_ns,
+        NODE,
+        &dirs,
+        &[("FORCE_IPTABLES_BINARY", "legacy")],
+    )
+    .expect("start agent");
+    let var = format!("XTABLES_LOCKFILE={}", lock_path.display());
+    wait_for(
+        "the agent's node restore waiting on the --node-xtables-lock file",
+        Duration::from_secs(20),
+        || {
+            if processes_with_env("iptables-legacy-restore", &var).is_empty() {
+                Err(format!("no iptables-legacy-restore with {var}"))
+            } else {
+                Ok(())
+            }
+        },
+    );
+    assert!(
+        agent.wait_ready(Duration::from_millis(500)).is_err(),
+        "ready while its node restore waits for the lock"
+    );
+    drop(lock);
+    agent
+        .wait_ready(READY)
+        .expect("ready once the lock is free");
+    wait_for("pod a enrolled", Duration::from_secs(10), || {
+        ipset_has(&node_ns, lab.pod("a").ip)
+    });
+    std::fs::write(&dirs.marker, "true").expect("marker");
+    let status = agent.terminate(Duration::from_secs(10)).expect("SIGTERM");
+    assert!(
+        status.success(),
+        "agent exit {status:?}; log:\n{}",
+        agent.log()
+    );
+    full.assert_restored();
 }

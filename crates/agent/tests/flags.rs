@@ -325,6 +325,13 @@ const TABLE: &[(&str, &str, &[&str], Expect)] = &[
         AMBIENT_IPTABLES,
         Runtime("netns_dir: \"/nd\""),
     ),
+    // Behaviour proven by ambient_stack::node_xtables_lock_flag_is_the_lock_node_restores_wait_for.
+    (
+        "node-xtables-lock",
+        "/lk",
+        AMBIENT_IPTABLES,
+        Runtime("node_xtables_lock: \"/lk\""),
+    ),
     (
         "allow-switch-to-host-ns",
         "true",

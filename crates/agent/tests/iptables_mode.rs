@@ -16,7 +16,7 @@ use meshcni_agent::ambient::{Action, ErrorScope, PodId, RedirectDriver, ZtunnelI
 use meshcni_agent::modes::iptables::{
     IptablesDriver, IptablesModeConfig, ZTUNNEL_NETNS_ANNOTATION,
 };
-use meshcni_testkit::{Netns, veth};
+use meshcni_testkit::{Netns, NetnsSnapshot, veth};
 
 struct NodeLab {
     node: Netns,
@@ -53,6 +53,13 @@ fn lab(pods: usize) -> NodeLab {
     node.sysctl("net.ipv4.ip_forward", "1").expect("forwarding");
     let ztunnel = Netns::new("zt").expect("ztunnel netns");
     plug(&node, &ztunnel, "vzt", Ipv4Addr::new(10, 244, 1, 5));
+    // The operator's values in the ztunnel netns (strict rp_filter): install relaxes them,
+    // uninstall must put them back.
+    for k in ["all", "default", "eth0"] {
+        ztunnel
+            .sysctl(&format!("net.ipv4.conf.{k}.rp_filter"), "1")
+            .expect("ztunnel rp_filter");
+    }
     let mut v = Vec::new();
     for i in 0..pods {
         let ns = Netns::new(&format!("pod{i}")).expect("pod netns");
@@ -68,12 +75,49 @@ fn lab(pods: usize) -> NodeLab {
     }
 }
 
+/// Full snapshots (see `meshcni_testkit::snapshot`) of the netns a test's driver may touch,
+/// taken before the first install.
+struct Baseline(Vec<(String, std::path::PathBuf, NetnsSnapshot)>);
+
+impl Baseline {
+    fn of(netns: &[&Netns]) -> Baseline {
+        Baseline(
+            netns
+                .iter()
+                .map(|n| {
+                    let snap = NetnsSnapshot::capture(n.path()).expect("netns snapshot");
+                    (n.name().to_string(), n.path().to_path_buf(), snap)
+                })
+                .collect(),
+        )
+    }
+
+    /// After uninstall: every netns byte-identical to its baseline.
+    fn assert_restored(&self) {
+        for (name, path, before) in &self.0 {
+            meshcni_testkit::assert_netns_unchanged(
+                path,
+                before,
+                &format!("after uninstall, netns {name}"),
+            );
+        }
+    }
+}
+
 impl NodeLab {
+    /// Baseline of the node and ztunnel netns (plus `extra`, e.g. a second ztunnel).
+    fn baseline(&self, extra: &[&Netns]) -> Baseline {
+        let mut all = vec![&self.node, &self.ztunnel];
+        all.extend_from_slice(extra);
+        Baseline::of(&all)
+    }
+
     fn config(&self) -> IptablesModeConfig {
         IptablesModeConfig {
             node_netns: self.node.path().to_path_buf(),
             netns_dir: self.tmp.path().join("netns"),
             state_file: self.tmp.path().join("state/iptables-mode.json"),
+            node_xtables_lock: self.tmp.path().join("xtables.lock"),
             ..IptablesModeConfig::default()
         }
     }
@@ -170,6 +214,7 @@ fn install_enroll_restart_release_uninstall_roundtrip() {
         .expect("rp");
     let before = lab.snapshot();
 
+    let base = lab.baseline(&[]);
     let mut d = lab.driver();
     assert!(d.actual().expect("actual").is_empty());
     let zt = lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true);
@@ -301,6 +346,7 @@ fn install_enroll_restart_release_uninstall_roundtrip() {
     assert!(t100.contains("10.244.1.11"), "{t100}");
 
     d.uninstall().expect("uninstall");
+    base.assert_restored();
     let after = lab.snapshot();
     assert_eq!(
         after, before,
@@ -317,15 +363,18 @@ fn install_enroll_restart_release_uninstall_roundtrip() {
 #[test]
 fn ztunnel_move_retargets_without_teardown_and_reports_the_gap() {
     let lab = lab(1);
+    // The next ztunnel pod (started later in real life; its netns exists from the start here
+    // so that the baseline covers it): new netns, new IP, new veth.
+    let zt2 = Netns::new("zt2").expect("zt2");
+    plug(&lab.node, &zt2, "vzt2", Ipv4Addr::new(10, 244, 1, 6));
+    let base = lab.baseline(&[&zt2]);
     let mut d = lab.driver();
     d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
         .expect("install");
     d.apply(&lab.enroll(0)).expect("enroll");
     let first = d.last_switch();
 
-    // A new ztunnel pod: new netns, new IP, new veth; found by scanning the netns dir.
-    let zt2 = Netns::new("zt2").expect("zt2");
-    plug(&lab.node, &zt2, "vzt2", Ipv4Addr::new(10, 244, 1, 6));
+    // The ztunnel moves to zt2, found by scanning the netns dir.
     let dir = lab.config().netns_dir;
     std::fs::create_dir_all(&dir).expect("netns dir");
     for ns in [&lab.ztunnel, &zt2] {
@@ -375,6 +424,7 @@ fn ztunnel_move_retargets_without_teardown_and_reports_the_gap() {
     );
     assert!(lab.save(&zt2).contains("TPROXY --on-port 15001"));
     d.uninstall().expect("uninstall");
+    base.assert_restored();
 }
 
 #[test]
@@ -399,6 +449,7 @@ fn foreign_state_is_refused_before_anything_is_installed() {
         )
         .expect("foreign mark");
     let before = lab.snapshot();
+    let base = lab.baseline(&[]);
     let mut d = lab.driver();
     let err = d
         .ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
@@ -411,6 +462,7 @@ fn foreign_state_is_refused_before_anything_is_installed() {
         err.message
     );
     assert_eq!(lab.snapshot(), before, "nothing may be changed on refusal");
+    base.assert_restored();
 }
 
 #[test]
@@ -441,6 +493,7 @@ fn uninstall_on_a_node_this_mode_never_installed_touches_nothing() {
         .ip(&["rule", "add", "priority", "103", "lookup", "100"])
         .expect("foreign rule");
     let before = lab.snapshot();
+    let base = lab.baseline(&[]);
     let mut d = lab.driver();
     d.uninstall().expect("uninstall is a no-op");
     assert_eq!(
@@ -448,11 +501,13 @@ fn uninstall_on_a_node_this_mode_never_installed_touches_nothing() {
         before,
         "nothing of another agent may be removed"
     );
+    base.assert_restored();
 }
 
 #[test]
 fn bad_input_is_reported_per_pod_or_driver() {
     let lab = lab(1);
+    let base = lab.baseline(&[]);
     let mut d = lab.driver();
     // Before any ztunnel: the node state does not exist yet — a per-pod wait, not a driver
     // failure (see `pod_before_ztunnel_waits_per_pod_and_enrolls_when_ztunnel_is_ready`).
@@ -520,6 +575,7 @@ fn bad_input_is_reported_per_pod_or_driver() {
     );
     assert!(ipset(&lab.node).contains("comment \"uid-0\""));
     d.uninstall().expect("uninstall");
+    base.assert_restored();
 }
 
 /// Connect from inside `ns` with a transparent socket bound to `src` (as ztunnel does when it
@@ -571,6 +627,7 @@ fn captured_traffic_reaches_the_ztunnel_stand_in_including_same_node_hbone() {
         },
     )
     .expect("ztunnel stand-in");
+    let base = lab.baseline(&[]);
     let mut d = lab.driver();
     d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
         .expect("install");
@@ -621,6 +678,7 @@ fn captured_traffic_reaches_the_ztunnel_stand_in_including_same_node_hbone() {
         "{peers:?}"
     );
     d.uninstall().expect("uninstall");
+    base.assert_restored();
 }
 
 #[test]
@@ -635,6 +693,7 @@ fn without_the_hairpin_same_node_hbone_goes_to_the_pod_like_the_reference() {
         },
     )
     .expect("ztunnel stand-in");
+    let base = lab.baseline(&[]);
     let mut d = IptablesDriver::new(IptablesModeConfig {
         hairpin: false,
         ..lab.config()
@@ -655,6 +714,7 @@ fn without_the_hairpin_same_node_hbone_goes_to_the_pod_like_the_reference() {
     .expect_err("reference rules deliver ztunnel's HBONE to the pod, which has no 15008");
     assert!(err.to_string().contains("refused"), "{err}");
     d.uninstall().expect("uninstall");
+    base.assert_restored();
 }
 
 /// Probe pod0 → pod1:80 in a loop while `switch` runs; returns (longest interval without a
@@ -721,6 +781,7 @@ fn ztunnel_restart_capture_gap_in_place_vs_reference_teardown() {
         meshcni_testkit::TcpServer::start(&lab.pods[1].0, "10.244.1.11:80".parse().expect("addr"))
             .expect("pod1 server");
 
+    let base = lab.baseline(&[&zt2, &zt3]);
     let mut d = lab.driver();
     d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
         .expect("install");
@@ -756,6 +817,7 @@ fn ztunnel_restart_capture_gap_in_place_vs_reference_teardown() {
         "in-place gap {gap:?}"
     );
     d.uninstall().expect("uninstall");
+    base.assert_restored();
 }
 
 #[test]
@@ -771,6 +833,7 @@ fn dns_capture_dnats_pod_dns_to_ztunnel_15053() {
     )
     .expect("dns stand-in");
     let before = lab.snapshot();
+    let base = lab.baseline(&[]);
     let mut d = IptablesDriver::new(IptablesModeConfig {
         dns_capture: true,
         ..lab.config()
@@ -802,6 +865,7 @@ fn dns_capture_dnats_pod_dns_to_ztunnel_15053() {
         "{q:?}"
     );
     d.uninstall().expect("uninstall");
+    base.assert_restored();
     assert_eq!(lab.snapshot(), before);
 }
 
@@ -914,7 +978,16 @@ fn kube_proxy_and_calico_rules_are_not_conflicts() {
                 .collect::<String>()
         };
         let before = snapshot();
+        if restore.contains("legacy") {
+            // x_tables cannot unregister a table from a netns: the empty `mangle` table the
+            // ztunnel rules bring into existence would stay. On a legacy node the ztunnel
+            // pod's netns is assumed to have it already (as here), so the comparison is exact.
+            lab.ztunnel
+                .exec_ok("iptables-legacy", &["-t", "mangle", "-S"])
+                .expect("instantiate legacy mangle in the ztunnel netns");
+        }
 
+        let base = lab.baseline(&[]);
         let mut d = lab.driver();
         d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
             .unwrap_or_else(|e| panic!("{restore}: a kube-proxy/Calico node was refused: {e}"));
@@ -928,6 +1001,7 @@ fn kube_proxy_and_calico_rules_are_not_conflicts() {
             assert!(installed.contains(l), "{restore}: foreign rule lost: {l}");
         }
         d.uninstall().expect("uninstall");
+        base.assert_restored();
         assert_eq!(snapshot(), before, "{restore}: not back to pre-install");
     }
 }
@@ -946,6 +1020,7 @@ fn pod_before_ztunnel_waits_per_pod_and_enrolls_when_ztunnel_is_ready() {
     use std::time::{Duration, Instant};
 
     let lab = lab(1);
+    let base = lab.baseline(&[]);
     let status = StatusHandle::new(Err("starting".into()));
     let mut rec = Reconciler::new(
         Box::new(lab.driver()),
@@ -1019,6 +1094,7 @@ fn pod_before_ztunnel_waits_per_pod_and_enrolls_when_ztunnel_is_ready() {
     assert_eq!(status.probe(), Ok(()));
     let mut d = lab.driver();
     d.uninstall().expect("uninstall");
+    base.assert_restored();
 }
 
 /// Pod veths come and go (every sandbox gets a new one). The previous `rp_filter` of each pod
@@ -1027,15 +1103,18 @@ fn pod_before_ztunnel_waits_per_pod_and_enrolls_when_ztunnel_is_ready() {
 #[test]
 fn remembered_sysctls_of_vanished_pod_veths_are_forgotten() {
     let lab = lab(2);
-    let mut d = lab.driver();
-    d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
-        .expect("install");
     // A CNI that sets strict rp_filter on its pod veths (Calico's Felix does).
     for v in ["vp0", "vp1"] {
         lab.node
             .sysctl(&format!("net.ipv4.conf.{v}.rp_filter"), "1")
             .expect("rp_filter");
     }
+    // Pod 0's veth is deleted below: compared without it (its link, route and sysctls).
+    let base = NetnsSnapshot::capture(lab.node.path()).expect("snapshot");
+    let zbase = lab.baseline(&[]);
+    let mut d = lab.driver();
+    d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
+        .expect("install");
     d.apply(&lab.enroll(0)).expect("enroll 0");
     d.apply(&lab.enroll(1)).expect("enroll 1");
     let key = |v: &str| format!("net/ipv4/conf/{v}/rp_filter");
@@ -1068,10 +1147,321 @@ fn remembered_sysctls_of_vanished_pod_veths_are_forgotten() {
     let mut d = lab.driver();
     assert!(!has(&d, "vp0") && has(&d, "vp1"));
     d.uninstall().expect("uninstall");
+    let after = NetnsSnapshot::capture(lab.node.path()).expect("snapshot");
+    base.without("vp0").assert_same(
+        &after.without("vp0"),
+        "node after uninstall (pod 0's veth deleted)",
+    );
+    // The ztunnel netns is untouched by the veth deletion: compared whole.
+    zbase.0[1..].iter().for_each(|(name, path, before)| {
+        meshcni_testkit::assert_netns_unchanged(path, before, name);
+    });
     assert_eq!(
         lab.node
             .read_sysctl("net.ipv4.conf.vp1.rp_filter")
             .expect("rp"),
         "1"
     );
+}
+
+/// Run `ipset`/`ip` inside the node netns (building half-enrolled state by hand).
+fn node_cmd(lab: &NodeLab, prog: &str, args: &[&str]) {
+    lab.node
+        .exec_ok(prog, args)
+        .unwrap_or_else(|e| panic!("{prog} {args:?}: {e}"));
+}
+
+fn table100(lab: &NodeLab) -> String {
+    lab.node
+        .ip(&["route", "show", "table", "100"])
+        .expect("table 100")
+}
+
+/// Issue 8 items 1 and 2: an agent killed between the steps of an enroll leaves a pod in the
+/// ipset without its table-100 route (inbound bypasses ztunnel) or without `rp_filter=0` on
+/// its veth; a release cut short leaves a route without a set member. A restarted agent (and
+/// every resync) must read every piece and complete or clean each pod.
+#[test]
+fn half_enrolled_pods_are_repaired_on_start_and_on_resync() {
+    let lab = lab(3);
+    for v in ["vp0", "vp1", "vp2"] {
+        lab.node
+            .sysctl(&format!("net.ipv4.conf.{v}.rp_filter"), "1")
+            .expect("operator rp_filter");
+    }
+    let base = lab.baseline(&[]);
+    let mut d = lab.driver();
+    d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
+        .expect("install");
+    drop(d);
+    // What a killed agent leaves: pod 0 only in the ipset (killed after `ipset add`); pod 1
+    // in the ipset with its route but without the sysctl (killed after the route); a route
+    // for pod 2 without a set member (killed in the middle of a release).
+    node_cmd(
+        &lab,
+        "ipset",
+        &["add", "ztunnel-pods-ips", "10.244.1.10", "comment", "uid-0"],
+    );
+    node_cmd(
+        &lab,
+        "ipset",
+        &["add", "ztunnel-pods-ips", "10.244.1.11", "comment", "uid-1"],
+    );
+    for ip in ["10.244.1.11", "10.244.1.12"] {
+        node_cmd(
+            &lab,
+            "ip",
+            &[
+                "route",
+                "add",
+                ip,
+                "via",
+                "192.168.126.2",
+                "dev",
+                "istioin",
+                "table",
+                "100",
+                "src",
+                "10.244.1.1",
+            ],
+        );
+    }
+
+    let mut d = lab.driver();
+    let actual = d.actual().expect("actual");
+    assert_eq!(actual.len(), 2, "{actual:?}");
+    let t100 = table100(&lab);
+    for ip in ["10.244.1.10", "10.244.1.11"] {
+        assert!(
+            t100.contains(&format!(
+                "{ip} via 192.168.126.2 dev istioin src 10.244.1.1"
+            )),
+            "enrolled pod {ip} has no inbound route after restart:\n{t100}"
+        );
+    }
+    assert!(!t100.contains("10.244.1.12"), "orphan route kept:\n{t100}");
+    for v in ["vp0", "vp1"] {
+        assert_eq!(
+            lab.node
+                .read_sysctl(&format!("net.ipv4.conf.{v}.rp_filter"))
+                .expect("rp"),
+            "0",
+            "{v}: rp_filter of an enrolled pod's veth not set"
+        );
+    }
+    assert_eq!(
+        lab.node
+            .read_sysctl("net.ipv4.conf.vp2.rp_filter")
+            .expect("rp"),
+        "1",
+        "vp2 is not enrolled"
+    );
+    let r = d.repairs();
+    assert_eq!((r.routes, r.sysctls, r.orphan_routes), (1, 2, 1), "{r:?}");
+
+    // Drift on a running agent: the next resync (`actual()`) repairs it again.
+    lab.node
+        .ip(&["route", "del", "10.244.1.10", "table", "100"])
+        .expect("del route");
+    lab.node
+        .sysctl("net.ipv4.conf.vp1.rp_filter", "1")
+        .expect("rp");
+    d.actual().expect("resync");
+    assert!(
+        table100(&lab).contains("10.244.1.10 via"),
+        "{}",
+        table100(&lab)
+    );
+    assert_eq!(
+        lab.node
+            .read_sysctl("net.ipv4.conf.vp1.rp_filter")
+            .expect("rp"),
+        "0"
+    );
+
+    // The operator's values (1) come back on uninstall, including the veths repaired above.
+    d.uninstall().expect("uninstall");
+    base.assert_restored();
+}
+
+/// Issue 8 item 3: the previous value of a sysctl must be on disk before the sysctl is
+/// changed. With the state file unwritable, an enroll must fail *without* touching the pod
+/// veth's `rp_filter` (old code wrote it first and lost the operator's value).
+#[test]
+fn a_sysctl_is_remembered_durably_before_it_is_written() {
+    let lab = lab(1);
+    lab.node
+        .sysctl("net.ipv4.conf.vp0.rp_filter", "2")
+        .expect("operator rp_filter");
+    let base = lab.baseline(&[]);
+    let mut d = lab.driver();
+    d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
+        .expect("install");
+    // The state file's temp path is a directory: no state write can succeed.
+    let tmp = lab.config().state_file.with_extension("tmp");
+    std::fs::create_dir_all(tmp.join("blocker")).expect("blocker dir");
+    let err = d.apply(&lab.enroll(0)).expect_err("state not writable");
+    assert!(
+        err.message.contains("cannot write state file"),
+        "{}",
+        err.message
+    );
+    assert_eq!(
+        lab.node
+            .read_sysctl("net.ipv4.conf.vp0.rp_filter")
+            .expect("rp"),
+        "2",
+        "rp_filter was changed although its previous value could not be saved"
+    );
+    std::fs::remove_dir_all(&tmp).expect("remove blocker");
+    d.apply(&lab.enroll(0)).expect("enroll");
+    let file = std::fs::read_to_string(&lab.config().state_file).expect("state file");
+    assert!(file.contains(r#"vp0/rp_filter":"2""#), "{file}");
+    assert_eq!(
+        lab.node
+            .read_sysctl("net.ipv4.conf.vp0.rp_filter")
+            .expect("rp"),
+        "0"
+    );
+    d.uninstall().expect("uninstall");
+    base.assert_restored();
+}
+
+/// Issue 8 item 17: enrolling N pods in one reconcile pass writes the state file once (it
+/// used to be rewritten after every pod: O(n²) bytes).
+#[test]
+fn one_state_write_per_reconcile_pass_however_many_pods() {
+    const N: usize = 20;
+    let lab = lab(N);
+    for i in 0..N {
+        // Strict rp_filter on every pod veth: every enroll changes (and remembers) a value.
+        lab.node
+            .sysctl(&format!("net.ipv4.conf.vp{i}.rp_filter"), "1")
+            .expect("rp");
+    }
+    let base = lab.baseline(&[]);
+    let mut d = lab.driver();
+    d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
+        .expect("install");
+    let (writes_before, _) = d.state_writes();
+    let actions: Vec<Action> = (0..N).map(|i| lab.enroll(i)).collect();
+    d.prepare(&actions).expect("prepare");
+    for a in &actions {
+        d.apply(a).expect("enroll");
+    }
+    let (writes, _) = d.state_writes();
+    assert_eq!(
+        writes - writes_before,
+        1,
+        "state file writes for {N} pods in one pass"
+    );
+    let pod_keys = d
+        .state()
+        .sysctls
+        .keys()
+        .filter(|k| k.contains("/vp"))
+        .count();
+    assert_eq!(pod_keys, N, "{:?}", d.state().sysctls);
+    for i in 0..N {
+        assert_eq!(
+            lab.node
+                .read_sysctl(&format!("net.ipv4.conf.vp{i}.rp_filter"))
+                .expect("rp"),
+            "0"
+        );
+    }
+    d.uninstall().expect("uninstall");
+    base.assert_restored();
+}
+
+/// Legacy iptables everywhere this test's driver goes, with the x_tables tables it will use
+/// already instantiated (x_tables cannot unregister a table from a netns, so a byte-for-byte
+/// comparison needs them there from the start, as on a real legacy node).
+fn legacy_lab() -> NodeLab {
+    let lab = lab(0);
+    for t in ["filter", "mangle", "nat"] {
+        lab.node
+            .exec_ok("iptables-legacy", &["-t", t, "-S"])
+            .expect("legacy table");
+    }
+    lab.ztunnel
+        .exec_ok("iptables-legacy", &["-t", "mangle", "-S"])
+        .expect("legacy table");
+    lab
+}
+
+fn legacy_config(
+    lab: &NodeLab,
+    wait_secs: u32,
+    timeout: std::time::Duration,
+) -> IptablesModeConfig {
+    let mut cfg = lab.config();
+    cfg.iptables.force = Some(meshcni_netx::IptablesFlavor::Legacy);
+    cfg.iptables.wait_secs = wait_secs;
+    cfg.iptables.timeout = timeout;
+    cfg
+}
+
+fn hold_lock(path: &std::path::Path) -> nix::fcntl::Flock<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .expect("open lock file");
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("flock")
+}
+
+/// Issue 8 item 18: node netns restores take the node's xtables lock (the global
+/// `/run/xtables.lock` by default; a test lock here), so on legacy nodes they serialise with
+/// kube-proxy. While another writer holds it, the restore waits `--wait` seconds and fails
+/// naming the lock; once released, the install goes through.
+#[test]
+fn node_restores_serialise_on_the_node_xtables_lock() {
+    let lab = legacy_lab();
+    let base = lab.baseline(&[]);
+    let cfg = legacy_config(&lab, 1, std::time::Duration::from_secs(60));
+    let lock = hold_lock(&cfg.node_xtables_lock);
+    let mut d = IptablesDriver::new(cfg.clone()).expect("driver");
+    let zt = lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true);
+    let err = d
+        .ztunnel_changed(Some(&zt))
+        .expect_err("the node lock is held by another writer");
+    assert!(err.message.contains("xtables lock"), "{}", err.message);
+    assert!(
+        err.message.contains("iptables-legacy-restore"),
+        "{}",
+        err.message
+    );
+    drop(lock);
+    d.ztunnel_changed(Some(&zt))
+        .expect("install once the lock is free");
+    let save = lab.node.exec_ok("iptables-legacy-save", &[]).expect("save");
+    assert!(save.contains("-j ztunnel-PREROUTING"), "{save}");
+    d.uninstall().expect("uninstall");
+    base.assert_restored();
+}
+
+/// Issue 8 item 18: every child process has a time limit. A restore stuck behind a held
+/// lock (legacy `--wait=30`) is killed at the driver's timeout with an error naming it.
+#[test]
+fn a_stuck_node_restore_is_killed_at_its_timeout() {
+    let lab = legacy_lab();
+    let base = lab.baseline(&[]);
+    let cfg = legacy_config(&lab, 30, std::time::Duration::from_secs(1));
+    let lock = hold_lock(&cfg.node_xtables_lock);
+    let mut d = IptablesDriver::new(cfg).expect("driver");
+    let zt = lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true);
+    let err = d.ztunnel_changed(Some(&zt)).expect_err("must time out");
+    assert!(
+        err.message.contains("timed out after 1s"),
+        "{}",
+        err.message
+    );
+    drop(lock);
+    d.ztunnel_changed(Some(&zt)).expect("install");
+    d.uninstall().expect("uninstall");
+    base.assert_restored();
 }

@@ -528,6 +528,7 @@ fn manifest_is_the_chart_rendered_with_defaults() {
         "cni-ambientconfig-dir",
         "host-proc",
         "cni-ztunnel-sock-dir",
+        "xtables-lock",
     ] {
         assert!(
             !has_volume(v),

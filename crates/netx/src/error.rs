@@ -47,6 +47,13 @@ pub enum NetxError {
         status: String,
         stderr: String,
     },
+    /// An external program ran past its time limit and was killed (SIGKILL).
+    #[error("`{command}` in network namespace {netns} timed out after {after:?} and was killed")]
+    Timeout {
+        netns: PathBuf,
+        command: String,
+        after: std::time::Duration,
+    },
     /// A netlink request was refused by the kernel or the socket failed.
     #[error("netlink {op} in network namespace {netns} failed: {source}")]
     Netlink {

@@ -1,11 +1,17 @@
 //! Running external programs (iptables-restore, nft, …) from a thread that is inside a network
 //! namespace. fork happens on the calling thread, so the child inherits that thread's netns.
 //! Programs get argument vectors, never a shell.
+//!
+//! Every child has a time limit ([`DEFAULT_TIMEOUT`] unless the caller sets another): past it
+//! the child is killed (SIGKILL) and the call fails with [`NetxError::Timeout`] naming the
+//! command, so a wedged `iptables-restore`, `nft` or `ipset` cannot hang the caller forever.
 
 use std::ffi::OsString;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::NetxError;
 use crate::netns::InNetns;
@@ -34,6 +40,10 @@ fn is_executable(path: &Path) -> bool {
 /// the default 64 KiB), so the write never blocks. Saves a thread per restore of small text.
 const INLINE_STDIN_MAX: usize = 4096;
 
+/// How long a child may run unless the caller says otherwise: well above legacy iptables'
+/// `--wait=30` for the xtables lock.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// One external command.
 #[derive(Debug, Clone)]
 pub(crate) struct Cmd<'a> {
@@ -42,6 +52,16 @@ pub(crate) struct Cmd<'a> {
     pub env: Vec<(&'static str, OsString)>,
     pub stdin: Option<&'a [u8]>,
     pub isolate_nss: bool,
+    /// Kill the child (SIGKILL) and fail with [`NetxError::Timeout`] after this long.
+    pub timeout: Duration,
+}
+
+/// The watchdog's view of a running child.
+#[derive(Default)]
+struct Watch {
+    /// The child has exited (not yet reaped): the watchdog must not signal its pid any more.
+    exited: bool,
+    killed: bool,
 }
 
 impl<'a> Cmd<'a> {
@@ -52,6 +72,7 @@ impl<'a> Cmd<'a> {
             env: Vec::new(),
             stdin: None,
             isolate_nss: false,
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 
@@ -94,7 +115,29 @@ impl<'a> Cmd<'a> {
             source,
         };
         let mut child = command.spawn().map_err(spawn_err)?;
-        let output = std::thread::scope(|scope| {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+        let watch = (Mutex::new(Watch::default()), Condvar::new());
+        let (status, stdout, stderr) = std::thread::scope(|scope| {
+            // Watchdog: SIGKILL at the deadline unless the child has exited. The child is only
+            // reaped after `exited` is set under the same lock, so the pid signalled is always
+            // still ours (never a recycled one).
+            scope.spawn(|| {
+                let deadline = Instant::now() + self.timeout;
+                let (lock, cvar) = &watch;
+                let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
+                while !w.exited {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                        w.killed = true;
+                        break;
+                    }
+                    w = cvar
+                        .wait_timeout(w, deadline - now)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            });
             if let (Some(input), Some(mut stdin)) = (self.stdin, child.stdin.take()) {
                 // Input that surely fits in the pipe buffer is written inline (the write cannot block,
                 // whatever the child does); larger input gets a writer thread, which avoids a
@@ -109,9 +152,47 @@ impl<'a> Cmd<'a> {
                     });
                 }
             }
-            child.wait_with_output()
-        })
-        .map_err(spawn_err)?;
+            let err_pipe = child.stderr.take();
+            let err_reader = scope.spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut e) = err_pipe {
+                    let _ = e.read_to_end(&mut buf);
+                }
+                buf
+            });
+            let mut stdout = Vec::new();
+            if let Some(mut o) = child.stdout.take() {
+                let _ = o.read_to_end(&mut stdout);
+            }
+            // Wait for the exit without reaping (see the watchdog), then tell the watchdog.
+            while let Err(nix::errno::Errno::EINTR) = nix::sys::wait::waitid(
+                nix::sys::wait::Id::Pid(pid),
+                nix::sys::wait::WaitPidFlag::WEXITED | nix::sys::wait::WaitPidFlag::WNOWAIT,
+            ) {}
+            let killed = {
+                let (lock, cvar) = &watch;
+                let mut w = lock.lock().unwrap_or_else(|e| e.into_inner());
+                w.exited = true;
+                cvar.notify_all();
+                w.killed
+            };
+            let status = child.wait();
+            let stderr = err_reader.join().unwrap_or_default();
+            (status.map(|s| (s, killed)), stdout, stderr)
+        });
+        let (status, killed) = status.map_err(spawn_err)?;
+        if killed {
+            return Err(NetxError::Timeout {
+                netns: ns.path().to_path_buf(),
+                command: self.display(),
+                after: self.timeout,
+            });
+        }
+        let output = std::process::Output {
+            status,
+            stdout,
+            stderr,
+        };
         if output.status.success() {
             Ok(String::from_utf8_lossy(&output.stdout).into_owned())
         } else {
@@ -163,6 +244,31 @@ mod tests {
             !mounts.contains("nsswitch"),
             "no mount leaked to our mount namespace"
         );
+    }
+
+    #[test]
+    fn a_child_past_its_timeout_is_killed_with_an_error_naming_it() {
+        let err = crate::netns::with_scratch_netns(|ns| {
+            let mut cmd = Cmd::new("sleep").arg("30");
+            cmd.timeout = Duration::from_millis(300);
+            cmd.run(ns)
+        })
+        .expect("scratch")
+        .expect_err("must time out");
+        let msg = err.to_string();
+        assert!(matches!(err, NetxError::Timeout { .. }), "{msg} ({err:?})");
+        assert!(msg.contains("`sleep 30`"), "{msg}");
+        assert!(msg.contains("timed out after 300ms"), "{msg}");
+    }
+
+    #[test]
+    fn output_of_a_quick_child_is_complete() {
+        let big =
+            crate::netns::with_scratch_netns(|ns| Cmd::new("seq").arg("1").arg("200000").run(ns))
+                .expect("scratch")
+                .expect("seq");
+        assert_eq!(big.lines().count(), 200_000);
+        assert!(big.ends_with("200000\n"));
     }
 
     #[test]

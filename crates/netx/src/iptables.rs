@@ -12,7 +12,10 @@
 //! * **Pod-scoped xtables lock**: `XTABLES_LOCKFILE=<netns path>` (honoured by iptables ≥ 1.8.6)
 //!   so pods never queue behind the host's `/run/xtables.lock`; legacy restores also get
 //!   `--wait=30`. Older iptables ignore the variable and fall back to the global lock, which is
-//!   still correct, only slower.
+//!   still correct, only slower. The host/node netns instead uses the global lock
+//!   ([`IptablesOptions::lock_file`], `/run/xtables.lock` there) so it serialises with
+//!   kube-proxy and every other writer of that netns.
+//! * **Time limit**: every child is killed after [`IptablesOptions::timeout`].
 //! * **No NSS lookups**: `/etc/nsswitch.conf` is bind-mounted to `/dev/null` in a private mount
 //!   namespace of the child (see [`crate::sys`]); `-m owner --uid-owner 1337` then resolves
 //!   through local files / numeric parsing only.
@@ -96,6 +99,11 @@ pub struct IptablesOptions {
     pub pod_scoped_lock: bool,
     /// `--wait` seconds for legacy restores (default 30).
     pub wait_secs: u32,
+    /// `XTABLES_LOCKFILE` for every command, overriding `pod_scoped_lock`: the host/node netns
+    /// must share the lock kube-proxy and every other writer there use (`/run/xtables.lock`).
+    pub lock_file: Option<std::path::PathBuf>,
+    /// Each iptables child is killed after this long (an error naming it).
+    pub timeout: std::time::Duration,
 }
 
 impl Default for IptablesOptions {
@@ -105,6 +113,8 @@ impl Default for IptablesOptions {
             isolate_nss: true,
             pod_scoped_lock: true,
             wait_secs: 30,
+            lock_file: None,
+            timeout: crate::exec::DEFAULT_TIMEOUT,
         }
     }
 }
@@ -121,7 +131,11 @@ impl IptablesOptions {
     fn cmd<'a>(&self, ns: &InNetns<'_>, program: &'a str) -> Cmd<'a> {
         let mut cmd = Cmd::new(program);
         cmd.isolate_nss = self.isolate_nss;
-        if self.pod_scoped_lock {
+        cmd.timeout = self.timeout;
+        if let Some(lock) = &self.lock_file {
+            cmd.env
+                .push(("XTABLES_LOCKFILE", OsString::from(lock.as_os_str())));
+        } else if self.pod_scoped_lock {
             cmd.env
                 .push(("XTABLES_LOCKFILE", OsString::from(ns.path().as_os_str())));
         }

@@ -261,14 +261,19 @@ pub fn list_routes(nl: &mut Netlink, table: Option<u32>) -> Result<Vec<RouteEntr
 /// The output interface index of the main-table route to exactly `ip/32` (how the reference
 /// finds a pod's or ztunnel's host veth), `None` when there is no such route. One
 /// `RTM_GETROUTE` with `RTM_F_FIB_MATCH` (the matching FIB entry itself, not a dump).
+///
+/// The kernel resolves a `GETROUTE` through the policy rules (`RTA_TABLE` in the request does
+/// not select the table), so once an ip rule sends `ip` to another table (the ambient mode's
+/// `lookup 100` for an enrolled pod) the answer is that table's route. `RTM_F_LOOKUP_TABLE`
+/// makes the reply name the table actually used; when it is not `main`, the main table is
+/// read with a dump instead.
 pub fn host_route_oif(nl: &mut Netlink, ip: Ipv4Addr) -> Result<Option<u32>, NetxError> {
     let mut req = RouteMessage::default();
     req.header.address_family = AddressFamily::Inet;
     req.header.destination_prefix_length = 32;
-    req.header.flags = RouteFlags::FibMatch;
+    req.header.flags = RouteFlags::FibMatch | RouteFlags::LookupTable;
     req.attributes
         .push(RouteAttribute::Destination(RouteAddress::Inet(ip)));
-    req.attributes.push(RouteAttribute::Table(254));
     let op = format!("get route {ip}");
     let replies = match nl.request(&op, RouteNetlinkMessage::GetRoute(req), 0)? {
         Ok(r) => r,
@@ -293,8 +298,14 @@ pub fn host_route_oif(nl: &mut Netlink, ip: Ipv4Addr) -> Result<Option<u32>, Net
                 _ => {}
             }
         }
-        if table == 254
-            && r.header.destination_prefix_length == 32
+        if table != 254 {
+            // Resolved through another table: read the main table itself.
+            return Ok(list_routes(nl, Some(254))?
+                .into_iter()
+                .find(|e| e.unicast && e.dst.prefix_len() == 32 && e.dst.addr() == ip)
+                .and_then(|e| e.oif));
+        }
+        if r.header.destination_prefix_length == 32
             && dst == Some(ip)
             && r.header.kind == RouteType::Unicast
         {

@@ -166,3 +166,41 @@ fn ipv6_detection_follows_first_global_address() {
     assert!(!ipv6_enabled(&ns.path(), false).expect("v4 first"));
     assert!(ipv6_enabled(&ns.path(), true).expect("dual stack"));
 }
+
+/// `host_route_oif` answers from the main table even when a policy rule sends the address to
+/// another table first (the ambient mode's `lookup 100` once a pod is enrolled): the kernel's
+/// `GETROUTE` follows the rules, so a naive lookup returns the other table's device.
+#[test]
+fn host_route_oif_reads_the_main_table_behind_policy_rules() {
+    use meshcni_netx::route::host_route_oif;
+    let ns = TestNetns::new();
+    let peer = TestNetns::new();
+    for (a, b) in [("va", "pa"), ("vb", "pb")] {
+        ns.ip(&[
+            "link", "add", a, "type", "veth", "peer", "name", b, "netns", &peer.name,
+        ]);
+        ns.ip(&["link", "set", a, "up"]);
+    }
+    ns.ip(&["route", "add", "10.9.0.10/32", "dev", "va", "scope", "link"]);
+    let mut nl = Netlink::open(&ns.path()).expect("open");
+    let va = nl.link_index("va").expect("va").expect("va exists");
+    assert_eq!(
+        host_route_oif(&mut nl, "10.9.0.10".parse().expect("ip")).expect("lookup"),
+        Some(va)
+    );
+    // Another table wins for this address through a rule.
+    ns.ip(&["route", "add", "10.9.0.10/32", "dev", "vb", "table", "100"]);
+    ns.ip(&["rule", "add", "priority", "103", "lookup", "100"]);
+    assert_eq!(
+        host_route_oif(&mut nl, "10.9.0.10".parse().expect("ip")).expect("lookup"),
+        Some(va),
+        "the main-table route's device, not table 100's"
+    );
+    // Not in main at all (only a covering /24 in main, and the /32 in table 100): none.
+    ns.ip(&["route", "add", "10.9.1.0/24", "dev", "va"]);
+    ns.ip(&["route", "add", "10.9.1.7/32", "dev", "vb", "table", "100"]);
+    assert_eq!(
+        host_route_oif(&mut nl, "10.9.1.7".parse().expect("ip")).expect("lookup"),
+        None
+    );
+}

@@ -224,6 +224,17 @@ impl Agent {
         node_name: &str,
         dirs: &AgentDirs,
     ) -> Result<Agent, String> {
+        Agent::start_with_env(agent_bin, node_netns, node_name, dirs, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables (e.g. `MESHCNI_CRASH_AT`).
+    pub fn start_with_env(
+        agent_bin: &Path,
+        node_netns: &Path,
+        node_name: &str,
+        dirs: &AgentDirs,
+        env: &[(&str, &str)],
+    ) -> Result<Agent, String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -238,6 +249,7 @@ impl Agent {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("NODE_NAME", node_name)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -315,6 +327,28 @@ impl Agent {
         Ok((addr, config))
     }
 
+    /// Wait (at most `timeout`) for the agent to exit on its own (e.g. killed at a crash
+    /// point); `Ok(None)` if it is still running then.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let Some(child) = self.child.as_mut() else {
+                return Err("meshcni-agent is not running".into());
+            };
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    self.child = None;
+                    return Ok(Some(status));
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(format!("wait for meshcni-agent: {e}")),
+            }
+        }
+    }
+
     /// `kill -TERM` and wait (at most `timeout`, then SIGKILL). Returns the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus, String> {
         let Some(mut child) = self.child.take() else {
@@ -382,6 +416,8 @@ pub fn agent_args(dirs: &AgentDirs) -> Vec<String> {
         format!("--ambient-config-dir={}", p(&dirs.ambient)),
         format!("--uninstall-marker-file={}", p(&dirs.marker)),
         format!("--ambient-workloads-file={}", p(&dirs.workloads)),
+        // The lab node's own xtables lock, not the host's `/run/xtables.lock`.
+        format!("--node-xtables-lock={}", p(&dirs.run.join("xtables.lock"))),
         "--ambient-enabled".into(),
         "--ambient-redirect-mode=iptables".into(),
         "--listen-address=127.0.0.1".into(),

@@ -369,3 +369,33 @@ fn dns_stand_in_answers_redirected_udp_and_tcp_queries() {
     assert_eq!(queries[1].proto, "tcp");
     assert_eq!(queries[1].original_dst, Some(sa(SERVER_V4, 53)));
 }
+
+/// The netns snapshot is stable on an idle namespace and sees a changed sysctl, rule and route.
+#[test]
+fn netns_snapshot_is_stable_and_sees_changes() {
+    use meshcni_testkit::NetnsSnapshot;
+    let ns = meshcni_testkit::Netns::new("snap").expect("netns");
+    let peer = meshcni_testkit::Netns::new("snapp").expect("netns");
+    meshcni_testkit::veth(&ns, "d0", &peer, "eth0").expect("veth");
+    let a = NetnsSnapshot::capture(ns.path()).expect("snapshot");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let b = NetnsSnapshot::capture(ns.path()).expect("snapshot");
+    assert!(
+        a.diff(&b).is_empty(),
+        "idle netns changed:\n{}",
+        a.diff(&b).join("\n")
+    );
+    assert_eq!(a.residue_bytes(&b), 0);
+    ns.sysctl("net.ipv4.conf.d0.rp_filter", "2")
+        .expect("sysctl");
+    ns.ip(&["rule", "add", "priority", "77", "lookup", "77"])
+        .expect("rule");
+    ns.exec_ok("nft", &["add", "table", "ip", "mangle"])
+        .expect("nft");
+    let c = NetnsSnapshot::capture(ns.path()).expect("snapshot");
+    let d = a.diff(&c).join("\n");
+    assert!(d.contains("/proc/sys/net/ipv4/conf/d0/rp_filter=2"), "{d}");
+    assert!(d.contains("77:"), "{d}");
+    assert!(d.contains("table ip mangle"), "{d}");
+    assert!(a.residue_bytes(&c) > 0);
+}

@@ -11,7 +11,7 @@
 //!   node iptables changes are one `iptables-restore --noflush` transaction — none at all when
 //!   the saved chains already match (reconcile after an agent restart changes nothing).
 //! * **Per pod**: one ipset entry (nfnetlink, no exec) + one route in table 100 (rtnetlink) +
-//!   `rp_filter=0` on the pod's host veth.
+//!   `rp_filter=0` on the pod's host veth, in that order (release: route, then entry).
 //! * **ztunnel change** (restart/move): nothing is torn down. The chains are rewritten in one
 //!   atomic restore, the tunnels' remote is changed in place (changelink; re-created only if
 //!   the kernel refuses), routes are replaced (`NLM_F_REPLACE`) and only then stale ones
@@ -26,10 +26,26 @@
 //! * **Conflicts**: before the first install, rule priorities 100–103, tables 100–102,
 //!   `ztunnel-*` chains, `istioin`/`istioout` links and our mark bits in other chains / ip rules
 //!   are checked; anything not ours is refused with an error naming it.
-//! * **Uninstall** removes every chain, jump, ipset, rule, route, tunnel (node and ztunnel
-//!   netns) and restores every sysctl it changed to the value it had before (remembered in a
-//!   state file, so this survives agent restarts); nft tables that did not exist before the
-//!   first install are deleted again.
+//! * **Uninstall** removes every chain, jump, ipset, rule, route, tunnel (node and every
+//!   ztunnel netns it programmed) and restores every sysctl it changed, in both, to the value
+//!   it had before (remembered in a state file, so this survives agent restarts); nft tables
+//!   and built-in chains that did not exist before the first install are deleted again. The
+//!   node and ztunnel netns end byte-identical to before (tests compare full snapshots).
+//! * **Crash consistency** (the agent can be SIGKILLed between any two steps):
+//!   - a value to restore is written to the state file durably (temp file, fsync, rename,
+//!     fsync of the directory) *before* the kernel value changes, so it is never lost;
+//!   - `actual()` (start-up and every resync) reads every piece of every enrolled pod — ipset
+//!     member, table-100 route, veth `rp_filter` — and completes a pod cut short between its
+//!     steps; a table-100 pod route without a member (a release cut short) is removed;
+//!   - every install/uninstall step is idempotent, so a restarted agent (or `meshcni-agent
+//!     uninstall`) finishes what a killed one began. Named crash points
+//!     ([`crate::crash`]) between the steps let tests kill the agent at each one.
+//! * **State writes are batched**: the pod-veth values a reconcile pass will change are
+//!   remembered in one durable write per pass ([`RedirectDriver::prepare`]), not one per pod.
+//! * **Locks and time limits**: iptables commands in the node netns take the node's global
+//!   xtables lock ([`IptablesModeConfig::node_xtables_lock`], `/run/xtables.lock`), so legacy
+//!   restores serialise with kube-proxy; the ztunnel netns keeps a netns-scoped lock. Every
+//!   child process (iptables, nft, ipset) is killed at its time limit with an error naming it.
 //!
 //! IPv4 only, like the reference.
 
@@ -44,7 +60,7 @@ use meshcni_netx::iptables::{self as ipt, IptablesFlavor, IptablesOptions};
 use meshcni_netx::netlink::{AddressSpec, Netlink, netns_identity};
 use meshcni_netx::route::{self, Route4, Rule4, RuleTarget};
 use meshcni_netx::tunnel::{self, LinkDetails, TunnelKind, TunnelSpec};
-use meshcni_netx::{IpFamily, NetxError, sysctl, with_netns};
+use meshcni_netx::{IpFamily, NetxError, nft, sysctl, with_netns};
 use meshcni_rules::ambient_node::{self as an, NodeConfig, ZtunnelConfig};
 use serde::{Deserialize, Serialize};
 
@@ -72,6 +88,10 @@ pub struct IptablesModeConfig {
     /// Same-node captured→captured hairpin (not in the reference; default on).
     pub hairpin: bool,
     pub iptables: IptablesOptions,
+    /// The xtables lock file for iptables commands in the node netns (`XTABLES_LOCKFILE`):
+    /// the host's global `/run/xtables.lock`, so restores serialise with kube-proxy and every
+    /// other writer (legacy iptables). The ztunnel netns keeps a lock of its own.
+    pub node_xtables_lock: PathBuf,
 }
 
 impl Default for IptablesModeConfig {
@@ -85,9 +105,13 @@ impl Default for IptablesModeConfig {
             dns_capture: false,
             hairpin: true,
             iptables: IptablesOptions::from_env(),
+            node_xtables_lock: PathBuf::from(DEFAULT_XTABLES_LOCK),
         }
     }
 }
+
+/// The host's global xtables lock (what iptables uses without `XTABLES_LOCKFILE`).
+pub const DEFAULT_XTABLES_LOCK: &str = "/run/xtables.lock";
 
 /// What the driver remembers across restarts (JSON in [`IptablesModeConfig::state_file`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,6 +120,10 @@ pub struct PersistedState {
     pub sysctls: BTreeMap<String, String>,
     /// iptables tables absent from the node netns before the first install (nft flavor).
     pub created_tables: Vec<String>,
+    /// Built-in chains (`table/CHAIN`) absent from nf_tables before the first install
+    /// (iptables-nft creates them on use; deleted again on uninstall when empty).
+    #[serde(default)]
+    pub created_chains: Vec<String>,
     pub host_ip: Option<Ipv4Addr>,
     pub tunnel_kind: Option<String>,
     pub tunnel_port: Option<u16>,
@@ -103,6 +131,41 @@ pub struct PersistedState {
     pub ztunnel_veth: Option<String>,
     pub ztunnel_netns: Option<PathBuf>,
     pub ztunnel_eth: Option<String>,
+    /// What install changed in each ztunnel netns it programmed (keyed by netns path), so
+    /// uninstall can put it back exactly.
+    #[serde(default)]
+    pub ztunnel_netns_memory: BTreeMap<PathBuf, ZtunnelNetnsMemory>,
+}
+
+/// What install changed inside one ztunnel netns (recorded before the change is made).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZtunnelNetnsMemory {
+    /// Sysctls we changed there → their value before the first change.
+    #[serde(default)]
+    pub sysctls: BTreeMap<String, String>,
+    /// iptables tables absent there before our first restore (nft flavor: deleted again).
+    #[serde(default)]
+    pub created_tables: Vec<String>,
+    /// Built-in chains (`table/CHAIN`) absent there before our first restore (nft flavor).
+    #[serde(default)]
+    pub created_chains: Vec<String>,
+    /// Whether `created_tables` has been determined (before the first restore).
+    #[serde(default)]
+    pub tables_checked: bool,
+    /// The ztunnel's IP, node address and eth inside that netns (to remove its routes).
+    #[serde(default)]
+    pub ztunnel_ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub host_ip: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub eth: Option<String>,
+}
+
+/// Where a sysctl lives: the node netns (via the node worker thread) or a ztunnel netns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SysctlNs {
+    Node,
+    Ztunnel(PathBuf),
 }
 
 /// The resolved active ztunnel.
@@ -150,6 +213,21 @@ pub struct IptablesDriver {
     worker: Option<NodeWorker>,
     /// ifindex of `istioin` (per-pod routes), refreshed on install and after a route error.
     tun_in_index: Option<u32>,
+    /// Durable state-file writes (count, bytes) since this driver was created.
+    state_writes: (u64, u64),
+    /// Pieces repaired by `actual()` since this driver was created.
+    repairs: RepairCounts,
+}
+
+/// What `actual()` found missing or stale and repaired (crash recovery, drift).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RepairCounts {
+    /// Enrolled pods (ipset members) whose table-100 route was missing.
+    pub routes: u64,
+    /// Enrolled pods whose host veth had the wrong `rp_filter`.
+    pub sysctls: u64,
+    /// Table-100 pod routes via `istioin` without an ipset member (a release cut short).
+    pub orphan_routes: u64,
 }
 
 type Job = Box<dyn for<'a> FnOnce(&meshcni_netx::InNetns<'a>) + Send>;
@@ -227,7 +305,19 @@ impl IptablesDriver {
             pod_nl: None,
             worker: None,
             tun_in_index: None,
+            state_writes: (0, 0),
+            repairs: RepairCounts::default(),
         })
+    }
+
+    /// Durable writes of the state file so far: (count, bytes).
+    pub fn state_writes(&self) -> (u64, u64) {
+        self.state_writes
+    }
+
+    /// What `actual()` has repaired so far.
+    pub fn repairs(&self) -> RepairCounts {
+        self.repairs
     }
 
     /// The persisted state (for tests and diagnostics).
@@ -262,17 +352,150 @@ impl IptablesDriver {
         k
     }
 
-    fn save_state(&self) -> Result<(), DriverError> {
-        let path = &self.cfg.state_file;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| drv(format!("cannot create {}: {e}", dir.display())))?;
-        }
+    /// Write the state file durably: temp file, fsync, rename over the old one, fsync the
+    /// directory. A crash at any point leaves either the old or the new file, never a torn
+    /// one, and a value recorded here survives a power cut.
+    fn save_state(&mut self) -> Result<(), DriverError> {
+        use std::io::Write;
+        let path = self.cfg.state_file.clone();
+        let fail = |what: &str, p: &Path, e: std::io::Error| {
+            drv(format!(
+                "cannot write state file {}: {what} {}: {e}",
+                path.display(),
+                p.display()
+            ))
+        };
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| fail("create", &dir, e))?;
         let tmp = path.with_extension("tmp");
         let bytes = serde_json::to_vec(&self.state).map_err(drv)?;
-        std::fs::write(&tmp, bytes)
-            .and_then(|()| std::fs::rename(&tmp, path))
-            .map_err(|e| drv(format!("cannot write state file {}: {e}", path.display())))
+        let mut f = std::fs::File::create(&tmp).map_err(|e| fail("create", &tmp, e))?;
+        f.write_all(&bytes).map_err(|e| fail("write", &tmp, e))?;
+        f.sync_all().map_err(|e| fail("fsync", &tmp, e))?;
+        drop(f);
+        crate::crash::point("state-before-rename");
+        std::fs::rename(&tmp, &path).map_err(|e| fail("rename onto it", &tmp, e))?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| fail("fsync directory", &dir, e))?;
+        self.state_writes.0 += 1;
+        self.state_writes.1 += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// The remembered previous values for sysctls of `ns`.
+    fn memory(&mut self, ns: &SysctlNs) -> &mut BTreeMap<String, String> {
+        match ns {
+            SysctlNs::Node => &mut self.state.sysctls,
+            SysctlNs::Ztunnel(p) => {
+                &mut self
+                    .state
+                    .ztunnel_netns_memory
+                    .entry(p.clone())
+                    .or_default()
+                    .sysctls
+            }
+        }
+    }
+
+    /// Remember `current` values (key → value read from the kernel) not remembered yet, and
+    /// write the state file once if anything was added. Must run before the kernel writes.
+    fn remember_before_write(
+        &mut self,
+        ns: &SysctlNs,
+        current: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), DriverError> {
+        let mem = self.memory(ns);
+        let mut added = Vec::new();
+        for (k, v) in current {
+            if let std::collections::btree_map::Entry::Vacant(e) = mem.entry(k.clone()) {
+                e.insert(v);
+                added.push(k);
+            }
+        }
+        if added.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.save_state() {
+            // Not on disk: not remembered (the caller must not write, and the next attempt
+            // must save again).
+            let mem = self.memory(ns);
+            for k in &added {
+                mem.remove(k);
+            }
+            return Err(e);
+        }
+        crate::crash::point("sysctl-after-save");
+        Ok(())
+    }
+
+    fn ensure_worker(&mut self) -> Result<&NodeWorker, DriverError> {
+        if self.worker.is_none() {
+            self.worker = Some(NodeWorker::start(&self.cfg.node_netns).map_err(drv)?);
+        }
+        self.worker
+            .as_ref()
+            .ok_or_else(|| drv("node netns worker thread unavailable"))
+    }
+
+    /// Run `f` inside `ns` (the node worker thread, or a thread entering a ztunnel netns).
+    fn in_ns<R: Send + 'static>(
+        &mut self,
+        ns: &SysctlNs,
+        f: impl for<'a> FnOnce(&meshcni_netx::InNetns<'a>) -> Result<R, NetxError> + Send + 'static,
+    ) -> Result<R, DriverError> {
+        match ns {
+            SysctlNs::Node => match self.ensure_worker()?.run(f) {
+                Some(r) => r.map_err(drv),
+                None => {
+                    self.worker = None;
+                    Err(drv("node netns worker thread is gone"))
+                }
+            },
+            SysctlNs::Ztunnel(p) => with_netns(p, f).and_then(|r| r).map_err(drv),
+        }
+    }
+
+    /// Set sysctls (`(key, value)`) in `ns`: read the current values, durably remember every
+    /// value about to change (once per key), and only then write.
+    fn set_sysctls(
+        &mut self,
+        ns: &SysctlNs,
+        list: Vec<(String, String)>,
+    ) -> Result<(), DriverError> {
+        let current = self.in_ns(ns, move |here| {
+            let mut out = Vec::new();
+            for (k, want) in list {
+                let cur = sysctl::read_here(here, &k)?.ok_or_else(|| NetxError::Netlink {
+                    netns: here.path().to_path_buf(),
+                    op: format!("read sysctl {k}"),
+                    source: std::io::Error::from(std::io::ErrorKind::NotFound),
+                })?;
+                if cur != want {
+                    out.push((k, cur, want));
+                }
+            }
+            Ok(out)
+        })?;
+        if current.is_empty() {
+            return Ok(());
+        }
+        self.remember_before_write(
+            ns,
+            current.iter().map(|(k, cur, _)| (k.clone(), cur.clone())),
+        )?;
+        self.in_ns(ns, move |here| {
+            for (k, _, want) in &current {
+                crate::crash::point("sysctl-before-write");
+                sysctl::write_here(here, k, want)?;
+                crate::crash::point("sysctl-after-write");
+            }
+            Ok(())
+        })
     }
 
     fn node(&self) -> &Path {
@@ -290,11 +513,20 @@ impl IptablesDriver {
         }
     }
 
+    /// iptables options for the node netns: the global xtables lock (see
+    /// [`IptablesModeConfig::node_xtables_lock`]).
+    fn node_opts(&self) -> IptablesOptions {
+        IptablesOptions {
+            lock_file: Some(self.cfg.node_xtables_lock.clone()),
+            ..self.cfg.iptables.clone()
+        }
+    }
+
     fn flavor(&mut self) -> Result<IptablesFlavor, DriverError> {
         if let Some(f) = self.flavor {
             return Ok(f);
         }
-        let opts = self.cfg.iptables.clone();
+        let opts = self.node_opts();
         let f = with_netns(self.node(), |ns| ipt::detect_here(ns, &opts))
             .and_then(|r| r)
             .map_err(drv)?;
@@ -304,7 +536,7 @@ impl IptablesDriver {
 
     fn node_save(&mut self) -> Result<String, DriverError> {
         let flavor = self.flavor()?;
-        let opts = self.cfg.iptables.clone();
+        let opts = self.node_opts();
         with_netns(self.node(), |ns| {
             ipt::save_here(ns, &opts, flavor, IpFamily::V4)
         })
@@ -312,9 +544,10 @@ impl IptablesDriver {
         .map_err(drv)
     }
 
-    fn restore(&self, netns: &Path, flavor: IptablesFlavor, text: &str) -> Result<(), DriverError> {
-        let opts = self.cfg.iptables.clone();
-        with_netns(netns, |ns| {
+    /// `iptables-restore --noflush` of `text` into the node netns.
+    fn restore(&self, flavor: IptablesFlavor, text: &str) -> Result<(), DriverError> {
+        let opts = self.node_opts();
+        with_netns(self.node(), |ns| {
             ipt::restore_here(ns, &opts, flavor, IpFamily::V4, text, true)
         })
         .and_then(|r| r)
@@ -330,58 +563,58 @@ impl IptablesDriver {
             .ok_or_else(|| drv("ipset socket unavailable"))
     }
 
-    /// Write node sysctls, remembering each previous value once.
+    /// Write node sysctls, remembering each previous value once (before writing it).
     fn node_sysctls(&mut self, list: &[an::Sysctl]) -> Result<(), DriverError> {
-        if self.worker.is_none() {
-            self.worker = Some(NodeWorker::start(&self.cfg.node_netns).map_err(drv)?);
-        }
-        let list = list.to_vec();
-        let job = move |ns: &meshcni_netx::InNetns<'_>| {
-            let mut prev = Vec::new();
-            for s in &list {
-                if let Some(old) = sysctl::write_here(ns, &s.path(), s.value)? {
-                    prev.push((s.path(), old));
-                }
-            }
-            Ok::<_, NetxError>(prev)
-        };
-        let changed = match self.worker.as_ref().and_then(|w| w.run(job)) {
-            Some(r) => r.map_err(drv)?,
-            None => {
-                self.worker = None;
-                return Err(drv("node netns worker thread is gone"));
-            }
-        };
-        self.remember(changed)
+        let list = list
+            .iter()
+            .map(|s| (s.path(), s.value.to_string()))
+            .collect();
+        self.set_sysctls(&SysctlNs::Node, list)
     }
 
     /// `rp_filter=0` on the pod's host veth (spec §3.4 step 3), named by index on the node
-    /// worker thread; the previous value is remembered like every node sysctl.
+    /// worker thread; the previous value is remembered (durably, before the write) like every
+    /// node sysctl.
     fn pod_rp_filter(&mut self, pod: &PodId, oif: u32) -> Result<(), DriverError> {
-        if self.worker.is_none() {
-            self.worker = Some(NodeWorker::start(&self.cfg.node_netns).map_err(drv)?);
+        let names = self
+            .in_ns(&SysctlNs::Node, move |ns| tunnel::link_name_here(ns, oif))
+            .map_err(|e| DriverError::pod(format!("iptables mode: enroll {pod}: {e}")))?;
+        let list = an::pod_sysctls(&names)
+            .iter()
+            .map(|s| (s.path(), s.value.to_string()))
+            .collect();
+        self.set_sysctls(&SysctlNs::Node, list)
+            .map_err(|e| DriverError {
+                scope: e.scope,
+                message: format!("iptables mode: enroll {pod}: {}", e.message),
+            })
+    }
+
+    /// Read the pod-veth sysctls of `oifs` and remember (one durable write) every value that
+    /// enrolling them will change. Unknown interfaces are skipped (their enroll reports it).
+    fn remember_pod_sysctls(&mut self, oifs: Vec<u32>) -> Result<usize, DriverError> {
+        if oifs.is_empty() {
+            return Ok(0);
         }
-        let job = move |ns: &meshcni_netx::InNetns<'_>| {
-            let dev = tunnel::link_name_here(ns, oif)?;
-            let s = an::pod_sysctls(&dev);
-            let mut prev = Vec::new();
-            for s in &s {
-                if let Some(old) = sysctl::write_here(ns, &s.path(), s.value)? {
-                    prev.push((s.path(), old));
+        let found = self.in_ns(&SysctlNs::Node, move |ns| {
+            let mut out = Vec::new();
+            for oif in oifs {
+                let Ok(dev) = tunnel::link_name_here(ns, oif) else {
+                    continue;
+                };
+                for s in an::pod_sysctls(&dev) {
+                    if let Some(cur) = sysctl::read_here(ns, &s.path())?
+                        && cur != s.value
+                    {
+                        out.push((s.path(), cur));
+                    }
                 }
             }
-            Ok::<_, NetxError>(prev)
-        };
-        let changed = match self.worker.as_ref().and_then(|w| w.run(job)) {
-            Some(r) => {
-                r.map_err(|e| DriverError::pod(format!("iptables mode: enroll {pod}: {e}")))?
-            }
-            None => {
-                self.worker = None;
-                return Err(drv("node netns worker thread is gone"));
-            }
-        };
-        self.remember(changed)
+            Ok(out)
+        })?;
+        let n = found.len();
+        self.remember_before_write(&SysctlNs::Node, found)?;
+        Ok(n)
     }
 
     /// Forget the remembered previous values of interfaces that no longer exist. Pod veths
@@ -389,7 +622,17 @@ impl IptablesDriver {
     /// grows by one entry per pod veth ever enrolled. Called from `actual()` (start-up,
     /// resync), so the cost is off the per-pod path.
     fn prune_sysctls(&mut self) -> Result<(), DriverError> {
+        // ztunnel netns that no longer exist (a replaced ztunnel pod): nothing to restore there.
+        let current = self.state.ztunnel_netns.clone();
+        let before = self.state.ztunnel_netns_memory.len();
+        self.state
+            .ztunnel_netns_memory
+            .retain(|p, _| Some(p) == current.as_ref() || p.exists());
+        let zt_pruned = self.state.ztunnel_netns_memory.len() != before;
         if self.state.sysctls.is_empty() {
+            if zt_pruned {
+                self.save_state()?;
+            }
             return Ok(());
         }
         let keys: Vec<String> = self.state.sysctls.keys().cloned().collect();
@@ -405,26 +648,15 @@ impl IptablesDriver {
         .and_then(|r| r)
         .map_err(drv)?;
         if gone.is_empty() {
+            if zt_pruned {
+                self.save_state()?;
+            }
             return Ok(());
         }
         for k in &gone {
             self.state.sysctls.remove(k);
         }
         self.save_state()
-    }
-
-    fn remember(&mut self, changed: Vec<(String, String)>) -> Result<(), DriverError> {
-        let mut dirty = false;
-        for (k, v) in changed {
-            if let std::collections::btree_map::Entry::Vacant(e) = self.state.sysctls.entry(k) {
-                e.insert(v);
-                dirty = true;
-            }
-        }
-        if dirty {
-            self.save_state()?;
-        }
-        Ok(())
     }
 
     /// Resolve the ztunnel's veth, netns and the node address towards it.
@@ -682,6 +914,8 @@ impl IptablesDriver {
                 .filter(|t| ipt::table_section(&save, t).is_none())
                 .map(|t| t.to_string())
                 .collect();
+            self.state.created_chains =
+                absent_builtin_chains(self.node(), flavor, &["filter", "mangle", "nat"])?;
         }
         let host_ip = self.cfg.host_ip.unwrap_or(z.host_ip_by_route);
         let kind = self.tunnel_kind();
@@ -713,8 +947,9 @@ impl IptablesDriver {
         // One atomic commit: until it lands the old rules apply in full, so the switch window
         // starts when it returns and ends when tunnels and routes point at the new ztunnel.
         if let Some(text) = an::restore_text(&an::node_chains(&node_cfg), &save) {
-            self.restore(&self.cfg.node_netns.clone(), flavor, &text)?;
+            self.restore(flavor, &text)?;
         }
+        crate::crash::point("install-after-chains");
         let switch_start = Instant::now();
         let mut sysctls = an::node_sysctls(&z.veth);
         let mut recreated = false;
@@ -737,6 +972,7 @@ impl IptablesDriver {
             };
             recreated |= Self::ensure_tunnel(&mut nl, &spec, addr)?;
         }
+        crate::crash::point("install-after-tunnels");
         sysctls.extend(an::tunnel_sysctls());
         for r in an::node_ip_rules() {
             route::add_rule(&mut nl, &to_rule4(&r)).map_err(drv)?;
@@ -798,12 +1034,54 @@ impl IptablesDriver {
         Ok(())
     }
 
+    /// iptables options for a ztunnel netns (its own, netns-scoped lock).
+    fn ztunnel_opts(&self) -> IptablesOptions {
+        self.cfg.iptables.clone()
+    }
+
     fn install_ztunnel_netns(&mut self, z: &ResolvedZtunnel) -> Result<(), DriverError> {
         let kind = self.tunnel_kind();
         let port = self
             .state
             .tunnel_port
             .ok_or_else(|| drv("tunnel port unknown (node state not installed)"))?;
+        // Same binary as the node (the reference uses one `$IPT` for both netns).
+        let flavor = self.flavor()?;
+        let opts = self.ztunnel_opts();
+        let save = with_netns(&z.netns, |ns| {
+            ipt::save_here(ns, &opts, flavor, IpFamily::V4)
+        })
+        .and_then(|r| r)
+        .map_err(drv)?;
+        // Before changing anything there: remember what to remove and which tables our
+        // restore will bring into existence (durably, so a crash cannot lose it).
+        {
+            let mem = self
+                .state
+                .ztunnel_netns_memory
+                .entry(z.netns.clone())
+                .or_default();
+            let before = mem.clone();
+            if !mem.tables_checked {
+                let mut created: Vec<String> = Vec::new();
+                for (t, _, _) in an::ZTUNNEL_CHAINS {
+                    let t = t.name().to_string();
+                    if ipt::table_section(&save, &t).is_none() && !created.contains(&t) {
+                        created.push(t);
+                    }
+                }
+                mem.created_tables = created;
+                mem.created_chains = absent_builtin_chains(&z.netns, flavor, &["mangle"])?;
+                mem.tables_checked = true;
+            }
+            mem.ztunnel_ip = Some(z.ip);
+            mem.host_ip = Some(z.host_ip_by_route);
+            mem.eth = Some(z.eth.clone());
+            if *mem != before {
+                self.save_state()?;
+            }
+        }
+        crate::crash::point("ztunnel-after-tables-saved");
         let mut nl = Netlink::open(&z.netns).map_err(drv)?;
         for (name, vni, addr, mac) in [
             (
@@ -841,21 +1119,13 @@ impl IptablesDriver {
         for r in an::ztunnel_routes(&zcfg) {
             route::replace_route(&mut nl, &to_route4(&r)).map_err(drv)?;
         }
-        let sysctls = an::ztunnel_sysctls(&z.eth, self.cfg.hairpin);
-        with_netns(&z.netns, |ns| {
-            for s in &sysctls {
-                sysctl::write_here(ns, &s.path(), s.value)?;
-            }
-            Ok::<_, NetxError>(())
-        })
-        .and_then(|r| r)
-        .map_err(drv)?;
-        let opts = self.cfg.iptables.clone();
+        let sysctls = an::ztunnel_sysctls(&z.eth, self.cfg.hairpin)
+            .iter()
+            .map(|s| (s.path(), s.value.to_string()))
+            .collect();
+        self.set_sysctls(&SysctlNs::Ztunnel(z.netns.clone()), sysctls)?;
         let chains = an::ztunnel_chains(&zcfg);
-        // Same binary as the node (the reference uses one `$IPT` for both netns).
-        let flavor = self.flavor()?;
         with_netns(&z.netns, |ns| {
-            let save = ipt::save_here(ns, &opts, flavor, IpFamily::V4)?;
             if let Some(text) = an::restore_text(&chains, &save) {
                 ipt::restore_here(ns, &opts, flavor, IpFamily::V4, &text, true)?;
             }
@@ -863,6 +1133,82 @@ impl IptablesDriver {
         })
         .and_then(|r| r)
         .map_err(drv)
+    }
+
+    /// Complete every half-enrolled pod and drop orphaned pod routes (see `actual()`).
+    fn repair(&mut self, entries: &[ipset::IpsetEntry]) -> Result<(), DriverError> {
+        // Before the first install (or with the node tunnel gone) nothing can be completed:
+        // `ztunnel_changed` (re)installs and the loop reads `actual()` again after it.
+        let Some(host_ip) = self.state.host_ip else {
+            return Ok(());
+        };
+        let mut nl = self.nl()?;
+        let Some(tun_in) = nl.link_index(an::TUN_IN).map_err(drv)? else {
+            return Ok(());
+        };
+        let routes = route::list_routes(&mut nl, None).map_err(drv)?;
+        let members: std::collections::BTreeSet<Ipv4Addr> = entries.iter().map(|e| e.ip).collect();
+        let mut routed = std::collections::BTreeSet::new();
+        let mut veth_of: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+        for r in &routes {
+            if r.dst.prefix_len() != 32 {
+                continue;
+            }
+            if r.table == an::TABLE_INBOUND && r.oif == Some(tun_in) {
+                routed.insert(r.dst.addr());
+            } else if r.table == 254
+                && r.unicast
+                && members.contains(&r.dst.addr())
+                && let Some(oif) = r.oif
+            {
+                veth_of.insert(r.dst.addr(), oif);
+            }
+        }
+        for e in entries {
+            if routed.contains(&e.ip) {
+                continue;
+            }
+            tracing::warn!(ip = %e.ip, pod_uid = e.comment.as_deref().unwrap_or("?"),
+                "enrolled pod has no table-100 route (enrollment was cut short); repairing");
+            route::replace_route_oif(&mut nl, &to_route4(&an::pod_route(e.ip, host_ip)), tun_in)
+                .map_err(drv)?;
+            self.repairs.routes += 1;
+        }
+        for ip in routed.difference(&members) {
+            tracing::warn!(%ip, "table-100 pod route without an enrolled pod (release was cut short); removing");
+            route::del_route(&mut nl, &to_route4(&an::pod_route(*ip, host_ip))).map_err(drv)?;
+            self.repairs.orphan_routes += 1;
+        }
+        self.tun_in_index = Some(tun_in);
+        // Pod veth sysctls: read them all on the node worker, fix those that differ.
+        let oifs: Vec<u32> = veth_of.values().copied().collect();
+        let wrong = self.in_ns(&SysctlNs::Node, move |ns| {
+            let mut out = Vec::new();
+            for oif in oifs {
+                let Ok(dev) = tunnel::link_name_here(ns, oif) else {
+                    continue;
+                };
+                for s in an::pod_sysctls(&dev) {
+                    if let Some(cur) = sysctl::read_here(ns, &s.path())?
+                        && cur != s.value
+                    {
+                        out.push((s.path(), s.value.to_string()));
+                    }
+                }
+            }
+            Ok(out)
+        })?;
+        if !wrong.is_empty() {
+            for (k, _) in &wrong {
+                tracing::warn!(
+                    sysctl = k,
+                    "enrolled pod's veth sysctl not set (enrollment was cut short); repairing"
+                );
+            }
+            self.repairs.sysctls += wrong.len() as u64;
+            self.set_sysctls(&SysctlNs::Node, wrong)?;
+        }
+        Ok(())
     }
 
     fn ipset_entries(&mut self) -> Result<Vec<ipset::IpsetEntry>, DriverError> {
@@ -915,6 +1261,7 @@ impl IptablesDriver {
         self.ipset_nl()?
             .add(an::IPSET_NAME, ip, Some(&uid))
             .map_err(|e| DriverError::pod(format!("iptables mode: enroll {pod}: {e}")))?;
+        crate::crash::point("enroll-after-ipset");
         let tun_in = match self.tun_in_index {
             Some(i) => i,
             None => {
@@ -938,6 +1285,7 @@ impl IptablesDriver {
             )));
         }
         self.pod_nl = Some(nl);
+        crate::crash::point("enroll-after-route");
         self.pod_rp_filter(pod, oif)?;
         self.owners.insert(ip, uid);
         Ok(())
@@ -955,6 +1303,7 @@ impl IptablesDriver {
             route::del_route(&mut nl, &to_route4(&an::pod_route(ip, host_ip)))
                 .map_err(|e| DriverError::pod(format!("iptables mode: release {pod}: {e}")))?;
             self.pod_nl = Some(nl);
+            crate::crash::point("release-after-route");
         }
         if self.ipset_exists()? {
             self.ipset_nl()?
@@ -1128,9 +1477,14 @@ impl RedirectDriver for IptablesDriver {
         ip.is_ipv4()
     }
 
+    /// Reads every piece of every enrolled pod, not only the ipset: a pod whose route or
+    /// veth `rp_filter` is missing (an agent killed between the steps of an enroll, or drift)
+    /// is repaired here, and a table-100 pod route without an ipset member (a release cut
+    /// short) is removed. Runs at start-up and on every resync.
     fn actual(&mut self) -> Result<EnrolledState, DriverError> {
         let entries = self.ipset_entries()?;
         self.prune_sysctls()?;
+        self.repair(&entries)?;
         let mut state = EnrolledState::default();
         let mut by_uid: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
         self.owners.clear();
@@ -1145,6 +1499,39 @@ impl RedirectDriver for IptablesDriver {
             state.insert(PodId::new(&uid, "", ""), ips);
         }
         Ok(state)
+    }
+
+    /// One durable state write for the whole pass: every pod-veth sysctl value the pass's
+    /// enrollments will change is read and remembered here, before any of them is written
+    /// (enrolling 5,000 pods writes the state file once, not 5,000 times).
+    fn prepare(&mut self, actions: &[Action]) -> Result<(), DriverError> {
+        if !self.installed() {
+            return Ok(());
+        }
+        let mut ips: Vec<Ipv4Addr> = Vec::new();
+        for a in actions {
+            match a {
+                Action::Enroll { ips: new, .. } => ips.extend(ipv4s(new)),
+                Action::UpdateIps { old, new, .. } => {
+                    let old4 = ipv4s(old);
+                    ips.extend(ipv4s(new).into_iter().filter(|ip| !old4.contains(ip)));
+                }
+                Action::Release { .. } => {}
+            }
+        }
+        if ips.is_empty() {
+            return Ok(());
+        }
+        let mut nl = self.take_pod_nl()?;
+        let mut oifs = Vec::with_capacity(ips.len());
+        for ip in ips {
+            // A pod without a route is reported by its own enroll.
+            if let Ok(Some(oif)) = route::host_route_oif(&mut nl, ip) {
+                oifs.push(oif);
+            }
+        }
+        self.pod_nl = Some(nl);
+        self.remember_pod_sysctls(oifs).map(|_| ())
     }
 
     fn apply(&mut self, action: &Action) -> Result<(), DriverError> {
@@ -1190,6 +1577,7 @@ impl RedirectDriver for IptablesDriver {
         };
         let resolved = self.resolve_ztunnel(z)?;
         self.install_node(&resolved)?;
+        crate::crash::point("install-before-ztunnel-netns");
         self.install_ztunnel_netns(&resolved)?;
         tracing::info!(
             ztunnel = %z.pod,
@@ -1223,14 +1611,23 @@ impl RedirectDriver for IptablesDriver {
                 errors.push(e.message);
             }
         };
-        // ztunnel netns (best effort: it may be gone with its pod).
-        if let Some(zns) = self.state.ztunnel_netns.clone()
-            && zns.exists()
-        {
-            note(self.uninstall_ztunnel_netns(&zns));
+        // Every ztunnel netns we programmed that still exists (best effort: a netns may be
+        // gone with its pod), the current one first.
+        let mut zt_netns: Vec<PathBuf> = self.state.ztunnel_netns.iter().cloned().collect();
+        for p in self.state.ztunnel_netns_memory.keys() {
+            if !zt_netns.contains(p) {
+                zt_netns.push(p.clone());
+            }
         }
+        for zns in zt_netns {
+            if zns.exists() {
+                note(self.uninstall_ztunnel_netns(&zns));
+            }
+        }
+        crate::crash::point("uninstall-after-ztunnel-netns");
         note(self.uninstall_node());
         if errors.is_empty() {
+            crate::crash::point("uninstall-before-state-remove");
             match std::fs::remove_file(&self.cfg.state_file) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -1251,8 +1648,15 @@ impl RedirectDriver for IptablesDriver {
 
 impl IptablesDriver {
     fn uninstall_ztunnel_netns(&mut self, zns: &Path) -> Result<(), DriverError> {
-        let opts = self.cfg.iptables.clone();
+        let opts = self.ztunnel_opts();
         let flavor = self.flavor()?;
+        let mem = self
+            .state
+            .ztunnel_netns_memory
+            .get(zns)
+            .cloned()
+            .unwrap_or_default();
+        let current = self.state.ztunnel_netns.as_deref() == Some(zns);
         with_netns(zns, |ns| {
             let save = ipt::save_here(ns, &opts, flavor, IpFamily::V4)?;
             if let Some(text) = an::removal_text(&an::ZTUNNEL_CHAINS, &save) {
@@ -1266,10 +1670,16 @@ impl IptablesDriver {
         for r in an::ztunnel_ip_rules() {
             route::del_rule(&mut nl, &to_rule4(&r)).map_err(drv)?;
         }
+        let pick = |m: Option<Ipv4Addr>, s: Option<Ipv4Addr>| m.or(if current { s } else { None });
+        let eth = mem.eth.clone().or(if current {
+            self.state.ztunnel_eth.clone()
+        } else {
+            None
+        });
         if let (Some(ip), Some(hip), Some(eth)) = (
-            self.state.ztunnel_ip,
-            self.state.host_ip,
-            self.state.ztunnel_eth.clone(),
+            pick(mem.ztunnel_ip, self.state.ztunnel_ip),
+            pick(mem.host_ip, self.state.host_ip),
+            eth,
         ) {
             let zcfg = ZtunnelConfig {
                 ztunnel_ip: ip,
@@ -1284,15 +1694,17 @@ impl IptablesDriver {
         for l in [an::ZTUN_IN, an::ZTUN_OUT] {
             tunnel::del_link(&mut nl, l).map_err(drv)?;
         }
-        Ok(())
+        restore_sysctls(zns, &mem.sysctls)?;
+        delete_created(zns, &opts, flavor, &mem.created_tables, &mem.created_chains)
     }
 
     fn uninstall_node(&mut self) -> Result<(), DriverError> {
         let flavor = self.flavor()?;
         let save = self.node_save()?;
         if let Some(text) = an::removal_text(&an::NODE_CHAINS, &save) {
-            self.restore(&self.cfg.node_netns.clone(), flavor, &text)?;
+            self.restore(flavor, &text)?;
         }
+        crate::crash::point("uninstall-after-chains");
         let mut nl = self.nl()?;
         for r in an::node_ip_rules() {
             route::del_rule(&mut nl, &to_rule4(&r)).map_err(drv)?;
@@ -1330,53 +1742,142 @@ impl IptablesDriver {
         for l in OUR_LINKS {
             tunnel::del_link(&mut nl, l).map_err(drv)?;
         }
+        crate::crash::point("uninstall-after-links");
         self.ipset = None;
         with_netns(self.node(), |ns| ipset::destroy_here(ns, an::IPSET_NAME))
             .and_then(|r| r)
             .map_err(drv)?;
         // Sysctls back to their previous values (interfaces that are gone are skipped).
-        let sysctls = self.state.sysctls.clone();
-        with_netns(self.node(), |ns| {
-            for (k, v) in &sysctls {
-                if sysctl::read_here(ns, k)?.is_some() {
-                    sysctl::write_here(ns, k, v)?;
-                }
+        restore_sysctls(self.node(), &self.state.sysctls)?;
+        // nft tables that only exist because we used them.
+        let opts = self.node_opts();
+        delete_created(
+            self.node(),
+            &opts,
+            flavor,
+            &self.state.created_tables,
+            &self.state.created_chains,
+        )
+    }
+}
+
+/// Write remembered previous values back in `netns` (keys whose interface is gone are skipped).
+fn restore_sysctls(netns: &Path, values: &BTreeMap<String, String>) -> Result<(), DriverError> {
+    if values.is_empty() {
+        return Ok(());
+    }
+    with_netns(netns, |ns| {
+        for (i, (k, v)) in values.iter().enumerate() {
+            if sysctl::read_here(ns, k)?.is_some() {
+                sysctl::write_here(ns, k, v)?;
             }
-            Ok::<_, NetxError>(())
-        })
+            if i == 0 {
+                crate::crash::point("uninstall-mid-sysctls");
+            }
+        }
+        Ok::<_, NetxError>(())
+    })
+    .and_then(|r| r)
+    .map_err(drv)
+}
+
+/// Built-in chains of the iptables tables.
+fn builtin_chains(table: &str) -> &'static [&'static str] {
+    match table {
+        "filter" => &["INPUT", "FORWARD", "OUTPUT"],
+        "nat" => &["PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"],
+        "mangle" => &["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"],
+        _ => &[],
+    }
+}
+
+/// With iptables-nft: the built-in chains (`table/CHAIN`) of `tables` that nf_tables does not
+/// have yet in `netns` (iptables-nft creates them when a restore uses the table, and
+/// `iptables-nft-save` lists them whether they exist or not, so ask the kernel).
+fn absent_builtin_chains(
+    netns: &Path,
+    flavor: IptablesFlavor,
+    tables: &[&str],
+) -> Result<Vec<String>, DriverError> {
+    if flavor != IptablesFlavor::Nft {
+        return Ok(Vec::new());
+    }
+    let present = with_netns(netns, |ns| nft::kernel_chains_here(ns, nft::NFPROTO_IPV4))
         .and_then(|r| r)
         .map_err(drv)?;
-        // nft tables that only exist because we used them.
-        if flavor == IptablesFlavor::Nft && !self.state.created_tables.is_empty() {
-            let after = self.node_save()?;
-            let empty: Vec<String> = self
-                .state
-                .created_tables
+    let mut out = Vec::new();
+    for t in tables {
+        for c in builtin_chains(t) {
+            if !present
                 .iter()
-                .filter(|t| {
-                    ipt::table_section(&after, t).is_some_and(|s| {
-                        !s.lines().any(|l| l.starts_with("-A "))
-                            && s.lines()
-                                .filter(|l| l.starts_with(':'))
-                                .all(|l| l.contains(" ACCEPT "))
-                    })
-                })
-                .cloned()
-                .collect();
-            with_netns(self.node(), |_ns| {
-                for t in &empty {
-                    let out = std::process::Command::new("nft")
-                        .args(["delete", "table", "ip", t])
-                        .output();
-                    if let Err(e) = out {
-                        tracing::debug!(table = t, error = %e, "could not delete nft table");
-                    }
-                }
-            })
-            .map_err(drv)?;
+                .any(|p| p.table.family == "ip" && p.table.name == *t && p.name == *c)
+            {
+                out.push(format!("{t}/{c}"));
+            }
         }
-        Ok(())
     }
+    Ok(out)
+}
+
+/// With iptables-nft, delete what only exists because we used it: the built-in chains in
+/// `chains` (`table/CHAIN`) that are empty with policy ACCEPT, then the tables in `tables`
+/// left with nothing but such chains.
+fn delete_created(
+    netns: &Path,
+    opts: &IptablesOptions,
+    flavor: IptablesFlavor,
+    tables: &[String],
+    chains: &[String],
+) -> Result<(), DriverError> {
+    if flavor != IptablesFlavor::Nft || (tables.is_empty() && chains.is_empty()) {
+        return Ok(());
+    }
+    with_netns(netns, |ns| {
+        let after = ipt::save_here(ns, opts, flavor, IpFamily::V4)?;
+        let present = nft::kernel_chains_here(ns, nft::NFPROTO_IPV4)?;
+        let exists = |t: &str, c: &str| {
+            present
+                .iter()
+                .any(|p| p.table.family == "ip" && p.table.name == t && p.name == c)
+        };
+        let mut text = String::new();
+        for t in tables {
+            let empty = ipt::table_section(&after, t).is_some_and(|s| {
+                !s.lines().any(|l| l.starts_with("-A "))
+                    && s.lines()
+                        .filter(|l| l.starts_with(':'))
+                        .all(|l| l.contains(" ACCEPT "))
+            });
+            if empty
+                && present
+                    .iter()
+                    .any(|p| p.table.family == "ip" && p.table.name == *t)
+            {
+                text.push_str(&format!("delete table ip {t}\n"));
+            }
+        }
+        for tc in chains {
+            let Some((t, c)) = tc.split_once('/') else {
+                continue;
+            };
+            if text.contains(&format!("delete table ip {t}\n")) || !exists(t, c) {
+                continue;
+            }
+            let empty = ipt::table_section(&after, t).is_some_and(|s| {
+                s.lines().any(|l| l.starts_with(&format!(":{c} ACCEPT ")))
+                    && !s.lines().any(|l| l.starts_with(&format!("-A {c} ")))
+            });
+            if empty {
+                text.push_str(&format!("delete chain ip {t} {c}\n"));
+            }
+        }
+        if !text.is_empty() {
+            nft::apply_here(ns, &text)?;
+        }
+        Ok::<_, NetxError>(())
+    })
+    .and_then(|r| r)
+    .map_err(drv)
 }
 
 #[cfg(test)]

@@ -29,7 +29,9 @@ use meshcni_agent::modes::iptables::{
 use meshcni_agent::workloads::{
     EnrollPolicy, NamespaceInfo, SourceUpdate, Workload, WorkloadSnapshot, desired_set,
 };
-use meshcni_testkit::{LabNode, LabPod, MultiNodeLab, TcpServer, ZtunnelHop, ZtunnelStandIn};
+use meshcni_testkit::{
+    LabNode, LabPod, MultiNodeLab, NetnsSnapshot, TcpServer, ZtunnelHop, ZtunnelStandIn,
+};
 
 pub const PORT: u16 = 8080;
 pub const T: Duration = Duration::from_secs(5);
@@ -64,18 +66,48 @@ pub struct Mesh {
     pub pod_ns: BTreeMap<String, String>,
     pub lab: MultiNodeLab,
     pub tmp: tempfile::TempDir,
+    /// Every node and ztunnel netns as it was before the first install: dropping the mesh
+    /// uninstalls (like `meshcni-agent uninstall`, from each node's state file) and asserts
+    /// each netns is byte-identical to this again.
+    pub baselines: Vec<(String, std::path::PathBuf, NetnsSnapshot)>,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return; // the test already failed; the lab is deleted anyway
+        }
+        for n in &self.lab.nodes {
+            IptablesDriver::new(driver_config(n, self.tmp.path()))
+                .expect("iptables driver")
+                .uninstall()
+                .unwrap_or_else(|e| panic!("uninstall node{}: {e}", n.index));
+        }
+        for (name, path, before) in &self.baselines {
+            meshcni_testkit::assert_netns_unchanged(
+                path,
+                before,
+                &format!("after uninstall, {name}"),
+            );
+        }
+    }
 }
 
 /// The `iptables` driver programming one lab node's netns (state file under `state_dir`).
 /// The ztunnel netns is named through the ztunnel pod annotation (see [`Mesh::snapshot`]).
 pub fn iptables_driver(node: &LabNode, state_dir: &Path) -> Box<dyn RedirectDriver> {
-    let cfg = IptablesModeConfig {
+    Box::new(IptablesDriver::new(driver_config(node, state_dir)).expect("iptables driver"))
+}
+
+/// The driver configuration of one lab node (state file under `state_dir`).
+pub fn driver_config(node: &LabNode, state_dir: &Path) -> IptablesModeConfig {
+    IptablesModeConfig {
         node_netns: node.netns.path().to_path_buf(),
         netns_dir: state_dir.join("netns"),
         state_file: state_dir.join(format!("node{}/iptables-mode.json", node.index)),
+        node_xtables_lock: state_dir.join(format!("node{}.xtables.lock", node.index)),
         ..IptablesModeConfig::default()
-    };
-    Box::new(IptablesDriver::new(cfg).expect("iptables driver"))
+    }
 }
 
 impl Mesh {
@@ -112,6 +144,17 @@ impl Mesh {
             pod_ns.insert(name.to_string(), ns.to_string());
         }
         let tmp = tempfile::tempdir().expect("tempdir");
+        let mut baselines = Vec::new();
+        for n in &lab.nodes {
+            for (what, ns) in [("node", &n.netns), ("ztunnel", &n.ztunnel.netns)] {
+                let snap = NetnsSnapshot::capture(ns.path()).expect("netns snapshot");
+                baselines.push((
+                    format!("{what} netns of node{}", n.index),
+                    ns.path().to_path_buf(),
+                    snap,
+                ));
+            }
+        }
         let reconcilers = lab
             .nodes
             .iter()
@@ -134,6 +177,7 @@ impl Mesh {
             pod_ns,
             lab,
             tmp,
+            baselines,
         };
         mesh.reconcile();
         mesh
