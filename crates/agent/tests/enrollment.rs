@@ -688,3 +688,75 @@ fn a_panicking_driver_closes_the_redirect_gate() {
     }
     l.stop(false);
 }
+
+/// Issue 8 item 16: an idle file source must not re-read or re-parse its file (it used to
+/// wake on its own IN_OPEN and re-read ~50 times a second forever). Counted, not timed: the
+/// file's opens as seen by inotify, and the source's parse counter.
+#[test]
+fn an_idle_file_source_does_not_reread_its_file() {
+    use meshcni_agent::workloads::WorkloadMetrics;
+    use meshcni_agent::workloads::file::FileSourceOptions;
+    use notify::Watcher as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("workloads.json");
+    let pods: Vec<Value> = (0..200)
+        .map(|i| pod(&format!("p{i}"), "demo", &format!("10.0.{}.{}", i / 250, i % 250 + 1), json!({})))
+        .collect();
+    write_file(&file, &[namespace("demo", true)], &pods);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let metrics = WorkloadMetrics::default();
+    let src = FileSource::spawn_with(
+        file.clone(),
+        NODE.into(),
+        FileSourceOptions {
+            resync: Duration::from_secs(3600),
+            metrics: metrics.clone(),
+            ..FileSourceOptions::default()
+        },
+        tx,
+    );
+    assert!(matches!(
+        rx.recv_timeout(Duration::from_secs(5)).expect("first snapshot"),
+        meshcni_agent::workloads::SourceUpdate::Snapshot(_)
+    ));
+    // Count every open of the file from now on.
+    let opens = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let o2 = opens.clone();
+    let name = file.file_name().map(|n| n.to_os_string());
+    let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(e) = ev {
+            if matches!(e.kind, notify::EventKind::Access(notify::event::AccessKind::Open(_)))
+                && e.paths.iter().any(|p| p.file_name() == name.as_deref())
+            {
+                o2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    })
+    .expect("watcher");
+    w.watch(dir.path(), notify::RecursiveMode::NonRecursive)
+        .expect("watch");
+    std::thread::sleep(Duration::from_secs(2));
+    let idle_opens = opens.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(idle_opens, 0, "the idle source opened its file {idle_opens} times in 2 s");
+    assert_eq!(metrics.file_parses.get(), 1, "parsed once, at start");
+    assert!(rx.try_recv().is_err(), "nothing sent while idle");
+
+    // A real change is still noticed (and parsed once more); rewriting the same content is
+    // read but not parsed.
+    write_file(&file, &[namespace("demo", true)], &pods[..10]);
+    match rx.recv_timeout(Duration::from_secs(5)).expect("update") {
+        meshcni_agent::workloads::SourceUpdate::Snapshot(s) => assert_eq!(s.pods.len(), 10),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(metrics.file_parses.get(), 2);
+    let before = opens.load(std::sync::atomic::Ordering::SeqCst);
+    write_file(&file, &[namespace("demo", true)], &pods[..10]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while opens.load(std::sync::atomic::Ordering::SeqCst) < before + 1 {
+        assert!(Instant::now() < deadline, "the rewrite was never read");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(metrics.file_parses.get(), 2, "same content is not parsed again");
+    src.stop();
+}
