@@ -248,6 +248,8 @@ pub enum RejectKind {
     Unavailable,
     /// A newer ADD for the same pod arrived while this one waited.
     Superseded,
+    /// An event IP is the node's own or ztunnel's address.
+    ReservedIp,
 }
 
 impl RejectKind {
@@ -262,6 +264,7 @@ impl RejectKind {
             RejectKind::Timeout => "timeout",
             RejectKind::Unavailable => "unavailable",
             RejectKind::Superseded => "superseded",
+            RejectKind::ReservedIp => "reserved_ip",
         }
     }
 }

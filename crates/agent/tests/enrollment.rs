@@ -700,7 +700,14 @@ fn an_idle_file_source_does_not_reread_its_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("workloads.json");
     let pods: Vec<Value> = (0..200)
-        .map(|i| pod(&format!("p{i}"), "demo", &format!("10.0.{}.{}", i / 250, i % 250 + 1), json!({})))
+        .map(|i| {
+            pod(
+                &format!("p{i}"),
+                "demo",
+                &format!("10.0.{}.{}", i / 250, i % 250 + 1),
+                json!({}),
+            )
+        })
         .collect();
     write_file(&file, &[namespace("demo", true)], &pods);
     let (tx, rx) = std::sync::mpsc::channel();
@@ -716,7 +723,8 @@ fn an_idle_file_source_does_not_reread_its_file() {
         tx,
     );
     assert!(matches!(
-        rx.recv_timeout(Duration::from_secs(5)).expect("first snapshot"),
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("first snapshot"),
         meshcni_agent::workloads::SourceUpdate::Snapshot(_)
     ));
     // Count every open of the file from now on.
@@ -725,8 +733,10 @@ fn an_idle_file_source_does_not_reread_its_file() {
     let name = file.file_name().map(|n| n.to_os_string());
     let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if let Ok(e) = ev {
-            if matches!(e.kind, notify::EventKind::Access(notify::event::AccessKind::Open(_)))
-                && e.paths.iter().any(|p| p.file_name() == name.as_deref())
+            if matches!(
+                e.kind,
+                notify::EventKind::Access(notify::event::AccessKind::Open(_))
+            ) && e.paths.iter().any(|p| p.file_name() == name.as_deref())
             {
                 o2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
@@ -737,7 +747,10 @@ fn an_idle_file_source_does_not_reread_its_file() {
         .expect("watch");
     std::thread::sleep(Duration::from_secs(2));
     let idle_opens = opens.load(std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(idle_opens, 0, "the idle source opened its file {idle_opens} times in 2 s");
+    assert_eq!(
+        idle_opens, 0,
+        "the idle source opened its file {idle_opens} times in 2 s"
+    );
     assert_eq!(metrics.file_parses.get(), 1, "parsed once, at start");
     assert!(rx.try_recv().is_err(), "nothing sent while idle");
 
@@ -757,6 +770,10 @@ fn an_idle_file_source_does_not_reread_its_file() {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(metrics.file_parses.get(), 2, "same content is not parsed again");
+    assert_eq!(
+        metrics.file_parses.get(),
+        2,
+        "same content is not parsed again"
+    );
     src.stop();
 }
