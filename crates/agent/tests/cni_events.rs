@@ -808,3 +808,131 @@ fn reconciler_answers_not_synced_and_terminating_only() {
         "{r}"
     );
 }
+
+fn step_reconciler(driver: &FakeDriver, pods: &[Value]) -> Reconciler {
+    use meshcni_agent::workloads::{SourceUpdate, WorkloadSnapshot, decode_namespace, decode_pod};
+    let mut rec = Reconciler::new(
+        Box::new(driver.clone()),
+        EnrollPolicy::default(),
+        LoopOptions::default(),
+        StatusHandle::new(Err("starting".into())),
+    );
+    rec.update(SourceUpdate::Snapshot(WorkloadSnapshot::from_parts(
+        pods.iter().map(|p| decode_pod(p).expect("pod")),
+        namespaces()
+            .iter()
+            .map(|n| decode_namespace(n).expect("ns")),
+    )));
+    rec
+}
+
+/// Issue 8 item 8: an ADD naming p3 with p4's IP used to release p3's real IP at once, and p3
+/// stayed uncaptured until the next source update. A refused request must leave everything
+/// exactly as it was.
+#[test]
+fn a_refused_cmdadd_leaves_the_enrollment_exactly_as_before() {
+    use meshcni_agent::cni_events::{CmdAdd, CniAddRequest, RejectKind};
+    use meshcni_agent::workloads::SourceUpdate;
+    let driver = FakeDriver::new();
+    let mut rec = step_reconciler(
+        &driver,
+        &[
+            ztunnel(),
+            pod("p3", "demo", Some("10.0.0.3"), json!({})),
+            pod("p4", "demo", Some("10.0.0.4"), json!({})),
+        ],
+    );
+    let t0 = Instant::now();
+    rec.reconcile(t0);
+    let before = driver.lock().enrolled.clone();
+    assert_eq!(before.pods.len(), 2, "{before:?}");
+    let calls_before = driver.lock().calls.len();
+
+    let options = CniEventOptions {
+        pod_lookup_wait: Duration::from_millis(200),
+        reply_timeout: Duration::from_secs(2),
+    };
+    let ev = CmdAdd {
+        netns: String::new(),
+        namespace: "demo".into(),
+        name: "p3".into(),
+        ips: vec!["10.0.0.4".parse().expect("ip")],
+        uid: None,
+    };
+    let (req, mut rx) = CniAddRequest::new(ev, &options);
+    let (received, deadline) = (req.received, req.deadline);
+    rec.update(SourceUpdate::CniAdd(req));
+    rec.reconcile(received);
+    assert!(rx.try_recv().is_err(), "waits for the IP to be free");
+    assert_eq!(
+        driver.lock().enrolled,
+        before,
+        "nothing changed while it waits"
+    );
+    rec.reconcile(received + Duration::from_millis(500));
+    assert_eq!(driver.lock().enrolled, before);
+
+    rec.reconcile(deadline);
+    let r = rx.try_recv().expect("answered").expect_err("refused");
+    assert_eq!(r.kind, RejectKind::Timeout);
+    assert!(
+        r.message
+            .contains("IP 10.0.0.4 is still enrolled for pod uid uid-p4"),
+        "{r}"
+    );
+    // Passes after the refusal change nothing either.
+    rec.reconcile(deadline + Duration::from_millis(10));
+    assert_eq!(driver.lock().enrolled, before, "state exactly as before");
+    let calls = driver.lock().calls.clone();
+    assert!(
+        !calls[calls_before..].iter().any(|c| c.starts_with("apply")),
+        "no action at all: {:?}",
+        &calls[calls_before..]
+    );
+}
+
+/// Issue 8 item 14: with an IPv4-only driver a dual-stack pod is enrolled with its IPv4
+/// address; the ADD (v4+v6 in the event) must be answered 200, not time out.
+#[test]
+fn dual_stack_add_is_captured_by_an_ipv4_only_driver() {
+    let driver = FakeDriver::new();
+    driver.lock().ipv4_only = true;
+    let s = Setup::with(driver, &[ztunnel(), ambient("app")]);
+    let mut ev = event("demo", "app", "10.0.0.2");
+    ev.ips.push(EventIp {
+        interface: 0,
+        address: EventAddr {
+            ip: "fd00::2".into(),
+            mask: "/////////////////////w==".into(),
+        },
+        gateway: None,
+    });
+    let t = Instant::now();
+    s.add(&ev).expect("dual-stack pod captured");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        s.driver.lock().enrolled.pods["uid-app"].ips,
+        vec!["10.0.0.2".parse::<std::net::IpAddr>().expect("ip")]
+    );
+    assert_eq!(s.count("captured"), 1);
+}
+
+/// Issue 8 item 7: an ADD whose IP is ztunnel's (or the node's) is refused, nothing applied.
+#[test]
+fn an_add_with_ztunnels_address_is_refused() {
+    let s = Setup::new(&[ztunnel(), ambient("app")]);
+    let (status, body) = rejected(s.add(&event("demo", "app", "10.0.0.250")));
+    assert_eq!(status, 500);
+    assert!(
+        body.contains(
+            "pod demo/app: IP 10.0.0.250 is the address of ztunnel pod istio-system/ztunnel-x"
+        ),
+        "{body}"
+    );
+    assert!(s.applies().is_empty(), "{:?}", s.applies());
+    assert_eq!(s.count("reserved_ip"), 1);
+}
