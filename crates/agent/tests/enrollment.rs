@@ -815,18 +815,14 @@ fn pods_claiming_ztunnel_or_node_addresses_are_not_enrolled() {
     let t0 = Instant::now();
     rec.reconcile(t0);
     rec.reconcile(t0 + Duration::from_millis(1));
-    assert_eq!(
-        driver
-            .lock()
-            .enrolled
-            .pods
-            .keys()
-            .cloned()
-            .collect::<Vec<_>>(),
-        ["uid-ok"],
-        "{:?}",
-        driver.lock().calls
-    );
+    let (enrolled, calls) = {
+        let d = driver.lock();
+        (
+            d.enrolled.pods.keys().cloned().collect::<Vec<_>>(),
+            d.calls.clone(),
+        )
+    };
+    assert_eq!(enrolled, ["uid-ok"], "{calls:?}");
     assert_eq!(
         metrics.refusals_of("reserved_ip"),
         3,
