@@ -639,6 +639,14 @@ async fn serve_bounded(
             if let Some((id, abort)) = slow {
                 abort.abort();
                 live.remove(&id);
+                // Wait until it is gone (its socket closed) before taking a new one.
+                while let Some(done) = conns.join_next_with_id().await {
+                    let gone = done.map_or_else(|e| e.id(), |(id, ())| id);
+                    live.remove(&gone);
+                    if gone == id {
+                        break;
+                    }
+                }
                 evicted += 1;
                 if evicted.is_power_of_two() {
                     warn!(

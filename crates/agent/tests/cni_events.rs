@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use meshcni_agent::ambient::StatusHandle;
 use meshcni_agent::ambient::{AmbientLoop, DriverError, FakeDriver, LoopOptions, Reconciler};
 use meshcni_agent::cni_events::{
-    Backend, CniEventError, CniEventMetrics, CniEventOptions, CniEventServer, SOCKET_NAME,
+    Backend, CniEventError, CniEventMetrics, CniEventOptions, CniEventServer, ConnectionLimits,
+    SOCKET_NAME,
 };
 use meshcni_agent::metrics::{DURATION_BUCKETS, EventLabels};
 use meshcni_agent::workloads::EnrollPolicy;
@@ -116,6 +117,15 @@ impl Setup {
     }
 
     fn with_options(driver: FakeDriver, pods: &[Value], options: CniEventOptions) -> Setup {
+        Setup::with_limits(driver, pods, options, ConnectionLimits::default())
+    }
+
+    fn with_limits(
+        driver: FakeDriver,
+        pods: &[Value],
+        options: CniEventOptions,
+        limits: ConnectionLimits,
+    ) -> Setup {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("workloads.json");
         write_file(&file, pods);
@@ -150,11 +160,12 @@ impl Setup {
             .expect("runtime");
         let server = {
             let _g = rt.enter();
-            CniEventServer::start(
+            CniEventServer::start_with_limits(
                 &dir.path().join("run"),
                 Backend::Loop(l.sender()),
                 options,
                 metrics.clone(),
+                limits,
             )
             .expect("start server")
         };
@@ -935,4 +946,98 @@ fn an_add_with_ztunnels_address_is_refused() {
     );
     assert!(s.applies().is_empty(), "{:?}", s.applies());
     assert_eq!(s.count("reserved_ip"), 1);
+}
+
+/// Issue 8 item 10: slow clients (partial requests) used to stay open forever, without a cap,
+/// so that with a low fd limit real `/cmdadd`s timed out. Now: at most `max_connections` are
+/// served, a connection without a request head is closed after `header_timeout` (or evicted
+/// for a newcomer), a slow body gets 408 — and real requests succeed while 200 slow clients
+/// keep connecting.
+#[test]
+fn real_cmdadds_succeed_while_many_slow_clients_are_connected() {
+    let limits = ConnectionLimits {
+        max_connections: 8,
+        header_timeout: Duration::from_millis(1500),
+        body_timeout: Duration::from_millis(500),
+        ..ConnectionLimits::default()
+    };
+    let mut pods = vec![ztunnel()];
+    for i in 0..5 {
+        pods.push(ambient(&format!("real{i}")));
+    }
+    let s = Setup::with_limits(
+        FakeDriver::new(),
+        &pods,
+        CniEventOptions {
+            pod_lookup_wait: LOOKUP_WAIT,
+            reply_timeout: Duration::from_millis(4500),
+        },
+        limits,
+    );
+    let socket = s.socket();
+    let server = s.server.as_ref().expect("server");
+
+    // A slow client alone: the server closes it after the header timeout.
+    let mut lone = UnixStream::connect(&socket).expect("connect");
+    lone.write_all(b"POST /cmdadd HTTP/1.1\r\nHost: unix\r\n")
+        .expect("partial head");
+    lone.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let t = Instant::now();
+    let mut buf = Vec::new();
+    let _ = lone.read_to_end(&mut buf);
+    let closed_after = t.elapsed();
+    assert!(
+        closed_after < Duration::from_secs(4),
+        "a client without a request head stayed connected for {closed_after:?}"
+    );
+
+    // A body that never completes: 408.
+    let mut slow_body = UnixStream::connect(&socket).expect("connect");
+    slow_body
+        .write_all(b"POST /cmdadd HTTP/1.1\r\nHost: unix\r\nContent-Length: 100\r\n\r\n{\"Pod")
+        .expect("partial body");
+    slow_body
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut reply = String::new();
+    let _ = slow_body.read_to_string(&mut reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
+
+    // 200 slow clients, and the real requests among them.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let max_open = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let mut held = Vec::new();
+            for _ in 0..200 {
+                if let Ok(mut c) = UnixStream::connect(&socket) {
+                    let _ = c.write_all(b"POST /cmdadd HTTP/1.1\r\nHost: un");
+                    held.push(c);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        sc.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                max_open.fetch_max(server.open_connections(), std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        for i in 0..5 {
+            let t = Instant::now();
+            s.add(&event("demo", &format!("real{i}"), &format!("10.0.2.{}", i + 1)))
+                .unwrap_or_else(|e| panic!("real cmdadd {i} among slow clients: {e}"));
+            assert!(t.elapsed() < Duration::from_secs(2), "real{i} took {:?}", t.elapsed());
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let max_open = max_open.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(max_open <= 8, "{max_open} connections served at once");
+    assert_eq!(s.count("captured"), 5);
+    eprintln!("closed a lone slow client after {closed_after:?}; at most {max_open} connections open");
 }
