@@ -136,6 +136,8 @@ pub enum BadEvent {
     },
     #[error("IPs[{index}].Gateway {value:?} is not an IP address")]
     BadGateway { index: usize, value: String },
+    #[error("PodUID {0:?} is not a Kubernetes UID (letters, digits and '-' only)")]
+    BadUid(String),
 }
 
 // Go's `encoding/json` shape of Istio's `CNIPluginAddEvent`. Every field optional here so a
@@ -246,12 +248,16 @@ pub fn parse_cmdadd(body: &[u8]) -> Result<CmdAdd, BadEvent> {
         }
         ips.push(ip);
     }
+    let uid = w.pod_uid.filter(|u| !u.is_empty());
+    if let Some(u) = uid.as_deref().filter(|u| !crate::workloads::valid_uid(u)) {
+        return Err(BadEvent::BadUid(u.to_string()));
+    }
     Ok(CmdAdd {
         netns: w.netns.unwrap_or_default(),
         namespace,
         name,
         ips: canonical_ips(ips),
-        uid: w.pod_uid.filter(|u| !u.is_empty()),
+        uid,
     })
 }
 
@@ -928,6 +934,10 @@ mod tests {
             (
                 r#"{"PodName":"p","PodNamespace":"ns","IPs":[{"Interface":0}]}"#,
                 "IPs[].Address is missing",
+            ),
+            (
+                r#"{"PodName":"p","PodNamespace":"ns","PodUID":"a\nb","IPs":[{"Address":{"IP":"10.0.0.3"}}]}"#,
+                r#"PodUID "a\nb" is not a Kubernetes UID"#,
             ),
         ];
         for (body, want) in cases {
