@@ -616,8 +616,7 @@ async fn serve_bounded(
     let max = limits.max_connections.max(1);
     let mut conns: JoinSet<()> = JoinSet::new();
     // Live connections in accept order: task id → (accept order, head delivered, abort).
-    let mut live: BTreeMap<Id, (u64, Arc<AtomicBool>, tokio::task::AbortHandle)> =
-        BTreeMap::new();
+    let mut live: BTreeMap<Id, (u64, Arc<AtomicBool>, tokio::task::AbortHandle)> = BTreeMap::new();
     let mut order = 0u64;
     let mut evicted = 0u64;
     loop {
@@ -674,10 +673,11 @@ async fn serve_bounded(
         let head = Arc::new(AtomicBool::new(false));
         let h2 = head.clone();
         let app = app.clone();
-        let svc = hyper::service::service_fn(move |req: axum::http::Request<hyper::body::Incoming>| {
-            h2.store(true, Ordering::SeqCst);
-            tower::ServiceExt::oneshot(app.clone(), req)
-        });
+        let svc =
+            hyper::service::service_fn(move |req: axum::http::Request<hyper::body::Incoming>| {
+                h2.store(true, Ordering::SeqCst);
+                tower::ServiceExt::oneshot(app.clone(), req)
+            });
         let open2 = open.clone();
         let abort = conns.spawn(async move {
             // Counted while the connection lives, also when it is evicted (aborted).

@@ -1023,21 +1023,34 @@ fn real_cmdadds_succeed_while_many_slow_clients_are_connected() {
         });
         sc.spawn(|| {
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                max_open.fetch_max(server.open_connections(), std::sync::atomic::Ordering::SeqCst);
+                max_open.fetch_max(
+                    server.open_connections(),
+                    std::sync::atomic::Ordering::SeqCst,
+                );
                 std::thread::sleep(Duration::from_millis(2));
             }
         });
         std::thread::sleep(Duration::from_millis(300));
         for i in 0..5 {
             let t = Instant::now();
-            s.add(&event("demo", &format!("real{i}"), &format!("10.0.2.{}", i + 1)))
-                .unwrap_or_else(|e| panic!("real cmdadd {i} among slow clients: {e}"));
-            assert!(t.elapsed() < Duration::from_secs(2), "real{i} took {:?}", t.elapsed());
+            s.add(&event(
+                "demo",
+                &format!("real{i}"),
+                &format!("10.0.2.{}", i + 1),
+            ))
+            .unwrap_or_else(|e| panic!("real cmdadd {i} among slow clients: {e}"));
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "real{i} took {:?}",
+                t.elapsed()
+            );
         }
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
     });
     let max_open = max_open.load(std::sync::atomic::Ordering::SeqCst);
     assert!(max_open <= 8, "{max_open} connections served at once");
     assert_eq!(s.count("captured"), 5);
-    eprintln!("closed a lone slow client after {closed_after:?}; at most {max_open} connections open");
+    eprintln!(
+        "closed a lone slow client after {closed_after:?}; at most {max_open} connections open"
+    );
 }
