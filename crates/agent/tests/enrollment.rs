@@ -925,3 +925,61 @@ fn an_empty_or_partial_workloads_file_releases_nothing() {
     s.wait_enrolled(&[]);
     s.stop(false);
 }
+
+/// Issue 8 item 9: a 100 MB workloads file used to be accepted (and re-parsed continuously).
+/// It is refused without being read, naming the file and the bound; the last good snapshot
+/// stays in force.
+#[test]
+fn an_oversized_workloads_file_is_refused_without_reading_it() {
+    use meshcni_agent::workloads::file::{FileSourceOptions, MAX_FILE_BYTES};
+    use meshcni_agent::workloads::{SourceUpdate, WorkloadMetrics};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("workloads.json");
+    write_file(
+        &file,
+        &[namespace("demo", true)],
+        &[pod("a", "demo", "10.0.0.1", json!({}))],
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let metrics = WorkloadMetrics::default();
+    let src = FileSource::spawn_with(
+        file.clone(),
+        NODE.into(),
+        FileSourceOptions {
+            resync: Duration::from_millis(200),
+            metrics: metrics.clone(),
+            ..FileSourceOptions::default()
+        },
+        tx,
+    );
+    assert!(matches!(
+        rx.recv_timeout(Duration::from_secs(5)).expect("first"),
+        SourceUpdate::Snapshot(_)
+    ));
+    // 100 MB (sparse: no disk used), replaced atomically.
+    let tmp = file.with_extension("tmp");
+    std::fs::File::create(&tmp)
+        .and_then(|f| f.set_len(100 * 1024 * 1024))
+        .expect("sparse file");
+    std::fs::rename(&tmp, &file).expect("rename");
+    match rx.recv_timeout(Duration::from_secs(5)).expect("refusal") {
+        SourceUpdate::Error(e) => assert!(
+            e.contains(&format!(
+                "workloads file {} exceeds a limit: 104857600 bytes, more than the {MAX_FILE_BYTES} bytes accepted",
+                file.display()
+            )),
+            "{e}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Refused once (not at every re-check), never parsed, nothing else sent.
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(rx.try_recv().is_err());
+    assert_eq!(metrics.refusals_of("file_limit"), 1);
+    assert_eq!(
+        metrics.file_parses.get(),
+        1,
+        "only the first, good content was parsed"
+    );
+    src.stop();
+}

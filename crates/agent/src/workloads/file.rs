@@ -289,6 +289,13 @@ fn read_bounded(path: &Path, max_bytes: u64) -> Result<String, FileSourceError> 
         source,
     };
     let f = std::fs::File::open(path).map_err(read_err)?;
+    let len = f.metadata().map_err(read_err)?.len();
+    if len > max_bytes {
+        return Err(FileSourceError::Limit {
+            path: path.to_path_buf(),
+            what: format!("{len} bytes, more than the {max_bytes} bytes accepted"),
+        });
+    }
     let mut buf = Vec::new();
     f.take(max_bytes.saturating_add(1))
         .read_to_end(&mut buf)
@@ -443,14 +450,15 @@ impl FileSource {
                     }
                 }
                 Err(e) => {
-                    if !matches!(e, FileSourceError::Read { .. }) {
-                        metrics.refused(e.refusal_reason());
-                    } else {
+                    if matches!(e, FileSourceError::Read { .. }) {
                         // Unreadable now: whatever is there next is new content.
                         last_hash = None;
                     }
                     let msg = e.to_string();
                     if last_error.as_ref() != Some(&msg) {
+                        if !matches!(e, FileSourceError::Read { .. }) {
+                            metrics.refused(e.refusal_reason());
+                        }
                         warn!(error = %msg, "ignoring workloads file content; keeping the last good snapshot");
                         let _ = tx.send(SourceUpdate::Error(msg.clone()));
                         last_error = Some(msg);
