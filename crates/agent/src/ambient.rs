@@ -318,8 +318,8 @@ pub type NodeAddresses = Box<dyn FnMut() -> Result<Vec<IpAddr>, String> + Send>;
 /// How often the node's addresses are re-listed.
 pub const NODE_ADDRESSES_REFRESH: Duration = Duration::from_secs(10);
 
-/// The addresses of the agent's own network namespace (the node's, for the host-network
-/// agent), loopback and link-local excluded.
+/// Every address of the agent's own network namespace (the node's, for the host-network
+/// agent; the netns the iptables mode programs).
 pub fn own_netns_addresses() -> Result<Vec<IpAddr>, String> {
     let addrs = nix::ifaddrs::getifaddrs()
         .map_err(|e| format!("listing the node's addresses (getifaddrs): {e}"))?;

@@ -191,11 +191,12 @@ pub fn parse_workloads(
     node: &str,
     path: &Path,
 ) -> Result<WorkloadSnapshot, FileSourceError> {
-    parse_workloads_checked(text, node, path, &FileLimits::default()).map(|(s, _)| s)
+    parse_workloads_checked(text, node, path, &FileLimits::default(), None).map(|(s, _)| s)
 }
 
-/// [`parse_workloads`] with explicit limits, also returning the pods refused because an
-/// earlier pod in the file has their UID (the first one keeps it). Pure.
+/// [`parse_workloads`] with explicit limits, also returning the pods refused because another
+/// pod has their UID: the pod that held the UID in `previous` (the last good snapshot) keeps
+/// it, else the first in the file. Pure.
 ///
 /// The file must say what it holds: both `pods` and `namespaces` must be present (each may
 /// be an empty list). An empty document (`{}`, `---`, only comments) or one without either
@@ -206,6 +207,7 @@ pub fn parse_workloads_checked(
     node: &str,
     path: &Path,
     limits: &FileLimits,
+    previous: Option<&WorkloadSnapshot>,
 ) -> Result<(WorkloadSnapshot, Vec<super::DuplicateUid>), FileSourceError> {
     let parse_err = |reason: String| FileSourceError::Parse {
         path: path.to_path_buf(),
@@ -278,7 +280,11 @@ pub fn parse_workloads_checked(
     Ok(WorkloadSnapshot::from_parts_checked(
         pods,
         namespaces,
-        |_| false,
+        |w| {
+            previous
+                .and_then(|p| p.pods.get(&w.uid))
+                .is_some_and(|held| held.key() == w.key())
+        },
     ))
 }
 
@@ -316,7 +322,7 @@ fn read_bounded(path: &Path, max_bytes: u64) -> Result<String, FileSourceError> 
 pub fn read_workloads(path: &Path, node: &str) -> Result<WorkloadSnapshot, FileSourceError> {
     let limits = FileLimits::default();
     let text = read_bounded(path, limits.max_bytes)?;
-    parse_workloads_checked(&text, node, path, &limits).map(|(s, _)| s)
+    parse_workloads_checked(&text, node, path, &limits, None).map(|(s, _)| s)
 }
 
 /// Options of a [`FileSource`].
@@ -428,7 +434,7 @@ impl FileSource {
                 }
                 last_hash = Some(h);
                 metrics.file_parses.inc();
-                parse_workloads_checked(&text, &node, &path, &limits).map(Some)
+                parse_workloads_checked(&text, &node, &path, &limits, last_good.as_ref()).map(Some)
             });
             match parsed {
                 Ok(None) => debug!(path = %path.display(), "workloads file unchanged"),

@@ -310,9 +310,9 @@ fn duplicate_uid_keeps_the_first_pod_and_reports_the_second() {
     second["status"]["podIP"] = json!("10.0.0.6");
     second["status"]["podIPs"] = json!([{"ip": "10.0.0.6"}]);
     let text = json!({"namespaces": [], "pods": [pod_json("first", "demo"), second]}).to_string();
+    let limits = file::FileLimits::default();
     let (snap, dups) =
-        file::parse_workloads_checked(&text, "node-1", path, &file::FileLimits::default())
-            .expect("parse");
+        file::parse_workloads_checked(&text, "node-1", path, &limits, None).expect("parse");
     assert_eq!(snap.pods.len(), 1);
     assert_eq!(
         snap.pods["uid-first"].name, "first",
@@ -330,6 +330,16 @@ fn duplicate_uid_keeps_the_first_pod_and_reports_the_second() {
     let (snap, dups) = WorkloadSnapshot::from_parts_checked([b, a], [], |p| p.name == "first");
     assert_eq!(snap.pods["uid-first"].name, "first");
     assert_eq!(dups[0].refused, "demo/second");
+    // In the file too: a pod inserted before the holder does not take its UID.
+    let mut intruder = pod_json("intruder", "demo");
+    intruder["metadata"]["uid"] = json!("uid-first");
+    let v1 = json!({"namespaces": [], "pods": [pod_json("first", "demo")]}).to_string();
+    let v2 = json!({"namespaces": [], "pods": [intruder, pod_json("first", "demo")]}).to_string();
+    let (prev, _) = file::parse_workloads_checked(&v1, "node-1", path, &limits, None).expect("v1");
+    let (snap, dups) =
+        file::parse_workloads_checked(&v2, "node-1", path, &limits, Some(&prev)).expect("v2");
+    assert_eq!(snap.pods["uid-first"].name, "first");
+    assert_eq!(dups[0].refused, "demo/intruder");
 }
 
 /// Issue 8 item 11: a UID that would not read back from the dataplane is refused.
@@ -405,7 +415,7 @@ fn workloads_file_limits() {
         ..limits
     };
     let big = format!("namespaces: []\npods: []\n#{}\n", "x".repeat(200));
-    let e = file::parse_workloads_checked(&big, "node-1", path, &small).expect_err("size");
+    let e = file::parse_workloads_checked(&big, "node-1", path, &small, None).expect_err("size");
     assert!(
         e.to_string()
             .contains("exceeds a limit: 226 bytes, more than the 100 bytes accepted"),
