@@ -60,11 +60,13 @@ use tracing::{debug, info, warn};
 use crate::ambient_config::AmbientConfigWriter;
 use crate::ambient_config::RedirectMode;
 use crate::cni_events::{CniAddRequest, CniOutcome, CniRejection, RejectKind};
+use crate::enroll::DesiredSet;
 pub use crate::enroll::{Action, EnrolledPod, EnrolledState, PodId};
 use crate::enroll::{Conflict, plan};
 use crate::workloads::{
-    EnrollPolicy, MeshDecision, NamespaceInfo, SourceUpdate, Workload, WorkloadSnapshot,
-    active_ztunnel, desired_set, mesh_decision, untrusted_ztunnels,
+    DuplicateUid, EnrollPolicy, MeshDecision, NamespaceInfo, SourceUpdate, Workload,
+    WorkloadMetrics, WorkloadSnapshot, active_ztunnel, desired_set, mesh_decision,
+    untrusted_ztunnels,
 };
 
 /// The active ztunnel on this node: among pods on the node with label `app=ztunnel`, the
@@ -305,6 +307,48 @@ pub struct Reconciler {
     cni_state: Option<EnrolledState>,
     /// Pods labelled `app=ztunnel` but not trusted as ztunnel, already logged (uid → reason).
     untrusted_ztunnels: BTreeMap<String, String>,
+    /// Input refusals are counted here.
+    metrics: WorkloadMetrics,
+    /// The node's own addresses (never enrolled as a pod's), refreshed every
+    /// [`NODE_ADDRESSES_REFRESH`].
+    node_addresses: Option<NodeAddresses>,
+    node_addresses_cache: (Vec<IpAddr>, Option<Instant>),
+    /// Addresses no pod may be enrolled with this pass: IP → whose it is.
+    reserved: BTreeMap<IpAddr, String>,
+    /// Pods refused last pass for claiming a reserved address (uid → reason), to log changes once.
+    last_reserved_refusals: BTreeMap<String, String>,
+    /// Who held each UID in the last snapshot (uid → `namespace/name`): keeps a UID with its
+    /// first holder when a second pod claims it.
+    uid_holders: BTreeMap<String, String>,
+    last_duplicates: Vec<DuplicateUid>,
+    /// Plan again at once (a CNI override was dropped).
+    replan: bool,
+}
+
+/// Lists the node's own addresses (see [`Reconciler::with_node_addresses`]).
+pub type NodeAddresses = Box<dyn FnMut() -> Result<Vec<IpAddr>, String> + Send>;
+
+/// How often the node's addresses are re-listed.
+pub const NODE_ADDRESSES_REFRESH: Duration = Duration::from_secs(10);
+
+/// Every address of the agent's own network namespace (the node's, for the host-network
+/// agent; the netns the iptables mode programs).
+pub fn own_netns_addresses() -> Result<Vec<IpAddr>, String> {
+    let addrs = nix::ifaddrs::getifaddrs()
+        .map_err(|e| format!("listing the node's addresses (getifaddrs): {e}"))?;
+    let mut out = Vec::new();
+    for a in addrs {
+        let Some(sa) = a.address else { continue };
+        let ip = if let Some(v4) = sa.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = sa.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        out.push(ip);
+    }
+    Ok(out)
 }
 
 /// What one pass did.
@@ -346,7 +390,29 @@ impl Reconciler {
             cni_ips: BTreeMap::new(),
             cni_state: None,
             untrusted_ztunnels: BTreeMap::new(),
+            metrics: WorkloadMetrics::default(),
+            node_addresses: None,
+            node_addresses_cache: (Vec::new(), None),
+            reserved: BTreeMap::new(),
+            last_reserved_refusals: BTreeMap::new(),
+            uid_holders: BTreeMap::new(),
+            last_duplicates: Vec::new(),
+            replan: false,
         }
+    }
+
+    /// Count input refusals (duplicate UIDs, reserved addresses) into these metrics.
+    pub fn with_metrics(mut self, metrics: WorkloadMetrics) -> Reconciler {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Never enroll a pod with one of the node's own addresses, as listed by `list` (e.g.
+    /// [`own_netns_addresses`]). ztunnel pods' and host-network pods' addresses are always
+    /// refused.
+    pub fn with_node_addresses(mut self, list: NodeAddresses) -> Reconciler {
+        self.node_addresses = Some(list);
+        self
     }
 
     /// Also keep this gauge at the number of enrolled pods.
@@ -384,10 +450,32 @@ impl Reconciler {
                 return;
             }
         }
-        if let (Some(p), Some(n)) = (&self.pods, &self.namespaces) {
-            self.snapshot = WorkloadSnapshot::from_parts(p.iter().cloned(), n.iter().cloned());
-            self.apply_cni_ips(Instant::now());
+        self.rebuild_snapshot();
+    }
+
+    /// The snapshot from the latest pods and namespaces; a UID claimed by two pods stays with
+    /// the pod that held it before (else the first), the other is refused (logged, counted).
+    fn rebuild_snapshot(&mut self) {
+        let (Some(p), Some(n)) = (&self.pods, &self.namespaces) else {
+            return;
+        };
+        let holders = &self.uid_holders;
+        let (snap, dups) =
+            WorkloadSnapshot::from_parts_checked(p.iter().cloned(), n.iter().cloned(), |w| {
+                holders.get(&w.uid) == Some(&w.key())
+            });
+        for d in dups.iter().filter(|d| !self.last_duplicates.contains(d)) {
+            warn!(conflict = %d, "duplicate pod UID; the pod that held it keeps it");
+            self.metrics.refused("duplicate_uid");
         }
+        self.last_duplicates = dups;
+        self.uid_holders = snap
+            .pods
+            .iter()
+            .map(|(u, w)| (u.clone(), w.key()))
+            .collect();
+        self.snapshot = snap;
+        self.apply_cni_ips(Instant::now());
     }
 
     /// Whether both pods and namespaces have been received.
@@ -417,6 +505,8 @@ impl Reconciler {
     /// One reconcile pass at time `now`, answering the CNI requests it can.
     pub fn reconcile(&mut self, now: Instant) -> PassReport {
         self.cni_state = None;
+        self.replan = false;
+        self.reserved = self.reserved_addresses(now);
         self.cni_resolve(now);
         let report = self.reconcile_pass(now);
         self.cni_answer(&report, now);
@@ -511,14 +601,27 @@ impl Reconciler {
             }
         }
 
-        let mut desired = desired_set(&self.snapshot, &self.policy);
-        for pod in desired.values_mut() {
-            if pod.ips.iter().any(|ip| self.driver.handles(ip)) {
-                pod.ips.retain(|ip| self.driver.handles(ip));
-            }
-        }
         let mut actual = self.actual.take().unwrap_or_default();
-        let planned = plan(&desired, &actual);
+        let mut desired = self.desired(&BTreeSet::new());
+        let mut planned = plan(&desired, &actual);
+        // A CNI event's IPs are put in force only when they can be honoured whole: if another
+        // pod holds (or wins) one of them, the pod stays exactly as it is (its current
+        // enrollment untouched) while its request waits, and is refused at the deadline.
+        let held_back: BTreeSet<String> = planned
+            .conflicts
+            .iter()
+            .filter(|c| self.cni_overrides(&c.loser.uid))
+            .map(|c| c.loser.uid.clone())
+            .collect();
+        if !held_back.is_empty() {
+            for uid in &held_back {
+                debug!(uid = %uid, "CNI event IPs held back: another pod holds one of them");
+            }
+            desired = self.desired(&held_back);
+            let conflicts = planned.conflicts;
+            planned = plan(&desired, &actual);
+            planned.conflicts = conflicts;
+        }
         if planned.conflicts != self.last_conflicts {
             for c in &planned.conflicts {
                 warn!(conflict = %c, "pod IP conflict");
@@ -622,6 +725,9 @@ impl Reconciler {
 
     /// When the next pass is due without new input (retries, resync).
     pub fn next_deadline(&self, now: Instant) -> Instant {
+        if self.replan {
+            return now;
+        }
         let mut next = self.last_resync + self.options.resync;
         if let Some((_, t)) = self.driver_retry {
             next = next.min(t);
@@ -753,21 +859,120 @@ impl Reconciler {
         self.cni_pending.push(PendingCni { req, uid: None });
     }
 
-    /// Put CNI-event IPs into the snapshot; forget overrides that are no longer needed.
+    /// Forget CNI-event IP overrides that are no longer needed (the source shows the same
+    /// IPs, or other IPs long enough, or the pod is gone). Overrides are applied when the
+    /// desired set is built ([`Reconciler::desired`]); the snapshot stays the source's view.
     fn apply_cni_ips(&mut self, now: Instant) {
-        let pods = &mut self.snapshot.pods;
+        let pods = &self.snapshot.pods;
         self.cni_ips
-            .retain(|uid, (ips, since)| match pods.get_mut(uid) {
+            .retain(|uid, (ips, since)| match pods.get(uid) {
                 None => false,
                 Some(p) if p.ips == *ips => false,
                 Some(p) if !p.ips.is_empty() && now.duration_since(*since) > CNI_IPS_MAX_AGE => {
                     false
                 }
-                Some(p) => {
-                    p.ips = ips.clone();
-                    true
-                }
+                Some(_) => true,
             });
+    }
+
+    /// Whether a CNI event's IPs currently override the source's for `uid`.
+    fn cni_overrides(&self, uid: &str) -> bool {
+        self.cni_ips
+            .get(uid)
+            .is_some_and(|(ips, _)| self.snapshot.pods.get(uid).map(|p| &p.ips) != Some(ips))
+    }
+
+    /// The addresses of `ips` this driver plans with: the ones it handles, or all of them if
+    /// it handles none (it then reports why it cannot capture the pod).
+    fn planned_ips(&self, ips: &[IpAddr]) -> Vec<IpAddr> {
+        if ips.iter().any(|ip| self.driver.handles(ip)) {
+            ips.iter()
+                .copied()
+                .filter(|ip| self.driver.handles(ip))
+                .collect()
+        } else {
+            ips.to_vec()
+        }
+    }
+
+    /// The desired set of this pass: the snapshot's, with CNI-event IPs in force (except for
+    /// the pods in `hold_back`), pods claiming a reserved address left out (logged and
+    /// counted once), and each pod's IPs reduced to those the driver handles.
+    fn desired(&mut self, hold_back: &BTreeSet<String>) -> DesiredSet {
+        let mut desired = desired_set(&self.snapshot, &self.policy);
+        for (uid, (ips, _)) in &self.cni_ips {
+            if hold_back.contains(uid) {
+                continue;
+            }
+            if let Some(d) = desired.get_mut(uid) {
+                d.ips = ips.clone();
+            }
+        }
+        let mut refused = BTreeMap::new();
+        desired.retain(|uid, d| {
+            let hit = d
+                .ips
+                .iter()
+                .find_map(|ip| self.reserved.get(ip).map(|who| (*ip, who)));
+            match hit {
+                Some((ip, who)) => {
+                    refused.insert(
+                        uid.clone(),
+                        format!("pod {} claims {ip}, which is {who}", d.id),
+                    );
+                    false
+                }
+                None => true,
+            }
+        });
+        for (uid, why) in &refused {
+            if self.last_reserved_refusals.get(uid) != Some(why) {
+                warn!(refused = %why, "not enrolling a pod with a reserved address");
+                self.metrics.refused("reserved_ip");
+            }
+        }
+        self.last_reserved_refusals = refused;
+        for pod in desired.values_mut() {
+            pod.ips = self.planned_ips(&pod.ips);
+        }
+        desired
+    }
+
+    /// Addresses no pod may be enrolled with: the node's own (listed at most every
+    /// [`NODE_ADDRESSES_REFRESH`]), every ztunnel pod's and every host-network pod's (its
+    /// IP is the node's). Enrolling one would route the node's or ztunnel's own traffic into
+    /// the inbound tunnel.
+    fn reserved_addresses(&mut self, now: Instant) -> BTreeMap<IpAddr, String> {
+        let mut r = BTreeMap::new();
+        if let Some(list) = &mut self.node_addresses {
+            let stale = self
+                .node_addresses_cache
+                .1
+                .is_none_or(|t| now.saturating_duration_since(t) >= NODE_ADDRESSES_REFRESH);
+            if stale {
+                match list() {
+                    Ok(a) => self.node_addresses_cache.0 = a,
+                    Err(e) => warn!(error = %e, "keeping the node addresses listed before"),
+                }
+                self.node_addresses_cache.1 = Some(now);
+            }
+            for ip in &self.node_addresses_cache.0 {
+                r.insert(*ip, "an address of this node".to_string());
+            }
+        }
+        for p in self.snapshot.pods.values().filter(|p| !p.terminal()) {
+            let who = if p.is_ztunnel() {
+                format!("the address of ztunnel pod {}", p.key())
+            } else if p.host_network {
+                format!("the node address of host-network pod {}", p.key())
+            } else {
+                continue;
+            };
+            for ip in &p.ips {
+                r.entry(*ip).or_insert_with(|| who.clone());
+            }
+        }
+        r
     }
 
     fn cni_lookup(&self, req: &CniAddRequest, now: Instant, ztunnel: bool) -> Lookup {
@@ -831,6 +1036,16 @@ impl Reconciler {
                 format!("pod {key} is not selected for ambient by the agent: {why}"),
             ));
         }
+        if let Some((ip, who)) = ev
+            .ips
+            .iter()
+            .find_map(|ip| self.reserved.get(ip).map(|who| (ip, who)))
+        {
+            return Lookup::Reject(CniRejection::new(
+                RejectKind::ReservedIp,
+                format!("pod {key}: IP {ip} is {who}; it is never captured as a pod's address"),
+            ));
+        }
         if !ztunnel {
             if !expired {
                 return Lookup::Wait;
@@ -887,11 +1102,8 @@ impl Reconciler {
     fn drop_cni_ips(&mut self, uid: &str, ips: &[IpAddr]) {
         if self.cni_ips.get(uid).is_some_and(|(i, _)| i == ips) {
             self.cni_ips.remove(uid);
-            // Back to what the watch says (the snapshot was patched in place).
-            if let (Some(p), Some(n)) = (&self.pods, &self.namespaces) {
-                self.snapshot = WorkloadSnapshot::from_parts(p.iter().cloned(), n.iter().cloned());
-                self.apply_cni_ips(Instant::now());
-            }
+            // Back to what the source says, at once (not at the next source update).
+            self.replan = true;
         }
     }
 
@@ -946,9 +1158,12 @@ impl Reconciler {
             )));
         }
         let state = self.cni_state.as_ref();
+        // Compared with the addresses the driver handles (an IPv4-only driver enrolls a
+        // dual-stack pod with its IPv4 address only).
+        let want = self.planned_ips(&req.event.ips);
         if state
             .and_then(|s| s.pods.get(uid))
-            .is_some_and(|e| e.ips == req.event.ips)
+            .is_some_and(|e| e.ips == want)
         {
             return Some(Ok(()));
         }
@@ -1215,6 +1430,7 @@ pub fn start_from_args(
     mode: RedirectMode,
     readiness: &crate::readiness::Readiness,
     enrolled_gauge: Gauge,
+    workload_metrics: WorkloadMetrics,
     config: Option<Arc<AmbientConfigWriter>>,
 ) -> Option<AmbientLoop> {
     let status = StatusHandle::new(Err("starting".into()));
@@ -1237,16 +1453,23 @@ pub fn start_from_args(
     };
     let node = args.effective_node_name();
     let mut reconciler = Reconciler::new(driver, policy, LoopOptions::default(), status.clone())
-        .with_gauge(enrolled_gauge);
+        .with_gauge(enrolled_gauge)
+        .with_metrics(workload_metrics.clone())
+        // The driver programs the agent's own netns (the node's: host-network DaemonSet).
+        .with_node_addresses(Box::new(own_netns_addresses));
     if let Some(w) = config {
         reconciler = reconciler.with_config_writer(w);
     }
     if !args.ambient_workloads_file.is_empty() {
         let mut l = AmbientLoop::spawn(reconciler);
-        let src = crate::workloads::file::FileSource::spawn(
+        let src = crate::workloads::file::FileSource::spawn_with(
             args.ambient_workloads_file.clone().into(),
             node,
-            Duration::from_secs(10),
+            crate::workloads::file::FileSourceOptions {
+                resync: Duration::from_secs(10),
+                metrics: workload_metrics,
+                ..Default::default()
+            },
             l.sender(),
         );
         l.keep(Box::new(src));

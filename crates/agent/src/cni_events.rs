@@ -58,6 +58,35 @@ pub const SOCKET_NAME: &str = "pluginevent.sock";
 /// Largest accepted request body. An event is a few hundred bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
+/// Bounds on the server's connections, so that slow or idle clients cannot hold file
+/// descriptors or keep real `/cmdadd`s out.
+///
+/// At most `max_connections` are served at once. When a new client connects at the limit,
+/// the oldest connection that has not yet delivered its request head is closed to make room
+/// (a slow client is evicted, a real plugin request — sent in one write — is not); if every
+/// connection is a request in progress, the new client waits in the listen backlog until one
+/// ends. A client must send its request head within `header_timeout` of being accepted and
+/// its body within `body_timeout` after that (else 408), at most `max_body_bytes` (else 413).
+/// One request per connection (no keep-alive).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub max_body_bytes: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max_connections: 64,
+            header_timeout: Duration::from_secs(3),
+            body_timeout: Duration::from_secs(3),
+            max_body_bytes: MAX_BODY_BYTES,
+        }
+    }
+}
+
 /// `<run_dir>/pluginevent.sock`.
 pub fn socket_path(run_dir: &Path) -> PathBuf {
     run_dir.join(SOCKET_NAME)
@@ -107,6 +136,8 @@ pub enum BadEvent {
     },
     #[error("IPs[{index}].Gateway {value:?} is not an IP address")]
     BadGateway { index: usize, value: String },
+    #[error("PodUID {0:?} is not a Kubernetes UID (letters, digits and '-' only)")]
+    BadUid(String),
 }
 
 // Go's `encoding/json` shape of Istio's `CNIPluginAddEvent`. Every field optional here so a
@@ -217,12 +248,16 @@ pub fn parse_cmdadd(body: &[u8]) -> Result<CmdAdd, BadEvent> {
         }
         ips.push(ip);
     }
+    let uid = w.pod_uid.filter(|u| !u.is_empty());
+    if let Some(u) = uid.as_deref().filter(|u| !crate::workloads::valid_uid(u)) {
+        return Err(BadEvent::BadUid(u.to_string()));
+    }
     Ok(CmdAdd {
         netns: w.netns.unwrap_or_default(),
         namespace,
         name,
         ips: canonical_ips(ips),
-        uid: w.pod_uid.filter(|u| !u.is_empty()),
+        uid,
     })
 }
 
@@ -248,6 +283,8 @@ pub enum RejectKind {
     Unavailable,
     /// A newer ADD for the same pod arrived while this one waited.
     Superseded,
+    /// An event IP is the node's own or ztunnel's address.
+    ReservedIp,
 }
 
 impl RejectKind {
@@ -262,6 +299,7 @@ impl RejectKind {
             RejectKind::Timeout => "timeout",
             RejectKind::Unavailable => "unavailable",
             RejectKind::Superseded => "superseded",
+            RejectKind::ReservedIp => "reserved_ip",
         }
     }
 }
@@ -429,6 +467,7 @@ struct ServerState {
     backend: Backend,
     options: CniEventOptions,
     metrics: CniEventMetrics,
+    limits: ConnectionLimits,
 }
 
 impl ServerState {
@@ -476,8 +515,40 @@ impl ServerState {
     }
 }
 
-async fn cmdadd(State(s): State<ServerState>, body: Bytes) -> Response {
+async fn cmdadd(State(s): State<ServerState>, req: axum::extract::Request) -> Response {
     let started = Instant::now();
+    let body = tokio::time::timeout(
+        s.limits.body_timeout,
+        axum::body::to_bytes(req.into_body(), s.limits.max_body_bytes),
+    )
+    .await;
+    let body: Bytes = match body {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            s.count("bad_request", started);
+            warn!(error = %e, "refused a cmdadd body");
+            return (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request body unreadable or larger than {} bytes: {e}\n",
+                    s.limits.max_body_bytes
+                ),
+            )
+                .into_response();
+        }
+        Err(_) => {
+            s.count("bad_request", started);
+            warn!("a cmdadd body did not arrive in time");
+            return (
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "request body not received within {} ms\n",
+                    s.limits.body_timeout.as_millis()
+                ),
+            )
+                .into_response();
+        }
+    };
     let event = match parse_cmdadd(&body) {
         Ok(e) => e,
         Err(e) => {
@@ -509,14 +580,126 @@ async fn cmdadd(State(s): State<ServerState>, body: Bytes) -> Response {
 
 /// The router (exposed for tests that want to drive it without a socket).
 pub fn router(backend: Backend, options: CniEventOptions, metrics: CniEventMetrics) -> Router {
+    router_with_limits(backend, options, metrics, ConnectionLimits::default())
+}
+
+fn router_with_limits(
+    backend: Backend,
+    options: CniEventOptions,
+    metrics: CniEventMetrics,
+    limits: ConnectionLimits,
+) -> Router {
     Router::new()
         .route("/cmdadd", post(cmdadd))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .with_state(ServerState {
             backend,
             options,
             metrics,
+            limits,
         })
+}
+
+/// Serve `app` on `listener` within `limits` (see [`ConnectionLimits`]) until `stopped`;
+/// then wait for the connections in progress.
+async fn serve_bounded(
+    listener: tokio::net::UnixListener,
+    app: Router,
+    limits: ConnectionLimits,
+    lifetime: Duration,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::task::{Id, JoinSet};
+    let max = limits.max_connections.max(1);
+    let mut conns: JoinSet<()> = JoinSet::new();
+    // Live connections in accept order: task id → (accept order, head delivered, abort).
+    let mut live: BTreeMap<Id, (u64, Arc<AtomicBool>, tokio::task::AbortHandle)> = BTreeMap::new();
+    let mut order = 0u64;
+    let mut evicted = 0u64;
+    loop {
+        let stream = tokio::select! {
+            _ = &mut stopped => break,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // EMFILE/ENFILE: back off instead of spinning.
+                    warn!(error = %e, "accepting a plugin event connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        while let Some(done) = conns.try_join_next_with_id() {
+            live.remove(&done.map_or_else(|e| e.id(), |(id, ())| id));
+        }
+        while live.len() >= max {
+            let slow = live
+                .iter()
+                .filter(|(_, (_, head, _))| !head.load(Ordering::SeqCst))
+                .min_by_key(|(_, (n, _, _))| *n)
+                .map(|(id, (_, _, abort))| (*id, abort.clone()));
+            if let Some((id, abort)) = slow {
+                abort.abort();
+                live.remove(&id);
+                // Wait until it is gone (its socket closed) before taking a new one.
+                while let Some(done) = conns.join_next_with_id().await {
+                    let gone = done.map_or_else(|e| e.id(), |(id, ())| id);
+                    live.remove(&gone);
+                    if gone == id {
+                        break;
+                    }
+                }
+                evicted += 1;
+                if evicted.is_power_of_two() {
+                    warn!(
+                        evicted,
+                        max_connections = max,
+                        "plugin event socket full: closed the oldest connection that had not sent its request"
+                    );
+                }
+                break;
+            }
+            // Every connection is a request in progress: wait for one to end.
+            match conns.join_next_with_id().await {
+                Some(done) => {
+                    live.remove(&done.map_or_else(|e| e.id(), |(id, ())| id));
+                }
+                None => live.clear(),
+            }
+        }
+        let head = Arc::new(AtomicBool::new(false));
+        let h2 = head.clone();
+        let app = app.clone();
+        let svc =
+            hyper::service::service_fn(move |req: axum::http::Request<hyper::body::Incoming>| {
+                h2.store(true, Ordering::SeqCst);
+                tower::ServiceExt::oneshot(app.clone(), req)
+            });
+        let open2 = open.clone();
+        let abort = conns.spawn(async move {
+            // Counted while the connection lives, also when it is evicted (aborted).
+            struct Open(Arc<std::sync::atomic::AtomicUsize>);
+            impl Drop for Open {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::SeqCst);
+                }
+            }
+            open2.fetch_add(1, Ordering::SeqCst);
+            let _open = Open(open2);
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .keep_alive(false);
+            let conn = b.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(lifetime, conn).await;
+        });
+        order += 1;
+        live.insert(abort.id(), (order, head, abort));
+    }
+    while conns.join_next().await.is_some() {}
 }
 
 /// A running server. Dropping it (or [`CniEventServer::shutdown`]) stops it and removes the
@@ -525,6 +708,7 @@ pub struct CniEventServer {
     path: PathBuf,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    open: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for CniEventServer {
@@ -581,29 +765,57 @@ impl CniEventServer {
         options: CniEventOptions,
         metrics: CniEventMetrics,
     ) -> Result<CniEventServer, CniEventError> {
+        Self::start_with_limits(
+            run_dir,
+            backend,
+            options,
+            metrics,
+            ConnectionLimits::default(),
+        )
+    }
+
+    /// [`CniEventServer::start`] with explicit connection limits.
+    pub fn start_with_limits(
+        run_dir: &Path,
+        backend: Backend,
+        options: CniEventOptions,
+        metrics: CniEventMetrics,
+        limits: ConnectionLimits,
+    ) -> Result<CniEventServer, CniEventError> {
         std::fs::create_dir_all(run_dir).map_err(|source| CniEventError::RunDir {
             path: run_dir.to_path_buf(),
             source,
         })?;
         let path = socket_path(run_dir);
         let listener = bind_socket(&path)?;
-        let app = router(backend, options, metrics);
+        // A connection lives at most this long: head, body, the loop's answer, a margin.
+        let lifetime = limits.header_timeout
+            + limits.body_timeout
+            + options.reply_timeout
+            + Duration::from_secs(1);
+        let app = router_with_limits(backend, options, metrics, limits);
         let (stop, stopped) = oneshot::channel::<()>();
-        let what = path.display().to_string();
-        let task = tokio::spawn(async move {
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(socket = %what, error = %e, "plugin event server stopped");
-            }
-        });
-        info!(socket = %path.display(), "serving plugin events (POST /cmdadd)");
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let task = tokio::spawn(serve_bounded(
+            listener,
+            app,
+            limits,
+            lifetime,
+            open.clone(),
+            stopped,
+        ));
+        info!(socket = %path.display(), max_connections = limits.max_connections, "serving plugin events (POST /cmdadd)");
         Ok(CniEventServer {
             path,
             stop: Some(stop),
             task: Some(task),
+            open,
         })
+    }
+
+    /// Connections being served right now (at most `ConnectionLimits::max_connections`).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn path(&self) -> &Path {
@@ -722,6 +934,10 @@ mod tests {
             (
                 r#"{"PodName":"p","PodNamespace":"ns","IPs":[{"Interface":0}]}"#,
                 "IPs[].Address is missing",
+            ),
+            (
+                r#"{"PodName":"p","PodNamespace":"ns","PodUID":"a\nb","IPs":[{"Address":{"IP":"10.0.0.3"}}]}"#,
+                r#"PodUID "a\nb" is not a Kubernetes UID"#,
             ),
         ];
         for (body, want) in cases {

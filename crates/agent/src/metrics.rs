@@ -12,8 +12,10 @@
 //! | `meshcni_cni_request_duration_seconds{command}` | histogram | plugin reports |
 //! | `meshcni_plugin_reports_malformed_total` | counter | datagrams that failed to parse |
 //! | `meshcni_enrolled_pods` | gauge | enrollment (0 until ambient enrollment lands) |
-//! | `meshcni_cni_events_total{result}` | counter | `POST /cmdadd` answers (`cni_events`): `captured`, `bad_request`, `not_found`, `not_selected`, `no_ztunnel`, `driver_error`, `not_synced`, `timeout`, `unavailable`, `superseded` |
+//! | `meshcni_cni_events_total{result}` | counter | `POST /cmdadd` answers (`cni_events`): `captured`, `bad_request`, `not_found`, `not_selected`, `no_ztunnel`, `driver_error`, `not_synced`, `timeout`, `unavailable`, `superseded`, `reserved_ip` |
 //! | `meshcni_cni_event_duration_seconds` | histogram | time to answer a `POST /cmdadd` |
+//! | `meshcni_workload_refusals_total{reason}` | counter | workload input refused: `duplicate_uid`, `reserved_ip`, `file_incomplete`, `file_limit`, `file_invalid` |
+//! | `meshcni_workloads_file_parses_total` | counter | workloads-file parses (only changed content is parsed) |
 //!
 //! Installer-derived series are produced by a [`Collector`] that reads the installer when
 //! scraped, so there is no copy to keep in sync.
@@ -68,6 +70,8 @@ pub struct AgentMetrics {
     /// Plugin events (`POST /cmdadd`) by answer.
     pub cni_events: Family<EventLabels, Counter>,
     pub cni_event_duration: Histogram,
+    /// Workload input refusals and workloads-file parses.
+    pub workloads: crate::workloads::WorkloadMetrics,
 }
 
 impl AgentMetrics {
@@ -182,6 +186,7 @@ pub fn build_registry(installer: Arc<dyn NodeInstaller>) -> (Registry, AgentMetr
         enrolled_pods: Gauge::default(),
         cni_events: Family::default(),
         cni_event_duration: duration_histogram(),
+        workloads: crate::workloads::WorkloadMetrics::default(),
     };
     registry.register(
         "meshcni_cni_requests",
@@ -212,6 +217,16 @@ pub fn build_registry(installer: Arc<dyn NodeInstaller>) -> (Registry, AgentMetr
         "meshcni_cni_event_duration_seconds",
         "Time the agent took to answer a POST /cmdadd from the plugin.",
         metrics.cni_event_duration.clone(),
+    );
+    registry.register(
+        "meshcni_workload_refusals",
+        "Workload input refused by reason: duplicate_uid, reserved_ip (a pod claiming the node's or ztunnel's address), file_incomplete, file_limit, file_invalid.",
+        metrics.workloads.refusals.clone(),
+    );
+    registry.register(
+        "meshcni_workloads_file_parses",
+        "Times the workloads file's content was parsed (unchanged content is not parsed again).",
+        metrics.workloads.file_parses.clone(),
     );
     registry.register_collector(Box::new(InstallCollector { installer }));
     (registry, metrics)
@@ -288,6 +303,7 @@ mod tests {
             "meshcni_plugin_reports_malformed_total 0",
             "meshcni_cni_events_total{result=\"captured\"} 1",
             "meshcni_cni_event_duration_seconds_count 1",
+            "meshcni_workloads_file_parses_total 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

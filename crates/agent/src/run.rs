@@ -160,6 +160,7 @@ pub async fn start(
             plan.redirect_mode,
             &readiness,
             metrics.enrolled_pods.clone(),
+            metrics.workloads.clone(),
             ambient.clone(),
         )
         .map(|l| Arc::new(std::sync::Mutex::new(Some(l))))

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use meshcni_agent::ambient::StatusHandle;
 use meshcni_agent::ambient::{AmbientLoop, DriverError, FakeDriver, LoopOptions, Reconciler};
 use meshcni_agent::cni_events::{
-    Backend, CniEventError, CniEventMetrics, CniEventOptions, CniEventServer, SOCKET_NAME,
+    Backend, CniEventError, CniEventMetrics, CniEventOptions, CniEventServer, ConnectionLimits,
+    SOCKET_NAME,
 };
 use meshcni_agent::metrics::{DURATION_BUCKETS, EventLabels};
 use meshcni_agent::workloads::EnrollPolicy;
@@ -118,6 +119,15 @@ impl Setup {
     }
 
     fn with_options(driver: FakeDriver, pods: &[Value], options: CniEventOptions) -> Setup {
+        Setup::with_limits(driver, pods, options, ConnectionLimits::default())
+    }
+
+    fn with_limits(
+        driver: FakeDriver,
+        pods: &[Value],
+        options: CniEventOptions,
+        limits: ConnectionLimits,
+    ) -> Setup {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("workloads.json");
         write_file(&file, pods);
@@ -152,11 +162,12 @@ impl Setup {
             .expect("runtime");
         let server = {
             let _g = rt.enter();
-            CniEventServer::start(
+            CniEventServer::start_with_limits(
                 &dir.path().join("run"),
                 Backend::Loop(l.sender()),
                 options,
                 metrics.clone(),
+                limits,
             )
             .expect("start server")
         };
@@ -810,5 +821,240 @@ fn reconciler_answers_not_synced_and_terminating_only() {
     assert!(
         r.message.contains("pod demo/app not found in the agent's view after 250 ms (only a terminating pod with that name, uid uid-app)"),
         "{r}"
+    );
+}
+
+fn step_reconciler(driver: &FakeDriver, pods: &[Value]) -> Reconciler {
+    use meshcni_agent::workloads::{SourceUpdate, WorkloadSnapshot, decode_namespace, decode_pod};
+    let mut rec = Reconciler::new(
+        Box::new(driver.clone()),
+        EnrollPolicy::default(),
+        LoopOptions::default(),
+        StatusHandle::new(Err("starting".into())),
+    );
+    rec.update(SourceUpdate::Snapshot(WorkloadSnapshot::from_parts(
+        pods.iter().map(|p| decode_pod(p).expect("pod")),
+        namespaces()
+            .iter()
+            .map(|n| decode_namespace(n).expect("ns")),
+    )));
+    rec
+}
+
+/// Issue 8 item 8: an ADD naming p3 with p4's IP used to release p3's real IP at once, and p3
+/// stayed uncaptured until the next source update. A refused request must leave everything
+/// exactly as it was.
+#[test]
+fn a_refused_cmdadd_leaves_the_enrollment_exactly_as_before() {
+    use meshcni_agent::cni_events::{CmdAdd, CniAddRequest, RejectKind};
+    use meshcni_agent::workloads::SourceUpdate;
+    let driver = FakeDriver::new();
+    let mut rec = step_reconciler(
+        &driver,
+        &[
+            ztunnel(),
+            pod("p3", "demo", Some("10.0.0.3"), json!({})),
+            pod("p4", "demo", Some("10.0.0.4"), json!({})),
+        ],
+    );
+    let t0 = Instant::now();
+    rec.reconcile(t0);
+    let before = driver.lock().enrolled.clone();
+    assert_eq!(before.pods.len(), 2, "{before:?}");
+    let calls_before = driver.lock().calls.len();
+
+    let options = CniEventOptions {
+        pod_lookup_wait: Duration::from_millis(200),
+        reply_timeout: Duration::from_secs(2),
+    };
+    let ev = CmdAdd {
+        netns: String::new(),
+        namespace: "demo".into(),
+        name: "p3".into(),
+        ips: vec!["10.0.0.4".parse().expect("ip")],
+        uid: None,
+    };
+    let (req, mut rx) = CniAddRequest::new(ev, &options);
+    let (received, deadline) = (req.received, req.deadline);
+    rec.update(SourceUpdate::CniAdd(req));
+    rec.reconcile(received);
+    assert!(rx.try_recv().is_err(), "waits for the IP to be free");
+    assert_eq!(
+        driver.lock().enrolled,
+        before,
+        "nothing changed while it waits"
+    );
+    rec.reconcile(received + Duration::from_millis(500));
+    assert_eq!(driver.lock().enrolled, before);
+
+    rec.reconcile(deadline);
+    let r = rx.try_recv().expect("answered").expect_err("refused");
+    assert_eq!(r.kind, RejectKind::Timeout);
+    assert!(
+        r.message
+            .contains("IP 10.0.0.4 is still enrolled for pod uid uid-p4"),
+        "{r}"
+    );
+    // Passes after the refusal change nothing either.
+    rec.reconcile(deadline + Duration::from_millis(10));
+    assert_eq!(driver.lock().enrolled, before, "state exactly as before");
+    let calls = driver.lock().calls.clone();
+    assert!(
+        !calls[calls_before..].iter().any(|c| c.starts_with("apply")),
+        "no action at all: {:?}",
+        &calls[calls_before..]
+    );
+}
+
+/// Issue 8 item 14: with an IPv4-only driver a dual-stack pod is enrolled with its IPv4
+/// address; the ADD (v4+v6 in the event) must be answered 200, not time out.
+#[test]
+fn dual_stack_add_is_captured_by_an_ipv4_only_driver() {
+    let driver = FakeDriver::new();
+    driver.lock().ipv4_only = true;
+    let s = Setup::with(driver, &[ztunnel(), ambient("app")]);
+    let mut ev = event("demo", "app", "10.0.0.2");
+    ev.ips.push(EventIp {
+        interface: 0,
+        address: EventAddr {
+            ip: "fd00::2".into(),
+            mask: "/////////////////////w==".into(),
+        },
+        gateway: None,
+    });
+    let t = Instant::now();
+    s.add(&ev).expect("dual-stack pod captured");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        s.driver.lock().enrolled.pods["uid-app"].ips,
+        vec!["10.0.0.2".parse::<std::net::IpAddr>().expect("ip")]
+    );
+    assert_eq!(s.count("captured"), 1);
+}
+
+/// Issue 8 item 7: an ADD whose IP is ztunnel's (or the node's) is refused, nothing applied.
+#[test]
+fn an_add_with_ztunnels_address_is_refused() {
+    let s = Setup::new(&[ztunnel(), ambient("app")]);
+    let (status, body) = rejected(s.add(&event("demo", "app", "10.0.0.250")));
+    assert_eq!(status, 500);
+    assert!(
+        body.contains(
+            "pod demo/app: IP 10.0.0.250 is the address of ztunnel pod istio-system/ztunnel-x"
+        ),
+        "{body}"
+    );
+    assert!(s.applies().is_empty(), "{:?}", s.applies());
+    assert_eq!(s.count("reserved_ip"), 1);
+}
+
+/// Issue 8 item 10: slow clients (partial requests) used to stay open forever, without a cap,
+/// so that with a low fd limit real `/cmdadd`s timed out. Now: at most `max_connections` are
+/// served, a connection without a request head is closed after `header_timeout` (or evicted
+/// for a newcomer), a slow body gets 408 — and real requests succeed while 200 slow clients
+/// keep connecting.
+#[test]
+fn real_cmdadds_succeed_while_many_slow_clients_are_connected() {
+    let limits = ConnectionLimits {
+        max_connections: 8,
+        header_timeout: Duration::from_millis(1500),
+        body_timeout: Duration::from_millis(500),
+        ..ConnectionLimits::default()
+    };
+    let mut pods = vec![ztunnel()];
+    for i in 0..5 {
+        pods.push(ambient(&format!("real{i}")));
+    }
+    let s = Setup::with_limits(
+        FakeDriver::new(),
+        &pods,
+        CniEventOptions {
+            pod_lookup_wait: LOOKUP_WAIT,
+            reply_timeout: Duration::from_millis(4500),
+        },
+        limits,
+    );
+    let socket = s.socket();
+    let server = s.server.as_ref().expect("server");
+
+    // A slow client alone: the server closes it after the header timeout.
+    let mut lone = UnixStream::connect(&socket).expect("connect");
+    lone.write_all(b"POST /cmdadd HTTP/1.1\r\nHost: unix\r\n")
+        .expect("partial head");
+    lone.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let t = Instant::now();
+    let mut buf = Vec::new();
+    let _ = lone.read_to_end(&mut buf);
+    let closed_after = t.elapsed();
+    assert!(
+        closed_after < Duration::from_secs(4),
+        "a client without a request head stayed connected for {closed_after:?}"
+    );
+
+    // A body that never completes: 408.
+    let mut slow_body = UnixStream::connect(&socket).expect("connect");
+    slow_body
+        .write_all(b"POST /cmdadd HTTP/1.1\r\nHost: unix\r\nContent-Length: 100\r\n\r\n{\"Pod")
+        .expect("partial body");
+    slow_body
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut reply = String::new();
+    let _ = slow_body.read_to_string(&mut reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
+
+    // 200 slow clients, and the real requests among them.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let max_open = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let mut held = Vec::new();
+            for _ in 0..200 {
+                if let Ok(mut c) = UnixStream::connect(&socket) {
+                    let _ = c.write_all(b"POST /cmdadd HTTP/1.1\r\nHost: un");
+                    held.push(c);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        sc.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                max_open.fetch_max(
+                    server.open_connections(),
+                    std::sync::atomic::Ordering::SeqCst,
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        for i in 0..5 {
+            let t = Instant::now();
+            s.add(&event(
+                "demo",
+                &format!("real{i}"),
+                &format!("10.0.2.{}", i + 1),
+            ))
+            .unwrap_or_else(|e| panic!("real cmdadd {i} among slow clients: {e}"));
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "real{i} took {:?}",
+                t.elapsed()
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let max_open = max_open.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(max_open <= 8, "{max_open} connections served at once");
+    assert_eq!(s.count("captured"), 5);
+    eprintln!(
+        "closed a lone slow client after {closed_after:?}; at most {max_open} connections open"
     );
 }

@@ -690,3 +690,298 @@ fn a_panicking_driver_closes_the_redirect_gate() {
     }
     l.stop(false);
 }
+
+/// Issue 8 item 16: an idle file source must not re-read or re-parse its file (it used to
+/// wake on its own IN_OPEN and re-read ~50 times a second forever). Counted, not timed: the
+/// file's opens as seen by inotify, and the source's parse counter.
+#[test]
+fn an_idle_file_source_does_not_reread_its_file() {
+    use meshcni_agent::workloads::WorkloadMetrics;
+    use meshcni_agent::workloads::file::FileSourceOptions;
+    use notify::Watcher as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("workloads.json");
+    let pods: Vec<Value> = (0..200)
+        .map(|i| {
+            pod(
+                &format!("p{i}"),
+                "demo",
+                &format!("10.0.{}.{}", i / 250, i % 250 + 1),
+                json!({}),
+            )
+        })
+        .collect();
+    write_file(&file, &[namespace("demo", true)], &pods);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let metrics = WorkloadMetrics::default();
+    let src = FileSource::spawn_with(
+        file.clone(),
+        NODE.into(),
+        FileSourceOptions {
+            resync: Duration::from_secs(3600),
+            metrics: metrics.clone(),
+            ..FileSourceOptions::default()
+        },
+        tx,
+    );
+    assert!(matches!(
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("first snapshot"),
+        meshcni_agent::workloads::SourceUpdate::Snapshot(_)
+    ));
+    // Count every open of the file from now on.
+    let opens = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let o2 = opens.clone();
+    let name = file.file_name().map(|n| n.to_os_string());
+    let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if let Ok(e) = ev {
+            if matches!(
+                e.kind,
+                notify::EventKind::Access(notify::event::AccessKind::Open(_))
+            ) && e.paths.iter().any(|p| p.file_name() == name.as_deref())
+            {
+                o2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    })
+    .expect("watcher");
+    w.watch(dir.path(), notify::RecursiveMode::NonRecursive)
+        .expect("watch");
+    std::thread::sleep(Duration::from_secs(2));
+    let idle_opens = opens.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        idle_opens, 0,
+        "the idle source opened its file {idle_opens} times in 2 s"
+    );
+    assert_eq!(metrics.file_parses.get(), 1, "parsed once, at start");
+    assert!(rx.try_recv().is_err(), "nothing sent while idle");
+
+    // A real change is still noticed (and parsed once more); rewriting the same content is
+    // read but not parsed.
+    write_file(&file, &[namespace("demo", true)], &pods[..10]);
+    match rx.recv_timeout(Duration::from_secs(5)).expect("update") {
+        meshcni_agent::workloads::SourceUpdate::Snapshot(s) => assert_eq!(s.pods.len(), 10),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(metrics.file_parses.get(), 2);
+    let before = opens.load(std::sync::atomic::Ordering::SeqCst);
+    write_file(&file, &[namespace("demo", true)], &pods[..10]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while opens.load(std::sync::atomic::Ordering::SeqCst) < before + 1 {
+        assert!(Instant::now() < deadline, "the rewrite was never read");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        metrics.file_parses.get(),
+        2,
+        "same content is not parsed again"
+    );
+    src.stop();
+}
+
+/// Issue 8 item 7: a pod claiming ztunnel's address, a host-network pod's (the node's) or
+/// one of the node's own addresses is never enrolled (that would replace ztunnel's route /
+/// send the node's own traffic into the tunnel). Refused with a log and a counted refusal.
+#[test]
+fn pods_claiming_ztunnel_or_node_addresses_are_not_enrolled() {
+    use meshcni_agent::workloads::{SourceUpdate, WorkloadMetrics, decode_namespace, decode_pod};
+    let driver = FakeDriver::new();
+    let metrics = WorkloadMetrics::default();
+    let status = StatusHandle::new(Err("starting".into()));
+    let mut rec = Reconciler::new(
+        Box::new(driver.clone()),
+        EnrollPolicy::default(),
+        options(),
+        status.clone(),
+    )
+    .with_metrics(metrics.clone())
+    .with_node_addresses(Box::new(|| Ok(vec!["192.168.50.10".parse().expect("ip")])));
+    let mut host = pod("host", "demo", "192.168.50.11", json!({}));
+    host["spec"]["hostNetwork"] = json!(true);
+    let pods = [
+        ztunnel("zt-1", "10.0.0.100"),
+        host,
+        pod("ok", "demo", "10.0.0.1", json!({})),
+        pod("as-ztunnel", "demo", "10.0.0.100", json!({})),
+        pod("as-node", "demo", "192.168.50.10", json!({})),
+        pod("as-host-pod", "demo", "192.168.50.11", json!({})),
+    ];
+    rec.update(SourceUpdate::Namespaces(vec![
+        decode_namespace(&namespace("demo", true)).expect("ns"),
+        decode_namespace(&namespace("istio-system", false)).expect("ns"),
+    ]));
+    rec.update(SourceUpdate::Pods(
+        pods.iter().map(|p| decode_pod(p).expect("pod")).collect(),
+    ));
+    let t0 = Instant::now();
+    rec.reconcile(t0);
+    rec.reconcile(t0 + Duration::from_millis(1));
+    let (enrolled, calls) = {
+        let d = driver.lock();
+        (
+            d.enrolled.pods.keys().cloned().collect::<Vec<_>>(),
+            d.calls.clone(),
+        )
+    };
+    assert_eq!(enrolled, ["uid-ok"], "{calls:?}");
+    assert_eq!(
+        metrics.refusals_of("reserved_ip"),
+        3,
+        "each refusal counted once"
+    );
+
+    // A pod enrolled before whose IP becomes ztunnel's is released.
+    let mut moved = pods.to_vec();
+    moved[2] = pod("ok", "demo", "10.0.0.100", json!({}));
+    rec.update(SourceUpdate::Pods(
+        moved.iter().map(|p| decode_pod(p).expect("pod")).collect(),
+    ));
+    rec.reconcile(t0 + Duration::from_millis(2));
+    assert!(driver.lock().enrolled.is_empty());
+    assert_eq!(metrics.refusals_of("reserved_ip"), 4);
+    assert_eq!(
+        driver.lock().ztunnel.as_ref().map(|z| z.pod.name.as_str()),
+        Some("zt-1")
+    );
+}
+
+/// Issue 8 item 6: a second pod with an enrolled pod's UID (Kubernetes source) used to replace
+/// it silently, leaving the first uncaptured. The holder keeps the UID; the conflict is
+/// logged and counted.
+#[test]
+fn a_duplicate_uid_does_not_replace_the_pod_holding_it() {
+    use meshcni_agent::workloads::{SourceUpdate, WorkloadMetrics, decode_namespace, decode_pod};
+    let driver = FakeDriver::new();
+    let metrics = WorkloadMetrics::default();
+    let mut rec = Reconciler::new(
+        Box::new(driver.clone()),
+        EnrollPolicy::default(),
+        options(),
+        StatusHandle::new(Err("starting".into())),
+    )
+    .with_metrics(metrics.clone());
+    rec.update(SourceUpdate::Namespaces(vec![
+        decode_namespace(&namespace("demo", true)).expect("ns"),
+    ]));
+    let a = pod("a", "demo", "10.0.0.1", json!({}));
+    rec.update(SourceUpdate::Pods(vec![decode_pod(&a).expect("a")]));
+    let t0 = Instant::now();
+    rec.reconcile(t0);
+    let before = driver.lock().enrolled.clone();
+    assert_eq!(
+        before.pods["uid-a"].ips,
+        vec!["10.0.0.1".parse::<std::net::IpAddr>().expect("ip")]
+    );
+    // `b` claims a's UID, listed after it (and, in a second update, before it).
+    let mut b = pod("b", "demo", "10.0.0.2", json!({}));
+    b["metadata"]["uid"] = json!("uid-a");
+    for pods in [vec![a.clone(), b.clone()], vec![b.clone(), a.clone()]] {
+        rec.update(SourceUpdate::Pods(
+            pods.iter().map(|p| decode_pod(p).expect("pod")).collect(),
+        ));
+        rec.reconcile(t0 + Duration::from_millis(1));
+        assert_eq!(driver.lock().enrolled, before, "a keeps its enrollment");
+    }
+    assert_eq!(
+        metrics.refusals_of("duplicate_uid"),
+        1,
+        "one conflict, counted once"
+    );
+    let applies: Vec<String> = driver
+        .lock()
+        .calls
+        .iter()
+        .filter(|c| c.starts_with("apply"))
+        .cloned()
+        .collect();
+    assert_eq!(applies, ["apply enroll demo/a (uid uid-a) ips [10.0.0.1]"]);
+}
+
+/// Issue 8 item 5: a valid but empty or partial workloads file (`{}`, `---`, comments only,
+/// no `namespaces`) used to release every pod. The last good snapshot stays in force.
+#[test]
+fn an_empty_or_partial_workloads_file_releases_nothing() {
+    let ns = [namespace("demo", true)];
+    let pods = [pod("a", "demo", "10.0.0.1", json!({}))];
+    let mut s = Setup::new(FakeDriver::new(), &ns, &pods);
+    s.wait_enrolled(&["uid-a"]);
+    for text in [
+        "{}".to_string(),
+        "---\n".to_string(),
+        "# being regenerated\n".to_string(),
+        json!({"pods": []}).to_string(),
+        json!({"pods": [pod("a", "demo", "10.0.0.1", json!({}))]}).to_string(),
+    ] {
+        let tmp = s.file.with_extension("tmp");
+        std::fs::write(&tmp, &text).expect("write");
+        std::fs::rename(&tmp, &s.file).expect("rename");
+        // Give the source time to see it (inotify + debounce; its resync is 300 ms): nothing
+        // may be released.
+        std::thread::sleep(Duration::from_millis(400));
+        s.wait_enrolled(&["uid-a"]);
+    }
+    assert_eq!(s.applies().len(), 1, "{:?}", s.applies());
+    // The explicit form says "no pods": released.
+    write_file(&s.file, &[], &[]);
+    s.wait_enrolled(&[]);
+    s.stop(false);
+}
+
+/// Issue 8 item 9: a 100 MB workloads file used to be accepted (and re-parsed continuously).
+/// It is refused without being read, naming the file and the bound; the last good snapshot
+/// stays in force.
+#[test]
+fn an_oversized_workloads_file_is_refused_without_reading_it() {
+    use meshcni_agent::workloads::file::{FileSourceOptions, MAX_FILE_BYTES};
+    use meshcni_agent::workloads::{SourceUpdate, WorkloadMetrics};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("workloads.json");
+    write_file(
+        &file,
+        &[namespace("demo", true)],
+        &[pod("a", "demo", "10.0.0.1", json!({}))],
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let metrics = WorkloadMetrics::default();
+    let src = FileSource::spawn_with(
+        file.clone(),
+        NODE.into(),
+        FileSourceOptions {
+            resync: Duration::from_millis(200),
+            metrics: metrics.clone(),
+            ..FileSourceOptions::default()
+        },
+        tx,
+    );
+    assert!(matches!(
+        rx.recv_timeout(Duration::from_secs(5)).expect("first"),
+        SourceUpdate::Snapshot(_)
+    ));
+    // 100 MB (sparse: no disk used), replaced atomically.
+    let tmp = file.with_extension("tmp");
+    std::fs::File::create(&tmp)
+        .and_then(|f| f.set_len(100 * 1024 * 1024))
+        .expect("sparse file");
+    std::fs::rename(&tmp, &file).expect("rename");
+    match rx.recv_timeout(Duration::from_secs(5)).expect("refusal") {
+        SourceUpdate::Error(e) => assert!(
+            e.contains(&format!(
+                "workloads file {} exceeds a limit: 104857600 bytes, more than the {MAX_FILE_BYTES} bytes accepted",
+                file.display()
+            )),
+            "{e}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // Refused once (not at every re-check), never parsed, nothing else sent.
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(rx.try_recv().is_err());
+    assert_eq!(metrics.refusals_of("file_limit"), 1);
+    assert_eq!(
+        metrics.file_parses.get(),
+        1,
+        "only the first, good content was parsed"
+    );
+    src.stop();
+}

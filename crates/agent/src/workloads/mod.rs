@@ -139,18 +139,127 @@ pub struct WorkloadSnapshot {
 }
 
 impl WorkloadSnapshot {
+    /// Build a snapshot. Two pods with one UID: the first keeps it, the others are left out
+    /// (see [`WorkloadSnapshot::from_parts_checked`] for the list of what was left out).
     pub fn from_parts(
         pods: impl IntoIterator<Item = Workload>,
         namespaces: impl IntoIterator<Item = NamespaceInfo>,
     ) -> WorkloadSnapshot {
-        WorkloadSnapshot {
-            pods: pods.into_iter().map(|p| (p.uid.clone(), p)).collect(),
+        Self::from_parts_checked(pods, namespaces, |_| false).0
+    }
+
+    /// Build a snapshot, refusing every pod whose UID another pod already holds. The holder
+    /// is the pod `prefer` says held it before (e.g. in the previous snapshot), else the first
+    /// one given. Returns the refused duplicates (a UID is the pod's identity everywhere: in
+    /// the enrolled state and in the dataplane, so a second pod with it would silently take
+    /// the first one's place, leaving it uncaptured).
+    pub fn from_parts_checked(
+        pods: impl IntoIterator<Item = Workload>,
+        namespaces: impl IntoIterator<Item = NamespaceInfo>,
+        prefer: impl Fn(&Workload) -> bool,
+    ) -> (WorkloadSnapshot, Vec<DuplicateUid>) {
+        let mut snap = WorkloadSnapshot {
+            pods: BTreeMap::new(),
             namespaces: namespaces
                 .into_iter()
                 .map(|n| (n.name.clone(), n))
                 .collect(),
+        };
+        let mut dups = Vec::new();
+        for p in pods {
+            match snap.pods.get_mut(&p.uid) {
+                None => {
+                    snap.pods.insert(p.uid.clone(), p);
+                }
+                Some(held) => {
+                    let (kept, refused) = if prefer(&p) && !prefer(held) {
+                        let old = std::mem::replace(held, p);
+                        (held.key(), old)
+                    } else {
+                        (held.key(), p)
+                    };
+                    dups.push(DuplicateUid {
+                        uid: refused.uid.clone(),
+                        holder: kept,
+                        refused: refused.key(),
+                    });
+                }
+            }
         }
+        (snap, dups)
     }
+}
+
+/// A pod refused because another pod holds its UID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DuplicateUid {
+    pub uid: String,
+    /// `namespace/name` of the pod that keeps the UID.
+    pub holder: String,
+    /// `namespace/name` of the pod left out.
+    pub refused: String,
+}
+
+impl fmt::Display for DuplicateUid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "pods {} and {} both have uid {}; {} keeps it, {} is ignored",
+            self.holder, self.refused, self.uid, self.holder, self.refused
+        )
+    }
+}
+
+/// Labels of `meshcni_workload_refusals_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `duplicate_uid`, `reserved_ip`, `file_incomplete`, `file_limit`, `file_invalid`.
+    pub reason: &'static str,
+}
+
+/// Counters of the workload sources and the enrollment loop's input checks (registered in
+/// `crate::metrics`; a default value counts into handles nobody scrapes).
+#[derive(Clone, Debug, Default)]
+pub struct WorkloadMetrics {
+    /// `meshcni_workload_refusals_total{reason}`: input refused (a pod, an IP, a file version).
+    pub refusals: prometheus_client::metrics::family::Family<
+        RefusalLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    /// `meshcni_workloads_file_parses_total`: times the workloads file's content was parsed
+    /// (only a changed content is parsed).
+    pub file_parses: prometheus_client::metrics::counter::Counter,
+}
+
+impl WorkloadMetrics {
+    pub fn refused(&self, reason: &'static str) {
+        self.refusals.get_or_create(&RefusalLabels { reason }).inc();
+    }
+
+    pub fn refusals_of(&self, reason: &'static str) -> u64 {
+        self.refusals.get_or_create(&RefusalLabels { reason }).get()
+    }
+}
+
+/// Whether `uid` is usable as a pod identity: a Kubernetes UID is letters, digits and `-`
+/// (an RFC 4122 UUID). It is written into the dataplane (the iptables mode's ipset comment)
+/// and read back to know what is enrolled; a control character (`\n`, NUL) or a cut would
+/// not read back the same, and the pod would be released and re-enrolled on every resync.
+pub fn valid_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() <= MAX_UID_BYTES
+        && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Longest accepted pod UID (a UUID is 36).
+pub const MAX_UID_BYTES: usize = 128;
+
+/// Names usable in the `namespace/name` fallback UID of a local file's pod without
+/// `metadata.uid` (Kubernetes names are DNS labels/subdomains).
+fn valid_fallback_part(s: &str) -> bool {
+    s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
 /// What a source tells the reconcile loop. Pods and namespaces may come separately (two
@@ -450,6 +559,28 @@ impl PodObject {
         } else {
             self.status.pod_ips.iter().map(|p| p.ip.as_str()).collect()
         };
+        let uid = if m.uid.is_empty() {
+            if !valid_fallback_part(&m.namespace) || !valid_fallback_part(&m.name) {
+                return Err(DecodeError::Invalid {
+                    kind: "pod",
+                    reason: format!(
+                        "pod {:?}/{:?} has no metadata.uid and its namespace/name cannot stand in for one (letters, digits, '-', '.', '_' only)",
+                        m.namespace, m.name
+                    ),
+                });
+            }
+            format!("{}/{}", m.namespace, m.name)
+        } else if !valid_uid(&m.uid) {
+            return Err(DecodeError::Invalid {
+                kind: "pod",
+                reason: format!(
+                    "pod {}/{}: metadata.uid {:?} is not a Kubernetes UID (letters, digits and '-' only, at most {MAX_UID_BYTES} bytes)",
+                    m.namespace, m.name, m.uid
+                ),
+            });
+        } else {
+            m.uid.clone()
+        };
         let ips = canonical_ips(raw_ips.iter().filter_map(|s| s.trim().parse().ok()));
         let ready = self
             .status
@@ -462,11 +593,7 @@ impl PodObject {
             .find(|s| !s.is_empty())
             .unwrap_or_else(|| "default".to_string());
         Ok(Workload {
-            uid: if m.uid.is_empty() {
-                format!("{}/{}", m.namespace, m.name)
-            } else {
-                m.uid
-            },
+            uid,
             namespace: m.namespace,
             name: m.name,
             ips,

@@ -282,10 +282,183 @@ fn workloads_file_json_and_yaml() {
         ("", "file is empty"),
         ("{\"pods\": [", "not valid JSON/YAML"),
         ("{\"pod\": []}", "unknown field"),
-        ("{\"pods\": [{\"metadata\": {\"name\": \"x\"}}]}", "pods[0]"),
+        (
+            "{\"namespaces\": [], \"pods\": [{\"metadata\": {\"name\": \"x\"}}]}",
+            "pods[0]",
+        ),
     ] {
         let e = file::parse_workloads(bad, "node-1", path).expect_err(bad);
         assert!(e.to_string().contains(want), "{bad:?}: {e}");
         assert!(e.to_string().contains("/x/workloads.json"), "{e}");
     }
+}
+
+/// Issue 8 item 5: an empty or partial file is not "no pods"; only the explicit form is.
+#[test]
+fn empty_or_partial_workloads_file_is_refused_and_the_explicit_form_is_not() {
+    let path = Path::new("/x/workloads.yaml");
+    for (text, missing) in [
+        ("{}", "no `pods` and no `namespaces` list"),
+        ("---\n", "no `pods` and no `namespaces` list"),
+        ("# nothing here yet\n", "no `pods` and no `namespaces` list"),
+        ("pods: []\n", "no `namespaces` list"),
+        ("namespaces: []\n", "no `pods` list"),
+        (
+            "pods:\n- metadata: {name: a, namespace: demo, uid: u-a}\n",
+            "no `namespaces` list",
+        ),
+        ("{\"pods\": null, \"namespaces\": []}", "no `pods` list"),
+    ] {
+        let e = file::parse_workloads(text, "node-1", path).expect_err(text);
+        let msg = e.to_string();
+        assert!(
+            matches!(e, file::FileSourceError::Incomplete { .. }),
+            "{text:?}: {msg}"
+        );
+        assert!(msg.contains(missing), "{text:?}: {msg}");
+        assert!(msg.contains("/x/workloads.yaml"), "{msg}");
+        assert_eq!(e.refusal_reason(), "file_incomplete");
+    }
+    for text in [
+        "pods: []\nnamespaces: []\n",
+        "{\"pods\": [], \"namespaces\": []}",
+    ] {
+        let snap = file::parse_workloads(text, "node-1", path).expect(text);
+        assert!(snap.pods.is_empty() && snap.namespaces.is_empty());
+    }
+}
+
+/// Issue 8 item 6: a second pod with an earlier pod's UID is refused; the first keeps it.
+#[test]
+fn duplicate_uid_keeps_the_first_pod_and_reports_the_second() {
+    let path = Path::new("/x/workloads.json");
+    let mut second = pod_json("second", "demo");
+    second["metadata"]["uid"] = json!("uid-first");
+    second["status"]["podIP"] = json!("10.0.0.6");
+    second["status"]["podIPs"] = json!([{"ip": "10.0.0.6"}]);
+    let text = json!({"namespaces": [], "pods": [pod_json("first", "demo"), second]}).to_string();
+    let limits = file::FileLimits::default();
+    let (snap, dups) =
+        file::parse_workloads_checked(&text, "node-1", path, &limits, None).expect("parse");
+    assert_eq!(snap.pods.len(), 1);
+    assert_eq!(
+        snap.pods["uid-first"].name, "first",
+        "the first holder keeps it"
+    );
+    assert_eq!(dups.len(), 1);
+    assert_eq!(
+        dups[0].to_string(),
+        "pods demo/first and demo/second both have uid uid-first; demo/first keeps it, demo/second is ignored"
+    );
+    // The loop's variant prefers the previous holder even when it comes second.
+    let a = decode_pod(&pod_json("first", "demo")).expect("a");
+    let mut b = a.clone();
+    b.name = "second".into();
+    let (snap, dups) = WorkloadSnapshot::from_parts_checked([b, a], [], |p| p.name == "first");
+    assert_eq!(snap.pods["uid-first"].name, "first");
+    assert_eq!(dups[0].refused, "demo/second");
+    // In the file too: a pod inserted before the holder does not take its UID.
+    let mut intruder = pod_json("intruder", "demo");
+    intruder["metadata"]["uid"] = json!("uid-first");
+    let v1 = json!({"namespaces": [], "pods": [pod_json("first", "demo")]}).to_string();
+    let v2 = json!({"namespaces": [], "pods": [intruder, pod_json("first", "demo")]}).to_string();
+    let (prev, _) = file::parse_workloads_checked(&v1, "node-1", path, &limits, None).expect("v1");
+    let (snap, dups) =
+        file::parse_workloads_checked(&v2, "node-1", path, &limits, Some(&prev)).expect("v2");
+    assert_eq!(snap.pods["uid-first"].name, "first");
+    assert_eq!(dups[0].refused, "demo/intruder");
+}
+
+/// Issue 8 item 11: a UID that would not read back from the dataplane is refused.
+#[test]
+fn pod_uids_must_be_kubernetes_uids() {
+    for bad in ["a\nb", "a\0b", "a b", "uid/../x", "ü", &"a".repeat(129)] {
+        let mut p = pod_json("p", "demo");
+        p["metadata"]["uid"] = json!(bad);
+        let e = decode_pod(&p).expect_err(bad);
+        assert!(
+            e.to_string().contains("is not a Kubernetes UID"),
+            "{bad:?}: {e}"
+        );
+        let text = json!({"namespaces": [], "pods": [p]}).to_string();
+        let e = file::parse_workloads(&text, "node-1", Path::new("/x/w.json")).expect_err(bad);
+        assert!(e.to_string().contains("pods[0]"), "{e}");
+    }
+    // A fallback UID (no metadata.uid) from a name with a control character is refused too.
+    let e = decode_pod(&json!({"metadata": {"name": "a\nb", "namespace": "demo"}}))
+        .expect_err("newline in name");
+    assert!(e.to_string().contains("cannot stand in"), "{e}");
+    // Real UIDs pass.
+    let mut p = pod_json("p", "demo");
+    p["metadata"]["uid"] = json!("0b5c6c1e-3f5a-4b8e-9c1d-2e3f4a5b6c7d");
+    assert!(decode_pod(&p).is_ok());
+}
+
+/// Issue 8 item 9: size, nesting and alias expansion are bounded, with an error naming the
+/// file and the bound.
+#[test]
+fn workloads_file_limits() {
+    let path = Path::new("/x/hostile.yaml");
+    let limits = file::FileLimits::default();
+    // Deep nesting (200 KB of flow sequences): refused at once.
+    let deep = format!("pods: {}\nnamespaces: []\n", "[".repeat(200_000));
+    let t = std::time::Instant::now();
+    let e = file::parse_workloads(&deep, "node-1", path).expect_err("deep");
+    assert!(
+        matches!(e, file::FileSourceError::Limit { .. })
+            && e.to_string().contains("nesting deeper than 64 levels")
+            && e.to_string().contains("/x/hostile.yaml"),
+        "{e}"
+    );
+    eprintln!("deep nesting refused in {:?}", t.elapsed());
+    // Deep block nesting too.
+    let mut block = String::from("namespaces: []\npods:\n");
+    for i in 0..100 {
+        block.push_str(&" ".repeat(2 * i + 2));
+        block.push_str("- \n");
+    }
+    let e = file::parse_workloads(&block, "node-1", path).expect_err("deep block");
+    assert!(e.to_string().contains("nesting deeper"), "{e}");
+    // A billion-laughs alias bomb (a few hundred bytes).
+    let mut bomb = String::from("namespaces: []\na0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..10 {
+        let p = i - 1;
+        bomb.push_str(&format!(
+            "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+        ));
+    }
+    bomb.push_str("pods: *a9\n");
+    let t = std::time::Instant::now();
+    let e = file::parse_workloads(&bomb, "node-1", path).expect_err("alias bomb");
+    assert!(
+        e.to_string()
+            .contains("YAML aliases expand to more than 100000 nodes"),
+        "{e}"
+    );
+    eprintln!("alias bomb refused in {:?}", t.elapsed());
+    // Size.
+    let small = file::FileLimits {
+        max_bytes: 100,
+        ..limits
+    };
+    let big = format!("namespaces: []\npods: []\n#{}\n", "x".repeat(200));
+    let e = file::parse_workloads_checked(&big, "node-1", path, &small, None).expect_err("size");
+    assert!(
+        e.to_string()
+            .contains("exceeds a limit: 226 bytes, more than the 100 bytes accepted"),
+        "{e}"
+    );
+    assert_eq!(e.refusal_reason(), "file_limit");
+    // Modest aliases (shared labels) are fine.
+    let ok = "namespaces: []\nx-labels: &l {app: web}\npods:\n- metadata: {name: a, namespace: demo, uid: u-a, labels: *l}\n- metadata: {name: b, namespace: demo, uid: u-b, labels: *l}\n";
+    let e = file::parse_workloads(ok, "node-1", path).expect_err("unknown top-level key");
+    assert!(e.to_string().contains("unknown field `x-labels`"), "{e}");
+    let ok = "namespaces: []\npods:\n- metadata: &m {name: a, namespace: demo, uid: u-a}\n  spec: {nodeName: node-1}\n";
+    assert_eq!(
+        file::parse_workloads(ok, "node-1", path)
+            .expect("anchor")
+            .pods["u-a"]
+            .name,
+        "a"
+    );
 }
