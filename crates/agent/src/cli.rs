@@ -274,7 +274,7 @@ pub struct AgentArgs {
     #[arg(long, env = "CNI_AGENT_RUN_DIR", default_value = "/var/run/meshcni")]
     pub cni_agent_run_dir: PathBuf,
 
-    /// Unix socket the plugin sends its log lines to (G1 layout).
+    /// Unix socket the plugin sends its log lines to (G1 layout). [Not supported by this build: a non-default value is rejected.]
     #[arg(
         long,
         env = "LOG_UDS_ADDRESS",

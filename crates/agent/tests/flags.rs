@@ -575,6 +575,37 @@ fn every_flag_changes_behaviour_or_is_rejected() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
+/// `--help` is honest about rejections: every flag whose non-default value is rejected says so
+/// in its own help text, so an operator reading `--help` (or the README table generated from
+/// it) never takes it for a working setting.
+#[test]
+fn help_of_every_rejected_flag_says_it_is_rejected() {
+    let cmd = meshcni_agent::cli::Cli::command();
+    let mut silent = Vec::new();
+    for &(flag, _, _, expect) in TABLE {
+        if !matches!(expect, Rejected(_)) {
+            continue;
+        }
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(flag))
+            .expect("flag exists");
+        let help = arg
+            .get_long_help()
+            .or_else(|| arg.get_help())
+            .map(|h| h.to_string())
+            .unwrap_or_default();
+        if !help.contains("rejected") {
+            silent.push(format!("--{flag}: {help:?}"));
+        }
+    }
+    assert!(
+        silent.is_empty(),
+        "rejected flags whose help does not say so:\n{}",
+        silent.join("\n")
+    );
+}
+
 /// Safe defaults: ambient on with the default redirect mode (inpod, not built here) fails
 /// `check-config` and start-up with a message naming the setting and the way out.
 #[test]
