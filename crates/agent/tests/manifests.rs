@@ -516,6 +516,14 @@ fn manifest_is_the_chart_rendered_with_defaults() {
         cm("AMBIENT_DETECTION_FAILURE_POLICY"),
         Some(cov.str("ambient.detectionFailurePolicy"))
     );
+    // ztunnel identity (issue 8 item 13): settable from the chart, defaults equal to the agent's.
+    let defaults = meshcni_agent::cli::AgentArgs::defaults();
+    let zt_ns = cov.str("ambient.ztunnelNamespace");
+    assert_eq!(zt_ns, defaults.system_namespace);
+    assert_eq!(cm("SYSTEM_NAMESPACE"), Some(zt_ns));
+    let zt_sa = cov.str("ambient.ztunnelServiceAccount");
+    assert_eq!(zt_sa, defaults.ztunnel_service_account);
+    assert_eq!(cm("ZTUNNEL_SERVICE_ACCOUNT"), Some(zt_sa));
     assert_eq!(
         pod.host_network.map(|b| b.to_string()),
         Some(cov.str("ambient.shareHostNetworkNamespace"))
