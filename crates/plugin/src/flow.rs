@@ -170,24 +170,50 @@ impl Plugin for MeshPlugin {
     fn check(&self, ctx: &Context) -> Result<(), CniError> {
         let conf = load_conf(ctx)?;
         let args = &ctx.env.args;
-        let pod_ref = PodRef::from_cni_args(args.k8s_pod_namespace(), args.k8s_pod_name());
+        // The same pod identity as ADD (podman: the default namespace of the metadata dir).
+        let namespace = args
+            .k8s_pod_namespace()
+            .or_else(|| args.k8s_pod_name().and(conf.default_pod_namespace()));
+        let pod_ref = PodRef::from_cni_args(namespace, args.k8s_pod_name());
         if pod::skip_before_lookup(&conf, pod_ref).is_some() {
             return Ok(());
         }
         let source = pod_source(&conf)?;
+        // As ADD: without Kubernetes, a pod without a metadata file is not a mesh pod.
+        let local_pod = match conf.pod_metadata_dir {
+            Some(_) => match local_metadata(&*source, pod_ref)? {
+                Some(pod) => Some(pod),
+                None => return Ok(()),
+            },
+            None => None,
+        };
         if conf.ambient_enabled {
             match ambient_check(&conf, &*source, pod_ref) {
                 Ok(true) => return Ok(()),
                 Ok(false) => {}
-                // As ADD: fail when detection must succeed, else treat the pod as non-ambient.
-                Err(e) if conf.enable_ambient_detection_retry => {
-                    return Err(lookup_error(pod_ref, &e));
-                }
-                Err(e) => warn!(pod = %format_ref(pod_ref), error = %e,
-                    "ambient detection failed; checking the pod as non-ambient"),
+                // As ADD: the failure policy decides.
+                Err(e) => match conf.ambient_failure_policy() {
+                    FailurePolicy::Closed => {
+                        return Err(CniError::new(
+                            codes::POD_LOOKUP_FAILED,
+                            format!(
+                                "cannot decide whether pod {} is an ambient pod \
+                                 (ambient_detection_failure_policy=closed)",
+                                format_ref(pod_ref)
+                            ),
+                            e.to_string(),
+                        ));
+                    }
+                    FailurePolicy::Open => warn!(pod = %format_ref(pod_ref), error = %e,
+                        "ambient detection failed; checking the pod as non-ambient \
+                         (ambient_detection_failure_policy=open)"),
+                },
             }
         }
-        let pod = fetch_pod(&conf, &*source, pod_ref)?;
+        let pod = match local_pod {
+            Some(pod) => pod,
+            None => fetch_pod(&conf, &*source, pod_ref)?,
+        };
         let cfg = match pod::decide(&conf, pod_ref, &pod) {
             Ok(Decision::Skip(_)) => return Ok(()),
             Ok(Decision::Sidecar(cfg)) => *cfg,

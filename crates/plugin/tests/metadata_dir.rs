@@ -13,10 +13,15 @@ use serde_json::{Value, json};
 
 const TOOLS: &[&str] = &["ip", "iptables-save", "ip6tables-save", "nft"];
 const POD_LOOKUP_FAILED: u64 = meshcni_plugin::flow::codes::POD_LOOKUP_FAILED as u64;
+const CAPTURE_MISMATCH: u64 = meshcni_plugin::flow::codes::CAPTURE_MISMATCH as u64;
 
 fn add_env<'a>(netns: &'a str, args: &'a str) -> Vec<(&'a str, &'a str)> {
+    cni_env("ADD", netns, args)
+}
+
+fn cni_env<'a>(command: &'a str, netns: &'a str, args: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
-        ("CNI_COMMAND", "ADD"),
+        ("CNI_COMMAND", command),
         ("CNI_CONTAINERID", "0123456789abcdef"),
         ("CNI_NETNS", netns),
         ("CNI_IFNAME", "eth0"),
@@ -158,4 +163,43 @@ fn names_that_cannot_have_a_file_are_not_mesh_pods() {
         &ns,
     );
     assert_info_line(&log, &["My_Web", "not a mesh pod"]);
+}
+
+/// CHECK identifies and looks up the pod exactly as ADD does: a pod without a metadata file
+/// (which ADD passed through) passes CHECK, and a podman pod (no `K8S_POD_NAMESPACE`) captured
+/// by ADD is really checked, so an empty netns fails with CAPTURE_MISMATCH.
+#[test]
+fn check_identifies_pods_like_add() {
+    require_root(TOOLS);
+    let wd = Workdir::new();
+    TestPod {
+        namespace: "default",
+        name: "web",
+        injected: true,
+        annotations: &[],
+    }
+    .write(&wd.metadata_dir());
+    let conf = wd.conf(json!({})).to_string();
+
+    // No metadata file: ADD passes it through, so CHECK must pass too.
+    let ns = Netns::pod("chknometa", false);
+    let path = ns.path();
+    let args = k8s_args("demo", "nometa");
+    run_plugin(&add_env(&path, &args), conf.as_bytes()).expect_ok();
+    let before = ns.rules();
+    run_plugin(&cni_env("CHECK", &path, &args), conf.as_bytes()).expect_ok();
+    assert_eq!(ns.rules(), before, "CHECK changed the netns");
+
+    // podman: ADD captures default/web; CHECK passes while the rules are there ...
+    let podman_args = "IgnoreUnknown=1;K8S_POD_NAME=web";
+    let captured = Netns::pod("chkpodman", false);
+    let cpath = captured.path();
+    run_plugin(&add_env(&cpath, podman_args), conf.as_bytes()).expect_ok();
+    run_plugin(&cni_env("CHECK", &cpath, podman_args), conf.as_bytes()).expect_ok();
+    // ... and fails on a netns without them.
+    let empty = Netns::pod("chkpodempty", false);
+    let epath = empty.path();
+    let run = run_plugin(&cni_env("CHECK", &epath, podman_args), conf.as_bytes());
+    let text = run.expect_error(CAPTURE_MISMATCH);
+    assert!(text.contains("default/web"), "error must name the pod: {text}");
 }
