@@ -961,7 +961,9 @@ impl Reconciler {
             }
         }
         for p in self.snapshot.pods.values().filter(|p| !p.terminal()) {
-            let who = if p.is_ztunnel() {
+            // Only a trusted ztunnel's address is reserved: a pod merely labelled
+            // `app=ztunnel` is an ordinary pod (`mesh_decision`) and is enrolled like one.
+            let who = if self.policy.ztunnel.accepts(p) {
                 format!("the address of ztunnel pod {}", p.key())
             } else if p.host_network {
                 format!("the node address of host-network pod {}", p.key())

@@ -846,6 +846,61 @@ fn pods_claiming_ztunnel_or_node_addresses_are_not_enrolled() {
     );
 }
 
+/// A pod merely labelled `app=ztunnel` (outside the system namespace, or with another service
+/// account) is an ordinary pod (issue 8 item 13): its address is not reserved like the trusted
+/// ztunnel's, so in an ambient namespace it is enrolled, not refused as `reserved_ip` (which
+/// would let any pod escape capture by taking that label).
+#[test]
+fn untrusted_app_ztunnel_pods_are_enrolled_like_any_pod() {
+    use meshcni_agent::workloads::{SourceUpdate, WorkloadMetrics, decode_namespace, decode_pod};
+    let driver = FakeDriver::new();
+    let metrics = WorkloadMetrics::default();
+    let status = StatusHandle::new(Err("starting".into()));
+    let mut rec = Reconciler::new(
+        Box::new(driver.clone()),
+        EnrollPolicy::default(),
+        options(),
+        status.clone(),
+    )
+    .with_metrics(metrics.clone())
+    .with_node_addresses(Box::new(|| Ok(vec!["192.168.50.10".parse().expect("ip")])));
+    let mut wrong_sa = pod(
+        "wrong-sa",
+        "istio-system",
+        "10.0.0.8",
+        json!({"app": "ztunnel"}),
+    );
+    wrong_sa["spec"]["serviceAccountName"] = json!("default");
+    let pods = [
+        ztunnel("zt-1", "10.0.0.100"),
+        pod("labelled", "demo", "10.0.0.7", json!({"app": "ztunnel"})),
+        wrong_sa,
+    ];
+    rec.update(SourceUpdate::Namespaces(vec![
+        decode_namespace(&namespace("demo", true)).expect("ns"),
+        decode_namespace(&namespace("istio-system", true)).expect("ns"),
+    ]));
+    rec.update(SourceUpdate::Pods(
+        pods.iter().map(|p| decode_pod(p).expect("pod")).collect(),
+    ));
+    let t0 = Instant::now();
+    rec.reconcile(t0);
+    rec.reconcile(t0 + Duration::from_millis(1));
+    let (enrolled, calls) = {
+        let d = driver.lock();
+        (
+            d.enrolled.pods.keys().cloned().collect::<Vec<_>>(),
+            d.calls.clone(),
+        )
+    };
+    assert_eq!(enrolled, ["uid-labelled", "uid-wrong-sa"], "{calls:?}");
+    assert_eq!(metrics.refusals_of("reserved_ip"), 0);
+    assert_eq!(
+        driver.lock().ztunnel.as_ref().map(|z| z.pod.name.as_str()),
+        Some("zt-1")
+    );
+}
+
 /// Issue 8 item 6: a second pod with an enrolled pod's UID (Kubernetes source) used to replace
 /// it silently, leaving the first uncaptured. The holder keeps the UID; the conflict is
 /// logged and counted.
