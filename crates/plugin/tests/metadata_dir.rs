@@ -201,5 +201,8 @@ fn check_identifies_pods_like_add() {
     let epath = empty.path();
     let run = run_plugin(&cni_env("CHECK", &epath, podman_args), conf.as_bytes());
     let text = run.expect_error(CAPTURE_MISMATCH);
-    assert!(text.contains("default/web"), "error must name the pod: {text}");
+    assert!(
+        text.contains("default/web"),
+        "error must name the pod: {text}"
+    );
 }
