@@ -17,11 +17,15 @@ const TOOLS: &[&str] = &["ip", "iptables-save", "ip6tables-save", "nft"];
 const POD_LOOKUP_FAILED: u64 = meshcni_plugin::flow::codes::POD_LOOKUP_FAILED as u64;
 
 fn add(conf: &Value, ns: &Netns, pod_ns: &str, pod: &str) -> common::PluginRun {
+    cni("ADD", conf, ns, pod_ns, pod)
+}
+
+fn cni(command: &str, conf: &Value, ns: &Netns, pod_ns: &str, pod: &str) -> common::PluginRun {
     let path = ns.path();
     let args = k8s_args(pod_ns, pod);
     run_plugin(
         &[
-            ("CNI_COMMAND", "ADD"),
+            ("CNI_COMMAND", command),
             ("CNI_CONTAINERID", "0123456789abcdef"),
             ("CNI_NETNS", &path),
             ("CNI_IFNAME", "eth0"),
@@ -119,4 +123,32 @@ fn both_policies_with_a_bad_local_namespace_file() {
     );
     let conf = with(conf, "ambient_detection_failure_policy", json!("open"));
     add(&conf, &ns, "shop", "app").expect_ok();
+}
+
+/// CHECK takes ADD's decision path, the failure policy included: with `closed` a pod whose
+/// ambient status cannot be decided fails CHECK as it fails ADD (it used to be checked as a
+/// non-ambient pod and pass); with `open` it is checked as non-ambient.
+#[test]
+fn check_follows_the_failure_policy() {
+    require_root(TOOLS);
+    let wd = Workdir::new();
+    TestPod {
+        namespace: "shop",
+        name: "app",
+        injected: false,
+        annotations: &[],
+    }
+    .write(&wd.metadata_dir());
+    let ns_file = wd.metadata_dir().join("namespaces/shop.json");
+    std::fs::write(&ns_file, "not json").expect("write");
+    let ns = Netns::pod("afpcheck", false);
+    let before = ns.rules();
+    let conf = wd.conf(json!({"ambient_enabled": true}));
+    let text = cni("CHECK", &conf, &ns, "shop", "app").expect_error(POD_LOOKUP_FAILED);
+    for n in ["shop/app", "closed", &ns_file.display().to_string()] {
+        assert!(text.contains(n), "CHECK error must name {n:?}: {text}");
+    }
+    let conf = with(conf, "ambient_detection_failure_policy", json!("open"));
+    cni("CHECK", &conf, &ns, "shop", "app").expect_ok();
+    assert_eq!(ns.rules(), before, "CHECK changed the netns");
 }
