@@ -18,6 +18,8 @@
 #           the system's apt sources are not touched.
 #   venv    $MESHCNI_CRI_VENV (default /opt/meshcni/cri-venv) with the PyPI package
 #           container-runtime-interface-api==2.0.1 (CRI v1 gRPC stubs) for scripts/cri-pod.py.
+#   helm    $MESHCNI_HELM (default /opt/meshcni/bin/helm-v4.3.2), built from the helm.sh/helm/v4
+#           module with the Go on PATH; used to render the chart in the tests.
 #   rust    rustfmt + clippy components (rustup); cargo-fuzz only with --fuzz.
 set -euo pipefail
 
@@ -93,6 +95,26 @@ else
             GOFLAGS= GOPROXY=off CGO_ENABLED=0 "$DEBIAN_GO" build -ldflags "-s -w" -o "$W/cnitool" .)
     install -m 0755 "$W/cnitool" "$CNITOOL"
     ts "built $CNITOOL from Debian source golang-github-appc-cni $ver"
+fi
+
+# ---- helm (the chart rendered by a real helm in crates/agent/tests/helm_render.rs) ----------
+# Built from the helm.sh/helm/v4 module with the Go toolchain on PATH (Go >= 1.24; the module
+# proxy supplies a newer toolchain if helm's go.mod asks for one). The module cache stays in
+# GOPATH, the binary outside the repo keyed by version: only the first run on a machine pays.
+HELM_VERSION="${MESHCNI_HELM_VERSION:-v4.3.2}"
+HELM="${MESHCNI_HELM:-/opt/meshcni/bin/helm-$HELM_VERSION}"
+if [ -x "$HELM" ] && "$HELM" version --short >/dev/null 2>&1; then
+    ts "helm present ($HELM)"
+else
+    GO_BIN="$(command -v go || true)"
+    [ -x /usr/local/go/bin/go ] && GO_BIN=/usr/local/go/bin/go
+    [ -n "$GO_BIN" ] || { echo "setup.sh: no Go toolchain for building helm (need Go >= 1.24)" >&2; exit 1; }
+    HW="$(mktemp -d /tmp/meshcni-helm.XXXXXX)"
+    (cd "$HW" && env GOBIN="$HW/bin" GOFLAGS=-buildvcs=false CGO_ENABLED=0 \
+        "$GO_BIN" install -trimpath -ldflags "-s -w" "helm.sh/helm/v4/cmd/helm@$HELM_VERSION")
+    install -D -m 0755 "$HW/bin/helm" "$HELM"
+    rm -rf "$HW"
+    ts "built $HELM from helm.sh/helm/v4@$HELM_VERSION ($("$GO_BIN" env GOVERSION))"
 fi
 
 # ---- CRI client venv ---------------------------------------------------------------------

@@ -22,6 +22,7 @@ cd "$(dirname "$(readlink -f "$0")")/.."
 
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
 export MESHCNI_CRI_VENV="${MESHCNI_CRI_VENV:-/opt/meshcni/cri-venv}"
+export MESHCNI_HELM="${MESHCNI_HELM:-/opt/meshcni/bin/helm-v4.3.2}"
 T0=$(date +%s)
 results=()
 failed=0
@@ -62,7 +63,7 @@ preflight() {
         command -v "$t" >/dev/null || missing+=("$t")
     done
     for t in /usr/lib/cni/bridge /usr/lib/cni/host-local /usr/lib/cni/portmap /bin/busybox \
-             "$MESHCNI_CRI_VENV/bin/python"; do
+             "$MESHCNI_CRI_VENV/bin/python" "$MESHCNI_HELM"; do
         [ -x "$t" ] || missing+=("$t")
     done
     if [ ${#missing[@]} -gt 0 ]; then

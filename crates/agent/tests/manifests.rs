@@ -6,7 +6,8 @@
 //! * RBAC is least privilege;
 //! * the manifest is the chart rendered with its defaults: every leaf of `values.yaml` is
 //!   checked against the manifest field it drives, and none is left unchecked;
-//! * the chart templates reference only values that exist, and every value is used;
+//! * the chart templates reference only values that exist, and every value is used (the real
+//!   `helm` render is tested in `helm_render.rs`);
 //! * every env var the manifests set is a flag of `meshcni-agent`, and the agent accepts them.
 
 use std::collections::{BTreeMap, BTreeSet};

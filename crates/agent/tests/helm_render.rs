@@ -1,0 +1,172 @@
+//! The Helm chart rendered by a real `helm` (v4, built by `scripts/setup.sh` from the
+//! `helm.sh/helm/v4` module; path in `MESHCNI_HELM`, default
+//! `/opt/meshcni/bin/helm-v4.3.2`):
+//! * with its defaults it renders exactly `deploy/manifests/meshcni.yaml` (every object, every
+//!   field; the manifest leaves out only the Helm pre-delete hook);
+//! * ambient on with the default redirect mode (`inpod`) or `ebpf` — modes without a driver in
+//!   this build — fails the render with a message naming the setting;
+//! * ambient on with `iptables` renders a DaemonSet in the host netns whose environment the
+//!   agent's `check-config` accepts.
+//!
+//! A missing `helm` fails these tests (never skips them): run `scripts/setup.sh`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const DEFAULT_HELM: &str = "/opt/meshcni/bin/helm-v4.3.2";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn helm() -> PathBuf {
+    let p = std::env::var_os("MESHCNI_HELM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_HELM));
+    assert!(
+        p.is_file(),
+        "helm not found at {} (set MESHCNI_HELM or run scripts/setup.sh, which builds it)",
+        p.display()
+    );
+    p
+}
+
+fn render(sets: &[&str]) -> Output {
+    let mut cmd = Command::new(helm());
+    cmd.args(["template", "meshcni"])
+        .arg(repo().join("deploy/helm/meshcni"))
+        .args(["--namespace", "kube-system", "--no-hooks"]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    // No repository config, cache or plugins of the machine's user are read.
+    let home = tempfile::tempdir().expect("tempdir");
+    cmd.env("HELM_CONFIG_HOME", home.path().join("config"))
+        .env("HELM_CACHE_HOME", home.path().join("cache"))
+        .env("HELM_DATA_HOME", home.path().join("data"));
+    cmd.output().expect("run helm template")
+}
+
+fn rendered(sets: &[&str]) -> String {
+    let out = render(sets);
+    assert!(
+        out.status.success(),
+        "helm template {sets:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("helm output is UTF-8")
+}
+
+/// Objects by (kind, name).
+fn objects(yaml: &str) -> BTreeMap<(String, String), Value> {
+    let mut out = BTreeMap::new();
+    for de in serde_yaml::Deserializer::from_str(yaml) {
+        let v: serde_yaml::Value = serde::Deserialize::deserialize(de).expect("valid YAML");
+        if v.is_null() {
+            continue;
+        }
+        let v = serde_json::to_value(&v).expect("YAML converts to JSON");
+        let kind = v["kind"].as_str().expect("kind").to_string();
+        let name = v["metadata"]["name"].as_str().expect("name").to_string();
+        assert!(
+            out.insert((kind.clone(), name.clone()), v).is_none(),
+            "{kind}/{name} twice"
+        );
+    }
+    out
+}
+
+#[test]
+fn chart_defaults_render_exactly_the_plain_manifest() {
+    let chart = objects(&rendered(&[]));
+    let manifest = objects(
+        &std::fs::read_to_string(repo().join("deploy/manifests/meshcni.yaml"))
+            .expect("read manifest"),
+    );
+    assert_eq!(
+        chart.keys().collect::<Vec<_>>(),
+        manifest.keys().collect::<Vec<_>>(),
+        "same objects"
+    );
+    for (k, v) in &chart {
+        assert_eq!(
+            v, &manifest[k],
+            "{k:?} differs between helm and the manifest"
+        );
+    }
+}
+
+#[test]
+fn ambient_with_an_unbuilt_redirect_mode_fails_the_render_naming_the_setting() {
+    for sets in [
+        &["ambient.enabled=true"][..],
+        &["ambient.enabled=true", "ambient.redirectMode=ebpf"][..],
+    ] {
+        let out = render(sets);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{sets:?} rendered");
+        let mode = if sets.len() == 1 { "inpod" } else { "ebpf" };
+        assert!(
+            stderr.contains(&format!(
+                "ambient.redirectMode={mode} is not available in this build"
+            )) && stderr.contains("set ambient.redirectMode=iptables"),
+            "{sets:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn ambient_iptables_renders_a_host_network_agent_the_agent_accepts() {
+    let objs = objects(&rendered(&[
+        "ambient.enabled=true",
+        "ambient.redirectMode=iptables",
+    ]));
+    let ds = objs
+        .iter()
+        .find(|((kind, _), _)| kind == "DaemonSet")
+        .map(|(_, v)| v)
+        .expect("a DaemonSet");
+    let spec = &ds["spec"]["template"]["spec"];
+    assert_eq!(
+        spec["hostNetwork"],
+        Value::Bool(true),
+        "iptables mode runs in the host netns"
+    );
+    // The agent's environment: the ConfigMap it loads with envFrom plus literal env entries.
+    let mut env: Vec<(String, String)> = Vec::new();
+    let container = &spec["containers"][0];
+    for from in container["envFrom"].as_array().into_iter().flatten() {
+        let name = from["configMapRef"]["name"].as_str().expect("configMapRef");
+        let cm = &objs[&("ConfigMap".to_string(), name.to_string())];
+        for (k, v) in cm["data"].as_object().expect("data") {
+            env.push((k.clone(), v.as_str().expect("string").to_string()));
+        }
+    }
+    for e in container["env"].as_array().into_iter().flatten() {
+        if let Some(v) = e["value"].as_str() {
+            env.push((e["name"].as_str().expect("name").to_string(), v.to_string()));
+        }
+    }
+    let get = |k: &str| {
+        env.iter()
+            .rev()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(get("AMBIENT_ENABLED"), Some("true"));
+    assert_eq!(get("AMBIENT_REDIRECT_MODE"), Some("iptables"));
+    let out = Command::new(env!("CARGO_BIN_EXE_meshcni-agent"))
+        .env_clear()
+        .envs(env)
+        .arg("check-config")
+        .output()
+        .expect("run meshcni-agent check-config");
+    assert!(
+        out.status.success(),
+        "the rendered environment is refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
