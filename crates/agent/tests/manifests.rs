@@ -536,7 +536,6 @@ fn manifest_is_the_chart_rendered_with_defaults() {
         "cni-netns-dir",
         "cni-ambientconfig-dir",
         "host-proc",
-        "cni-ztunnel-sock-dir",
         "xtables-lock",
     ] {
         assert!(
