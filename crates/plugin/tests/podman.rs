@@ -171,7 +171,7 @@ fn probe_script(probe: &str) -> String {
         "nc -l -p 15001 > /tmp/got & \
          i=0; while [ $i -lt 50 ] && ! netstat -ltn | grep -q ':15001 '; do sleep 0.1; i=$((i+1)); done; \
          echo {probe} | nc -w 2 {GATEWAY} 9; echo rc=$?; \
-         i=0; while [ $i -lt 20 ] && [ ! -s /tmp/got ]; do sleep 0.1; i=$((i+1)); done; \
+         i=0; while [ $i -lt 100 ] && [ ! -s /tmp/got ]; do sleep 0.1; i=$((i+1)); done; \
          echo got=$(cat /tmp/got); kill %1 2>/dev/null; true"
     )
 }
