@@ -59,75 +59,15 @@ impl Plugin for MeshPlugin {
         // Converted up front (Istio does it while parsing the config): a prevResult that cannot
         // be passed on must fail the ADD before anything is applied, not after.
         let result = ctx.pass_through()?;
-        let args = &ctx.env.args;
-        // podman passes only K8S_POD_NAME: with a local metadata dir such a pod lives in the
-        // configured default namespace (see `PluginConf::default_pod_namespace`).
-        let namespace = args
-            .k8s_pod_namespace()
-            .or_else(|| args.k8s_pod_name().and(conf.default_pod_namespace()));
-        let pod_ref = PodRef::from_cni_args(namespace, args.k8s_pod_name());
-        if let Some(reason) = pod::skip_before_lookup(&conf, pod_ref) {
-            info!(pod = %format_ref(pod_ref), %reason, "not capturing");
-            return Ok(result);
-        }
-        let source = pod_source(&conf)?;
-        // Hosts without Kubernetes: read once here (a missing file = not a mesh pod), reused by
-        // the sidecar path below.
-        let local_pod = match conf.pod_metadata_dir {
-            Some(_) => match local_metadata(&*source, pod_ref)? {
-                Some(pod) => Some(pod),
-                None => return Ok(result),
-            },
-            None => None,
-        };
-
-        if conf.ambient_enabled {
-            match ambient_check(&conf, &*source, pod_ref) {
-                Ok(true) => {
-                    enroll_ambient(ctx, &conf, pod_ref)?;
-                    info!(pod = %format_ref(pod_ref), "ambient pod handed to the node agent");
-                    return Ok(result);
-                }
-                Ok(false) => {}
-                Err(e) => match conf.ambient_failure_policy() {
-                    FailurePolicy::Closed => {
-                        return Err(CniError::new(
-                            codes::POD_LOOKUP_FAILED,
-                            format!(
-                                "cannot decide whether pod {} is an ambient pod \
-                                 (ambient_detection_failure_policy=closed)",
-                                format_ref(pod_ref)
-                            ),
-                            e.to_string(),
-                        ));
-                    }
-                    FailurePolicy::Open => warn!(pod = %format_ref(pod_ref), error = %e,
-                        "ambient detection failed; treating the pod as non-ambient \
-                         (ambient_detection_failure_policy=open)"),
-                },
-            }
-        }
-
-        let pod = match local_pod {
-            Some(pod) => pod,
-            None => fetch_pod(&conf, &*source, pod_ref)?,
-        };
-        let cfg = match pod::decide(&conf, pod_ref, &pod) {
-            Ok(Decision::Skip(reason)) => {
-                info!(pod = %format_ref(pod_ref), %reason, "not capturing");
+        let pod_ref = pod_ref_of(ctx, &conf);
+        let cfg = match pod_action(&conf, pod_ref, "ADD")? {
+            PodAction::Leave => return Ok(result),
+            PodAction::Ambient => {
+                enroll_ambient(ctx, &conf, pod_ref)?;
+                info!(pod = %format_ref(pod_ref), "ambient pod handed to the node agent");
                 return Ok(result);
             }
-            Ok(Decision::Sidecar(cfg)) => *cfg,
-            Err(e) => {
-                return Err(CniError::new(
-                    codes::INVALID_POD_CONFIG,
-                    format!(
-                        "invalid capture configuration for pod {}",
-                        format_ref(pod_ref)
-                    ),
-                    e.to_string(),
-                ));
-            }
+            PodAction::Sidecar(cfg) => *cfg,
         };
         let netns =
             ctx.env.netns.as_deref().ok_or_else(|| {
@@ -169,64 +109,11 @@ impl Plugin for MeshPlugin {
     /// agent, which CHECK does not inspect.
     fn check(&self, ctx: &Context) -> Result<(), CniError> {
         let conf = load_conf(ctx)?;
-        let args = &ctx.env.args;
-        // The same pod identity as ADD (podman: the default namespace of the metadata dir).
-        let namespace = args
-            .k8s_pod_namespace()
-            .or_else(|| args.k8s_pod_name().and(conf.default_pod_namespace()));
-        let pod_ref = PodRef::from_cni_args(namespace, args.k8s_pod_name());
-        if pod::skip_before_lookup(&conf, pod_ref).is_some() {
-            return Ok(());
-        }
-        let source = pod_source(&conf)?;
-        // As ADD: without Kubernetes, a pod without a metadata file is not a mesh pod.
-        let local_pod = match conf.pod_metadata_dir {
-            Some(_) => match local_metadata(&*source, pod_ref)? {
-                Some(pod) => Some(pod),
-                None => return Ok(()),
-            },
-            None => None,
-        };
-        if conf.ambient_enabled {
-            match ambient_check(&conf, &*source, pod_ref) {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
-                // As ADD: the failure policy decides.
-                Err(e) => match conf.ambient_failure_policy() {
-                    FailurePolicy::Closed => {
-                        return Err(CniError::new(
-                            codes::POD_LOOKUP_FAILED,
-                            format!(
-                                "cannot decide whether pod {} is an ambient pod \
-                                 (ambient_detection_failure_policy=closed)",
-                                format_ref(pod_ref)
-                            ),
-                            e.to_string(),
-                        ));
-                    }
-                    FailurePolicy::Open => warn!(pod = %format_ref(pod_ref), error = %e,
-                        "ambient detection failed; checking the pod as non-ambient \
-                         (ambient_detection_failure_policy=open)"),
-                },
-            }
-        }
-        let pod = match local_pod {
-            Some(pod) => pod,
-            None => fetch_pod(&conf, &*source, pod_ref)?,
-        };
-        let cfg = match pod::decide(&conf, pod_ref, &pod) {
-            Ok(Decision::Skip(_)) => return Ok(()),
-            Ok(Decision::Sidecar(cfg)) => *cfg,
-            Err(e) => {
-                return Err(CniError::new(
-                    codes::INVALID_POD_CONFIG,
-                    format!(
-                        "invalid capture configuration for pod {}",
-                        format_ref(pod_ref)
-                    ),
-                    e.to_string(),
-                ));
-            }
+        let pod_ref = pod_ref_of(ctx, &conf);
+        let cfg = match pod_action(&conf, pod_ref, "CHECK")? {
+            // Ambient pods are the node agent's; CHECK does not inspect them.
+            PodAction::Leave | PodAction::Ambient => return Ok(()),
+            PodAction::Sidecar(cfg) => *cfg,
         };
         let netns =
             ctx.env.netns.as_deref().ok_or_else(|| {
@@ -281,6 +168,87 @@ impl Plugin for MeshPlugin {
 
     fn about(&self) -> &str {
         "meshcni: chained CNI plugin capturing pod traffic into the service mesh"
+    }
+}
+
+/// What ADD does for a pod (CHECK follows the same path, so it checks exactly what ADD would
+/// have installed).
+enum PodAction {
+    /// Not captured by the plugin (the reason is logged).
+    Leave,
+    /// An ambient pod: the node agent captures it.
+    Ambient,
+    /// A sidecar pod: capture with this configuration.
+    Sidecar(Box<CaptureConfig>),
+}
+
+/// The pod of this request. podman passes only `K8S_POD_NAME`: with a local metadata dir such
+/// a pod lives in the configured default namespace (see `PluginConf::default_pod_namespace`).
+fn pod_ref_of<'a>(ctx: &'a Context, conf: &'a PluginConf) -> PodRef<'a> {
+    let args = &ctx.env.args;
+    let namespace = args
+        .k8s_pod_namespace()
+        .or_else(|| args.k8s_pod_name().and(conf.default_pod_namespace()));
+    PodRef::from_cni_args(namespace, args.k8s_pod_name())
+}
+
+/// The decision path of ADD and CHECK (`verb` only labels the logs): early skips, the pod
+/// lookup (without Kubernetes, a pod without a metadata file is not a mesh pod), ambient
+/// detection under the failure policy, then the sidecar decision from the pod's annotations.
+fn pod_action(conf: &PluginConf, pod_ref: PodRef<'_>, verb: &str) -> Result<PodAction, CniError> {
+    if let Some(reason) = pod::skip_before_lookup(conf, pod_ref) {
+        info!(pod = %format_ref(pod_ref), %reason, verb, "not capturing");
+        return Ok(PodAction::Leave);
+    }
+    let source = pod_source(conf)?;
+    // Hosts without Kubernetes: read once here, reused by the sidecar decision below.
+    let local_pod = match conf.pod_metadata_dir {
+        Some(_) => match local_metadata(&*source, pod_ref)? {
+            Some(pod) => Some(pod),
+            None => return Ok(PodAction::Leave),
+        },
+        None => None,
+    };
+    if conf.ambient_enabled {
+        match ambient_check(conf, &*source, pod_ref) {
+            Ok(true) => return Ok(PodAction::Ambient),
+            Ok(false) => {}
+            Err(e) => match conf.ambient_failure_policy() {
+                FailurePolicy::Closed => {
+                    return Err(CniError::new(
+                        codes::POD_LOOKUP_FAILED,
+                        format!(
+                            "cannot decide whether pod {} is an ambient pod \
+                             (ambient_detection_failure_policy=closed)",
+                            format_ref(pod_ref)
+                        ),
+                        e.to_string(),
+                    ));
+                }
+                FailurePolicy::Open => warn!(pod = %format_ref(pod_ref), error = %e, verb,
+                    "ambient detection failed; treating the pod as non-ambient \
+                     (ambient_detection_failure_policy=open)"),
+            },
+        }
+    }
+    let pod = match local_pod {
+        Some(pod) => pod,
+        None => fetch_pod(conf, &*source, pod_ref)?,
+    };
+    match pod::decide(conf, pod_ref, &pod) {
+        Ok(Decision::Skip(reason)) => {
+            info!(pod = %format_ref(pod_ref), %reason, verb, "not capturing");
+            Ok(PodAction::Leave)
+        }
+        Ok(Decision::Sidecar(cfg)) => Ok(PodAction::Sidecar(cfg)),
+        Err(e) => Err(CniError::new(
+            codes::INVALID_POD_CONFIG,
+            format!(
+                "invalid capture configuration for pod {}",
+                format_ref(pod_ref)
+            ),
+            e.to_string(),
+        )),
     }
 }
 
