@@ -639,13 +639,14 @@ impl Reconciler {
         }
         let mut report = PassReport::default();
         let mut driver_error = None;
+        let mut holders = actual.ip_holders();
         for action in planned.actions {
             let uid = action.pod().uid.clone();
             if self.failures.get(&uid).is_some_and(|f| now < f.next) {
                 report.deferred += 1;
                 continue;
             }
-            if let Some((ip, holder)) = actual.blocks(&action) {
+            if let Some((ip, holder)) = holders.blocks(&action) {
                 debug!(action = %action, %ip, %holder, "deferred: the IP is not released yet");
                 report.deferred += 1;
                 continue;
@@ -653,7 +654,7 @@ impl Reconciler {
             match self.driver.apply(&action) {
                 Ok(()) => {
                     info!(action = %action, driver = self.driver.name(), "applied");
-                    actual.apply(&action);
+                    holders.apply(&mut actual, &action);
                     self.failures.remove(&uid);
                     report.applied.push(action);
                 }

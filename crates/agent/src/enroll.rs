@@ -292,6 +292,69 @@ fn best_id(desired: &PodId, enrolled: &PodId) -> PodId {
     }
 }
 
+/// Who holds each IP of an [`EnrolledState`], kept in step with it by [`IpHolders::apply`]:
+/// [`IpHolders::blocks`] answers what [`EnrolledState::blocks`] does without scanning every
+/// enrolled pod, so a pass of n actions costs O(n log n), not O(n²) (enrolling 5,000 pods in one
+/// pass scanned the growing state 5,000 times).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IpHolders {
+    by_ip: BTreeMap<IpAddr, BTreeSet<String>>,
+}
+
+impl IpHolders {
+    fn add(&mut self, uid: &str, ips: &[IpAddr]) {
+        for ip in ips {
+            self.by_ip.entry(*ip).or_default().insert(uid.to_string());
+        }
+    }
+
+    fn remove(&mut self, uid: &str, ips: &[IpAddr]) {
+        for ip in ips {
+            if let Some(set) = self.by_ip.get_mut(ip) {
+                set.remove(uid);
+                if set.is_empty() {
+                    self.by_ip.remove(ip);
+                }
+            }
+        }
+    }
+
+    /// Apply `action` to `state` (like [`EnrolledState::apply`]) and to this index, which must
+    /// be `state`'s.
+    pub fn apply(&mut self, state: &mut EnrolledState, action: &Action) {
+        let uid = &action.pod().uid;
+        if let Some(old) = state.pods.get(uid) {
+            self.remove(uid, &old.ips);
+        }
+        state.apply(action);
+        if let Some(new) = state.pods.get(uid) {
+            self.add(uid, &new.ips);
+        }
+    }
+
+    /// [`EnrolledState::holder_of`] from the index: the first UID (in UID order) other than
+    /// `except` holding `ip`.
+    pub fn holder_of(&self, ip: &IpAddr, except: &str) -> Option<&str> {
+        self.by_ip
+            .get(ip)?
+            .iter()
+            .find(|u| u.as_str() != except)
+            .map(String::as_str)
+    }
+
+    /// [`EnrolledState::blocks`] from the index.
+    pub fn blocks(&self, action: &Action) -> Option<(IpAddr, String)> {
+        let (uid, claimed) = match action {
+            Action::Enroll { pod, ips, .. } => (&pod.uid, ips),
+            Action::UpdateIps { pod, new, .. } => (&pod.uid, new),
+            Action::Release { .. } => return None,
+        };
+        claimed
+            .iter()
+            .find_map(|ip| self.holder_of(ip, uid).map(|h| (*ip, h.to_string())))
+    }
+}
+
 impl EnrolledState {
     /// Record that `action` was applied successfully.
     pub fn apply(&mut self, action: &Action) {
@@ -340,6 +403,16 @@ impl EnrolledState {
         claimed
             .iter()
             .find_map(|ip| self.holder_of(ip, uid).map(|h| (*ip, h.to_string())))
+    }
+
+    /// The IP → holder index of this state, for checking many actions against it (see
+    /// [`IpHolders`]).
+    pub fn ip_holders(&self) -> IpHolders {
+        let mut h = IpHolders::default();
+        for (uid, p) in &self.pods {
+            h.add(uid, &p.ips);
+        }
+        h
     }
 
     /// Number of enrolled pods.
@@ -645,15 +718,19 @@ mod tests {
                     }
                     rounds += 1;
                     assert!(rounds < 10, "{ctx}: no convergence: {:?}", p.actions);
+                    let mut holders = actual.ip_holders();
                     for a in &p.actions {
+                        // The index answers exactly what a scan of the state does.
+                        assert_eq!(holders.blocks(a), actual.blocks(a), "{ctx}: index");
                         if actual.blocks(a).is_some() {
                             continue; // an earlier release of this IP failed
                         }
                         if rounds < 3 && rng.below(4) == 0 {
                             continue; // the driver failed this one
                         }
-                        actual.apply(a);
+                        holders.apply(&mut actual, a);
                         assert_exclusive(&actual, &ctx);
+                        assert_eq!(holders, actual.ip_holders(), "{ctx}: index in step");
                     }
                 }
                 // Converged: idempotent, and exactly the expected pods are enrolled.

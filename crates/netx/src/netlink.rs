@@ -142,6 +142,7 @@ pub struct Netlink {
     socket: Socket,
     seq: u32,
     netns: PathBuf,
+    dumps: u64,
 }
 
 impl Netlink {
@@ -177,6 +178,7 @@ impl Netlink {
             socket,
             seq: 0,
             netns: label.to_path_buf(),
+            dumps: 0,
         })
     }
 
@@ -212,6 +214,17 @@ impl Netlink {
         seq: u32,
     ) -> Result<Result<Vec<RouteNetlinkMessage>, i32>, NetxError> {
         let mut out = Vec::new();
+        Ok(self.receive_each(op, seq, |m| out.push(m))?.map(|()| out))
+    }
+
+    /// [`Self::receive`], handing each reply to `f` as it is parsed instead of collecting
+    /// them: a dump of thousands of links or routes is never held whole in memory.
+    fn receive_each(
+        &mut self,
+        op: &str,
+        seq: u32,
+        mut f: impl FnMut(RouteNetlinkMessage),
+    ) -> Result<Result<(), i32>, NetxError> {
         loop {
             let (datagram, _) =
                 self.socket
@@ -243,14 +256,14 @@ impl Netlink {
                     continue;
                 }
                 match msg.payload {
-                    NetlinkPayload::Done(_) => return Ok(Ok(out)),
+                    NetlinkPayload::Done(_) => return Ok(Ok(())),
                     NetlinkPayload::Error(e) => {
                         return Ok(match e.code {
-                            None => Ok(out),
+                            None => Ok(()),
                             Some(code) => Err(-code.get()),
                         });
                     }
-                    NetlinkPayload::InnerMessage(inner) => out.push(inner),
+                    NetlinkPayload::InnerMessage(inner) => f(inner),
                     _ => {}
                 }
             }
@@ -288,8 +301,29 @@ impl Netlink {
         msg: RouteNetlinkMessage,
     ) -> Result<Vec<RouteNetlinkMessage>, NetxError> {
         let seq = self.send(op, msg, NLM_F_REQUEST | NLM_F_DUMP)?;
+        self.dumps += 1;
         self.receive(op, seq)?
             .map_err(|errno| self.errno(op, errno))
+    }
+
+    /// Send a dump request and hand every reply message to `f` as it arrives (nothing is
+    /// collected: memory stays bounded by one datagram whatever the size of the dump).
+    pub fn dump_each(
+        &mut self,
+        op: &str,
+        msg: RouteNetlinkMessage,
+        f: impl FnMut(RouteNetlinkMessage),
+    ) -> Result<(), NetxError> {
+        let seq = self.send(op, msg, NLM_F_REQUEST | NLM_F_DUMP)?;
+        self.dumps += 1;
+        self.receive_each(op, seq, f)?
+            .map_err(|errno| self.errno(op, errno))
+    }
+
+    /// How many dump requests this handle has sent (a cost counter for tests: an idle or
+    /// per-pod path must not dump).
+    pub fn dumps(&self) -> u64 {
+        self.dumps
     }
 
     fn errno(&self, op: &str, errno: i32) -> NetxError {
@@ -332,17 +366,17 @@ impl Netlink {
 
     /// All links.
     pub fn links(&mut self) -> Result<Vec<LinkInfo>, NetxError> {
-        let replies = self.dump(
+        let mut out = Vec::new();
+        self.dump_each(
             "list links",
             RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            |m| {
+                if let RouteNetlinkMessage::NewLink(link) = m {
+                    out.push(link_info(&link));
+                }
+            },
         )?;
-        Ok(replies
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(link) => Some(link_info(&link)),
-                _ => None,
-            })
-            .collect())
+        Ok(out)
     }
 
     /// Index of the link called `name`, `None` if there is none.

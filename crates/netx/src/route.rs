@@ -225,36 +225,41 @@ fn v4(addr: &RouteAddress) -> Option<Ipv4Addr> {
 pub fn list_routes(nl: &mut Netlink, table: Option<u32>) -> Result<Vec<RouteEntry>, NetxError> {
     let mut req = RouteMessage::default();
     req.header.address_family = AddressFamily::Inet;
-    let replies = nl.dump("list routes (ipv4)", RouteNetlinkMessage::GetRoute(req))?;
     let mut out = Vec::new();
-    for m in replies {
-        let RouteNetlinkMessage::NewRoute(r) = m else {
-            continue;
-        };
-        let mut e = RouteEntry {
-            table: u32::from(r.header.table),
-            dst: Ipv4Net::default(),
-            gateway: None,
-            oif: None,
-            src: None,
-            unicast: r.header.kind == RouteType::Unicast,
-        };
-        let mut dst = Ipv4Addr::UNSPECIFIED;
-        for a in &r.attributes {
-            match a {
-                RouteAttribute::Table(t) => e.table = *t,
-                RouteAttribute::Destination(d) => dst = v4(d).unwrap_or(dst),
-                RouteAttribute::Gateway(g) => e.gateway = v4(g),
-                RouteAttribute::PrefSource(s) => e.src = v4(s),
-                RouteAttribute::Oif(o) => e.oif = Some(*o),
-                _ => {}
+    // Each reply is reduced as it arrives (a node with thousands of pods has thousands of
+    // routes in two tables; the parsed dump is never held whole).
+    nl.dump_each(
+        "list routes (ipv4)",
+        RouteNetlinkMessage::GetRoute(req),
+        |m| {
+            let RouteNetlinkMessage::NewRoute(r) = m else {
+                return;
+            };
+            let mut e = RouteEntry {
+                table: u32::from(r.header.table),
+                dst: Ipv4Net::default(),
+                gateway: None,
+                oif: None,
+                src: None,
+                unicast: r.header.kind == RouteType::Unicast,
+            };
+            let mut dst = Ipv4Addr::UNSPECIFIED;
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Table(t) => e.table = *t,
+                    RouteAttribute::Destination(d) => dst = v4(d).unwrap_or(dst),
+                    RouteAttribute::Gateway(g) => e.gateway = v4(g),
+                    RouteAttribute::PrefSource(s) => e.src = v4(s),
+                    RouteAttribute::Oif(o) => e.oif = Some(*o),
+                    _ => {}
+                }
             }
-        }
-        e.dst = Ipv4Net::new(dst, r.header.destination_prefix_length).unwrap_or_default();
-        if table.is_none_or(|t| t == e.table) {
-            out.push(e);
-        }
-    }
+            e.dst = Ipv4Net::new(dst, r.header.destination_prefix_length).unwrap_or_default();
+            if table.is_none_or(|t| t == e.table) {
+                out.push(e);
+            }
+        },
+    )?;
     Ok(out)
 }
 

@@ -270,22 +270,44 @@ fn details(link: &LinkMessage) -> LinkDetails {
 
 /// Every link with its details.
 pub fn list_links(nl: &mut Netlink) -> Result<Vec<LinkDetails>, NetxError> {
-    let replies = nl.dump(
+    let mut out = Vec::new();
+    // Each reply is reduced to its details as it arrives: a node with thousands of pod
+    // veths never has the whole parsed dump (stats, per-family config, …) in memory.
+    nl.dump_each(
         "list links",
         RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        |m| {
+            if let RouteNetlinkMessage::NewLink(l) = m {
+                out.push(details(&l));
+            }
+        },
     )?;
-    Ok(replies
-        .iter()
-        .filter_map(|m| match m {
-            RouteNetlinkMessage::NewLink(l) => Some(details(l)),
-            _ => None,
-        })
-        .collect())
+    Ok(out)
 }
 
-/// Details of the link called `name`, `None` if absent.
+/// Details of the link called `name`, `None` if absent: one `RTM_GETLINK` by name, not a dump
+/// (its cost does not grow with the number of pod veths on the node).
 pub fn link_details(nl: &mut Netlink, name: &str) -> Result<Option<LinkDetails>, NetxError> {
-    Ok(list_links(nl)?.into_iter().find(|l| l.name == name))
+    // No link can have a longer name (IFNAMSIZ with its NUL); the kernel would refuse the
+    // request with EINVAL rather than say "no such device".
+    if name.is_empty() || name.len() >= 16 {
+        return Ok(None);
+    }
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+    let op = format!("get link {name}");
+    match nl.request(&op, RouteNetlinkMessage::GetLink(msg), 0)? {
+        Ok(replies) => Ok(replies.iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => Some(details(l)),
+            _ => None,
+        })),
+        Err(errno) if errno == libc::ENODEV => Ok(None),
+        Err(errno) => Err(NetxError::Netlink {
+            netns: nl.netns().to_path_buf(),
+            op,
+            source: std::io::Error::from_raw_os_error(errno),
+        }),
+    }
 }
 
 /// Details of the link with `index`, `None` if absent (one `RTM_GETLINK`, no dump).
