@@ -590,13 +590,14 @@ impl IptablesDriver {
             })
     }
 
-    /// Read the pod-veth sysctls of `oifs` and remember (one durable write) every value that
-    /// enrolling them will change. Unknown interfaces are skipped (their enroll reports it).
-    fn remember_pod_sysctls(&mut self, oifs: Vec<u32>) -> Result<usize, DriverError> {
-        if oifs.is_empty() {
-            return Ok(0);
-        }
-        let found = self.in_ns(&SysctlNs::Node, move |ns| {
+    /// The pod-veth sysctls of `oifs` whose value differs from what enrollment sets, as
+    /// (path, current value, wanted value), read on the node worker. Interfaces that no longer
+    /// exist are skipped.
+    fn pod_sysctl_drift(
+        &mut self,
+        oifs: Vec<u32>,
+    ) -> Result<Vec<(String, String, String)>, DriverError> {
+        self.in_ns(&SysctlNs::Node, move |ns| {
             let mut out = Vec::new();
             for oif in oifs {
                 let Ok(dev) = tunnel::link_name_here(ns, oif) else {
@@ -606,12 +607,25 @@ impl IptablesDriver {
                     if let Some(cur) = sysctl::read_here(ns, &s.path())?
                         && cur != s.value
                     {
-                        out.push((s.path(), cur));
+                        out.push((s.path(), cur, s.value.to_string()));
                     }
                 }
             }
             Ok(out)
-        })?;
+        })
+    }
+
+    /// Read the pod-veth sysctls of `oifs` and remember (one durable write) every value that
+    /// enrolling them will change. Unknown interfaces are skipped (their enroll reports it).
+    fn remember_pod_sysctls(&mut self, oifs: Vec<u32>) -> Result<usize, DriverError> {
+        if oifs.is_empty() {
+            return Ok(0);
+        }
+        let found: Vec<(String, String)> = self
+            .pod_sysctl_drift(oifs)?
+            .into_iter()
+            .map(|(path, current, _)| (path, current))
+            .collect();
         let n = found.len();
         self.remember_before_write(&SysctlNs::Node, found)?;
         Ok(n)
@@ -1182,22 +1196,11 @@ impl IptablesDriver {
         self.tun_in_index = Some(tun_in);
         // Pod veth sysctls: read them all on the node worker, fix those that differ.
         let oifs: Vec<u32> = veth_of.values().copied().collect();
-        let wrong = self.in_ns(&SysctlNs::Node, move |ns| {
-            let mut out = Vec::new();
-            for oif in oifs {
-                let Ok(dev) = tunnel::link_name_here(ns, oif) else {
-                    continue;
-                };
-                for s in an::pod_sysctls(&dev) {
-                    if let Some(cur) = sysctl::read_here(ns, &s.path())?
-                        && cur != s.value
-                    {
-                        out.push((s.path(), s.value.to_string()));
-                    }
-                }
-            }
-            Ok(out)
-        })?;
+        let wrong: Vec<(String, String)> = self
+            .pod_sysctl_drift(oifs)?
+            .into_iter()
+            .map(|(path, _, wanted)| (path, wanted))
+            .collect();
         if !wrong.is_empty() {
             for (k, _) in &wrong {
                 tracing::warn!(
