@@ -103,13 +103,7 @@ pub fn parse_forced_iptables_binary(s: &str) -> Result<String, String> {
 
 /// A Kubernetes namespace name (RFC 1123 label: 1–63 of `a-z0-9-`, alphanumeric at both ends).
 pub fn parse_dns_label(s: &str) -> Result<String, String> {
-    let ok = !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-');
-    if ok {
+    if is_namespace_name(s) {
         Ok(s.to_string())
     } else {
         Err(format!(
@@ -792,7 +786,8 @@ impl AgentArgs {
     }
 }
 
-/// A DNS-1123 label (Kubernetes namespace name).
+/// A DNS-1123 label (Kubernetes namespace name): the one check behind [`parse_dns_label`] and
+/// the `--pod-metadata-default-namespace` validation.
 fn is_namespace_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
