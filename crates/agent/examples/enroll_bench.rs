@@ -140,6 +140,8 @@ fn bench_driver(pods: usize) -> (Duration, Duration, usize, usize) {
             pod: PodId::new(&format!("uid-{i}"), "bench", &format!("pod-{i}")),
             ips: vec![IpAddr::V4(pod_ip(i))],
             annotations: BTreeMap::new(),
+            service_account: String::new(),
+            netns: None,
         })
         .expect("enroll");
     }

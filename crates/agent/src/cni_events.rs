@@ -29,8 +29,8 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -40,15 +40,16 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use base64::Engine;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::Histogram;
 use serde::Deserialize;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::enroll::canonical_ips;
+pub use crate::metrics::CniEventMetrics;
 use crate::metrics::EventLabels;
+pub use crate::seam::{
+    CmdAdd, CniAddRequest, CniEventOptions, CniOutcome, CniRejection, RejectKind, ReplySlot,
+};
 use crate::workloads::SourceUpdate;
 
 /// File name of the socket in the agent run dir (what the plugin's `agent_event_socket()`
@@ -93,29 +94,6 @@ pub fn socket_path(run_dir: &Path) -> PathBuf {
 }
 
 // ---- the event body -------------------------------------------------------------------
-
-/// A validated `cmdadd` event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CmdAdd {
-    /// `CNI_NETNS` of the sandbox; may be empty (Istio then finds the netns itself; the
-    /// iptables mode does not need it).
-    pub netns: String,
-    pub namespace: String,
-    pub name: String,
-    /// The pod's addresses from the CNI result, sorted, deduplicated, IPv4-mapped IPv6
-    /// unmapped.
-    pub ips: Vec<IpAddr>,
-    /// The pod UID when the plugin sent one (meshcni does; Istio's plugin does not): the
-    /// lookup then matches it exactly instead of by namespace/name alone.
-    pub uid: Option<String>,
-}
-
-impl CmdAdd {
-    /// `namespace/name`.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-}
 
 /// Why a body was refused (HTTP 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -263,170 +241,7 @@ pub fn parse_cmdadd(body: &[u8]) -> Result<CmdAdd, BadEvent> {
 
 // ---- the request the loop answers -------------------------------------------------------
 
-/// Why the agent refused to confirm a capture (HTTP 500).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectKind {
-    /// The pod is not in the agent's view after the lookup wait.
-    NotFound,
-    /// The agent's selectors/exclusions say the pod is not ambient.
-    NotSelected,
-    /// No Ready ztunnel on this node: the pod would start uncaptured.
-    NoZtunnel,
-    /// The redirect driver failed (pod- or driver-scoped).
-    Driver,
-    /// The workload source has not delivered its first list yet.
-    NotSynced,
-    /// The pod was found and selected but not enrolled in time (e.g. its IP is still held by
-    /// another pod), or the loop did not answer in time.
-    Timeout,
-    /// Ambient enrollment is not running (no driver, loop stopped).
-    Unavailable,
-    /// A newer ADD for the same pod arrived while this one waited.
-    Superseded,
-    /// An event IP is the node's own or ztunnel's address.
-    ReservedIp,
-}
-
-impl RejectKind {
-    /// Value of the `result` label of `meshcni_cni_events_total`.
-    pub fn label(self) -> &'static str {
-        match self {
-            RejectKind::NotFound => "not_found",
-            RejectKind::NotSelected => "not_selected",
-            RejectKind::NoZtunnel => "no_ztunnel",
-            RejectKind::Driver => "driver_error",
-            RejectKind::NotSynced => "not_synced",
-            RejectKind::Timeout => "timeout",
-            RejectKind::Unavailable => "unavailable",
-            RejectKind::Superseded => "superseded",
-            RejectKind::ReservedIp => "reserved_ip",
-        }
-    }
-}
-
-/// A refusal with its reason, sent back to the plugin as the 500 body.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct CniRejection {
-    pub kind: RejectKind,
-    pub message: String,
-}
-
-impl CniRejection {
-    pub fn new(kind: RejectKind, message: impl Into<String>) -> CniRejection {
-        CniRejection {
-            kind,
-            message: message.into(),
-        }
-    }
-}
-
-/// What the loop answers: `Ok(())` = captured.
-pub type CniOutcome = Result<(), CniRejection>;
-
-/// The one-shot answer channel of a request. Cloneable and comparable only so that
-/// `SourceUpdate` keeps its derives; equality is identity.
-#[derive(Clone)]
-pub struct ReplySlot(Arc<Mutex<Option<oneshot::Sender<CniOutcome>>>>);
-
-impl ReplySlot {
-    pub fn new() -> (ReplySlot, oneshot::Receiver<CniOutcome>) {
-        let (tx, rx) = oneshot::channel();
-        (ReplySlot(Arc::new(Mutex::new(Some(tx)))), rx)
-    }
-
-    /// Deliver the answer; `false` if it was already answered or nobody waits any more.
-    pub fn send(&self, outcome: CniOutcome) -> bool {
-        let tx = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-        tx.is_some_and(|tx| tx.send(outcome).is_ok())
-    }
-
-    /// Nobody waits for the answer any more (the server gave up, or it was answered).
-    pub fn is_closed(&self) -> bool {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_none_or(|tx| tx.is_closed())
-    }
-}
-
-impl std::fmt::Debug for ReplySlot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.is_closed() {
-            "ReplySlot(closed)"
-        } else {
-            "ReplySlot(waiting)"
-        })
-    }
-}
-
-impl PartialEq for ReplySlot {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-
-impl Eq for ReplySlot {}
-
-/// A `cmdadd` handed to the reconcile loop.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CniAddRequest {
-    pub event: CmdAdd,
-    pub received: Instant,
-    /// Stop waiting for the pod to appear in the agent's view at this point.
-    pub lookup_deadline: Instant,
-    /// Answer by then at the latest (a little before the server's own timeout, so the reason
-    /// is precise).
-    pub deadline: Instant,
-    pub reply: ReplySlot,
-}
-
-impl CniAddRequest {
-    /// A request received now, with the waits of `options`, and the receiver of its answer.
-    pub fn new(
-        event: CmdAdd,
-        options: &CniEventOptions,
-    ) -> (CniAddRequest, oneshot::Receiver<CniOutcome>) {
-        let (reply, rx) = ReplySlot::new();
-        let received = Instant::now();
-        let margin = (options.reply_timeout / 10).min(Duration::from_millis(300));
-        let deadline = received + options.reply_timeout.saturating_sub(margin);
-        let lookup_deadline = (received + options.pod_lookup_wait).min(deadline);
-        (
-            CniAddRequest {
-                event,
-                received,
-                lookup_deadline,
-                deadline,
-                reply,
-            },
-            rx,
-        )
-    }
-}
-
 // ---- the server ---------------------------------------------------------------------------
-
-/// Timing of the server.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CniEventOptions {
-    /// How long the loop waits for an unknown pod to show up in its view (Istio: 10 × 10 ms
-    /// on its informer cache; a watch may lag more, and pods are normally known long before
-    /// the kubelet runs their sandbox, so a longer wait costs nothing in the common case).
-    pub pod_lookup_wait: Duration,
-    /// The longest a request is held; must stay under the plugin's 5 s timeout.
-    pub reply_timeout: Duration,
-}
-
-impl Default for CniEventOptions {
-    fn default() -> Self {
-        CniEventOptions {
-            pod_lookup_wait: Duration::from_secs(2),
-            reply_timeout: Duration::from_millis(4500),
-        }
-    }
-}
 
 /// Where the server sends requests.
 #[derive(Debug, Clone)]
@@ -435,14 +250,6 @@ pub enum Backend {
     Loop(Sender<SourceUpdate>),
     /// Ambient enrollment could not start; every request is refused with this reason.
     Unavailable(String),
-}
-
-/// The server's metrics: `meshcni_cni_events_total{result}` and
-/// `meshcni_cni_event_duration_seconds` (registered in `crate::metrics`).
-#[derive(Clone, Debug)]
-pub struct CniEventMetrics {
-    pub events: Family<EventLabels, Counter>,
-    pub duration: Histogram,
 }
 
 /// Errors starting the server.

@@ -47,6 +47,29 @@ impl fmt::Display for PodId {
     }
 }
 
+/// The identity of a network namespace: device and inode of its nsfs file (`stat` of
+/// `/proc/<pid>/ns/net` or of a bind mount such as `/var/run/netns/cni-…`). Two paths name the
+/// same netns exactly when their ids are equal.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NetnsId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl fmt::Display for NetnsId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "netns {}:{}", self.dev, self.ino)
+    }
+}
+
+/// A pod sandbox's network namespace as the runtime named it (`CNI_NETNS`), with the identity
+/// it had when the loop received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodNetns {
+    pub path: std::path::PathBuf,
+    pub id: NetnsId,
+}
+
 /// A pod that should be in the mesh, as derived from the workload snapshot
 /// (see `workloads::desired_set`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -57,6 +80,12 @@ pub struct DesiredPod {
     /// The pod's annotations (per-pod overrides a driver may honour, e.g. Istio's
     /// `ambient.istio.io/*`). Not compared by the planner.
     pub annotations: BTreeMap<String, String>,
+    /// `spec.serviceAccountName` (handed to ztunnel in in-pod mode). Not compared.
+    pub service_account: String,
+    /// The sandbox netns from the pod's CNI ADD, while that event is in force. When both this
+    /// and the enrolled pod's netns are known and differ, the pod is in a new sandbox and is
+    /// planned as an [`Action::UpdateIps`] carrying it, even with unchanged addresses.
+    pub netns: Option<PodNetns>,
 }
 
 /// The desired set, keyed by UID.
@@ -68,6 +97,9 @@ pub struct EnrolledPod {
     pub id: PodId,
     /// Sorted, deduplicated, never empty in a consistent state.
     pub ips: Vec<IpAddr>,
+    /// The netns the driver redirects in, for drivers that work inside it (in-pod); `None` for
+    /// node-level drivers.
+    pub netns: Option<NetnsId>,
 }
 
 /// What is actually enrolled, keyed by UID. Drivers build it from the dataplane in
@@ -87,6 +119,10 @@ pub enum Action {
         ips: Vec<IpAddr>,
         /// The pod's annotations, for per-pod overrides.
         annotations: BTreeMap<String, String>,
+        /// The pod's service account.
+        service_account: String,
+        /// The sandbox netns when the loop knows it (a CNI ADD); `None` = find it.
+        netns: Option<PodNetns>,
     },
     /// The pod is still enrolled but its IPs changed: stop redirecting `old \ new`, start
     /// redirecting `new \ old` (both lists are given in full).
@@ -94,6 +130,8 @@ pub enum Action {
         pod: PodId,
         old: Vec<IpAddr>,
         new: Vec<IpAddr>,
+        /// Set when the pod is in a new sandbox (`old` may then equal `new`).
+        netns: Option<PodNetns>,
     },
     /// Stop redirecting this pod (deleted, terminal, opted out, namespace unlabelled, ...).
     /// `ips` are the IPs it was enrolled with.
@@ -130,8 +168,17 @@ impl fmt::Display for Action {
         };
         match self {
             Action::Enroll { pod, ips, .. } => write!(f, "enroll {pod} ips [{}]", list(ips)),
-            Action::UpdateIps { pod, old, new } => {
-                write!(f, "update {pod} ips [{}] -> [{}]", list(old), list(new))
+            Action::UpdateIps {
+                pod,
+                old,
+                new,
+                netns,
+            } => {
+                write!(f, "update {pod} ips [{}] -> [{}]", list(old), list(new))?;
+                if let Some(n) = netns {
+                    write!(f, " in {} ({})", n.path.display(), n.id)?;
+                }
+                Ok(())
             }
             Action::Release { pod, ips } => write!(f, "release {pod} ips [{}]", list(ips)),
         }
@@ -245,11 +292,12 @@ pub fn plan(desired: &DesiredSet, actual: &EnrolledState) -> Plan {
                         pod: best_id(&d.id, &e.id),
                         ips: e.ips.clone(),
                     });
-                } else if want != e.ips {
+                } else if want != e.ips || new_sandbox(d, e) {
                     updates.push(Action::UpdateIps {
                         pod: best_id(&d.id, &e.id),
                         old: e.ips.clone(),
                         new: want,
+                        netns: d.netns.clone(),
                     });
                 }
             }
@@ -273,6 +321,8 @@ pub fn plan(desired: &DesiredSet, actual: &EnrolledState) -> Plan {
                 pod: d.id.clone(),
                 ips: want,
                 annotations: d.annotations.clone(),
+                service_account: d.service_account.clone(),
+                netns: d.netns.clone(),
             });
         }
     }
@@ -280,6 +330,11 @@ pub fn plan(desired: &DesiredSet, actual: &EnrolledState) -> Plan {
     out.actions.extend(updates);
     out.actions.extend(enrolls);
     out
+}
+
+/// The desired pod names a sandbox netns other than the one the driver holds for it.
+fn new_sandbox(d: &DesiredPod, e: &EnrolledPod) -> bool {
+    matches!((&d.netns, e.netns), (Some(want), Some(held)) if want.id != held)
 }
 
 /// Prefer the desired pod's identity (it has namespace/name), keeping the UID of the enrolled
@@ -359,21 +414,28 @@ impl EnrolledState {
     /// Record that `action` was applied successfully.
     pub fn apply(&mut self, action: &Action) {
         match action {
-            Action::Enroll { pod, ips, .. } => {
+            Action::Enroll {
+                pod, ips, netns, ..
+            } => {
                 self.pods.insert(
                     pod.uid.clone(),
                     EnrolledPod {
                         id: pod.clone(),
                         ips: canonical_ips(ips.iter().copied()),
+                        netns: netns.as_ref().map(|n| n.id),
                     },
                 );
             }
-            Action::UpdateIps { pod, new, .. } => {
+            Action::UpdateIps {
+                pod, new, netns, ..
+            } => {
+                let held = self.pods.get(&pod.uid).and_then(|p| p.netns);
                 self.pods.insert(
                     pod.uid.clone(),
                     EnrolledPod {
                         id: pod.clone(),
                         ips: canonical_ips(new.iter().copied()),
+                        netns: netns.as_ref().map(|n| n.id).or(held),
                     },
                 );
             }
@@ -432,6 +494,7 @@ impl EnrolledState {
             EnrolledPod {
                 id,
                 ips: canonical_ips(ips),
+                netns: None,
             },
         );
     }
@@ -457,7 +520,7 @@ mod tests {
                     DesiredPod {
                         id: PodId::new(uid, "ns", &format!("pod-{uid}")),
                         ips: ips(list),
-                        annotations: BTreeMap::new(),
+                        ..DesiredPod::default()
                     },
                 )
             })
@@ -703,7 +766,7 @@ mod tests {
                             DesiredPod {
                                 id: PodId::new(uid, "ns", uid),
                                 ips: canonical_ips(ips.iter().copied()),
-                                annotations: BTreeMap::new(),
+                                ..DesiredPod::default()
                             },
                         )
                     })
@@ -764,6 +827,83 @@ mod tests {
                     "{ctx}: after restart"
                 );
             }
+        }
+    }
+
+    fn netns(ino: u64) -> PodNetns {
+        PodNetns {
+            path: format!("/var/run/netns/cni-{ino}").into(),
+            id: NetnsId { dev: 4, ino },
+        }
+    }
+
+    #[test]
+    fn a_new_sandbox_with_the_same_ips_is_an_update_carrying_the_new_netns() {
+        let mut d = desired(&[("u1", &["10.0.0.1"])]);
+        if let Some(p) = d.get_mut("u1") {
+            p.netns = Some(netns(2));
+        }
+        let mut a = actual(&[("u1", &["10.0.0.1"])]);
+        if let Some(p) = a.pods.get_mut("u1") {
+            p.netns = Some(NetnsId { dev: 4, ino: 1 });
+        }
+        let p = plan(&d, &a);
+        assert_eq!(
+            p.actions,
+            vec![Action::UpdateIps {
+                pod: PodId::new("u1", "ns", "pod-u1"),
+                old: ips(&["10.0.0.1"]),
+                new: ips(&["10.0.0.1"]),
+                netns: Some(netns(2)),
+            }]
+        );
+        // Applied, the state holds the new netns and nothing is left to do.
+        for act in &p.actions {
+            a.apply(act);
+        }
+        assert_eq!(a.pods["u1"].netns, Some(NetnsId { dev: 4, ino: 2 }));
+        assert!(plan(&d, &a).actions.is_empty());
+    }
+
+    #[test]
+    fn netns_is_compared_only_when_both_sides_know_it() {
+        // Node-level drivers hold no netns: a CNI event's netns never causes work for them.
+        let mut d = desired(&[("u1", &["10.0.0.1"])]);
+        if let Some(p) = d.get_mut("u1") {
+            p.netns = Some(netns(2));
+        }
+        let a = actual(&[("u1", &["10.0.0.1"])]);
+        assert!(plan(&d, &a).actions.is_empty());
+        // Same netns: nothing to do. No netns wanted (the watch's view): nothing to do.
+        let mut a2 = a.clone();
+        if let Some(p) = a2.pods.get_mut("u1") {
+            p.netns = Some(NetnsId { dev: 4, ino: 2 });
+        }
+        assert!(plan(&d, &a2).actions.is_empty());
+        let d2 = desired(&[("u1", &["10.0.0.1"])]);
+        assert!(plan(&d2, &a2).actions.is_empty());
+    }
+
+    #[test]
+    fn an_enroll_carries_the_netns_and_service_account() {
+        let mut d = desired(&[("u1", &["10.0.0.1"])]);
+        if let Some(p) = d.get_mut("u1") {
+            p.netns = Some(netns(7));
+            p.service_account = "sa1".into();
+        }
+        let p = plan(&d, &EnrolledState::default());
+        match &p.actions[..] {
+            [
+                Action::Enroll {
+                    netns: Some(n),
+                    service_account,
+                    ..
+                },
+            ] => {
+                assert_eq!(n, &netns(7));
+                assert_eq!(service_account, "sa1");
+            }
+            other => panic!("unexpected plan {other:?}"),
         }
     }
 }

@@ -9,8 +9,10 @@
 //! [`install_bridge`] its `meshcni-install` implementation, [`readiness`] gates, [`metrics`],
 //! [`plugin_report`] the plugin → agent wire format, [`cni_events`] the plugin's ambient
 //! hand-off (`POST /cmdadd` on `pluginevent.sock`), [`ambient_config`], [`http`], [`logging`];
-//! ambient enrollment: [`workloads`] (pods/namespaces from Kubernetes or a file, mesh
-//! decisions), [`enroll`] (pure planner), [`ambient`] (reconcile loop, `RedirectDriver`).
+//! ambient enrollment: [`seam`] (the `RedirectDriver` trait, driver events, the CNI request —
+//! the bottom layer), [`enroll`] (pure planner), [`workloads`] (pods/namespaces from
+//! Kubernetes or a file, mesh decisions), [`modes`] (one module per redirect mode, and
+//! `make_driver`), [`ambient`] (the reconcile loop; imports all of them, none imports it).
 
 #![forbid(unsafe_code)]
 
@@ -30,6 +32,7 @@ pub mod modes;
 pub mod plugin_report;
 pub mod readiness;
 pub mod run;
+pub mod seam;
 pub mod workloads;
 
 use std::process::ExitCode;

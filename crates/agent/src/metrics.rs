@@ -12,7 +12,7 @@
 //! | `meshcni_cni_request_duration_seconds{command}` | histogram | plugin reports |
 //! | `meshcni_plugin_reports_malformed_total` | counter | datagrams that failed to parse |
 //! | `meshcni_enrolled_pods` | gauge | enrollment (0 until ambient enrollment lands) |
-//! | `meshcni_cni_events_total{result}` | counter | `POST /cmdadd` answers (`cni_events`): `captured`, `bad_request`, `not_found`, `not_selected`, `no_ztunnel`, `driver_error`, `not_synced`, `timeout`, `unavailable`, `superseded`, `reserved_ip` |
+//! | `meshcni_cni_events_total{result}` | counter | `POST /cmdadd` answers (`cni_events`): `captured`, `bad_request`, `not_found`, `not_selected`, `no_ztunnel`, `driver_error`, `not_synced`, `timeout`, `unavailable`, `superseded`, `reserved_ip`, `bad_netns` |
 //! | `meshcni_cni_event_duration_seconds` | histogram | time to answer a `POST /cmdadd` |
 //! | `meshcni_workload_refusals_total{reason}` | counter | workload input refused: `duplicate_uid`, `reserved_ip`, `file_incomplete`, `file_limit`, `file_invalid` |
 //! | `meshcni_workloads_file_parses_total` | counter | workloads-file parses (only changed content is parsed) |
@@ -56,6 +56,45 @@ pub struct CommandLabels {
     pub command: &'static str,
 }
 
+/// The server's metrics: `meshcni_cni_events_total{result}` and
+/// `meshcni_cni_event_duration_seconds` (registered in `crate::metrics`).
+#[derive(Clone, Debug)]
+pub struct CniEventMetrics {
+    pub events: Family<EventLabels, Counter>,
+    pub duration: Histogram,
+}
+
+/// Labels of `meshcni_workload_refusals_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `duplicate_uid`, `reserved_ip`, `file_incomplete`, `file_limit`, `file_invalid`.
+    pub reason: &'static str,
+}
+
+/// Counters of the workload sources and the enrollment loop's input checks (registered in
+/// this module; a default value counts into handles nobody scrapes).
+#[derive(Clone, Debug, Default)]
+pub struct WorkloadMetrics {
+    /// `meshcni_workload_refusals_total{reason}`: input refused (a pod, an IP, a file version).
+    pub refusals: prometheus_client::metrics::family::Family<
+        RefusalLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    /// `meshcni_workloads_file_parses_total`: times the workloads file's content was parsed
+    /// (only a changed content is parsed).
+    pub file_parses: prometheus_client::metrics::counter::Counter,
+}
+
+impl WorkloadMetrics {
+    pub fn refused(&self, reason: &'static str) {
+        self.refusals.get_or_create(&RefusalLabels { reason }).inc();
+    }
+
+    pub fn refusals_of(&self, reason: &'static str) -> u64 {
+        self.refusals.get_or_create(&RefusalLabels { reason }).get()
+    }
+}
+
 fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
 }
@@ -71,13 +110,13 @@ pub struct AgentMetrics {
     pub cni_events: Family<EventLabels, Counter>,
     pub cni_event_duration: Histogram,
     /// Workload input refusals and workloads-file parses.
-    pub workloads: crate::workloads::WorkloadMetrics,
+    pub workloads: WorkloadMetrics,
 }
 
 impl AgentMetrics {
     /// The handles the plugin event server records into.
-    pub fn cni_event_metrics(&self) -> crate::cni_events::CniEventMetrics {
-        crate::cni_events::CniEventMetrics {
+    pub fn cni_event_metrics(&self) -> CniEventMetrics {
+        CniEventMetrics {
             events: self.cni_events.clone(),
             duration: self.cni_event_duration.clone(),
         }
@@ -186,7 +225,7 @@ pub fn build_registry(installer: Arc<dyn NodeInstaller>) -> (Registry, AgentMetr
         enrolled_pods: Gauge::default(),
         cni_events: Family::default(),
         cni_event_duration: duration_histogram(),
-        workloads: crate::workloads::WorkloadMetrics::default(),
+        workloads: WorkloadMetrics::default(),
     };
     registry.register(
         "meshcni_cni_requests",

@@ -107,6 +107,10 @@ impl Setup {
         Setup::with(FakeDriver::new(), pods)
     }
 
+    fn new_with_driver(driver: FakeDriver, pods: &[Value]) -> Setup {
+        Setup::with(driver, pods)
+    }
+
     fn with(driver: FakeDriver, pods: &[Value]) -> Setup {
         Setup::with_options(
             driver,
@@ -1057,4 +1061,143 @@ fn real_cmdadds_succeed_while_many_slow_clients_are_connected() {
     eprintln!(
         "closed a lone slow client after {closed_after:?}; at most {max_open} connections open"
     );
+}
+
+// ---- the seam for modes whose proxy connects to the agent and that work in the pod netns ----
+
+fn netns_driver() -> FakeDriver {
+    let d = FakeDriver::new();
+    {
+        let mut dp = d.lock();
+        dp.connected = true;
+        dp.needs_netns = true;
+    }
+    d
+}
+
+fn zds_peer() -> meshcni_agent::seam::ZtunnelInfo {
+    meshcni_agent::seam::ZtunnelInfo {
+        pod: meshcni_agent::enroll::PodId::new("", "", "zds peer pid 1"),
+        ips: Vec::new(),
+        created: String::new(),
+        annotations: Default::default(),
+    }
+}
+
+fn with_netns(mut ev: CmdAddEvent, netns: &Path) -> CmdAddEvent {
+    ev.netns = netns.display().to_string();
+    ev
+}
+
+fn ino(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).expect("stat").ino()
+}
+
+#[test]
+fn a_connected_mode_refuses_until_its_proxy_connects_then_enrolls_in_the_sandbox_netns() {
+    let s = Setup::new_with_driver(netns_driver(), &[ambient("app")]);
+    let ns_a = s.dir.path().join("netns-a");
+    let ns_b = s.dir.path().join("netns-b");
+    std::fs::write(&ns_a, b"").expect("netns a");
+    std::fs::write(&ns_b, b"").expect("netns b");
+
+    // No proxy connected: refused, naming the ZDS socket (a watched ztunnel pod would not do).
+    let (status, body) = rejected(s.add(&with_netns(event("demo", "app", "10.0.0.2"), &ns_a)));
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.contains("no ztunnel connected to the agent's ZDS socket"),
+        "{body}"
+    );
+    assert!(s.applies().is_empty(), "{:?}", s.applies());
+
+    assert!(
+        s.driver
+            .emit(meshcni_agent::seam::DriverEvent::ZtunnelChanged(Some(
+                zds_peer()
+            )))
+    );
+    s.add(&with_netns(event("demo", "app", "10.0.0.2"), &ns_a))
+        .expect("captured once a proxy is connected");
+    let applies = s.applies();
+    assert_eq!(applies.len(), 1, "{applies:?}");
+    assert!(
+        applies[0].starts_with("apply enroll demo/app"),
+        "{applies:?}"
+    );
+    let held = s.driver.lock().enrolled.pods["uid-app"].netns;
+    assert_eq!(held.map(|n| n.ino), Some(ino(&ns_a)));
+
+    // A new sandbox with the same address: planned as an update carrying the new netns, and
+    // answered only once the driver holds it.
+    s.add(&with_netns(event("demo", "app", "10.0.0.2"), &ns_b))
+        .expect("new sandbox captured");
+    let applies = s.applies();
+    assert_eq!(applies.len(), 2, "{applies:?}");
+    assert!(
+        applies[1].contains(&format!("in {}", ns_b.display())),
+        "{applies:?}"
+    );
+    let held = s.driver.lock().enrolled.pods["uid-app"].netns;
+    assert_eq!(held.map(|n| n.ino), Some(ino(&ns_b)));
+
+    // The proxy goes away: new ADDs are refused again.
+    assert!(
+        s.driver
+            .emit(meshcni_agent::seam::DriverEvent::ZtunnelChanged(None))
+    );
+    let (status, body) = rejected(s.add(&with_netns(event("demo", "app", "10.0.0.2"), &ns_a)));
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("no ztunnel connected"), "{body}");
+}
+
+#[test]
+fn a_netns_mode_refuses_a_sandbox_netns_it_cannot_read() {
+    let s = Setup::new_with_driver(netns_driver(), &[ambient("app")]);
+    assert!(
+        s.driver
+            .emit(meshcni_agent::seam::DriverEvent::ZtunnelChanged(Some(
+                zds_peer()
+            )))
+    );
+    let missing = s.dir.path().join("no-such-netns");
+    let (status, body) = rejected(s.add(&with_netns(event("demo", "app", "10.0.0.2"), &missing)));
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.contains("sandbox netns") && body.contains("no-such-netns"),
+        "{body}"
+    );
+    assert_eq!(s.count("bad_netns"), 1);
+    assert!(s.applies().is_empty(), "{:?}", s.applies());
+}
+
+#[test]
+fn a_pod_the_proxy_lost_is_enrolled_again() {
+    let s = Setup::new_with_driver(netns_driver(), &[ambient("app")]);
+    let ns_a = s.dir.path().join("netns-a");
+    std::fs::write(&ns_a, b"").expect("netns a");
+    assert!(
+        s.driver
+            .emit(meshcni_agent::seam::DriverEvent::ZtunnelChanged(Some(
+                zds_peer()
+            )))
+    );
+    s.add(&with_netns(event("demo", "app", "10.0.0.2"), &ns_a))
+        .expect("captured");
+    // The driver lost it (e.g. nacked in a snapshot replay) and says so.
+    s.driver.lock().enrolled.pods.remove("uid-app");
+    assert!(s.driver.emit(meshcni_agent::seam::DriverEvent::PodLost {
+        uid: "uid-app".into(),
+        reason: "nacked in snapshot".into(),
+    }));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s.driver.lock().enrolled.pods.contains_key("uid-app") {
+        assert!(
+            Instant::now() < deadline,
+            "not re-enrolled: {:?}",
+            s.applies()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(s.applies().len(), 2, "{:?}", s.applies());
 }

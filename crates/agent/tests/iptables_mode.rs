@@ -148,6 +148,8 @@ impl NodeLab {
             pod: PodId::new(uid, "default", &format!("pod{i}")),
             ips: vec![IpAddr::V4(*ip)],
             annotations: BTreeMap::new(),
+            service_account: String::new(),
+            netns: None,
         }
     }
 
@@ -530,6 +532,8 @@ fn bad_input_is_reported_per_pod_or_driver() {
         pod: PodId::new("uid-ghost", "default", "ghost"),
         ips: vec!["10.244.1.99".parse().expect("ip")],
         annotations: BTreeMap::new(),
+        service_account: String::new(),
+        netns: None,
     };
     let err = d.apply(&ghost).expect_err("no route");
     assert_eq!(err.scope, ErrorScope::Pod);
@@ -543,6 +547,8 @@ fn bad_input_is_reported_per_pod_or_driver() {
         pod: PodId::new("uid-v6", "default", "v6"),
         ips: vec!["fd00::1".parse().expect("ip")],
         annotations: BTreeMap::new(),
+        service_account: String::new(),
+        netns: None,
     };
     assert_eq!(d.apply(&v6).expect_err("v6").scope, ErrorScope::Pod);
     // A UID longer than an ipset comment (non-ASCII around the cut): refused for this pod,
@@ -555,6 +561,8 @@ fn bad_input_is_reported_per_pod_or_driver() {
         ),
         ips: vec![IpAddr::V4(lab.pods[0].1)],
         annotations: BTreeMap::new(),
+        service_account: String::new(),
+        netns: None,
     };
     let err = d.apply(&long).expect_err("uid too long");
     assert_eq!(err.scope, ErrorScope::Pod, "{}", err.message);
@@ -566,6 +574,8 @@ fn bad_input_is_reported_per_pod_or_driver() {
         pod: PodId::new("uid-other", "default", "other"),
         ips: vec![IpAddr::V4(lab.pods[0].1)],
         annotations: BTreeMap::new(),
+        service_account: String::new(),
+        netns: None,
     };
     let err = d.apply(&dup).expect_err("duplicate");
     assert!(

@@ -64,7 +64,8 @@ use meshcni_netx::{IpFamily, NetxError, nft, sysctl, with_netns};
 use meshcni_rules::ambient_node::{self as an, NodeConfig, ZtunnelConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::ambient::{Action, DriverError, EnrolledState, PodId, RedirectDriver, ZtunnelInfo};
+use crate::enroll::{Action, EnrolledState, PodId};
+use crate::seam::{DriverError, RedirectDriver, ZtunnelInfo};
 
 /// ztunnel pod annotation naming its netns file explicitly (skips the `/var/run/netns` scan).
 pub const ZTUNNEL_NETNS_ANNOTATION: &str = "meshcni.io/netns-path";
@@ -1551,7 +1552,7 @@ impl RedirectDriver for IptablesDriver {
                 }
                 Ok(())
             }
-            Action::UpdateIps { pod, old, new } => {
+            Action::UpdateIps { pod, old, new, .. } => {
                 let (old4, new4) = (ipv4s(old), ipv4s(new));
                 for ip in old4.iter().filter(|ip| !new4.contains(ip)) {
                     self.release_ip(pod, *ip)?;

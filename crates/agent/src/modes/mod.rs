@@ -1,6 +1,51 @@
-//! Redirect-mode drivers (implementations of [`crate::ambient::RedirectDriver`]).
+//! Redirect-mode drivers, each an implementation of [`crate::seam::RedirectDriver`] in one
+//! module that imports the seam and the pure planner types, never the reconcile loop:
 //!
 //! * [`iptables`] — G1 node-level redirection: node iptables + ipset + policy routing +
 //!   GENEVE/VXLAN tunnels into the ztunnel pod (spec §3).
+//! * [`fake`] — an in-memory driver for tests of the loop.
+//!
+//! [`make_driver`] is the one place a mode name becomes a driver.
 
+pub mod fake;
 pub mod iptables;
+
+use crate::ambient_config::RedirectMode;
+use crate::seam::RedirectDriver;
+
+/// The driver for `mode`, or `Err(reason)` when this build has none (ambient then stays
+/// not ready with that reason: gate `redirect-mode`). Redirect-mode drivers add their arm
+/// here; `args` carries everything a driver may need (node name, host IP, iptables flavour,
+/// DNS capture, IPv6, ...).
+pub fn make_driver(
+    mode: RedirectMode,
+    args: &crate::cli::AgentArgs,
+) -> Result<Box<dyn RedirectDriver>, String> {
+    match mode {
+        RedirectMode::Iptables => {
+            use crate::modes::iptables::{IptablesDriver, IptablesModeConfig};
+            let mut iptables = meshcni_netx::IptablesOptions::from_env();
+            if let Some(forced) =
+                meshcni_netx::IptablesFlavor::parse_forced(&args.force_iptables_binary)
+            {
+                iptables.force = Some(forced);
+            }
+            let cfg = IptablesModeConfig {
+                dns_capture: args.ambient_dns_capture,
+                // Kept on a hostPath with the rest of the run dir, so a restarted agent adopts
+                // its own state (and remembers the sysctls to restore on uninstall).
+                state_file: args.cni_agent_run_dir.join("iptables-mode.json"),
+                netns_dir: args.netns_dir.clone(),
+                node_xtables_lock: args.node_xtables_lock.clone(),
+                iptables,
+                ..IptablesModeConfig::default()
+            };
+            IptablesDriver::new(cfg)
+                .map(|d| Box::new(d) as Box<dyn RedirectDriver>)
+                .map_err(|e| e.message)
+        }
+        RedirectMode::Ebpf | RedirectMode::Inpod => Err(format!(
+            "redirect mode {mode} has no driver in this build of meshcni-agent"
+        )),
+    }
+}

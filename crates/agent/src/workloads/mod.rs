@@ -16,8 +16,8 @@ use std::net::IpAddr;
 use meshcni_kube::EnablementSelector;
 use serde::{Deserialize, Deserializer};
 
-use crate::ambient::ZtunnelInfo;
 use crate::enroll::{DesiredPod, DesiredSet, PodId, canonical_ips};
+use crate::seam::ZtunnelInfo;
 
 /// Annotation the sidecar injector sets on injected pods.
 pub const ANN_SIDECAR_STATUS: &str = "sidecar.istio.io/status";
@@ -210,36 +210,7 @@ impl fmt::Display for DuplicateUid {
     }
 }
 
-/// Labels of `meshcni_workload_refusals_total`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-pub struct RefusalLabels {
-    /// `duplicate_uid`, `reserved_ip`, `file_incomplete`, `file_limit`, `file_invalid`.
-    pub reason: &'static str,
-}
-
-/// Counters of the workload sources and the enrollment loop's input checks (registered in
-/// `crate::metrics`; a default value counts into handles nobody scrapes).
-#[derive(Clone, Debug, Default)]
-pub struct WorkloadMetrics {
-    /// `meshcni_workload_refusals_total{reason}`: input refused (a pod, an IP, a file version).
-    pub refusals: prometheus_client::metrics::family::Family<
-        RefusalLabels,
-        prometheus_client::metrics::counter::Counter,
-    >,
-    /// `meshcni_workloads_file_parses_total`: times the workloads file's content was parsed
-    /// (only a changed content is parsed).
-    pub file_parses: prometheus_client::metrics::counter::Counter,
-}
-
-impl WorkloadMetrics {
-    pub fn refused(&self, reason: &'static str) {
-        self.refusals.get_or_create(&RefusalLabels { reason }).inc();
-    }
-
-    pub fn refusals_of(&self, reason: &'static str) -> u64 {
-        self.refusals.get_or_create(&RefusalLabels { reason }).get()
-    }
-}
+pub use crate::metrics::{RefusalLabels, WorkloadMetrics};
 
 /// Whether `uid` is usable as a pod identity: a Kubernetes UID is letters, digits and `-`
 /// (an RFC 4122 UUID). It is written into the dataplane (the iptables mode's ipset comment)
@@ -279,7 +250,9 @@ pub enum SourceUpdate {
     Resync,
     /// The CNI plugin's ADD of an ambient pod (`crate::cni_events`): authoritative pod IPs,
     /// and a caller waiting for the pod to be captured.
-    CniAdd(crate::cni_events::CniAddRequest),
+    CniAdd(crate::seam::CniAddRequest),
+    /// Something the redirect driver reported (a proxy connected, a pod lost).
+    Driver(crate::seam::DriverEvent),
 }
 
 /// The agent's enrollment policy.
@@ -397,6 +370,8 @@ pub fn desired_set(snapshot: &WorkloadSnapshot, policy: &EnrollPolicy) -> Desire
                     id: p.id(),
                     ips: p.ips.clone(),
                     annotations: p.annotations.clone(),
+                    service_account: p.service_account.clone(),
+                    netns: None,
                 },
             )
         })

@@ -1,49 +1,16 @@
-//! Ambient enrollment: the reconcile loop and the [`RedirectDriver`] seam every redirect mode
-//! (`iptables`, `ebpf`, `inpod`) implements.
+//! Ambient enrollment: the reconcile loop.
 //!
 //! The loop owns *what* should be redirected: it receives workload snapshots from a source
 //! (`workloads`: Kubernetes list+watch or a local file), derives the desired set, plans
 //! against what the driver reports as actually applied (`enroll::plan`), and hands the driver
-//! one [`Action`] at a time. It also tracks the active ztunnel (spec §3.2
-//! `UpdateActiveNodeProxy`) and tells the driver and the ambient config file when it changes.
-//! The driver owns *how*: rules, ipsets, routes, maps, ZDS — and nothing else.
-//!
-//! # Contract for driver authors
-//!
-//! Calls come from a single thread (the loop's), never concurrently; `&mut self` everywhere.
-//!
-//! 1. **Start-up**: the loop calls [`RedirectDriver::actual`] first, before anything else. A
-//!    driver reconstructs the enrolled set from the dataplane (iptables mode: its ipset, whose
-//!    comments are pod UIDs), so an agent restart converges with zero duplicated work. A
-//!    driver that cannot know (nothing installed yet) returns an empty state.
-//! 2. **ztunnel**: [`RedirectDriver::ztunnel_changed`] is called whenever the active ztunnel
-//!    changes (appears, is replaced by a newer Ready one, changes IP, or disappears → `None`),
-//!    and once at start-up with the initial value (possibly `None`), always *before* actions
-//!    are applied in that pass. After a successful call the loop re-reads `actual()` (spec
-//!    §3.2: after re-creating the node rules, re-list and re-enqueue everything).
-//! 3. **Actions**: [`RedirectDriver::apply`] for each action of the plan, releases first.
-//!    Actions must be idempotent at the dataplane level (an `Enroll` of a pod whose ipset
-//!    entry already exists succeeds). On `Ok` the loop records the action as applied; on
-//!    `Err` it retries later with exponential backoff (the plan is recomputed each time, so a
-//!    retry may become a different action if the world moved on).
-//! 4. **Errors**: [`DriverError::scope`] says whether the failure is about one pod
-//!    ([`ErrorScope::Pod`]: its netns is gone, ...) or the driver as a whole
-//!    ([`ErrorScope::Driver`]: iptables broken, node netns unreachable, ...; *not* "no
-//!    ztunnel yet", see 6). Driver-scoped failures close the agent's `redirect-mode` readiness gate
-//!    until the next success; pod-scoped ones are retried and logged but keep the gate open.
-//! 5. **Shutdown**: [`RedirectDriver::uninstall`] is called only when the agent is told to
-//!    remove everything (uninstall); a plain restart leaves the dataplane in place so traffic
-//!    keeps flowing and the next agent adopts it through `actual()`.
-//!
-//! 6. **No ztunnel yet**: a mode that cannot program a pod while no ztunnel is Ready (G1
-//!    iptables: the ipset, tunnels and routes exist only after `ztunnel_changed(Some)`) should
-//!    fail `apply` with a *pod*-scoped error ("ztunnel not ready"): the pod is retried with
-//!    back-off, readiness stays open (Istio §7.7 does not require ztunnel), and every pending
-//!    retry is reset the moment `ztunnel_changed` succeeds, so pods enroll right away then.
-//!
-//! `actual()` is not called on every pass: the loop keeps a copy updated by successful
-//! actions and re-reads the driver at start-up, after `ztunnel_changed`, after any apply
-//! error, and on the periodic resync.
+//! one [`Action`] at a time. It also tracks the node's proxy — the watched ztunnel pod (spec
+//! §3.2 `UpdateActiveNodeProxy`) or, for a `Connected` mode, what the driver reports — and
+//! tells the driver and the ambient config file when it changes. The driver owns *how*:
+//! rules, ipsets, routes, maps, ZDS — and nothing else. The seam (trait, events, the CNI
+//! request) and its calling contract are in [`crate::seam`]; the drivers in [`crate::modes`];
+//! the plugin hand-off's part of the loop in [`cni_handoff`].
+
+mod cni_handoff;
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
@@ -59,138 +26,19 @@ use tracing::{debug, info, warn};
 
 use crate::ambient_config::AmbientConfigWriter;
 use crate::ambient_config::RedirectMode;
-use crate::cni_events::{CniAddRequest, CniOutcome, CniRejection, RejectKind};
-use crate::enroll::DesiredSet;
 pub use crate::enroll::{Action, EnrolledPod, EnrolledState, PodId};
 use crate::enroll::{Conflict, plan};
-use crate::workloads::{
-    DuplicateUid, EnrollPolicy, MeshDecision, NamespaceInfo, SourceUpdate, Workload,
-    WorkloadMetrics, WorkloadSnapshot, active_ztunnel, desired_set, mesh_decision,
-    untrusted_ztunnels,
+pub use crate::modes::fake::{FakeDataplane, FakeDriver};
+pub use crate::modes::make_driver;
+pub use crate::seam::{
+    DriverError, DriverEvent, DriverEvents, ErrorScope, RedirectDriver, ZtunnelInfo, ZtunnelSource,
 };
-
-/// The active ztunnel on this node: among pods on the node with label `app=ztunnel`, the
-/// Ready one with the newest `creationTimestamp` (ties broken by UID).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ZtunnelInfo {
-    pub pod: PodId,
-    /// Sorted, deduplicated pod IPs (`status.podIPs`, else `status.podIP`).
-    pub ips: Vec<IpAddr>,
-    /// RFC 3339 `metadata.creationTimestamp` as the API gave it.
-    pub created: String,
-    /// The ztunnel pod's annotations (e.g. for a driver that needs its netns hint).
-    pub annotations: BTreeMap<String, String>,
-}
-
-/// Whether an error concerns one pod or the whole driver (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorScope {
-    /// Only the pod named in the action is affected; other actions proceed.
-    Pod,
-    /// The driver cannot work at the moment; readiness gate `redirect-mode` closes.
-    Driver,
-}
-
-/// A driver failure. The message names what failed and on what (command + args, netns, pod,
-/// IP), as everywhere in meshcni.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct DriverError {
-    pub scope: ErrorScope,
-    pub message: String,
-}
-
-impl DriverError {
-    /// A failure limited to the pod of the action being applied.
-    pub fn pod(message: impl Into<String>) -> DriverError {
-        DriverError {
-            scope: ErrorScope::Pod,
-            message: message.into(),
-        }
-    }
-
-    /// A failure of the driver as a whole.
-    pub fn driver(message: impl Into<String>) -> DriverError {
-        DriverError {
-            scope: ErrorScope::Driver,
-            message: message.into(),
-        }
-    }
-}
-
-/// A redirect mode's dataplane programming. See the module docs for the calling contract.
-pub trait RedirectDriver: Send {
-    /// Short name for logs and readiness reasons, e.g. `iptables`.
-    fn name(&self) -> &str;
-
-    /// What is currently redirected, reconstructed from the dataplane.
-    fn actual(&mut self) -> Result<EnrolledState, DriverError>;
-
-    /// Apply one action. Must be idempotent at the dataplane level.
-    fn apply(&mut self, action: &Action) -> Result<(), DriverError>;
-
-    /// Called once per reconcile pass, before its first [`RedirectDriver::apply`], with every
-    /// action the pass may apply (some may then be deferred). A driver can do its durable
-    /// bookkeeping for the whole pass here in one go (the iptables mode writes its state file
-    /// once per pass, not once per pod). An error fails the pass like a driver-scoped error.
-    fn prepare(&mut self, actions: &[Action]) -> Result<(), DriverError> {
-        let _ = actions;
-        Ok(())
-    }
-
-    /// The active ztunnel changed (or this is the start-up notification). `None` = no Ready
-    /// ztunnel on the node.
-    fn ztunnel_changed(&mut self, ztunnel: Option<&ZtunnelInfo>) -> Result<(), DriverError>;
-
-    /// Remove every trace of this mode from the node (agent uninstall).
-    fn uninstall(&mut self) -> Result<(), DriverError>;
-
-    /// Whether this driver redirects traffic of `ip` (e.g. the node-level iptables mode is
-    /// IPv4 only). The loop plans with a pod's handled addresses only, so a dual-stack pod is not
-    /// "updated" on every pass; a pod with no handled address is still handed over whole, and
-    /// the driver reports why it cannot capture it.
-    fn handles(&self, ip: &IpAddr) -> bool {
-        let _ = ip;
-        true
-    }
-}
-
-/// The driver for `mode`, or `Err(reason)` when this build has none (ambient then stays
-/// not ready with that reason: gate `redirect-mode`). Redirect-mode drivers add their arm
-/// here; `args` carries everything a driver may need (node name, host IP, iptables flavour,
-/// DNS capture, IPv6, ...).
-pub fn make_driver(
-    mode: RedirectMode,
-    args: &crate::cli::AgentArgs,
-) -> Result<Box<dyn RedirectDriver>, String> {
-    match mode {
-        RedirectMode::Iptables => {
-            use crate::modes::iptables::{IptablesDriver, IptablesModeConfig};
-            let mut iptables = meshcni_netx::IptablesOptions::from_env();
-            if let Some(forced) =
-                meshcni_netx::IptablesFlavor::parse_forced(&args.force_iptables_binary)
-            {
-                iptables.force = Some(forced);
-            }
-            let cfg = IptablesModeConfig {
-                dns_capture: args.ambient_dns_capture,
-                // Kept on a hostPath with the rest of the run dir, so a restarted agent adopts
-                // its own state (and remembers the sysctls to restore on uninstall).
-                state_file: args.cni_agent_run_dir.join("iptables-mode.json"),
-                netns_dir: args.netns_dir.clone(),
-                node_xtables_lock: args.node_xtables_lock.clone(),
-                iptables,
-                ..IptablesModeConfig::default()
-            };
-            IptablesDriver::new(cfg)
-                .map(|d| Box::new(d) as Box<dyn RedirectDriver>)
-                .map_err(|e| e.message)
-        }
-        RedirectMode::Ebpf | RedirectMode::Inpod => Err(format!(
-            "redirect mode {mode} has no driver in this build of meshcni-agent"
-        )),
-    }
-}
+use crate::workloads::{
+    DuplicateUid, EnrollPolicy, NamespaceInfo, SourceUpdate, Workload, WorkloadMetrics,
+    WorkloadSnapshot, active_ztunnel, untrusted_ztunnels,
+};
+pub use cni_handoff::CNI_IPS_MAX_AGE;
+use cni_handoff::PendingCni;
 
 // ---- the reconcile loop ----------------------------------------------------------------
 
@@ -302,7 +150,9 @@ pub struct Reconciler {
     cni_pending: Vec<PendingCni>,
     /// Pod IPs from CNI events: uid → (IPs, when). In force over the watch's IPs until the
     /// watch shows the same IPs (or any IPs after [`CNI_IPS_MAX_AGE`]), or the pod goes.
-    cni_ips: BTreeMap<String, (Vec<IpAddr>, Instant)>,
+    cni_ips: BTreeMap<String, cni_handoff::CniOverride>,
+    /// The proxy a `Connected` driver reported last (see [`DriverEvent::ZtunnelChanged`]).
+    connected_ztunnel: Option<ZtunnelInfo>,
     /// What is enrolled after the current pass, kept only while CNI requests wait for it.
     cni_state: Option<EnrolledState>,
     /// Pods labelled `app=ztunnel` but not trusted as ztunnel, already logged (uid → reason).
@@ -388,6 +238,7 @@ impl Reconciler {
             last_source_error: None,
             cni_pending: Vec::new(),
             cni_ips: BTreeMap::new(),
+            connected_ztunnel: None,
             cni_state: None,
             untrusted_ztunnels: BTreeMap::new(),
             metrics: WorkloadMetrics::default(),
@@ -449,6 +300,10 @@ impl Reconciler {
                 self.cni_accept(req);
                 return;
             }
+            SourceUpdate::Driver(ev) => {
+                self.driver_event(ev);
+                return;
+            }
         }
         self.rebuild_snapshot();
     }
@@ -476,6 +331,41 @@ impl Reconciler {
             .collect();
         self.snapshot = snap;
         self.apply_cni_ips(Instant::now());
+    }
+
+    /// Hand the driver its event sink: events arrive on `tx` as [`SourceUpdate::Driver`]
+    /// ([`AmbientLoop::spawn`] does this; a test driving the reconciler by hand may too).
+    pub fn attach_driver_events(&mut self, tx: Sender<SourceUpdate>) {
+        let tx = Mutex::new(tx);
+        self.driver.attach(DriverEvents::new(move |ev| {
+            let tx = tx.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = tx.send(SourceUpdate::Driver(ev));
+        }));
+    }
+
+    /// What the driver reported outside the loop's calls.
+    fn driver_event(&mut self, ev: DriverEvent) {
+        match ev {
+            DriverEvent::ZtunnelChanged(z) => {
+                // Applied at the next pass like a watched ztunnel change: the driver is told,
+                // the config file written, every back-off reset.
+                self.connected_ztunnel = z;
+            }
+            DriverEvent::PodLost { uid, reason } => {
+                warn!(uid = %uid, %reason, "the proxy lost a pod; enrolling it again");
+                self.failures.remove(&uid);
+                self.actual = None;
+            }
+            DriverEvent::PodAcked { uid } => debug!(uid = %uid, "pod confirmed by the proxy"),
+        }
+    }
+
+    /// The node's proxy: the watched ztunnel pod, or the one a `Connected` driver reported.
+    pub(super) fn current_ztunnel(&self) -> Option<ZtunnelInfo> {
+        match self.driver.ztunnel_source() {
+            ZtunnelSource::Watched => active_ztunnel(&self.snapshot, &self.policy.ztunnel),
+            ZtunnelSource::Connected => self.connected_ztunnel.clone(),
+        }
     }
 
     /// Whether both pods and namespaces have been received.
@@ -547,7 +437,7 @@ impl Reconciler {
             };
         }
         self.warn_untrusted_ztunnels();
-        let zt = active_ztunnel(&self.snapshot, &self.policy.ztunnel);
+        let zt = self.current_ztunnel();
         // A ztunnel that is gone is reported in the config file at once, not only once the
         // driver has been told: the driver may be in back-off or failing for a long time.
         if zt.is_none()
@@ -793,412 +683,6 @@ impl Reconciler {
     }
 }
 
-// ---- CNI events ------------------------------------------------------------------------
-//
-// The plugin's ADD of an ambient pod (`crate::cni_events`) waits here for its answer. A pass
-// first resolves each new request against the workload view: the pod (by namespace/name, not
-// terminating) must be known — waiting up to the request's lookup deadline for the source to
-// catch up —, selected for ambient (else refused, like Istio), and a ztunnel must be Ready on
-// the node (else refused: the pod would start uncaptured; the runtime retries the sandbox).
-// The event's IPs then override the watch's for that pod (the pod status often has no IP yet
-// at ADD time, or still the previous sandbox's), any back-off of the pod is reset, and the
-// pass plans as usual. After the pass the request is answered: 200 when the pod is enrolled
-// with exactly the event's IPs, 500 with the driver's error if its action failed or the
-// driver is failing, and 500 at its deadline if it is still not enrolled (e.g. its IP is
-// still held by another pod). On a refusal the IP override is dropped: the sandbox is about
-// to be torn down.
-
-/// How long CNI-event IPs win over different, non-empty IPs from the watch. The kubelet
-/// writes the sandbox's IPs into the pod status within seconds; past this, the watch is
-/// trusted again.
-pub const CNI_IPS_MAX_AGE: Duration = Duration::from_secs(120);
-
-/// A CNI request waiting in the loop; `uid` is set once the pod is resolved.
-#[derive(Debug)]
-struct PendingCni {
-    req: CniAddRequest,
-    uid: Option<String>,
-}
-
-impl PendingCni {
-    /// When the loop must look at it again without new input.
-    fn due(&self) -> Instant {
-        if self.uid.is_some() {
-            self.req.deadline
-        } else {
-            self.req.lookup_deadline
-        }
-    }
-}
-
-enum Lookup {
-    Wait,
-    Found(String),
-    Reject(CniRejection),
-}
-
-impl Reconciler {
-    fn cni_accept(&mut self, req: CniAddRequest) {
-        // A runtime retry of the same pod while the first ADD still waits: the newer one,
-        // with the current sandbox's IPs, wins.
-        let (ns, name) = (&req.event.namespace, &req.event.name);
-        let mut superseded = Vec::new();
-        self.cni_pending.retain(|p| {
-            let same = &p.req.event.namespace == ns && &p.req.event.name == name;
-            if same {
-                superseded.push(p.req.reply.clone());
-            }
-            !same
-        });
-        for r in superseded {
-            r.send(Err(CniRejection::new(
-                RejectKind::Superseded,
-                format!("a newer ADD for pod {ns}/{name} replaced this one"),
-            )));
-        }
-        debug!(pod = %req.event.key(), ips = ?req.event.ips, "CNI ADD received");
-        self.cni_pending.push(PendingCni { req, uid: None });
-    }
-
-    /// Forget CNI-event IP overrides that are no longer needed (the source shows the same
-    /// IPs, or other IPs long enough, or the pod is gone). Overrides are applied when the
-    /// desired set is built ([`Reconciler::desired`]); the snapshot stays the source's view.
-    fn apply_cni_ips(&mut self, now: Instant) {
-        let pods = &self.snapshot.pods;
-        self.cni_ips
-            .retain(|uid, (ips, since)| match pods.get(uid) {
-                None => false,
-                Some(p) if p.ips == *ips => false,
-                Some(p) if !p.ips.is_empty() && now.duration_since(*since) > CNI_IPS_MAX_AGE => {
-                    false
-                }
-                Some(_) => true,
-            });
-    }
-
-    /// Whether a CNI event's IPs currently override the source's for `uid`.
-    fn cni_overrides(&self, uid: &str) -> bool {
-        self.cni_ips
-            .get(uid)
-            .is_some_and(|(ips, _)| self.snapshot.pods.get(uid).map(|p| &p.ips) != Some(ips))
-    }
-
-    /// The addresses of `ips` this driver plans with: the ones it handles, or all of them if
-    /// it handles none (it then reports why it cannot capture the pod).
-    fn planned_ips(&self, ips: &[IpAddr]) -> Vec<IpAddr> {
-        if ips.iter().any(|ip| self.driver.handles(ip)) {
-            ips.iter()
-                .copied()
-                .filter(|ip| self.driver.handles(ip))
-                .collect()
-        } else {
-            ips.to_vec()
-        }
-    }
-
-    /// The desired set of this pass: the snapshot's, with CNI-event IPs in force (except for
-    /// the pods in `hold_back`), pods claiming a reserved address left out (logged and
-    /// counted once), and each pod's IPs reduced to those the driver handles.
-    fn desired(&mut self, hold_back: &BTreeSet<String>) -> DesiredSet {
-        let mut desired = desired_set(&self.snapshot, &self.policy);
-        for (uid, (ips, _)) in &self.cni_ips {
-            if hold_back.contains(uid) {
-                continue;
-            }
-            if let Some(d) = desired.get_mut(uid) {
-                d.ips = ips.clone();
-            }
-        }
-        let mut refused = BTreeMap::new();
-        desired.retain(|uid, d| {
-            let hit = d
-                .ips
-                .iter()
-                .find_map(|ip| self.reserved.get(ip).map(|who| (*ip, who)));
-            match hit {
-                Some((ip, who)) => {
-                    refused.insert(
-                        uid.clone(),
-                        format!("pod {} claims {ip}, which is {who}", d.id),
-                    );
-                    false
-                }
-                None => true,
-            }
-        });
-        for (uid, why) in &refused {
-            if self.last_reserved_refusals.get(uid) != Some(why) {
-                warn!(refused = %why, "not enrolling a pod with a reserved address");
-                self.metrics.refused("reserved_ip");
-            }
-        }
-        self.last_reserved_refusals = refused;
-        for pod in desired.values_mut() {
-            pod.ips = self.planned_ips(&pod.ips);
-        }
-        desired
-    }
-
-    /// Addresses no pod may be enrolled with: the node's own (listed at most every
-    /// [`NODE_ADDRESSES_REFRESH`]), every ztunnel pod's and every host-network pod's (its
-    /// IP is the node's). Enrolling one would route the node's or ztunnel's own traffic into
-    /// the inbound tunnel.
-    fn reserved_addresses(&mut self, now: Instant) -> BTreeMap<IpAddr, String> {
-        let mut r = BTreeMap::new();
-        if let Some(list) = &mut self.node_addresses {
-            let stale = self
-                .node_addresses_cache
-                .1
-                .is_none_or(|t| now.saturating_duration_since(t) >= NODE_ADDRESSES_REFRESH);
-            if stale {
-                match list() {
-                    Ok(a) => self.node_addresses_cache.0 = a,
-                    Err(e) => warn!(error = %e, "keeping the node addresses listed before"),
-                }
-                self.node_addresses_cache.1 = Some(now);
-            }
-            for ip in &self.node_addresses_cache.0 {
-                r.insert(*ip, "an address of this node".to_string());
-            }
-        }
-        for p in self.snapshot.pods.values().filter(|p| !p.terminal()) {
-            // Only a trusted ztunnel's address is reserved: a pod merely labelled
-            // `app=ztunnel` is an ordinary pod (`mesh_decision`) and is enrolled like one.
-            let who = if self.policy.ztunnel.accepts(p) {
-                format!("the address of ztunnel pod {}", p.key())
-            } else if p.host_network {
-                format!("the node address of host-network pod {}", p.key())
-            } else {
-                continue;
-            };
-            for ip in &p.ips {
-                r.entry(*ip).or_insert_with(|| who.clone());
-            }
-        }
-        r
-    }
-
-    fn cni_lookup(&self, req: &CniAddRequest, now: Instant, ztunnel: bool) -> Lookup {
-        let ev = &req.event;
-        let key = ev.key();
-        let waited = now.saturating_duration_since(req.received).as_millis();
-        let expired = now >= req.lookup_deadline;
-        if !self.synced() {
-            if !expired {
-                return Lookup::Wait;
-            }
-            let mut m = format!(
-                "cannot check pod {key}: the agent has not received its first list of pods and namespaces after {waited} ms"
-            );
-            if let Some(e) = &self.last_source_error {
-                m.push_str(&format!(" (last source error: {e})"));
-            }
-            return Lookup::Reject(CniRejection::new(RejectKind::NotSynced, m));
-        }
-        let named: Vec<&Workload> = self
-            .snapshot
-            .pods
-            .values()
-            .filter(|p| p.namespace == ev.namespace && p.name == ev.name)
-            .filter(|p| ev.uid.as_deref().is_none_or(|uid| p.uid == uid))
-            .collect();
-        let live = named
-            .iter()
-            .filter(|p| !p.deleting && !p.terminal())
-            .max_by(|a, b| a.created.cmp(&b.created).then(a.uid.cmp(&b.uid)));
-        let Some(pod) = live else {
-            if !expired {
-                return Lookup::Wait;
-            }
-            let mut m = format!("pod {key} not found in the agent's view after {waited} ms");
-            if let Some(old) = named.first() {
-                m.push_str(&format!(
-                    " (only a terminating pod with that name, uid {})",
-                    old.uid
-                ));
-            }
-            return Lookup::Reject(CniRejection::new(RejectKind::NotFound, m));
-        };
-        let mut with_ips = (*pod).clone();
-        with_ips.ips = ev.ips.clone();
-        let decision = mesh_decision(
-            &with_ips,
-            self.snapshot.namespaces.get(&pod.namespace),
-            &self.policy,
-        );
-        if decision != MeshDecision::In {
-            let why = match decision {
-                MeshDecision::NotSelected => {
-                    "no ambient enablement selector matches its labels or its namespace's labels"
-                        .to_string()
-                }
-                d => d.to_string(),
-            };
-            return Lookup::Reject(CniRejection::new(
-                RejectKind::NotSelected,
-                format!("pod {key} is not selected for ambient by the agent: {why}"),
-            ));
-        }
-        if let Some((ip, who)) = ev
-            .ips
-            .iter()
-            .find_map(|ip| self.reserved.get(ip).map(|who| (ip, who)))
-        {
-            return Lookup::Reject(CniRejection::new(
-                RejectKind::ReservedIp,
-                format!("pod {key}: IP {ip} is {who}; it is never captured as a pod's address"),
-            ));
-        }
-        if !ztunnel {
-            if !expired {
-                return Lookup::Wait;
-            }
-            return Lookup::Reject(CniRejection::new(
-                RejectKind::NoZtunnel,
-                format!(
-                    "no ztunnel ready on this node (waited {waited} ms): pod {key} would start without capture"
-                ),
-            ));
-        }
-        Lookup::Found(pod.uid.clone())
-    }
-
-    /// Before a pass: drop abandoned requests, resolve new ones (or refuse them).
-    fn cni_resolve(&mut self, now: Instant) {
-        if self.cni_pending.is_empty() {
-            return;
-        }
-        let ztunnel = active_ztunnel(&self.snapshot, &self.policy.ztunnel).is_some();
-        let pending = std::mem::take(&mut self.cni_pending);
-        let mut keep = Vec::with_capacity(pending.len());
-        for mut p in pending {
-            if p.req.reply.is_closed() {
-                debug!(pod = %p.req.event.key(), "CNI ADD abandoned by its caller");
-                if let Some(uid) = &p.uid {
-                    self.drop_cni_ips(uid, &p.req.event.ips);
-                }
-                continue;
-            }
-            if p.uid.is_some() {
-                keep.push(p);
-                continue;
-            }
-            match self.cni_lookup(&p.req, now, ztunnel) {
-                Lookup::Wait => keep.push(p),
-                Lookup::Reject(r) => {
-                    p.req.reply.send(Err(r));
-                }
-                Lookup::Found(uid) => {
-                    self.cni_ips
-                        .insert(uid.clone(), (p.req.event.ips.clone(), now));
-                    // A fresh sandbox: retry now even if the pod was in back-off.
-                    self.failures.remove(&uid);
-                    p.uid = Some(uid);
-                    keep.push(p);
-                }
-            }
-        }
-        self.cni_pending = keep;
-        self.apply_cni_ips(now);
-    }
-
-    fn drop_cni_ips(&mut self, uid: &str, ips: &[IpAddr]) {
-        if self.cni_ips.get(uid).is_some_and(|(i, _)| i == ips) {
-            self.cni_ips.remove(uid);
-            // Back to what the source says, at once (not at the next source update).
-            self.replan = true;
-        }
-    }
-
-    /// After a pass: answer resolved requests whose outcome is known, and expired ones.
-    fn cni_answer(&mut self, report: &PassReport, now: Instant) {
-        if self.cni_pending.is_empty() {
-            return;
-        }
-        let pending = std::mem::take(&mut self.cni_pending);
-        let mut keep = Vec::with_capacity(pending.len());
-        for p in pending {
-            let Some(uid) = p.uid.clone() else {
-                keep.push(p);
-                continue;
-            };
-            let outcome = self.cni_outcome(&uid, &p.req, report, now);
-            match outcome {
-                None => keep.push(p),
-                Some(o) => {
-                    if o.is_err() {
-                        self.drop_cni_ips(&uid, &p.req.event.ips);
-                    }
-                    p.req.reply.send(o);
-                }
-            }
-        }
-        self.cni_pending = keep;
-    }
-
-    fn cni_outcome(
-        &self,
-        uid: &str,
-        req: &CniAddRequest,
-        report: &PassReport,
-        now: Instant,
-    ) -> Option<CniOutcome> {
-        let key = req.event.key();
-        if let Some((_, e)) = report.failed.iter().find(|(a, _)| a.pod().uid == uid) {
-            return Some(Err(CniRejection::new(
-                RejectKind::Driver,
-                format!(
-                    "{} driver could not capture pod {key}: {e}",
-                    self.driver.name()
-                ),
-            )));
-        }
-        if let Some(blocked) = &report.blocked {
-            let detail = self.status.get().redirect.err().unwrap_or(blocked.clone());
-            return Some(Err(CniRejection::new(
-                RejectKind::Driver,
-                format!("pod {key} not captured: {detail}"),
-            )));
-        }
-        let state = self.cni_state.as_ref();
-        // Compared with the addresses the driver handles (an IPv4-only driver enrolls a
-        // dual-stack pod with its IPv4 address only).
-        let want = self.planned_ips(&req.event.ips);
-        if state
-            .and_then(|s| s.pods.get(uid))
-            .is_some_and(|e| e.ips == want)
-        {
-            return Some(Ok(()));
-        }
-        if now < req.deadline {
-            return None;
-        }
-        let why = req
-            .event
-            .ips
-            .iter()
-            .find_map(|ip| {
-                state
-                    .and_then(|s| s.holder_of(ip, uid))
-                    .map(|h| format!("IP {ip} is still enrolled for pod uid {h}"))
-            })
-            .or_else(|| {
-                self.last_conflicts
-                    .iter()
-                    .find(|c| c.loser.uid == uid)
-                    .map(|c| c.to_string())
-            })
-            .unwrap_or_else(|| "its enrollment is still pending".into());
-        Some(Err(CniRejection::new(
-            RejectKind::Timeout,
-            format!(
-                "pod {key} was not captured within {} ms: {why}",
-                now.saturating_duration_since(req.received).as_millis()
-            ),
-        )))
-    }
-}
-
 /// Stop switch of a running loop.
 #[derive(Debug, Default)]
 pub struct LoopControl {
@@ -1218,8 +702,9 @@ pub struct AmbientLoop {
 
 impl AmbientLoop {
     /// Start `reconciler` on its own thread. Returns the loop and the sender sources use.
-    pub fn spawn(reconciler: Reconciler) -> AmbientLoop {
+    pub fn spawn(mut reconciler: Reconciler) -> AmbientLoop {
         let (tx, rx) = std::sync::mpsc::channel();
+        reconciler.attach_driver_events(tx.clone());
         let control = Arc::new(LoopControl::default());
         let status = reconciler.status();
         let c2 = control.clone();
@@ -1283,115 +768,6 @@ impl AmbientLoop {
 impl Drop for AmbientLoop {
     fn drop(&mut self) {
         self.shutdown(false);
-    }
-}
-
-// ---- a driver for tests --------------------------------------------------------------
-
-/// What [`FakeDriver`] has "programmed", shared with the test that created it.
-#[derive(Debug, Default)]
-pub struct FakeDataplane {
-    pub enrolled: EnrolledState,
-    pub ztunnel: Option<ZtunnelInfo>,
-    /// Every call, rendered (`actual`, `apply <action>`, `ztunnel <name|none>`, `uninstall`).
-    pub calls: Vec<String>,
-    /// Fail the next N calls of `apply` with this error.
-    pub fail_apply: Vec<DriverError>,
-    /// Fail `apply` for these UIDs (pod-scoped) until removed.
-    pub fail_uids: BTreeSet<String>,
-    /// Fail the next N calls of `actual`.
-    pub fail_actual: u32,
-    /// When set, `apply` of an Enroll/UpdateIps fails (driver-scoped) while no ztunnel is
-    /// known, like the G1 iptables mode whose ipset exists only once ztunnel is up.
-    pub require_ztunnel: bool,
-    /// Handle IPv4 addresses only (like the node-level iptables mode).
-    pub ipv4_only: bool,
-}
-
-/// An in-memory [`RedirectDriver`] for tests: records calls, keeps the enrolled set, can be
-/// told to fail.
-#[derive(Debug, Clone, Default)]
-pub struct FakeDriver {
-    pub dataplane: Arc<Mutex<FakeDataplane>>,
-}
-
-impl FakeDriver {
-    pub fn new() -> FakeDriver {
-        FakeDriver::default()
-    }
-
-    /// A driver whose dataplane already holds `state` (an agent restart).
-    pub fn with_state(state: EnrolledState) -> FakeDriver {
-        let d = FakeDriver::default();
-        d.lock().enrolled = state;
-        d
-    }
-
-    pub fn lock(&self) -> std::sync::MutexGuard<'_, FakeDataplane> {
-        self.dataplane.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl RedirectDriver for FakeDriver {
-    fn name(&self) -> &str {
-        "fake"
-    }
-
-    fn handles(&self, ip: &IpAddr) -> bool {
-        ip.is_ipv4() || !self.dataplane.lock().is_ok_and(|d| d.ipv4_only)
-    }
-
-    fn actual(&mut self) -> Result<EnrolledState, DriverError> {
-        let mut d = self.lock();
-        d.calls.push("actual".into());
-        if d.fail_actual > 0 {
-            d.fail_actual -= 1;
-            return Err(DriverError::driver("fake: listing enrolled pods failed"));
-        }
-        // Like a real dataplane, only UIDs and IPs survive.
-        let mut s = EnrolledState::default();
-        for (uid, p) in &d.enrolled.pods {
-            s.insert(PodId::new(uid, "", ""), p.ips.iter().copied());
-        }
-        Ok(s)
-    }
-
-    fn apply(&mut self, action: &Action) -> Result<(), DriverError> {
-        let mut d = self.lock();
-        d.calls.push(format!("apply {action}"));
-        if !d.fail_apply.is_empty() {
-            return Err(d.fail_apply.remove(0));
-        }
-        if d.fail_uids.contains(&action.pod().uid) {
-            return Err(DriverError::pod(format!(
-                "fake: {} fails for {}",
-                action.kind(),
-                action.pod()
-            )));
-        }
-        if d.require_ztunnel && d.ztunnel.is_none() && !matches!(action, Action::Release { .. }) {
-            return Err(DriverError::driver("fake: no ztunnel, node rules missing"));
-        }
-        d.enrolled.apply(action);
-        Ok(())
-    }
-
-    fn ztunnel_changed(&mut self, ztunnel: Option<&ZtunnelInfo>) -> Result<(), DriverError> {
-        let mut d = self.lock();
-        d.calls.push(format!(
-            "ztunnel {}",
-            ztunnel.map_or("none".to_string(), |z| z.pod.name.clone())
-        ));
-        d.ztunnel = ztunnel.cloned();
-        Ok(())
-    }
-
-    fn uninstall(&mut self) -> Result<(), DriverError> {
-        let mut d = self.lock();
-        d.calls.push("uninstall".into());
-        d.enrolled = EnrolledState::default();
-        d.ztunnel = None;
-        Ok(())
     }
 }
 
