@@ -72,7 +72,7 @@ impl FailurePolicy {
 
 /// Redirect modes this build has a driver for (`ambient::make_driver`; a unit test keeps the
 /// two in step).
-pub const BUILT_REDIRECT_MODES: &[RedirectMode] = &[RedirectMode::Iptables];
+pub const BUILT_REDIRECT_MODES: &[RedirectMode] = &[RedirectMode::Iptables, RedirectMode::Inpod];
 
 /// Parse a file mode the way operators write it: octal, with or without a leading `0`/`0o`
 /// (`0600`, `600`, `0o600`). Istio's flag is a Go int, which viper also reads from "0600".
@@ -348,9 +348,10 @@ pub struct AgentArgs {
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ambient_enabled: bool,
 
-    /// Ambient redirect mode (written into the ambient config file). This build has a driver
-    /// for `iptables` only: with ambient enabled, `inpod` (the default, as in Istio) and `ebpf`
-    /// are rejected at start-up and by `check-config`.
+    /// Ambient redirect mode (written into the ambient config file): `inpod` (the default, as
+    /// in Istio: rules inside each pod, netns handed to ztunnel ≥ 1.21 over ZDS) or `iptables`
+    /// (node-level, for ztunnel ≤ 1.22). `ebpf` is not built: with ambient enabled it is
+    /// rejected at start-up and by `check-config`.
     #[arg(
         long,
         env = "AMBIENT_REDIRECT_MODE",
@@ -373,7 +374,8 @@ pub struct AgentArgs {
     )]
     pub ambient_config_dir: PathBuf,
 
-    /// Unix socket ztunnel connects to (ZDS). [Not supported by this build: a non-default value is rejected.]
+    /// Unix socket ztunnel connects to (ZDS; in-pod mode). Created 0600 (root only). Only the
+    /// inpod redirect mode uses it: with another mode a non-default value is rejected.
     #[arg(
         long,
         env = "ZTUNNEL_UDS_ADDRESS",
@@ -400,11 +402,11 @@ pub struct AgentArgs {
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ambient_dns_capture: bool,
 
-    /// Program IPv6 rules for ambient pods (Istio's default is true; this build's ambient
-    /// redirection is IPv4-only, so the default is false). [Not supported by this build: a non-default value is rejected.]
-    #[arg(long, env = "AMBIENT_IPV6", default_value = "false", action = ArgAction::Set,
+    /// Program IPv6 rules for ambient pods. Unset: true for the inpod mode (Istio's default),
+    /// false for the node-level iptables mode, which is IPv4-only and rejects `true`.
+    #[arg(long, env = "AMBIENT_IPV6", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
-    pub ambient_ipv6: bool,
+    pub ambient_ipv6: Option<bool>,
 
     /// Remove the plugin on every exit, also on upgrades/restarts (Istio semantics of this
     /// variable). Without it the plugin stays in place unless an uninstall is signalled.
@@ -412,8 +414,10 @@ pub struct AgentArgs {
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ambient_disable_safe_upgrade: bool,
 
-    /// Re-apply in-pod rules of already enrolled pods at start-up. [Not supported by this build: a non-default value is rejected.]
-    #[arg(long, env = "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", default_value = "false",
+    /// Re-verify (and repair) the in-pod rules of already enrolled pods when the agent starts
+    /// (inpod mode; Istio's default is false, meshcni's true: a restart checks every pod).
+    /// With another mode a non-default value is rejected.
+    #[arg(long, env = "AMBIENT_RECONCILE_POD_RULES_ON_STARTUP", default_value = "true",
           action = ArgAction::Set, value_parser = BoolishValueParser::new(), num_args = 0..=1,
           default_missing_value = "true")]
     pub ambient_reconcile_pod_rules_on_startup: bool,
@@ -479,11 +483,13 @@ pub struct AgentArgs {
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub allow_switch_to_host_ns: bool,
 
-    /// Source address kubelet probes are SNATed to (IPv4). [Not supported by this build: a non-default value is rejected.]
+    /// Source address kubelet probes are SNATed to (IPv4; inpod mode: the node's probe SNAT
+    /// and the pods' ACCEPT of it). With another mode a non-default value is rejected.
     #[arg(long, env = "HOST_PROBE_SNAT_IP", default_value = "169.254.7.127")]
     pub host_probe_snat_ip: std::net::Ipv4Addr,
 
-    /// Source address kubelet probes are SNATed to (IPv6). [Not supported by this build: a non-default value is rejected.]
+    /// Source address kubelet probes are SNATed to (IPv6; inpod mode). With another mode a
+    /// non-default value is rejected.
     #[arg(
         long,
         env = "HOST_PROBE_SNAT_IPV6",
@@ -653,19 +659,13 @@ impl AgentArgs {
         let d = AgentArgs::defaults();
         let mut errs = Vec::new();
         const REPAIR: &str = "there is no repair controller";
-        const INPOD: &str = "it configures the in-pod redirect mode, which has no driver";
         const NODE_LEVEL: &str = "the iptables redirect mode does not implement it";
         reject_non_default!(self, d, errs;
             pod_name: "nothing reads the agent's own pod name",
             revision: "there is no revision-specific behaviour",
             host_ip: "the iptables redirect mode finds the node address itself",
             log_uds_address: "the plugin does not send its logs to the agent; they go to the runtime's log",
-            ztunnel_uds_address: INPOD,
-            ambient_ipv6: "ambient redirection is IPv4-only",
-            ambient_reconcile_pod_rules_on_startup: INPOD,
             allow_switch_to_host_ns: "the agent runs in the host network namespace (hostNetwork) or not at all",
-            host_probe_snat_ip: NODE_LEVEL,
-            host_probe_snat_ipv6: NODE_LEVEL,
             ambient_use_scoped_xtables_locking: "rules are applied with one iptables-restore per table",
             ambient_enable_aws_branch_eni_probe: NODE_LEVEL,
             repair_enabled: REPAIR,
@@ -685,11 +685,27 @@ impl AgentArgs {
         if self.ebpf_enabled {
             errs.push(format!(
                 "{} = true selects the ebpf redirect mode, which is not available in this build; \
-                 unset it (use --ambient-redirect-mode=iptables)",
+                 unset it (the default mode is inpod)",
                 flag_and_env("ebpf_enabled")
             ));
         }
         let mode = self.effective_redirect_mode(redirect_mode_explicit);
+        if !(self.ambient_enabled && mode == RedirectMode::Inpod) {
+            const ONLY_INPOD: &str =
+                "only the inpod redirect mode uses it, and ambient with that mode is not enabled";
+            reject_non_default!(self, d, errs;
+                ztunnel_uds_address: ONLY_INPOD,
+                ambient_reconcile_pod_rules_on_startup: ONLY_INPOD,
+                host_probe_snat_ip: ONLY_INPOD,
+                host_probe_snat_ipv6: ONLY_INPOD,
+            );
+        }
+        if mode != RedirectMode::Inpod && self.ambient_ipv6 == Some(true) {
+            errs.push(format!(
+                "{} = true is not supported by this build of meshcni-agent with redirect mode                  {mode} (its node-level redirection is IPv4-only); unset it or use the inpod mode",
+                flag_and_env("ambient_ipv6")
+            ));
+        }
         if self.ambient_enabled && !BUILT_REDIRECT_MODES.contains(&mode) && !self.ebpf_enabled {
             let default = if redirect_mode_explicit {
                 ""
@@ -699,7 +715,8 @@ impl AgentArgs {
             errs.push(format!(
                 "AMBIENT_REDIRECT_MODE={mode} (--ambient-redirect-mode{default}) is not available \
                  in this build (no {mode} driver) and ambient is enabled; set \
-                 --ambient-redirect-mode=iptables (AMBIENT_REDIRECT_MODE=iptables)"
+                 --ambient-redirect-mode=inpod (AMBIENT_REDIRECT_MODE=inpod, the default) or \
+                 iptables"
             ));
         }
         if !self.pod_metadata_dir.is_empty() && !self.pod_metadata_dir.starts_with('/') {
@@ -746,6 +763,11 @@ impl AgentArgs {
                 != d.ambient_detection_failure_policy)
                 .then(|| self.ambient_detection_failure_policy.as_str().to_string()),
         }
+    }
+
+    /// Whether ambient pods get IPv6 rules: `AMBIENT_IPV6`, else true for the inpod mode.
+    pub fn effective_ambient_ipv6(&self, mode: RedirectMode) -> bool {
+        self.ambient_ipv6.unwrap_or(mode == RedirectMode::Inpod)
     }
 
     /// The redirect mode in effect (EBPF_ENABLED only upgrades the default).
@@ -933,7 +955,7 @@ mod tests {
         let d = AgentArgs::defaults();
         assert_eq!(d.validate(false), Ok(()));
         assert!(
-            !d.repair_enabled && !d.ambient_ipv6,
+            !d.repair_enabled && d.ambient_ipv6.is_none(),
             "no default claims an unbuilt feature"
         );
         let mut a = d.clone();

@@ -25,6 +25,8 @@ enum Expect {
 use Expect::*;
 
 const AMBIENT_IPTABLES: &[&str] = &["--ambient-enabled=true", "--ambient-redirect-mode=iptables"];
+/// Ambient on with the default redirect mode, `inpod`.
+const AMBIENT_INPOD: &[&str] = &["--ambient-enabled=true"];
 const TEMPLATE_FILE: &str = "@template-file@";
 
 /// (flag, non-default value, other flags it needs, expectation).
@@ -226,7 +228,7 @@ const TABLE: &[(&str, &str, &[&str], Expect)] = &[
         &["--ambient-redirect-mode=iptables"],
         Installed("\"ambient_enabled\": true"),
     ),
-    // With ambient on, the default (inpod) is refused: see the test below.
+    // With ambient on, the default (inpod) is built: see the test below.
     (
         "ambient-redirect-mode",
         "iptables",
@@ -243,8 +245,14 @@ const TABLE: &[(&str, &str, &[&str], Expect)] = &[
     (
         "ztunnel-uds-address",
         "/run/z.sock",
-        &[],
-        Rejected("in-pod redirect mode"),
+        AMBIENT_INPOD,
+        Runtime("ztunnel_uds_address: \"/run/z.sock\""),
+    ),
+    (
+        "ztunnel-uds-address",
+        "/run/z.sock",
+        AMBIENT_IPTABLES,
+        Rejected("only the inpod redirect mode"),
     ),
     (
         "ambient-enablement-selector",
@@ -270,7 +278,13 @@ const TABLE: &[(&str, &str, &[&str], Expect)] = &[
         AMBIENT_IPTABLES,
         Runtime("ambient_dns_capture: true"),
     ),
-    ("ambient-ipv6", "true", &[], Rejected("IPv4-only")),
+    (
+        "ambient-ipv6",
+        "false",
+        AMBIENT_INPOD,
+        Runtime("ambient_ipv6: Some(false)"),
+    ),
+    ("ambient-ipv6", "true", AMBIENT_IPTABLES, Rejected("IPv4-only")),
     (
         "ambient-disable-safe-upgrade",
         "true",
@@ -279,9 +293,15 @@ const TABLE: &[(&str, &str, &[&str], Expect)] = &[
     ),
     (
         "ambient-reconcile-pod-rules-on-startup",
-        "true",
+        "false",
+        AMBIENT_INPOD,
+        Runtime("ambient_reconcile_pod_rules_on_startup: false"),
+    ),
+    (
+        "ambient-reconcile-pod-rules-on-startup",
+        "false",
         &[],
-        Rejected("in-pod redirect mode"),
+        Rejected("only the inpod redirect mode"),
     ),
     (
         "enable-ambient-detection-retry",
@@ -341,14 +361,26 @@ const TABLE: &[(&str, &str, &[&str], Expect)] = &[
     (
         "host-probe-snat-ip",
         "169.254.7.128",
-        &[],
-        Rejected("iptables redirect mode does not implement"),
+        AMBIENT_INPOD,
+        Runtime("host_probe_snat_ip: 169.254.7.128"),
+    ),
+    (
+        "host-probe-snat-ip",
+        "169.254.7.128",
+        AMBIENT_IPTABLES,
+        Rejected("only the inpod redirect mode"),
+    ),
+    (
+        "host-probe-snat-ipv6",
+        "fd16::1",
+        AMBIENT_INPOD,
+        Runtime("host_probe_snat_ipv6: fd16::1"),
     ),
     (
         "host-probe-snat-ipv6",
         "fd16::1",
         &[],
-        Rejected("iptables redirect mode does not implement"),
+        Rejected("only the inpod redirect mode"),
     ),
     (
         "ambient-use-scoped-xtables-locking",
@@ -606,13 +638,25 @@ fn help_of_every_rejected_flag_says_it_is_rejected() {
     );
 }
 
-/// Safe defaults: ambient on with the default redirect mode (inpod, not built here) fails
-/// `check-config` and start-up with a message naming the setting and the way out.
+/// The default redirect mode is inpod, and it is built: ambient on with the defaults passes
+/// `check-config` and plans the inpod mode; the unbuilt ebpf mode fails `check-config` and
+/// start-up with a message naming the setting and the way out.
 #[test]
-fn ambient_with_the_default_mode_is_refused_at_check_config_and_start() {
+fn ambient_with_the_default_mode_runs_inpod_and_ebpf_is_refused() {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshcni-agent"))
+        .env_clear()
+        .env("AMBIENT_ENABLED", "true")
+        .arg("check-config")
+        .output()
+        .expect("run agent");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("redirect_mode: Inpod"), "{stdout}");
     for sub in [Some("check-config"), Some("run"), None] {
         let mut c = Command::new(env!("CARGO_BIN_EXE_meshcni-agent"));
-        c.env_clear().env("AMBIENT_ENABLED", "true");
+        c.env_clear()
+            .env("AMBIENT_ENABLED", "true")
+            .env("AMBIENT_REDIRECT_MODE", "ebpf");
         if let Some(s) = sub {
             c.arg(s);
         }
@@ -620,14 +664,14 @@ fn ambient_with_the_default_mode_is_refused_at_check_config_and_start() {
         let (_, stderr) = text(&out);
         assert!(!out.status.success(), "{sub:?} must fail: {stderr}");
         for want in [
-            "AMBIENT_REDIRECT_MODE=inpod",
+            "AMBIENT_REDIRECT_MODE=ebpf",
             "not available in this build",
-            "--ambient-redirect-mode=iptables",
+            "--ambient-redirect-mode=inpod",
         ] {
             assert!(stderr.contains(want), "{sub:?}: {want:?} missing: {stderr}");
         }
     }
-    // Explicit ebpf likewise.
+    // Explicit ebpf on the command line likewise.
     let out = Command::new(env!("CARGO_BIN_EXE_meshcni-agent"))
         .env_clear()
         .args([

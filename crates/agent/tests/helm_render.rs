@@ -3,10 +3,11 @@
 //! `/opt/meshcni/bin/helm-v4.3.2`):
 //! * with its defaults it renders exactly `deploy/manifests/meshcni.yaml` (every object, every
 //!   field; the manifest leaves out only the Helm pre-delete hook);
-//! * ambient on with the default redirect mode (`inpod`) or `ebpf` — modes without a driver in
-//!   this build — fails the render with a message naming the setting;
-//! * ambient on with `iptables` renders a DaemonSet in the host netns whose environment the
-//!   agent's `check-config` accepts.
+//! * ambient on with `ebpf` — a mode without a driver in this build — fails the render with a
+//!   message naming the setting;
+//! * ambient on with the default `inpod` or with `iptables` renders a DaemonSet in the host
+//!   netns whose environment the agent's `check-config` accepts (inpod: host PID namespace for
+//!   netns discovery and the ZDS socket directory mounted).
 //!
 //! A missing `helm` fails these tests (never skips them): run `scripts/setup.sh`.
 
@@ -101,29 +102,30 @@ fn chart_defaults_render_exactly_the_plain_manifest() {
 
 #[test]
 fn ambient_with_an_unbuilt_redirect_mode_fails_the_render_naming_the_setting() {
-    for sets in [
-        &["ambient.enabled=true"][..],
-        &["ambient.enabled=true", "ambient.redirectMode=ebpf"][..],
-    ] {
-        let out = render(sets);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{sets:?} rendered");
-        let mode = if sets.len() == 1 { "inpod" } else { "ebpf" };
-        assert!(
-            stderr.contains(&format!(
-                "ambient.redirectMode={mode} is not available in this build"
-            )) && stderr.contains("set ambient.redirectMode=iptables"),
-            "{sets:?}: {stderr}"
-        );
-    }
+    let sets = &["ambient.enabled=true", "ambient.redirectMode=ebpf"][..];
+    let out = render(sets);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{sets:?} rendered");
+    assert!(
+        stderr.contains("ambient.redirectMode=ebpf is not available in this build")
+            && stderr.contains("set ambient.redirectMode=inpod"),
+        "{sets:?}: {stderr}"
+    );
 }
 
 #[test]
 fn ambient_iptables_renders_a_host_network_agent_the_agent_accepts() {
-    let objs = objects(&rendered(&[
-        "ambient.enabled=true",
-        "ambient.redirectMode=iptables",
-    ]));
+    ambient_mode_renders_a_host_network_agent_the_agent_accepts("iptables");
+}
+
+#[test]
+fn ambient_inpod_renders_a_host_network_agent_with_the_zds_socket_the_agent_accepts() {
+    ambient_mode_renders_a_host_network_agent_the_agent_accepts("inpod");
+}
+
+fn ambient_mode_renders_a_host_network_agent_the_agent_accepts(mode: &str) {
+    let set_mode = format!("ambient.redirectMode={mode}");
+    let objs = objects(&rendered(&["ambient.enabled=true", &set_mode]));
     let ds = objs
         .iter()
         .find(|((kind, _), _)| kind == "DaemonSet")
@@ -157,7 +159,21 @@ fn ambient_iptables_renders_a_host_network_agent_the_agent_accepts() {
             .map(|(_, v)| v.as_str())
     };
     assert_eq!(get("AMBIENT_ENABLED"), Some("true"));
-    assert_eq!(get("AMBIENT_REDIRECT_MODE"), Some("iptables"));
+    assert_eq!(get("AMBIENT_REDIRECT_MODE"), Some(mode));
+    let inpod = mode == "inpod";
+    assert_eq!(spec["hostPID"], Value::Bool(inpod), "host PID namespace only for inpod");
+    let mounts: Vec<&str> = container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    assert_eq!(
+        mounts.contains(&"/var/run/ztunnel"),
+        inpod,
+        "the ZDS socket dir is mounted only for inpod: {mounts:?}"
+    );
+    assert!(mounts.contains(&"/var/run/netns"), "{mounts:?}");
     let out = Command::new(env!("CARGO_BIN_EXE_meshcni-agent"))
         .env_clear()
         .envs(env)

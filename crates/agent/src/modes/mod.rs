@@ -3,11 +3,13 @@
 //!
 //! * [`iptables`] — G1 node-level redirection: node iptables + ipset + policy routing +
 //!   GENEVE/VXLAN tunnels into the ztunnel pod (spec §3).
+//! * [`inpod`] — rules inside each pod netns, the netns handed to ztunnel over ZDS (spec §7).
 //! * [`fake`] — an in-memory driver for tests of the loop.
 //!
 //! [`make_driver`] is the one place a mode name becomes a driver.
 
 pub mod fake;
+pub mod inpod;
 pub mod iptables;
 
 use crate::ambient_config::RedirectMode;
@@ -44,7 +46,33 @@ pub fn make_driver(
                 .map(|d| Box::new(d) as Box<dyn RedirectDriver>)
                 .map_err(|e| e.message)
         }
-        RedirectMode::Ebpf | RedirectMode::Inpod => Err(format!(
+        RedirectMode::Inpod => {
+            use crate::modes::inpod::{InpodDriver, InpodModeConfig};
+            let cfg = InpodModeConfig {
+                zds_socket: args.ztunnel_uds_address.clone(),
+                rules: meshcni_rules::inpod::InpodConfig {
+                    redirect_dns: args.ambient_dns_capture,
+                    enable_ipv6: args.effective_ambient_ipv6(mode),
+                    host_probe_snat_v4: args.host_probe_snat_ip,
+                    host_probe_snat_v6: args.host_probe_snat_ipv6,
+                },
+                backend: if args.native_nftables {
+                    meshcni_netx::inpod::InpodBackend::Nftables
+                } else {
+                    meshcni_netx::inpod::InpodBackend::Iptables
+                },
+                // Next to the plugin's socket on the run dir's hostPath: a restarted agent
+                // adopts its pods.
+                state_file: args.cni_agent_run_dir.join("inpod-mode.json"),
+                netns_dirs: vec![args.netns_dir.clone()],
+                reconcile_on_startup: args.ambient_reconcile_pod_rules_on_startup,
+                ..InpodModeConfig::default()
+            };
+            InpodDriver::new(cfg)
+                .map(|d| Box::new(d) as Box<dyn RedirectDriver>)
+                .map_err(|e| e.message)
+        }
+        RedirectMode::Ebpf => Err(format!(
             "redirect mode {mode} has no driver in this build of meshcni-agent"
         )),
     }

@@ -15,11 +15,11 @@ app.kubernetes.io/part-of: meshcni
      crates/agent/tests/manifests.rs keeps the two equal). With ambient on, any other mode fails
      the render instead of deploying agents that refuse to start. */}}
 {{- define "meshcni.builtRedirectModes" -}}
-iptables
+iptables,inpod
 {{- end }}
 {{- define "meshcni.checkRedirectMode" -}}
 {{- $built := splitList "," (include "meshcni.builtRedirectModes" .) }}
 {{- if and .Values.ambient.enabled (not (has .Values.ambient.redirectMode $built)) }}
-{{- fail (printf "ambient.redirectMode=%s is not available in this build of meshcni (no %s driver); set ambient.redirectMode=iptables" .Values.ambient.redirectMode .Values.ambient.redirectMode) }}
+{{- fail (printf "ambient.redirectMode=%s is not available in this build of meshcni (no %s driver); set ambient.redirectMode=inpod (or iptables)" .Values.ambient.redirectMode .Values.ambient.redirectMode) }}
 {{- end }}
 {{- end }}
