@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -575,7 +575,7 @@ fn bind_socket(path: &Path) -> Result<(UnixListener, (u64, u64)), ZdsError> {
             .map_err(|e| io_err(format!("chmod 0755 {}", parent.display()), e))?;
     }
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket_like() => {
+        Ok(m) if m.file_type().is_socket() => {
             std::fs::remove_file(path)
                 .map_err(|e| io_err(format!("removing the stale ZDS socket {shown}"), e))?;
             info!(path = %shown, "ZDS: removed a stale socket");
@@ -635,16 +635,6 @@ fn bind_socket(path: &Path) -> Result<(UnixListener, (u64, u64)), ZdsError> {
     // std's UnixListener only wraps the fd; accept(2) is the same for SOCK_SEQPACKET, and the
     // accepted fd keeps the listener's socket type.
     Ok((UnixListener::from(sock), (meta.dev(), meta.ino())))
-}
-
-trait SocketLike {
-    fn is_socket_like(&self) -> bool;
-}
-
-impl SocketLike for std::fs::FileType {
-    fn is_socket_like(&self) -> bool {
-        std::os::unix::fs::FileTypeExt::is_socket(self)
-    }
 }
 
 /// poll(2) outcome.
