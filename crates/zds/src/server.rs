@@ -78,7 +78,9 @@ impl Default for ZdsOptions {
 }
 
 /// What happened on a connection, reported through the `on_event` callback (called from the
-/// connection's own thread, in this order per connection, with no server lock held).
+/// connection's own thread, in this order per connection, with no server lock held). The
+/// callback must return quickly and must not call [`ZdsServer::add`]/[`ZdsServer::del`] itself
+/// (that would wait on the very thread running the callback): hand the event to another thread.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ZdsEvent {
     /// A peer connected (before its Hello). `peer_pid` from SO_PEERCRED.
@@ -272,8 +274,12 @@ impl Shared {
     }
 }
 
-/// The running server. Dropping it stops the threads, closes every connection (waiting callers
-/// get [`ZdsError::Disconnected`]) and removes the socket file (if it is still ours).
+/// The running server (`Send + Sync`: share it in an `Arc`; `add`/`del` block the calling thread
+/// until acked, so call them from the agent's worker threads, not from `on_event`).
+///
+/// Latency bound: a request waits behind the requests queued before it on its connection, each
+/// bounded by `ack_timeout`. Dropping the server stops the threads, closes every connection and
+/// removes the socket file (if it is still ours).
 pub struct ZdsServer {
     shared: Arc<Shared>,
     path: PathBuf,

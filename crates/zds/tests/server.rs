@@ -796,3 +796,55 @@ fn concurrent_200_adds_from_8_threads_are_each_acked_exactly_once() {
     assert!(seen.values().all(|&n| n == 1), "each exactly once");
     assert_eq!(f.server.registered().len(), 200);
 }
+
+#[test]
+fn add_queued_behind_a_snapshot_fails_when_that_connection_dies() {
+    let f = fixture(fast());
+    f.server.register("s1", info("s1"), Some(temp_fd()));
+    let c = Client::connect(&f.path);
+    c.send(HELLO_V1);
+    let _ = c.recv_req(); // joined, snapshot stalled on our ack
+    let add = add_async(&f, "new", temp_fd());
+    std::thread::sleep(Duration::from_millis(100));
+    drop(c);
+    let err = add.join().expect("join").expect_err("connection died");
+    assert!(
+        matches!(&err, ZdsError::Disconnected { uid, .. } if uid == "new"),
+        "{err:?}"
+    );
+    assert_eq!(f.server.registered(), vec!["s1"], "fail closed; s1 kept");
+}
+
+#[test]
+fn add_replaces_a_registration_without_fd() {
+    let f = fixture(fast());
+    f.server.register("u1", info("old-name"), None);
+    let (c, _) = ready_client(&f, 1);
+    let fd = temp_fd();
+    let want = file_id(&fd);
+    let add = add_async(&f, "u1", fd);
+    let _ = c.recv_req();
+    c.send(ACK);
+    add.join().expect("join").expect("add");
+    drop(c);
+    let c2 = Client::connect(&f.path);
+    let snap = c2.hello_and_snapshot();
+    assert_eq!(snap.len(), 1);
+    assert_eq!(
+        snap[0].0,
+        Req::Add {
+            uid: "u1".into(),
+            name: "pod-u1".into(),
+            namespace: "ns1".into(),
+            service_account: "sa1".into()
+        }
+    );
+    assert_eq!(file_id(&snap[0].1[0]), want);
+}
+
+#[test]
+fn server_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<ZdsServer>();
+    check::<ZdsError>();
+}
