@@ -410,7 +410,8 @@ impl ZdsServer {
 
     /// Register without sending (agent restart: pods known, netns held or not) so the next
     /// snapshot carries it: as `AddWorkload` with the fd, or `KeepWorkload` without one.
-    /// Connections that already completed their snapshot are not told.
+    /// Connections that already said Hello (their snapshot is copied at that moment) are not
+    /// told; use it before ztunnel connects, e.g. while rebuilding state after an agent restart.
     pub fn register(&self, uid: &str, info: WorkloadInfo, netns: Option<OwnedFd>) {
         let mut st = self.shared.lock();
         let generation = st.next_generation;
