@@ -164,6 +164,17 @@ impl Client {
         self.send_with_fd(bytes, None);
     }
 
+    /// Send that tolerates a connection the server already closed.
+    pub fn try_send(&self, bytes: &[u8]) -> nix::Result<usize> {
+        sendmsg::<()>(
+            self.fd.as_raw_fd(),
+            &[IoSlice::new(bytes)],
+            &[],
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+    }
+
     pub fn send_with_fd(&self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) {
         let raw = fd.map(|f| [f.as_raw_fd()]);
         let cmsgs: Vec<ControlMessage<'_>> = raw
