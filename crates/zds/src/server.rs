@@ -180,7 +180,6 @@ struct Job {
 
 struct QueueState {
     jobs: VecDeque<Job>,
-    closed: bool,
 }
 
 /// A connection's request queue. The connection thread sleeps in poll(2) on its socket, the
@@ -199,7 +198,6 @@ impl ConnQueue {
         Ok(Self {
             state: Mutex::new(QueueState {
                 jobs: VecDeque::new(),
-                closed: false,
             }),
             wake_tx,
             wake_rx,
@@ -211,8 +209,8 @@ impl ConnQueue {
     }
 
     /// Queue a job; the caller must hold the server state lock and have found this connection in
-    /// `State::conns` (so the queue is open: a connection closes its queue only after leaving
-    /// `conns`, under the same lock).
+    /// `State::conns`: a connection drains its queue for the last time after leaving `conns`,
+    /// under the same lock, so no job pushed this way is ever stranded.
     fn push(&self, job: Job) {
         self.lock().jobs.push_back(job);
         // A full wake buffer (EAGAIN) already means "readable"; nothing else can fail here that
@@ -229,10 +227,9 @@ impl ConnQueue {
         while matches!((&self.wake_rx).read(&mut buf), Ok(n) if n > 0) {}
     }
 
+    /// The jobs left when the connection ends (called under the state lock, after leaving `conns`).
     fn close(&self) -> Vec<Job> {
-        let mut q = self.lock();
-        q.closed = true;
-        q.jobs.drain(..).collect()
+        self.lock().jobs.drain(..).collect()
     }
 }
 
