@@ -27,8 +27,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use nix::sys::socket::{
-    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
-    connect, recvmsg, sendmsg, setsockopt, socket, sockopt,
+    AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
+    UnixAddr, bind, connect, listen, recvmsg, sendmsg, setsockopt, socket, sockopt,
 };
 use nix::sys::time::TimeVal;
 
@@ -461,6 +461,28 @@ pub fn connect_seqpacket(path: &Path) -> io::Result<OwnedFd> {
     let addr = UnixAddr::new(path).map_err(io::Error::from)?;
     connect(fd.as_raw_fd(), &addr).map_err(io::Error::from)?;
     Ok(fd)
+}
+
+/// Listen on a `SOCK_SEQPACKET` unix socket at `path` (for tests that play the agent).
+pub fn listen_seqpacket(path: &Path) -> io::Result<OwnedFd> {
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    let addr = UnixAddr::new(path).map_err(io::Error::from)?;
+    bind(fd.as_raw_fd(), &addr).map_err(io::Error::from)?;
+    listen(&fd, Backlog::new(16).map_err(io::Error::from)?).map_err(io::Error::from)?;
+    Ok(fd)
+}
+
+/// Accept one connection on a listener from [`listen_seqpacket`] (honours `SO_RCVTIMEO`).
+pub fn accept_seqpacket(listener: impl AsFd) -> io::Result<OwnedFd> {
+    let raw = nix::sys::socket::accept4(listener.as_fd().as_raw_fd(), SockFlag::SOCK_CLOEXEC)
+        .map_err(io::Error::from)?;
+    Ok(crate::sys::own_fd(raw))
 }
 
 /// Set the receive timeout (`SO_RCVTIMEO`) of `fd`.
