@@ -8,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use meshcni_testkit::inpod_ztunnel::DnsMode;
 use meshcni_testkit::inpod_ztunnel::{AckOutcome, InpodZtunnelConfig, InpodZtunnelStandIn};
 use meshcni_testkit::lab::{CLIENT_V4, CLIENT_V6, SERVER_V4, SERVER_V6};
 use meshcni_testkit::proxy::{dns_query, parse_question};
@@ -15,7 +16,9 @@ use meshcni_testkit::zds_client::{
     RecvError, RequestKind, WorkloadInfo, accept_seqpacket, listen_seqpacket, recv_packet,
     send_packet, set_recv_timeout,
 };
-use meshcni_testkit::{ConnectOpts, Lab, Netns, TcpServer, connect_text, udp_exchange};
+use meshcni_testkit::{
+    ConnectOpts, Lab, Netns, ProxyConfig, TcpServer, TransparentProxy, connect_text, udp_exchange,
+};
 
 const T: Duration = Duration::from_secs(5);
 
@@ -499,6 +502,32 @@ fn minimal_inpod_rules(ns: &Netns) {
                 lo,
                 "-p",
                 "tcp",
+                "--dport",
+                "53",
+                "-m",
+                "mark",
+                "!",
+                "--mark",
+                "0x539/0xfff",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "15053",
+            ],
+        );
+        ipt(
+            ns,
+            v6,
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "!",
+                "-d",
+                lo,
+                "-p",
+                "tcp",
                 "-m",
                 "mark",
                 "!",
@@ -740,4 +769,88 @@ fn traffic_through_both_pods_keeps_the_client_source_direct_and_over_hbone() {
         ("cli", "udp", 1)
     );
     assert_eq!(q[0].qname, "svc.shop.cluster.local");
+}
+
+/// A DNS exchange over TCP from inside `ns` (2-byte length framing).
+fn tcp_dns(ns: &Netns, addr: SocketAddr, query: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    ns.run(|| -> std::io::Result<Vec<u8>> {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, T)?;
+        s.set_read_timeout(Some(T))?;
+        let len = u16::try_from(query.len()).map_err(std::io::Error::other)?;
+        s.write_all(&len.to_be_bytes())?;
+        s.write_all(query)?;
+        let mut l = [0u8; 2];
+        s.read_exact(&mut l)?;
+        let mut r = vec![0u8; usize::from(u16::from_be_bytes(l))];
+        s.read_exact(&mut r)?;
+        Ok(r)
+    })
+    .expect("netns")
+    .expect("tcp dns exchange")
+}
+
+#[test]
+fn dns_forward_mode_relays_udp_and_tcp_from_inside_the_pod_marked() {
+    let lab = Lab::new("zdns").expect("lab");
+    minimal_inpod_rules(&lab.client);
+    // The upstream resolver lives in the server netns on :53 (answers A 10.53.0.1).
+    let upstream = TransparentProxy::start_with(
+        &lab.server,
+        &ProxyConfig {
+            tcp_ports: vec![],
+            dns_port: Some(53),
+        },
+    )
+    .expect("upstream dns");
+    let agent = FakeAgent::new("dnsfwd");
+    let mut cfg = InpodZtunnelConfig::new(&agent.path);
+    cfg.dns_capture = true;
+    cfg.dns_mode = DnsMode::Forward(sa(SERVER_V4, 53));
+    let zt = InpodZtunnelStandIn::start_with(cfg).expect("stand-in");
+    let conn = agent.accept();
+    conn.send_expect_ack(&add("cli", "client", "ns", "sa"), &[&open_ns(&lab.client)]);
+    let st = zt.workload("cli").expect("held");
+    assert!(st.dns_capture);
+    assert!(
+        st.listening
+            .contains(&sa(std::net::Ipv4Addr::UNSPECIFIED, 15053))
+    );
+
+    let service = sa(std::net::Ipv4Addr::new(10, 96, 0, 10), 53);
+    let reply = udp_exchange(
+        &lab.client,
+        service,
+        &ConnectOpts {
+            payload: dns_query(1, "udp.example"),
+            ..ConnectOpts::default()
+        },
+    )
+    .expect("udp answer");
+    assert_eq!(parse_question(&reply).expect("reply").0, "udp.example");
+    assert_eq!(&reply[reply.len() - 4..], &[10, 53, 0, 1]);
+    let reply = tcp_dns(&lab.client, service, &dns_query(2, "tcp.example"));
+    assert_eq!(parse_question(&reply).expect("reply").0, "tcp.example");
+    assert_eq!(&reply[reply.len() - 4..], &[10, 53, 0, 1]);
+
+    let q = zt.wait_for_dns_queries(2, T).expect("recorded");
+    assert_eq!(q[0].proto, "udp");
+    assert_eq!(q[0].qname, "udp.example");
+    assert_eq!(q[1].proto, "tcp");
+    assert_eq!(q[1].qname, "tcp.example");
+    assert_eq!(
+        q[1].original_dst,
+        Some(service),
+        "SO_ORIGINAL_DST of the TCP query"
+    );
+    assert!(q.iter().all(|x| x.forwarded_to == Some(sa(SERVER_V4, 53))));
+    assert!(q.iter().all(|x| x.error.is_none()), "{q:?}");
+    // The forwarded queries left the client pod from its own address (and, being marked
+    // 0x539, were not captured again by the pod's port-53 rules).
+    let seen = upstream.dns_queries();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(
+        seen.iter().all(|x| x.peer.ip() == IpAddr::V4(CLIENT_V4)),
+        "{seen:?}"
+    );
 }
