@@ -33,12 +33,14 @@ use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sched::{CloneFlags, setns};
 use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, SockaddrIn, SockaddrIn6, bind, connect, setsockopt, socket,
@@ -865,11 +867,10 @@ fn process(
 
 // ---- per-workload listeners ----------------------------------------------------------------
 
-#[derive(Debug)]
-enum Waker {
-    Tcp(TcpListener),
-}
-
+/// A workload held by the stand-in: one thread inside its netns runs a `poll` loop over all
+/// its listeners (so hundreds of workloads cost one thread each, plus one per live
+/// connection); dropping it wakes that loop, which closes the listeners, and closes the
+/// netns fd.
 #[derive(Debug)]
 struct Workload {
     uid: String,
@@ -877,16 +878,25 @@ struct Workload {
     netns: (u64, u64),
     dns: bool,
     listening: Vec<SocketAddr>,
-    stop: Arc<AtomicBool>,
-    wakers: Vec<Waker>,
-    threads: Vec<JoinHandle<()>>,
+    /// Dropping (closing) it wakes the poll loop (`POLLHUP` on the other end).
+    stop: Option<UnixStream>,
+    thread: Option<JoinHandle<()>>,
     _netns_fd: File,
 }
 
 /// A listener opened inside the pod netns.
 enum Opened {
     Tcp(u16, TcpListener),
-    Udp(UdpSocket),
+    Udp(Arc<UdpSocket>),
+}
+
+impl Opened {
+    fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Opened::Tcp(_, l) => l.as_fd(),
+            Opened::Udp(u) => u.as_fd(),
+        }
+    }
 }
 
 impl Workload {
@@ -908,60 +918,53 @@ impl Workload {
         netns: (u64, u64),
         dns: bool,
     ) -> Result<Workload, String> {
-        let stop = Arc::new(AtomicBool::new(false));
         let fd = netns_fd
             .try_clone()
             .map_err(|e| format!("dup netns fd: {e}"))?;
+        let (stop_tx, stop_rx) = UnixStream::pair().map_err(|e| format!("stop socketpair: {e}"))?;
         let thread_shared = Arc::clone(shared);
-        let thread_stop = Arc::clone(&stop);
         let thread_uid = uid.clone();
         let ipv6 = shared.cfg.ipv6;
-        // A dedicated thread enters the pod netns, opens the listeners and spawns their loops
-        // (which inherit the netns), then hands everything back.
-        type Started = (Vec<SocketAddr>, Vec<Waker>, Vec<JoinHandle<()>>);
-        let entered = std::thread::Builder::new()
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<SocketAddr>, String>>(1);
+        // A dedicated thread (never a shared pool) enters the pod netns, opens the listeners
+        // and serves them; connection handlers it spawns inherit the netns.
+        let thread = std::thread::Builder::new()
             .name(format!(
                 "mcni-ztwl-{}",
                 uid.chars().take(4).collect::<String>()
             ))
-            .spawn(move || -> Result<Started, String> {
-                setns(&fd, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns: {e}"))?;
+            .spawn(move || {
+                let opened = setns(&fd, CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| format!("setns into the pod netns: {e}"))
+                    .and_then(|()| open_listeners(ipv6, dns));
                 drop(fd);
-                let opened = open_listeners(ipv6, dns)?;
-                let mut listening = Vec::new();
-                let mut wakers = Vec::new();
-                let mut threads = Vec::new();
-                for o in opened {
-                    let shared = Arc::clone(&thread_shared);
-                    let stop = Arc::clone(&thread_stop);
-                    let uid = thread_uid.clone();
-                    match o {
-                        Opened::Tcp(port, l) => {
-                            let addr = l.local_addr().map_err(|e| format!("local_addr: {e}"))?;
-                            listening.push(addr);
-                            wakers.push(Waker::Tcp(
-                                l.try_clone().map_err(|e| format!("dup listener: {e}"))?,
-                            ));
-                            threads.push(spawn_named("mcni-ztacc", move || {
-                                accept_loop(&shared, &uid, port, &l, &stop);
-                            })?);
-                        }
-                        Opened::Udp(s) => {
-                            threads.push(spawn_named("mcni-ztdns", move || {
-                                dns_udp_loop(&shared, &uid, &s, &stop);
-                            })?);
-                        }
+                match opened {
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                    Ok(opened) => {
+                        let addrs = opened
+                            .iter()
+                            .filter_map(|o| match o {
+                                Opened::Tcp(_, l) => l.local_addr().ok(),
+                                Opened::Udp(_) => None,
+                            })
+                            .collect();
+                        let _ = tx.send(Ok(addrs));
+                        serve_workload(&thread_shared, &thread_uid, &opened, &stop_rx);
                     }
                 }
-                Ok((listening, wakers, threads))
             })
-            .map_err(|e| format!("spawn netns thread: {e}"))?
-            .join()
-            .map_err(|_| "netns thread panicked".to_string())?;
-        let (listening, wakers, threads) = match entered {
-            Ok(x) => x,
-            Err(e) => {
+            .map_err(|e| format!("spawn netns thread: {e}"))?;
+        let listening = match rx.recv() {
+            Ok(Ok(addrs)) => addrs,
+            Ok(Err(e)) => {
+                let _ = thread.join();
                 return Err(e);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err("netns thread ended without reporting".to_string());
             }
         };
         Ok(Workload {
@@ -970,9 +973,8 @@ impl Workload {
             netns,
             dns,
             listening,
-            stop,
-            wakers,
-            threads,
+            stop: Some(stop_tx),
+            thread: Some(thread),
             _netns_fd: netns_fd,
         })
     }
@@ -980,23 +982,88 @@ impl Workload {
 
 impl Drop for Workload {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for w in &self.wakers {
-            let Waker::Tcp(l) = w;
-            // Wakes the blocked accept (EINVAL on a shut-down listener).
-            let _ = nix::sys::socket::shutdown(l.as_raw_fd(), nix::sys::socket::Shutdown::Both);
-        }
-        for t in self.threads.drain(..) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn spawn_named(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>, String> {
-    std::thread::Builder::new()
-        .name(name.to_string())
-        .spawn(f)
-        .map_err(|e| format!("spawn {name}: {e}"))
+/// The workload's loop: wait for any listener (or the stop socket) to become readable.
+fn serve_workload(shared: &Arc<Shared>, uid: &str, opened: &[Opened], stop: &UnixStream) {
+    for o in opened {
+        let r = match o {
+            Opened::Tcp(_, l) => l.set_nonblocking(true),
+            Opened::Udp(u) => u.set_nonblocking(true).and_then(|()| enable_pktinfo(u)),
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, uid, "in-pod stand-in: listener setup");
+        }
+    }
+    loop {
+        let ready: Vec<usize> = {
+            let mut pfds: Vec<PollFd<'_>> = std::iter::once(stop.as_fd())
+                .chain(opened.iter().map(Opened::fd))
+                .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
+                .collect();
+            match poll(&mut pfds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, uid, "in-pod stand-in: poll failed");
+                    return;
+                }
+            }
+            if pfds[0].revents().is_some_and(|r| !r.is_empty()) {
+                return;
+            }
+            pfds.iter()
+                .enumerate()
+                .skip(1)
+                .filter(|(_, p)| p.revents().is_some_and(|r| !r.is_empty()))
+                .map(|(i, _)| i - 1)
+                .collect()
+        };
+        for i in ready {
+            match &opened[i] {
+                Opened::Tcp(port, l) => accept_ready(shared, uid, *port, l),
+                Opened::Udp(u) => dns_udp_ready(shared, uid, u),
+            }
+        }
+    }
+}
+
+/// Accept every pending connection; each gets its own thread (spawned from this netns thread,
+/// so the sockets it opens are in the pod).
+fn accept_ready(shared: &Arc<Shared>, uid: &str, port: u16, l: &TcpListener) {
+    loop {
+        match l.accept() {
+            Ok((stream, peer)) => {
+                let shared = Arc::clone(shared);
+                let owned_uid = uid.to_string();
+                let spawned = std::thread::Builder::new()
+                    .name("mcni-ztconn".to_string())
+                    .spawn(move || {
+                        if stream.set_nonblocking(false).is_err() {
+                            return;
+                        }
+                        if port == DNS_PORT {
+                            dns_tcp_conn(&shared, &owned_uid, stream, peer);
+                        } else {
+                            handle_conn(&shared, &owned_uid, port, stream, peer);
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, uid, port, "in-pod stand-in: spawn handler");
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                tracing::warn!(error = %e, uid, port, "in-pod stand-in: accept failed");
+                return;
+            }
+        }
+    }
 }
 
 fn mark<Fd: AsFd>(fd: &Fd) -> io::Result<()> {
@@ -1041,37 +1108,11 @@ fn open_listeners(ipv6: bool, dns: bool) -> Result<Vec<Opened>, String> {
                 let u = udp_socket(addr, true)
                     .map_err(|e| format!("bind udp {addr} in the pod netns: {e}"))?;
                 mark(&u).map_err(|e| format!("SO_MARK on udp {addr}: {e}"))?;
-                out.push(Opened::Udp(u));
+                out.push(Opened::Udp(Arc::new(u)));
             }
         }
     }
     Ok(out)
-}
-
-fn accept_loop(shared: &Arc<Shared>, uid: &str, port: u16, l: &TcpListener, stop: &AtomicBool) {
-    while !stop.load(Ordering::SeqCst) {
-        match l.accept() {
-            Ok((stream, peer)) => {
-                let shared = Arc::clone(shared);
-                let uid = uid.to_string();
-                // Spawned from this netns thread: sockets the handler opens are in the pod.
-                let _ = std::thread::Builder::new()
-                    .name("mcni-ztconn".to_string())
-                    .spawn(move || {
-                        if port == DNS_PORT {
-                            dns_tcp_conn(&shared, &uid, stream, peer);
-                        } else {
-                            handle_conn(&shared, &uid, port, stream, peer);
-                        }
-                    });
-            }
-            Err(_) if stop.load(Ordering::SeqCst) => break,
-            Err(e) => {
-                tracing::warn!(error = %e, uid, port, "in-pod stand-in: accept failed");
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-    }
 }
 
 fn record_hop(shared: &Shared, hop: InpodHop) {
@@ -1319,46 +1360,60 @@ fn forward_tcp(upstream: SocketAddr, query: &[u8], timeout: Duration) -> io::Res
     Ok(reply)
 }
 
-fn dns_udp_loop(shared: &Arc<Shared>, uid: &str, sock: &UdpSocket, stop: &AtomicBool) {
-    let _ = sock.set_read_timeout(Some(Duration::from_millis(100)));
-    let v4 = sock.local_addr().map(|a| a.is_ipv4()).unwrap_or(true);
-    let pktinfo = if v4 {
+fn enable_pktinfo(sock: &UdpSocket) -> io::Result<()> {
+    let v4 = sock.local_addr()?.is_ipv4();
+    if v4 {
         setsockopt(sock, sockopt::Ipv4PacketInfo, &true)
     } else {
         setsockopt(sock, sockopt::Ipv6RecvPacketInfo, &true)
-    };
-    if let Err(e) = pktinfo {
-        tracing::warn!(error = %e, uid, "in-pod stand-in: IP_PKTINFO");
     }
-    while !stop.load(Ordering::SeqCst) {
+    .map_err(io::Error::from)
+}
+
+/// Drain pending datagrams; each query is resolved on its own thread (forwarding may take a
+/// while) and answered from the address it was sent to (`IP_PKTINFO`).
+fn dns_udp_ready(shared: &Arc<Shared>, uid: &str, sock: &Arc<UdpSocket>) {
+    loop {
         match recv_with_dst(sock) {
             Ok((query, peer, local)) => {
-                let mut rec = InpodDnsQuery {
-                    uid: uid.to_string(),
-                    proto: "udp",
-                    peer,
-                    original_dst: local.map(|ip| SocketAddr::new(ip, DNS_PORT)),
-                    qname: String::new(),
-                    qtype: 0,
-                    forwarded_to: None,
-                    error: None,
-                };
-                let reply = resolve(shared, &query, false, &mut rec);
-                if let Some(reply) = reply {
-                    if let Err(e) = send_from(sock, &reply, peer, local) {
-                        rec.error = Some(format!("reply to {peer}: {e}"));
-                    }
+                let shared = Arc::clone(shared);
+                let sock = Arc::clone(sock);
+                let owned_uid = uid.to_string();
+                let spawned = std::thread::Builder::new()
+                    .name("mcni-ztdns".to_string())
+                    .spawn(move || {
+                        let mut rec = InpodDnsQuery {
+                            uid: owned_uid,
+                            proto: "udp",
+                            peer,
+                            original_dst: local.map(|ip| SocketAddr::new(ip, DNS_PORT)),
+                            qname: String::new(),
+                            qtype: 0,
+                            forwarded_to: None,
+                            error: None,
+                        };
+                        if let Some(reply) = resolve(&shared, &query, false, &mut rec) {
+                            if let Err(e) = send_from(&sock, &reply, peer, local) {
+                                rec.error = Some(format!("reply to {peer}: {e}"));
+                            }
+                        }
+                        lock(&shared.dns).push(rec);
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, uid, "in-pod stand-in: spawn DNS handler");
                 }
-                lock(&shared.dns).push(rec);
             }
             Err(e)
                 if matches!(
                     e.kind(),
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
+                ) =>
+            {
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, uid, "in-pod stand-in: DNS recv failed");
-                std::thread::sleep(Duration::from_millis(5));
+                return;
             }
         }
     }
