@@ -51,7 +51,7 @@ use nix::sys::time::TimeVal;
 use crate::TestkitError;
 use crate::multinode::read_line;
 use crate::proxy::parse_question;
-use crate::sockets::{nat_original_dst, recv_with_dst, send_from, tcp_listener, udp_socket};
+use crate::sockets::{nat_original_dst, recv_with_dst, send_from};
 use crate::zds_client::{
     self, HELLO_V1, RecvError, RequestKind, WorkloadInfo, WorkloadRequest, ZDS_READ_BUFFER,
 };
@@ -90,11 +90,14 @@ pub struct InpodZtunnelConfig {
     /// First and largest reconnect delay (doubling in between).
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Nack an `AddWorkload` without `workload_info` (ztunnel ≥ 1.30 requires it; 1.21 sent
+    /// only the uid).
+    pub require_workload_info: bool,
 }
 
 impl InpodZtunnelConfig {
     /// Defaults: nothing captured, DNS capture off, answer `A 10.53.0.1`, IPv6 on, reconnect
-    /// backoff 10 ms → 500 ms.
+    /// backoff 10 ms → 500 ms, `workload_info` required.
     pub fn new(socket_path: impl Into<PathBuf>) -> Self {
         InpodZtunnelConfig {
             socket_path: socket_path.into(),
@@ -105,6 +108,7 @@ impl InpodZtunnelConfig {
             connect_timeout: Duration::from_secs(3),
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(500),
+            require_workload_info: true,
         }
     }
 }
@@ -612,6 +616,8 @@ fn client_loop(shared: &Arc<Shared>) {
             Ok(fd) => {
                 backoff = shared.cfg.backoff_min;
                 serve_connection(shared, Arc::new(fd));
+                // Like ztunnel, wait a little before reconnecting after a dropped connection.
+                sleep_while_running(shared, backoff);
             }
             Err(e) => {
                 shared.state().last_connect_error =
@@ -781,6 +787,12 @@ fn process(
                 return fail(format!(
                     "AddWorkload for uid {uid} carried {} netns fd(s), want exactly 1",
                     fds.len()
+                ));
+            }
+            if info.is_none() && shared.cfg.require_workload_info {
+                return fail(format!(
+                    "AddWorkload for uid {uid} has no workload_info (field 2), which ztunnel \
+                     >= 1.30 requires"
                 ));
             }
             shared.state().mentioned.insert(uid.clone());
@@ -1078,9 +1090,37 @@ fn no_ipv6(e: &io::Error) -> bool {
     )
 }
 
-/// Open 15001/15006/15008 (+15053 UDP/TCP) on `0.0.0.0` and `[::]` on the calling thread
-/// (which is inside the pod netns), all marked 0x539 and `IP_TRANSPARENT` (so TPROXY
-/// deliveries of ztunnel 1.21–1.23 style rules work too).
+/// A socket bound to `addr` on the calling thread (inside the pod netns), as ztunnel binds
+/// its in-pod listeners: `SO_MARK 0x539`, `SO_REUSEADDR` + `SO_REUSEPORT` (two ztunnels
+/// coexist during a rolling restart), `IP_TRANSPARENT` (TPROXY-style rules of 1.21–1.23),
+/// IPv6 sockets v6-only.
+fn pod_socket(addr: SocketAddr, ty: SockType) -> io::Result<OwnedFd> {
+    let fd = marked_socket(addr, ty)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(io::Error::from)?;
+    setsockopt(&fd, sockopt::ReusePort, &true).map_err(io::Error::from)?;
+    match addr {
+        SocketAddr::V4(a) => {
+            setsockopt(&fd, sockopt::IpTransparent, &true).map_err(io::Error::from)?;
+            bind(fd.as_raw_fd(), &SockaddrIn::from(a)).map_err(io::Error::from)?;
+        }
+        SocketAddr::V6(a) => {
+            setsockopt(&fd, sockopt::Ipv6V6Only, &true).map_err(io::Error::from)?;
+            crate::sys::set_ipv6_transparent(fd.as_fd())?;
+            bind(fd.as_raw_fd(), &SockaddrIn6::from(a)).map_err(io::Error::from)?;
+        }
+    }
+    if ty == SockType::Stream {
+        nix::sys::socket::listen(
+            &fd,
+            nix::sys::socket::Backlog::new(128).map_err(io::Error::from)?,
+        )
+        .map_err(io::Error::from)?;
+    }
+    Ok(fd)
+}
+
+/// Open 15001/15006/15008 (+15053 UDP/TCP) on `0.0.0.0` and, where the netns has IPv6,
+/// `[::]`, on the calling thread (which is inside the pod netns).
 fn open_listeners(ipv6: bool, dns: bool) -> Result<Vec<Opened>, String> {
     let mut out = Vec::new();
     let mut ports = vec![OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT];
@@ -1094,21 +1134,19 @@ fn open_listeners(ipv6: bool, dns: bool) -> Result<Vec<Opened>, String> {
             addrs.push(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)));
         }
         for addr in addrs {
-            let l = match tcp_listener(addr, true) {
-                Ok(l) => l,
+            let l = match pod_socket(addr, SockType::Stream) {
+                Ok(l) => TcpListener::from(l),
                 Err(e) if addr.is_ipv6() && no_ipv6(&e) => {
                     v6 = false;
                     continue;
                 }
                 Err(e) => return Err(format!("listen on {addr} in the pod netns: {e}")),
             };
-            mark(&l).map_err(|e| format!("SO_MARK on {addr}: {e}"))?;
             out.push(Opened::Tcp(port, l));
             if port == DNS_PORT {
-                let u = udp_socket(addr, true)
+                let u = pod_socket(addr, SockType::Datagram)
                     .map_err(|e| format!("bind udp {addr} in the pod netns: {e}"))?;
-                mark(&u).map_err(|e| format!("SO_MARK on udp {addr}: {e}"))?;
-                out.push(Opened::Udp(Arc::new(u)));
+                out.push(Opened::Udp(Arc::new(UdpSocket::from(u))));
             }
         }
     }

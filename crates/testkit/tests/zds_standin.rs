@@ -854,3 +854,54 @@ fn dns_forward_mode_relays_udp_and_tcp_from_inside_the_pod_marked() {
         "{seen:?}"
     );
 }
+
+#[test]
+fn add_without_workload_info_is_nacked_unless_configured_like_ztunnel_1_21() {
+    let agent = FakeAgent::new("noinfo");
+    let zt = standin(&agent);
+    let conn = agent.accept();
+    let pod = Netns::new("znoi").expect("netns");
+    // WorkloadRequest.add (1) { uid (1) "u1" } — no workload_info.
+    let uid_only = [0x0a, 0x04, 0x0a, 0x02, b'u', b'1'];
+    let msg = conn.send_expect_nack(&uid_only, &[&open_ns(&pod)]);
+    assert!(msg.contains("u1") && msg.contains("workload_info"), "{msg}");
+    assert!(tcp_listeners(&pod).is_empty());
+    // Stop it first (a dropped connection would make it reconnect into our backlog).
+    drop(zt);
+    drop(conn);
+
+    let mut cfg = InpodZtunnelConfig::new(&agent.path);
+    cfg.require_workload_info = false;
+    let zt = InpodZtunnelStandIn::start_with(cfg).expect("stand-in");
+    let conn = agent.accept();
+    conn.send_expect_ack(&uid_only, &[&open_ns(&pod)]);
+    assert_eq!(
+        zt.workloads().get("u1"),
+        Some(&WorkloadInfo::default()),
+        "held without info"
+    );
+    assert_eq!(zt.requests()[0].info, None);
+}
+
+#[test]
+fn two_standins_hold_the_same_pod_during_a_rolling_restart() {
+    let agent = FakeAgent::new("rolling");
+    let old = standin(&agent);
+    let c_old = agent.accept();
+    let new = standin(&agent);
+    let c_new = agent.accept();
+    let pod = Netns::new("zroll").expect("netns");
+    c_old.send_expect_ack(&add("u", "n", "s", "a"), &[&open_ns(&pod)]);
+    c_new.send_expect_ack(&add("u", "n", "s", "a"), &[&open_ns(&pod)]);
+    let listening = tcp_listeners(&pod);
+    assert_eq!(
+        listening.iter().filter(|l| *l == "0.0.0.0:15001").count(),
+        2,
+        "SO_REUSEPORT lets both listen: {listening:?}"
+    );
+    // The agent broadcasts deletes to every connection.
+    c_old.send_expect_ack(&del("u"), &[]);
+    c_new.send_expect_ack(&del("u"), &[]);
+    assert!(tcp_listeners(&pod).is_empty());
+    assert!(old.workloads().is_empty() && new.workloads().is_empty());
+}
