@@ -159,6 +159,16 @@ fn open_ns(ns: &Netns) -> File {
     File::open(ns.path()).expect("open netns")
 }
 
+/// How many of this process's open fds refer to `ns` (same nsfs device and inode).
+fn fds_on(ns: &Netns) -> usize {
+    let want = ns_id(ns);
+    std::fs::read_dir("/proc/self/fd")
+        .expect("fd dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| std::fs::metadata(e.path()).is_ok_and(|m| (m.dev(), m.ino()) == want))
+        .count()
+}
+
 fn ns_id(ns: &Netns) -> (u64, u64) {
     let m = std::fs::metadata(ns.path()).expect("stat netns");
     (m.dev(), m.ino())
@@ -254,8 +264,10 @@ fn add_opens_marked_listeners_in_the_pod_netns_and_del_closes_them() {
     assert_eq!(recs[0].outcome, AckOutcome::Ack);
     assert_eq!(recs[0].bytes, bytes);
 
+    assert_eq!(fds_on(&pod), 1, "the stand-in holds the netns fd");
     conn.send_expect_ack(&del("uid-1"), &[]);
     zt.wait_for_no_workload("uid-1", T).expect("deleted");
+    assert_eq!(fds_on(&pod), 0, "netns fd closed on DelWorkload");
     let listening = tcp_listeners(&pod);
     assert!(
         !listening.iter().any(|l| l.contains(":1500")),
@@ -323,6 +335,8 @@ fn reconnect_snapshot_keeps_mentioned_and_drops_the_rest() {
     let held: Vec<String> = zt.workloads().into_keys().collect();
     assert_eq!(held, ["ua", "uc"]);
     assert!(tcp_listeners(&b).is_empty(), "b's listeners closed");
+    assert_eq!(fds_on(&b), 0, "b's netns fd closed");
+    assert_eq!(fds_on(&a), 1, "a re-added with the same netns: one fd kept");
     assert!(tcp_listeners(&a).iter().any(|l| l == "0.0.0.0:15001"));
     assert!(tcp_listeners(&c).iter().any(|l| l == "0.0.0.0:15001"));
     let recs = zt.requests();
