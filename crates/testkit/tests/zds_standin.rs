@@ -919,3 +919,37 @@ fn two_standins_hold_the_same_pod_during_a_rolling_restart() {
     assert!(tcp_listeners(&pod).is_empty());
     assert!(old.workloads().is_empty() && new.workloads().is_empty());
 }
+
+#[test]
+fn forty_workloads_get_their_own_listeners_and_a_partial_snapshot_keeps_half() {
+    let agent = FakeAgent::new("many");
+    let zt = standin(&agent);
+    let conn = agent.accept();
+    let pods: Vec<Netns> = (0..40)
+        .map(|i| Netns::new(&format!("zm{i}")).expect("netns"))
+        .collect();
+    for (i, pod) in pods.iter().enumerate() {
+        conn.send_expect_ack(&add(&format!("u{i}"), "n", "s", "a"), &[&open_ns(pod)]);
+    }
+    conn.send_expect_ack(&SNAPSHOT_SENT, &[]);
+    assert_eq!(zt.workloads().len(), 40);
+    for (i, pod) in pods.iter().enumerate() {
+        let st = zt.workload(&format!("u{i}")).expect("held");
+        assert_eq!(st.netns, ns_id(pod));
+        assert_eq!(st.listening.len(), 6, "{st:?}");
+    }
+    drop(conn);
+    let conn = agent.accept();
+    for (i, pod) in pods.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+        conn.send_expect_ack(&add(&format!("u{i}"), "n", "s", "a"), &[&open_ns(pod)]);
+    }
+    conn.send_expect_ack(&SNAPSHOT_SENT, &[]);
+    assert_eq!(zt.workloads().len(), 20);
+    for (i, pod) in pods.iter().enumerate() {
+        let held = i % 2 == 0;
+        assert_eq!(zt.workload(&format!("u{i}")).is_some(), held, "u{i}");
+        assert_eq!(fds_on(pod), usize::from(held), "netns fd of u{i}");
+    }
+    assert!(tcp_listeners(&pods[1]).is_empty());
+    assert_eq!(tcp_listeners(&pods[2]).len(), 6);
+}
