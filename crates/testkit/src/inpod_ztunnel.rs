@@ -318,7 +318,8 @@ impl InpodZtunnelStandIn {
         self.shared.state().records.clone()
     }
 
-    /// Protocol errors seen (decode failures, truncation, bad fd counts), in order.
+    /// Protocol errors seen (decode failures, truncation, bad fd counts, missing
+    /// `workload_info`, failed sends), in order.
     pub fn protocol_errors(&self) -> Vec<String> {
         self.shared.state().protocol_errors.clone()
     }
@@ -836,8 +837,12 @@ fn process(
         other => {
             if !fds.is_empty() {
                 return fail(format!(
-                    "{:?} carried {} unexpected fd(s)",
+                    "{:?}{} carried {} unexpected fd(s)",
                     other.kind(),
+                    other
+                        .uid()
+                        .map(|u| format!(" for uid {u}"))
+                        .unwrap_or_default(),
                     fds.len()
                 ));
             }

@@ -294,7 +294,10 @@ fn add_with_no_fd_or_two_fds_is_nacked_naming_the_count() {
     assert!(msg.contains("u2") && msg.contains("2 netns fd"), "{msg}");
     // A fd on a Del is also refused.
     let msg = conn.send_expect_nack(&del("u0"), &[&open_ns(&a)]);
-    assert!(msg.contains("unexpected fd"), "{msg}");
+    assert!(
+        msg.contains("Del for uid u0 carried 1 unexpected fd"),
+        "{msg}"
+    );
     assert!(zt.workloads().is_empty());
     assert!(tcp_listeners(&a).is_empty() && tcp_listeners(&b).is_empty());
     let recs = zt.requests();
