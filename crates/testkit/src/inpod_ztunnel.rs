@@ -90,6 +90,10 @@ pub struct InpodZtunnelConfig {
     /// First and largest reconnect delay (doubling in between).
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// Also treat the addresses of every held workload (found in its netns at Add) as
+    /// captured, as an xDS feed listing the enrolled pods would. Remote pods (other nodes'
+    /// stand-ins) still need [`InpodZtunnelStandIn::add_captured`].
+    pub auto_capture: bool,
     /// Nack an `AddWorkload` without `workload_info` (ztunnel ≥ 1.30 requires it; 1.21 sent
     /// only the uid).
     pub require_workload_info: bool,
@@ -97,7 +101,7 @@ pub struct InpodZtunnelConfig {
 
 impl InpodZtunnelConfig {
     /// Defaults: nothing captured, DNS capture off, answer `A 10.53.0.1`, IPv6 on, reconnect
-    /// backoff 10 ms → 500 ms, `workload_info` required.
+    /// backoff 10 ms → 500 ms, no auto-capture, `workload_info` required.
     pub fn new(socket_path: impl Into<PathBuf>) -> Self {
         InpodZtunnelConfig {
             socket_path: socket_path.into(),
@@ -108,6 +112,7 @@ impl InpodZtunnelConfig {
             connect_timeout: Duration::from_secs(3),
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_millis(500),
+            auto_capture: false,
             require_workload_info: true,
         }
     }
@@ -159,6 +164,8 @@ pub struct WorkloadStatus {
     pub dns_capture: bool,
     /// Addresses listened on inside the pod netns (TCP; DNS UDP+TCP on 15053 included once).
     pub listening: Vec<SocketAddr>,
+    /// The pod's addresses, read in its netns at Add (not loopback, not IPv6 link-local).
+    pub ips: Vec<IpAddr>,
 }
 
 /// One connection a workload's listener accepted and what the stand-in did with it.
@@ -895,6 +902,7 @@ struct Workload {
     netns: (u64, u64),
     dns: bool,
     listening: Vec<SocketAddr>,
+    ips: Vec<IpAddr>,
     /// Dropping (closing) it wakes the poll loop (`POLLHUP` on the other end).
     stop: Option<UnixStream>,
     thread: Option<JoinHandle<()>>,
@@ -924,6 +932,7 @@ impl Workload {
             netns: self.netns,
             dns_capture: self.dns,
             listening: self.listening.clone(),
+            ips: self.ips.clone(),
         }
     }
 
@@ -942,7 +951,8 @@ impl Workload {
         let thread_shared = Arc::clone(shared);
         let thread_uid = uid.clone();
         let ipv6 = shared.cfg.ipv6;
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<SocketAddr>, String>>(1);
+        type Started = Result<(Vec<SocketAddr>, Vec<IpAddr>), String>;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Started>(1);
         // A dedicated thread (never a shared pool) enters the pod netns, opens the listeners
         // and serves them; connection handlers it spawns inherit the netns.
         let thread = std::thread::Builder::new()
@@ -967,14 +977,14 @@ impl Workload {
                                 Opened::Udp(_) => None,
                             })
                             .collect();
-                        let _ = tx.send(Ok(addrs));
+                        let _ = tx.send(Ok((addrs, pod_ips())));
                         serve_workload(&thread_shared, &thread_uid, &opened, &stop_rx);
                     }
                 }
             })
             .map_err(|e| format!("spawn netns thread: {e}"))?;
-        let listening = match rx.recv() {
-            Ok(Ok(addrs)) => addrs,
+        let (listening, ips) = match rx.recv() {
+            Ok(Ok(x)) => x,
             Ok(Err(e)) => {
                 let _ = thread.join();
                 return Err(e);
@@ -990,6 +1000,7 @@ impl Workload {
             netns,
             dns,
             listening,
+            ips,
             stop: Some(stop_tx),
             thread: Some(thread),
             _netns_fd: netns_fd,
@@ -1004,6 +1015,44 @@ impl Drop for Workload {
             let _ = t.join();
         }
     }
+}
+
+/// The calling thread's netns addresses, without loopback and IPv6 link-local.
+fn pod_ips() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut ips: Vec<IpAddr> = addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            if let Some(v4) = a.as_sockaddr_in() {
+                Some(IpAddr::V4(v4.ip()))
+            } else {
+                a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+            }
+        })
+        .filter(|ip| match ip {
+            IpAddr::V4(v4) => !v4.is_loopback(),
+            IpAddr::V6(v6) => !v6.is_loopback() && (v6.segments()[0] & 0xffc0) != 0xfe80,
+        })
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+/// Whether `ip` is reached over HBONE: in the explicit set, or (auto-capture) a held
+/// workload's address.
+fn is_captured(shared: &Shared, ip: IpAddr) -> bool {
+    if shared.captured.read().is_ok_and(|c| c.contains(&ip)) {
+        return true;
+    }
+    shared.cfg.auto_capture
+        && shared
+            .state()
+            .workloads
+            .values()
+            .any(|w| w.ips.contains(&ip))
 }
 
 /// The workload's loop: wait for any listener (or the stop socket) to become readable.
@@ -1181,12 +1230,7 @@ fn handle_conn(shared: &Shared, uid: &str, port: u16, mut client: TcpStream, pee
     };
     let plan = match port {
         OUTBOUND_PORT => {
-            let captured = shared
-                .captured
-                .read()
-                .map(|c| c.contains(&original_dst.ip()))
-                .unwrap_or(false);
-            if captured {
+            if is_captured(shared, original_dst.ip()) {
                 Ok(Upstream {
                     dst: SocketAddr::new(original_dst.ip(), HBONE_PORT),
                     spoof: None,

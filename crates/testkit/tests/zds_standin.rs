@@ -956,3 +956,43 @@ fn forty_workloads_get_their_own_listeners_and_a_partial_snapshot_keeps_half() {
     assert!(tcp_listeners(&pods[1]).is_empty());
     assert_eq!(tcp_listeners(&pods[2]).len(), 6);
 }
+
+#[test]
+fn auto_capture_sends_traffic_between_held_pods_over_hbone() {
+    let lab = Lab::new("zauto").expect("lab");
+    minimal_inpod_rules(&lab.client);
+    let _srv = TcpServer::start(&lab.server, sa(SERVER_V4, 8080)).expect("server");
+    let agent = FakeAgent::new("auto");
+    let mut cfg = InpodZtunnelConfig::new(&agent.path);
+    cfg.auto_capture = true;
+    let zt = InpodZtunnelStandIn::start_with(cfg).expect("stand-in");
+    let conn = agent.accept();
+    conn.send_expect_ack(&add("cli", "client", "ns", "sa"), &[&open_ns(&lab.client)]);
+    let ips = zt.workload("cli").expect("held").ips;
+    assert_eq!(ips, [IpAddr::V4(CLIENT_V4), IpAddr::V6(CLIENT_V6)]);
+
+    // Server not held yet: direct.
+    let dst = sa(SERVER_V4, 8080);
+    connect_text(&lab.client, dst, &ConnectOpts::default()).expect("direct");
+    let hops = zt.wait_for_hops(1, T).expect("hop");
+    assert_eq!(hops[0].upstream_dst, Some(dst), "{hops:?}");
+    // Server enrolled (rules + held): its address is captured, so HBONE.
+    minimal_inpod_rules(&lab.server);
+    conn.send_expect_ack(&add("srv", "server", "ns", "sa"), &[&open_ns(&lab.server)]);
+    zt.take_hops();
+    let got = connect_text(&lab.client, dst, &ConnectOpts::default()).expect("hbone");
+    assert!(got.contains(&format!("peer:{CLIENT_V4}:")), "{got}");
+    let hops = zt.wait_for_hops(2, T).expect("hops");
+    let out = hops
+        .iter()
+        .find(|h| h.listener_port == 15001)
+        .expect("15001");
+    assert_eq!(out.upstream_dst, Some(sa(SERVER_V4, 15008)));
+    // Released (held no more, its redirects removed): direct again.
+    conn.send_expect_ack(&del("srv"), &[]);
+    ipt(&lab.server, false, &["-t", "nat", "-F"]);
+    zt.take_hops();
+    connect_text(&lab.client, dst, &ConnectOpts::default()).expect("direct again");
+    let hops = zt.wait_for_hops(1, T).expect("hop");
+    assert_eq!(hops[0].upstream_dst, Some(dst), "{hops:?}");
+}
