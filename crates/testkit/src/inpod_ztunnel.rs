@@ -7,17 +7,23 @@
 //!   netns fd (`SCM_RIGHTS`); none or several is nacked with a message naming the count.
 //!   `SnapshotSent` drops the workloads not mentioned (Add/Keep) since this connection's hello.
 //!   A packet that does not decode, or is longer than ztunnel's 1024-byte buffer, is a protocol
-//!   error: the connection is dropped and re-established, as ztunnel does.
+//!   error: the connection is dropped and re-established, as ztunnel does. Decoding is
+//!   stricter than protobuf's (which skips unknown fields): an unknown field number — e.g. a
+//!   `DelWorkload` uid sent at field 1 — is an error, so an encoding slip cannot pass silently.
+//!   An Add without `workload_info` is nacked (ztunnel ≥ 1.30 requires it; knob).
 //! * **Per workload**: a dedicated thread enters the pod netns through the received fd (`setns`)
 //!   and opens ztunnel's listeners there: 15001 (outbound), 15006 (inbound plaintext), 15008
 //!   (inbound "HBONE", emulated as a `CONNECT <dst ip:port> <client ip>\n` line like
 //!   [`crate::ztunnel`]) on `0.0.0.0` and, where the netns has IPv6, `[::]`; and 15053 (DNS,
 //!   UDP + TCP) when DNS capture is on for that workload. Connection handlers are spawned from
 //!   those netns threads, so every socket the stand-in opens for a pod lives in the pod's netns.
-//!   All carry `SO_MARK 0x539`, which the in-pod rules exempt.
+//!   All carry `SO_MARK 0x539`, which the in-pod rules exempt; listeners also set
+//!   `SO_REUSEPORT`, so two stand-ins (a rolling restart) can hold the same pod. Another Add of
+//!   a held uid with the same netns keeps its listeners; a different netns replaces them.
 //! * **Forwarding** (in-pod rules REDIRECT, so the original destination is `SO_ORIGINAL_DST` /
 //!   `IP6T_SO_ORIGINAL_DST`; the local address when delivered by TPROXY):
-//!   15001 → captured destination: HBONE to `<dst ip>:15008` from the pod; otherwise a direct
+//!   15001 → captured destination (the explicit set, plus every held pod's addresses with
+//!   `auto_capture`): HBONE to `<dst ip>:15008` from the pod; otherwise a direct
 //!   connect to the original destination (from the pod, marked). 15006 → connect to the original
 //!   destination (the pod's own ip:port) with the **client's IP as source** (`IP_TRANSPARENT`);
 //!   the in-pod connmark 0x111 rules route the replies back. 15008 → read `CONNECT`, connect to
