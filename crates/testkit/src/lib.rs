@@ -10,6 +10,7 @@
 
 pub mod ambient_bench;
 mod error;
+pub mod inpod_ztunnel;
 pub mod lab;
 pub mod multinode;
 mod netns;
@@ -20,9 +21,14 @@ pub mod snapshot;
 mod sockets;
 pub mod stack;
 mod sys;
+pub mod zds_client;
 pub mod ztunnel;
 
 pub use error::TestkitError;
+pub use inpod_ztunnel::{
+    AckOutcome, DnsMode, InpodDnsQuery, InpodHop, InpodZtunnelConfig, InpodZtunnelStandIn,
+    WorkloadStatus, ZdsRecord,
+};
 pub use lab::Lab;
 pub use multinode::{LabNode, LabPod, MultiNodeLab};
 pub use netns::{Netns, veth};

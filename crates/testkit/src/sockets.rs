@@ -87,7 +87,9 @@ pub fn nat_original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     }
 }
 
-fn recv_with_dst(socket: &UdpSocket) -> io::Result<(Vec<u8>, SocketAddr, Option<IpAddr>)> {
+pub(crate) fn recv_with_dst(
+    socket: &UdpSocket,
+) -> io::Result<(Vec<u8>, SocketAddr, Option<IpAddr>)> {
     let mut buf = vec![0u8; 4096];
     let mut cmsg = nix::cmsg_space!(libc::in6_pktinfo);
     let (n, peer, local) = {
@@ -129,7 +131,7 @@ fn storage_to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
         .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
 }
 
-fn send_from(
+pub(crate) fn send_from(
     socket: &UdpSocket,
     data: &[u8],
     peer: SocketAddr,

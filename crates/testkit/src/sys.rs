@@ -1,4 +1,5 @@
-//! The only `unsafe` in the testkit: per-thread credential switches and `IPV6_TRANSPARENT`.
+//! The only `unsafe` in the testkit: per-thread credential switches, `IPV6_TRANSPARENT` and
+//! owning descriptors received over `SCM_RIGHTS`.
 
 #![allow(unsafe_code)]
 
@@ -52,4 +53,13 @@ pub(crate) fn set_ipv6_transparent(fd: BorrowedFd<'_>) -> io::Result<()> {
         )
     };
     check(libc::c_long::from(ret), "setsockopt(IPV6_TRANSPARENT)")
+}
+
+/// Take ownership of a file descriptor the kernel just installed in this process (received
+/// via `SCM_RIGHTS`), so it is closed exactly once.
+pub(crate) fn own_fd(raw: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `raw` was returned by recvmsg's SCM_RIGHTS: a fresh descriptor owned by nobody
+    // else in this process; it is wrapped exactly once.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) }
 }

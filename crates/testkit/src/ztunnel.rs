@@ -435,7 +435,7 @@ fn open_upstream(up: &Upstream, shared: &Shared) -> io::Result<TcpStream> {
 }
 
 /// Copy both ways until both directions saw EOF; propagate half-closes.
-fn pipe(a: TcpStream, b: TcpStream) {
+pub(crate) fn pipe(a: TcpStream, b: TcpStream) {
     let (Ok(mut a_read), Ok(mut b_read)) = (a.try_clone(), b.try_clone()) else {
         return;
     };
