@@ -413,37 +413,58 @@ impl NetnsFinder {
         }
         self.list_addresses(&handles, &mut addrs, &mut stats)?;
 
-        // Best namespace per missing pod; contested namespaces are dropped.
+        // Best namespace per missing pod; contested namespaces are dropped. Matching goes
+        // through an index "address -> namespaces holding it", so it is linear in the number
+        // of addresses, not pods x namespaces.
+        let wanted_ips: HashSet<IpAddr> = missing
+            .iter()
+            .flat_map(|&q| queries[q].ips.iter().copied())
+            .collect();
+        let mut holders: HashMap<IpAddr, Vec<NetnsId>> = HashMap::new();
+        for id in &pool {
+            if let Some(Some(set)) = addrs.get(id) {
+                for ip in set.iter().filter(|ip| wanted_ips.contains(ip)) {
+                    holders.entry(*ip).or_default().push(*id);
+                }
+            }
+        }
         let mut best: Vec<Option<(NetnsId, Vec<IpAddr>)>> = Vec::with_capacity(missing.len());
         let mut wanted_by: HashMap<NetnsId, usize> = HashMap::new();
         for &q in &missing {
             let query = &queries[q];
-            let mut top: Option<(NetnsId, Vec<IpAddr>)> = None;
-            let mut tie = false;
-            for id in &pool {
-                let held = held_ips(addrs.get(id), &query.ips);
-                if held.is_empty() {
-                    continue;
-                }
-                *wanted_by.entry(*id).or_default() += 1;
-                match &top {
-                    Some((_, h)) if h.len() > held.len() => {}
-                    Some((other, h)) if h.len() == held.len() => {
-                        tie = true;
-                        tracing::warn!(
-                            pod_uid = query.uid,
-                            first = %other,
-                            second = %id,
-                            "two network namespaces hold the pod's IPs; not choosing"
-                        );
-                    }
-                    _ => {
-                        tie = false;
-                        top = Some((*id, held));
+            // (namespace, the pod's IPs it holds), in first-seen order.
+            let mut matches: Vec<(NetnsId, Vec<IpAddr>)> = Vec::new();
+            for ip in &query.ips {
+                for id in holders.get(ip).into_iter().flatten() {
+                    match matches.iter_mut().find(|(m, _)| m == id) {
+                        Some((_, held)) => held.push(*ip),
+                        None => matches.push((*id, vec![*ip])),
                     }
                 }
             }
-            best.push(if tie { None } else { top });
+            for (id, _) in &matches {
+                *wanted_by.entry(*id).or_default() += 1;
+            }
+            let most = matches
+                .iter()
+                .map(|(_, held)| held.len())
+                .max()
+                .unwrap_or(0);
+            let mut top = matches.into_iter().filter(|(_, held)| held.len() == most);
+            let choice = match (top.next(), top.next()) {
+                (Some(only), None) => Some(only),
+                (Some((first, _)), Some((second, _))) => {
+                    tracing::warn!(
+                        pod_uid = query.uid,
+                        first = %first,
+                        second = %second,
+                        "two network namespaces hold the pod's IPs equally; not choosing"
+                    );
+                    None
+                }
+                _ => None,
+            };
+            best.push(choice);
         }
         for (i, &q) in missing.iter().enumerate() {
             let query = &queries[q];

@@ -496,8 +496,12 @@ fn procfs_ip_mismatch_is_rejected_and_a_younger_verified_netns_is_used() {
     assert_eq!(found_id(&found, UID_A), id_of(&pod));
     assert!(found[UID_A].source.contains("/31/ns/net"));
 
-    // A pod queried without any usable IP is never returned (nothing to verify with).
-    let loopback = [ip("127.0.0.1"), ip("fe80::1")];
+    // A pod queried without any usable IP is never returned (nothing to verify with): every
+    // netns with `lo` up holds 127.0.0.1.
+    let lo_up = TestNetns::new();
+    let proc = FakeProc::new();
+    proc.add(32, &cgroupfs(UID_A), 1, &lo_up.path());
+    let loopback = [ip("127.0.0.1"), ip("::1"), ip("fe80::1")];
     let found = NetnsFinder::new(proc.root(), vec![])
         .expect("finder")
         .find(&[PodNetnsQuery {
