@@ -11,8 +11,9 @@
 //!    at once — on a node that is most of them. For the rest, `<pid>/cgroup` is parsed for a pod
 //!    UID ([`pod_uid_from_cgroup`]: kubelet's cgroupfs and systemd layouts, cgroup v1 and v2).
 //!    Each queried pod's candidate namespaces are tried oldest process first (`<pid>/stat`
-//!    start time) — the sandbox (pause) process — and the first that holds one of the pod's IPs
-//!    wins. This is Istio's `podcgroupns` finder, plus the IP check Istio does afterwards.
+//!    start time, read only when a pod's processes span several namespaces: it is the costly
+//!    per-process read) — the sandbox (pause) process — and the first that holds one of the
+//!    pod's IPs wins. This is Istio's `podcgroupns` finder, plus the IP check Istio does afterwards.
 //! 2. **By IP, for pods step 1 did not find.** The candidates are the namespaces of the netns
 //!    files in `netns_dirs` (runtime bind mounts such as `/var/run/netns/cni-…`) **and** of the
 //!    processes whose cgroup names no pod at all (step "1b": runtimes or tests whose cgroups do
@@ -143,6 +144,8 @@ pub struct FindStats {
     pub processes: usize,
     /// Of those, processes outside the host netns whose cgroup names a queried pod.
     pub pod_processes: usize,
+    /// `<pid>/stat` start times read (only for pods whose processes span several netns).
+    pub start_times_read: usize,
     /// nsfs files found in the netns directories (only read when step 2 runs).
     pub netns_files: usize,
     /// Distinct namespaces entered to list their addresses (each at most once per call).
@@ -277,12 +280,8 @@ impl NetnsFinder {
             let Some(&q) = by_uid.get(&uid) else {
                 continue;
             };
-            let Some(start) = read_bounded(&dir.join("stat")).and_then(|t| parse_starttime(&t))
-            else {
-                continue;
-            };
             stats.pod_processes += 1;
-            queries[q].candidates.push((start, pid, id));
+            queries[q].candidates.push((0, pid, id));
         }
 
         let mut handles: HashMap<NetnsId, Handle> = HashMap::new();
@@ -292,6 +291,21 @@ impl NetnsFinder {
         // Step 1: by cgroup, oldest process first, verified by IP.
         let mut order: Vec<Vec<NetnsId>> = Vec::with_capacity(queries.len());
         for query in &mut queries {
+            // Which process is oldest only matters when the pod's processes are in more than
+            // one namespace; reading `<pid>/stat` is by far the most expensive per-process
+            // read of the walk (the kernel gathers the whole stat line), so it is skipped in
+            // the usual case of one namespace per pod.
+            let first = query.candidates.first().map(|c| c.2);
+            if query.candidates.iter().any(|c| Some(c.2) != first) {
+                for (start, pid, _) in &mut query.candidates {
+                    let stat = self.proc_root.join(pid.to_string()).join("stat");
+                    stats.start_times_read += 1;
+                    // A process that exited meanwhile sorts last.
+                    *start = read_bounded(&stat)
+                        .and_then(|t| parse_starttime(&t))
+                        .unwrap_or(u64::MAX);
+                }
+            }
             query.candidates.sort_unstable();
             let mut ids: Vec<NetnsId> = Vec::new();
             for &(_, pid, id) in &query.candidates {

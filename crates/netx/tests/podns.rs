@@ -401,6 +401,10 @@ fn procfs_cgroup_match_verified_by_ip_one_entry_per_netns() {
     assert!(src.contains("fd00:91::1"), "{src}");
     assert_eq!(stats.processes, 5);
     assert_eq!(stats.pod_processes, 4);
+    assert_eq!(
+        stats.start_times_read, 0,
+        "one netns per pod: no ordering needed"
+    );
     assert_eq!(stats.netns_entered, 2, "each netns entered once: {stats:?}");
     assert_eq!(stats.by_cgroup, 2);
     assert_eq!(
@@ -422,11 +426,12 @@ fn procfs_oldest_process_wins_by_start_time_not_pid() {
     let proc = FakeProc::new();
     proc.add(300, &cgroupfs(UID_A), 50, &p1.path());
     proc.add(200, &cgroupfs(UID_A), 900, &p2.path());
-    let found = NetnsFinder::new(proc.root(), vec![])
+    let (found, stats) = NetnsFinder::new(proc.root(), vec![])
         .expect("finder")
-        .find(&query)
+        .find_with_stats(&query)
         .expect("find");
     assert_eq!(found_id(&found, UID_A), id_of(&p1));
+    assert_eq!(stats.start_times_read, 2);
 
     let proc = FakeProc::new();
     proc.add(300, &cgroupfs(UID_A), 900, &p1.path());
