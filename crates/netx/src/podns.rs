@@ -31,12 +31,13 @@
 //!
 //! Cost: `<proc_root>` is read once; each distinct candidate namespace is opened once and
 //! entered at most once (all entries on one dedicated thread that `setns`es from one namespace
-//! to the next and lists addresses with `getifaddrs`), however many pods or processes share it.
+//! to the next and lists addresses with one `RTM_GETADDR` dump), however many pods or processes share it.
 //! [`NetnsFinder::find_with_stats`] reports the counts.
 //!
 //! Addresses that are not unique to one namespace (loopback, unspecified, multicast, IPv6
 //! link-local) never identify a pod and are ignored in queries.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
@@ -46,11 +47,17 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use nix::sched::{CloneFlags, setns};
 use nix::sys::statfs::{NSFS_MAGIC, fstatfs, statfs};
 
 use crate::NetxError;
-use crate::netns::open_netns;
+use crate::netlink::parse_route_message;
 
 /// The identity of a network namespace: `(st_dev, st_ino)` of an nsfs file that refers to it
 /// (`/proc/<pid>/ns/net`, a bind mount under `/run/netns`, an open fd). Two files refer to the
@@ -216,12 +223,7 @@ impl NetnsFinder {
         let mut queries: Vec<Query<'_>> = Vec::new();
         let mut by_uid: HashMap<String, usize> = HashMap::new();
         for pod in pods {
-            let ips: Vec<IpAddr> = pod
-                .ips
-                .iter()
-                .copied()
-                .filter(|ip| identifies_netns(ip))
-                .collect();
+            let ips: Vec<IpAddr> = pod.ips.iter().copied().filter(identifies_netns).collect();
             if ips.is_empty() {
                 tracing::debug!(
                     pod_uid = pod.uid,
@@ -377,15 +379,12 @@ impl NetnsFinder {
                 entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
             paths.sort();
             for path in paths {
-                let file = match open_netns(&path) {
-                    Ok(file) => file,
+                let (file, id) = match open_nsfs(&path) {
+                    Ok(opened) => opened,
                     Err(e) => {
                         tracing::debug!(path = %path.display(), error = %e, "skipping non-netns entry");
                         continue;
                     }
-                };
-                let Ok(id) = netns_id_of_fd(file.as_fd()) else {
-                    continue;
                 };
                 stats.netns_files += 1;
                 if id == self.host || claimed.contains(&id) || assigned.contains(&id) {
@@ -408,22 +407,21 @@ impl NetnsFinder {
                 }
             }
         }
-        let mut seen_others: HashSet<NetnsId> = HashSet::new();
         for &(pid, id) in &others {
-            if claimed.contains(&id) || assigned.contains(&id) || !seen_others.insert(id) {
+            if claimed.contains(&id) || assigned.contains(&id) || in_pool.contains(&id) {
                 continue;
             }
-            if !handles.contains_key(&id) {
+            // If this process exited meanwhile, the next one in the same netns is tried.
+            if let Entry::Vacant(slot) = handles.entry(id) {
                 match self.open_proc_netns(pid, id) {
                     Some(h) => {
-                        handles.insert(id, h);
+                        slot.insert(h);
                     }
                     None => continue,
                 }
             }
-            if in_pool.insert(id) {
-                pool.push(id);
-            }
+            in_pool.insert(id);
+            pool.push(id);
         }
         self.list_addresses(&handles, &mut addrs, &mut stats)?;
 
@@ -523,8 +521,7 @@ impl NetnsFinder {
     /// have exited or been reused since it was looked at).
     fn open_proc_netns(&self, pid: u32, want: NetnsId) -> Option<Handle> {
         let path = self.proc_root.join(pid.to_string()).join("ns/net");
-        let file = open_netns(&path).ok()?;
-        let id = netns_id_of_fd(file.as_fd()).ok()?;
+        let (file, id) = open_nsfs(&path).ok()?;
         (id == want).then_some(Handle {
             file,
             path,
@@ -574,6 +571,28 @@ impl NetnsFinder {
     }
 }
 
+/// Open a namespace file without ever blocking: `O_NONBLOCK`, so a FIFO (or device) left in a
+/// netns directory cannot hang the scan, then require nsfs.
+fn open_nsfs(path: &Path) -> Result<(File, NetnsId), NetxError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|source| NetxError::NetnsOpen {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let id = netns_id_of_fd(file.as_fd()).map_err(|e| match e {
+        NetxError::NotANetns { detail, .. } => NetxError::NotANetns {
+            path: path.to_path_buf(),
+            detail,
+        },
+        other => other,
+    })?;
+    Ok((file, id))
+}
+
 /// On the dedicated thread: enter `file`'s namespace and list its addresses. `None` (logged)
 /// when it cannot be entered or listed: such a namespace is never verified.
 fn addresses_in(file: &File, path: &Path) -> Option<HashSet<IpAddr>> {
@@ -581,21 +600,83 @@ fn addresses_in(file: &File, path: &Path) -> Option<HashSet<IpAddr>> {
         tracing::warn!(netns = %path.display(), error = %e, "cannot enter network namespace to list its addresses");
         return None;
     }
-    match nix::ifaddrs::getifaddrs() {
-        Ok(list) => Some(
-            list.filter_map(|a| {
-                let addr = a.address?;
-                if let Some(v4) = addr.as_sockaddr_in() {
-                    Some(IpAddr::V4(v4.ip()))
-                } else {
-                    addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
-                }
-            })
-            .collect(),
-        ),
+    match addresses_here() {
+        Ok(set) => Some(set),
         Err(e) => {
             tracing::warn!(netns = %path.display(), error = %e, "cannot list addresses of network namespace");
             None
+        }
+    }
+}
+
+/// Every interface address of the calling thread's netns: one `RTM_GETADDR` dump on a fresh
+/// netlink socket (half the work of `getifaddrs`, which also dumps every link).
+fn addresses_here() -> Result<HashSet<IpAddr>, String> {
+    const SEQ: u32 = 1;
+    let mut socket = Socket::new(NETLINK_ROUTE).map_err(|e| format!("netlink socket: {e}"))?;
+    socket
+        .bind_auto()
+        .map_err(|e| format!("netlink bind: {e}"))?;
+    socket
+        .connect(&SocketAddr::new(0, 0))
+        .map_err(|e| format!("netlink connect: {e}"))?;
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(10, 0),
+    )
+    .map_err(|e| format!("netlink receive timeout: {e}"))?;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = SEQ;
+    let mut packet = NetlinkMessage::new(
+        header,
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetAddress(AddressMessage::default())),
+    );
+    packet.finalize();
+    let mut buf = vec![0u8; packet.buffer_len()];
+    packet.serialize(&mut buf);
+    socket
+        .send(&buf, 0)
+        .map_err(|e| format!("send address dump request: {e}"))?;
+    let mut out = HashSet::new();
+    loop {
+        let (datagram, _) = socket
+            .recv_from_full()
+            .map_err(|e| format!("receive address dump: {e}"))?;
+        let mut offset = 0;
+        while offset < datagram.len() {
+            let msg = parse_route_message(&datagram[offset..])?;
+            let len = msg.header.length as usize;
+            if len == 0 {
+                return Err("zero-length netlink message in address dump".to_string());
+            }
+            offset += (len + 3) & !3;
+            if msg.header.sequence_number != SEQ {
+                continue;
+            }
+            match msg.payload {
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) => {
+                    return Err(format!("address dump refused: {:?}", e.code));
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(a)) => {
+                    // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer on
+                    // point-to-point links); either way only an address of this netns counts.
+                    let local = a.attributes.iter().find_map(|attr| match attr {
+                        AddressAttribute::Local(ip) => Some(*ip),
+                        _ => None,
+                    });
+                    let address = a.attributes.iter().find_map(|attr| match attr {
+                        AddressAttribute::Address(ip) => Some(*ip),
+                        _ => None,
+                    });
+                    if let Some(ip) = local.or(address) {
+                        out.insert(ip);
+                    }
+                }
+                _ => {}
+            }
         }
     }
 }

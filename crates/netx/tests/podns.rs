@@ -618,6 +618,33 @@ fn netns_dir_fallback_finds_pods_by_ip_and_never_returns_the_decoy() {
 }
 
 #[test]
+fn fifo_in_a_netns_dir_does_not_hang_the_scan() {
+    let pod = netns_with(&["10.99.0.1"]);
+    let dir = TempDir::new("fifo");
+    nix::unistd::mkfifo(&dir.path().join("a-fifo"), nix::sys::stat::Mode::S_IRUSR).expect("mkfifo");
+    dir.link("b-pod", &pod.path());
+    let proc = FakeProc::new();
+    let finder = NetnsFinder::new(proc.root(), vec![dir.path().to_path_buf()]).expect("finder");
+    // A blocking open of a FIFO with no writer never returns: run `find` on a thread and give
+    // up waiting (failing the test) after a bound far above its normal few milliseconds.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let ips = [ip("10.99.0.1")];
+        let found = finder
+            .find(&[PodNetnsQuery {
+                uid: UID_A,
+                ips: &ips,
+            }])
+            .map(|f| f.get(UID_A).map(|f| f.id));
+        let _ = tx.send(found);
+    });
+    let found = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("find must not block on a FIFO in a netns directory");
+    assert_eq!(found.expect("find"), Some(id_of(&pod)));
+}
+
+#[test]
 fn ambiguous_ip_match_returns_nothing_and_the_fuller_match_wins() {
     let p1 = netns_with(&["10.98.0.1"]);
     let p2 = netns_with(&["10.98.0.1"]);
@@ -697,6 +724,90 @@ fn spawn_in(ns: &TestNetns) -> Child {
     child
 }
 
+/// A real cgroup laid out like kubelet's, under a private top directory of a cgroup hierarchy
+/// (`/sys/fs/cgroup/systemd`, the v1 named hierarchy, or the v2 root), so a process moved into
+/// it has a `/proc/<pid>/cgroup` line naming the pod. The directories are removed on drop
+/// (after the processes in them are gone: see [`PodProcs`]).
+struct PodCgroup {
+    dirs: Vec<PathBuf>,
+}
+
+impl PodCgroup {
+    fn new(uid: &str, systemd_form: bool) -> PodCgroup {
+        let base = if Path::new("/sys/fs/cgroup/systemd/cgroup.procs").exists() {
+            PathBuf::from("/sys/fs/cgroup/systemd")
+        } else {
+            PathBuf::from("/sys/fs/cgroup")
+        };
+        assert!(
+            base.join("cgroup.procs").exists(),
+            "no writable cgroup hierarchy at {} (test needs root and cgroupfs)",
+            base.display()
+        );
+        let top = base.join(format!(
+            "mcni-podns-{}-{}",
+            std::process::id(),
+            DIRS.fetch_add(1, Ordering::SeqCst)
+        ));
+        let levels: Vec<String> = if systemd_form {
+            let us = uid.replace('-', "_");
+            vec![
+                "kubepods.slice".into(),
+                "kubepods-burstable.slice".into(),
+                format!("kubepods-burstable-pod{us}.slice"),
+                format!("cri-containerd-{CTR}.scope"),
+            ]
+        } else {
+            vec![
+                "kubepods".into(),
+                "burstable".into(),
+                format!("pod{uid}"),
+                CTR.into(),
+            ]
+        };
+        let mut dirs = vec![top.clone()];
+        let mut dir = top;
+        for level in levels {
+            dir = dir.join(level);
+            dirs.push(dir.clone());
+        }
+        let cg = PodCgroup { dirs };
+        for d in &cg.dirs {
+            std::fs::create_dir(d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+        }
+        cg
+    }
+
+    fn enter(&self, pid: u32) {
+        let procs = self.dirs.last().expect("leaf").join("cgroup.procs");
+        std::fs::write(&procs, pid.to_string())
+            .unwrap_or_else(|e| panic!("move {pid} into {}: {e}", procs.display()));
+    }
+}
+
+impl Drop for PodCgroup {
+    fn drop(&mut self) {
+        for d in self.dirs.iter().rev() {
+            // A process just reaped can keep a cgroup busy for a moment.
+            for _ in 0..100 {
+                match std::fs::remove_dir(d) {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+/// Our processes and the cgroups they were moved into: processes are killed first (field
+/// order), then the cgroups removed.
+struct PodProcs {
+    children: Children,
+    cgroups: Vec<PodCgroup>,
+}
+
 /// An IPv6 address no other job on this machine uses (our pid in it).
 fn unique_v6(n: u16) -> String {
     format!("fd6d:6373:{:x}:{n:x}::1", std::process::id() & 0xffff)
@@ -735,6 +846,62 @@ fn real_proc_finds_a_process_netns_by_ip_and_ignores_bind_mount_only_netns() {
     assert!(found.is_empty(), "{found:?}");
 }
 
+#[test]
+fn real_proc_finds_pods_by_cgroup_cgroupfs_and_systemd_layouts() {
+    let (a6, b6) = (unique_v6(2), unique_v6(3));
+    let pa = netns_with(&[&a6]);
+    let pb = netns_with(&[&b6]);
+    let procs = PodProcs {
+        children: Children(vec![spawn_in(&pa), spawn_in(&pb), spawn_in(&pb)]),
+        cgroups: vec![PodCgroup::new(UID_A, false), PodCgroup::new(UID_B, true)],
+    };
+    let pids: Vec<u32> = procs.children.0.iter().map(Child::id).collect();
+    procs.cgroups[0].enter(pids[0]);
+    procs.cgroups[1].enter(pids[1]);
+    procs.cgroups[1].enter(pids[2]);
+    let text = std::fs::read_to_string(format!("/proc/{}/cgroup", pids[1])).expect("cgroup");
+    assert_eq!(pod_uid_from_cgroup(&text).as_deref(), Some(UID_B), "{text}");
+
+    let ips_a = [ip(&a6)];
+    let ips_b = [ip(&b6)];
+    let finder = NetnsFinder::new("/proc", vec![]).expect("finder over /proc");
+    let (found, stats) = finder
+        .find_with_stats(&[
+            PodNetnsQuery {
+                uid: UID_A,
+                ips: &ips_a,
+            },
+            PodNetnsQuery {
+                uid: UID_B,
+                ips: &ips_b,
+            },
+        ])
+        .expect("find");
+    assert_eq!(found_id(&found, UID_A), id_of(&pa));
+    assert_eq!(found_id(&found, UID_B), id_of(&pb));
+    assert_eq!(stats.by_cgroup, 2, "{stats:?}");
+    assert_eq!(stats.pod_processes, 3, "{stats:?}");
+    assert_eq!(stats.netns_entered, 2, "{stats:?}");
+    let src = &found[UID_A].source;
+    assert!(
+        src.starts_with(&format!("/proc/{}/ns/net", pids[0])),
+        "{src}"
+    );
+    assert!(src.contains("cgroup of pod uid"), "{src}");
+
+    // The pod's IP moved elsewhere (stale status): its cgroup's netns is not returned, and the
+    // netns claimed by its cgroup is not handed out by IP either.
+    let wrong = [ip(&unique_v6(4))];
+    let found = finder
+        .find(&[PodNetnsQuery {
+            uid: UID_A,
+            ips: &wrong,
+        }])
+        .expect("find");
+    assert!(found.is_empty(), "{found:?}");
+    drop(procs);
+}
+
 // ----- scale: 200 pods ----------------------------------------------------------------------------
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -743,9 +910,9 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 /// 200 pods, each in its own netns: by cgroup (fake proc root with a pause and an app process
-/// per pod plus 300 host processes), by netns-dir file, and by process IP on the real /proc
-/// (one `sleep` per netns). Checks every pod is found with one entry per netns and prints the
-/// time of `find` (median of 5).
+/// per pod plus 300 host processes), by netns-dir file, and on the real /proc (one `sleep` per
+/// netns) by process IP and then by cgroup. Checks every pod is found with one entry per netns
+/// and prints the time of `find` (median of 5); run with `--nocapture` to see the numbers.
 #[test]
 fn two_hundred_pods_found_in_one_scan_each_netns_entered_once() {
     const PODS: usize = 200;
@@ -815,27 +982,49 @@ fn two_hundred_pods_found_in_one_scan_each_netns_entered_once() {
     }
     let by_dir = median(times);
 
-    // By process IP on the real /proc.
-    let children = Children(nss.iter().map(spawn_in).collect());
+    // Real /proc, one `sleep` per netns: by process IP (cgroups name no pod), then by cgroup
+    // (each process moved into a kubelet-style cgroup of its pod).
+    let mut procs = PodProcs {
+        children: Children(nss.iter().map(spawn_in).collect()),
+        cgroups: Vec::new(),
+    };
     let finder = NetnsFinder::new("/proc", vec![]).expect("finder");
     let mut times = Vec::new();
-    let mut last = None;
+    let mut ip_stats = None;
     for _ in 0..5 {
         let t = Instant::now();
         let (found, stats) = finder.find_with_stats(&query).expect("find");
         times.push(t.elapsed());
         check(&found);
         assert_eq!(stats.by_process_ip, PODS);
-        last = Some(stats);
+        ip_stats = Some(stats);
     }
     let by_proc_ip = median(times);
-    drop(children);
+    for (i, uid) in uids.iter().enumerate() {
+        let cg = PodCgroup::new(uid, i % 2 == 0);
+        cg.enter(procs.children.0[i].id());
+        procs.cgroups.push(cg);
+    }
+    let mut times = Vec::new();
+    let mut cg_stats = None;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let (found, stats) = finder.find_with_stats(&query).expect("find");
+        times.push(t.elapsed());
+        check(&found);
+        assert_eq!(stats.by_cgroup, PODS, "{stats:?}");
+        assert_eq!(stats.netns_entered, PODS, "{stats:?}");
+        cg_stats = Some(stats);
+    }
+    let by_real_cgroup = median(times);
+    drop(procs);
 
     println!(
-        "podns bench: {PODS} pods ({PODS} netns, setup {setup:?}): \
-         by cgroup (fake proc, {} processes) median {by_cgroup:?}; \
-         by netns-dir file median {by_dir:?}; \
-         by process IP on real /proc ({last:?}) median {by_proc_ip:?}",
+        "podns bench: {PODS} pods in {PODS} netns (setup {setup:?}), median of 5 `find` calls:\n\
+         - by cgroup, fake proc root ({} processes, 2 per pod + 300 host): {by_cgroup:?}\n\
+         - by netns-dir file: {by_dir:?}\n\
+         - by process IP, real /proc: {by_proc_ip:?} ({ip_stats:?})\n\
+         - by cgroup, real /proc: {by_real_cgroup:?} ({cg_stats:?})",
         2 * PODS + 300
     );
 }
