@@ -13,7 +13,8 @@
 //!    Each queried pod's candidate namespaces are tried oldest process first (`<pid>/stat`
 //!    start time, read only when a pod's processes span several namespaces: it is the costly
 //!    per-process read) — the sandbox (pause) process — and the first that holds one of the
-//!    pod's IPs wins. This is Istio's `podcgroupns` finder, plus the IP check Istio does afterwards.
+//!    pod's IPs wins. This is Istio's `podcgroupns` finder plus the IP check Istio does
+//!    afterwards.
 //! 2. **By IP, for pods step 1 did not find.** The candidates are the namespaces of the netns
 //!    files in `netns_dirs` (runtime bind mounts such as `/var/run/netns/cni-…`) **and** of the
 //!    processes whose cgroup names no pod at all (step "1b": runtimes or tests whose cgroups do
@@ -30,9 +31,9 @@
 //! held by a process alone (no bind mount) when its cgroup path does not name the pod.
 //!
 //! Cost: `<proc_root>` is read once; each distinct candidate namespace is opened once and
-//! entered at most once (all entries on one dedicated thread that `setns`es from one namespace
-//! to the next and lists addresses with one `RTM_GETADDR` dump), however many pods or processes share it.
-//! [`NetnsFinder::find_with_stats`] reports the counts.
+//! entered at most once, however many pods or processes share it (all entries on one dedicated
+//! thread that `setns`es from one namespace to the next and lists its addresses with one
+//! `RTM_GETADDR` dump). [`NetnsFinder::find_with_stats`] reports the counts.
 //!
 //! Addresses that are not unique to one namespace (loopback, unspecified, multicast, IPv6
 //! link-local) never identify a pod and are ignored in queries.
@@ -126,7 +127,8 @@ pub fn netns_id_of_fd(fd: BorrowedFd<'_>) -> Result<NetnsId, NetxError> {
 }
 
 /// One pod to look for: its UID (as the API server spells it; `_` and upper case are
-/// tolerated) and its IPs (from the pod status).
+/// tolerated) and its IPs (from the pod status). A UID queried twice is looked up once (the
+/// first entry's IPs).
 #[derive(Debug, Clone, Copy)]
 pub struct PodNetnsQuery<'a> {
     pub uid: &'a str,
