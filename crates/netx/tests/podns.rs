@@ -1017,6 +1017,13 @@ fn two_hundred_pods_found_in_one_scan_each_netns_entered_once() {
         cg_stats = Some(stats);
     }
     let by_real_cgroup = median(times);
+    // Baseline: the same work as one `find` per pod (a /proc walk each), once.
+    let t = Instant::now();
+    for q in &query {
+        let found = finder.find(std::slice::from_ref(q)).expect("find one");
+        assert_eq!(found.len(), 1);
+    }
+    let per_pod_calls = t.elapsed();
     drop(procs);
 
     println!(
@@ -1024,7 +1031,8 @@ fn two_hundred_pods_found_in_one_scan_each_netns_entered_once() {
          - by cgroup, fake proc root ({} processes, 2 per pod + 300 host): {by_cgroup:?}\n\
          - by netns-dir file: {by_dir:?}\n\
          - by process IP, real /proc: {by_proc_ip:?} ({ip_stats:?})\n\
-         - by cgroup, real /proc: {by_real_cgroup:?} ({cg_stats:?})",
+         - by cgroup, real /proc: {by_real_cgroup:?} ({cg_stats:?})\n\
+         - baseline, by cgroup, real /proc, one `find` per pod ({PODS} walks): {per_pod_calls:?}",
         2 * PODS + 300
     );
 }
