@@ -157,7 +157,8 @@ pub struct FindStats {
     pub start_times_read: usize,
     /// nsfs files found in the netns directories (only read when step 2 runs).
     pub netns_files: usize,
-    /// Distinct namespaces entered to list their addresses (each at most once per call).
+    /// Distinct namespaces entered (or tried: a file of another namespace type is refused by
+    /// `setns`) to list their addresses; each at most once per call.
     pub netns_entered: usize,
     /// Pods found by cgroup (step 1), by a netns-directory file (step 2), by a process IP (1b).
     pub by_cgroup: usize,
