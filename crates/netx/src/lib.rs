@@ -21,6 +21,7 @@ pub mod iptables_state;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
+pub mod podns;
 pub mod route;
 mod sys;
 pub mod sysctl;
