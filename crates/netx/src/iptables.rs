@@ -136,11 +136,29 @@ impl IptablesOptions {
             cmd.env
                 .push(("XTABLES_LOCKFILE", OsString::from(lock.as_os_str())));
         } else if self.pod_scoped_lock {
-            cmd.env
-                .push(("XTABLES_LOCKFILE", OsString::from(ns.path().as_os_str())));
+            cmd.env.push(("XTABLES_LOCKFILE", lock_path(ns.path())));
         }
         cmd
     }
+}
+
+/// The pod-scoped xtables lock file for the netns file `netns`, as a child process must name
+/// it: `/proc/self/…` and `/proc/thread-self/…` (e.g. `/proc/self/fd/N` of a namespace fd the
+/// caller holds) would resolve to the *child's* fd table, where `N` is closed or another file;
+/// `/proc/<our pid>/fd/N` is the same namespace file for every process. (`/proc/self/ns/net`
+/// stays: in the child it is the netns the child runs in, the target.)
+pub fn lock_path(netns: &std::path::Path) -> OsString {
+    for prefix in ["/proc/self/", "/proc/thread-self/"] {
+        if let Ok(rest) = netns.strip_prefix(prefix)
+            && rest.starts_with("fd")
+        {
+            return std::path::Path::new("/proc")
+                .join(std::process::id().to_string())
+                .join(rest)
+                .into_os_string();
+        }
+    }
+    netns.as_os_str().to_owned()
 }
 
 /// Lines of a `-save` output that are rules (`-A …`).
@@ -467,7 +485,7 @@ pub fn canonical_save(
 ) -> Result<String, NetxError> {
     // The pod netns file stays the xtables lock (see the module docs); the scratch netns has no
     // path of its own.
-    let lock = ns.path().as_os_str().to_owned();
+    let lock = lock_path(ns.path());
     crate::netns::with_scratch_netns(|scratch| {
         fn with_lock<'c>(mut cmd: Cmd<'c>, lock: &std::ffi::OsStr, scoped: bool) -> Cmd<'c> {
             cmd.env.retain(|(k, _)| *k != "XTABLES_LOCKFILE");
