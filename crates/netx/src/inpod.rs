@@ -11,7 +11,8 @@
 //! iptables lock file is the same namespace file, named through `/proc/<pid>/fd/N` so the
 //! child process can open it).
 
-use std::path::Path;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 
 use meshcni_rules::inpod::{self, InpodConfig, PodOverrides};
 use meshcni_rules::model::Family;
@@ -431,9 +432,387 @@ pub(crate) fn remove_nft_tables_here(
     nft::apply_here(ns, &text)
 }
 
+// ----- host probe SNAT (node netns) ---------------------------------------------------------------
+
+/// The kubelet-probe SNAT in the node's netns (spec §7.5 last paragraph, §7.6 host rule):
+/// the probe address sets (ipsets `istio-inpod-probes-v4` / `-v6`, or sets in `inet
+/// istio-ambient-nat`) holding each enrolled pod's IPs with the pod UID as comment, and the
+/// rule that SNATs locally generated TCP to those addresses to 169.254.7.127 (v6: the
+/// configured v6 address). iptables: `-I POSTROUTING 1 -j ISTIO_POSTRT` + `-m owner
+/// --socket-exists`; nftables: `postrouting` chain matching the kubelet's UID (`skuid`).
+#[derive(Debug, Clone)]
+pub struct HostProbe {
+    netns: PathBuf,
+    cfg: InpodConfig,
+    backend: InpodBackend,
+    kubelet_uid: Option<u32>,
+    iptables: IptablesOptions,
+}
+
+/// The node netns's xtables lock (shared with kube-proxy and every other writer there).
+pub const NODE_XTABLES_LOCK: &str = "/run/xtables.lock";
+
+fn host_nft_table() -> nft::NftTable {
+    nft::NftTable {
+        family: "inet".to_string(),
+        name: inpod::NFT_NAT_TABLE.to_string(),
+    }
+}
+
+impl HostProbe {
+    /// Open on the node netns at `node_netns`. The nftables backend needs the kubelet's UID
+    /// (nft has no `--socket-exists`); without one this is an error. Iptables settings from
+    /// the environment (`FORCE_IPTABLES_BINARY`), with the node's global xtables lock.
+    pub fn open(
+        node_netns: &Path,
+        cfg: &InpodConfig,
+        backend: InpodBackend,
+        kubelet_uid: Option<u32>,
+    ) -> Result<HostProbe, NetxError> {
+        let iptables = IptablesOptions {
+            lock_file: Some(PathBuf::from(NODE_XTABLES_LOCK)),
+            ..IptablesOptions::from_env()
+        };
+        Self::open_with(node_netns, cfg, backend, kubelet_uid, iptables)
+    }
+
+    /// [`HostProbe::open`] with explicit iptables settings.
+    pub fn open_with(
+        node_netns: &Path,
+        cfg: &InpodConfig,
+        backend: InpodBackend,
+        kubelet_uid: Option<u32>,
+        iptables: IptablesOptions,
+    ) -> Result<HostProbe, NetxError> {
+        if backend == InpodBackend::Nftables && kubelet_uid.is_none() {
+            return Err(NetxError::InvalidPlan {
+                netns: node_netns.to_path_buf(),
+                detail: "the nftables host-probe rule matches the kubelet's UID (nft has no \
+                         --socket-exists) and no kubelet UID was given"
+                    .to_string(),
+            });
+        }
+        // Fail early on a path that is not a netns.
+        drop(crate::netns::open_netns(node_netns)?);
+        Ok(HostProbe {
+            netns: node_netns.to_path_buf(),
+            cfg: cfg.clone(),
+            backend,
+            kubelet_uid,
+            iptables,
+        })
+    }
+
+    fn families(&self) -> Vec<IpFamily> {
+        if self.cfg.enable_ipv6 {
+            vec![IpFamily::V4, IpFamily::V6]
+        } else {
+            vec![IpFamily::V4]
+        }
+    }
+
+    fn set_of(ip: &IpAddr) -> &'static str {
+        match ip {
+            IpAddr::V4(_) => inpod::PROBE_SET_V4,
+            IpAddr::V6(_) => inpod::PROBE_SET_V6,
+        }
+    }
+
+    /// The iptables apply plan of the host rule (pure).
+    fn iptables_plan(&self) -> ApplyPlan {
+        let rs = inpod::host_rules_iptables(&self.cfg);
+        ApplyPlan {
+            v4_restore: inpod::host_restore(&rs, Family::V4),
+            v6_restore: rs.ipv6.then(|| inpod::host_restore(&rs, Family::V6)),
+            nft: None,
+            routes: RoutesPlan::default(),
+            owned: Some(Ownership {
+                v4_save: save_form::render(&rs, Family::V4),
+                v6_save: rs.ipv6.then(|| save_form::render(&rs, Family::V6)),
+                iptables_chains: inpod::host_chain_names(),
+                iptables_tables: vec!["nat".to_string()],
+                nft_tables: Vec::new(),
+            }),
+        }
+    }
+
+    /// The nft transaction: our table, the sets (kept with their elements when present:
+    /// `flush table` empties chains, not sets), the postrouting chain and its rules.
+    fn nft_text(&self) -> Result<String, NetxError> {
+        let uid = self.kubelet_uid.ok_or_else(|| NetxError::InvalidPlan {
+            netns: self.netns.clone(),
+            detail: "no kubelet UID for the nftables host-probe rule".to_string(),
+        })?;
+        let t = inpod::NFT_NAT_TABLE;
+        let mut text = format!("add table inet {t}\n");
+        text.push_str(&format!(
+            "add set inet {t} {} {{ type ipv4_addr ; }}\n",
+            inpod::PROBE_SET_V4
+        ));
+        if self.cfg.enable_ipv6 {
+            text.push_str(&format!(
+                "add set inet {t} {} {{ type ipv6_addr ; }}\n",
+                inpod::PROBE_SET_V6
+            ));
+        }
+        text.push_str(&inpod::host_nft(&inpod::host_rules_nft(&self.cfg, uid)));
+        Ok(text)
+    }
+
+    /// Make the sets and the SNAT rule exist exactly once (verify-or-repair: identical → nothing
+    /// runs; drifted → one atomic repair). Set entries are kept.
+    pub fn ensure_rules(&mut self) -> Result<(), NetxError> {
+        with_netns(&self.netns, |ns| self.ensure_rules_here(ns))?
+    }
+
+    fn ensure_rules_here(&self, ns: &InNetns<'_>) -> Result<(), NetxError> {
+        match self.backend {
+            InpodBackend::Iptables => {
+                for family in self.families() {
+                    let set = match family {
+                        IpFamily::V4 => inpod::PROBE_SET_V4,
+                        IpFamily::V6 => inpod::PROBE_SET_V6,
+                    };
+                    crate::ipset::create_family_here(ns, set, family)?;
+                }
+                let applier = Applier {
+                    backend: Backend::Iptables,
+                    iptables: self.iptables.clone(),
+                };
+                applier.apply_capture_here(ns, &self.iptables_plan())?;
+                Ok(())
+            }
+            InpodBackend::Nftables => {
+                let fresh = self.nft_text()?;
+                let table = host_nft_table();
+                let actual = nft::list_table_here(ns, &table)?;
+                let desired = crate::netns::with_scratch_netns(|scratch| {
+                    nft::apply_here(scratch, &fresh)?;
+                    nft::list_table_here(scratch, &table)
+                })??;
+                let (want, have) = (
+                    without_elements(desired.as_deref().unwrap_or_default()),
+                    without_elements(actual.as_deref().unwrap_or_default()),
+                );
+                if actual.is_some() && want == have {
+                    return Ok(());
+                }
+                // Chains of our table the rule set does not have go too.
+                let mut text = String::new();
+                for chain in chain_names(actual.as_deref().unwrap_or_default()) {
+                    if chain != "postrouting" {
+                        text.push_str(&format!(
+                            "delete chain inet {} {chain}\n",
+                            inpod::NFT_NAT_TABLE
+                        ));
+                    }
+                }
+                tracing::info!(netns = %ns.path().display(), "installing/repairing the nftables host-probe SNAT rule");
+                nft::apply_here(ns, &format!("{fresh}{text}"))
+            }
+        }
+    }
+
+    /// Put `ip` in its family's probe set with comment `uid` (an existing entry for the IP is
+    /// replaced, whatever its comment). IPv6 addresses are ignored when IPv6 is off.
+    pub fn upsert(&mut self, uid: &str, ip: IpAddr) -> Result<(), NetxError> {
+        self.check_uid(uid)?;
+        if ip.is_ipv6() && !self.cfg.enable_ipv6 {
+            tracing::debug!(%ip, uid, "IPv6 is off: no probe SNAT entry");
+            return Ok(());
+        }
+        let set = Self::set_of(&ip);
+        match self.backend {
+            InpodBackend::Iptables => {
+                crate::ipset::IpsetNl::open(&self.netns)?.add_ip(set, ip, Some(uid))
+            }
+            InpodBackend::Nftables => {
+                let t = inpod::NFT_NAT_TABLE;
+                // `add` first so the `delete` cannot fail; the final `add` sets the comment.
+                let text = format!(
+                    "add element inet {t} {set} {{ {ip} }}\ndelete element inet {t} {set} {{ {ip} }}\nadd element inet {t} {set} {{ {ip} comment \"{uid}\" }}\n"
+                );
+                nft::apply(&self.netns, &text)
+            }
+        }
+    }
+
+    /// Remove `ip` from its probe set, only if its entry carries comment `uid` (another pod
+    /// may have the IP by now). A missing entry is fine.
+    pub fn remove(&mut self, uid: &str, ip: IpAddr) -> Result<(), NetxError> {
+        self.check_uid(uid)?;
+        let owned = self
+            .entries()?
+            .into_iter()
+            .any(|(have, comment)| have == ip && comment == uid);
+        if !owned {
+            return Ok(());
+        }
+        let set = Self::set_of(&ip);
+        match self.backend {
+            InpodBackend::Iptables => crate::ipset::IpsetNl::open(&self.netns)?.del_ip(set, ip),
+            InpodBackend::Nftables => nft::apply(
+                &self.netns,
+                &format!(
+                    "delete element inet {} {set} {{ {ip} }}\n",
+                    inpod::NFT_NAT_TABLE
+                ),
+            ),
+        }
+    }
+
+    /// Every entry of the probe sets: (IP, comment — empty when none), sorted.
+    pub fn entries(&mut self) -> Result<Vec<(IpAddr, String)>, NetxError> {
+        let families = self.families();
+        let backend = self.backend;
+        with_netns(&self.netns, |ns| -> Result<Vec<(IpAddr, String)>, NetxError> {
+            let mut out = Vec::new();
+            for family in families {
+                let set = match family {
+                    IpFamily::V4 => inpod::PROBE_SET_V4,
+                    IpFamily::V6 => inpod::PROBE_SET_V6,
+                };
+                match backend {
+                    InpodBackend::Iptables => {
+                        for (ip, c) in crate::ipset::list_ip_here(ns, set)?.unwrap_or_default() {
+                            out.push((ip, c.unwrap_or_default()));
+                        }
+                    }
+                    InpodBackend::Nftables => {
+                        let listed = crate::exec::Cmd::new("nft")
+                            .arg("list")
+                            .arg("set")
+                            .arg("inet")
+                            .arg(inpod::NFT_NAT_TABLE)
+                            .arg(set)
+                            .run(ns);
+                        match listed {
+                            Ok(text) => out.extend(parse_nft_elements(&text)),
+                            Err(NetxError::Command { stderr, .. })
+                                if stderr.contains("No such file or directory") => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            }
+            out.sort();
+            Ok(out)
+        })?
+    }
+
+    /// Remove the rule and the sets: the node is as it was before [`HostProbe::ensure_rules`].
+    /// Idempotent.
+    pub fn uninstall(&mut self) -> Result<(), NetxError> {
+        with_netns(&self.netns, |ns| -> Result<(), NetxError> {
+            match self.backend {
+                InpodBackend::Iptables => {
+                    remove_iptables_chains_here(ns, &self.iptables, &inpod::host_chain_names())?;
+                    for set in [inpod::PROBE_SET_V4, inpod::PROBE_SET_V6] {
+                        crate::ipset::destroy_here(ns, set)?;
+                    }
+                    Ok(())
+                }
+                InpodBackend::Nftables => remove_nft_tables_here(ns, &[host_nft_table()]),
+            }
+        })?
+    }
+
+    /// Pod UIDs become comments (ipset / nft quoted strings): Kubernetes UIDs are UUIDs;
+    /// anything that could break the quoting is refused.
+    fn check_uid(&self, uid: &str) -> Result<(), NetxError> {
+        let ok = !uid.is_empty()
+            && uid.len() <= 128
+            && uid
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+        if ok {
+            Ok(())
+        } else {
+            Err(NetxError::InvalidPlan {
+                netns: self.netns.clone(),
+                detail: format!(
+                    "pod uid {uid:?} cannot be a probe-set comment (1-128 of A-Z a-z 0-9 - _ . :)"
+                ),
+            })
+        }
+    }
+}
+
+/// An `nft list table` output's lines without set elements (trimmed, counters dropped).
+fn without_elements(listing: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skipping = false;
+    for (_, lines) in nft::table_blocks(listing) {
+        for line in lines {
+            if skipping {
+                skipping = !line.ends_with('}');
+                continue;
+            }
+            if line.starts_with("elements = {") {
+                skipping = !line.ends_with('}');
+                continue;
+            }
+            out.push(line);
+        }
+    }
+    out
+}
+
+/// The chain names of an `nft list table` output.
+fn chain_names(listing: &str) -> Vec<String> {
+    listing
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("chain "))
+        .filter_map(|r| r.strip_suffix(" {"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The elements of an `nft list set` output: `elements = { 10.0.0.1 comment "uid", ... }`.
+fn parse_nft_elements(text: &str) -> Vec<(IpAddr, String)> {
+    let Some(start) = text.find("elements = {") else {
+        return Vec::new();
+    };
+    let rest = &text[start + "elements = {".len()..];
+    let body = rest.split('}').next().unwrap_or_default();
+    body.split(',')
+        .filter_map(|item| {
+            let mut words = item.split_whitespace();
+            let ip: IpAddr = words.next()?.parse().ok()?;
+            let comment = match (words.next(), words.next()) {
+                (Some("comment"), Some(c)) => c.trim_matches('"').to_string(),
+                _ => String::new(),
+            };
+            Some((ip, comment))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nft_elements_and_listings_are_parsed() {
+        let set = "table inet istio-ambient-nat {\n\tset istio-inpod-probes-v4 {\n\t\ttype ipv4_addr\n\t\telements = { 10.0.0.1 comment \"uid-a\", 10.0.0.2,\n\t\t\t     10.0.0.3 comment \"uid-c\" }\n\t}\n}\n";
+        assert_eq!(
+            parse_nft_elements(set),
+            vec![
+                ("10.0.0.1".parse().expect("ip"), "uid-a".to_string()),
+                ("10.0.0.2".parse().expect("ip"), String::new()),
+                ("10.0.0.3".parse().expect("ip"), "uid-c".to_string()),
+            ]
+        );
+        assert_eq!(
+            without_elements(set),
+            vec!["set istio-inpod-probes-v4 {", "type ipv4_addr", "}"]
+        );
+        assert!(parse_nft_elements("table inet t {\n}\n").is_empty());
+        assert_eq!(
+            chain_names("table inet t {\n\tchain postrouting {\n\t}\n\tchain x {\n\t}\n}\n"),
+            vec!["postrouting", "x"]
+        );
+    }
 
     #[test]
     fn empty_builtin_chains_are_found_and_other_content_is_noticed() {
