@@ -665,39 +665,43 @@ impl HostProbe {
     pub fn entries(&mut self) -> Result<Vec<(IpAddr, String)>, NetxError> {
         let families = self.families();
         let backend = self.backend;
-        with_netns(&self.netns, |ns| -> Result<Vec<(IpAddr, String)>, NetxError> {
-            let mut out = Vec::new();
-            for family in families {
-                let set = match family {
-                    IpFamily::V4 => inpod::PROBE_SET_V4,
-                    IpFamily::V6 => inpod::PROBE_SET_V6,
-                };
-                match backend {
-                    InpodBackend::Iptables => {
-                        for (ip, c) in crate::ipset::list_ip_here(ns, set)?.unwrap_or_default() {
-                            out.push((ip, c.unwrap_or_default()));
+        with_netns(
+            &self.netns,
+            |ns| -> Result<Vec<(IpAddr, String)>, NetxError> {
+                let mut out = Vec::new();
+                for family in families {
+                    let set = match family {
+                        IpFamily::V4 => inpod::PROBE_SET_V4,
+                        IpFamily::V6 => inpod::PROBE_SET_V6,
+                    };
+                    match backend {
+                        InpodBackend::Iptables => {
+                            for (ip, c) in crate::ipset::list_ip_here(ns, set)?.unwrap_or_default()
+                            {
+                                out.push((ip, c.unwrap_or_default()));
+                            }
                         }
-                    }
-                    InpodBackend::Nftables => {
-                        let listed = crate::exec::Cmd::new("nft")
-                            .arg("list")
-                            .arg("set")
-                            .arg("inet")
-                            .arg(inpod::NFT_NAT_TABLE)
-                            .arg(set)
-                            .run(ns);
-                        match listed {
-                            Ok(text) => out.extend(parse_nft_elements(&text)),
-                            Err(NetxError::Command { stderr, .. })
-                                if stderr.contains("No such file or directory") => {}
-                            Err(e) => return Err(e),
+                        InpodBackend::Nftables => {
+                            let listed = crate::exec::Cmd::new("nft")
+                                .arg("list")
+                                .arg("set")
+                                .arg("inet")
+                                .arg(inpod::NFT_NAT_TABLE)
+                                .arg(set)
+                                .run(ns);
+                            match listed {
+                                Ok(text) => out.extend(parse_nft_elements(&text)),
+                                Err(NetxError::Command { stderr, .. })
+                                    if stderr.contains("No such file or directory") => {}
+                                Err(e) => return Err(e),
+                            }
                         }
                     }
                 }
-            }
-            out.sort();
-            Ok(out)
-        })?
+                out.sort();
+                Ok(out)
+            },
+        )?
     }
 
     /// Remove the rule and the sets: the node is as it was before [`HostProbe::ensure_rules`].

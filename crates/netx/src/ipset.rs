@@ -235,7 +235,12 @@ impl IpsetNl {
     }
 
     /// [`IpsetNl::add`] for either family; an existing entry gets the new comment.
-    pub fn add_ip(&mut self, set: &str, ip: IpAddr, comment: Option<&str>) -> Result<(), NetxError> {
+    pub fn add_ip(
+        &mut self,
+        set: &str,
+        ip: IpAddr,
+        comment: Option<&str>,
+    ) -> Result<(), NetxError> {
         let comment = comment.map(truncate_comment);
         self.request(format!("ipset add {set} {ip}"), true, set, ip, comment)
     }
@@ -296,10 +301,7 @@ pub fn create_family_here(
 }
 
 /// The entries of set `name` (either family) here, `None` if the set does not exist.
-pub fn list_ip_here(
-    ns: &InNetns<'_>,
-    name: &str,
-) -> Result<Option<Vec<(IpAddr, Option<String>)>>, NetxError> {
+pub fn list_ip_here(ns: &InNetns<'_>, name: &str) -> Result<Option<Vec<IpsetIpEntry>>, NetxError> {
     match Cmd::new("ipset").arg("save").arg(name).run(ns) {
         Ok(text) => Ok(Some(parse_save_ip(&text, name))),
         Err(NetxError::Command { stderr, .. }) if stderr.contains("does not exist") => Ok(None),
@@ -307,10 +309,13 @@ pub fn list_ip_here(
     }
 }
 
+/// One entry of a set of either family: address and comment.
+pub type IpsetIpEntry = (IpAddr, Option<String>);
+
 /// [`parse_save`] for either family.
-pub fn parse_save_ip(text: &str, name: &str) -> Vec<(IpAddr, Option<String>)> {
+pub fn parse_save_ip(text: &str, name: &str) -> Vec<IpsetIpEntry> {
     let prefix = format!("add {name} ");
-    let mut out: Vec<(IpAddr, Option<String>)> = text
+    let mut out: Vec<IpsetIpEntry> = text
         .lines()
         .filter_map(|l| l.strip_prefix(&prefix))
         .filter_map(|rest| {
@@ -439,5 +444,28 @@ mod tests {
             1 | 0x4000
         );
         assert!(m.ends_with(&[26, 0, b'u', 0, 0, 0]));
+    }
+
+    #[test]
+    fn ipv6_entries_are_encoded_and_parsed() {
+        let ip: std::net::Ipv6Addr = "fd77::2".parse().expect("v6");
+        let m = entry_message_ip(false, "s6", IpAddr::V6(ip), None, 3);
+        assert_eq!(u16::from_ne_bytes([m[4], m[5]]), (6 << 8) | 10);
+        assert_eq!(m[16], libc::AF_INET6 as u8);
+        let pos = m
+            .windows(16)
+            .position(|w| w == ip.octets())
+            .expect("ip bytes");
+        // IPSET_ATTR_IPADDR_IPV6 (2), network byte order flag.
+        assert_eq!(u16::from_ne_bytes([m[pos - 2], m[pos - 1]]), 2 | 0x4000);
+        assert_eq!(u16::from_ne_bytes([m[pos - 4], m[pos - 3]]), 20);
+        let text = "create p6 hash:ip family inet6 hashsize 1024 maxelem 65536 comment bucketsize 12 initval 0x1\nadd p6 fd77::2 comment \"uid-1\"\nadd p6 fd77::3\n";
+        assert_eq!(
+            parse_save_ip(text, "p6"),
+            vec![
+                (IpAddr::V6(ip), Some("uid-1".to_string())),
+                ("fd77::3".parse().expect("v6"), None),
+            ]
+        );
     }
 }

@@ -35,7 +35,9 @@ pub use apply::{
     apply_capture,
 };
 pub use error::NetxError;
-pub use inpod::{InpodApplied, InpodApplier, InpodBackend, apply_inpod, check_inpod, remove_inpod};
+pub use inpod::{
+    HostProbe, InpodApplied, InpodApplier, InpodBackend, apply_inpod, check_inpod, remove_inpod,
+};
 pub use iptables::{IptablesFlavor, IptablesOptions};
 pub use netlink::{AddressSpec, Change, LocalRouteSpec, Netlink, RuleSpec};
 pub use netns::{InNetns, run_in_netns, spawn_in_netns, with_netns};

@@ -602,3 +602,285 @@ fn pod_overrides_are_applied() {
     let save = run_in(&ns.path(), "iptables-nft-save", &[], None);
     assert!(!save.contains("net1"), "{save}");
 }
+
+// ----- host probe SNAT ---------------------------------------------------------------------
+
+use meshcni_netx::HostProbe;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::time::Duration;
+
+const POD_V4: &str = "10.77.0.2";
+const POD_V6: &str = "fd77::2";
+const APP_PORT: u16 = 8080;
+
+/// A "node" and a "pod" netns joined by a veth, /32 and /128 routes both ways (like the
+/// testkit labs), IPv6 DAD off.
+fn node_and_pod() -> (TestNetns, TestNetns) {
+    let node = TestNetns::new();
+    let pod = TestNetns::new();
+    for ns in [&node, &pod] {
+        for key in [
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ] {
+            run_in(&ns.path(), "sysctl", &["-qw", key], None);
+        }
+    }
+    node.ip(&[
+        "link", "add", "vn", "type", "veth", "peer", "name", "eth0", "netns", &pod.name,
+    ]);
+    node.ip(&["addr", "add", "10.77.0.1/32", "dev", "vn"]);
+    node.ip(&["-6", "addr", "add", "fd77::1/128", "dev", "vn", "nodad"]);
+    node.ip(&["link", "set", "vn", "up"]);
+    node.ip(&["route", "add", "10.77.0.2/32", "dev", "vn"]);
+    node.ip(&["-6", "route", "add", "fd77::2/128", "dev", "vn"]);
+    pod.ip(&["addr", "add", "10.77.0.2/32", "dev", "eth0"]);
+    pod.ip(&["-6", "addr", "add", "fd77::2/128", "dev", "eth0", "nodad"]);
+    pod.ip(&["link", "set", "eth0", "up"]);
+    pod.ip(&["route", "add", "10.77.0.1", "dev", "eth0"]);
+    pod.ip(&["route", "add", "default", "via", "10.77.0.1", "dev", "eth0"]);
+    pod.ip(&["-6", "route", "add", "fd77::1", "dev", "eth0"]);
+    pod.ip(&[
+        "-6", "route", "add", "default", "via", "fd77::1", "dev", "eth0",
+    ]);
+    (node, pod)
+}
+
+/// The pod's app: listens on `APP_PORT` (v4 and v6) inside the pod netns and answers every
+/// connection with the peer address it sees.
+fn start_app(pod: &TestNetns) {
+    let listeners = meshcni_netx::run_in_netns(&pod.path(), || {
+        let v4 = TcpListener::bind(("0.0.0.0", APP_PORT)).expect("bind v4");
+        let v6 = socket_v6_only(APP_PORT);
+        (v4, v6)
+    })
+    .expect("enter pod netns");
+    for l in [listeners.0, listeners.1] {
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let peer = conn
+                    .peer_addr()
+                    .map(|p| p.ip().to_string())
+                    .unwrap_or_default();
+                let _ = conn.write_all(peer.as_bytes());
+            }
+        });
+    }
+}
+
+/// An IPv6-only listener on `[::]:port` (so the v4 listener can share the port).
+fn socket_v6_only(port: u16) -> TcpListener {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn6, bind, listen, setsockopt, socket,
+        sockopt,
+    };
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    setsockopt(&fd, sockopt::Ipv6V6Only, &true).expect("v6only");
+    setsockopt(&fd, sockopt::ReuseAddr, &true).expect("reuseaddr");
+    let addr = SockaddrIn6::from(std::net::SocketAddrV6::new(
+        std::net::Ipv6Addr::UNSPECIFIED,
+        port,
+        0,
+        0,
+    ));
+    bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).expect("bind v6");
+    listen(&fd, Backlog::new(16).expect("backlog")).expect("listen");
+    TcpListener::from(fd)
+}
+
+/// Connect from a socket created in the node netns; `Ok(peer address the app saw)`.
+fn probe_from_node(node: &TestNetns, ip: &str) -> std::io::Result<String> {
+    let target = SocketAddr::new(ip.parse::<IpAddr>().expect("ip"), APP_PORT);
+    meshcni_netx::run_in_netns(&node.path(), move || {
+        let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let mut seen = String::new();
+        s.read_to_string(&mut seen)?;
+        Ok(seen)
+    })
+    .expect("enter node netns")
+}
+
+fn node_snapshot(ns: &Path) -> String {
+    format!(
+        "{}## ipset\n{}",
+        snapshot(ns),
+        run_in(ns, "ipset", &["list"], None)
+    )
+}
+
+fn host_probe_traffic(backend: InpodBackend, flavor: Option<IptablesFlavor>) {
+    let (node, pod) = node_and_pod();
+    // Foreign node state that must survive (kube-proxy style nat rules / an nft table).
+    seed(&node.path(), backend, flavor);
+    let cfg = InpodConfig::default();
+    applier(backend, flavor)
+        .apply(&pod.path(), &cfg, &PodOverrides::default())
+        .expect("in-pod rules");
+    start_app(&pod);
+
+    // Before the host rule: the probe is captured (redirected to 15006, where nothing
+    // listens) — the in-pod rules are live.
+    for ip in [POD_V4, POD_V6] {
+        let e = probe_from_node(&node, ip).expect_err("captured without the probe SNAT");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{ip}: {e}");
+    }
+
+    let before = node_snapshot(&node.path());
+    let opts = IptablesOptions {
+        force: flavor,
+        ..IptablesOptions::default()
+    };
+    // As root the test's own sockets stand in for the kubelet: uid 0.
+    let mut hp =
+        HostProbe::open_with(&node.path(), &cfg, backend, Some(0), opts).expect("open host probe");
+    hp.ensure_rules().expect("ensure rules");
+    let installed = node_snapshot(&node.path());
+    if let (InpodBackend::Iptables, Some(flavor)) = (backend, flavor) {
+        for v6 in [false, true] {
+            let save = run_in(&node.path(), &save_bin(flavor, v6), &["-t", "nat"], None);
+            let first = save
+                .lines()
+                .find(|l| l.starts_with("-A POSTROUTING"))
+                .unwrap_or_default();
+            assert_eq!(first, "-A POSTROUTING -j ISTIO_POSTRT", "{save}");
+            let rs = inpod::host_rules_iptables(&cfg);
+            let fam = if v6 { Family::V6 } else { Family::V4 };
+            let ours: BTreeMap<_, _> = chain_map(&save)
+                .into_iter()
+                .filter(|((_, c), _)| c == "ISTIO_POSTRT")
+                .collect();
+            let predicted: BTreeMap<_, _> = chain_map(&save_form::render(&rs, fam))
+                .into_iter()
+                .filter(|((_, c), _)| c == "ISTIO_POSTRT")
+                .collect();
+            assert_eq!(ours, predicted, "v6={v6}: the predicted -save form");
+        }
+    }
+    let handles = |ns: &Path| run_in(ns, "nft", &["-a", "list", "ruleset"], None);
+    let h = handles(&node.path());
+    hp.ensure_rules().expect("ensure again");
+    assert_eq!(
+        node_snapshot(&node.path()),
+        installed,
+        "ensure_rules twice: no change"
+    );
+    assert_eq!(handles(&node.path()), h, "nothing re-created");
+
+    hp.upsert("uid-1", POD_V4.parse().expect("ip"))
+        .expect("upsert v4");
+    hp.upsert("uid-1", POD_V6.parse().expect("ip"))
+        .expect("upsert v6");
+    assert_eq!(
+        hp.entries().expect("entries"),
+        vec![
+            (POD_V4.parse().expect("ip"), "uid-1".to_string()),
+            (POD_V6.parse().expect("ip"), "uid-1".to_string()),
+        ]
+    );
+    assert_eq!(
+        probe_from_node(&node, POD_V4).expect("v4 probe"),
+        "169.254.7.127"
+    );
+    assert_eq!(
+        probe_from_node(&node, POD_V6).expect("v6 probe"),
+        "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
+    );
+
+    // A drifted rule is repaired and the entries survive the repair.
+    match (backend, flavor) {
+        (InpodBackend::Iptables, Some(flavor)) => {
+            run_in(
+                &node.path(),
+                &bin(flavor, false),
+                &["-t", "nat", "-F", "ISTIO_POSTRT"],
+                None,
+            );
+        }
+        _ => {
+            run_in(
+                &node.path(),
+                "nft",
+                &["flush", "chain", "inet", "istio-ambient-nat", "postrouting"],
+                None,
+            );
+        }
+    }
+    assert!(
+        probe_from_node(&node, POD_V4).is_err(),
+        "rule gone: captured"
+    );
+    hp.ensure_rules().expect("repair");
+    assert_eq!(
+        probe_from_node(&node, POD_V4).expect("repaired"),
+        "169.254.7.127"
+    );
+    assert_eq!(hp.entries().expect("entries").len(), 2);
+
+    // Upsert replaces the comment; remove only deletes the entry of the named pod.
+    hp.upsert("uid-2", POD_V4.parse().expect("ip"))
+        .expect("re-upsert");
+    hp.remove("uid-1", POD_V4.parse().expect("ip"))
+        .expect("remove other uid");
+    assert_eq!(
+        hp.entries().expect("entries"),
+        vec![
+            (POD_V4.parse().expect("ip"), "uid-2".to_string()),
+            (POD_V6.parse().expect("ip"), "uid-1".to_string()),
+        ]
+    );
+    hp.remove("uid-2", POD_V4.parse().expect("ip"))
+        .expect("remove v4");
+    hp.remove("uid-1", POD_V6.parse().expect("ip"))
+        .expect("remove v6");
+    hp.remove("uid-1", POD_V6.parse().expect("ip"))
+        .expect("remove twice");
+    assert_eq!(hp.entries().expect("entries"), vec![]);
+    for ip in [POD_V4, POD_V6] {
+        let e = probe_from_node(&node, ip).expect_err("captured after remove");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{ip}: {e}");
+    }
+
+    assert!(hp.upsert("bad\"uid", POD_V4.parse().expect("ip")).is_err());
+
+    hp.uninstall().expect("uninstall");
+    assert_eq!(node_snapshot(&node.path()), before, "node as before");
+    hp.uninstall().expect("uninstall twice");
+    assert_eq!(node_snapshot(&node.path()), before);
+}
+
+#[test]
+fn host_probe_snat_iptables_nft_flavor() {
+    host_probe_traffic(InpodBackend::Iptables, Some(IptablesFlavor::Nft));
+}
+
+#[test]
+fn host_probe_snat_iptables_legacy_flavor() {
+    host_probe_traffic(InpodBackend::Iptables, Some(IptablesFlavor::Legacy));
+}
+
+#[test]
+fn host_probe_snat_nftables() {
+    host_probe_traffic(InpodBackend::Nftables, None);
+}
+
+#[test]
+fn host_probe_nftables_needs_the_kubelet_uid() {
+    let node = TestNetns::new();
+    let err = HostProbe::open(
+        &node.path(),
+        &InpodConfig::default(),
+        InpodBackend::Nftables,
+        None,
+    )
+    .expect_err("no kubelet uid");
+    assert!(err.to_string().contains("kubelet"), "{err}");
+}
