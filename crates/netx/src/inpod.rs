@@ -327,16 +327,19 @@ fn drop_empty_builtins_here(
         IpFamily::V4 => "ip",
         IpFamily::V6 => "ip6",
     };
+    // One listing of the family (the table blocks we look at are small).
+    let listing = crate::exec::Cmd::new("nft")
+        .arg("list")
+        .arg("ruleset")
+        .arg(fam)
+        .run(ns)?;
+    let blocks = table_texts(&listing);
     let mut text = String::new();
     for name in tables {
-        let table = nft::NftTable {
-            family: fam.to_string(),
-            name: name.clone(),
-        };
-        let Some(listing) = nft::list_table_here(ns, &table)? else {
+        let Some((_, listing)) = blocks.iter().find(|(n, _)| n == name) else {
             continue;
         };
-        let (empty, other) = empty_builtin_chains(&listing);
+        let (empty, other) = empty_builtin_chains(listing);
         if empty.is_empty() {
             continue;
         }
@@ -352,6 +355,33 @@ fn drop_empty_builtins_here(
         return Ok(());
     }
     nft::apply_here(ns, &text)
+}
+
+/// The `table FAMILY NAME { … }` blocks of an `nft list ruleset` output: (name, block text).
+fn table_texts(listing: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut depth = 0usize;
+    for line in listing.lines() {
+        if depth == 0 {
+            let mut words = line.split_whitespace();
+            if let (Some("table"), Some(_), Some(name)) = (words.next(), words.next(), words.next())
+            {
+                out.push((name.to_string(), String::new()));
+            }
+        }
+        if let Some((_, text)) = out.last_mut() {
+            text.push_str(line);
+            text.push('\n');
+        }
+        for c in line.chars() {
+            match c {
+                '{' => depth += 1,
+                '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+    }
+    out
 }
 
 /// The built-in (upper-case) base chains of an `nft list table` output that have no rules and
@@ -830,6 +860,11 @@ mod tests {
             empty_builtin_chains(bare),
             (vec!["OUTPUT".to_string()], true)
         );
+        let two = format!("{listing}{bare}");
+        let blocks = table_texts(&two);
+        assert_eq!(blocks.len(), 2);
+        assert_eq!((blocks[0].0.as_str(), blocks[1].0.as_str()), ("nat", "raw"));
+        assert_eq!(blocks[1].1, bare);
         let all_empty = "table ip raw {\n\tchain OUTPUT {\n\t\ttype filter hook output priority raw; policy accept;\n\t}\n}\n";
         assert_eq!(
             empty_builtin_chains(all_empty),
