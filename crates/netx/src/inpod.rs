@@ -14,7 +14,8 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use meshcni_rules::inpod::{self, InpodConfig, PodOverrides};
+use meshcni_rules::inpod;
+pub use meshcni_rules::inpod::{DnsOverride, InpodConfig, PodOverrides};
 use meshcni_rules::model::Family;
 use meshcni_rules::save_form;
 
