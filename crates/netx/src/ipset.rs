@@ -1,4 +1,5 @@
-//! IPv4 `hash:ip` ipsets with per-entry comments, in one network namespace.
+//! `hash:ip` ipsets (IPv4, and IPv6 through the `*_ip` functions) with per-entry comments, in
+//! one network namespace.
 //!
 //! Set lifecycle (create / destroy / save-listing) runs the `ipset` program once per call;
 //! entries are added and deleted over nfnetlink (`NFNL_SUBSYS_IPSET`) directly, so enrolling
@@ -6,7 +7,7 @@
 //! (no `NLM_F_EXCL`: the kernel treats an existing entry on add / a missing one on delete as
 //! success, which is what `ipset -exist` does).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 
 use netlink_sys::{Socket, SocketAddr};
@@ -25,6 +26,7 @@ const IPSET_ATTR_SETNAME: u16 = 2;
 const IPSET_ATTR_DATA: u16 = 7;
 const IPSET_ATTR_IP: u16 = 1;
 const IPSET_ATTR_IPADDR_IPV4: u16 = 1;
+const IPSET_ATTR_IPADDR_IPV6: u16 = 2;
 const IPSET_ATTR_COMMENT: u16 = 26;
 const NLA_F_NESTED: u16 = 0x8000;
 const NLA_F_NET_BYTEORDER: u16 = 0x4000;
@@ -75,15 +77,39 @@ pub fn entry_message(
     comment: Option<&str>,
     seq: u32,
 ) -> Vec<u8> {
+    entry_message_ip(add, set, IpAddr::V4(ip), comment, seq)
+}
+
+/// [`entry_message`] for either family (an IPv6 address needs a `family inet6` set).
+pub fn entry_message_ip(
+    add: bool,
+    set: &str,
+    ip: IpAddr,
+    comment: Option<&str>,
+    seq: u32,
+) -> Vec<u8> {
     let mut attrs = Vec::new();
     push_attr(&mut attrs, IPSET_ATTR_PROTOCOL, &[IPSET_PROTOCOL]);
     push_attr(&mut attrs, IPSET_ATTR_SETNAME, &nul_terminated(set));
     let mut ipattr = Vec::new();
-    push_attr(
-        &mut ipattr,
-        IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER,
-        &ip.octets(),
-    );
+    let family = match ip {
+        IpAddr::V4(a) => {
+            push_attr(
+                &mut ipattr,
+                IPSET_ATTR_IPADDR_IPV4 | NLA_F_NET_BYTEORDER,
+                &a.octets(),
+            );
+            libc::AF_INET as u8
+        }
+        IpAddr::V6(a) => {
+            push_attr(
+                &mut ipattr,
+                IPSET_ATTR_IPADDR_IPV6 | NLA_F_NET_BYTEORDER,
+                &a.octets(),
+            );
+            libc::AF_INET6 as u8
+        }
+    };
     let mut data = Vec::new();
     push_attr(&mut data, IPSET_ATTR_IP | NLA_F_NESTED, &ipattr);
     if let Some(c) = comment {
@@ -99,8 +125,8 @@ pub fn entry_message(
     msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
     msg.extend_from_slice(&seq.to_ne_bytes());
     msg.extend_from_slice(&0u32.to_ne_bytes());
-    // nfgenmsg: family AF_INET, version NFNETLINK_V0, res_id 0 (big endian)
-    msg.push(libc::AF_INET as u8);
+    // nfgenmsg: family AF_INET/AF_INET6, version NFNETLINK_V0, res_id 0 (big endian)
+    msg.push(family);
     msg.push(0);
     msg.extend_from_slice(&0u16.to_be_bytes());
     msg.extend_from_slice(&attrs);
@@ -150,11 +176,11 @@ impl IpsetNl {
         op: String,
         add: bool,
         set: &str,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         comment: Option<&str>,
     ) -> Result<(), NetxError> {
         self.seq = self.seq.wrapping_add(1);
-        let msg = entry_message(add, set, ip, comment, self.seq);
+        let msg = entry_message_ip(add, set, ip, comment, self.seq);
         let io = |source| NetxError::Netlink {
             netns: self.netns.clone(),
             op: op.clone(),
@@ -200,12 +226,27 @@ impl IpsetNl {
 
     /// `ipset add -exist SET IP comment "C"`.
     pub fn add(&mut self, set: &str, ip: Ipv4Addr, comment: Option<&str>) -> Result<(), NetxError> {
-        let comment = comment.map(truncate_comment);
-        self.request(format!("ipset add {set} {ip}"), true, set, ip, comment)
+        self.add_ip(set, IpAddr::V4(ip), comment)
     }
 
     /// `ipset del -exist SET IP`.
     pub fn del(&mut self, set: &str, ip: Ipv4Addr) -> Result<(), NetxError> {
+        self.del_ip(set, IpAddr::V4(ip))
+    }
+
+    /// [`IpsetNl::add`] for either family; an existing entry gets the new comment.
+    pub fn add_ip(
+        &mut self,
+        set: &str,
+        ip: IpAddr,
+        comment: Option<&str>,
+    ) -> Result<(), NetxError> {
+        let comment = comment.map(truncate_comment);
+        self.request(format!("ipset add {set} {ip}"), true, set, ip, comment)
+    }
+
+    /// [`IpsetNl::del`] for either family.
+    pub fn del_ip(&mut self, set: &str, ip: IpAddr) -> Result<(), NetxError> {
         self.request(format!("ipset del {set} {ip}"), false, set, ip, None)
     }
 }
@@ -236,6 +277,59 @@ pub fn create_here(ns: &InNetns<'_>, name: &str) -> Result<(), NetxError> {
         .arg("comment")
         .run(ns)
         .map(|_| ())
+}
+
+/// `ipset create -exist NAME hash:ip family inet|inet6 comment` here.
+pub fn create_family_here(
+    ns: &InNetns<'_>,
+    name: &str,
+    family: crate::IpFamily,
+) -> Result<(), NetxError> {
+    Cmd::new("ipset")
+        .arg("create")
+        .arg("-exist")
+        .arg(name)
+        .arg("hash:ip")
+        .arg("family")
+        .arg(match family {
+            crate::IpFamily::V4 => "inet",
+            crate::IpFamily::V6 => "inet6",
+        })
+        .arg("comment")
+        .run(ns)
+        .map(|_| ())
+}
+
+/// The entries of set `name` (either family) here, `None` if the set does not exist.
+pub fn list_ip_here(ns: &InNetns<'_>, name: &str) -> Result<Option<Vec<IpsetIpEntry>>, NetxError> {
+    match Cmd::new("ipset").arg("save").arg(name).run(ns) {
+        Ok(text) => Ok(Some(parse_save_ip(&text, name))),
+        Err(NetxError::Command { stderr, .. }) if stderr.contains("does not exist") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// One entry of a set of either family: address and comment.
+pub type IpsetIpEntry = (IpAddr, Option<String>);
+
+/// [`parse_save`] for either family.
+pub fn parse_save_ip(text: &str, name: &str) -> Vec<IpsetIpEntry> {
+    let prefix = format!("add {name} ");
+    let mut out: Vec<IpsetIpEntry> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (ip, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            let ip: IpAddr = ip.parse().ok()?;
+            let comment = tail
+                .split_once("comment \"")
+                .and_then(|(_, c)| c.rsplit_once('"'))
+                .map(|(c, _)| c.to_string());
+            Some((ip, comment))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// `ipset destroy NAME` here; an absent set is fine. Returns whether it existed.
@@ -350,5 +444,28 @@ mod tests {
             1 | 0x4000
         );
         assert!(m.ends_with(&[26, 0, b'u', 0, 0, 0]));
+    }
+
+    #[test]
+    fn ipv6_entries_are_encoded_and_parsed() {
+        let ip: std::net::Ipv6Addr = "fd77::2".parse().expect("v6");
+        let m = entry_message_ip(false, "s6", IpAddr::V6(ip), None, 3);
+        assert_eq!(u16::from_ne_bytes([m[4], m[5]]), (6 << 8) | 10);
+        assert_eq!(m[16], libc::AF_INET6 as u8);
+        let pos = m
+            .windows(16)
+            .position(|w| w == ip.octets())
+            .expect("ip bytes");
+        // IPSET_ATTR_IPADDR_IPV6 (2), network byte order flag.
+        assert_eq!(u16::from_ne_bytes([m[pos - 2], m[pos - 1]]), 2 | 0x4000);
+        assert_eq!(u16::from_ne_bytes([m[pos - 4], m[pos - 3]]), 20);
+        let text = "create p6 hash:ip family inet6 hashsize 1024 maxelem 65536 comment bucketsize 12 initval 0x1\nadd p6 fd77::2 comment \"uid-1\"\nadd p6 fd77::3\n";
+        assert_eq!(
+            parse_save_ip(text, "p6"),
+            vec![
+                (IpAddr::V6(ip), Some("uid-1".to_string())),
+                ("fd77::3".parse().expect("v6"), None),
+            ]
+        );
     }
 }

@@ -136,11 +136,29 @@ impl IptablesOptions {
             cmd.env
                 .push(("XTABLES_LOCKFILE", OsString::from(lock.as_os_str())));
         } else if self.pod_scoped_lock {
-            cmd.env
-                .push(("XTABLES_LOCKFILE", OsString::from(ns.path().as_os_str())));
+            cmd.env.push(("XTABLES_LOCKFILE", lock_path(ns.path())));
         }
         cmd
     }
+}
+
+/// The pod-scoped xtables lock file for the netns file `netns`, as a child process must name
+/// it: `/proc/self/…` and `/proc/thread-self/…` (e.g. `/proc/self/fd/N` of a namespace fd the
+/// caller holds) would resolve to the *child's* fd table, where `N` is closed or another file;
+/// `/proc/<our pid>/fd/N` is the same namespace file for every process. (`/proc/self/ns/net`
+/// stays: in the child it is the netns the child runs in, the target.)
+pub fn lock_path(netns: &std::path::Path) -> OsString {
+    for prefix in ["/proc/self/", "/proc/thread-self/"] {
+        if let Ok(rest) = netns.strip_prefix(prefix)
+            && rest.starts_with("fd")
+        {
+            return std::path::Path::new("/proc")
+                .join(std::process::id().to_string())
+                .join(rest)
+                .into_os_string();
+        }
+    }
+    netns.as_os_str().to_owned()
 }
 
 /// Lines of a `-save` output that are rules (`-A …`).
@@ -467,7 +485,7 @@ pub fn canonical_save(
 ) -> Result<String, NetxError> {
     // The pod netns file stays the xtables lock (see the module docs); the scratch netns has no
     // path of its own.
-    let lock = ns.path().as_os_str().to_owned();
+    let lock = lock_path(ns.path());
     crate::netns::with_scratch_netns(|scratch| {
         fn with_lock<'c>(mut cmd: Cmd<'c>, lock: &std::ffi::OsStr, scoped: bool) -> Cmd<'c> {
             cmd.env.retain(|(k, _)| *k != "XTABLES_LOCKFILE");
@@ -475,6 +493,11 @@ pub fn canonical_save(
                 cmd.env.push(("XTABLES_LOCKFILE", lock.to_owned()));
             }
             cmd
+        }
+        // Sets the rules match on (`-m set --match-set NAME`) must exist for the restore to
+        // load; empty ones print the same.
+        for set in match_sets(fresh) {
+            crate::ipset::create_family_here(scratch, &set, family)?;
         }
         let restore_bin = flavor.restore_binary(family);
         let mut restore = with_lock(opts.cmd(scratch, &restore_bin), &lock, opts.pod_scoped_lock)
@@ -489,6 +512,23 @@ pub fn canonical_save(
             .run(scratch)
             .map(|out| strip_comments(&out))
     })?
+}
+
+/// The ipset names `-m set --match-set NAME` refers to in restore text, first use first.
+pub fn match_sets(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        while let Some(w) = words.next() {
+            if w == "--match-set"
+                && let Some(name) = words.next()
+                && !out.iter().any(|n| n == name)
+            {
+                out.push(name.to_string());
+            }
+        }
+    }
+    out
 }
 
 /// What one family's tables looked like before a transaction touched them.
@@ -780,6 +820,25 @@ pub fn rollback_here(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn match_sets_and_lock_paths() {
+        let text = "* nat\n-N ISTIO_POSTRT\n-A ISTIO_POSTRT -m owner --socket-exists -p tcp -m set --match-set istio-inpod-probes-v4 dst -j SNAT --to-source 169.254.7.127\n-A X -m set --match-set istio-inpod-probes-v4 src -j RETURN\nCOMMIT\n";
+        assert_eq!(match_sets(text), vec!["istio-inpod-probes-v4"]);
+        assert!(match_sets("* nat\nCOMMIT\n").is_empty());
+        let pid = std::process::id();
+        assert_eq!(
+            lock_path(std::path::Path::new("/proc/self/fd/7")),
+            OsString::from(format!("/proc/{pid}/fd/7"))
+        );
+        assert_eq!(
+            lock_path(std::path::Path::new("/proc/thread-self/fd/9")),
+            OsString::from(format!("/proc/{pid}/fd/9"))
+        );
+        for kept in ["/proc/self/ns/net", "/run/netns/x", "/var/run/netns/cni-1"] {
+            assert_eq!(lock_path(std::path::Path::new(kept)), OsString::from(kept));
+        }
+    }
 
     const SAVE: &str = "*mangle\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -j RETURN\nCOMMIT\n*nat\n:OUTPUT ACCEPT [0:0]\n:ISTIO_OUTPUT - [0:0]\n-A OUTPUT -j ISTIO_OUTPUT\nCOMMIT\n";
 

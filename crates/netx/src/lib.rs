@@ -15,6 +15,7 @@ pub mod apply;
 pub mod detect;
 mod error;
 pub mod exec;
+pub mod inpod;
 pub mod ipset;
 pub mod iptables;
 pub mod iptables_state;
@@ -35,6 +36,9 @@ pub use apply::{
     apply_capture,
 };
 pub use error::NetxError;
+pub use inpod::{
+    HostProbe, InpodApplied, InpodApplier, InpodBackend, apply_inpod, check_inpod, remove_inpod,
+};
 pub use iptables::{IptablesFlavor, IptablesOptions};
 pub use netlink::{AddressSpec, Change, LocalRouteSpec, Netlink, RuleSpec};
 pub use netns::{InNetns, run_in_netns, spawn_in_netns, with_netns};

@@ -116,6 +116,42 @@ pub fn write_spec(out: &mut String, rule: &Rule) {
                 let list: Vec<&str> = states.iter().map(|s| s.iptables_name()).collect();
                 tok(out, &list.join(","));
             }
+            Match::NotOutInterface(i) => {
+                tok(out, "!");
+                tok(out, "-o");
+                tok(out, i);
+            }
+            Match::MarkMasked { mark, mask, negate } => {
+                tok(out, "-m");
+                tok(out, "mark");
+                if *negate {
+                    tok(out, "!");
+                }
+                tok(out, "--mark");
+                tok(out, &format!("{mark:#x}/{mask:#x}"));
+            }
+            Match::ConnMarkMasked { mark, mask } => {
+                tok(out, "-m");
+                tok(out, "connmark");
+                tok(out, "--mark");
+                tok(out, &format!("{mark:#x}/{mask:#x}"));
+            }
+            Match::ProtoModule => {
+                tok(out, "-m");
+                tok(out, rule.protocol().map_or("tcp", |p| p.name()));
+            }
+            Match::SocketExists => {
+                tok(out, "-m");
+                tok(out, "owner");
+                tok(out, "--socket-exists");
+            }
+            Match::DestSet(set) => {
+                tok(out, "-m");
+                tok(out, "set");
+                tok(out, "--match-set");
+                tok(out, set);
+                tok(out, "dst");
+            }
         }
     }
     tok(out, "-j");
@@ -153,6 +189,24 @@ pub fn write_spec(out: &mut String, rule: &Rule) {
             tok(out, "CT");
             tok(out, "--zone");
             tok(out, &z.to_string());
+        }
+        Target::SetConnMark { mark, mask } => {
+            tok(out, "CONNMARK");
+            tok(out, "--set-xmark");
+            tok(out, &format!("{mark:#x}/{mask:#x}"));
+        }
+        Target::RestoreMarkMasked { nfmask, ctmask } => {
+            tok(out, "CONNMARK");
+            tok(out, "--restore-mark");
+            tok(out, "--nfmask");
+            tok(out, &format!("{nfmask:#x}"));
+            tok(out, "--ctmask");
+            tok(out, &format!("{ctmask:#x}"));
+        }
+        Target::Snat(addr) => {
+            tok(out, "SNAT");
+            tok(out, "--to-source");
+            tok(out, &addr.to_string());
         }
     }
 }

@@ -4,12 +4,14 @@
 //! * [`sidecar`] — the sidecar capture generator (Istio's `istio-iptables`), producing one
 //!   rule model that both renderers consume.
 //! * [`ambient_node`] — ambient node-level (`iptables` redirect mode) node/ztunnel rules, routes, sysctls.
+//! * [`inpod`] — ambient `inpod` mode: in-pod rules and the host-probe SNAT rule.
 //! * [`iptables`] — `iptables-restore` text renderer.
 //! * [`nft`] — native nftables (`nft -f`) transaction renderer.
 //! * [`save_form`] — the `iptables-save` spelling of a rule set (verify-or-repair).
 #![forbid(unsafe_code)]
 
 pub mod ambient_node;
+pub mod inpod;
 pub mod iptables;
 pub mod model;
 pub mod nft;

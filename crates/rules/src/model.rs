@@ -98,6 +98,9 @@ pub enum Chain {
     IstioDivert,
     IstioTproxy,
     IstioDrop,
+    /// Ambient in-pod / host-probe chains (spec §7.5).
+    IstioPrert,
+    IstioPostrt,
 }
 
 impl Chain {
@@ -125,6 +128,8 @@ impl Chain {
             Chain::IstioDivert => "ISTIO_DIVERT",
             Chain::IstioTproxy => "ISTIO_TPROXY",
             Chain::IstioDrop => "ISTIO_DROP",
+            Chain::IstioPrert => "ISTIO_PRERT",
+            Chain::IstioPostrt => "ISTIO_POSTRT",
         }
     }
 
@@ -144,6 +149,8 @@ impl Chain {
             Chain::IstioDivert => "istio-divert",
             Chain::IstioTproxy => "istio-tproxy",
             Chain::IstioDrop => "istio-drop",
+            Chain::IstioPrert => "istio-prerouting",
+            Chain::IstioPostrt => "istio-postrouting",
         }
     }
 }
@@ -196,6 +203,15 @@ impl Cidr {
     }
 
     /// A single host (`/32` or `/128`) whose address keeps the caller's spelling.
+    /// A single host written as a bare address (`-s 169.254.7.127`, nft `ip saddr
+    /// 169.254.7.127`); `iptables-save` still prints it with its `/32` or `/128`.
+    pub fn address(addr: IpAddr) -> Cidr {
+        Cidr {
+            text: addr.to_string(),
+            net: IpNet::from(addr),
+        }
+    }
+
     pub fn host_verbatim(addr: IpAddr, text: &str) -> Cidr {
         let net = IpNet::from(addr);
         Cidr {
@@ -293,6 +309,20 @@ pub enum Match {
     ConnMark { mark: u32 },
     /// `-m conntrack --ctstate <s1>,<s2>...`
     CtState(Vec<CtState>),
+    /// `! -o <iface>`
+    NotOutInterface(String),
+    /// `-m mark [!] --mark <mark>/<mask>` (hex, as Istio's ambient rules spell it)
+    MarkMasked { mark: u32, mask: u32, negate: bool },
+    /// `-m connmark --mark <mark>/<mask>` (hex)
+    ConnMarkMasked { mark: u32, mask: u32 },
+    /// `-m <proto>`: the protocol's match module named explicitly (`-p tcp -m tcp`), where the
+    /// reference writes it; port matches that follow it belong to it. nft: nothing.
+    ProtoModule,
+    /// `-m owner --socket-exists` (iptables only; nft has no equivalent).
+    SocketExists,
+    /// `-m set --match-set <set> dst`; nft `ip daddr @<set>` / `ip6 daddr @<set>` (family
+    /// from the rule's scope: a set holds one family).
+    DestSet(String),
 }
 
 /// What a rule does with a matching packet.
@@ -321,6 +351,18 @@ pub enum Target {
     RestoreMark,
     /// `-j CT --zone <zone>`
     CtZone(u16),
+    /// `-j CONNMARK --set-xmark <mark>/<mask>` (hex); nft `ct mark set ct mark & ~mask | mark`.
+    SetConnMark {
+        mark: u32,
+        mask: u32,
+    },
+    /// `-j CONNMARK --restore-mark --nfmask <m> --ctmask <m>` (hex); nft `meta mark set ct mark`.
+    RestoreMarkMasked {
+        nfmask: u32,
+        ctmask: u32,
+    },
+    /// `-j SNAT --to-source <addr>`; nft `snat to <addr>`.
+    Snat(IpAddr),
 }
 
 /// How the nftables reference words a rule, where that is not derivable from the matches.
@@ -339,6 +381,27 @@ pub struct NftSpelling {
     /// The nft reference restricts this rule to TCP (`meta l4proto tcp`) although the iptables
     /// twin matches every protocol (Istio's invalid-drop rule).
     pub tcp_only: bool,
+    /// Put mark matches before port matches (`oifname != lo mark and 0xfff != 0x539 udp dport
+    /// 53`: Istio's in-pod UDP DNS rule).
+    pub mark_before_ports: bool,
+    /// How a masked mark match ([`Match::MarkMasked`]) is worded.
+    pub mark: NftMarkWording,
+    /// No `counter` statement (Istio's in-pod jumps from the base chains have none).
+    pub no_counter: bool,
+}
+
+/// Wording of a masked mark match in the nft reference, which varies per rule (Istio's
+/// in-pod rules are hand-written strings): `mark and 0xfff != 0x539` ([`NftMarkWording::And`]),
+/// the same with a doubled space before the operator ([`NftMarkWording::AndDoubleSpace`], the
+/// IPv4 inbound redirect), `meta mark and 0xfff == 0x539` ([`NftMarkWording::MetaAnd`]) and
+/// `meta mark & 0xfff == 0x539` ([`NftMarkWording::MetaAmp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum NftMarkWording {
+    #[default]
+    And,
+    AndDoubleSpace,
+    MetaAnd,
+    MetaAmp,
 }
 
 /// One rule.
@@ -472,6 +535,10 @@ impl RuleBuilder {
 
     pub fn mark(self, mark: u32, negate: bool) -> Self {
         self.m(Match::Mark { mark, negate })
+    }
+
+    pub fn mark_masked(self, mark: u32, mask: u32, negate: bool) -> Self {
+        self.m(Match::MarkMasked { mark, mask, negate })
     }
 
     pub fn ctstate(self, states: &[CtState]) -> Self {

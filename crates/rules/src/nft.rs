@@ -8,7 +8,10 @@
 
 use std::fmt::Write as _;
 
-use crate::model::{Chain, Family, Match, OwnerKind, Position, Proto, Rule, Scope, Table, Target};
+use crate::model::{
+    Chain, Family, Match, NftMarkWording, NftSpelling, OwnerKind, Position, Proto, Rule, Scope,
+    Table, Target,
+};
 use crate::sidecar::RuleSet;
 
 /// One chain of an nft table layout; `base` = `(type, hook, priority)` for hooked chains.
@@ -178,18 +181,25 @@ pub fn render_with(rs: &RuleSet, layout: &NftLayout) -> String {
 }
 
 /// Sort key of a match in nft canonical order; ports and addresses swap with
-/// [`crate::model::NftSpelling::ports_before_addresses`].
-fn rank(m: &Match, ports_first: bool) -> u8 {
-    let (addr, port) = if ports_first { (4, 3) } else { (3, 4) };
+/// [`crate::model::NftSpelling::ports_before_addresses`], marks move before ports with
+/// [`crate::model::NftSpelling::mark_before_ports`].
+fn rank(m: &Match, sp: NftSpelling) -> u8 {
+    let (addr, port) = if sp.ports_before_addresses {
+        (40, 30)
+    } else {
+        (30, 40)
+    };
+    let mark = if sp.mark_before_ports { 35 } else { 60 };
     match m {
-        Match::InInterface(_) | Match::OutInterface(_) => 0,
-        Match::Protocol(_) => 1,
-        Match::CtState(_) => 2,
+        Match::InInterface(_) | Match::OutInterface(_) | Match::NotOutInterface(_) => 0,
+        Match::Protocol(_) | Match::ProtoModule => 10,
+        Match::CtState(_) => 20,
         Match::Source { .. } | Match::Destination { .. } => addr,
         Match::DestPort { .. } | Match::SourcePort { .. } | Match::DestPorts { .. } => port,
-        Match::Owner { .. } => 5,
-        Match::Mark { .. } => 6,
-        Match::ConnMark { .. } => 7,
+        Match::Owner { .. } | Match::SocketExists => 50,
+        Match::DestSet(_) => 55,
+        Match::Mark { .. } | Match::MarkMasked { .. } => mark,
+        Match::ConnMark { .. } | Match::ConnMarkMasked { .. } => 70,
     }
 }
 
@@ -232,7 +242,7 @@ pub fn write_rule(out: &mut String, rule: &Rule) {
     });
     // Port matches need a protocol keyword; `th` (transport header) if the rule has none.
     let l4 = proto.map_or("th", Proto::name);
-    ms.sort_by_key(|m| rank(m, sp.ports_before_addresses));
+    ms.sort_by_key(|m| rank(m, sp));
 
     let mut toks: Vec<String> = Vec::with_capacity(ms.len() + 3);
     for m in ms {
@@ -284,6 +294,31 @@ pub fn write_rule(out: &mut String, rule: &Rule) {
             }
             Match::Mark { mark, negate } => toks.push(format!("mark {}{mark}", neq(*negate))),
             Match::ConnMark { mark } => toks.push(format!("ct mark {mark}")),
+            Match::NotOutInterface(i) => toks.push(format!("oifname != {}", ifname(i))),
+            Match::MarkMasked { mark, mask, negate } => {
+                let op = if *negate { "!=" } else { "==" };
+                toks.push(match sp.mark {
+                    NftMarkWording::And => format!("mark and {mask:#x} {op} {mark:#x}"),
+                    NftMarkWording::AndDoubleSpace => {
+                        format!("mark and {mask:#x}  {op} {mark:#x}")
+                    }
+                    NftMarkWording::MetaAnd => format!("meta mark and {mask:#x} {op} {mark:#x}"),
+                    NftMarkWording::MetaAmp => format!("meta mark & {mask:#x} {op} {mark:#x}"),
+                });
+            }
+            Match::ConnMarkMasked { mark, mask } => {
+                toks.push(format!("ct mark and {mask:#x} == {mark:#x}"));
+            }
+            // The explicit match module is implied by the protocol in nft.
+            Match::ProtoModule => {}
+            // nft has no `--socket-exists`; generators give nft a `skuid` match instead. A rule
+            // that still carries it must not silently match more: this token makes `nft`
+            // reject the transaction.
+            Match::SocketExists => toks.push("socket-exists-has-no-nft-equivalent".into()),
+            Match::DestSet(set) => {
+                let fam = if rule.scope == Scope::V6 { "ip6" } else { "ip" };
+                toks.push(format!("{fam} daddr @{set}"));
+            }
         }
     }
 
@@ -307,8 +342,16 @@ pub fn write_rule(out: &mut String, rule: &Rule) {
         Target::SaveMark => "ct mark set mark".into(),
         Target::RestoreMark => "meta mark set ct mark".into(),
         Target::CtZone(z) => format!("ct zone set {z}"),
+        // Istio's builder joins `ct mark & <mask> | ` and the mark with a space: two spaces.
+        Target::SetConnMark { mark, mask } => {
+            format!("ct mark set ct mark & {:#x} |  {mark:#x}", !mask)
+        }
+        Target::RestoreMarkMasked { .. } => "meta mark set ct mark".into(),
+        Target::Snat(addr) => format!("snat to {addr}"),
     };
-    toks.push("counter".into());
+    if !sp.no_counter {
+        toks.push("counter".into());
+    }
     toks.push(verdict);
     out.push_str(&toks.join(" "));
 }

@@ -129,9 +129,15 @@ pub fn rule_line(rule: &Rule, family: Family) -> String {
         }
     }
     for m in &rule.matches {
-        if let Match::OutInterface(i) = m {
-            toks.push("-o".into());
-            toks.push(i.clone());
+        match m {
+            Match::OutInterface(i) => {
+                toks.push("-o".into());
+                toks.push(i.clone());
+            }
+            Match::NotOutInterface(i) => {
+                toks.extend(["!".into(), "-o".into(), i.clone()]);
+            }
+            _ => {}
         }
     }
     let proto = rule.protocol();
@@ -144,7 +150,9 @@ pub fn rule_line(rule: &Rule, family: Family) -> String {
     let mut ports_done = false;
     for m in &rule.matches {
         match m {
-            Match::DestPort { .. } | Match::SourcePort { .. } if !ports_done => {
+            Match::DestPort { .. } | Match::SourcePort { .. } | Match::ProtoModule
+                if !ports_done =>
+            {
                 ports_done = true;
                 toks.push("-m".into());
                 toks.push(proto.unwrap_or(Proto::Tcp).name().into());
@@ -214,6 +222,25 @@ pub fn rule_line(rule: &Rule, family: Family) -> String {
                     .collect();
                 toks.push(list.join(","));
             }
+            Match::MarkMasked { mark, mask, negate } => {
+                toks.push("-m".into());
+                toks.push("mark".into());
+                not(&mut toks, *negate);
+                toks.push("--mark".into());
+                toks.push(format!("{mark:#x}/{mask:#x}"));
+            }
+            Match::ConnMarkMasked { mark, mask } => {
+                toks.extend(["-m".into(), "connmark".into(), "--mark".into()]);
+                toks.push(format!("{mark:#x}/{mask:#x}"));
+            }
+            Match::SocketExists => {
+                toks.extend(["-m".into(), "owner".into(), "--socket-exists".into()]);
+            }
+            Match::DestSet(set) => {
+                toks.extend(["-m".into(), "set".into(), "--match-set".into()]);
+                toks.push(set.clone());
+                toks.push("dst".into());
+            }
             _ => {}
         }
     }
@@ -264,6 +291,26 @@ pub fn rule_line(rule: &Rule, family: Family) -> String {
             ]);
         }
         Target::CtZone(z) => toks.extend(["CT".into(), "--zone".into(), z.to_string()]),
+        Target::SetConnMark { mark, mask } => {
+            toks.extend([
+                "CONNMARK".into(),
+                "--set-xmark".into(),
+                format!("{mark:#x}/{mask:#x}"),
+            ]);
+        }
+        Target::RestoreMarkMasked { nfmask, ctmask } => {
+            toks.extend([
+                "CONNMARK".into(),
+                "--restore-mark".into(),
+                "--nfmask".into(),
+                format!("{nfmask:#x}"),
+                "--ctmask".into(),
+                format!("{ctmask:#x}"),
+            ]);
+        }
+        Target::Snat(addr) => {
+            toks.extend(["SNAT".into(), "--to-source".into(), addr.to_string()]);
+        }
     }
     toks.join(" ")
 }

@@ -84,7 +84,8 @@ impl Default for CaptureConfig {
 }
 
 use crate::model::{
-    Chain, Cidr, CtState, Family, Match, NftSpelling, OwnerKind, Proto, Rule, Scope, Table, Target,
+    Chain, Cidr, CtState, Family, Match, NftMarkWording, NftSpelling, OwnerKind, Proto, Rule,
+    Scope, Table, Target,
 };
 
 /// Source address of inbound passthrough traffic (Envoy's original-src for inbound), IPv4.
@@ -791,6 +792,9 @@ const FOLDED: NftSpelling = NftSpelling {
     ports_before_addresses: false,
     meta_owner: false,
     tcp_only: false,
+    mark_before_ports: false,
+    mark: NftMarkWording::And,
+    no_counter: false,
 };
 
 /// nft spelling of the DNS conntrack-zone rules (`udp dport 53 meta skuid 1337`,
@@ -800,6 +804,9 @@ const DNS_ZONE: NftSpelling = NftSpelling {
     ports_before_addresses: true,
     meta_owner: true,
     tcp_only: false,
+    mark_before_ports: false,
+    mark: NftMarkWording::And,
+    no_counter: false,
 };
 
 /// Validate `cfg` and generate its rules (spec §2.3, HEAD order).
