@@ -41,8 +41,7 @@ use std::time::Duration;
 use meshcni_netx::inpod::{HostProbe, InpodBackend, apply_inpod, check_inpod, remove_inpod};
 use meshcni_netx::podns::{NetnsFinder, PodNetnsQuery};
 use meshcni_rules::inpod::{InpodConfig, PodOverrides};
-use meshcni_zds::proto::WorkloadInfo;
-use meshcni_zds::server::{ZdsEvent, ZdsOptions, ZdsServer};
+use meshcni_zds::{WorkloadInfo, ZdsEvent, ZdsOptions, ZdsServer};
 use tracing::{debug, info, warn};
 
 use crate::enroll::{Action, EnrolledPod, EnrolledState, NetnsId, PodId, PodNetns};
@@ -119,6 +118,8 @@ impl HeldPod {
 #[derive(Default)]
 struct ProxyView {
     events: Option<DriverEvents>,
+    /// Connections that said Hello: id → peer pid.
+    connected: BTreeMap<u64, Option<i32>>,
     /// Connections that completed their snapshot: id → peer pid.
     ready: BTreeMap<u64, Option<i32>>,
     /// Pods ztunnel refused in a snapshot replay (dropped at the next `actual()`).
@@ -274,11 +275,12 @@ impl InpodDriver {
             match ev {
                 ZdsEvent::Connected { conn, peer_pid } => {
                     info!(conn, ?peer_pid, "ztunnel connected to the ZDS socket");
+                    v.connected.insert(conn, peer_pid);
                 }
                 ZdsEvent::SnapshotSent { conn, nacked } => {
                     // The snapshot is what makes a connection usable (ztunnel is not ready
                     // before it): only now is it "the" ztunnel.
-                    let pid = None;
+                    let pid = v.connected.get(&conn).copied().flatten();
                     v.ready.insert(conn, pid);
                     for (uid, why) in nacked {
                         warn!(conn, uid = %uid, error = %why, "ztunnel refused a pod in its snapshot");
@@ -291,6 +293,7 @@ impl InpodDriver {
                 }
                 ZdsEvent::Disconnected { conn, reason } => {
                     info!(conn, %reason, "ztunnel connection closed");
+                    v.connected.remove(&conn);
                     if v.ready.remove(&conn).is_some() {
                         let cur = v.current();
                         v.tell(DriverEvent::ZtunnelChanged(cur));
