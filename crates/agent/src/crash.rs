@@ -31,6 +31,7 @@ pub const POINTS: &[&str] = &[
     "uninstall-after-links",
     "uninstall-mid-sysctls",
     "uninstall-before-state-remove",
+    "inpod-after-rules",
 ];
 
 #[cfg(any(debug_assertions, feature = "crash-points"))]

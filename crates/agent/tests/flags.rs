@@ -284,7 +284,12 @@ const TABLE: &[(&str, &str, &[&str], Expect)] = &[
         AMBIENT_INPOD,
         Runtime("ambient_ipv6: Some(false)"),
     ),
-    ("ambient-ipv6", "true", AMBIENT_IPTABLES, Rejected("IPv4-only")),
+    (
+        "ambient-ipv6",
+        "true",
+        AMBIENT_IPTABLES,
+        Rejected("IPv4-only"),
+    ),
     (
         "ambient-disable-safe-upgrade",
         "true",

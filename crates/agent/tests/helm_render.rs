@@ -161,7 +161,11 @@ fn ambient_mode_renders_a_host_network_agent_the_agent_accepts(mode: &str) {
     assert_eq!(get("AMBIENT_ENABLED"), Some("true"));
     assert_eq!(get("AMBIENT_REDIRECT_MODE"), Some(mode));
     let inpod = mode == "inpod";
-    assert_eq!(spec["hostPID"], Value::Bool(inpod), "host PID namespace only for inpod");
+    assert_eq!(
+        spec["hostPID"],
+        Value::Bool(inpod),
+        "host PID namespace only for inpod"
+    );
     let mounts: Vec<&str> = container["volumeMounts"]
         .as_array()
         .into_iter()

@@ -182,7 +182,10 @@ fn find_kubelet_uid(proc_root: &Path) -> Option<u32> {
     let dir = std::fs::read_dir(proc_root).ok()?;
     for e in dir.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().filter(|s| s.bytes().all(|b| b.is_ascii_digit())) else {
+        let Some(pid) = name
+            .to_str()
+            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+        else {
             continue;
         };
         let comm = std::fs::read_to_string(proc_root.join(pid).join("comm")).unwrap_or_default();
@@ -324,9 +327,9 @@ impl InpodDriver {
         let mut found: BTreeMap<String, File> = BTreeMap::new();
         for (uid, r) in &state.pods {
             // The recorded path first, if it still names the same netns.
-            let same = File::open(&r.netns_path).ok().filter(|f| {
-                netns_id_of(f).is_ok_and(|id| id == r.netns_id)
-            });
+            let same = File::open(&r.netns_path)
+                .ok()
+                .filter(|f| netns_id_of(f).is_ok_and(|id| id == r.netns_id));
             match same {
                 Some(f) => {
                     found.insert(uid.clone(), f);
@@ -364,8 +367,8 @@ impl InpodDriver {
             }
             let held = HeldPod { record, netns };
             if self.cfg.reconcile_on_startup {
-                let overrides = PodOverrides::from_annotations(&held.record.annotations)
-                    .unwrap_or_default();
+                let overrides =
+                    PodOverrides::from_annotations(&held.record.annotations).unwrap_or_default();
                 if let Err(e) = apply_inpod(
                     &held.netns_path(),
                     &self.cfg.rules,
@@ -400,8 +403,7 @@ impl InpodDriver {
         }
         info!(
             adopted = self.pods.len(),
-            dropped,
-            "inpod mode adopted its enrolled pods"
+            dropped, "inpod mode adopted its enrolled pods"
         );
         if dropped > 0 {
             self.save()?;
@@ -412,7 +414,10 @@ impl InpodDriver {
 
     fn start_zds_with_registrations(&mut self) -> Result<(), DriverError> {
         self.start_zds()?;
-        let zds = self.zds.as_ref().ok_or_else(|| drv("ZDS server not running"))?;
+        let zds = self
+            .zds
+            .as_ref()
+            .ok_or_else(|| drv("ZDS server not running"))?;
         for (uid, p) in &self.pods {
             let fd = p
                 .netns
@@ -432,8 +437,9 @@ impl InpodDriver {
         given: Option<&PodNetns>,
     ) -> Result<File, DriverError> {
         if let Some(n) = given {
-            let f = File::open(&n.path)
-                .map_err(|e| pod_err(pod, format!("opening its netns {}: {e}", n.path.display())))?;
+            let f = File::open(&n.path).map_err(|e| {
+                pod_err(pod, format!("opening its netns {}: {e}", n.path.display()))
+            })?;
             let id = netns_id_of(&f)
                 .map_err(|e| pod_err(pod, format!("stat of netns {}: {e}", n.path.display())))?;
             if id != n.id {
@@ -560,8 +566,13 @@ impl InpodDriver {
             return Err(drv(format!("pod uid {uid} is not enrolled")));
         };
         let overrides = PodOverrides::from_annotations(&p.record.annotations).unwrap_or_default();
-        check_inpod(&p.netns_path(), &self.cfg.rules, &overrides, self.cfg.backend)
-            .map_err(|e| drv(format!("checking pod uid {uid}: {e}")))
+        check_inpod(
+            &p.netns_path(),
+            &self.cfg.rules,
+            &overrides,
+            self.cfg.backend,
+        )
+        .map_err(|e| drv(format!("checking pod uid {uid}: {e}")))
     }
 }
 
@@ -628,7 +639,8 @@ impl RedirectDriver for InpodDriver {
                 netns,
             } => {
                 let file = self.open_netns(pod, ips, netns.as_ref())?;
-                let id = netns_id_of(&file).map_err(|e| pod_err(pod, format!("netns stat: {e}")))?;
+                let id =
+                    netns_id_of(&file).map_err(|e| pod_err(pod, format!("netns stat: {e}")))?;
                 let same_as_held = self
                     .pods
                     .get(&pod.uid)
@@ -639,10 +651,7 @@ impl RedirectDriver for InpodDriver {
                     service_account: service_account.clone(),
                     ips: ips.clone(),
                     annotations: annotations.clone(),
-                    netns_path: netns
-                        .as_ref()
-                        .map(|n| n.path.clone())
-                        .unwrap_or_default(),
+                    netns_path: netns.as_ref().map(|n| n.path.clone()).unwrap_or_default(),
                     netns_id: id,
                 };
                 self.enroll_in(pod, record, file, same_as_held)

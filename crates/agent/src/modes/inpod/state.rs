@@ -103,7 +103,10 @@ mod tests {
     fn state_round_trips_and_a_missing_file_is_empty() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("sub/inpod.json");
-        assert_eq!(InpodState::load(&p).expect("missing"), InpodState::default());
+        assert_eq!(
+            InpodState::load(&p).expect("missing"),
+            InpodState::default()
+        );
         let mut s = InpodState::default();
         s.pods.insert(
             "u1".into(),
@@ -111,7 +114,10 @@ mod tests {
                 namespace: "ns".into(),
                 name: "p".into(),
                 service_account: "sa".into(),
-                ips: vec!["10.0.0.2".parse().expect("ip"), "fd00::2".parse().expect("ip")],
+                ips: vec![
+                    "10.0.0.2".parse().expect("ip"),
+                    "fd00::2".parse().expect("ip"),
+                ],
                 annotations: BTreeMap::from([("a".into(), "b".into())]),
                 netns_path: "/var/run/netns/cni-1".into(),
                 netns_id: NetnsId { dev: 4, ino: 9 },
