@@ -67,7 +67,9 @@ fn driver(cfg: InpodModeConfig) -> (InpodDriver, mpsc::Receiver<DriverEvent>) {
     let (tx, rx) = mpsc::channel();
     let tx = std::sync::Mutex::new(tx);
     d.attach(DriverEvents::new(move |ev| {
-        let _ = tx.lock().map(|t| t.send(ev));
+        if let Ok(t) = tx.lock() {
+            let _ = t.send(ev);
+        }
     }));
     (d, rx)
 }
