@@ -75,6 +75,14 @@ pub enum NetxError {
     /// The caller's plan is inconsistent (e.g. nft backend chosen without nft text).
     #[error("invalid apply plan for network namespace {netns}: {detail}")]
     InvalidPlan { netns: PathBuf, detail: String },
+    /// A host file or directory could not be read (e.g. the host's `/proc` when looking for
+    /// the kubelet).
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// An apply failed and putting the previous state back failed too. Both causes are kept.
     #[error("{original}; additionally, restoring the previous state failed: {rollback}")]
     RollbackFailed {

@@ -773,6 +773,50 @@ impl HostProbe {
     }
 }
 
+/// The UID of the kubelet process, for the nftables host-probe rule (`skuid`): the first
+/// process under `proc_root` (the host's `/proc`, e.g. `/host/proc` in the agent's container)
+/// whose command (`comm`, or the base name of `argv[0]`) is `kubelet`, `kubelite` (microk8s),
+/// `k3s`, `k3s-server` or `k3s-agent` (k3s runs the kubelet in-process). `Ok(None)` when there
+/// is none; processes that vanish while being read are skipped.
+pub fn find_kubelet_uid(proc_root: &Path) -> Result<Option<u32>, NetxError> {
+    const NAMES: [&str; 5] = ["kubelet", "kubelite", "k3s", "k3s-server", "k3s-agent"];
+    let entries = std::fs::read_dir(proc_root).map_err(|source| NetxError::Read {
+        path: proc_root.to_path_buf(),
+        source,
+    })?;
+    let mut pids: Vec<u32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .collect();
+    pids.sort_unstable();
+    for pid in pids {
+        let dir = proc_root.join(pid.to_string());
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        let argv0 = std::fs::read(dir.join("cmdline"))
+            .ok()
+            .and_then(|c| {
+                let first = c.split(|b| *b == 0).next()?.to_vec();
+                let first = String::from_utf8(first).ok()?;
+                Some(first.rsplit('/').next().unwrap_or_default().to_string())
+            })
+            .unwrap_or_default();
+        if !NAMES.contains(&comm.trim()) && !NAMES.contains(&argv0.as_str()) {
+            continue;
+        }
+        let Ok(status) = std::fs::read_to_string(dir.join("status")) else {
+            continue;
+        };
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|u| u.parse::<u32>().ok());
+        if uid.is_some() {
+            return Ok(uid);
+        }
+    }
+    Ok(None)
+}
+
 /// An `nft list table` output's lines without set elements (trimmed, counters dropped).
 fn without_elements(listing: &str) -> Vec<String> {
     let mut out = Vec::new();
@@ -826,6 +870,41 @@ fn parse_nft_elements(text: &str) -> Vec<(IpAddr, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kubelet_uid_is_found_by_name() {
+        let root = std::env::temp_dir().join(format!("mcni-h9a-proc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let proc_entry = |pid: u32, comm: &str, cmdline: &[u8], uid: u32| {
+            let d = root.join(pid.to_string());
+            std::fs::create_dir_all(&d).expect("mkdir");
+            std::fs::write(d.join("comm"), format!("{comm}\n")).expect("comm");
+            std::fs::write(d.join("cmdline"), cmdline).expect("cmdline");
+            std::fs::write(
+                d.join("status"),
+                format!("Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"),
+            )
+            .expect("status");
+        };
+        std::fs::create_dir_all(root.join("self")).expect("non-numeric entry");
+        proc_entry(1, "systemd", b"/sbin/init\0", 0);
+        proc_entry(40, "containerd", b"/usr/bin/containerd\0", 0);
+        assert_eq!(find_kubelet_uid(&root).expect("scan"), None);
+        // comm is cut to 15 bytes and may differ; argv[0]'s base name counts too.
+        proc_entry(77, "worker", b"/usr/local/bin/kubelet\0--config=/x\0", 1234);
+        assert_eq!(find_kubelet_uid(&root).expect("scan"), Some(1234));
+        proc_entry(12, "kubelite", b"/snap/microk8s/kubelite\0", 500);
+        assert_eq!(
+            find_kubelet_uid(&root).expect("scan"),
+            Some(500),
+            "lowest pid first"
+        );
+        std::fs::remove_dir_all(&root).expect("cleanup");
+        assert!(
+            find_kubelet_uid(&root).is_err(),
+            "a missing proc root is an error"
+        );
+    }
 
     #[test]
     fn nft_elements_and_listings_are_parsed() {
