@@ -34,7 +34,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -176,26 +176,6 @@ fn netns_id_of(f: &File) -> Result<NetnsId, std::io::Error> {
     })
 }
 
-/// The kubelet's UID: the owner of the first process named `kubelet`, `kubelite` or `k3s`.
-fn find_kubelet_uid(proc_root: &Path) -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    let dir = std::fs::read_dir(proc_root).ok()?;
-    for e in dir.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(proc_root.join(pid).join("comm")).unwrap_or_default();
-        if matches!(comm.trim(), "kubelet" | "kubelite" | "k3s") {
-            return std::fs::metadata(proc_root.join(pid)).ok().map(|m| m.uid());
-        }
-    }
-    None
-}
-
 impl InpodDriver {
     /// A driver for `cfg`. Reads the state file; touches nothing else (the ZDS server starts
     /// at the first `actual()`, once the recorded pods are registered).
@@ -230,7 +210,11 @@ impl InpodDriver {
                 InpodBackend::Nftables => Some(
                     self.cfg
                         .kubelet_uid
-                        .or_else(|| find_kubelet_uid(&self.cfg.proc_root))
+                        .or_else(|| {
+                            meshcni_netx::inpod::find_kubelet_uid(&self.cfg.proc_root)
+                                .ok()
+                                .flatten()
+                        })
                         .ok_or_else(|| {
                             drv(format!(
                                 "the nftables host-probe rule matches the kubelet's UID, and no \
