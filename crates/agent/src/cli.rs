@@ -478,6 +478,13 @@ pub struct AgentArgs {
     #[arg(long, env = "NETNS_DIR", default_value = "/var/run/netns")]
     pub netns_dir: PathBuf,
 
+    /// The host's procfs as the agent sees it. The inpod mode scans it to find the netns of a
+    /// running pod (a process whose cgroup names the pod UID, verified by the pod's IP) when
+    /// it enrolls a pod that was already running or adopts its pods after a restart; with
+    /// hostPID (the chart) that is `/proc`. With another mode a non-default value is rejected.
+    #[arg(long, env = "HOST_PROC_DIR", default_value = "/proc")]
+    pub host_proc_dir: PathBuf,
+
     /// Let the agent enter the host netns through /host/proc/1/ns/net (non-hostNetwork pod). [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "ALLOW_SWITCH_TO_HOST_NS", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
@@ -695,6 +702,7 @@ impl AgentArgs {
                 "only the inpod redirect mode uses it, and ambient with that mode is not enabled";
             reject_non_default!(self, d, errs;
                 ztunnel_uds_address: ONLY_INPOD,
+                host_proc_dir: ONLY_INPOD,
                 ambient_reconcile_pod_rules_on_startup: ONLY_INPOD,
                 host_probe_snat_ip: ONLY_INPOD,
                 host_probe_snat_ipv6: ONLY_INPOD,

@@ -358,6 +358,18 @@ const TABLE: &[(&str, &str, &[&str], Expect)] = &[
         Runtime("node_xtables_lock: \"/lk\""),
     ),
     (
+        "host-proc-dir",
+        "/host/proc",
+        AMBIENT_INPOD,
+        Runtime("host_proc_dir: \"/host/proc\""),
+    ),
+    (
+        "host-proc-dir",
+        "/host/proc",
+        AMBIENT_IPTABLES,
+        Rejected("only the inpod redirect mode"),
+    ),
+    (
         "allow-switch-to-host-ns",
         "true",
         &[],

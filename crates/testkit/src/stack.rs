@@ -46,6 +46,13 @@ pub struct AgentDirs {
     pub meta: PathBuf,
     /// The agent's stderr log.
     pub log: PathBuf,
+    /// inpod mode: `--ztunnel-uds-address` (the ZDS socket the ztunnel stand-in connects to).
+    pub zds_socket: PathBuf,
+    /// inpod mode: `--host-proc-dir`, an empty private dir: netns discovery never scans the
+    /// machine's processes (other jobs' namespaces).
+    pub proc: PathBuf,
+    /// inpod mode: `--netns-dir`, a private dir the test fills with links to its own netns.
+    pub netns_dir: PathBuf,
 }
 
 impl AgentDirs {
@@ -64,8 +71,13 @@ impl AgentDirs {
             workloads: root.join("workloads.json"),
             meta: root.join("meta"),
             log: root.join("agent.log"),
+            zds_socket: root.join("zds").join("ztunnel.sock"),
+            proc: root.join("proc"),
+            netns_dir: root.join("netns"),
         };
         for dir in [
+            &d.proc,
+            &d.netns_dir,
             &d.net_d,
             &d.image,
             &d.bin,
@@ -205,12 +217,31 @@ pub fn write_pod_metadata(meta: &Path, pod: &Value, namespace: &Value) -> Result
     )
 }
 
+/// The ambient redirect mode an [`Agent`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StackMode {
+    /// Node-level (`--ambient-redirect-mode=iptables`), ztunnel as a watched pod.
+    Iptables,
+    /// In-pod (`--ambient-redirect-mode=inpod`), ztunnel connects to `dirs.zds_socket`.
+    Inpod,
+}
+
+impl StackMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            StackMode::Iptables => "iptables",
+            StackMode::Inpod => "inpod",
+        }
+    }
+}
+
 /// The `meshcni-agent` process, running inside a node netns. SIGTERM + reap on drop.
 #[derive(Debug)]
 pub struct Agent {
     child: Option<Child>,
     pub dirs: AgentDirs,
     pub node_netns: PathBuf,
+    pub mode: StackMode,
 }
 
 impl Agent {
@@ -235,6 +266,25 @@ impl Agent {
         dirs: &AgentDirs,
         env: &[(&str, &str)],
     ) -> Result<Agent, String> {
+        Agent::start_mode(
+            agent_bin,
+            node_netns,
+            node_name,
+            dirs,
+            StackMode::Iptables,
+            env,
+        )
+    }
+
+    /// [`Agent::start_with_env`] in redirect mode `mode` ([`agent_args_for`]).
+    pub fn start_mode(
+        agent_bin: &Path,
+        node_netns: &Path,
+        node_name: &str,
+        dirs: &AgentDirs,
+        mode: StackMode,
+        env: &[(&str, &str)],
+    ) -> Result<Agent, String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -245,7 +295,7 @@ impl Agent {
             .arg(format!("--net={}", node_netns.display()))
             .arg("--")
             .arg(agent_bin)
-            .args(agent_args(dirs))
+            .args(agent_args_for(dirs, mode))
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("NODE_NAME", node_name)
@@ -259,6 +309,7 @@ impl Agent {
             child: Some(child),
             dirs: dirs.clone(),
             node_netns: node_netns.to_path_buf(),
+            mode,
         })
     }
 
@@ -273,7 +324,7 @@ impl Agent {
     }
 
     /// Wait until the agent is ready: `/readyz` answers 200 (address from its log), the
-    /// ambient config says `{"ztunnelReady":true,"redirectMode":"iptables"}` and the plugin
+    /// ambient config says `{"ztunnelReady":true,"redirectMode":"<mode>"}` and the plugin
     /// event socket exists. Returns the readiness address and the config text.
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<(String, String), String> {
         let deadline = Instant::now() + timeout;
@@ -318,7 +369,11 @@ impl Agent {
         }
         let config = std::fs::read_to_string(self.dirs.ambient_config())
             .map_err(|e| format!("read {}: {e}", self.dirs.ambient_config().display()))?;
-        if config != r#"{"ztunnelReady":true,"redirectMode":"iptables"}"# {
+        let want = format!(
+            r#"{{"ztunnelReady":true,"redirectMode":"{}"}}"#,
+            self.mode.name()
+        );
+        if config != want {
             return Err(format!("ambient config is {config}"));
         }
         if !self.dirs.socket().exists() {
@@ -399,10 +454,15 @@ fn signal(child: &Child, sig: nix::sys::signal::Signal) -> Result<(), String> {
         .map_err(|e| format!("kill -{sig} {pid}: {e}"))
 }
 
-/// The agent's flags for `dirs` (also what `meshcni-agent uninstall` needs).
+/// The agent's flags for `dirs` in iptables mode (also what `meshcni-agent uninstall` needs).
 pub fn agent_args(dirs: &AgentDirs) -> Vec<String> {
+    agent_args_for(dirs, StackMode::Iptables)
+}
+
+/// The agent's flags for `dirs` in redirect mode `mode`.
+pub fn agent_args_for(dirs: &AgentDirs, mode: StackMode) -> Vec<String> {
     let p = |p: &Path| p.display().to_string();
-    vec![
+    let mut args = vec![
         format!("--mounted-cni-net-dir={}", p(&dirs.net_d)),
         format!("--cni-net-dir={}", p(&dirs.net_d)),
         format!("--cni-bin-dir={}", p(&dirs.image)),
@@ -419,12 +479,20 @@ pub fn agent_args(dirs: &AgentDirs) -> Vec<String> {
         // The lab node's own xtables lock, not the host's `/run/xtables.lock`.
         format!("--node-xtables-lock={}", p(&dirs.run.join("xtables.lock"))),
         "--ambient-enabled".into(),
-        "--ambient-redirect-mode=iptables".into(),
+        format!("--ambient-redirect-mode={}", mode.name()),
         "--listen-address=127.0.0.1".into(),
         "--readiness-port=0".into(),
         "--monitoring-port=0".into(),
         "--log-level=info".into(),
-    ]
+    ];
+    if mode == StackMode::Inpod {
+        args.extend([
+            format!("--ztunnel-uds-address={}", p(&dirs.zds_socket)),
+            format!("--host-proc-dir={}", p(&dirs.proc)),
+            format!("--netns-dir={}", p(&dirs.netns_dir)),
+        ]);
+    }
+    args
 }
 
 /// `meshcni-agent [flags for dirs] uninstall` inside the node netns (what an operator runs to

@@ -65,6 +65,7 @@ pub fn make_driver(
                 // adopts its pods.
                 state_file: args.cni_agent_run_dir.join("inpod-mode.json"),
                 netns_dirs: vec![args.netns_dir.clone()],
+                proc_root: args.host_proc_dir.clone(),
                 reconcile_on_startup: args.ambient_reconcile_pod_rules_on_startup,
                 ..InpodModeConfig::default()
             };
