@@ -188,7 +188,10 @@ impl Setup {
         // The loop has read the file before the first event (the lookup wait covers a lag,
         // but tests asserting "refused" should not depend on it).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while s.status.get().redirect.is_err() {
+        let connected = s.driver.lock().connected;
+        // A connected-proxy mode stays not ready until its proxy connects: wait for the first
+        // pass instead.
+        while (!connected && s.status.get().redirect.is_err()) || s.status.get().passes == 0 {
             assert!(
                 Instant::now() < deadline,
                 "loop never synced: {:?}",
@@ -1102,7 +1105,14 @@ fn a_connected_mode_refuses_until_its_proxy_connects_then_enrolls_in_the_sandbox
     std::fs::write(&ns_a, b"").expect("netns a");
     std::fs::write(&ns_b, b"").expect("netns b");
 
-    // No proxy connected: refused, naming the ZDS socket (a watched ztunnel pod would not do).
+    // No proxy connected: not ready (a pod started now would not be captured) and refused,
+    // naming the ZDS socket (a watched ztunnel pod would not do).
+    let gate = s.status.get().redirect;
+    assert!(
+        gate.as_ref()
+            .is_err_and(|e| e.contains("no ztunnel connected")),
+        "{gate:?}"
+    );
     let (status, body) = rejected(s.add(&with_netns(event("demo", "app", "10.0.0.2"), &ns_a)));
     assert_eq!(status, 500, "{body}");
     assert!(
@@ -1119,6 +1129,11 @@ fn a_connected_mode_refuses_until_its_proxy_connects_then_enrolls_in_the_sandbox
     );
     s.add(&with_netns(event("demo", "app", "10.0.0.2"), &ns_a))
         .expect("captured once a proxy is connected");
+    assert_eq!(
+        s.status.get().redirect,
+        Ok(()),
+        "ready once a proxy is connected"
+    );
     let applies = s.applies();
     assert_eq!(applies.len(), 1, "{applies:?}");
     assert!(
@@ -1149,6 +1164,7 @@ fn a_connected_mode_refuses_until_its_proxy_connects_then_enrolls_in_the_sandbox
     let (status, body) = rejected(s.add(&with_netns(event("demo", "app", "10.0.0.2"), &ns_a)));
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("no ztunnel connected"), "{body}");
+    assert!(s.status.get().redirect.is_err(), "not ready without a proxy");
 }
 
 #[test]

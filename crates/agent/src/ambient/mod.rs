@@ -603,8 +603,18 @@ impl Reconciler {
             return r;
         }
         self.driver_retry = None;
+        // Ready means "a pod started now is captured". A mode whose proxy connects to it
+        // cannot capture anything while none is connected: the gate says so (a watched
+        // ztunnel's absence keeps it open: those modes fail such pods' ADDs individually).
+        let redirect = match (self.driver.ztunnel_source(), &zt) {
+            (ZtunnelSource::Connected, None) => Err(format!(
+                "{} driver: no ztunnel connected to the agent's ZDS socket",
+                self.driver.name()
+            )),
+            _ => Ok(()),
+        };
         self.status.update(|s| {
-            s.redirect = Ok(());
+            s.redirect = redirect;
             s.enrolled = enrolled;
             s.failing = failing;
             s.conflicts = conflicts;
