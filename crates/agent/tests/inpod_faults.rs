@@ -1,0 +1,519 @@
+//! Faults of the `inpod` redirect mode (issue 9 items 1, 5 and 7), through the real
+//! `meshcni-agent` binary in inpod mode (in a lab node netns, workloads from a file, private
+//! `--host-proc-dir` / `--netns-dir`), the real `meshcni` plugin binary exec'd like a runtime,
+//! and the in-pod ztunnel stand-in (a real ZDS client with fault knobs):
+//!
+//! * fail closed: no ztunnel, a nack, an ack timeout → the ambient ADD fails naming the cause
+//!   and the pod netns is byte-identical to before (iptables of both flavours and families,
+//!   nft, ip rules/routes, sysctls), no host-probe entry; non-ambient pods pass with the agent
+//!   down;
+//! * agent restart (SIGTERM, SIGKILL, state file lost): traffic keeps flowing while it is down,
+//!   the new agent adopts its pods, repairs drifted rules, and replays a full snapshot;
+//! * agent killed at crash points mid-enrollment; ztunnel stopped and restarted; a pod deleted
+//!   while its Add waits for the ack; malformed / oversized ZDS messages; many concurrent
+//!   ADD/DEL.
+//!
+//! Root only (fails without it); every namespace is the test's own (`mcni-*`), removed on
+//! success and failure.
+
+use meshcni_testkit::stack as kit;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kit::{
+    Agent, AgentDirs, CniOutcome, DATAPLANE_MODE, StackMode, namespace_json, plugin_add,
+    pod_json, write_pod_metadata, write_workloads,
+};
+use meshcni_testkit::multinode::{EchoServer, open_stream, read_line};
+use meshcni_testkit::zds_client::RequestKind;
+use meshcni_testkit::{InpodZtunnelConfig, InpodZtunnelStandIn, MultiNodeLab, NetnsSnapshot};
+use serde_json::Value;
+
+const NODE: &str = "node1";
+const WAIT: Duration = Duration::from_secs(30);
+const STATE_FILE: &str = "inpod-mode.json";
+
+fn binaries() -> (PathBuf, PathBuf) {
+    let agent = PathBuf::from(env!("CARGO_BIN_EXE_meshcni-agent"));
+    let plugin = Path::new(env!("CARGO_BIN_EXE_meshcni-agent")).with_file_name("meshcni");
+    assert!(
+        plugin.is_file(),
+        "meshcni plugin binary missing at {}",
+        plugin.display()
+    );
+    (agent, plugin)
+}
+
+fn namespaces() -> Vec<Value> {
+    vec![
+        namespace_json("mesh", &[(DATAPLANE_MODE, "ambient")]),
+        namespace_json("plain", &[]),
+        namespace_json("istio-system", &[]),
+    ]
+}
+
+fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A lab node with ambient pods (namespace `mesh`, Pending until [`Rig::set_running`]) and
+/// plain pods (namespace `plain`, Running), the agent's private dirs and the binaries.
+struct Rig {
+    lab: MultiNodeLab,
+    dirs: AgentDirs,
+    agent_bin: PathBuf,
+    plugin: PathBuf,
+    node_ns: PathBuf,
+    ambient: Vec<String>,
+    plain: Vec<String>,
+    running: BTreeSet<String>,
+    removed: BTreeSet<String>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Rig {
+    fn new(tag: &str, ambient: &[&str], plain: &[&str]) -> Rig {
+        assert!(nix::unistd::geteuid().is_root(), "needs root");
+        let (agent_bin, plugin) = binaries();
+        let all: Vec<&str> = ambient.iter().chain(plain.iter()).copied().collect();
+        let lab = MultiNodeLab::new(tag, &[&all]).expect("lab");
+        let node_ns = lab.node(1).netns.path().to_path_buf();
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dirs = AgentDirs::create(tmp.path(), &plugin).expect("dirs");
+        let rig = Rig {
+            lab,
+            dirs,
+            agent_bin,
+            plugin,
+            node_ns,
+            ambient: ambient.iter().map(|s| s.to_string()).collect(),
+            plain: plain.iter().map(|s| s.to_string()).collect(),
+            running: BTreeSet::new(),
+            removed: BTreeSet::new(),
+            _tmp: tmp,
+        };
+        for name in &rig.ambient {
+            let pod = pod_json("mesh", name, NODE, None, &[], &[]);
+            write_pod_metadata(&rig.dirs.meta, &pod, &namespaces()[0]).expect("metadata");
+        }
+        for name in &rig.plain {
+            let pod = rig.pod_obj("plain", name, true);
+            write_pod_metadata(&rig.dirs.meta, &pod, &namespaces()[1]).expect("metadata");
+        }
+        rig.publish();
+        rig
+    }
+
+    fn ip(&self, name: &str) -> Ipv4Addr {
+        self.lab.pod(name).ip
+    }
+
+    fn pod_obj(&self, ns: &str, name: &str, running: bool) -> Value {
+        pod_json(ns, name, NODE, running.then(|| self.ip(name)), &[], &[])
+    }
+
+    /// Write the workloads file: ambient pods not removed (Running with their IP once
+    /// [`Rig::set_running`]), plain pods Running.
+    fn publish(&self) {
+        let mut pods = Vec::new();
+        for name in self.ambient.iter().filter(|n| !self.removed.contains(*n)) {
+            pods.push(self.pod_obj("mesh", name, self.running.contains(name)));
+        }
+        for name in &self.plain {
+            pods.push(self.pod_obj("plain", name, true));
+        }
+        write_workloads(&self.dirs.workloads, &namespaces(), &pods).expect("workloads");
+    }
+
+    /// The kubelet reported these pods' IPs (as after their ADD).
+    fn set_running(&mut self, names: &[&str]) {
+        self.running.extend(names.iter().map(|s| s.to_string()));
+        self.publish();
+    }
+
+    /// The pod was deleted from the API.
+    fn remove(&mut self, name: &str) {
+        self.removed.insert(name.to_string());
+        self.publish();
+    }
+
+    fn start(&self, env: &[(&str, &str)]) -> Agent {
+        let agent = Agent::start_mode(
+            &self.agent_bin,
+            &self.node_ns,
+            NODE,
+            &self.dirs,
+            StackMode::Inpod,
+            env,
+        )
+        .expect("agent");
+        // The plugin socket answers (a stale file of a killed agent does not).
+        wait_until("the agent's plugin event socket", WAIT, || {
+            std::os::unix::net::UnixStream::connect(self.dirs.socket())
+                .ok()
+                .map(|_| ())
+        });
+        agent
+    }
+
+    fn add(&self, name: &str) -> CniOutcome {
+        let ns = if self.plain.iter().any(|p| p == name) {
+            "plain"
+        } else {
+            "mesh"
+        };
+        plugin_add(
+            &self.plugin,
+            &self.node_ns,
+            self.lab.pod(name).netns.path(),
+            ns,
+            name,
+            self.ip(name),
+            &self.dirs,
+        )
+        .expect("plugin")
+    }
+
+    fn snap(&self, name: &str) -> NetnsSnapshot {
+        NetnsSnapshot::capture(self.lab.pod(name).netns.path()).expect("snapshot")
+    }
+
+    /// Every iptables rule of the pod (both flavours, both families), normalised.
+    fn rules(&self, name: &str) -> String {
+        let ns = self.lab.pod(name).netns.path();
+        let mut out = String::new();
+        for prog in [
+            "iptables-nft-save",
+            "iptables-legacy-save",
+            "ip6tables-nft-save",
+            "ip6tables-legacy-save",
+        ] {
+            out.push_str(&format!("## {prog}\n"));
+            out.push_str(&kit::normalize_save(
+                &kit::exec_in(ns, prog, &[]).expect("save"),
+            ));
+        }
+        out
+    }
+
+    /// The iptables flavour holding the pod's in-pod rules (`nft` / `legacy`).
+    fn flavour(&self, name: &str) -> &'static str {
+        let ns = self.lab.pod(name).netns.path();
+        if kit::exec_in(ns, "iptables-nft-save", &[])
+            .expect("save")
+            .contains("ISTIO_OUTPUT")
+        {
+            "nft"
+        } else {
+            "legacy"
+        }
+    }
+
+    /// Host-probe set members in the node netns: IP → how many times it is listed.
+    fn probe_entries(&self) -> BTreeMap<IpAddr, usize> {
+        let text = kit::exec_in(&self.node_ns, "ipset", &["list"]).expect("ipset list");
+        let mut out = BTreeMap::new();
+        for line in text.lines() {
+            if let Some(ip) = line
+                .split_whitespace()
+                .next()
+                .and_then(|w| w.parse::<IpAddr>().ok())
+            {
+                *out.entry(ip).or_insert(0) += 1;
+            }
+        }
+        out
+    }
+
+    fn probe_count(&self, name: &str) -> usize {
+        self.probe_entries()
+            .get(&IpAddr::V4(self.ip(name)))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn config(&self) -> String {
+        std::fs::read_to_string(self.dirs.ambient_config()).unwrap_or_default()
+    }
+
+    fn wait_config(&self, ready: bool) {
+        let want = format!(r#"{{"ztunnelReady":{ready},"redirectMode":"inpod"}}"#);
+        wait_until(&format!("ambient config {want}"), WAIT, || {
+            (self.config() == want).then_some(())
+        });
+    }
+
+    /// `/readyz` status of the running agent (the address it logged last).
+    fn readyz(&self, agent: &Agent) -> Option<u16> {
+        let addr = agent.log().lines().rev().find_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("readiness="))
+                .map(|a| a.trim_matches('"').to_string())
+        })?;
+        kit::http_get_in(&self.node_ns, &addr, "/readyz")
+            .ok()
+            .map(|(s, _)| s)
+    }
+
+    fn link_netns(&self, name: &str) {
+        let link = self.dirs.netns_dir.join(format!("cni-{name}"));
+        if !link.exists() {
+            std::os::unix::fs::symlink(self.lab.pod(name).netns.path(), &link)
+                .expect("symlink netns");
+        }
+    }
+
+    fn greeting(&self, from: &str, to: SocketAddr) -> Result<String, String> {
+        let mut s = open_stream(&self.lab.pod(from).netns, to, Duration::from_secs(3))
+            .map_err(|e| format!("{from} → {to}: {e}"))?;
+        read_line(&mut s).map_err(|e| format!("{from} → {to}: {e}"))
+    }
+
+    /// `from` → `to` arrives with `from`'s address and went through the stand-in's 15001 in
+    /// `from`'s netns.
+    fn assert_captured(&self, zt: &InpodZtunnelStandIn, from: &str, to: SocketAddr) {
+        zt.take_hops();
+        let g = self
+            .greeting(from, to)
+            .unwrap_or_else(|e| panic!("{e}; hops {:?}", zt.hops()));
+        assert!(g.contains(&format!("peer:{}:", self.ip(from))), "{g}");
+        let hops = zt.wait_for_hops(1, WAIT).expect("a hop");
+        assert!(
+            hops.iter().any(|h| h.uid == kit::pod_uid(from)
+                && h.listener_port == 15001
+                && h.original_dst == to),
+            "{hops:?}"
+        );
+    }
+}
+
+fn assert_no_duplicate_rules(rules: &str) {
+    let mut seen = BTreeSet::new();
+    let (mut prog, mut table) = (String::new(), String::new());
+    for l in rules.lines() {
+        if l.starts_with("##") {
+            prog = l.to_string();
+        }
+        if l.starts_with('*') {
+            table = format!("{prog} {l}");
+        }
+        if l.starts_with("-A ") {
+            assert!(
+                seen.insert(format!("{table} {l}")),
+                "duplicate rule {l} in {table}:\n{rules}"
+            );
+        }
+    }
+}
+
+fn kill9(agent: &mut Agent) {
+    let pid = agent.pid().expect("agent running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9");
+    agent
+        .wait_exit(WAIT)
+        .expect("wait")
+        .expect("agent exited after SIGKILL");
+}
+
+/// The requests of connection `conn`: the uids of its Adds in order, and whether it ended
+/// its snapshot (`SnapshotSent` after the Adds).
+fn snapshot_on(zt: &InpodZtunnelStandIn, conn: usize) -> (Vec<String>, bool) {
+    let reqs: Vec<_> = zt
+        .requests()
+        .into_iter()
+        .filter(|r| r.connection == conn)
+        .collect();
+    let end = reqs
+        .iter()
+        .position(|r| r.kind == Some(RequestKind::SnapshotSent));
+    let adds = reqs[..end.unwrap_or(reqs.len())]
+        .iter()
+        .filter(|r| r.kind == Some(RequestKind::Add))
+        .filter_map(|r| r.uid.clone())
+        .collect();
+    (adds, end.is_some())
+}
+
+/// Wait for a new connection (after `after` connects) with its snapshot complete; returns its
+/// number and the snapshot's Adds, sorted.
+fn wait_new_snapshot(zt: &InpodZtunnelStandIn, after: usize) -> (usize, Vec<String>) {
+    zt.wait_for_connects(after + 1, WAIT).expect("reconnect");
+    zt.wait_for_snapshot(WAIT).expect("snapshot");
+    let conn = zt.connects();
+    let (mut adds, done) = snapshot_on(zt, conn);
+    assert!(done, "connection {conn}: no SnapshotSent: {:?}", zt.requests());
+    adds.sort();
+    (conn, adds)
+}
+
+fn uids(names: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = names.iter().map(|n| kit::pod_uid(n)).collect();
+    v.sort();
+    v
+}
+
+// ---- item 1: fail closed -------------------------------------------------------------------
+
+#[test]
+fn ambient_add_fails_closed_naming_the_cause_and_leaves_nothing_in_the_pod() {
+    let rig = Rig::new("ipf-closed", &["a", "b"], &["p"]);
+    let before_a = rig.snap("a");
+    let before_b = rig.snap("b");
+    let mut agent = rig.start(&[]);
+
+    // No ztunnel: not ready, config says so, the ADD fails naming ztunnel.
+    rig.wait_config(false);
+    wait_until("/readyz not ready", WAIT, || {
+        rig.readyz(&agent).filter(|s| *s != 200)
+    });
+    let out = rig.add("a");
+    assert!(!out.success, "{out:?}");
+    assert!(
+        out.stdout.contains("no ztunnel connected"),
+        "{out:?}\n{}",
+        agent.log()
+    );
+    before_a.assert_same(&rig.snap("a"), "ADD without ztunnel");
+    assert_eq!(rig.probe_count("a"), 0, "{:?}", rig.probe_entries());
+
+    // ztunnel refuses the pod.
+    let zt = InpodZtunnelStandIn::start_with(InpodZtunnelConfig::new(&rig.dirs.zds_socket))
+        .expect("stand-in");
+    agent.wait_ready(WAIT).expect("ready");
+    zt.nack_uid(&kit::pod_uid("a"), "no certificate for this workload");
+    let out = rig.add("a");
+    assert!(!out.success, "{out:?}");
+    assert!(
+        out.stdout.contains("no certificate for this workload") && out.stdout.contains("refused"),
+        "{out:?}"
+    );
+    before_a.assert_same(&rig.snap("a"), "ADD nacked");
+    assert_eq!(rig.probe_count("a"), 0, "{:?}", rig.probe_entries());
+    assert!(zt.workload(&kit::pod_uid("a")).is_none());
+    zt.clear_nack(&kit::pod_uid("a"));
+
+    // ztunnel never answers: the ack times out.
+    zt.set_never_ack(true);
+    let out = rig.add("a");
+    zt.set_never_ack(false);
+    assert!(!out.success, "{out:?}");
+    assert!(out.stdout.contains("did not acknowledge"), "{out:?}");
+    before_a.assert_same(&rig.snap("a"), "ADD not acked");
+    assert_eq!(rig.probe_count("a"), 0, "{:?}", rig.probe_entries());
+
+    // Once ztunnel answers again, the same pod is captured.
+    agent.wait_ready(WAIT).expect("ready again");
+    let out = rig.add("a");
+    assert!(out.success, "{out:?}\n{}", agent.log());
+    assert!(zt.workload(&kit::pod_uid("a")).is_some());
+    assert_eq!(rig.probe_count("a"), 1);
+    assert_no_duplicate_rules(&rig.rules("a"));
+
+    // Agent down: an ambient ADD fails (pod untouched), a plain pod's passes untouched.
+    agent.terminate(WAIT).expect("stop agent");
+    let out = rig.add("b");
+    assert!(!out.success, "{out:?}");
+    before_b.assert_same(&rig.snap("b"), "ambient ADD with the agent down");
+    let before_p = rig.snap("p");
+    let out = rig.add("p");
+    assert!(out.success, "{out:?}");
+    before_p.assert_same(&rig.snap("p"), "plain ADD with the agent down");
+}
+
+// ---- item 5: agent restart -----------------------------------------------------------------
+
+#[test]
+fn agent_restart_keeps_traffic_flowing_adopts_pods_repairs_drift_and_replays_the_snapshot() {
+    let mut rig = Rig::new("ipf-restart", &["a", "b"], &["srv"]);
+    let server = EchoServer::start(&rig.lab.pod("srv").netns, rig.lab.pod("srv").addr(8080))
+        .expect("server");
+    let mut agent = rig.start(&[]);
+    let zt = InpodZtunnelStandIn::start_with(InpodZtunnelConfig::new(&rig.dirs.zds_socket))
+        .expect("stand-in");
+    agent.wait_ready(WAIT).expect("ready");
+    for p in ["a", "b"] {
+        let out = rig.add(p);
+        assert!(out.success, "ADD {p}: {out:?}\n{}", agent.log());
+    }
+    rig.set_running(&["a", "b"]);
+    let snap_a = rig.snap("a");
+    let rules_b = rig.rules("b");
+    assert_no_duplicate_rules(&rules_b);
+    rig.assert_captured(&zt, "a", server.addr());
+
+    for (round, signal) in ["SIGTERM", "SIGKILL"].into_iter().enumerate() {
+        let connects = zt.connects();
+        if signal == "SIGTERM" {
+            assert!(agent.terminate(WAIT).expect("SIGTERM").success());
+        } else {
+            kill9(&mut agent);
+        }
+        zt.wait_for("disconnected", WAIT, |z| !z.is_connected())
+            .expect("stand-in noticed the agent is gone");
+        // Traffic keeps flowing (captured) with no agent.
+        rig.assert_captured(&zt, "a", server.addr());
+        // Drift while the agent is down: a chain of pod b's rules flushed.
+        let flush = format!("iptables-{}", rig.flavour("b"));
+        kit::exec_in(
+            rig.lab.pod("b").netns.path(),
+            &flush,
+            &["-t", "nat", "-F", "ISTIO_OUTPUT"],
+        )
+        .expect("flush");
+        assert_ne!(rig.rules("b"), rules_b);
+
+        agent = rig.start(&[]);
+        let (conn, adds) = wait_new_snapshot(&zt, connects);
+        assert_eq!(adds, uids(&["a", "b"]), "round {round} ({signal})");
+        let (all_adds, _) = snapshot_on(&zt, conn);
+        assert_eq!(all_adds.len(), 2, "each pod once: {all_adds:?}");
+        agent.wait_ready(WAIT).expect("ready after restart");
+        snap_a.assert_same(&rig.snap("a"), &format!("pod a after {signal} restart"));
+        assert_eq!(rig.rules("b"), rules_b, "drift repaired after {signal}");
+        assert_eq!(rig.probe_count("a"), 1);
+        assert_eq!(rig.probe_count("b"), 1);
+        rig.assert_captured(&zt, "a", server.addr());
+        rig.assert_captured(&zt, "b", server.addr());
+    }
+
+    // The state file is lost: the pods are found again by discovery (--netns-dir), enrolled
+    // once more without duplicate rules.
+    assert!(agent.terminate(WAIT).expect("SIGTERM").success());
+    std::fs::remove_file(rig.dirs.run.join(STATE_FILE)).expect("remove state file");
+    rig.link_netns("a");
+    rig.link_netns("b");
+    let before = zt.requests().len();
+    agent = rig.start(&[]);
+    agent.wait_ready(WAIT).expect("ready without state");
+    for p in ["a", "b"] {
+        zt.wait_for(&format!("{p} added again"), WAIT, |z| {
+            z.requests()[before..].iter().any(|r| {
+                r.kind == Some(RequestKind::Add) && r.uid.as_deref() == Some(&kit::pod_uid(p))
+            }) && z.workload(&kit::pod_uid(p)).is_some()
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    }
+    snap_a.assert_same(&rig.snap("a"), "pod a re-enrolled by discovery");
+    assert_eq!(rig.rules("b"), rules_b);
+    assert_eq!(rig.probe_count("a"), 1);
+    assert_eq!(rig.probe_count("b"), 1);
+    rig.assert_captured(&zt, "a", server.addr());
+    let state = std::fs::read_to_string(rig.dirs.run.join(STATE_FILE)).expect("state file");
+    for p in ["a", "b"] {
+        assert!(state.contains(&kit::pod_uid(p)), "{state}");
+    }
+}
