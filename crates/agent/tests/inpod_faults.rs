@@ -517,3 +517,72 @@ fn agent_restart_keeps_traffic_flowing_adopts_pods_repairs_drift_and_replays_the
         assert!(state.contains(&kit::pod_uid(p)), "{state}");
     }
 }
+
+/// Regression: an agent restarted without its state file while ztunnel is away (or while
+/// ztunnel refuses a pod) finds its captured pods again by discovery; its failed hand-over must
+/// not strip the rules a previous agent put there (that would let the pod's traffic escape
+/// uncaptured): the pod stays fail-closed until ztunnel takes it.
+#[test]
+fn state_lost_restart_without_ztunnel_keeps_running_pods_captured() {
+    let mut rig = Rig::new("ipf-lost", &["a"], &["srv"]);
+    let server = EchoServer::start(&rig.lab.pod("srv").netns, rig.lab.pod("srv").addr(8080))
+        .expect("server");
+    let mut agent = rig.start(&[]);
+    let zt = InpodZtunnelStandIn::start_with(InpodZtunnelConfig::new(&rig.dirs.zds_socket))
+        .expect("stand-in");
+    agent.wait_ready(WAIT).expect("ready");
+    assert!(rig.add("a").success);
+    rig.set_running(&["a"]);
+    let rules_a = rig.rules("a");
+    rig.assert_captured(&zt, "a", server.addr());
+
+    // Agent and ztunnel both go; the agent's state file is lost.
+    assert!(agent.terminate(WAIT).expect("SIGTERM").success());
+    zt.stop();
+    std::fs::remove_file(rig.dirs.run.join(STATE_FILE)).expect("remove state file");
+    rig.link_netns("a");
+    let log_len = agent.log().len();
+    agent = rig.start(&[]);
+    // The loop tries to enroll the running pod (found by discovery) and cannot hand it over.
+    wait_until("a failed enrollment of pod a", WAIT, || {
+        let log = agent.log();
+        log[log_len..]
+            .lines()
+            .any(|l| l.contains("action failed") && l.contains("uid-a"))
+            .then_some(())
+    });
+    assert_eq!(rig.rules("a"), rules_a, "rules kept while ztunnel is away");
+    assert!(
+        rig.greeting("a", server.addr()).is_err(),
+        "traffic of a captured pod must not escape while ztunnel is away"
+    );
+
+    // ztunnel is back but refuses the pod for now: still captured (fail closed).
+    zt.nack_uid(&kit::pod_uid("a"), "not yet");
+    zt.restart().expect("restart stand-in");
+    zt.wait_for("a nacked", WAIT, |z| {
+        z.requests().iter().any(|r| {
+            r.uid.as_deref() == Some("uid-a")
+                && matches!(r.outcome, meshcni_testkit::inpod_ztunnel::AckOutcome::Nack(_))
+        })
+    })
+    .expect("nack");
+    let log_len = agent.log().len();
+    wait_until("the nacked enrollment's failure logged", WAIT, || {
+        let log = agent.log();
+        log[log_len..]
+            .lines()
+            .any(|l| l.contains("action failed") && l.contains("uid-a"))
+            .then_some(())
+    });
+    assert_eq!(rig.rules("a"), rules_a, "rules kept while ztunnel refuses");
+    assert!(rig.greeting("a", server.addr()).is_err());
+
+    // ztunnel takes it: captured again, rules once.
+    zt.clear_nack(&kit::pod_uid("a"));
+    zt.wait_for_workload(&kit::pod_uid("a"), WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    assert_eq!(rig.rules("a"), rules_a);
+    assert_eq!(rig.probe_count("a"), 1);
+    rig.assert_captured(&zt, "a", server.addr());
+}

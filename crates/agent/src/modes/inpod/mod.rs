@@ -12,9 +12,10 @@
 //! 2. applies the in-pod rules there (verify-or-repair: identical → nothing run; atomic);
 //! 3. adds the pod's IPs to the host-probe sets;
 //! 4. sends `AddWorkload` with the netns fd to the newest ztunnel connection and waits for its
-//!    ack. A nack, a timeout or no ztunnel undoes 2 and 3 for a pod that was not enrolled
-//!    before (nothing is left in the pod) and fails the action with the cause — the CNI ADD
-//!    waiting for it fails closed with that message.
+//!    ack. With no ztunnel connected, 2 and 3 are skipped; a nack or a timeout undoes 2 and 3 for
+//!    a pod that was not captured before (nothing is left in the pod; rules found already in
+//!    place stay: the pod stays fail-closed) and fails the action with the cause — the CNI
+//!    ADD waiting for it fails closed with that message.
 //!
 //! The driver holds each enrolled pod's netns open (the fd ztunnel gets a copy of), records
 //! the pods in a state file in the run dir (uid, name, namespace, service account, IPs, netns
@@ -460,9 +461,10 @@ impl InpodDriver {
         }
     }
 
-    /// Rules, probe entries and ztunnel's ack for `record` in `netns`. On failure everything
-    /// this call added is undone unless `keep_rules_on_failure` (the pod was enrolled before in
-    /// this same netns: its earlier state stays).
+    /// Rules, probe entries and ztunnel's ack for `record` in `netns`. Without a ztunnel
+    /// connection nothing is touched. On failure everything this call added is undone unless
+    /// `keep_rules_on_failure` (the pod was enrolled before in this same netns) or the rules
+    /// were in place already (captured by an earlier agent): that earlier state stays.
     fn enroll_in(
         &mut self,
         pod: &PodId,
@@ -472,13 +474,29 @@ impl InpodDriver {
     ) -> Result<(), DriverError> {
         let overrides = PodOverrides::from_annotations(&record.annotations)
             .map_err(|e| pod_err(pod, format!("annotation: {e}")))?;
+        // Nobody to hand the pod to: fail before touching its netns. (Applying and then
+        // undoing would strip the rules of a pod captured before, e.g. one found again by
+        // discovery after an agent restart without its state file, and let its traffic out.)
+        if self.zds.is_none() || self.view().connected.is_empty() {
+            return Err(pod_err(
+                pod,
+                format!(
+                    "no ztunnel connected to the ZDS socket {}; the pod was left as it was",
+                    self.cfg.zds_socket.display()
+                ),
+            ));
+        }
         let held = HeldPod { record, netns };
         let path = held.netns_path();
         let applied = apply_inpod(&path, &self.cfg.rules, &overrides, self.cfg.backend)
             .map_err(|e| pod_err(pod, format!("in-pod rules: {e}")))?;
         crate::crash::point("inpod-after-rules");
+        // Undo only what this call did: rules that were in place already (a pod captured by
+        // an earlier agent, found again after a restart) stay, so a refusal leaves the pod
+        // fail-closed instead of releasing its traffic.
+        let keep = keep_rules_on_failure || !applied.changed;
         let undo = |me: &mut InpodDriver, why: String| -> DriverError {
-            if !keep_rules_on_failure {
+            if !keep {
                 if let Err(e) = remove_inpod(&path, me.cfg.backend) {
                     warn!(pod = %pod, error = %e, "removing the rules of a pod ztunnel did not take");
                 }
