@@ -4,7 +4,10 @@
 //! no flushing: exactly what an OOM kill or a node reboot does to the agent) the `n`-th time
 //! (1-based) execution reaches the named point. Points sit between the steps whose order
 //! matters for recovery (see [`crate::modes::iptables`]), e.g. `enroll-after-ipset`,
-//! `enroll-after-route`, `sysctl-after-save`, `sysctl-before-write`, `uninstall-mid-sysctls`.
+//! `enroll-after-route`, `sysctl-after-save`, `sysctl-before-write`, `uninstall-mid-sysctls`;
+//! in the inpod mode ([`crate::modes::inpod`]) `inpod-after-rules`, `inpod-after-probe`,
+//! `inpod-after-ack` (ztunnel holds the pod, the state file does not yet) and
+//! `inpod-release-after-del`.
 //!
 //! Compiled in debug builds (tests) and with the `crash-points` cargo feature only; in a
 //! release build without the feature [`point`] is an empty inline function and the variable
@@ -32,6 +35,9 @@ pub const POINTS: &[&str] = &[
     "uninstall-mid-sysctls",
     "uninstall-before-state-remove",
     "inpod-after-rules",
+    "inpod-after-probe",
+    "inpod-after-ack",
+    "inpod-release-after-del",
 ];
 
 #[cfg(any(debug_assertions, feature = "crash-points"))]

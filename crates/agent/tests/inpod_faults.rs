@@ -77,7 +77,6 @@ struct Rig {
     ambient: Vec<String>,
     plain: Vec<String>,
     running: BTreeSet<String>,
-    removed: BTreeSet<String>,
     _tmp: tempfile::TempDir,
 }
 
@@ -99,7 +98,6 @@ impl Rig {
             ambient: ambient.iter().map(|s| s.to_string()).collect(),
             plain: plain.iter().map(|s| s.to_string()).collect(),
             running: BTreeSet::new(),
-            removed: BTreeSet::new(),
             _tmp: tmp,
         };
         for name in &rig.ambient {
@@ -122,17 +120,10 @@ impl Rig {
         pod_json(ns, name, NODE, running.then(|| self.ip(name)), &[], &[])
     }
 
-    /// Write the workloads file: ambient pods not removed (Running with their IP once
+    /// Write the workloads file: ambient pods (Running with their IP once
     /// [`Rig::set_running`]), plain pods Running.
     fn publish(&self) {
-        let mut pods = Vec::new();
-        for name in self.ambient.iter().filter(|n| !self.removed.contains(*n)) {
-            pods.push(self.pod_obj("mesh", name, self.running.contains(name)));
-        }
-        for name in &self.plain {
-            pods.push(self.pod_obj("plain", name, true));
-        }
-        write_workloads(&self.dirs.workloads, &namespaces(), &pods).expect("workloads");
+        self.publish_without(&[]);
     }
 
     /// The kubelet reported these pods' IPs (as after their ADD).
@@ -141,10 +132,16 @@ impl Rig {
         self.publish();
     }
 
-    /// The pod was deleted from the API.
-    fn remove(&mut self, name: &str) {
-        self.removed.insert(name.to_string());
-        self.publish();
+    /// The pods were deleted from the API (the rig's own record is left as it is).
+    fn publish_without(&self, gone: &[&str]) {
+        let mut pods = Vec::new();
+        for name in self.ambient.iter().filter(|n| !gone.contains(&n.as_str())) {
+            pods.push(self.pod_obj("mesh", name, self.running.contains(name)));
+        }
+        for name in &self.plain {
+            pods.push(self.pod_obj("plain", name, true));
+        }
+        write_workloads(&self.dirs.workloads, &namespaces(), &pods).expect("workloads");
     }
 
     fn start(&self, env: &[(&str, &str)]) -> Agent {
@@ -585,4 +582,267 @@ fn state_lost_restart_without_ztunnel_keeps_running_pods_captured() {
     assert_eq!(rig.rules("a"), rules_a);
     assert_eq!(rig.probe_count("a"), 1);
     rig.assert_captured(&zt, "a", server.addr());
+}
+
+// ---- item 7: faults ------------------------------------------------------------------------
+
+fn assert_killed(agent: &mut Agent, point: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    let status = agent
+        .wait_exit(WAIT)
+        .expect("wait")
+        .unwrap_or_else(|| panic!("{point}: crash point never reached\n{}", agent.log()));
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "{point}: agent exited ({status:?}) without reaching the point\n{}",
+        agent.log()
+    );
+}
+
+/// The agent is SIGKILLed at each in-pod crash point while enrolling a pod, once during the
+/// pod's CNI ADD (the runtime then retries the ADD) and once while enrolling a running pod it
+/// found by discovery (no ADD: the restarted agent converges on its own). Either way the pod
+/// ends up captured with its rules exactly once, one host-probe entry, held by ztunnel and in
+/// the state file.
+#[test]
+fn agent_killed_mid_enrollment_converges_after_restart_without_duplicates() {
+    const POINTS: [&str; 3] = ["inpod-after-rules", "inpod-after-probe", "inpod-after-ack"];
+    let mut ambient = vec!["ref".to_string()];
+    for i in 0..POINTS.len() {
+        ambient.push(format!("c{i}"));
+        ambient.push(format!("d{i}"));
+    }
+    let names: Vec<&str> = ambient.iter().map(String::as_str).collect();
+    let mut rig = Rig::new("ipf-crash", &names, &["srv"]);
+    let server = EchoServer::start(&rig.lab.pod("srv").netns, rig.lab.pod("srv").addr(8080))
+        .expect("server");
+    let zt = InpodZtunnelStandIn::start_with(InpodZtunnelConfig::new(&rig.dirs.zds_socket))
+        .expect("stand-in");
+    let mut agent = rig.start(&[]);
+    agent.wait_ready(WAIT).expect("ready");
+    assert!(rig.add("ref").success);
+    rig.set_running(&["ref"]);
+    let reference = rig.rules("ref");
+    assert_no_duplicate_rules(&reference);
+    assert!(agent.terminate(WAIT).expect("SIGTERM").success());
+
+    let check = |rig: &Rig, pod: &str, point: &str, agent: &Agent| {
+        zt.wait_for_workload(&kit::pod_uid(pod), WAIT)
+            .unwrap_or_else(|e| panic!("{point}/{pod}: {e}\n{}", agent.log()));
+        assert_eq!(rig.rules(pod), reference, "{point}/{pod}: rules exactly once");
+        assert_eq!(rig.probe_count(pod), 1, "{point}/{pod}");
+        let state = std::fs::read_to_string(rig.dirs.run.join(STATE_FILE)).expect("state");
+        assert!(state.contains(&kit::pod_uid(pod)), "{point}/{pod}: {state}");
+        rig.assert_captured(&zt, pod, server.addr());
+    };
+
+    for (i, point) in POINTS.iter().enumerate() {
+        let crash = format!("{point}:1");
+        // During the CNI ADD.
+        let pod = format!("c{i}");
+        agent = rig.start(&[("MESHCNI_CRASH_AT", &crash)]);
+        agent.wait_ready(WAIT).expect("ready");
+        let out = rig.add(&pod);
+        assert!(!out.success, "{crash}: ADD must fail when the agent dies: {out:?}");
+        assert_killed(&mut agent, &crash);
+        agent = rig.start(&[]);
+        agent.wait_ready(WAIT).expect("ready after the crash");
+        let out = rig.add(&pod);
+        assert!(out.success, "{crash}: retried ADD: {out:?}\n{}", agent.log());
+        rig.set_running(&[pod.as_str()]);
+        check(&rig, &pod, &crash, &agent);
+        assert!(agent.terminate(WAIT).expect("SIGTERM").success());
+
+        // A running pod found by discovery (no ADD).
+        let pod = format!("d{i}");
+        rig.link_netns(&pod);
+        rig.set_running(&[pod.as_str()]);
+        agent = rig.start(&[("MESHCNI_CRASH_AT", &crash)]);
+        assert_killed(&mut agent, &crash);
+        agent = rig.start(&[]);
+        agent.wait_ready(WAIT).expect("ready after the crash");
+        check(&rig, &pod, &crash, &agent);
+        assert!(agent.terminate(WAIT).expect("SIGTERM").success());
+    }
+    // Every pod enrolled along the way is still captured, each once.
+    agent = rig.start(&[]);
+    agent.wait_ready(WAIT).expect("ready");
+    let entries = rig.probe_entries();
+    for name in &ambient {
+        assert_eq!(entries.get(&IpAddr::V4(rig.ip(name))), Some(&1), "{name}");
+        assert_eq!(rig.rules(name), reference, "{name}");
+    }
+}
+
+/// Killed after ztunnel acked a pod's Del but before its rules are removed: the restarted
+/// agent finishes the release.
+#[test]
+fn agent_killed_mid_release_finishes_it_after_restart() {
+    let rig = Rig::new("ipf-crel", &["a"], &[]);
+    let before = rig.snap("a");
+    let zt = InpodZtunnelStandIn::start_with(InpodZtunnelConfig::new(&rig.dirs.zds_socket))
+        .expect("stand-in");
+    let mut agent = rig.start(&[("MESHCNI_CRASH_AT", "inpod-release-after-del:1")]);
+    agent.wait_ready(WAIT).expect("ready");
+    assert!(rig.add("a").success);
+    zt.wait_for_workload("uid-a", WAIT).expect("held");
+    rig.publish_without(&["a"]);
+    assert_killed(&mut agent, "inpod-release-after-del:1");
+    assert!(zt.workload("uid-a").is_none(), "Del acked before the crash");
+    agent = rig.start(&[]);
+    agent.wait_ready(WAIT).expect("ready after the crash");
+    wait_until("pod a released", WAIT, || {
+        (rig.snap("a") == before && rig.probe_count("a") == 0).then_some(())
+    });
+    let state = std::fs::read_to_string(rig.dirs.run.join(STATE_FILE)).expect("state");
+    assert!(!state.contains("uid-a"), "{state}");
+    assert!(zt.workload("uid-a").is_none());
+}
+
+/// ztunnel crashes (every in-pod listener closes) and comes back: while it is gone the agent
+/// is not ready, the ambient config says `ztunnelReady:false`, ambient ADDs fail closed naming
+/// ztunnel, captured pods keep their rules (their traffic fails rather than escaping); when it
+/// reconnects it gets every pod in its snapshot and traffic resumes.
+#[test]
+fn ztunnel_killed_and_restarted_gets_the_snapshot_again_and_traffic_resumes() {
+    let mut rig = Rig::new("ipf-zt", &["a", "b", "c"], &["srv"]);
+    let server = EchoServer::start(&rig.lab.pod("srv").netns, rig.lab.pod("srv").addr(8080))
+        .expect("server");
+    let mut agent = rig.start(&[]);
+    let zt = InpodZtunnelStandIn::start_with(InpodZtunnelConfig::new(&rig.dirs.zds_socket))
+        .expect("stand-in");
+    agent.wait_ready(WAIT).expect("ready");
+    for p in ["a", "b"] {
+        assert!(rig.add(p).success, "ADD {p}");
+    }
+    rig.set_running(&["a", "b"]);
+    let rules_a = rig.rules("a");
+    rig.assert_captured(&zt, "a", server.addr());
+    let before_c = rig.snap("c");
+
+    for round in 0..2 {
+        let connects = zt.connects();
+        zt.stop();
+        rig.wait_config(false);
+        wait_until("/readyz not ready", WAIT, || {
+            rig.readyz(&agent).filter(|s| *s != 200)
+        });
+        assert!(
+            rig.greeting("a", server.addr()).is_err(),
+            "round {round}: a captured pod's traffic must fail, not escape, with ztunnel gone"
+        );
+        let out = rig.add("c");
+        assert!(!out.success, "{out:?}");
+        assert!(out.stdout.contains("no ztunnel connected"), "{out:?}");
+        before_c.assert_same(&rig.snap("c"), "ADD with ztunnel gone");
+        assert_eq!(rig.rules("a"), rules_a);
+        assert_eq!(rig.probe_count("a"), 1);
+
+        zt.restart().expect("restart");
+        let (_, adds) = wait_new_snapshot(&zt, connects);
+        assert_eq!(adds, uids(&["a", "b"]), "round {round}");
+        rig.wait_config(true);
+        agent.wait_ready(WAIT).expect("ready again");
+        rig.assert_captured(&zt, "a", server.addr());
+        rig.assert_captured(&zt, "b", server.addr());
+    }
+    let out = rig.add("c");
+    assert!(out.success, "{out:?}\n{}", agent.log());
+    rig.assert_captured(&zt, "c", server.addr());
+}
+
+/// The pod is deleted while its Add waits for ztunnel's (delayed) ack: it ends up released —
+/// ztunnel got its Del, no rules or host-probe entry left, not in the state file.
+#[test]
+fn a_pod_deleted_while_its_add_is_in_flight_ends_up_released() {
+    let rig = Rig::new("ipf-del", &["a"], &[]);
+    let before = rig.snap("a");
+    let mut agent = rig.start(&[]);
+    let zt = InpodZtunnelStandIn::start_with(InpodZtunnelConfig::new(&rig.dirs.zds_socket))
+        .expect("stand-in");
+    agent.wait_ready(WAIT).expect("ready");
+    zt.set_ack_delay(Duration::from_millis(1500));
+    let out = std::thread::scope(|s| {
+        let add = s.spawn(|| rig.add("a"));
+        zt.wait_for("the Add of a in flight", WAIT, |z| {
+            z.requests()
+                .iter()
+                .any(|r| r.kind == Some(RequestKind::Add) && r.uid.as_deref() == Some("uid-a"))
+        })
+        .expect("Add sent");
+        rig.publish_without(&["a"]);
+        add.join().expect("ADD thread")
+    });
+    eprintln!("ADD of the pod deleted mid-flight: success={}", out.success);
+    zt.wait_for("Del of a", WAIT, |z| {
+        z.requests()
+            .iter()
+            .any(|r| r.kind == Some(RequestKind::Del) && r.uid.as_deref() == Some("uid-a"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    zt.wait_for_no_workload("uid-a", WAIT).expect("dropped");
+    wait_until("pod a released", WAIT, || {
+        (rig.snap("a") == before && rig.probe_count("a") == 0).then_some(())
+    });
+    let state = std::fs::read_to_string(rig.dirs.run.join(STATE_FILE)).expect("state");
+    assert!(!state.contains("uid-a"), "{state}");
+    zt.set_ack_delay(Duration::ZERO);
+    // Still healthy.
+    agent.wait_ready(WAIT).expect("ready");
+    assert!(agent.wait_exit(Duration::ZERO).expect("wait").is_none());
+}
+
+/// A malformed or oversized packet from the peer (idle, or as the answer to an Add) drops that
+/// connection only: the agent keeps running and serving, the stand-in reconnects and gets the
+/// full snapshot, captured traffic carries on.
+#[test]
+fn malformed_and_oversized_zds_messages_drop_the_connection_not_the_agent() {
+    let mut rig = Rig::new("ipf-bad", &["a", "b", "c"], &["srv"]);
+    let server = EchoServer::start(&rig.lab.pod("srv").netns, rig.lab.pod("srv").addr(8080))
+        .expect("server");
+    let mut agent = rig.start(&[]);
+    let zt = InpodZtunnelStandIn::start_with(InpodZtunnelConfig::new(&rig.dirs.zds_socket))
+        .expect("stand-in");
+    agent.wait_ready(WAIT).expect("ready");
+    assert!(rig.add("a").success);
+    rig.set_running(&["a"]);
+
+    for what in ["malformed", "oversized"] {
+        let connects = zt.connects();
+        let drops = agent.log().matches("ZDS: connection dropped").count();
+        match what {
+            "malformed" => zt.send_malformed().expect("send"),
+            _ => zt.send_oversized(4096).expect("send"),
+        }
+        let (_, adds) = wait_new_snapshot(&zt, connects);
+        assert_eq!(adds, uids(&["a"]), "{what}");
+        assert!(
+            agent.wait_exit(Duration::ZERO).expect("wait").is_none(),
+            "{what}: the agent died\n{}",
+            agent.log()
+        );
+        assert!(
+            agent.log().matches("ZDS: connection dropped").count() > drops,
+            "{what}: drop not logged\n{}",
+            agent.log()
+        );
+        agent.wait_ready(WAIT).expect("ready");
+        rig.assert_captured(&zt, "a", server.addr());
+    }
+
+    // A garbage answer to an Add: that ADD fails naming it, nothing left in the pod.
+    let before_c = rig.snap("c");
+    let connects = zt.connects();
+    zt.reply_raw_for("uid-c", vec![0xff, 0xff, 0xff]);
+    let out = rig.add("c");
+    assert!(!out.success, "{out:?}");
+    assert!(out.stdout.contains("undecodable"), "{out:?}");
+    before_c.assert_same(&rig.snap("c"), "ADD answered with garbage");
+    assert_eq!(rig.probe_count("c"), 0);
+    wait_new_snapshot(&zt, connects);
+    agent.wait_ready(WAIT).expect("ready");
+    let out = rig.add("b");
+    assert!(out.success, "{out:?}\n{}", agent.log());
+    rig.assert_captured(&zt, "b", server.addr());
 }

@@ -523,12 +523,14 @@ impl InpodDriver {
         if let Some(e) = probe_err {
             return Err(undo(self, e));
         }
+        crate::crash::point("inpod-after-probe");
         let Some(zds) = self.zds.as_ref() else {
             return Err(undo(self, "the ZDS server is not running".into()));
         };
         if let Err(e) = zds.add(&pod.uid, held.info(), held.netns.as_fd()) {
             return Err(undo(self, format!("ztunnel did not take the pod: {e}")));
         }
+        crate::crash::point("inpod-after-ack");
         debug!(pod = %pod, rules_changed = applied.changed, "pod handed to ztunnel");
         self.view().lost.remove(&pod.uid);
         self.pods.insert(pod.uid.clone(), held);
@@ -543,6 +545,7 @@ impl InpodDriver {
                 warn!(pod = %pod, error = %e, "DelWorkload not acknowledged by every ztunnel");
             }
         }
+        crate::crash::point("inpod-release-after-del");
         let held = self.pods.remove(&pod.uid);
         if let Some(h) = &held {
             // The netns may be a dying sandbox's; removing from it is harmless.
