@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use super::{NODE_ADDRESSES_REFRESH, PassReport, Reconciler};
-use crate::enroll::{DesiredSet, NetnsId, PodNetns};
+use crate::enroll::{DesiredSet, EnrolledState, NetnsId, PodNetns};
 use crate::seam::{CniAddRequest, CniOutcome, CniRejection, RejectKind, ZtunnelSource};
 use crate::workloads::{MeshDecision, Workload, desired_set, mesh_decision};
 
@@ -414,6 +414,67 @@ impl Reconciler {
         self.cni_pending = keep;
     }
 
+    /// Whether `state` has `uid` enrolled the way the request asked.
+    fn cni_satisfied(&self, uid: &str, pending: &PendingCni, state: &EnrolledState) -> bool {
+        // Compared with the addresses the driver handles (an IPv4-only driver enrolls a
+        // dual-stack pod with its IPv4 address only).
+        let want = self.planned_ips(&pending.req.event.ips);
+        state.pods.get(uid).is_some_and(|e| {
+            // A driver that works in the netns must hold this sandbox's, not an older one.
+            e.ips == want
+                && pending
+                    .netns
+                    .as_ref()
+                    .is_none_or(|n| e.netns.is_none_or(|held| held == n.id))
+        })
+    }
+
+    /// Right after `uid`'s action was applied in a pass: answer the requests for it that are
+    /// satisfied now, instead of at the end of the pass (a pass enrolling many pods may take
+    /// longer than the runtime waits).
+    pub(super) fn cni_answer_applied(&mut self, uid: &str, state: &EnrolledState) {
+        if !self
+            .cni_pending
+            .iter()
+            .any(|p| p.uid.as_deref() == Some(uid))
+        {
+            return;
+        }
+        let pending = std::mem::take(&mut self.cni_pending);
+        let mut keep = Vec::with_capacity(pending.len());
+        for p in pending {
+            if p.uid.as_deref() == Some(uid) && self.cni_satisfied(uid, &p, state) {
+                p.req.reply.send(Ok(()));
+            } else {
+                keep.push(p);
+            }
+        }
+        self.cni_pending = keep;
+    }
+
+    /// The earliest answer deadline of a request waiting for `uid` (actions of pods a runtime
+    /// waits for go first, most urgent first).
+    pub(super) fn cni_deadline(&self, uid: &str) -> Option<Instant> {
+        self.cni_pending
+            .iter()
+            .filter(|p| p.uid.as_deref() == Some(uid))
+            .map(|p| p.req.deadline)
+            .min()
+    }
+
+    /// Whether every request waiting for `uid` is past its deadline (or its caller is gone):
+    /// its ADD has failed (or is about to), so the sandbox must not be captured now.
+    pub(super) fn cni_given_up(&self, uid: &str) -> bool {
+        let now = Instant::now();
+        let mut waiting = self
+            .cni_pending
+            .iter()
+            .filter(|p| p.uid.as_deref() == Some(uid))
+            .peekable();
+        waiting.peek().is_some()
+            && waiting.all(|p| p.req.reply.is_closed() || now >= p.req.deadline)
+    }
+
     fn cni_outcome(
         &self,
         uid: &str,
@@ -440,17 +501,7 @@ impl Reconciler {
             )));
         }
         let state = self.cni_state.as_ref();
-        // Compared with the addresses the driver handles (an IPv4-only driver enrolls a
-        // dual-stack pod with its IPv4 address only).
-        let want = self.planned_ips(&req.event.ips);
-        if state.and_then(|s| s.pods.get(uid)).is_some_and(|e| {
-            // A driver that works in the netns must hold this sandbox's, not an older one.
-            e.ips == want
-                && pending
-                    .netns
-                    .as_ref()
-                    .is_none_or(|n| e.netns.is_none_or(|held| held == n.id))
-        }) {
+        if state.is_some_and(|s| self.cni_satisfied(uid, pending, s)) {
             return Some(Ok(()));
         }
         if now < req.deadline {

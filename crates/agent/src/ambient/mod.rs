@@ -530,9 +530,31 @@ impl Reconciler {
         let mut report = PassReport::default();
         let mut driver_error = None;
         let mut holders = actual.ip_holders();
-        for action in planned.actions {
+        // Releases, then updates, then enrolls (as planned); within each, the pods a runtime
+        // waits for first, most urgent first.
+        let mut actions = planned.actions;
+        actions.sort_by_key(|a| {
+            let rank = match a {
+                Action::Release { .. } => 0u8,
+                Action::UpdateIps { .. } => 1,
+                Action::Enroll { .. } => 2,
+            };
+            (
+                rank,
+                self.cni_deadline(&a.pod().uid).is_none(),
+                self.cni_deadline(&a.pod().uid),
+            )
+        });
+        for action in actions {
             let uid = action.pod().uid.clone();
             if self.failures.get(&uid).is_some_and(|f| now < f.next) {
+                report.deferred += 1;
+                continue;
+            }
+            if !matches!(action, Action::Release { .. }) && self.cni_given_up(&uid) {
+                // Its ADD failed (timed out) while this pass worked on other pods: the runtime
+                // tears the sandbox down; capturing it now would leave rules behind.
+                debug!(action = %action, "deferred: the CNI ADD that asked for it gave up");
                 report.deferred += 1;
                 continue;
             }
@@ -546,6 +568,7 @@ impl Reconciler {
                     info!(action = %action, driver = self.driver.name(), "applied");
                     holders.apply(&mut actual, &action);
                     self.failures.remove(&uid);
+                    self.cni_answer_applied(&uid, &actual);
                     report.applied.push(action);
                 }
                 Err(e) => {
