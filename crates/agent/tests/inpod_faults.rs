@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use kit::{
-    Agent, AgentDirs, CniOutcome, DATAPLANE_MODE, StackMode, namespace_json, plugin_add,
-    pod_json, write_pod_metadata, write_workloads,
+    Agent, AgentDirs, CniOutcome, DATAPLANE_MODE, StackMode, namespace_json, plugin_add, pod_json,
+    write_pod_metadata, write_workloads,
 };
 use meshcni_testkit::multinode::{EchoServer, open_stream, read_line};
 use meshcni_testkit::zds_client::RequestKind;
@@ -352,7 +352,11 @@ fn wait_new_snapshot(zt: &InpodZtunnelStandIn, after: usize) -> (usize, Vec<Stri
     zt.wait_for_snapshot(WAIT).expect("snapshot");
     let conn = zt.connects();
     let (mut adds, done) = snapshot_on(zt, conn);
-    assert!(done, "connection {conn}: no SnapshotSent: {:?}", zt.requests());
+    assert!(
+        done,
+        "connection {conn}: no SnapshotSent: {:?}",
+        zt.requests()
+    );
     adds.sort();
     (conn, adds)
 }
@@ -560,7 +564,10 @@ fn state_lost_restart_without_ztunnel_keeps_running_pods_captured() {
     zt.wait_for("a nacked", WAIT, |z| {
         z.requests().iter().any(|r| {
             r.uid.as_deref() == Some("uid-a")
-                && matches!(r.outcome, meshcni_testkit::inpod_ztunnel::AckOutcome::Nack(_))
+                && matches!(
+                    r.outcome,
+                    meshcni_testkit::inpod_ztunnel::AckOutcome::Nack(_)
+                )
         })
     })
     .expect("nack");
@@ -630,7 +637,11 @@ fn agent_killed_mid_enrollment_converges_after_restart_without_duplicates() {
     let check = |rig: &Rig, pod: &str, point: &str, agent: &Agent| {
         zt.wait_for_workload(&kit::pod_uid(pod), WAIT)
             .unwrap_or_else(|e| panic!("{point}/{pod}: {e}\n{}", agent.log()));
-        assert_eq!(rig.rules(pod), reference, "{point}/{pod}: rules exactly once");
+        assert_eq!(
+            rig.rules(pod),
+            reference,
+            "{point}/{pod}: rules exactly once"
+        );
         assert_eq!(rig.probe_count(pod), 1, "{point}/{pod}");
         let state = std::fs::read_to_string(rig.dirs.run.join(STATE_FILE)).expect("state");
         assert!(state.contains(&kit::pod_uid(pod)), "{point}/{pod}: {state}");
@@ -644,12 +655,19 @@ fn agent_killed_mid_enrollment_converges_after_restart_without_duplicates() {
         agent = rig.start(&[("MESHCNI_CRASH_AT", &crash)]);
         agent.wait_ready(WAIT).expect("ready");
         let out = rig.add(&pod);
-        assert!(!out.success, "{crash}: ADD must fail when the agent dies: {out:?}");
+        assert!(
+            !out.success,
+            "{crash}: ADD must fail when the agent dies: {out:?}"
+        );
         assert_killed(&mut agent, &crash);
         agent = rig.start(&[]);
         agent.wait_ready(WAIT).expect("ready after the crash");
         let out = rig.add(&pod);
-        assert!(out.success, "{crash}: retried ADD: {out:?}\n{}", agent.log());
+        assert!(
+            out.success,
+            "{crash}: retried ADD: {out:?}\n{}",
+            agent.log()
+        );
         rig.set_running(&[pod.as_str()]);
         check(&rig, &pod, &crash, &agent);
         assert!(agent.terminate(WAIT).expect("SIGTERM").success());
@@ -845,4 +863,228 @@ fn malformed_and_oversized_zds_messages_drop_the_connection_not_the_agent() {
     let out = rig.add("b");
     assert!(out.success, "{out:?}\n{}", agent.log());
     rig.assert_captured(&zt, "b", server.addr());
+}
+
+/// Pods in the many-pods test (one netns each, with an `eth0` holding the pod's address whose
+/// veth peer stays in the same netns: no node links, so the lab builds quickly; the agent
+/// needs only the netns).
+const MANY: usize = 200;
+
+fn many_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(
+        10,
+        78,
+        u8::try_from(i / 200).expect("ip"),
+        u8::try_from(i % 200 + 10).expect("ip"),
+    )
+}
+
+fn many_pod(i: usize) -> String {
+    format!("m{i:03}")
+}
+
+/// 200 ambient pods ADDed at once (one plugin process per pod, in parallel; a failed ADD is
+/// retried like the kubelet does), then all deleted: every pod's ADD succeeds, ztunnel gets
+/// exactly one Add per pod (a failed attempt hands nothing over), each pod holds its rules
+/// exactly once and one host-probe entry; after the deletion every pod netns is as before, no
+/// probe entry is left, ztunnel got one Del per pod and the state file is empty. How many
+/// ADDs succeed at the first attempt depends on the machine; it is printed.
+#[test]
+fn many_concurrent_adds_and_deletes_each_take_effect_exactly_once() {
+    use meshcni_testkit::Netns;
+    assert!(nix::unistd::geteuid().is_root(), "needs root");
+    let (agent_bin, plugin) = binaries();
+    let node = Netns::new("ipf-many-node").expect("node netns");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dirs = AgentDirs::create(tmp.path(), &plugin).expect("dirs");
+    let started = Instant::now();
+    let pods: Vec<Netns> = std::thread::scope(|s| {
+        let chunks: Vec<_> = (0..4)
+            .map(|t| {
+                s.spawn(move || {
+                    (0..MANY)
+                        .filter(|i| i % 4 == t)
+                        .map(|i| {
+                            let ns = Netns::new(&format!("ipf-m{i}")).expect("pod netns");
+                            ns.ip(&[
+                                "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+                            ])
+                            .expect("veth");
+                            ns.add_addr("eth0", &format!("{}/32", many_ip(i)))
+                                .expect("addr");
+                            ns.ip(&["link", "set", "eth0", "up"]).expect("up");
+                            (i, ns)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut all: Vec<(usize, Netns)> = chunks
+            .into_iter()
+            .flat_map(|c| c.join().expect("builder"))
+            .collect();
+        all.sort_by_key(|(i, _)| *i);
+        all.into_iter().map(|(_, ns)| ns).collect()
+    });
+    eprintln!("{MANY} pod netns built in {:?}", started.elapsed());
+    let before: Vec<NetnsSnapshot> = [0, MANY / 2, MANY - 1]
+        .iter()
+        .map(|i| NetnsSnapshot::capture(pods[*i].path()).expect("snapshot"))
+        .collect();
+    let objs: Vec<Value> = (0..MANY)
+        .map(|i| pod_json("mesh", &many_pod(i), NODE, None, &[], &[]))
+        .collect();
+    for o in &objs {
+        write_pod_metadata(&dirs.meta, o, &namespaces()[0]).expect("metadata");
+    }
+    write_workloads(&dirs.workloads, &namespaces(), &objs).expect("workloads");
+    let mut agent = Agent::start_mode(&agent_bin, node.path(), NODE, &dirs, StackMode::Inpod, &[])
+        .expect("agent");
+    let zt = InpodZtunnelStandIn::start_with(InpodZtunnelConfig::new(&dirs.zds_socket))
+        .expect("stand-in");
+    agent.wait_ready(WAIT).expect("ready");
+    let conn = zt.connects();
+
+    // Every ADD at once; a failed one is retried after 500 ms, as the kubelet retries a
+    // sandbox whose CNI ADD failed.
+    let started = Instant::now();
+    let outcomes: Vec<(usize, Vec<CniOutcome>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..MANY)
+            .map(|i| {
+                let (plugin, dirs, node, ns) = (&plugin, &dirs, node.path(), pods[i].path());
+                s.spawn(move || {
+                    let mut tries = Vec::new();
+                    for _ in 0..40 {
+                        let out =
+                            plugin_add(plugin, node, ns, "mesh", &many_pod(i), many_ip(i), dirs)
+                                .expect("plugin");
+                        let ok = out.success;
+                        tries.push(out);
+                        if ok {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                    (i, tries)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("ADD thread"))
+            .collect()
+    });
+    let took = started.elapsed();
+    let mut kinds: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, tries) in &outcomes {
+        for o in tries.iter().filter(|o| !o.success) {
+            let kind = if o.stdout.contains("Connection reset") {
+                "connection reset by the agent's event socket"
+            } else if o.stdout.contains("did not answer within") {
+                "the loop did not answer in time"
+            } else if o.stdout.contains("was not captured within") {
+                "not captured before the deadline"
+            } else {
+                o.stdout.as_str()
+            };
+            *kinds.entry(kind.to_string()).or_default() += 1;
+        }
+    }
+    let first_ok = outcomes.iter().filter(|(_, t)| t[0].success).count();
+    let max_tries = outcomes.iter().map(|(_, t)| t.len()).max().unwrap_or(0);
+    eprintln!(
+        "{MANY} concurrent ADDs: all done in {took:?}; {first_ok} succeeded at the first attempt, \
+         at most {max_tries} attempts; failed attempts: {kinds:?}"
+    );
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter(|(_, t)| !t.last().is_some_and(|o| o.success))
+        .map(|(i, t)| format!("{}: {:?}", many_pod(*i), t.last().map(|o| &o.stdout)))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {MANY} pods never got a successful ADD: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    let mut adds: BTreeMap<String, usize> = BTreeMap::new();
+    for r in zt.requests().iter().filter(|r| r.connection == conn) {
+        if r.kind == Some(RequestKind::Add) {
+            *adds.entry(r.uid.clone().unwrap_or_default()).or_default() += 1;
+        }
+    }
+    assert_eq!(adds.len(), MANY, "every pod handed over");
+    assert!(adds.values().all(|n| *n == 1), "each pod once: {adds:?}");
+    assert_eq!(zt.workloads().len(), MANY);
+    let save = |ns: &Netns| -> String {
+        [
+            "iptables-nft-save",
+            "iptables-legacy-save",
+            "ip6tables-nft-save",
+            "ip6tables-legacy-save",
+        ]
+        .iter()
+        .map(|p| {
+            format!(
+                "## {p}\n{}",
+                kit::normalize_save(&kit::exec_in(ns.path(), p, &[]).expect("save"))
+            )
+        })
+        .collect()
+    };
+    let reference = save(&pods[0]);
+    assert!(reference.contains("ISTIO_OUTPUT"), "{reference}");
+    assert_no_duplicate_rules(&reference);
+    for (i, ns) in pods.iter().enumerate() {
+        assert_eq!(save(ns), reference, "{}: rules exactly once", many_pod(i));
+    }
+    let probes = kit::exec_in(node.path(), "ipset", &["list"]).expect("ipset");
+    let members: Vec<&str> = probes
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|w| w.parse::<IpAddr>().is_ok())
+        })
+        .collect();
+    assert_eq!(members.len(), MANY, "{probes}");
+
+    // Every pod deleted at once.
+    let del_from = zt.requests().len();
+    let started = Instant::now();
+    write_workloads(&dirs.workloads, &namespaces(), &[]).expect("workloads");
+    zt.wait_for("every pod dropped", WAIT * 4, |z| z.workloads().is_empty())
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    eprintln!("{MANY} pods released in {:?}", started.elapsed());
+    let mut dels: BTreeMap<String, usize> = BTreeMap::new();
+    for r in &zt.requests()[del_from..] {
+        if r.kind == Some(RequestKind::Del) {
+            *dels.entry(r.uid.clone().unwrap_or_default()).or_default() += 1;
+        }
+    }
+    assert_eq!(dels.len(), MANY);
+    assert!(dels.values().all(|n| *n == 1), "one Del per pod: {dels:?}");
+    wait_until("state file empty", WAIT, || {
+        std::fs::read_to_string(dirs.run.join(STATE_FILE))
+            .ok()
+            .filter(|s| !s.contains("uid-"))
+    });
+    for ns in &pods {
+        assert!(!save(ns).contains("ISTIO"), "{}: rules left", ns.name());
+    }
+    for (snap, i) in before.iter().zip([0, MANY / 2, MANY - 1]) {
+        snap.assert_same(
+            &NetnsSnapshot::capture(pods[i].path()).expect("snapshot"),
+            &format!("{} after release", many_pod(i)),
+        );
+    }
+    let probes = kit::exec_in(node.path(), "ipset", &["list"]).expect("ipset");
+    assert!(
+        !probes.lines().any(|l| l
+            .split_whitespace()
+            .next()
+            .is_some_and(|w| w.parse::<IpAddr>().is_ok())),
+        "probe entries left:\n{probes}"
+    );
+    assert!(agent.terminate(WAIT).expect("SIGTERM").success());
 }
