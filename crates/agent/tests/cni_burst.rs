@@ -59,6 +59,8 @@ fn snapshot(names: &[&str]) -> WorkloadSnapshot {
 }
 
 type Replies = Arc<Mutex<BTreeMap<String, oneshot::Receiver<CniOutcome>>>>;
+/// (uid applied, uids whose ADD was answered since the previous apply began)
+type ApplyLog = Arc<Mutex<Vec<(String, Vec<String>)>>>;
 
 /// Enrolls in memory, taking `delay` per action; records, at the start of each apply, which
 /// ADDs were answered since the previous apply began.
@@ -66,8 +68,7 @@ struct SlowDriver {
     delay: Duration,
     state: EnrolledState,
     replies: Replies,
-    /// (uid applied, uids whose ADD was answered before this apply began)
-    log: Arc<Mutex<Vec<(String, Vec<String>)>>>,
+    log: ApplyLog,
 }
 
 impl RedirectDriver for SlowDriver {
@@ -140,7 +141,7 @@ fn request(
 struct Rig {
     rec: Reconciler,
     replies: Replies,
-    log: Arc<Mutex<Vec<(String, Vec<String>)>>>,
+    log: ApplyLog,
 }
 
 fn rig(names: &[&str], delay: Duration) -> Rig {
