@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -65,7 +65,52 @@ pub enum AgentError {
     BadReply { socket: String, reason: String },
 }
 
-/// Sends the event and waits (up to `timeout`) for the agent's verdict.
+/// Pause before sending again after the agent dropped the connection unanswered.
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// How one exchange failed.
+enum Failure {
+    /// No connection (agent not running), or a local or timeout error: not retried.
+    Fatal(std::io::Error),
+    /// Connected, but the agent closed the connection without answering (reset, broken pipe,
+    /// end of stream with no reply): at its connection limit it closes connections whose
+    /// request it has not read yet — under a burst of ADDs, real ones. Sent again.
+    Dropped(std::io::Error),
+}
+
+fn dropped_or_fatal(e: std::io::Error) -> Failure {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    if matches!(e.kind(), BrokenPipe | ConnectionReset | ConnectionAborted) {
+        Failure::Dropped(e)
+    } else {
+        Failure::Fatal(e)
+    }
+}
+
+/// One connection: send `request`, read the whole reply.
+fn exchange(socket: &Path, request: &[u8], timeout: Duration) -> Result<Vec<u8>, Failure> {
+    let mut stream = UnixStream::connect(socket).map_err(Failure::Fatal)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(Failure::Fatal)?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(Failure::Fatal)?;
+    stream.write_all(request).map_err(dropped_or_fatal)?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).map_err(dropped_or_fatal)?;
+    if reply.is_empty() {
+        return Err(Failure::Dropped(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "the node agent closed the connection without answering",
+        )));
+    }
+    Ok(reply)
+}
+
+/// Sends the event and waits (up to `timeout`) for the agent's verdict. A connection the agent
+/// closes without answering (it sheds unread connections at its connection limit) is retried
+/// within the same `timeout`; the hand-off is idempotent.
 pub fn push_cmdadd(
     socket: &Path,
     event: &CmdAddEvent,
@@ -80,21 +125,25 @@ pub fn push_cmdadd(
         socket: sock.clone(),
         reason: format!("cannot encode event: {e}"),
     })?;
-    let mut stream = UnixStream::connect(socket).map_err(unreachable)?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(unreachable)?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(unreachable)?;
-    let head = format!(
+    let mut request = format!(
         "POST /cmdadd HTTP/1.1\r\nHost: unix\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    );
-    stream.write_all(head.as_bytes()).map_err(unreachable)?;
-    stream.write_all(&body).map_err(unreachable)?;
-    let mut reply = Vec::new();
-    stream.read_to_end(&mut reply).map_err(unreachable)?;
+    )
+    .into_bytes();
+    request.extend_from_slice(&body);
+    let deadline = Instant::now() + timeout;
+    let reply = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match exchange(socket, &request, left.max(Duration::from_millis(1))) {
+            Ok(r) => break r,
+            Err(Failure::Dropped(_))
+                if deadline.saturating_duration_since(Instant::now()) > RETRY_PAUSE * 2 =>
+            {
+                std::thread::sleep(RETRY_PAUSE);
+            }
+            Err(Failure::Dropped(e) | Failure::Fatal(e)) => return Err(unreachable(e)),
+        }
+    };
     let text = String::from_utf8_lossy(&reply);
     let status = parse_status(&text).ok_or_else(|| AgentError::BadReply {
         socket: sock.clone(),
@@ -185,6 +234,30 @@ mod tests {
         let err = push_cmdadd(&path, &event(), Duration::from_secs(2)).unwrap_err();
         assert!(matches!(err, AgentError::Rejected { status: 500, .. }));
         assert!(err.to_string().contains("ztunnel not connected"), "{err}");
+    }
+
+    /// Issue 9 item 7: under a burst of ADDs the agent closes connections it has not read yet
+    /// (its connection limit); the plugin used to fail the pod's ADD with "connection reset".
+    /// Now it sends again within its timeout; a refused connect (no agent) still fails at once.
+    #[test]
+    fn a_connection_dropped_unanswered_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pluginevent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let h = std::thread::spawn(move || {
+            // First connection: closed without reading (evicted).
+            let (first, _) = listener.accept().unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            drop(first);
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = s.read(&mut buf).unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                .unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        push_cmdadd(&path, &event(), Duration::from_secs(2)).unwrap();
+        assert!(h.join().unwrap().starts_with("POST /cmdadd HTTP/1.1\r\n"));
     }
 
     #[test]
