@@ -7,7 +7,7 @@
 //! `enroll-after-route`, `sysctl-after-save`, `sysctl-before-write`, `uninstall-mid-sysctls`;
 //! in the inpod mode ([`crate::modes::inpod`]) `inpod-after-rules`, `inpod-after-probe`,
 //! `inpod-after-ack` (ztunnel holds the pod, the state file does not yet) and
-//! `inpod-release-after-del`.
+//! `inpod-release-mid` (between a release's DelWorkload and its rules' removal).
 //!
 //! Compiled in debug builds (tests) and with the `crash-points` cargo feature only; in a
 //! release build without the feature [`point`] is an empty inline function and the variable
@@ -37,7 +37,7 @@ pub const POINTS: &[&str] = &[
     "inpod-after-rules",
     "inpod-after-probe",
     "inpod-after-ack",
-    "inpod-release-after-del",
+    "inpod-release-mid",
 ];
 
 #[cfg(any(debug_assertions, feature = "crash-points"))]

@@ -545,7 +545,7 @@ impl InpodDriver {
                 warn!(pod = %pod, error = %e, "DelWorkload not acknowledged by every ztunnel");
             }
         }
-        crate::crash::point("inpod-release-after-del");
+        crate::crash::point("inpod-release-mid");
         let held = self.pods.remove(&pod.uid);
         if let Some(h) = &held {
             // The netns may be a dying sandbox's; removing from it is harmless.
