@@ -127,8 +127,14 @@ fn exchange(from: &Netns, to: SocketAddr) -> String {
     line
 }
 
+/// `iptables-save` without its timestamped comment lines.
 fn save(ns: &Netns) -> String {
-    ns.exec_ok("iptables-save", &[]).expect("iptables-save")
+    ns.exec_ok("iptables-save", &[])
+        .expect("iptables-save")
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 #[test]
