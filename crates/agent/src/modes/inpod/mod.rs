@@ -167,13 +167,9 @@ fn drv(what: impl std::fmt::Display) -> DriverError {
     DriverError::driver(format!("inpod mode: {what}"))
 }
 
-fn netns_id_of(f: &File) -> Result<NetnsId, std::io::Error> {
-    use std::os::unix::fs::MetadataExt;
-    let m = f.metadata()?;
-    Ok(NetnsId {
-        dev: m.dev(),
-        ino: m.ino(),
-    })
+/// The identity of an open netns; an error if the file is not a network namespace.
+fn netns_id_of(f: &File) -> Result<NetnsId, meshcni_netx::NetxError> {
+    meshcni_netx::podns::netns_id_of_fd(f.as_fd())
 }
 
 impl InpodDriver {
