@@ -143,3 +143,251 @@ fn captured_to_captured_same_node_and_across_nodes_goes_over_hbone() {
     assert_captured_to_captured(&m, "a", "c", false);
     assert_captured_to_captured(&m, "c", "d", false);
 }
+
+#[test]
+fn dual_stack_pods_get_rules_for_both_families_and_ipv6_traffic_is_captured() {
+    let m = Mesh::new("it-v6", Opts {
+        dual_stack: true,
+        ..Opts::default()
+    });
+    // The stand-in was handed each ambient pod with both addresses and listens on both
+    // families inside the pod; the pod has IPv4 and IPv6 redirects.
+    for pod in ["a", "d", "c"] {
+        let node = m.pod(pod).node;
+        let w = m.zt(node).workload(&uid(pod)).expect("held");
+        let mut want = m.pod(pod).ips();
+        want.sort();
+        let mut got = w.ips.clone();
+        got.sort();
+        assert_eq!(got, want, "{pod}: {w:?}");
+        for port in [OUTBOUND_PORT, INBOUND_PORT, HBONE_PORT] {
+            for any in ["0.0.0.0", "[::]"] {
+                let a: SocketAddr = format!("{any}:{port}").parse().expect("addr");
+                assert!(w.listening.contains(&a), "{pod}: {a} in {:?}", w.listening);
+            }
+        }
+        let rules = inpod_mesh::netns_rules(&m.pod(pod).netns);
+        assert!(inpod_mesh::family_has_redirects(&rules, false), "{pod} v4:\n{rules}");
+        assert!(inpod_mesh::family_has_redirects(&rules, true), "{pod} v6:\n{rules}");
+    }
+    for v6 in [true, false] {
+        assert_captured_to_uncaptured(&m, "a", "b", v6);
+        assert_captured_to_uncaptured(&m, "a", "e", v6);
+        assert_uncaptured_to_captured(&m, "b", "a", v6);
+        assert_uncaptured_to_captured(&m, "e", "a", v6);
+        assert_captured_to_captured(&m, "a", "d", v6);
+        assert_captured_to_captured(&m, "a", "c", v6);
+        assert_captured_to_captured(&m, "c", "a", v6);
+        m.assert_direct("b", "e", v6);
+    }
+}
+
+#[test]
+fn dns_capture_on_answers_udp_and_tcp_queries_to_any_resolver_and_off_leaves_dns_alone() {
+    use meshcni_testkit::inpod_ztunnel::DEFAULT_DNS_ANSWER;
+    use meshcni_testkit::proxy::dns_query;
+    // Node 1: --ambient-dns-capture on (stand-in DNS proxy on 15053); node 2: off.
+    let m = Mesh::new("it-dns", Opts {
+        dns_capture: [true, false],
+        ..Opts::default()
+    });
+    // A real resolver in pod e (node 2, not captured), answering something else.
+    let real_answer = std::net::Ipv4Addr::new(10, 99, 0, 53);
+    let resolver = inpod_mesh::Resolver::start(
+        &m.pod("e").netns,
+        addr_of(&m, "e", 53, false),
+        real_answer,
+    );
+    let nowhere: SocketAddr = "10.96.0.10:53".parse().expect("addr");
+    // Captured pod a on node 1: UDP and TCP to any resolver IP (a real one, and one that
+    // does not exist) are answered by the stand-in's 15053 inside the pod.
+    let mut id = 0x4a00u16;
+    for to in [resolver.addr, nowhere] {
+        for tcp in [false, true] {
+            id += 1;
+            let name = format!("q{id}.mesh.test");
+            let q = dns_query(id, &name);
+            let before = m.zt(1).dns_queries().len();
+            let reply = if tcp {
+                inpod_mesh::dns_tcp(&m.pod("a").netns, to, &q)
+            } else {
+                inpod_mesh::dns_udp(&m.pod("a").netns, to, &q)
+            }
+            .unwrap_or_else(|e| panic!("a: {e}"));
+            assert_eq!(
+                inpod_mesh::answer_of(&reply, id),
+                Some(DEFAULT_DNS_ANSWER),
+                "a → {to} (tcp {tcp}) answered by the stand-in"
+            );
+            let qs = m.zt(1).wait_for_dns_queries(before + 1, inpod_mesh::T).expect("recorded");
+            let rec = qs.last().expect("query");
+            assert_eq!(rec.uid, uid("a"), "{rec:?}");
+            assert_eq!(rec.proto, if tcp { "tcp" } else { "udp" }, "{rec:?}");
+            assert_eq!(rec.qname, name, "{rec:?}");
+            assert_eq!(rec.peer.ip(), ip_of(&m, "a", false), "{rec:?}");
+            assert_eq!(rec.error, None, "{rec:?}");
+            if tcp {
+                assert_eq!(rec.original_dst, Some(to), "{rec:?}");
+            }
+        }
+    }
+    assert!(resolver.queries().is_empty(), "captured DNS never reached the real resolver");
+    let w = m.zt(1).workload(&uid("a")).expect("held");
+    assert!(w.dns_capture, "{w:?}");
+    let rules = inpod_mesh::netns_rules(&m.pod("a").netns);
+    assert!(rules.contains("--to-ports 15053") || rules.contains("--to-port 15053"), "{rules}");
+    // Uncaptured pod b on node 1 (DNS capture on): its DNS is its own.
+    let q = dns_query(0x6201, "plain.b.test");
+    let reply = inpod_mesh::dns_udp(&m.pod("b").netns, resolver.addr, &q).expect("b udp");
+    assert_eq!(inpod_mesh::answer_of(&reply, 0x6201), Some(real_answer));
+
+    // Captured pod c on node 2, DNS capture off: UDP and TCP go to the real resolver, the
+    // stand-in records nothing and has no 15053 in c, and c's rules have no DNS redirect.
+    let zt2 = m.zt(2);
+    let w = zt2.workload(&uid("c")).expect("held");
+    assert!(!w.dns_capture, "{w:?}");
+    assert!(
+        !w.listening.iter().any(|a| a.port() == 15053),
+        "{:?}",
+        w.listening
+    );
+    let rules = inpod_mesh::netns_rules(&m.pod("c").netns);
+    assert!(inpod_mesh::family_has_redirects(&rules, false), "{rules}");
+    assert!(!rules.contains("15053"), "no DNS redirect with capture off:\n{rules}");
+    let q = dns_query(0x6301, "off.c.test");
+    let reply = inpod_mesh::dns_udp(&m.pod("c").netns, resolver.addr, &q).expect("c udp");
+    assert_eq!(inpod_mesh::answer_of(&reply, 0x6301), Some(real_answer));
+    let q = dns_query(0x6302, "off-tcp.c.test");
+    let before = zt2.hops().len();
+    let reply = inpod_mesh::dns_tcp(&m.pod("c").netns, resolver.addr, &q).expect("c tcp");
+    assert_eq!(inpod_mesh::answer_of(&reply, 0x6302), Some(real_answer));
+    // TCP/53 is ordinary outbound TCP for a captured pod without DNS capture: 15001, relayed
+    // to the resolver unchanged.
+    let hops = zt2.hops();
+    assert_eq!(hops.len(), before + 1, "{hops:?}");
+    assert_eq!(hops[before].listener_port, OUTBOUND_PORT, "{hops:?}");
+    assert_eq!(hops[before].original_dst, resolver.addr, "{hops:?}");
+    assert!(zt2.dns_queries().is_empty(), "{:?}", zt2.dns_queries());
+    let seen = resolver.queries();
+    let names: Vec<(&str, String)> = seen.iter().map(|(p, _, n)| (*p, n.clone())).collect();
+    assert_eq!(
+        names,
+        vec![
+            ("udp", "plain.b.test".to_string()),
+            ("udp", "off.c.test".to_string()),
+            ("tcp", "off-tcp.c.test".to_string())
+        ]
+    );
+    assert_eq!(seen[1].1.ip(), ip_of(&m, "c", false), "the resolver saw c itself");
+}
+
+#[test]
+fn probes_from_the_node_reach_the_app_from_the_snat_address_while_pod_traffic_is_captured() {
+    let m = Mesh::new("it-probe", Opts {
+        dual_stack: true,
+        ..Opts::default()
+    });
+    for (v6, snat) in [
+        (false, inpod_mesh::PROBE_SNAT_V4),
+        (true, inpod_mesh::PROBE_SNAT_V6),
+    ] {
+        let snat: IpAddr = snat.parse().expect("snat");
+        for pod in ["a", "d"] {
+            m.clear_hops();
+            // A socket in the node netns (the kubelet's): straight to the app, SNATed.
+            let peer = m.exchange_ns(
+                &m.lab.node(1).netns,
+                snat,
+                addr_of(&m, pod, PORT, v6),
+            );
+            assert_eq!(peer.ip(), snat);
+            assert!(m.zt(1).hops().is_empty(), "probe bypasses ztunnel: {:?}", m.zt(1).hops());
+            // Another pod to the same port is still captured (15006).
+            assert_uncaptured_to_captured(&m, "b", pod, v6);
+        }
+    }
+}
+
+#[test]
+fn non_ambient_pods_are_untouched() {
+    let m = Mesh::new("it-none", Opts {
+        dual_stack: true,
+        ..Opts::default()
+    });
+    // Not handed to ztunnel, no rules of any kind in their netns.
+    for (pod, node) in [("b", 1u8), ("o", 1), ("r", 1), ("e", 2)] {
+        assert!(m.zt(node).workload(&uid(pod)).is_none(), "{pod}");
+        let rules = inpod_mesh::netns_rules(&m.pod(pod).netns);
+        assert!(!inpod_mesh::has_inpod_rules(&rules), "{pod}:\n{rules}");
+    }
+    // Direct both ways, same node and across nodes, both families; the opt-out pod o too.
+    for v6 in [false, true] {
+        for (from, to) in [
+            ("b", "e"),
+            ("e", "b"),
+            ("o", "b"),
+            ("b", "o"),
+            ("o", "e"),
+            ("e", "o"),
+            ("r", "b"),
+        ] {
+            m.assert_direct(from, to, v6);
+        }
+    }
+    assert!(m.zt(1).hops().is_empty(), "{:?}", m.zt(1).hops());
+    assert!(m.zt(2).hops().is_empty(), "{:?}", m.zt(2).hops());
+}
+
+#[test]
+fn namespace_label_flip_enrolls_and_releases_a_running_pod_without_restart() {
+    let mut m = Mesh::new("it-flip", Opts {
+        dual_stack: true,
+        ..Opts::default()
+    });
+    let pid1 = m.node(1).agent.pid();
+    let r_ns = m.pod("r").netns.path().to_path_buf();
+    assert!(inpod_mesh::netns_rules(&m.pod("r").netns).lines().all(|l| !l.contains("ISTIO")));
+    m.assert_direct("r", "b", false);
+    // r's namespace is labelled: no CNI event, the agent finds r's netns itself (its private
+    // --netns-dir holds links to every pod netns of the node; the IP picks r's).
+    m.set_ns_label("late", meshcni_testkit::stack::DATAPLANE_MODE, Some("ambient"));
+    let w = m
+        .zt(1)
+        .wait_for_workload(&uid("r"), inpod_mesh::WAIT)
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", m.node(1).agent.log()));
+    let want = {
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(&r_ns).expect("stat");
+        (md.dev(), md.ino())
+    };
+    assert_eq!(w.netns, want, "the stand-in got r's own netns");
+    assert_eq!(w.info.as_ref().map(|i| i.namespace.as_str()), Some("late"));
+    m.sync_captured();
+    let rules = inpod_mesh::netns_rules(&m.pod("r").netns);
+    assert!(inpod_mesh::family_has_redirects(&rules, false), "{rules}");
+    assert!(inpod_mesh::family_has_redirects(&rules, true), "{rules}");
+    for v6 in [false, true] {
+        assert_captured_to_uncaptured(&m, "r", "b", v6);
+        assert_uncaptured_to_captured(&m, "e", "r", v6);
+        assert_captured_to_captured(&m, "r", "a", v6);
+        assert_captured_to_captured(&m, "c", "r", v6);
+    }
+    // Unlabelled: released in place — ztunnel drops it, the rules leave the pod.
+    m.set_ns_label("late", meshcni_testkit::stack::DATAPLANE_MODE, None);
+    m.zt(1)
+        .wait_for_no_workload(&uid("r"), inpod_mesh::WAIT)
+        .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", m.node(1).agent.log()));
+    m.wait_for("r's in-pod rules removed", || {
+        !inpod_mesh::has_inpod_rules(&inpod_mesh::netns_rules(&m.pod("r").netns))
+    });
+    m.sync_captured();
+    for v6 in [false, true] {
+        m.assert_direct("r", "b", v6);
+        m.assert_direct("b", "r", v6);
+        m.assert_direct("r", "e", v6);
+        m.assert_direct("e", "r", v6);
+    }
+    // The other pods stayed in the mesh, and it all happened in the same agent process.
+    assert_captured_to_captured(&m, "a", "c", false);
+    assert_eq!(m.node(1).agent.pid(), pid1, "no restart");
+}
