@@ -14,6 +14,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use inpod_mesh::{Mesh, Opts, PORT, uid};
 use meshcni_testkit::InpodHop;
+use meshcni_testkit::multinode::{open_stream, read_line};
 use meshcni_testkit::ztunnel::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 
 fn ip_of(m: &Mesh, pod: &str, v6: bool) -> IpAddr {
@@ -189,7 +190,7 @@ fn dns_capture_on_answers_udp_and_tcp_queries_to_any_resolver_and_off_leaves_dns
     // Node 1: --ambient-dns-capture on (stand-in DNS proxy on 15053); node 2: off.
     let m = Mesh::new("it-dns", Opts {
         dns_capture: [true, false],
-        ..Opts::default()
+        dual_stack: true,
     });
     // A real resolver in pod e (node 2, not captured), answering something else.
     let real_answer = std::net::Ipv4Addr::new(10, 99, 0, 53);
@@ -199,10 +200,11 @@ fn dns_capture_on_answers_udp_and_tcp_queries_to_any_resolver_and_off_leaves_dns
         real_answer,
     );
     let nowhere: SocketAddr = "10.96.0.10:53".parse().expect("addr");
-    // Captured pod a on node 1: UDP and TCP to any resolver IP (a real one, and one that
-    // does not exist) are answered by the stand-in's 15053 inside the pod.
+    let nowhere6: SocketAddr = "[fd00:96::10]:53".parse().expect("addr");
+    // Captured pod a on node 1: UDP and TCP to any resolver IP (a real one, and ones that
+    // do not exist, IPv4 and IPv6) are answered by the stand-in's 15053 inside the pod.
     let mut id = 0x4a00u16;
-    for to in [resolver.addr, nowhere] {
+    for to in [resolver.addr, nowhere, nowhere6] {
         for tcp in [false, true] {
             id += 1;
             let name = format!("q{id}.mesh.test");
@@ -224,7 +226,7 @@ fn dns_capture_on_answers_udp_and_tcp_queries_to_any_resolver_and_off_leaves_dns
             assert_eq!(rec.uid, uid("a"), "{rec:?}");
             assert_eq!(rec.proto, if tcp { "tcp" } else { "udp" }, "{rec:?}");
             assert_eq!(rec.qname, name, "{rec:?}");
-            assert_eq!(rec.peer.ip(), ip_of(&m, "a", false), "{rec:?}");
+            assert_eq!(rec.peer.ip(), ip_of(&m, "a", to.is_ipv6()), "{rec:?}");
             assert_eq!(rec.error, None, "{rec:?}");
             if tcp {
                 assert_eq!(rec.original_dst, Some(to), "{rec:?}");
@@ -340,14 +342,24 @@ fn non_ambient_pods_are_untouched() {
 
 #[test]
 fn namespace_label_flip_enrolls_and_releases_a_running_pod_without_restart() {
-    let mut m = Mesh::new("it-flip", Opts {
+    let m = Mesh::new("it-flip", Opts {
         dual_stack: true,
         ..Opts::default()
     });
     let pid1 = m.node(1).agent.pid();
     let r_ns = m.pod("r").netns.path().to_path_buf();
-    assert!(inpod_mesh::netns_rules(&m.pod("r").netns).lines().all(|l| !l.contains("ISTIO")));
+    let node1 = &m.lab.node(1).netns;
+    let underlay = IpAddr::V4(m.lab.node(1).underlay_ip);
+    assert!(!inpod_mesh::has_inpod_rules(&inpod_mesh::netns_rules(&m.pod("r").netns)));
     m.assert_direct("r", "b", false);
+    // Before: a node-netns connection to r is not SNATed (r is not in the probe sets).
+    assert_eq!(m.exchange_ns(node1, underlay, addr_of(&m, "r", PORT, false)).ip(), underlay);
+    // A connection r opened before it is enrolled (to e, across nodes; see below).
+    let mut live = open_stream(&m.pod("r").netns, addr_of(&m, "e", PORT, false), inpod_mesh::T)
+        .expect("open r → e");
+    let banner = read_line(&mut live).expect("banner");
+    assert!(banner.contains(&format!("peer:{}:", m.pod("r").ip)), "{banner}");
+    inpod_mesh::ping(&mut live, "before enroll").expect("direct connection works");
     // r's namespace is labelled: no CNI event, the agent finds r's netns itself (its private
     // --netns-dir holds links to every pod netns of the node; the IP picks r's).
     m.set_ns_label("late", meshcni_testkit::stack::DATAPLANE_MODE, Some("ambient"));
@@ -372,6 +384,28 @@ fn namespace_label_flip_enrolls_and_releases_a_running_pod_without_restart() {
         assert_captured_to_captured(&m, "r", "a", v6);
         assert_captured_to_captured(&m, "c", "r", v6);
     }
+    // r's addresses joined the node's probe sets: probes reach r's app from the SNAT address.
+    let sets = node1.exec_ok("ipset", &["list"]).expect("ipset list");
+    for ip in m.pod("r").ips() {
+        assert!(sets.contains(&ip.to_string()), "{ip} in the probe sets:\n{sets}");
+    }
+    m.clear_hops();
+    for (v6, snat) in [(false, inpod_mesh::PROBE_SNAT_V4), (true, inpod_mesh::PROBE_SNAT_V6)] {
+        let snat: IpAddr = snat.parse().expect("snat");
+        assert_eq!(m.exchange_ns(node1, snat, addr_of(&m, "r", PORT, v6)).ip(), snat);
+    }
+    assert!(m.zt(1).hops().is_empty(), "{:?}", m.zt(1).hops());
+    // The connection opened before enrollment is reset by its next packet, as upstream does
+    // (istio/istio#48876, "enrolling apps for the first time in ambient will reset existing
+    // connections"): the pod netns did not track it before the in-pod nat rules existed, so
+    // conntrack picks it up mid-stream as new and REDIRECTs it to 15001, where no socket
+    // knows it. The rule text is Istio's byte for byte; new connections are captured (above).
+    let r = inpod_mesh::ping(&mut live, "after enroll");
+    assert!(
+        r.as_ref().is_err_and(|e| e.contains("reset") || e.contains("EOF")),
+        "pre-enrollment connection: {r:?}"
+    );
+    assert!(m.zt(1).hops().is_empty(), "{:?}", m.zt(1).hops());
     // Unlabelled: released in place — ztunnel drops it, the rules leave the pod.
     m.set_ns_label("late", meshcni_testkit::stack::DATAPLANE_MODE, None);
     m.zt(1)
@@ -381,6 +415,11 @@ fn namespace_label_flip_enrolls_and_releases_a_running_pod_without_restart() {
         !inpod_mesh::has_inpod_rules(&inpod_mesh::netns_rules(&m.pod("r").netns))
     });
     m.sync_captured();
+    m.wait_for("r's addresses leave the probe sets", || {
+        let sets = node1.exec_ok("ipset", &["list"]).expect("ipset list");
+        m.pod("r").ips().iter().all(|ip| !sets.contains(&ip.to_string()))
+    });
+    assert_eq!(m.exchange_ns(node1, underlay, addr_of(&m, "r", PORT, false)).ip(), underlay);
     for v6 in [false, true] {
         m.assert_direct("r", "b", v6);
         m.assert_direct("b", "r", v6);

@@ -28,6 +28,7 @@
 
 #![allow(dead_code)]
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -100,7 +101,7 @@ pub struct Mesh {
     pub servers: BTreeMap<String, TcpServer>,
     pub servers6: BTreeMap<String, TcpServer>,
     /// Namespace labels (mutable: label flips).
-    pub ns_labels: BTreeMap<String, BTreeMap<String, String>>,
+    pub ns_labels: RefCell<BTreeMap<String, BTreeMap<String, String>>>,
     /// Pods shown Running (with IPs) in the workloads file.
     pub running: BTreeSet<String>,
     pub plugin: PathBuf,
@@ -172,7 +173,7 @@ impl Mesh {
             nodes: Vec::new(),
             servers,
             servers6,
-            ns_labels,
+            ns_labels: RefCell::new(ns_labels),
             // Non-ambient pods are running already; ambient ones wait for their ADD.
             running: PODS
                 .iter()
@@ -257,11 +258,12 @@ impl Mesh {
         if let Some((_, v)) = labels.iter().find(|(k, _)| *k == DATAPLANE_MODE) {
             return *v == "ambient";
         }
-        self.ns_labels[*ns].get(DATAPLANE_MODE).map(String::as_str) == Some("ambient")
+        self.ns_labels.borrow()[*ns].get(DATAPLANE_MODE).map(String::as_str) == Some("ambient")
     }
 
     pub fn ns_json(&self, ns: &str) -> Value {
-        let labels: Vec<(&str, &str)> = self.ns_labels[ns]
+        let all = self.ns_labels.borrow();
+        let labels: Vec<(&str, &str)> = all[ns]
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
@@ -288,7 +290,8 @@ impl Mesh {
     }
 
     fn write_node_workloads(&self, index: u8, dirs: &AgentDirs) {
-        let namespaces: Vec<Value> = self.ns_labels.keys().map(|n| self.ns_json(n)).collect();
+        let names: Vec<String> = self.ns_labels.borrow().keys().cloned().collect();
+        let namespaces: Vec<Value> = names.iter().map(|n| self.ns_json(n)).collect();
         let pods: Vec<Value> = PODS
             .iter()
             .filter(|p| p.0 == index)
@@ -306,14 +309,17 @@ impl Mesh {
 
     /// Set (`Some`) or remove (`None`) a namespace label and rewrite the workloads files; no
     /// CNI event, no restart.
-    pub fn set_ns_label(&mut self, ns: &str, key: &str, value: Option<&str>) {
-        let l = self.ns_labels.get_mut(ns).expect("namespace");
-        match value {
-            Some(v) => {
-                l.insert(key.to_string(), v.to_string());
-            }
-            None => {
-                l.remove(key);
+    pub fn set_ns_label(&self, ns: &str, key: &str, value: Option<&str>) {
+        {
+            let mut all = self.ns_labels.borrow_mut();
+            let l = all.get_mut(ns).expect("namespace");
+            match value {
+                Some(v) => {
+                    l.insert(key.to_string(), v.to_string());
+                }
+                None => {
+                    l.remove(key);
+                }
             }
         }
         self.write_workloads();
