@@ -88,7 +88,10 @@ fn assert_captured_to_captured(m: &Mesh, from: &str, to: &str, v6: bool) {
         .find(|h| h.listener_port == HBONE_PORT)
         .expect("15008 hop");
     let on = |n: u8| if n == 1 { &h1 } else { &h2 };
-    assert!(on(nf).contains(out), "outbound hop on {from}'s node: {out:?}");
+    assert!(
+        on(nf).contains(out),
+        "outbound hop on {from}'s node: {out:?}"
+    );
     assert!(on(nt).contains(inb), "HBONE hop on {to}'s node: {inb:?}");
     assert_eq!(out.uid, uid(from), "{out:?}");
     assert_eq!(out.peer.ip(), ip_of(m, from, v6), "{out:?}");
@@ -118,7 +121,11 @@ fn assert_captured_to_captured(m: &Mesh, from: &str, to: &str, v6: bool) {
     );
     assert_eq!(inb.error, None, "{inb:?}");
     assert_eq!(inb.upstream_local, Some(peer), "{inb:?}");
-    assert_eq!(peer.ip(), ip_of(m, from, v6), "server sees the client pod's IP");
+    assert_eq!(
+        peer.ip(),
+        ip_of(m, from, v6),
+        "server sees the client pod's IP"
+    );
 }
 
 #[test]
@@ -147,10 +154,13 @@ fn captured_to_captured_same_node_and_across_nodes_goes_over_hbone() {
 
 #[test]
 fn dual_stack_pods_get_rules_for_both_families_and_ipv6_traffic_is_captured() {
-    let m = Mesh::new("it-v6", Opts {
-        dual_stack: true,
-        ..Opts::default()
-    });
+    let m = Mesh::new(
+        "it-v6",
+        Opts {
+            dual_stack: true,
+            ..Opts::default()
+        },
+    );
     // The stand-in was handed each ambient pod with both addresses and listens on both
     // families inside the pod; the pod has IPv4 and IPv6 redirects.
     for pod in ["a", "d", "c"] {
@@ -168,8 +178,14 @@ fn dual_stack_pods_get_rules_for_both_families_and_ipv6_traffic_is_captured() {
             }
         }
         let rules = inpod_mesh::netns_rules(&m.pod(pod).netns);
-        assert!(inpod_mesh::family_has_redirects(&rules, false), "{pod} v4:\n{rules}");
-        assert!(inpod_mesh::family_has_redirects(&rules, true), "{pod} v6:\n{rules}");
+        assert!(
+            inpod_mesh::family_has_redirects(&rules, false),
+            "{pod} v4:\n{rules}"
+        );
+        assert!(
+            inpod_mesh::family_has_redirects(&rules, true),
+            "{pod} v6:\n{rules}"
+        );
     }
     for v6 in [true, false] {
         assert_captured_to_uncaptured(&m, "a", "b", v6);
@@ -188,17 +204,17 @@ fn dns_capture_on_answers_udp_and_tcp_queries_to_any_resolver_and_off_leaves_dns
     use meshcni_testkit::inpod_ztunnel::DEFAULT_DNS_ANSWER;
     use meshcni_testkit::proxy::dns_query;
     // Node 1: --ambient-dns-capture on (stand-in DNS proxy on 15053); node 2: off.
-    let m = Mesh::new("it-dns", Opts {
-        dns_capture: [true, false],
-        dual_stack: true,
-    });
+    let m = Mesh::new(
+        "it-dns",
+        Opts {
+            dns_capture: [true, false],
+            dual_stack: true,
+        },
+    );
     // A real resolver in pod e (node 2, not captured), answering something else.
     let real_answer = std::net::Ipv4Addr::new(10, 99, 0, 53);
-    let resolver = inpod_mesh::Resolver::start(
-        &m.pod("e").netns,
-        addr_of(&m, "e", 53, false),
-        real_answer,
-    );
+    let resolver =
+        inpod_mesh::Resolver::start(&m.pod("e").netns, addr_of(&m, "e", 53, false), real_answer);
     let nowhere: SocketAddr = "10.96.0.10:53".parse().expect("addr");
     let nowhere6: SocketAddr = "[fd00:96::10]:53".parse().expect("addr");
     // Captured pod a on node 1: UDP and TCP to any resolver IP (a real one, and ones that
@@ -221,7 +237,10 @@ fn dns_capture_on_answers_udp_and_tcp_queries_to_any_resolver_and_off_leaves_dns
                 Some(DEFAULT_DNS_ANSWER),
                 "a → {to} (tcp {tcp}) answered by the stand-in"
             );
-            let qs = m.zt(1).wait_for_dns_queries(before + 1, inpod_mesh::T).expect("recorded");
+            let qs = m
+                .zt(1)
+                .wait_for_dns_queries(before + 1, inpod_mesh::T)
+                .expect("recorded");
             let rec = qs.last().expect("query");
             assert_eq!(rec.uid, uid("a"), "{rec:?}");
             assert_eq!(rec.proto, if tcp { "tcp" } else { "udp" }, "{rec:?}");
@@ -233,11 +252,17 @@ fn dns_capture_on_answers_udp_and_tcp_queries_to_any_resolver_and_off_leaves_dns
             }
         }
     }
-    assert!(resolver.queries().is_empty(), "captured DNS never reached the real resolver");
+    assert!(
+        resolver.queries().is_empty(),
+        "captured DNS never reached the real resolver"
+    );
     let w = m.zt(1).workload(&uid("a")).expect("held");
     assert!(w.dns_capture, "{w:?}");
     let rules = inpod_mesh::netns_rules(&m.pod("a").netns);
-    assert!(rules.contains("--to-ports 15053") || rules.contains("--to-port 15053"), "{rules}");
+    assert!(
+        rules.contains("--to-ports 15053") || rules.contains("--to-port 15053"),
+        "{rules}"
+    );
     // Uncaptured pod b on node 1 (DNS capture on): its DNS is its own.
     let q = dns_query(0x6201, "plain.b.test");
     let reply = inpod_mesh::dns_udp(&m.pod("b").netns, resolver.addr, &q).expect("b udp");
@@ -255,7 +280,10 @@ fn dns_capture_on_answers_udp_and_tcp_queries_to_any_resolver_and_off_leaves_dns
     );
     let rules = inpod_mesh::netns_rules(&m.pod("c").netns);
     assert!(inpod_mesh::family_has_redirects(&rules, false), "{rules}");
-    assert!(!rules.contains("15053"), "no DNS redirect with capture off:\n{rules}");
+    assert!(
+        !rules.contains("15053"),
+        "no DNS redirect with capture off:\n{rules}"
+    );
     let q = dns_query(0x6301, "off.c.test");
     let reply = inpod_mesh::dns_udp(&m.pod("c").netns, resolver.addr, &q).expect("c udp");
     assert_eq!(inpod_mesh::answer_of(&reply, 0x6301), Some(real_answer));
@@ -280,15 +308,22 @@ fn dns_capture_on_answers_udp_and_tcp_queries_to_any_resolver_and_off_leaves_dns
             ("tcp", "off-tcp.c.test".to_string())
         ]
     );
-    assert_eq!(seen[1].1.ip(), ip_of(&m, "c", false), "the resolver saw c itself");
+    assert_eq!(
+        seen[1].1.ip(),
+        ip_of(&m, "c", false),
+        "the resolver saw c itself"
+    );
 }
 
 #[test]
 fn probes_from_the_node_reach_the_app_from_the_snat_address_while_pod_traffic_is_captured() {
-    let m = Mesh::new("it-probe", Opts {
-        dual_stack: true,
-        ..Opts::default()
-    });
+    let m = Mesh::new(
+        "it-probe",
+        Opts {
+            dual_stack: true,
+            ..Opts::default()
+        },
+    );
     for (v6, snat) in [
         (false, inpod_mesh::PROBE_SNAT_V4),
         (true, inpod_mesh::PROBE_SNAT_V6),
@@ -297,13 +332,13 @@ fn probes_from_the_node_reach_the_app_from_the_snat_address_while_pod_traffic_is
         for pod in ["a", "d"] {
             m.clear_hops();
             // A socket in the node netns (the kubelet's): straight to the app, SNATed.
-            let peer = m.exchange_ns(
-                &m.lab.node(1).netns,
-                snat,
-                addr_of(&m, pod, PORT, v6),
-            );
+            let peer = m.exchange_ns(&m.lab.node(1).netns, snat, addr_of(&m, pod, PORT, v6));
             assert_eq!(peer.ip(), snat);
-            assert!(m.zt(1).hops().is_empty(), "probe bypasses ztunnel: {:?}", m.zt(1).hops());
+            assert!(
+                m.zt(1).hops().is_empty(),
+                "probe bypasses ztunnel: {:?}",
+                m.zt(1).hops()
+            );
             // Another pod to the same port is still captured (15006).
             assert_uncaptured_to_captured(&m, "b", pod, v6);
         }
@@ -312,10 +347,13 @@ fn probes_from_the_node_reach_the_app_from_the_snat_address_while_pod_traffic_is
 
 #[test]
 fn non_ambient_pods_are_untouched() {
-    let m = Mesh::new("it-none", Opts {
-        dual_stack: true,
-        ..Opts::default()
-    });
+    let m = Mesh::new(
+        "it-none",
+        Opts {
+            dual_stack: true,
+            ..Opts::default()
+        },
+    );
     // Not handed to ztunnel, no rules of any kind in their netns.
     for (pod, node) in [("b", 1u8), ("o", 1), ("r", 1), ("e", 2)] {
         assert!(m.zt(node).workload(&uid(pod)).is_none(), "{pod}");
@@ -342,27 +380,47 @@ fn non_ambient_pods_are_untouched() {
 
 #[test]
 fn namespace_label_flip_enrolls_and_releases_a_running_pod_without_restart() {
-    let m = Mesh::new("it-flip", Opts {
-        dual_stack: true,
-        ..Opts::default()
-    });
+    let m = Mesh::new(
+        "it-flip",
+        Opts {
+            dual_stack: true,
+            ..Opts::default()
+        },
+    );
     let pid1 = m.node(1).agent.pid();
     let r_ns = m.pod("r").netns.path().to_path_buf();
     let node1 = &m.lab.node(1).netns;
     let underlay = IpAddr::V4(m.lab.node(1).underlay_ip);
-    assert!(!inpod_mesh::has_inpod_rules(&inpod_mesh::netns_rules(&m.pod("r").netns)));
+    assert!(!inpod_mesh::has_inpod_rules(&inpod_mesh::netns_rules(
+        &m.pod("r").netns
+    )));
     m.assert_direct("r", "b", false);
     // Before: a node-netns connection to r is not SNATed (r is not in the probe sets).
-    assert_eq!(m.exchange_ns(node1, underlay, addr_of(&m, "r", PORT, false)).ip(), underlay);
+    assert_eq!(
+        m.exchange_ns(node1, underlay, addr_of(&m, "r", PORT, false))
+            .ip(),
+        underlay
+    );
     // A connection r opened before it is enrolled (to e, across nodes; see below).
-    let mut live = open_stream(&m.pod("r").netns, addr_of(&m, "e", PORT, false), inpod_mesh::T)
-        .expect("open r → e");
+    let mut live = open_stream(
+        &m.pod("r").netns,
+        addr_of(&m, "e", PORT, false),
+        inpod_mesh::T,
+    )
+    .expect("open r → e");
     let banner = read_line(&mut live).expect("banner");
-    assert!(banner.contains(&format!("peer:{}:", m.pod("r").ip)), "{banner}");
+    assert!(
+        banner.contains(&format!("peer:{}:", m.pod("r").ip)),
+        "{banner}"
+    );
     inpod_mesh::ping(&mut live, "before enroll").expect("direct connection works");
     // r's namespace is labelled: no CNI event, the agent finds r's netns itself (its private
     // --netns-dir holds links to every pod netns of the node; the IP picks r's).
-    m.set_ns_label("late", meshcni_testkit::stack::DATAPLANE_MODE, Some("ambient"));
+    m.set_ns_label(
+        "late",
+        meshcni_testkit::stack::DATAPLANE_MODE,
+        Some("ambient"),
+    );
     let w = m
         .zt(1)
         .wait_for_workload(&uid("r"), inpod_mesh::WAIT)
@@ -387,12 +445,21 @@ fn namespace_label_flip_enrolls_and_releases_a_running_pod_without_restart() {
     // r's addresses joined the node's probe sets: probes reach r's app from the SNAT address.
     let sets = node1.exec_ok("ipset", &["list"]).expect("ipset list");
     for ip in m.pod("r").ips() {
-        assert!(sets.contains(&ip.to_string()), "{ip} in the probe sets:\n{sets}");
+        assert!(
+            sets.contains(&ip.to_string()),
+            "{ip} in the probe sets:\n{sets}"
+        );
     }
     m.clear_hops();
-    for (v6, snat) in [(false, inpod_mesh::PROBE_SNAT_V4), (true, inpod_mesh::PROBE_SNAT_V6)] {
+    for (v6, snat) in [
+        (false, inpod_mesh::PROBE_SNAT_V4),
+        (true, inpod_mesh::PROBE_SNAT_V6),
+    ] {
         let snat: IpAddr = snat.parse().expect("snat");
-        assert_eq!(m.exchange_ns(node1, snat, addr_of(&m, "r", PORT, v6)).ip(), snat);
+        assert_eq!(
+            m.exchange_ns(node1, snat, addr_of(&m, "r", PORT, v6)).ip(),
+            snat
+        );
     }
     assert!(m.zt(1).hops().is_empty(), "{:?}", m.zt(1).hops());
     // The connection opened before enrollment is reset by its next packet, as upstream does
@@ -402,7 +469,8 @@ fn namespace_label_flip_enrolls_and_releases_a_running_pod_without_restart() {
     // knows it. The rule text is Istio's byte for byte; new connections are captured (above).
     let r = inpod_mesh::ping(&mut live, "after enroll");
     assert!(
-        r.as_ref().is_err_and(|e| e.contains("reset") || e.contains("EOF")),
+        r.as_ref()
+            .is_err_and(|e| e.contains("reset") || e.contains("EOF")),
         "pre-enrollment connection: {r:?}"
     );
     assert!(m.zt(1).hops().is_empty(), "{:?}", m.zt(1).hops());
@@ -417,9 +485,16 @@ fn namespace_label_flip_enrolls_and_releases_a_running_pod_without_restart() {
     m.sync_captured();
     m.wait_for("r's addresses leave the probe sets", || {
         let sets = node1.exec_ok("ipset", &["list"]).expect("ipset list");
-        m.pod("r").ips().iter().all(|ip| !sets.contains(&ip.to_string()))
+        m.pod("r")
+            .ips()
+            .iter()
+            .all(|ip| !sets.contains(&ip.to_string()))
     });
-    assert_eq!(m.exchange_ns(node1, underlay, addr_of(&m, "r", PORT, false)).ip(), underlay);
+    assert_eq!(
+        m.exchange_ns(node1, underlay, addr_of(&m, "r", PORT, false))
+            .ip(),
+        underlay
+    );
     for v6 in [false, true] {
         m.assert_direct("r", "b", v6);
         m.assert_direct("b", "r", v6);

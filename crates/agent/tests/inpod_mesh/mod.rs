@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 
 use meshcni_testkit::multinode::{open_stream, read_line};
 use meshcni_testkit::stack::{
-    self as kit, Agent, AgentDirs, CniOutcome, DATAPLANE_MODE, StackMode, namespace_json,
-    pod_json, pod_uid, write_pod_metadata, write_workloads,
+    self as kit, Agent, AgentDirs, CniOutcome, DATAPLANE_MODE, StackMode, namespace_json, pod_json,
+    pod_uid, write_pod_metadata, write_workloads,
 };
 use meshcni_testkit::{
     InpodHop, InpodZtunnelConfig, InpodZtunnelStandIn, LabPod, MultiNodeLab, Netns, TcpServer,
@@ -177,7 +177,12 @@ impl Mesh {
             // Non-ambient pods are running already; ambient ones wait for their ADD.
             running: PODS
                 .iter()
-                .filter(|p| p.2 != "mesh" || p.3.iter().any(|(k, v)| *k == DATAPLANE_MODE && *v == "none"))
+                .filter(|p| {
+                    p.2 != "mesh"
+                        || p.3
+                            .iter()
+                            .any(|(k, v)| *k == DATAPLANE_MODE && *v == "none")
+                })
                 .map(|p| p.1.to_string())
                 .collect(),
             plugin: plugin.clone(),
@@ -196,8 +201,12 @@ impl Mesh {
             }
             mesh.write_node_workloads(index, &dirs);
             for pod in &mesh.lab.node(index).pods {
-                write_pod_metadata(&dirs.meta, &mesh.pod_json(&pod.name), &mesh.ns_json(spec(&pod.name).2))
-                    .expect("pod metadata");
+                write_pod_metadata(
+                    &dirs.meta,
+                    &mesh.pod_json(&pod.name),
+                    &mesh.ns_json(spec(&pod.name).2),
+                )
+                .expect("pod metadata");
             }
             let dns = if opts.dns_capture[i] { "true" } else { "false" };
             let node_ns = mesh.lab.node(index).netns.path().to_path_buf();
@@ -258,7 +267,10 @@ impl Mesh {
         if let Some((_, v)) = labels.iter().find(|(k, _)| *k == DATAPLANE_MODE) {
             return *v == "ambient";
         }
-        self.ns_labels.borrow()[*ns].get(DATAPLANE_MODE).map(String::as_str) == Some("ambient")
+        self.ns_labels.borrow()[*ns]
+            .get(DATAPLANE_MODE)
+            .map(String::as_str)
+            == Some("ambient")
     }
 
     pub fn ns_json(&self, ns: &str) -> Value {
@@ -457,8 +469,16 @@ impl Mesh {
             let h1 = self.zt(1).hops();
             let h2 = self.zt(2).hops();
             if (h1.len() >= n1 && h2.len() >= n2) || Instant::now() > deadline {
-                assert_eq!(h1.len(), n1, "hops of ztunnel-1: {h1:?} (ztunnel-2: {h2:?})");
-                assert_eq!(h2.len(), n2, "hops of ztunnel-2: {h2:?} (ztunnel-1: {h1:?})");
+                assert_eq!(
+                    h1.len(),
+                    n1,
+                    "hops of ztunnel-1: {h1:?} (ztunnel-2: {h2:?})"
+                );
+                assert_eq!(
+                    h2.len(),
+                    n2,
+                    "hops of ztunnel-2: {h2:?} (ztunnel-1: {h1:?})"
+                );
                 return (h1, h2);
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -550,8 +570,12 @@ pub fn plugin_add_ips(
     let ip_entries: Vec<Value> = ips
         .iter()
         .map(|ip| match ip {
-            IpAddr::V4(v) => json!({"address": format!("{v}/32"), "gateway": "169.254.1.1", "interface": 1}),
-            IpAddr::V6(v) => json!({"address": format!("{v}/128"), "gateway": "fe80::1", "interface": 1}),
+            IpAddr::V4(v) => {
+                json!({"address": format!("{v}/32"), "gateway": "169.254.1.1", "interface": 1})
+            }
+            IpAddr::V6(v) => {
+                json!({"address": format!("{v}/128"), "gateway": "fe80::1", "interface": 1})
+            }
         })
         .collect();
     let mut routes = vec![json!({"dst": "0.0.0.0/0", "gw": "169.254.1.1"})];
@@ -620,12 +644,15 @@ pub fn plugin_add_ips(
 
 // ---- a real resolver and DNS clients ---------------------------------------------------------
 
+/// `(proto, peer, qname)` of each query a [`Resolver`] answered.
+type QueryLog = Arc<Mutex<Vec<(&'static str, SocketAddr, String)>>>;
+
 /// A real DNS server (UDP + TCP on `addr`, inside a netns) answering every `A` query with
 /// `answer`, recording `(proto, peer, qname)`.
 pub struct Resolver {
     pub addr: SocketAddr,
     pub answer: Ipv4Addr,
-    queries: Arc<Mutex<Vec<(&'static str, SocketAddr, String)>>>,
+    queries: QueryLog,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
