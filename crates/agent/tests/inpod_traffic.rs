@@ -209,6 +209,7 @@ fn dns_capture_on_answers_udp_and_tcp_queries_to_any_resolver_and_off_leaves_dns
         Opts {
             dns_capture: [true, false],
             dual_stack: true,
+            ..Opts::default()
         },
     );
     // A real resolver in pod e (node 2, not captured), answering something else.
@@ -504,4 +505,42 @@ fn namespace_label_flip_enrolls_and_releases_a_running_pod_without_restart() {
     // The other pods stayed in the mesh, and it all happened in the same agent process.
     assert_captured_to_captured(&m, "a", "c", false);
     assert_eq!(m.node(1).agent.pid(), pid1, "no restart");
+}
+
+#[test]
+fn an_ipv6_only_pod_is_captured_in_every_direction() {
+    let m = Mesh::new(
+        "it-v6only",
+        Opts {
+            dual_stack: true,
+            ipv6_only_s: true,
+            ..Opts::default()
+        },
+    );
+    let s6 = IpAddr::V6(m.pod("s").ip6.expect("ipv6"));
+    let w = m.zt(1).workload(&uid("s")).expect("s held by ztunnel-1");
+    assert_eq!(w.ips, vec![s6], "{w:?}");
+    let rules = inpod_mesh::netns_rules(&m.pod("s").netns);
+    assert!(inpod_mesh::family_has_redirects(&rules, true), "{rules}");
+    let sets = m
+        .lab
+        .node(1)
+        .netns
+        .exec_ok("ipset", &["list"])
+        .expect("ipset list");
+    assert!(sets.contains(&s6.to_string()), "{sets}");
+    assert_captured_to_uncaptured(&m, "s", "b", true);
+    assert_captured_to_uncaptured(&m, "s", "e", true);
+    assert_uncaptured_to_captured(&m, "b", "s", true);
+    assert_uncaptured_to_captured(&m, "e", "s", true);
+    assert_captured_to_captured(&m, "s", "a", true);
+    assert_captured_to_captured(&m, "a", "s", true);
+    assert_captured_to_captured(&m, "s", "c", true);
+    assert_captured_to_captured(&m, "c", "s", true);
+    // Node probe over IPv6: SNATed, straight to the app.
+    m.clear_hops();
+    let snat: IpAddr = inpod_mesh::PROBE_SNAT_V6.parse().expect("snat");
+    let peer = m.exchange_ns(&m.lab.node(1).netns, snat, addr_of(&m, "s", PORT, true));
+    assert_eq!(peer.ip(), snat);
+    assert!(m.zt(1).hops().is_empty(), "{:?}", m.zt(1).hops());
 }

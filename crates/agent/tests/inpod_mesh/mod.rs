@@ -19,6 +19,7 @@
 //! | 1 | d | mesh | – | yes |
 //! | 1 | o | mesh | `istio.io/dataplane-mode=none` (opt-out) | no |
 //! | 1 | r | late | – | when `late` is labelled |
+//! | 1 | s | mesh | – | yes (IPv6 only with [`Opts::ipv6_only_s`]) |
 //! | 2 | c | mesh | – | yes |
 //! | 2 | e | plain | – | no |
 //!
@@ -72,6 +73,7 @@ pub const PODS: &[PodSpec] = &[
     (1, "d", "mesh", &[]),
     (1, "o", "mesh", &[(DATAPLANE_MODE, "none")]),
     (1, "r", "late", &[]),
+    (1, "s", "mesh", &[]),
     (2, "c", "mesh", &[]),
     (2, "e", "plain", &[]),
 ];
@@ -84,6 +86,9 @@ pub struct Opts {
     /// Per node (index 0 = node 1): `--ambient-dns-capture` of the agent and the stand-in's
     /// DNS proxy on 15053.
     pub dns_capture: [bool; 2],
+    /// Dual stack only: pod `s` is IPv6-only (its IPv4 address and route are removed before
+    /// anything starts; its CNI result and pod status carry only its IPv6 address).
+    pub ipv6_only_s: bool,
 }
 
 /// One node's stack. Field order is drop order: the stand-in disconnects, then the agent
@@ -104,6 +109,8 @@ pub struct Mesh {
     pub ns_labels: RefCell<BTreeMap<String, BTreeMap<String, String>>>,
     /// Pods shown Running (with IPs) in the workloads file.
     pub running: BTreeSet<String>,
+    /// Pods without IPv4.
+    pub ipv6_only: BTreeSet<String>,
     pub plugin: PathBuf,
     pub lab: MultiNodeLab,
     pub tmp: tempfile::TempDir,
@@ -143,14 +150,28 @@ impl Mesh {
             MultiNodeLab::new(tag, &[&node1, &node2])
         }
         .expect("multi-node lab");
+        let mut ipv6_only = BTreeSet::new();
+        if opts.ipv6_only_s {
+            assert!(opts.dual_stack, "an IPv6-only pod needs a dual-stack lab");
+            let s = lab.pod("s");
+            s.netns
+                .ip(&["route", "del", "default"])
+                .expect("drop the IPv4 default route");
+            s.netns
+                .ip(&["addr", "del", &format!("{}/32", s.ip), "dev", "eth0"])
+                .expect("drop the IPv4 address");
+            ipv6_only.insert("s".to_string());
+        }
         let mut servers = BTreeMap::new();
         let mut servers6 = BTreeMap::new();
         for (_, name, _, _) in PODS {
             let pod = lab.pod(name);
-            servers.insert(
-                name.to_string(),
-                TcpServer::start(&pod.netns, pod.addr(PORT)).expect("server"),
-            );
+            if !ipv6_only.contains(*name) {
+                servers.insert(
+                    name.to_string(),
+                    TcpServer::start(&pod.netns, pod.addr(PORT)).expect("server"),
+                );
+            }
             if pod.ip6.is_some() {
                 servers6.insert(
                     name.to_string(),
@@ -185,6 +206,7 @@ impl Mesh {
                 })
                 .map(|p| p.1.to_string())
                 .collect(),
+            ipv6_only,
             plugin: plugin.clone(),
             lab,
             tmp,
@@ -295,10 +317,22 @@ impl Mesh {
             labels,
             &[],
         );
-        if running && let Some(ip6) = pod.ip6 {
-            v["status"]["podIPs"] = json!([{"ip": pod.ip.to_string()}, {"ip": ip6.to_string()}]);
+        if running {
+            let ips = self.pod_ips(name);
+            v["status"]["podIP"] = json!(ips[0].to_string());
+            v["status"]["podIPs"] = ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
         }
         v
+    }
+
+    /// The pod's addresses as its CNI result and status show them.
+    pub fn pod_ips(&self, name: &str) -> Vec<IpAddr> {
+        let ips = self.pod(name).ips();
+        if self.ipv6_only.contains(name) {
+            ips.into_iter().filter(IpAddr::is_ipv6).collect()
+        } else {
+            ips
+        }
     }
 
     fn write_node_workloads(&self, index: u8, dirs: &AgentDirs) {
@@ -344,7 +378,7 @@ impl Mesh {
             let remote: Vec<IpAddr> = PODS
                 .iter()
                 .filter(|p| p.0 != n.index && self.is_ambient(p.1))
-                .flat_map(|p| self.pod(p.1).ips())
+                .flat_map(|p| self.pod_ips(p.1))
                 .collect();
             let zt = self.zt(n.index);
             for p in PODS.iter().filter(|p| p.0 != n.index) {
@@ -369,7 +403,7 @@ impl Mesh {
             pod.netns.path(),
             ns,
             name,
-            &pod.ips(),
+            &self.pod_ips(name),
             &self.node(node).dirs,
         )
         .expect("plugin")
@@ -578,7 +612,10 @@ pub fn plugin_add_ips(
             }
         })
         .collect();
-    let mut routes = vec![json!({"dst": "0.0.0.0/0", "gw": "169.254.1.1"})];
+    let mut routes = Vec::new();
+    if ips.iter().any(IpAddr::is_ipv4) {
+        routes.push(json!({"dst": "0.0.0.0/0", "gw": "169.254.1.1"}));
+    }
     if ips.iter().any(IpAddr::is_ipv6) {
         routes.push(json!({"dst": "::/0", "gw": "fe80::1"}));
     }
