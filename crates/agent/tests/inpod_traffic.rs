@@ -544,3 +544,57 @@ fn an_ipv6_only_pod_is_captured_in_every_direction() {
     assert_eq!(peer.ip(), snat);
     assert!(m.zt(1).hops().is_empty(), "{:?}", m.zt(1).hops());
 }
+
+/// Wait until `pod` (on node 1) is held by ztunnel-1 with its own netns and its rules are in
+/// place (`true`), or is gone from ztunnel-1 and every trace of the rules left its netns.
+fn wait_enrolled(m: &Mesh, pod: &str, enrolled: bool) {
+    let zt = m.zt(1);
+    if enrolled {
+        let w = zt
+            .wait_for_workload(&uid(pod), inpod_mesh::WAIT)
+            .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", m.node(1).agent.log()));
+        use std::os::unix::fs::MetadataExt;
+        let md = std::fs::metadata(m.pod(pod).netns.path()).expect("stat");
+        assert_eq!(w.netns, (md.dev(), md.ino()), "{pod}: its own netns");
+        let rules = inpod_mesh::netns_rules(&m.pod(pod).netns);
+        assert!(inpod_mesh::family_has_redirects(&rules, false), "{rules}");
+    } else {
+        zt.wait_for_no_workload(&uid(pod), inpod_mesh::WAIT)
+            .unwrap_or_else(|e| panic!("{e}\nagent log:\n{}", m.node(1).agent.log()));
+        m.wait_for(&format!("{pod}'s in-pod rules removed"), || {
+            !inpod_mesh::has_inpod_rules(&inpod_mesh::netns_rules(&m.pod(pod).netns))
+        });
+    }
+    m.sync_captured();
+}
+
+#[test]
+fn pod_label_opt_in_and_opt_out_of_running_pods_without_restart() {
+    use meshcni_testkit::stack::DATAPLANE_MODE;
+    let m = Mesh::new("it-podlbl", Opts::default());
+    let pid1 = m.node(1).agent.pid();
+    // A running pod of a plain namespace opts in by its own label.
+    m.set_pod_label("b", DATAPLANE_MODE, Some("ambient"));
+    wait_enrolled(&m, "b", true);
+    assert_captured_to_uncaptured(&m, "b", "e", false);
+    assert_uncaptured_to_captured(&m, "e", "b", false);
+    assert_captured_to_captured(&m, "b", "c", false);
+    // An enrolled pod (it came in through its CNI ADD) opts out: released in place...
+    m.set_pod_label("a", DATAPLANE_MODE, Some("none"));
+    wait_enrolled(&m, "a", false);
+    m.assert_direct("a", "e", false);
+    m.assert_direct("e", "a", false);
+    assert_captured_to_uncaptured(&m, "b", "a", false);
+    // ...and back in when the opt-out label goes: no CNI event this time, its netns is found
+    // again in the agent's netns dir.
+    m.set_pod_label("a", DATAPLANE_MODE, None);
+    wait_enrolled(&m, "a", true);
+    assert_captured_to_captured(&m, "a", "c", false);
+    assert_captured_to_captured(&m, "b", "a", false);
+    assert_uncaptured_to_captured(&m, "e", "a", false);
+    // b leaves again.
+    m.set_pod_label("b", DATAPLANE_MODE, None);
+    wait_enrolled(&m, "b", false);
+    m.assert_direct("b", "e", false);
+    assert_eq!(m.node(1).agent.pid(), pid1, "no restart");
+}

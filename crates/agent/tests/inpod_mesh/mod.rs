@@ -107,6 +107,8 @@ pub struct Mesh {
     pub servers6: BTreeMap<String, TcpServer>,
     /// Namespace labels (mutable: label flips).
     pub ns_labels: RefCell<BTreeMap<String, BTreeMap<String, String>>>,
+    /// Pod labels (mutable: pod-level opt-in/opt-out), initially those of [`PODS`].
+    pub pod_labels: RefCell<BTreeMap<String, BTreeMap<String, String>>>,
     /// Pods shown Running (with IPs) in the workloads file.
     pub running: BTreeSet<String>,
     /// Pods without IPv4.
@@ -195,6 +197,14 @@ impl Mesh {
             servers,
             servers6,
             ns_labels: RefCell::new(ns_labels),
+            pod_labels: RefCell::new(
+                PODS.iter()
+                    .map(|p| {
+                        let l = p.3.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+                        (p.1.to_string(), l.collect())
+                    })
+                    .collect(),
+            ),
             // Non-ambient pods are running already; ambient ones wait for their ADD.
             running: PODS
                 .iter()
@@ -285,9 +295,9 @@ impl Mesh {
 
     /// Whether the pod should be in the mesh per the current labels.
     pub fn is_ambient(&self, name: &str) -> bool {
-        let (_, _, ns, labels) = spec(name);
-        if let Some((_, v)) = labels.iter().find(|(k, _)| *k == DATAPLANE_MODE) {
-            return *v == "ambient";
+        let (_, _, ns, _) = spec(name);
+        if let Some(v) = self.pod_labels.borrow()[name].get(DATAPLANE_MODE) {
+            return v == "ambient";
         }
         self.ns_labels.borrow()[*ns]
             .get(DATAPLANE_MODE)
@@ -306,15 +316,20 @@ impl Mesh {
 
     /// The pod object as the API server shows it now (Pending without IPs before its ADD).
     pub fn pod_json(&self, name: &str) -> Value {
-        let (node, _, ns, labels) = spec(name);
+        let (node, _, ns, _) = spec(name);
         let pod = self.pod(name);
         let running = self.running.contains(name);
+        let all = self.pod_labels.borrow();
+        let labels: Vec<(&str, &str)> = all[name]
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         let mut v = pod_json(
             ns,
             name,
             &format!("node{node}"),
             running.then_some(pod.ip),
-            labels,
+            &labels,
             &[],
         );
         if running {
@@ -359,6 +374,24 @@ impl Mesh {
         {
             let mut all = self.ns_labels.borrow_mut();
             let l = all.get_mut(ns).expect("namespace");
+            match value {
+                Some(v) => {
+                    l.insert(key.to_string(), v.to_string());
+                }
+                None => {
+                    l.remove(key);
+                }
+            }
+        }
+        self.write_workloads();
+    }
+
+    /// Set (`Some`) or remove (`None`) a pod label and rewrite the workloads files; no CNI
+    /// event, no restart.
+    pub fn set_pod_label(&self, pod: &str, key: &str, value: Option<&str>) {
+        {
+            let mut all = self.pod_labels.borrow_mut();
+            let l = all.get_mut(pod).expect("pod");
             match value {
                 Some(v) => {
                     l.insert(key.to_string(), v.to_string());
