@@ -598,3 +598,34 @@ fn pod_label_opt_in_and_opt_out_of_running_pods_without_restart() {
     m.assert_direct("b", "e", false);
     assert_eq!(m.node(1).agent.pid(), pid1, "no restart");
 }
+
+/// Regression: releasing a pod told ztunnel first and removed the pod's rules only after
+/// ztunnel's ack, so between ztunnel dropping the pod (its listeners in the pod closed) and the
+/// rules going, every new connection of the pod was REDIRECTed to a port nobody listened on
+/// and refused. Upstream (`RemovePodFromMesh`) removes the in-pod rules first, then tells
+/// ztunnel. A slow ack (1.5 s) makes the window observable: the moment ztunnel has dropped the
+/// pod, its rules must already be gone and new connections go direct.
+#[test]
+fn release_removes_the_rules_before_ztunnel_drops_the_pod_so_new_connections_never_fail() {
+    use meshcni_testkit::stack::DATAPLANE_MODE;
+    let m = Mesh::new("it-relord", Opts::default());
+    m.set_ns_label("late", DATAPLANE_MODE, Some("ambient"));
+    wait_enrolled(&m, "r", true);
+    assert_captured_to_uncaptured(&m, "r", "b", false);
+    m.zt(1)
+        .set_ack_delay(std::time::Duration::from_millis(1500));
+    m.set_ns_label("late", DATAPLANE_MODE, None);
+    m.zt(1)
+        .wait_for_no_workload(&uid("r"), inpod_mesh::WAIT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    // ztunnel has dropped r (its ack is still on the way): r's traffic must not be redirected
+    // to listeners that are gone.
+    let rules = inpod_mesh::netns_rules(&m.pod("r").netns);
+    assert!(
+        !inpod_mesh::has_inpod_rules(&rules),
+        "r's rules outlived ztunnel's hold on r:\n{rules}"
+    );
+    m.assert_direct("r", "b", false);
+    m.assert_direct("e", "r", false);
+    m.zt(1).set_ack_delay(std::time::Duration::ZERO);
+}
