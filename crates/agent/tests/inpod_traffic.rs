@@ -201,14 +201,20 @@ fn dual_stack_pods_get_rules_for_both_families_and_ipv6_traffic_is_captured() {
 
 #[test]
 fn dns_capture_on_answers_udp_and_tcp_queries_to_any_resolver_and_off_leaves_dns_alone() {
+    use meshcni_rules::inpod::ANNOTATION_DNS_CAPTURE;
     use meshcni_testkit::inpod_ztunnel::DEFAULT_DNS_ANSWER;
     use meshcni_testkit::proxy::dns_query;
     // Node 1: --ambient-dns-capture on (stand-in DNS proxy on 15053); node 2: off.
+    // Per-pod overrides: d (node 1) opts out, f (node 2) opts in.
     let m = Mesh::new(
         "it-dns",
         Opts {
             dns_capture: [true, false],
             dual_stack: true,
+            annotations: &[
+                ("d", ANNOTATION_DNS_CAPTURE, "false"),
+                ("f", ANNOTATION_DNS_CAPTURE, "true"),
+            ],
             ..Opts::default()
         },
     );
@@ -268,6 +274,23 @@ fn dns_capture_on_answers_udp_and_tcp_queries_to_any_resolver_and_off_leaves_dns
     let q = dns_query(0x6201, "plain.b.test");
     let reply = inpod_mesh::dns_udp(&m.pod("b").netns, resolver.addr, &q).expect("b udp");
     assert_eq!(inpod_mesh::answer_of(&reply, 0x6201), Some(real_answer));
+    // Captured pod d on node 1 with `ambient.istio.io/dns-capture: "false"`: no DNS redirect.
+    let w = m.zt(1).workload(&uid("d")).expect("held");
+    assert!(!w.dns_capture, "{w:?}");
+    let rules = inpod_mesh::netns_rules(&m.pod("d").netns);
+    assert!(inpod_mesh::family_has_redirects(&rules, false), "{rules}");
+    assert!(
+        !rules.contains("15053"),
+        "d opted out of DNS capture:\n{rules}"
+    );
+    let q = dns_query(0x6202, "optout.d.test");
+    let reply = inpod_mesh::dns_udp(&m.pod("d").netns, resolver.addr, &q).expect("d udp");
+    assert_eq!(inpod_mesh::answer_of(&reply, 0x6202), Some(real_answer));
+    let zt1_queries = m.zt(1).dns_queries();
+    assert!(
+        zt1_queries.iter().all(|q| q.uid == uid("a")),
+        "{zt1_queries:?}"
+    );
 
     // Captured pod c on node 2, DNS capture off: UDP and TCP go to the real resolver, the
     // stand-in records nothing and has no 15053 in c, and c's rules have no DNS redirect.
@@ -299,18 +322,43 @@ fn dns_capture_on_answers_udp_and_tcp_queries_to_any_resolver_and_off_leaves_dns
     assert_eq!(hops[before].listener_port, OUTBOUND_PORT, "{hops:?}");
     assert_eq!(hops[before].original_dst, resolver.addr, "{hops:?}");
     assert!(zt2.dns_queries().is_empty(), "{:?}", zt2.dns_queries());
+    // Captured pod f on node 2 with `ambient.istio.io/dns-capture: "true"`: captured.
+    let w = zt2.workload(&uid("f")).expect("held");
+    assert!(w.dns_capture, "{w:?}");
+    let rules = inpod_mesh::netns_rules(&m.pod("f").netns);
+    assert!(
+        rules.contains("15053"),
+        "f opted in to DNS capture:\n{rules}"
+    );
+    for (tcp, id) in [(false, 0x6401u16), (true, 0x6402)] {
+        let name = format!("optin{id}.f.test");
+        let q = dns_query(id, &name);
+        let reply = if tcp {
+            inpod_mesh::dns_tcp(&m.pod("f").netns, nowhere, &q)
+        } else {
+            inpod_mesh::dns_udp(&m.pod("f").netns, nowhere, &q)
+        }
+        .unwrap_or_else(|e| panic!("f: {e}"));
+        assert_eq!(inpod_mesh::answer_of(&reply, id), Some(DEFAULT_DNS_ANSWER));
+        let qs = zt2
+            .wait_for_dns_queries(if tcp { 2 } else { 1 }, inpod_mesh::T)
+            .expect("recorded");
+        let rec = qs.last().expect("query");
+        assert_eq!((rec.uid.clone(), rec.qname.clone()), (uid("f"), name));
+    }
     let seen = resolver.queries();
     let names: Vec<(&str, String)> = seen.iter().map(|(p, _, n)| (*p, n.clone())).collect();
     assert_eq!(
         names,
         vec![
             ("udp", "plain.b.test".to_string()),
+            ("udp", "optout.d.test".to_string()),
             ("udp", "off.c.test".to_string()),
             ("tcp", "off-tcp.c.test".to_string())
         ]
     );
     assert_eq!(
-        seen[1].1.ip(),
+        seen[2].1.ip(),
         ip_of(&m, "c", false),
         "the resolver saw c itself"
     );

@@ -22,6 +22,7 @@
 //! | 1 | s | mesh | – | yes (IPv6 only with [`Opts::ipv6_only_s`]) |
 //! | 2 | c | mesh | – | yes |
 //! | 2 | e | plain | – | no |
+//! | 2 | f | mesh | – | yes |
 //!
 //! Every pod runs a [`TcpServer`] on `PORT` (on its IPv4 address and, in a dual-stack lab, its
 //! IPv6 address). Ambient pods are Pending (no IP) in the workloads file until their CNI ADD
@@ -76,6 +77,7 @@ pub const PODS: &[PodSpec] = &[
     (1, "s", "mesh", &[]),
     (2, "c", "mesh", &[]),
     (2, "e", "plain", &[]),
+    (2, "f", "mesh", &[]),
 ];
 
 /// How the mesh is built.
@@ -89,6 +91,10 @@ pub struct Opts {
     /// Dual stack only: pod `s` is IPv6-only (its IPv4 address and route are removed before
     /// anything starts; its CNI result and pod status carry only its IPv6 address).
     pub ipv6_only_s: bool,
+    /// Pod annotations `(pod, key, value)` from the start (e.g. per-pod DNS capture). An
+    /// `ambient.istio.io/dns-capture` annotation is also given to the pod's stand-in, as
+    /// ztunnel learns it from xDS.
+    pub annotations: &'static [(&'static str, &'static str, &'static str)],
 }
 
 /// One node's stack. Field order is drop order: the stand-in disconnects, then the agent
@@ -113,6 +119,7 @@ pub struct Mesh {
     pub running: BTreeSet<String>,
     /// Pods without IPv4.
     pub ipv6_only: BTreeSet<String>,
+    pub opts: Opts,
     pub plugin: PathBuf,
     pub lab: MultiNodeLab,
     pub tmp: tempfile::TempDir,
@@ -217,6 +224,7 @@ impl Mesh {
                 .map(|p| p.1.to_string())
                 .collect(),
             ipv6_only,
+            opts,
             plugin: plugin.clone(),
             lab,
             tmp,
@@ -257,6 +265,11 @@ impl Mesh {
                 ..InpodZtunnelConfig::new(&dirs.zds_socket)
             })
             .expect("stand-in");
+            for (pod, key, value) in opts.annotations {
+                if *key == meshcni_rules::inpod::ANNOTATION_DNS_CAPTURE && spec(pod).0 == index {
+                    zt.set_dns_capture(&uid(pod), *value == "true");
+                }
+            }
             let (_, config) = agent.wait_ready(WAIT).expect("agent ready");
             assert_eq!(config, r#"{"ztunnelReady":true,"redirectMode":"inpod"}"#);
             mesh.nodes.push(NodeStack { zt, agent, dirs });
@@ -324,13 +337,20 @@ impl Mesh {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
+        let annotations: Vec<(&str, &str)> = self
+            .opts
+            .annotations
+            .iter()
+            .filter(|a| a.0 == name)
+            .map(|a| (a.1, a.2))
+            .collect();
         let mut v = pod_json(
             ns,
             name,
             &format!("node{node}"),
             running.then_some(pod.ip),
             &labels,
-            &[],
+            &annotations,
         );
         if running {
             let ips = self.pod_ips(name);
