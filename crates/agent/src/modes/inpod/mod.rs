@@ -523,18 +523,21 @@ impl InpodDriver {
     }
 
     fn release(&mut self, pod: &PodId, ips: &[IpAddr]) -> Result<(), DriverError> {
-        if let Some(zds) = self.zds.as_ref() {
-            if let Err(e) = zds.del(&pod.uid) {
-                // Best effort: a ztunnel that is gone drops the pod anyway; one that is
-                // still connected and failed to ack gets the delete in its next snapshot.
-                warn!(pod = %pod, error = %e, "DelWorkload not acknowledged by every ztunnel");
-            }
-        }
+        // Rules first, then ztunnel (upstream's order): once ztunnel drops the pod its
+        // listeners in the pod are gone, and rules still redirecting there would refuse every
+        // new connection of the pod until they are removed.
         let held = self.pods.remove(&pod.uid);
         if let Some(h) = &held {
             // The netns may be a dying sandbox's; removing from it is harmless.
             if let Err(e) = remove_inpod(&h.netns_path(), self.cfg.backend) {
                 warn!(pod = %pod, error = %e, "removing in-pod rules on release");
+            }
+        }
+        if let Some(zds) = self.zds.as_ref() {
+            if let Err(e) = zds.del(&pod.uid) {
+                // Best effort: a ztunnel that is gone drops the pod anyway; one that is
+                // still connected and failed to ack gets the delete in its next snapshot.
+                warn!(pod = %pod, error = %e, "DelWorkload not acknowledged by every ztunnel");
             }
         }
         let mut ips: BTreeSet<IpAddr> = ips.iter().copied().collect();
