@@ -112,6 +112,11 @@ struct Opts {
 }
 
 fn parse_args() -> Result<Opts, DemoError> {
+    parse_args_from(std::env::args().skip(1))
+}
+
+/// The options in `args` (without the program name).
+fn parse_args_from(args: impl IntoIterator<Item = String>) -> Result<Opts, DemoError> {
     let exe_dir = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -123,7 +128,7 @@ fn parse_args() -> Result<Opts, DemoError> {
         sections: Vec::new(),
         ambient_mode: AmbientMode::Inpod,
     };
-    let mut args = std::env::args().skip(1);
+    let mut args = args.into_iter();
     while let Some(a) = args.next() {
         let mut value = || {
             args.next()
@@ -307,5 +312,54 @@ fn main() -> ExitCode {
             eprintln!("meshcni-demo: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Opts, DemoError> {
+        parse_args_from(args.iter().map(|a| a.to_string()))
+    }
+
+    fn usage_error(args: &[&str]) -> String {
+        match parse(args) {
+            Err(DemoError::Usage(m)) => m,
+            Err(e) => panic!("{args:?}: not a usage error: {e}"),
+            Ok(_) => panic!("{args:?}: accepted"),
+        }
+    }
+
+    #[test]
+    fn ambient_mode_defaults_to_inpod_and_iptables_is_selectable() {
+        assert_eq!(
+            parse(&[]).expect("no args").ambient_mode,
+            AmbientMode::Inpod
+        );
+        assert_eq!(
+            parse(&["--ambient-mode", "inpod"])
+                .expect("inpod")
+                .ambient_mode,
+            AmbientMode::Inpod
+        );
+        assert_eq!(
+            parse(&["--ambient-mode", "iptables"])
+                .expect("iptables")
+                .ambient_mode,
+            AmbientMode::Iptables
+        );
+    }
+
+    #[test]
+    fn unknown_options_and_modes_are_usage_errors() {
+        let m = usage_error(&["--ambient-mode", "ebpf"]);
+        assert!(m.contains("\"ebpf\"") && m.contains(USAGE), "{m}");
+        let m = usage_error(&["--ambient-mode"]);
+        assert!(m.contains("--ambient-mode needs a value"), "{m}");
+        let m = usage_error(&["--bogus"]);
+        assert!(m.contains("\"--bogus\"") && m.contains(USAGE), "{m}");
+        let m = usage_error(&["--section", "nope"]);
+        assert!(m.contains("unknown section"), "{m}");
     }
 }
