@@ -1164,7 +1164,10 @@ fn a_connected_mode_refuses_until_its_proxy_connects_then_enrolls_in_the_sandbox
     let (status, body) = rejected(s.add(&with_netns(event("demo", "app", "10.0.0.2"), &ns_a)));
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("no ztunnel connected"), "{body}");
-    assert!(s.status.get().redirect.is_err(), "not ready without a proxy");
+    assert!(
+        s.status.get().redirect.is_err(),
+        "not ready without a proxy"
+    );
 }
 
 #[test]
