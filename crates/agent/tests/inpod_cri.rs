@@ -13,8 +13,8 @@
 //!   nothing for ztunnel (Istio semantics: the pod watch releases ambient pods); removing the
 //!   pod from the workloads releases it (ztunnel gets `DelWorkload`, the state file and the
 //!   node's probe ipset forget it);
-//! * a pod ztunnel refuses (nack) fails `RunPodSandbox` with ztunnel's message, and containerd
-//!   tears that sandbox down.
+//! * a pod ztunnel refuses (nack) fails `RunPodSandbox` with ztunnel's message, and one it never
+//!   answers fails it naming the missing ack; containerd tears those sandboxes down.
 //!
 //! Root and the tools `scripts/setup.sh` installs (containerd, runc, the reference plugins, the
 //! CRI client venv, a static busybox) are required: missing ones fail the test (never skip).
@@ -34,7 +34,7 @@ use meshcni_testkit::stack::{
     write_pod_metadata, write_workloads,
 };
 use meshcni_testkit::zds_client::RequestKind;
-use meshcni_testkit::{InpodZtunnelConfig, InpodZtunnelStandIn, Netns};
+use meshcni_testkit::{AckOutcome, InpodZtunnelConfig, InpodZtunnelStandIn, Netns};
 use serde_json::{Value, json};
 
 const NODE: &str = "node1";
@@ -492,6 +492,7 @@ fn containerd_cri_ambient_pod_is_acked_before_sandbox_ready_and_first_connection
         .collect();
     assert_eq!(adds.len(), 1, "one AddWorkload for {uid}: {adds:?}");
     assert_eq!(adds[0].fd_count, 1, "{adds:?}");
+    assert_eq!(adds[0].outcome, AckOutcome::Ack, "{adds:?}");
     let rules = exec_in(Path::new(&netns_path), "iptables-save", &[]).expect("iptables-save");
     for (chain, target) in [
         ("-A ISTIO_OUTPUT ", "-j REDIRECT --to-ports 15001"),
@@ -633,6 +634,41 @@ fn containerd_cri_ambient_pod_is_acked_before_sandbox_ready_and_first_connection
         .filter(|r| r.uid.as_deref() == Some(uid.as_str()) && r.kind == Some(RequestKind::Del))
         .collect();
     assert_eq!(dels.len(), 1, "one DelWorkload for {uid}: {dels:?}");
+
+    // 5. A ztunnel that never answers: RunPodSandbox waits for the ack and fails when the
+    //    agent's ack timeout expires, naming it; no sandbox stays.
+    let slow = pod_json("mesh", "slow", NODE, None, &[], &[]);
+    write_workloads(&dirs.workloads, &namespaces(), std::slice::from_ref(&slow))
+        .expect("workloads");
+    write_pod_metadata(&dirs.meta, &slow, &namespaces()[0]).expect("pod metadata");
+    zt.set_never_ack(true);
+    let slow_uid = pod_uid("slow");
+    let out = output(&mut ctr.cri(&[
+        "runp",
+        "--name",
+        "slow",
+        "--namespace",
+        "mesh",
+        "--uid",
+        &slow_uid,
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "RunPodSandbox slow must fail");
+    assert!(
+        err.contains(&format!("did not acknowledge pod {slow_uid}")),
+        "the CRI error names the missing ack: {err}"
+    );
+    let slow_adds: Vec<_> = zt
+        .requests()
+        .into_iter()
+        .filter(|r| r.uid.as_deref() == Some(slow_uid.as_str()) && r.kind == Some(RequestKind::Add))
+        .collect();
+    assert!(
+        !slow_adds.is_empty() && slow_adds.iter().all(|r| r.outcome == AckOutcome::NoAck),
+        "{slow_adds:?}"
+    );
+    assert!(ctr.sandboxes().is_empty(), "{:?}", ctr.sandboxes());
+    zt.set_never_ack(false);
 
     drop(ctr);
     agent
