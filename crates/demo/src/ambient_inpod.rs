@@ -7,13 +7,14 @@
 //! marked 0x539). Pods are started through the real `meshcni` plugin (exec'd with CNI
 //! environment, chained after the lab's ptp wiring); the plugin's ADD returns only once the
 //! agent wrote the in-pod rules and ztunnel acked the pod. Prints one pod's in-pod rules and the
-//! node's probe SNAT, a table of flows with where each was captured, then uninstalls and shows
-//! the nodes and pods are as before.
+//! node's probe SNAT, a table of flows with where each was captured (plus a probe-like
+//! connection from the node to a captured pod), then uninstalls and shows the nodes and pods
+//! are as before.
 //!
 //! Pods: as the iptables section ([`crate::ambient::PODS`]).
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,9 @@ use crate::error::DemoError;
 use crate::flows::{Row, table};
 use crate::node::Node;
 use crate::{SectionEnv, heading, indent};
+
+/// Source of kubelet probes after the node's SNAT (`--host-probe-snat-ip`, left at its default).
+const PROBE_SNAT_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
 
 /// A hop the flow must take: (pod whose in-pod ztunnel listener took it, listener port).
 type Hop = (&'static str, u16);
@@ -260,6 +264,7 @@ pub fn run(_node: &mut Node, env: &SectionEnv) -> Result<Vec<Row>, DemoError> {
     for (flow, from, to, hops) in FLOWS {
         rows.push(run_flow(&stack, flow, from, to, hops)?);
     }
+    rows.push(run_probe(&stack, "a")?);
     indent(&table(&rows));
 
     heading("uninstall: uninstall marker = true, then SIGTERM each agent");
@@ -448,5 +453,53 @@ fn run_flow(
         original_dst,
         server_peer,
         as_expected: reply_ok && dst_ok && seen == want,
+    })
+}
+
+/// A kubelet-style probe: a TCP connection from a socket of the node itself to a captured pod's
+/// app port. The node's `ISTIO_POSTRT` rewrites its source to 169.254.7.127 and the pod's rules
+/// let that source through uncaptured, so the app sees the probe address and ztunnel nothing.
+fn run_probe(stack: &Stack, to: &str) -> Result<Row, DemoError> {
+    let lab = &stack.lab;
+    let t = lab.pod(to);
+    let node = lab.node_of(t);
+    for z in &stack.ztunnels {
+        z.take_hops();
+    }
+    let payload = format!("probe node{}->{to}\n", node.index);
+    let opts = ConnectOpts {
+        payload: payload.clone().into_bytes(),
+        ..Default::default()
+    };
+    let reply = meshcni_testkit::connect_text(&node.netns, t.addr(PORT), &opts);
+    std::thread::sleep(Duration::from_millis(50));
+    let got: Vec<InpodHop> = stack.ztunnels.iter().flat_map(|z| z.hops()).collect();
+    let probe_src = IpAddr::V4(PROBE_SNAT_V4);
+    let (server_peer, reply_ok) = match &reply {
+        Ok(text) => {
+            let peer: Option<SocketAddr> = text
+                .lines()
+                .next()
+                .and_then(|l| l.split(" peer:").nth(1))
+                .and_then(|p| p.trim().parse().ok());
+            (
+                peer.map_or_else(|| format!("? {text:?}"), |p| p.to_string()),
+                peer.is_some_and(|p| p.ip() == probe_src) && text.ends_with(&payload),
+            )
+        }
+        Err(e) => (format!("FAILED: {e}"), false),
+    };
+    Ok(Row {
+        flow: "kubelet-style probe (node→captured)".to_string(),
+        from: format!("node{} {}", node.index, node.underlay_ip),
+        to: format!("{to} {}", t.addr(PORT)),
+        captured_at: if got.is_empty() {
+            format!("— (direct; node SNAT to {probe_src})")
+        } else {
+            got.iter().map(describe).collect::<Vec<_>>().join(" → ")
+        },
+        original_dst: "-".to_string(),
+        server_peer,
+        as_expected: reply_ok && got.is_empty(),
     })
 }
