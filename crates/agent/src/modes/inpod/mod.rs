@@ -167,13 +167,9 @@ fn drv(what: impl std::fmt::Display) -> DriverError {
     DriverError::driver(format!("inpod mode: {what}"))
 }
 
-fn netns_id_of(f: &File) -> Result<NetnsId, std::io::Error> {
-    use std::os::unix::fs::MetadataExt;
-    let m = f.metadata()?;
-    Ok(NetnsId {
-        dev: m.dev(),
-        ino: m.ino(),
-    })
+/// The identity of an open netns; an error if the file is not a network namespace.
+fn netns_id_of(f: &File) -> Result<NetnsId, meshcni_netx::NetxError> {
+    meshcni_netx::podns::netns_id_of_fd(f.as_fd())
 }
 
 impl InpodDriver {
@@ -306,6 +302,12 @@ impl InpodDriver {
     /// Start-up: adopt the pods of the state file whose netns can be found, re-verify their
     /// rules, register them for ztunnel's snapshot, then start serving ZDS.
     fn adopt(&mut self) -> Result<(), DriverError> {
+        self.adopt_with(true)
+    }
+
+    /// [`InpodDriver::adopt`]; without `serve` (an uninstall by a fresh process) only the pods
+    /// and their netns are taken over: no rule re-verification, no probe pruning, no ZDS.
+    fn adopt_with(&mut self, serve: bool) -> Result<(), DriverError> {
         let state = InpodState::load(&self.cfg.state_file).map_err(drv)?;
         let mut missing: Vec<(&String, &PodRecord)> = Vec::new();
         let mut found: BTreeMap<String, File> = BTreeMap::new();
@@ -350,7 +352,7 @@ impl InpodDriver {
                 record.netns_id = id;
             }
             let held = HeldPod { record, netns };
-            if self.cfg.reconcile_on_startup {
+            if serve && self.cfg.reconcile_on_startup {
                 let overrides =
                     PodOverrides::from_annotations(&held.record.annotations).unwrap_or_default();
                 if let Err(e) = apply_inpod(
@@ -364,6 +366,9 @@ impl InpodDriver {
                 }
             }
             self.pods.insert(uid, held);
+        }
+        if !serve {
+            return Ok(());
         }
         // The host-probe sets: exactly the adopted pods' IPs.
         let want: BTreeSet<(IpAddr, String)> = self
@@ -698,6 +703,13 @@ impl RedirectDriver for InpodDriver {
 
     fn uninstall(&mut self) -> Result<(), DriverError> {
         let mut errors = Vec::new();
+        if !self.started {
+            // `meshcni-agent uninstall` after the agent stopped: take over its pods first.
+            if let Err(e) = self.adopt_with(false) {
+                errors.push(e.message);
+            }
+            self.started = true;
+        }
         let uids: Vec<String> = self.pods.keys().cloned().collect();
         for uid in uids {
             if let Some(zds) = &self.zds {
@@ -716,6 +728,14 @@ impl RedirectDriver for InpodDriver {
         }
         self.host = None;
         self.zds = None;
+        // A socket left by an agent that stopped without uninstalling.
+        if std::fs::symlink_metadata(&self.cfg.zds_socket).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_socket()
+        }) && let Err(e) = std::fs::remove_file(&self.cfg.zds_socket)
+        {
+            errors.push(format!("remove {}: {e}", self.cfg.zds_socket.display()));
+        }
         match std::fs::remove_file(&self.cfg.state_file) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
