@@ -128,7 +128,7 @@ pub fn parse_dns_subdomain(s: &str) -> Result<String, String> {
     name = "meshcni-agent",
     version,
     about = "meshcni node agent: installs the meshcni CNI plugin on the node, keeps it installed, \
-             serves readiness and metrics, and drives ambient redirection (iptables mode).",
+             serves readiness and metrics, and drives ambient redirection (inpod or iptables mode).",
     long_about = None,
     after_help = "Every flag can also be set through the environment variable shown for it \
                   (flag name in UPPER_SNAKE, as in Istio's install-cni). A flag on the command \
