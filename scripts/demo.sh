@@ -4,14 +4,55 @@
 # portmap → meshcni), shows the rules the plugin installed, makes real flows and prints where
 # each was captured; then DELs every pod and removes every namespace it created.
 #
-#   scripts/demo.sh              install missing deps (scripts/setup.sh), build, run
-#   SKIP_SETUP=1 scripts/demo.sh skip scripts/setup.sh (deps known to be present)
+#   scripts/demo.sh                          install missing deps (scripts/setup.sh), build,
+#                                            run; ambient section in the default redirect
+#                                            mode (inpod, as the agent's default)
+#   scripts/demo.sh --ambient-mode inpod     the same, explicitly
+#   scripts/demo.sh --ambient-mode iptables  ambient section in node-level iptables mode
+#   SKIP_SETUP=1 scripts/demo.sh ...         skip scripts/setup.sh (deps known to be present)
+#
+# Any other argument is an error (usage on stderr, exit 2).
 #
 # Safety: only namespaces named mcni-<pid>-… created by the demo are touched (their names are
 # recorded in the work dir and removed by the trap below even if the demo is killed); the
 # host's own network is never changed; traffic stays between those namespaces.
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
+
+usage() {
+    echo "usage: scripts/demo.sh [--ambient-mode inpod|iptables]   (default: inpod)" >&2
+}
+ambient_mode=inpod
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --ambient-mode)
+            [ $# -ge 2 ] || { echo "demo.sh: --ambient-mode needs a value" >&2; usage; exit 2; }
+            ambient_mode="$2"
+            shift 2
+            ;;
+        --ambient-mode=*)
+            ambient_mode="${1#--ambient-mode=}"
+            shift
+            ;;
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        *)
+            echo "demo.sh: unknown argument: $1" >&2
+            usage
+            exit 2
+            ;;
+    esac
+done
+case "$ambient_mode" in
+    inpod | iptables) ;;
+    *)
+        echo "demo.sh: unknown ambient mode: $ambient_mode (known: inpod, iptables)" >&2
+        usage
+        exit 2
+        ;;
+esac
 
 [ "$(id -u)" = 0 ] || { echo "demo.sh: run as root (network namespaces, iptables)" >&2; exit 1; }
 
@@ -46,6 +87,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-"$target_dir/meshcni-demo" --plugin-dir "$target_dir" --work-dir "$WORK" &
+"$target_dir/meshcni-demo" --plugin-dir "$target_dir" --work-dir "$WORK" \
+    --ambient-mode "$ambient_mode" &
 demo_pid=$!
 wait "$demo_pid"

@@ -128,7 +128,7 @@ pub fn parse_dns_subdomain(s: &str) -> Result<String, String> {
     name = "meshcni-agent",
     version,
     about = "meshcni node agent: installs the meshcni CNI plugin on the node, keeps it installed, \
-             serves readiness and metrics, and drives ambient redirection (iptables mode).",
+             serves readiness and metrics, and drives ambient redirection (inpod or iptables mode).",
     long_about = None,
     after_help = "Every flag can also be set through the environment variable shown for it \
                   (flag name in UPPER_SNAKE, as in Istio's install-cni). A flag on the command \
@@ -403,7 +403,7 @@ pub struct AgentArgs {
     pub ambient_dns_capture: bool,
 
     /// Program IPv6 rules for ambient pods. Unset: true for the inpod mode (Istio's default),
-    /// false for the node-level iptables mode, which is IPv4-only and rejects `true`.
+    /// false for the node-level iptables mode, which is IPv4-only: there `true` is rejected.
     #[arg(long, env = "AMBIENT_IPV6", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ambient_ipv6: Option<bool>,

@@ -47,20 +47,9 @@ impl fmt::Display for PodId {
     }
 }
 
-/// The identity of a network namespace: device and inode of its nsfs file (`stat` of
-/// `/proc/<pid>/ns/net` or of a bind mount such as `/var/run/netns/cni-…`). Two paths name the
-/// same netns exactly when their ids are equal.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct NetnsId {
-    pub dev: u64,
-    pub ino: u64,
-}
-
-impl fmt::Display for NetnsId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "netns {}:{}", self.dev, self.ino)
-    }
-}
+/// The identity of a network namespace (device and inode of its nsfs file): plain data, the
+/// type `meshcni_netx::podns` finds namespaces by.
+pub use meshcni_netx::podns::NetnsId;
 
 /// A pod sandbox's network namespace as the runtime named it (`CNI_NETNS`), with the identity
 /// it had when the loop received it.

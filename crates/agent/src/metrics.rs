@@ -11,7 +11,8 @@
 //! | `meshcni_cni_requests_total{command,result}` | counter | plugin reports (`plugin_report`) |
 //! | `meshcni_cni_request_duration_seconds{command}` | histogram | plugin reports |
 //! | `meshcni_plugin_reports_malformed_total` | counter | datagrams that failed to parse |
-//! | `meshcni_enrolled_pods` | gauge | enrollment (0 until ambient enrollment lands) |
+//! | `meshcni_enrolled_pods` | gauge | enrollment: pods currently enrolled |
+//! | `meshcni_ztunnel_connected` | gauge | 1 while the node's ztunnel is available (inpod: a ZDS connection that received its snapshot), else 0 |
 //! | `meshcni_cni_events_total{result}` | counter | `POST /cmdadd` answers (`cni_events`): `captured`, `bad_request`, `not_found`, `not_selected`, `no_ztunnel`, `driver_error`, `not_synced`, `timeout`, `unavailable`, `superseded`, `reserved_ip`, `bad_netns` |
 //! | `meshcni_cni_event_duration_seconds` | histogram | time to answer a `POST /cmdadd` |
 //! | `meshcni_workload_refusals_total{reason}` | counter | workload input refused: `duplicate_uid`, `reserved_ip`, `file_incomplete`, `file_limit`, `file_invalid` |
@@ -106,6 +107,9 @@ pub struct AgentMetrics {
     pub cni_request_duration: Family<CommandLabels, Histogram, fn() -> Histogram>,
     pub malformed_reports: Counter,
     pub enrolled_pods: Gauge,
+    /// 1 while the node's ztunnel is there for the redirect mode (a Ready trusted pod; for
+    /// inpod a ZDS connection that received its snapshot), else 0.
+    pub ztunnel_connected: Gauge,
     /// Plugin events (`POST /cmdadd`) by answer.
     pub cni_events: Family<EventLabels, Counter>,
     pub cni_event_duration: Histogram,
@@ -223,6 +227,7 @@ pub fn build_registry(installer: Arc<dyn NodeInstaller>) -> (Registry, AgentMetr
         cni_request_duration: Family::new_with_constructor(duration_histogram),
         malformed_reports: Counter::default(),
         enrolled_pods: Gauge::default(),
+        ztunnel_connected: Gauge::default(),
         cni_events: Family::default(),
         cni_event_duration: duration_histogram(),
         workloads: WorkloadMetrics::default(),
@@ -246,6 +251,11 @@ pub fn build_registry(installer: Arc<dyn NodeInstaller>) -> (Registry, AgentMetr
         "meshcni_enrolled_pods",
         "Pods currently enrolled in ambient redirection on this node.",
         metrics.enrolled_pods.clone(),
+    );
+    registry.register(
+        "meshcni_ztunnel_connected",
+        "1 while this node's ztunnel is available to the redirect mode (inpod: connected to the ZDS socket with its snapshot sent), else 0.",
+        metrics.ztunnel_connected.clone(),
     );
     registry.register(
         "meshcni_cni_events",
@@ -339,6 +349,7 @@ mod tests {
             "meshcni_cni_request_duration_seconds_count{command=\"ADD\"} 1",
             "meshcni_cni_request_duration_seconds_bucket{le=\"0.005\",command=\"ADD\"} 1",
             "meshcni_enrolled_pods 0",
+            "meshcni_ztunnel_connected 0",
             "meshcni_plugin_reports_malformed_total 0",
             "meshcni_cni_events_total{result=\"captured\"} 1",
             "meshcni_cni_event_duration_seconds_count 1",

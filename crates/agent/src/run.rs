@@ -160,6 +160,7 @@ pub async fn start(
             plan.redirect_mode,
             &readiness,
             metrics.enrolled_pods.clone(),
+            metrics.ztunnel_connected.clone(),
             metrics.workloads.clone(),
             ambient.clone(),
         )

@@ -127,8 +127,14 @@ fn exchange(from: &Netns, to: SocketAddr) -> String {
     line
 }
 
+/// `iptables-save` without its timestamped comment lines.
 fn save(ns: &Netns) -> String {
-    ns.exec_ok("iptables-save", &[]).expect("iptables-save")
+    ns.exec_ok("iptables-save", &[])
+        .expect("iptables-save")
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 #[test]
@@ -273,4 +279,27 @@ fn a_restarted_driver_adopts_its_pods_and_serves_them_to_a_reconnecting_ztunnel(
         "{adds:?}"
     );
     assert_eq!(save(&rig.lab.pod("app").netns), rules, "no duplicate rules");
+}
+
+#[test]
+fn uninstall_by_a_fresh_process_removes_every_pods_rules_and_the_probe_snat() {
+    let mut rig = Rig::new("inpod-uninst");
+    let node_before = save(&rig.lab.node(1).netns);
+    let app_before = save(&rig.lab.pod("app").netns);
+    rig.driver.actual().expect("actual");
+    let zt =
+        InpodZtunnelStandIn::start_with(InpodZtunnelConfig::new(rig.socket())).expect("stand-in");
+    rig.wait_connected();
+    rig.driver.apply(&rig.enroll("app")).expect("enroll app");
+    assert_ne!(save(&rig.lab.pod("app").netns), app_before);
+    drop(zt);
+    // The agent stops (upgrade-style: everything stays), then `meshcni-agent uninstall` runs
+    // in a new process: a driver that never served.
+    let (d2, _events) = driver(config(&rig.lab, rig.dir.path()));
+    drop(std::mem::replace(&mut rig.driver, d2));
+    rig.driver.uninstall().expect("uninstall");
+    assert_eq!(save(&rig.lab.pod("app").netns), app_before);
+    assert_eq!(save(&rig.lab.node(1).netns), node_before);
+    assert!(!rig.dir.path().join("run/inpod-mode.json").exists());
+    assert!(!rig.socket().exists());
 }

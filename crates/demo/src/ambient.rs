@@ -36,17 +36,17 @@ use meshcni_testkit::stack::{
     pod_json, write_pod_metadata, write_workloads, ztunnel_json,
 };
 
-const PORT: u16 = 8080;
+pub(crate) const PORT: u16 = 8080;
 
 /// (node, pod, namespace, labels, note)
-type PodSpec = (
+pub(crate) type PodSpec = (
     u8,
     &'static str,
     &'static str,
     &'static [(&'static str, &'static str)],
 );
 
-const PODS: &[PodSpec] = &[
+pub(crate) const PODS: &[PodSpec] = &[
     (1, "a", "mesh", &[]),
     (1, "b", "plain", &[]),
     (1, "d", "mesh", &[]),
@@ -91,7 +91,7 @@ const FLOWS: &[(&str, &str, &str, &[Hop])] = &[
     ("non-ambient→opt-out", "e", "o", &[]),
 ];
 
-fn namespaces() -> Vec<Value> {
+pub(crate) fn namespaces() -> Vec<Value> {
     vec![
         namespace_json("mesh", &[(DATAPLANE_MODE, "ambient")]),
         namespace_json("plain", &[]),
@@ -99,11 +99,11 @@ fn namespaces() -> Vec<Value> {
     ]
 }
 
-fn unexpected(e: String) -> DemoError {
+pub(crate) fn unexpected(e: String) -> DemoError {
     DemoError::Unexpected(e)
 }
 
-fn record_netns(work: &Path, lab: &MultiNodeLab) -> Result<(), DemoError> {
+pub(crate) fn record_netns(work: &Path, lab: &MultiNodeLab) -> Result<(), DemoError> {
     let path = work.join("netns");
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -160,7 +160,7 @@ pub fn run(_node: &mut Node, env: &SectionEnv) -> Result<Vec<Row>, DemoError> {
     let lab = &stack.lab;
     println!(
         "  2 nodes ({}, {}) on an underlay bridge; per node a ztunnel pod 10.77.<n>.100 running a \
-         ztunnel stand-in (15001/15006/15008)",
+         ztunnel stand-in (the test kit's ZtunnelStandIn, not ztunnel: 15001/15006/15008)",
         lab.node(1).netns.name(),
         lab.node(2).netns.name()
     );

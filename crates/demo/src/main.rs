@@ -5,17 +5,21 @@
 //!
 //! ```text
 //! meshcni-demo [--plugin-dir DIR] [--cni-plugins DIR] [--work-dir DIR] [--section NAME]...
+//!              [--ambient-mode inpod|iptables]
 //! ```
 //! * `--plugin-dir` — where the built `meshcni` is (default: this binary's directory);
 //! * `--cni-plugins` — the reference plugins (default `/usr/lib/cni`);
 //! * `--work-dir` — conflist, pod metadata, IPAM state, and the list of namespaces created
 //!   (`<dir>/netns`, for the caller's cleanup trap); default a fresh `/tmp/mcni-demo-<pid>`;
-//! * `--section` — run only the named section(s) (`sidecar`, `ambient`); default: all.
+//! * `--section` — run only the named section(s) (`sidecar`, `ambient`); default: all;
+//! * `--ambient-mode` — the agent's redirect mode in the ambient section: `inpod` (the default,
+//!   as the agent's) or `iptables`.
 //!
 //! Sections are modules (`sidecar`, `ambient`), listed in [`SECTIONS`].
 #![forbid(unsafe_code)]
 
 mod ambient;
+mod ambient_inpod;
 mod error;
 mod flows;
 mod node;
@@ -35,22 +39,67 @@ pub struct SectionEnv {
     pub plugin_dir: PathBuf,
     /// The demo's work dir (scratch files; `<work>/netns` lists namespaces for the trap).
     pub work: PathBuf,
+    /// The ambient section's redirect mode.
+    pub ambient_mode: AmbientMode,
 }
 
-/// One demo section: its `--section` name, a title and what it runs.
+/// The ambient section's redirect mode (`--ambient-mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AmbientMode {
+    /// Rules inside each pod, netns handed to ztunnel over ZDS (the agent's default).
+    Inpod,
+    /// Node-level iptables + tunnels into the ztunnel pod.
+    Iptables,
+}
+
+impl AmbientMode {
+    const NAMES: &'static str = "inpod, iptables";
+
+    fn parse(s: &str) -> Option<AmbientMode> {
+        match s {
+            "inpod" => Some(AmbientMode::Inpod),
+            "iptables" => Some(AmbientMode::Iptables),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            AmbientMode::Inpod => "inpod",
+            AmbientMode::Iptables => "iptables",
+        }
+    }
+}
+
+const USAGE: &str = "meshcni-demo [--plugin-dir DIR] [--cni-plugins DIR] [--work-dir DIR] \
+[--section sidecar|ambient]... [--ambient-mode inpod|iptables]";
+
+/// One demo section: its `--section` name, its title and what it runs.
 type Section = (
     &'static str,
-    &'static str,
+    fn(&SectionEnv) -> String,
     fn(&mut Node, &SectionEnv) -> Result<Vec<Row>, DemoError>,
 );
 
 /// The sections, in order.
 const SECTIONS: &[Section] = &[
-    ("sidecar", "sidecar mode", |node, _| sidecar::run(node)),
+    (
+        "sidecar",
+        |_| "sidecar mode".to_string(),
+        |node, _| sidecar::run(node),
+    ),
     (
         "ambient",
-        "ambient mode (iptables redirect, 2 nodes, meshcni-agent per node)",
-        ambient::run,
+        |env| {
+            format!(
+                "ambient mode ({} redirect, 2 nodes, meshcni-agent per node)",
+                env.ambient_mode.name()
+            )
+        },
+        |node, env| match env.ambient_mode {
+            AmbientMode::Inpod => ambient_inpod::run(node, env),
+            AmbientMode::Iptables => ambient::run(node, env),
+        },
     ),
 ];
 
@@ -59,9 +108,15 @@ struct Opts {
     cni_plugins: PathBuf,
     work_dir: Option<PathBuf>,
     sections: Vec<String>,
+    ambient_mode: AmbientMode,
 }
 
 fn parse_args() -> Result<Opts, DemoError> {
+    parse_args_from(std::env::args().skip(1))
+}
+
+/// The options in `args` (without the program name).
+fn parse_args_from(args: impl IntoIterator<Item = String>) -> Result<Opts, DemoError> {
     let exe_dir = std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
@@ -71,18 +126,28 @@ fn parse_args() -> Result<Opts, DemoError> {
         cni_plugins: PathBuf::from("/usr/lib/cni"),
         work_dir: None,
         sections: Vec::new(),
+        ambient_mode: AmbientMode::Inpod,
     };
-    let mut args = std::env::args().skip(1);
+    let mut args = args.into_iter();
     while let Some(a) = args.next() {
         let mut value = || {
             args.next()
                 .map(PathBuf::from)
-                .ok_or_else(|| DemoError::Usage(format!("{a} needs a directory")))
+                .ok_or_else(|| DemoError::Usage(format!("{a} needs a value\n{USAGE}")))
         };
         match a.as_str() {
             "--plugin-dir" => opts.plugin_dir = value()?,
             "--cni-plugins" => opts.cni_plugins = value()?,
             "--work-dir" => opts.work_dir = Some(value()?),
+            "--ambient-mode" => {
+                let name = value()?.display().to_string();
+                opts.ambient_mode = AmbientMode::parse(&name).ok_or_else(|| {
+                    DemoError::Usage(format!(
+                        "unknown ambient mode {name:?} (known: {})\n{USAGE}",
+                        AmbientMode::NAMES
+                    ))
+                })?;
+            }
             "--section" => {
                 let name = value()?.display().to_string();
                 if !SECTIONS.iter().any(|s| s.0 == name) {
@@ -95,12 +160,14 @@ fn parse_args() -> Result<Opts, DemoError> {
                 opts.sections.push(name);
             }
             "-h" | "--help" => {
-                println!(
-                    "meshcni-demo [--plugin-dir DIR] [--cni-plugins DIR] [--work-dir DIR] [--section sidecar|ambient]..."
-                );
+                println!("{USAGE}");
                 std::process::exit(0);
             }
-            other => return Err(DemoError::Usage(format!("unknown argument {other:?}"))),
+            other => {
+                return Err(DemoError::Usage(format!(
+                    "unknown argument {other:?}\n{USAGE}"
+                )));
+            }
         }
     }
     Ok(opts)
@@ -192,12 +259,13 @@ fn run(opts: &Opts) -> Result<bool, DemoError> {
     let env = SectionEnv {
         plugin_dir: opts.plugin_dir.clone(),
         work: work.clone(),
+        ambient_mode: opts.ambient_mode,
     };
     for (name, title, section) in SECTIONS {
         if !opts.sections.is_empty() && !opts.sections.iter().any(|s| s == name) {
             continue;
         }
-        println!("\n═══ {title}");
+        println!("\n═══ {}", title(&env));
         match section(&mut node, &env) {
             Ok(r) => rows.extend(r),
             Err(e) => {
@@ -236,9 +304,62 @@ fn main() -> ExitCode {
             eprintln!("meshcni-demo: some flows did not land where expected (see the table)");
             ExitCode::FAILURE
         }
+        Err(e @ DemoError::Usage(_)) => {
+            eprintln!("meshcni-demo: {e}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("meshcni-demo: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Opts, DemoError> {
+        parse_args_from(args.iter().map(|a| a.to_string()))
+    }
+
+    fn usage_error(args: &[&str]) -> String {
+        match parse(args) {
+            Err(DemoError::Usage(m)) => m,
+            Err(e) => panic!("{args:?}: not a usage error: {e}"),
+            Ok(_) => panic!("{args:?}: accepted"),
+        }
+    }
+
+    #[test]
+    fn ambient_mode_defaults_to_inpod_and_iptables_is_selectable() {
+        assert_eq!(
+            parse(&[]).expect("no args").ambient_mode,
+            AmbientMode::Inpod
+        );
+        assert_eq!(
+            parse(&["--ambient-mode", "inpod"])
+                .expect("inpod")
+                .ambient_mode,
+            AmbientMode::Inpod
+        );
+        assert_eq!(
+            parse(&["--ambient-mode", "iptables"])
+                .expect("iptables")
+                .ambient_mode,
+            AmbientMode::Iptables
+        );
+    }
+
+    #[test]
+    fn unknown_options_and_modes_are_usage_errors() {
+        let m = usage_error(&["--ambient-mode", "ebpf"]);
+        assert!(m.contains("\"ebpf\"") && m.contains(USAGE), "{m}");
+        let m = usage_error(&["--ambient-mode"]);
+        assert!(m.contains("--ambient-mode needs a value"), "{m}");
+        let m = usage_error(&["--bogus"]);
+        assert!(m.contains("\"--bogus\"") && m.contains(USAGE), "{m}");
+        let m = usage_error(&["--section", "nope"]);
+        assert!(m.contains("unknown section"), "{m}");
     }
 }

@@ -18,9 +18,16 @@
 //! "host IP by route" lookup of the ambient agent, use the underlay address). Forwarding is
 //! enabled inside the node namespaces only. Dropping the lab deletes every namespace (and with
 //! them every link), on success and on failure alike.
+//!
+//! **Dual stack** ([`MultiNodeLab::new_dual_stack`]): additionally every workload pod gets
+//! `fd77:<node>::<octet>/128` on `eth0` with a default route `via fe80::1` (the node holds
+//! `fe80::1` on every host veth of a dual-stack pod), the node a `/128` route to it (preferred
+//! source: the node's underlay IPv6 `fd77:ff::<node>/64` on [`UPLINK`]), routes to the other
+//! nodes' `fd77:<other>::/64` over the underlay, and IPv6 forwarding on. The ztunnel pods stay
+//! IPv4-only. Labs built with [`MultiNodeLab::new`] are IPv4-only, as before.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -51,6 +58,25 @@ pub fn node_underlay_ip(index: u8) -> Ipv4Addr {
     Ipv4Addr::new(172, 31, 0, index)
 }
 
+/// The IPv6 link-local gateway dual-stack pods route through.
+pub const POD_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// The IPv6 pod subnet of node `index` (1-based) in a dual-stack lab: `fd77:<index>::/64`.
+pub fn node_pod_cidr6(index: u8) -> String {
+    format!("fd77:{index:x}::/64")
+}
+
+/// The IPv6 underlay address of node `index` (1-based) in a dual-stack lab: `fd77:ff::<index>`.
+pub fn node_underlay_ip6(index: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd77, 0xff, 0, 0, 0, 0, 0, u16::from(index))
+}
+
+/// The IPv6 address of the pod with last octet `octet` on node `index`: `fd77:<index>::<octet>`
+/// (the same last number as its IPv4 address, in hex notation).
+pub fn pod_ip6(index: u8, octet: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd77, u16::from(index), 0, 0, 0, 0, 0, u16::from(octet))
+}
+
 /// A ptp-attached pod (or the ztunnel pod) of a node.
 #[derive(Debug)]
 pub struct LabPod {
@@ -62,6 +88,8 @@ pub struct LabPod {
     pub netns: Netns,
     /// The pod IP (`/32` on `eth0`).
     pub ip: Ipv4Addr,
+    /// The pod's IPv6 address (`/128` on `eth0`) in a dual-stack lab.
+    pub ip6: Option<Ipv6Addr>,
     /// Host-side veth name in the node netns.
     pub host_veth: String,
 }
@@ -70,6 +98,21 @@ impl LabPod {
     /// `ip:port` of this pod.
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::new(IpAddr::V4(self.ip), port)
+    }
+
+    /// `[ip6]:port` of this pod (panics in an IPv4-only lab: a test bug).
+    pub fn addr6(&self, port: u16) -> SocketAddr {
+        let ip6 = self
+            .ip6
+            .unwrap_or_else(|| panic!("pod {} has no IPv6 address (IPv4-only lab)", self.name));
+        SocketAddr::new(IpAddr::V6(ip6), port)
+    }
+
+    /// Every address of the pod: IPv4 first, then IPv6 if any.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        std::iter::once(IpAddr::V4(self.ip))
+            .chain(self.ip6.map(IpAddr::V6))
+            .collect()
     }
 }
 
@@ -82,6 +125,8 @@ pub struct LabNode {
     pub netns: Netns,
     /// Underlay address on [`UPLINK`] (also the preferred source of node→pod routes).
     pub underlay_ip: Ipv4Addr,
+    /// IPv6 underlay address on [`UPLINK`] in a dual-stack lab.
+    pub underlay_ip6: Option<Ipv6Addr>,
     /// The ztunnel pod (host veth [`ZTUNNEL_HOST_VETH`]).
     pub ztunnel: LabPod,
     /// Workload pods in creation order.
@@ -96,12 +141,27 @@ pub struct MultiNodeLab {
     /// The underlay: a netns holding bridge `br0` with one veth per node.
     pub fabric: Netns,
     tag: String,
+    dual_stack: bool,
 }
 
 impl MultiNodeLab {
     /// Build a lab with one node per entry of `pods`, each with the named workload pods (names
     /// must be unique across the lab). `tag` goes into every namespace name.
     pub fn new(tag: &str, pods: &[&[&str]]) -> Result<MultiNodeLab, TestkitError> {
+        Self::build(tag, pods, false)
+    }
+
+    /// [`MultiNodeLab::new`] with dual-stack workload pods (see the module docs).
+    pub fn new_dual_stack(tag: &str, pods: &[&[&str]]) -> Result<MultiNodeLab, TestkitError> {
+        Self::build(tag, pods, true)
+    }
+
+    /// Whether workload pods get IPv6 addresses.
+    pub fn is_dual_stack(&self) -> bool {
+        self.dual_stack
+    }
+
+    fn build(tag: &str, pods: &[&[&str]], dual_stack: bool) -> Result<MultiNodeLab, TestkitError> {
         let count = u8::try_from(pods.len())
             .ok()
             .filter(|n| (1..=200).contains(n))
@@ -118,6 +178,7 @@ impl MultiNodeLab {
             nodes: Vec::new(),
             fabric,
             tag: tag.to_string(),
+            dual_stack,
         };
         for index in 1..=count {
             let node = lab.build_node(index, count)?;
@@ -151,19 +212,40 @@ impl MultiNodeLab {
                 UPLINK,
             ])?;
         }
+        let underlay_ip6 = if self.dual_stack {
+            let ip6 = node_underlay_ip6(index);
+            netns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            netns.add_addr(UPLINK, &format!("{ip6}/64"))?;
+            for other in (1..=count).filter(|o| *o != index) {
+                netns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    &node_pod_cidr6(other),
+                    "via",
+                    &node_underlay_ip6(other).to_string(),
+                    "dev",
+                    UPLINK,
+                ])?;
+            }
+            Some(ip6)
+        } else {
+            None
+        };
         let ztunnel = attach_pod(
             &netns,
             &self.tag,
             index,
-            underlay_ip,
+            (underlay_ip, None),
             "ztunnel",
-            Ipv4Addr::new(10, 77, index, ZTUNNEL_HOST_OCTET),
+            (Ipv4Addr::new(10, 77, index, ZTUNNEL_HOST_OCTET), None),
             ZTUNNEL_HOST_VETH,
         )?;
         Ok(LabNode {
             index,
             netns,
             underlay_ip,
+            underlay_ip6,
             ztunnel,
             pods: Vec::new(),
         })
@@ -181,13 +263,14 @@ impl MultiNodeLab {
             .checked_add(slot)
             .filter(|o| *o < ZTUNNEL_HOST_OCTET)
             .ok_or_else(|| invalid("add pod", format!("node {index} is full")))?;
+        let ip6 = self.dual_stack.then(|| pod_ip6(index, octet));
         let pod = attach_pod(
             &node.netns,
             &tag,
             index,
-            node.underlay_ip,
+            (node.underlay_ip, node.underlay_ip6),
             name,
-            Ipv4Addr::new(10, 77, index, octet),
+            (Ipv4Addr::new(10, 77, index, octet), ip6),
             &format!("vp{slot}"),
         )?;
         node.pods.push(pod);
@@ -227,9 +310,9 @@ fn attach_pod(
     node: &Netns,
     tag: &str,
     index: u8,
-    node_ip: Ipv4Addr,
+    (node_ip, node_ip6): (Ipv4Addr, Option<Ipv6Addr>),
     name: &str,
-    ip: Ipv4Addr,
+    (ip, ip6): (Ipv4Addr, Option<Ipv6Addr>),
     host_veth: &str,
 ) -> Result<LabPod, TestkitError> {
     let netns = Netns::new(&format!("{tag}-n{index}-{name}"))?;
@@ -260,11 +343,28 @@ fn attach_pod(
         "src",
         &node_ip.to_string(),
     ])?;
+    if let (Some(ip6), Some(node_ip6)) = (ip6, node_ip6) {
+        let gw6 = POD_GATEWAY6.to_string();
+        netns.add_addr("eth0", &format!("{ip6}/128"))?;
+        netns.ip(&["-6", "route", "add", "default", "via", &gw6, "dev", "eth0"])?;
+        node.add_addr(host_veth, &format!("{gw6}/64"))?;
+        node.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            host_veth,
+            "src",
+            &node_ip6.to_string(),
+        ])?;
+    }
     Ok(LabPod {
         name: name.to_string(),
         node: index,
         netns,
         ip,
+        ip6,
         host_veth: host_veth.to_string(),
     })
 }

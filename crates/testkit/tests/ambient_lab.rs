@@ -305,3 +305,53 @@ fn stand_in_hbone_and_inbound_listeners_forward_with_the_requested_source() {
     .expect("exchanges");
     assert_eq!(times.len(), 50);
 }
+
+#[test]
+fn dual_stack_lab_routes_ipv6_between_pods_and_from_the_node_preserving_source() {
+    use meshcni_testkit::multinode::{POD_GATEWAY6, node_underlay_ip6, pod_ip6};
+    let lab = MultiNodeLab::new_dual_stack("mnl6", &[&["a", "b"], &["c"]]).expect("lab");
+    assert!(lab.is_dual_stack());
+    let (a, b, c) = (lab.pod("a"), lab.pod("b"), lab.pod("c"));
+    assert_eq!(a.ip6, Some(pod_ip6(1, 10)));
+    assert_eq!(b.ip6, Some(pod_ip6(1, 11)));
+    assert_eq!(c.ip6, Some(pod_ip6(2, 10)));
+    assert_eq!(a.ips(), vec![IpAddr::V4(a.ip), IpAddr::V6(pod_ip6(1, 10))]);
+    assert_eq!(lab.node(2).underlay_ip6, Some(node_underlay_ip6(2)));
+    assert_eq!(lab.node(1).ztunnel.ip6, None, "ztunnel pods stay IPv4-only");
+    assert_eq!(
+        lab.node(1)
+            .netns
+            .read_sysctl("net.ipv6.conf.all.forwarding")
+            .expect("sysctl"),
+        "1"
+    );
+    let routes = a.netns.ip(&["-6", "route"]).expect("routes");
+    assert!(
+        routes.contains(&format!("default via {POD_GATEWAY6} dev eth0")),
+        "{routes}"
+    );
+    let srv_b = TcpServer::start(&b.netns, b.addr6(8080)).expect("server b");
+    let srv_c = TcpServer::start(&c.netns, c.addr6(8080)).expect("server c");
+    // Same node, across nodes, and from the node netns (source: the node's underlay IPv6).
+    for (from_ns, from_ip, to) in [
+        (&a.netns, pod_ip6(1, 10), b.addr6(8080)),
+        (&a.netns, pod_ip6(1, 10), c.addr6(8080)),
+        (&c.netns, pod_ip6(2, 10), b.addr6(8080)),
+        (&lab.node(1).netns, node_underlay_ip6(1), b.addr6(8080)),
+    ] {
+        let got = connect_text(from_ns, to, &ConnectOpts::default())
+            .unwrap_or_else(|e| panic!("{from_ip} → {to}: {e}"));
+        assert!(
+            got.starts_with(&format!("server:{to} peer:[{from_ip}]:")),
+            "{from_ip} → {to}: {got}"
+        );
+        assert!(got.ends_with("hello\n"), "{got}");
+    }
+    assert_eq!(srv_b.accepted().len(), 3);
+    assert_eq!(srv_c.accepted().len(), 1);
+    // IPv4 works as in an IPv4-only lab.
+    let srv4 = TcpServer::start(&c.netns, c.addr(8081)).expect("server c v4");
+    let got = connect_text(&a.netns, c.addr(8081), &ConnectOpts::default()).expect("a→c v4");
+    assert!(got.contains(&format!("peer:{}:", a.ip)), "{got}");
+    assert_eq!(srv4.accepted().len(), 1);
+}

@@ -132,6 +132,7 @@ pub struct Reconciler {
     options: LoopOptions,
     status: StatusHandle,
     gauge: Option<Gauge>,
+    ztunnel_gauge: Option<Gauge>,
     config: Option<Arc<AmbientConfigWriter>>,
     pods: Option<Vec<Workload>>,
     namespaces: Option<Vec<NamespaceInfo>>,
@@ -225,6 +226,7 @@ impl Reconciler {
             options,
             status,
             gauge: None,
+            ztunnel_gauge: None,
             config: None,
             pods: None,
             namespaces: None,
@@ -269,6 +271,12 @@ impl Reconciler {
     /// Also keep this gauge at the number of enrolled pods.
     pub fn with_gauge(mut self, gauge: Gauge) -> Reconciler {
         self.gauge = Some(gauge);
+        self
+    }
+
+    /// Also keep this gauge at 1 while the node's ztunnel is there for the driver, else 0.
+    pub fn with_ztunnel_gauge(mut self, gauge: Gauge) -> Reconciler {
+        self.ztunnel_gauge = Some(gauge);
         self
     }
 
@@ -481,6 +489,9 @@ impl Reconciler {
                 return self.driver_failed("applying the ztunnel change", &e, now);
             }
             self.notified_ztunnel = Some(zt.clone());
+            if let Some(g) = &self.ztunnel_gauge {
+                g.set(i64::from(zt.is_some()));
+            }
             self.status
                 .update(|s| s.ztunnel = zt.as_ref().map(|z| z.pod.clone()));
             // New node rules: re-read, and retry every pod now.
@@ -842,6 +853,7 @@ pub fn start_from_args(
     mode: RedirectMode,
     readiness: &crate::readiness::Readiness,
     enrolled_gauge: Gauge,
+    ztunnel_gauge: Gauge,
     workload_metrics: WorkloadMetrics,
     config: Option<Arc<AmbientConfigWriter>>,
 ) -> Option<AmbientLoop> {
@@ -866,6 +878,7 @@ pub fn start_from_args(
     let node = args.effective_node_name();
     let mut reconciler = Reconciler::new(driver, policy, LoopOptions::default(), status.clone())
         .with_gauge(enrolled_gauge)
+        .with_ztunnel_gauge(ztunnel_gauge)
         .with_metrics(workload_metrics.clone())
         // The driver programs the agent's own netns (the node's: host-network DaemonSet).
         .with_node_addresses(Box::new(own_netns_addresses));

@@ -168,13 +168,9 @@ fn drv(what: impl std::fmt::Display) -> DriverError {
     DriverError::driver(format!("inpod mode: {what}"))
 }
 
-fn netns_id_of(f: &File) -> Result<NetnsId, std::io::Error> {
-    use std::os::unix::fs::MetadataExt;
-    let m = f.metadata()?;
-    Ok(NetnsId {
-        dev: m.dev(),
-        ino: m.ino(),
-    })
+/// The identity of an open netns; an error if the file is not a network namespace.
+fn netns_id_of(f: &File) -> Result<NetnsId, meshcni_netx::NetxError> {
+    meshcni_netx::podns::netns_id_of_fd(f.as_fd())
 }
 
 impl InpodDriver {
@@ -307,6 +303,12 @@ impl InpodDriver {
     /// Start-up: adopt the pods of the state file whose netns can be found, re-verify their
     /// rules, register them for ztunnel's snapshot, then start serving ZDS.
     fn adopt(&mut self) -> Result<(), DriverError> {
+        self.adopt_with(true)
+    }
+
+    /// [`InpodDriver::adopt`]; without `serve` (an uninstall by a fresh process) only the pods
+    /// and their netns are taken over: no rule re-verification, no probe pruning, no ZDS.
+    fn adopt_with(&mut self, serve: bool) -> Result<(), DriverError> {
         let state = InpodState::load(&self.cfg.state_file).map_err(drv)?;
         let mut missing: Vec<(&String, &PodRecord)> = Vec::new();
         let mut found: BTreeMap<String, File> = BTreeMap::new();
@@ -351,7 +353,7 @@ impl InpodDriver {
                 record.netns_id = id;
             }
             let held = HeldPod { record, netns };
-            if self.cfg.reconcile_on_startup {
+            if serve && self.cfg.reconcile_on_startup {
                 let overrides =
                     PodOverrides::from_annotations(&held.record.annotations).unwrap_or_default();
                 if let Err(e) = apply_inpod(
@@ -365,6 +367,9 @@ impl InpodDriver {
                 }
             }
             self.pods.insert(uid, held);
+        }
+        if !serve {
+            return Ok(());
         }
         // The host-probe sets: exactly the adopted pods' IPs.
         let want: BTreeSet<(IpAddr, String)> = self
@@ -538,19 +543,22 @@ impl InpodDriver {
     }
 
     fn release(&mut self, pod: &PodId, ips: &[IpAddr]) -> Result<(), DriverError> {
-        if let Some(zds) = self.zds.as_ref() {
-            if let Err(e) = zds.del(&pod.uid) {
-                // Best effort: a ztunnel that is gone drops the pod anyway; one that is
-                // still connected and failed to ack gets the delete in its next snapshot.
-                warn!(pod = %pod, error = %e, "DelWorkload not acknowledged by every ztunnel");
-            }
-        }
-        crate::crash::point("inpod-release-mid");
+        // Rules first, then ztunnel (upstream's order): once ztunnel drops the pod its
+        // listeners in the pod are gone, and rules still redirecting there would refuse every
+        // new connection of the pod until they are removed.
         let held = self.pods.remove(&pod.uid);
         if let Some(h) = &held {
             // The netns may be a dying sandbox's; removing from it is harmless.
             if let Err(e) = remove_inpod(&h.netns_path(), self.cfg.backend) {
                 warn!(pod = %pod, error = %e, "removing in-pod rules on release");
+            }
+        }
+        crate::crash::point("inpod-release-mid");
+        if let Some(zds) = self.zds.as_ref() {
+            if let Err(e) = zds.del(&pod.uid) {
+                // Best effort: a ztunnel that is gone drops the pod anyway; one that is
+                // still connected and failed to ack gets the delete in its next snapshot.
+                warn!(pod = %pod, error = %e, "DelWorkload not acknowledged by every ztunnel");
             }
         }
         let mut ips: BTreeSet<IpAddr> = ips.iter().copied().collect();
@@ -719,6 +727,13 @@ impl RedirectDriver for InpodDriver {
 
     fn uninstall(&mut self) -> Result<(), DriverError> {
         let mut errors = Vec::new();
+        if !self.started {
+            // `meshcni-agent uninstall` after the agent stopped: take over its pods first.
+            if let Err(e) = self.adopt_with(false) {
+                errors.push(e.message);
+            }
+            self.started = true;
+        }
         let uids: Vec<String> = self.pods.keys().cloned().collect();
         for uid in uids {
             if let Some(zds) = &self.zds {
@@ -737,6 +752,14 @@ impl RedirectDriver for InpodDriver {
         }
         self.host = None;
         self.zds = None;
+        // A socket left by an agent that stopped without uninstalling.
+        if std::fs::symlink_metadata(&self.cfg.zds_socket).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_socket()
+        }) && let Err(e) = std::fs::remove_file(&self.cfg.zds_socket)
+        {
+            errors.push(format!("remove {}: {e}", self.cfg.zds_socket.display()));
+        }
         match std::fs::remove_file(&self.cfg.state_file) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
