@@ -42,7 +42,7 @@ use meshcni_testkit::{InpodZtunnelConfig, InpodZtunnelStandIn, Netns};
 use serde_json::{Value, json};
 
 const NODE: &str = "node1";
-const WAIT: Duration = Duration::from_secs(120);
+const WAIT: Duration = Duration::from_secs(600);
 
 type R<T> = Result<T, String>;
 
