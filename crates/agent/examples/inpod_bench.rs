@@ -19,6 +19,9 @@
 //! * `rss [--pods 1000]`: N running pods enrolled by the label flip; agent `VmRSS`/`VmHWM`
 //!   once all are acked and again after a settle time.
 //!
+//! `--agent-arg FLAG` (repeatable) appends a flag to the agent's command line, e.g.
+//! `--agent-arg --ambient-ipv6=false`.
+//!
 //! Needs root, `/usr/lib/cni/{bridge,host-local}` (or `REF_PLUGINS`), iproute2, iptables,
 //! ipset, and the release binaries next to this example (`scripts/bench-inpod.sh` builds them).
 
@@ -46,6 +49,9 @@ const WAIT: Duration = Duration::from_secs(600);
 
 type R<T> = Result<T, String>;
 
+/// `--agent-arg` values, appended to every agent's command line.
+static EXTRA_AGENT_ARGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("inpod_bench: {e}");
@@ -56,14 +62,22 @@ fn main() {
 fn run() -> R<()> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if args.is_empty() {
-        return Err("usage: inpod_bench add|enroll|rss [--pods N] [--settle-seconds S]".into());
+        return Err(
+            "usage: inpod_bench add|enroll|rss [--pods N] [--settle-seconds S] [--agent-arg FLAG]…"
+                .into(),
+        );
     }
     let cmd = args.remove(0);
     let mut pods = None;
     let mut settle = Duration::from_secs(5);
+    let mut extra = Vec::new();
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         let v = it.next().ok_or(format!("{a} needs a value"))?;
+        if a == "--agent-arg" {
+            extra.push(v);
+            continue;
+        }
         let n: u64 = v.parse().map_err(|e| format!("{a} {v}: {e}"))?;
         match a.as_str() {
             "--pods" => pods = Some(n as usize),
@@ -71,6 +85,7 @@ fn run() -> R<()> {
             _ => return Err(format!("unknown option {a}")),
         }
     }
+    let _ = EXTRA_AGENT_ARGS.set(extra);
     if !nix::unistd::geteuid().is_root() {
         return Err("needs root".into());
     }
@@ -141,6 +156,7 @@ impl AgentProc {
             .arg("--")
             .arg(bin)
             .args(args)
+            .args(EXTRA_AGENT_ARGS.get().into_iter().flatten())
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("NODE_NAME", NODE)
@@ -591,6 +607,36 @@ fn breakdown(log: &str, starts: &BTreeMap<String, (SystemTime, Duration)>) -> R<
     Ok(out)
 }
 
+/// The driver's per-pod step timings (debug lines `pod netns opened` / `pod handed to
+/// ztunnel`).
+fn driver_steps(log: &str) -> Breakdown {
+    let mut out: Breakdown = vec![
+        ("netns: open / discover (netns-dir scan, by IP)", Vec::new()),
+        ("in-pod rules", Vec::new()),
+        ("host-probe ipset entry", Vec::new()),
+        ("ZDS AddWorkload → ack", Vec::new()),
+        ("state file write", Vec::new()),
+    ];
+    let d = |us: f64| Duration::from_secs_f64(us / 1e6);
+    for l in log.lines() {
+        if l.contains("pod netns opened") {
+            if let Some(v) = field(l, "open_us") {
+                out[0].1.push(d(v));
+            }
+        } else if l.contains("pod handed to ztunnel") {
+            for (i, k) in ["rules_us", "probe_us", "zds_us", "state_us"]
+                .iter()
+                .enumerate()
+            {
+                if let Some(v) = field(l, k) {
+                    out[i + 1].1.push(d(v));
+                }
+            }
+        }
+    }
+    out
+}
+
 // ---- 2. enroll by label flip, restart; baseline --------------------------------------------
 
 /// A running pod: its own netns with a veth `eth0` (peer in the same netns) holding the IP (what the driver needs:
@@ -685,7 +731,7 @@ fn flip(
     pods: &[BulkPod],
 ) -> R<(AgentProc, InpodZtunnelStandIn, Flip)> {
     write_workloads(&dirs.workloads, &namespaces(false), &bulk_workloads(pods))?;
-    let mut agent = AgentProc::start(agent_bin, node.path(), dirs, "info")?;
+    let mut agent = AgentProc::start(agent_bin, node.path(), dirs, "debug")?;
     let zt = standin(dirs)?;
     agent.wait_ready()?;
     // Let the agent settle on the non-ambient set before the flip.
@@ -732,11 +778,14 @@ fn bench_enroll(n: usize) -> R<()> {
         return Err(format!("no in-pod rules in {}: {before}", pods[0].name));
     }
 
+    let steps = driver_steps(&agent.log());
+
     // Restart: SIGTERM, then a new agent until ready + a complete snapshot of all N.
     let connects = zt.connects();
     agent.terminate()?;
     let t = Instant::now();
-    let mut agent2 = AgentProc::start(&agent_bin, node.path(), &dirs, "info")?;
+    let spawned = SystemTime::now();
+    let mut agent2 = AgentProc::start(&agent_bin, node.path(), &dirs, "debug")?;
     let mut ready_at = None;
     let mut snap_at = None;
     let deadline = Instant::now() + WAIT;
@@ -782,6 +831,26 @@ fn bench_enroll(n: usize) -> R<()> {
         ));
     }
     let (rss, hwm) = memory_kib(agent2.pid()?)?;
+    let since_spawn = |msg: &str| -> Option<f64> {
+        // The log file is shared with the first agent: the newest line is the new agent's.
+        let l = log.lines().rev().find(|l| l.contains(msg))?;
+        let t = l.split_whitespace().next().and_then(parse_ts)?;
+        let s0 = spawned
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .ok()?
+            .as_secs_f64();
+        Some((t - s0) * 1e3)
+    };
+    let marks: Vec<(&str, Option<f64>)> = [
+        "ambient enrollment loop started",
+        "found the netns of an enrolled pod again",
+        "inpod mode adopted its enrolled pods",
+        "ZDS server listening",
+        "ztunnel received its snapshot",
+    ]
+    .iter()
+    .map(|m| (*m, since_spawn(m)))
+    .collect();
     drop(agent2);
     drop(zt);
     let load_mid = load();
@@ -820,6 +889,24 @@ fn bench_enroll(n: usize) -> R<()> {
         ms(b.restart) / ms(restart_wall)
     );
     println!("| execs per pod | {} | {} | |", "see text", b.execs_per_pod);
+    println!();
+    println!(
+        "| label flip, per pod, in the driver (agent debug log) | median ms | p90 ms | sum over {n} pods ms |"
+    );
+    println!("| --- | ---: | ---: | ---: |");
+    for (label, v) in &steps {
+        let (m, p, _) = stats_ms(v);
+        let sum: f64 = v.iter().map(|d| ms(*d)).sum();
+        println!("| {label} | {m:.2} | {p:.2} | {sum:.0} |");
+    }
+    println!();
+    println!("restarted agent's log, ms after its spawn (newest line of each kind):");
+    for (m, t) in &marks {
+        match t {
+            Some(t) => println!("- {t:.0} ms: {m}"),
+            None => println!("- (not logged): {m}"),
+        }
+    }
     println!();
     println!(
         "agent after the flip: VmRSS {} / VmHWM {}; restarted agent with {n} pods: VmRSS {} / VmHWM {}",
