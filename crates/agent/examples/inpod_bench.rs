@@ -274,7 +274,7 @@ fn stats_ms(v: &[Duration]) -> (f64, f64, f64) {
         return (0.0, 0.0, 0.0);
     }
     let n = ms.len();
-    let med = ms[(n + 1) / 2 - 1];
+    let med = ms[n.div_ceil(2) - 1];
     let p90 = ms[((n as f64 * 0.9).ceil() as usize).clamp(1, n) - 1];
     (med, p90, ms[0])
 }
@@ -888,7 +888,10 @@ fn bench_enroll(n: usize) -> R<()> {
         ms(b.snapshot),
         ms(b.restart) / ms(restart_wall)
     );
-    println!("| execs per pod | {} | {} | |", "see text", b.execs_per_pod);
+    println!(
+        "| processes exec'd per pod (enroll) | one `*-restore` per IP family | {} | |",
+        b.execs_per_pod
+    );
     println!();
     println!(
         "| label flip, per pod, in the driver (agent debug log) | median ms | p90 ms | sum over {n} pods ms |"
