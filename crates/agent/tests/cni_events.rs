@@ -132,6 +132,18 @@ impl Setup {
         options: CniEventOptions,
         limits: ConnectionLimits,
     ) -> Setup {
+        let s = Setup::with_debounce(driver, pods, options, limits, Duration::from_millis(5));
+        s.wait_synced();
+        s
+    }
+
+    fn with_debounce(
+        driver: FakeDriver,
+        pods: &[Value],
+        options: CniEventOptions,
+        limits: ConnectionLimits,
+        debounce: Duration,
+    ) -> Setup {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("workloads.json");
         write_file(&file, pods);
@@ -143,7 +155,7 @@ impl Setup {
                 resync: Duration::from_secs(60),
                 min_backoff: Duration::from_millis(20),
                 max_backoff: Duration::from_millis(200),
-                debounce: Duration::from_millis(5),
+                debounce,
             },
             status.clone(),
         );
@@ -185,6 +197,12 @@ impl Setup {
             server: Some(server),
             running: Some(l),
         };
+        // Not waited for here: a long debounce holds back the first pass on the file's data.
+        s
+    }
+
+    fn wait_synced(&self) {
+        let s = self;
         // The loop has read the file before the first event (the lookup wait covers a lag,
         // but tests asserting "refused" should not depend on it).
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -199,7 +217,6 @@ impl Setup {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
-        s
     }
 
     fn socket(&self) -> PathBuf {
@@ -286,6 +303,29 @@ fn ambient_pod_is_captured_with_the_event_ips() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(s.applies().len(), 1, "{:?}", s.applies());
     assert_eq!(s.count("captured"), 2);
+}
+
+#[test]
+fn a_cmdadd_is_not_held_back_by_the_loops_debounce() {
+    // The loop coalesces bursts of source updates for `debounce` before planning. A CNI ADD is
+    // a pod start waiting for its answer: it is planned at once. With a debounce longer than
+    // the reply timeout, an ADD that waited for it would be refused as "too slow".
+    let s = Setup::with_debounce(
+        FakeDriver::new(),
+        &[ztunnel(), ambient("app")],
+        CniEventOptions {
+            pod_lookup_wait: LOOKUP_WAIT,
+            reply_timeout: Duration::from_millis(4500),
+        },
+        ConnectionLimits::default(),
+        Duration::from_secs(10),
+    );
+    s.add(&event("demo", "app", "10.0.0.2"))
+        .expect("captured without waiting for the debounce");
+    assert_eq!(
+        s.applies(),
+        ["apply enroll demo/app (uid uid-app) ips [10.0.0.2]"]
+    );
 }
 
 #[test]

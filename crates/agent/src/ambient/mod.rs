@@ -700,13 +700,21 @@ impl Reconciler {
                 .clamp(Duration::from_millis(1), Duration::from_millis(200));
             match rx.recv_timeout(wait) {
                 Ok(u) => {
-                    self.update(u);
-                    // Coalesce a burst.
-                    let until = Instant::now() + self.options.debounce;
-                    while let Ok(u) =
-                        rx.recv_timeout(until.saturating_duration_since(Instant::now()))
-                    {
+                    // Coalesce a burst — but not while a CNI ADD waits for its answer (a pod
+                    // start): then plan at once with whatever is already queued.
+                    let mut until = Instant::now() + self.options.debounce;
+                    let mut next = Some(u);
+                    while let Some(u) = next.take() {
                         self.update(u);
+                        if !self.cni_pending.is_empty() {
+                            until = Instant::now();
+                        }
+                        let left = until.saturating_duration_since(Instant::now());
+                        next = if left.is_zero() {
+                            rx.try_recv().ok()
+                        } else {
+                            rx.recv_timeout(left).ok()
+                        };
                     }
                     dirty = true;
                 }

@@ -37,7 +37,7 @@ use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use meshcni_netx::inpod::{HostProbe, InpodBackend, apply_inpod, check_inpod, remove_inpod};
 use meshcni_netx::podns::{NetnsFinder, PodNetnsQuery};
@@ -493,8 +493,10 @@ impl InpodDriver {
         }
         let held = HeldPod { record, netns };
         let path = held.netns_path();
+        let t_rules = Instant::now();
         let applied = apply_inpod(&path, &self.cfg.rules, &overrides, self.cfg.backend)
             .map_err(|e| pod_err(pod, format!("in-pod rules: {e}")))?;
+        let rules_us = t_rules.elapsed().as_micros();
         crate::crash::point("inpod-after-rules");
         // Undo only what this call did: rules that were in place already (a pod captured by
         // an earlier agent, found again after a restart) stay, so a refusal leaves the pod
@@ -513,6 +515,7 @@ impl InpodDriver {
             }
             pod_err(pod, why)
         };
+        let t_probe = Instant::now();
         let mut probe_err = None;
         match self.host() {
             Ok(h) => {
@@ -528,18 +531,25 @@ impl InpodDriver {
         if let Some(e) = probe_err {
             return Err(undo(self, e));
         }
+        let probe_us = t_probe.elapsed().as_micros();
         crate::crash::point("inpod-after-probe");
         let Some(zds) = self.zds.as_ref() else {
             return Err(undo(self, "the ZDS server is not running".into()));
         };
+        let t_zds = Instant::now();
         if let Err(e) = zds.add(&pod.uid, held.info(), held.netns.as_fd()) {
             return Err(undo(self, format!("ztunnel did not take the pod: {e}")));
         }
+        let zds_us = t_zds.elapsed().as_micros();
         crate::crash::point("inpod-after-ack");
-        debug!(pod = %pod, rules_changed = applied.changed, "pod handed to ztunnel");
         self.view().lost.remove(&pod.uid);
         self.pods.insert(pod.uid.clone(), held);
-        self.save()
+        let t_save = Instant::now();
+        let saved = self.save();
+        // Where an enrollment's time goes (BENCHMARKS.md, "Ambient (inpod mode)" numbers).
+        debug!(pod = %pod, rules_changed = applied.changed, rules_us, probe_us, zds_us,
+               state_us = t_save.elapsed().as_micros(), "pod handed to ztunnel");
+        saved
     }
 
     fn release(&mut self, pod: &PodId, ips: &[IpAddr]) -> Result<(), DriverError> {
@@ -651,7 +661,9 @@ impl RedirectDriver for InpodDriver {
                 service_account,
                 netns,
             } => {
+                let t_open = Instant::now();
                 let file = self.open_netns(pod, ips, netns.as_ref())?;
+                debug!(pod = %pod, open_us = t_open.elapsed().as_micros(), "pod netns opened");
                 let id =
                     netns_id_of(&file).map_err(|e| pod_err(pod, format!("netns stat: {e}")))?;
                 let same_as_held = self
