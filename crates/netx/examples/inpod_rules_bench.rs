@@ -2,7 +2,7 @@
 //! namespaces per backend: the first apply, the repeated apply (verified, nothing run), the
 //! removal; and the host-probe entry upsert. Needs root. Prints median / p90 in ms.
 //!
-//! `cargo run -p meshcni-netx --example inpod_bench --release -- 50`
+//! `cargo run -p meshcni-netx --example inpod_rules_bench --release -- 50`
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
