@@ -303,3 +303,57 @@ fn uninstall_by_a_fresh_process_removes_every_pods_rules_and_the_probe_snat() {
     assert!(!rig.dir.path().join("run/inpod-mode.json").exists());
     assert!(!rig.socket().exists());
 }
+
+#[test]
+fn one_netns_search_serves_every_enrollment_of_a_pass() {
+    let mut rig = Rig::new("inpod-batch");
+    rig.driver.actual().expect("actual");
+    let zt =
+        InpodZtunnelStandIn::start_with(InpodZtunnelConfig::new(rig.socket())).expect("stand-in");
+    rig.wait_connected();
+    // Two running pods enrolled by a label change: no CNI netns, found in --netns-dir.
+    let links: Vec<_> = ["app", "web"]
+        .iter()
+        .map(|name| {
+            let link = rig.dir.path().join("netns").join(name);
+            std::os::unix::fs::symlink(rig.lab.pod(name).netns.path(), &link).expect("link");
+            link
+        })
+        .collect();
+    let actions: Vec<Action> = ["app", "web"]
+        .iter()
+        .map(|name| match rig.enroll(name) {
+            Action::Enroll {
+                pod,
+                ips,
+                annotations,
+                service_account,
+                ..
+            } => Action::Enroll {
+                pod,
+                ips,
+                annotations,
+                service_account,
+                netns: None,
+            },
+            other => other,
+        })
+        .collect();
+    rig.driver.prepare(&actions).expect("prepare");
+    // The search already happened: with the links gone, a per-pod search would find nothing.
+    for l in &links {
+        std::fs::remove_file(l).expect("unlink");
+    }
+    for a in &actions {
+        rig.driver
+            .apply(a)
+            .expect("enrolled from the pass's search");
+    }
+    for name in ["app", "web"] {
+        let held = zt
+            .wait_for_workload(&format!("uid-{name}"), WAIT)
+            .expect("held");
+        let id = netns_id(rig.lab.pod(name).netns.path());
+        assert_eq!(held.netns, (id.dev, id.ino), "{name}: its own netns");
+    }
+}

@@ -158,6 +158,9 @@ pub struct InpodDriver {
     host: Option<HostProbe>,
     /// `actual()` ran once (state adopted, ZDS serving).
     started: bool,
+    /// Netns found for this pass's enrollments without a CNI netns, in one search
+    /// (`prepare`): uid → (the addresses searched for, the open netns).
+    prefound: BTreeMap<String, (Vec<IpAddr>, File)>,
 }
 
 fn pod_err(pod: &PodId, what: impl std::fmt::Display) -> DriverError {
@@ -186,6 +189,7 @@ impl InpodDriver {
             zds: None,
             host: None,
             started: false,
+            prefound: BTreeMap::new(),
         })
     }
 
@@ -421,7 +425,7 @@ impl InpodDriver {
     /// Open the netns of an action: the CNI ADD's path (still the same netns) or a discovered
     /// one.
     fn open_netns(
-        &self,
+        &mut self,
         pod: &PodId,
         ips: &[IpAddr],
         given: Option<&PodNetns>,
@@ -442,6 +446,12 @@ impl InpodDriver {
                     ),
                 ));
             }
+            return Ok(f);
+        }
+        // Found by the pass's one batched search (`prepare`), for the same addresses.
+        if let Some((queried, f)) = self.prefound.remove(&pod.uid)
+            && queried == ips
+        {
             return Ok(f);
         }
         let finder = NetnsFinder::new(&self.cfg.proc_root, self.cfg.netns_dirs.clone())
@@ -650,6 +660,46 @@ impl RedirectDriver for InpodDriver {
             );
         }
         Ok(s)
+    }
+
+    /// One netns search for every pod of the pass that is enrolled without a CNI netns (a
+    /// label change, a restart without the state file): each search scans procfs and enters
+    /// every candidate netns, so searching pod by pod would cost O(pods × netns).
+    fn prepare(&mut self, actions: &[Action]) -> Result<(), DriverError> {
+        self.prefound.clear();
+        let wanted: Vec<(&PodId, &Vec<IpAddr>)> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Enroll {
+                    pod,
+                    ips,
+                    netns: None,
+                    ..
+                } => Some((pod, ips)),
+                _ => None,
+            })
+            .collect();
+        if wanted.len() < 2 {
+            return Ok(());
+        }
+        let queries: Vec<PodNetnsQuery<'_>> = wanted
+            .iter()
+            .map(|(pod, ips)| PodNetnsQuery { uid: &pod.uid, ips })
+            .collect();
+        let found = NetnsFinder::new(&self.cfg.proc_root, self.cfg.netns_dirs.clone())
+            .and_then(|f| f.find(&queries));
+        match found {
+            Ok(mut hits) => {
+                for (pod, ips) in wanted {
+                    if let Some(h) = hits.remove(&pod.uid) {
+                        self.prefound.insert(pod.uid.clone(), (ips.clone(), h.file));
+                    }
+                }
+            }
+            // Each pod then searches on its own and reports its own error.
+            Err(e) => warn!(error = %e, "batched netns discovery failed"),
+        }
+        Ok(())
     }
 
     fn apply(&mut self, action: &Action) -> Result<(), DriverError> {
