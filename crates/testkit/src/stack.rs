@@ -8,7 +8,7 @@
 //! pod involved.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -576,10 +576,8 @@ impl CniOutcome {
     }
 }
 
-/// One pod's CNI ADD as the runtime would run meshcni (chained after ptp): inside the node
-/// netns, `CNI_COMMAND=ADD`, `CNI_NETNS` = the pod netns, kubelet's `CNI_ARGS`, and on stdin
-/// meshcni's conflist entry with a ptp-style `prevResult` carrying the pod's IP.
-#[allow(clippy::too_many_arguments)]
+/// `meshcni` ADD for pod `namespace/name` (netns `pod_netns`, IPv4 `ip`) exec'd in the node
+/// netns with the CNI environment a runtime sets and a ptp-style prevResult.
 pub fn plugin_add(
     plugin: &Path,
     node_netns: &Path,
@@ -589,6 +587,46 @@ pub fn plugin_add(
     ip: Ipv4Addr,
     dirs: &AgentDirs,
 ) -> Result<CniOutcome, String> {
+    plugin_add_ips(
+        plugin,
+        node_netns,
+        pod_netns,
+        namespace,
+        name,
+        &[IpAddr::V4(ip)],
+        dirs,
+    )
+}
+
+/// [`plugin_add`] with every address of the pod (IPv4 and IPv6) in the ptp-style
+/// prevResult.
+pub fn plugin_add_ips(
+    plugin: &Path,
+    node_netns: &Path,
+    pod_netns: &Path,
+    namespace: &str,
+    name: &str,
+    ips: &[IpAddr],
+    dirs: &AgentDirs,
+) -> Result<CniOutcome, String> {
+    let ip_entries: Vec<Value> = ips
+        .iter()
+        .map(|ip| match ip {
+            IpAddr::V4(v) => {
+                json!({"address": format!("{v}/32"), "gateway": "169.254.1.1", "interface": 1})
+            }
+            IpAddr::V6(v) => {
+                json!({"address": format!("{v}/128"), "gateway": "fe80::1", "interface": 1})
+            }
+        })
+        .collect();
+    let mut routes = Vec::new();
+    if ips.iter().any(IpAddr::is_ipv4) {
+        routes.push(json!({"dst": "0.0.0.0/0", "gw": "169.254.1.1"}));
+    }
+    if ips.iter().any(IpAddr::is_ipv6) {
+        routes.push(json!({"dst": "::/0", "gw": "fe80::1"}));
+    }
     let conf = json!({
         "cniVersion": "1.0.0",
         "name": "lab",
@@ -604,8 +642,8 @@ pub fn plugin_add(
                 {"name": "veth-host", "mac": "02:00:00:00:00:01"},
                 {"name": "eth0", "mac": "02:00:00:00:00:02", "sandbox": pod_netns}
             ],
-            "ips": [{"address": format!("{ip}/32"), "gateway": "169.254.1.1", "interface": 1}],
-            "routes": [{"dst": "0.0.0.0/0", "gw": "169.254.1.1"}],
+            "ips": ip_entries,
+            "routes": routes,
             "dns": {}
         }
     });

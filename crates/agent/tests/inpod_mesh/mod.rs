@@ -35,7 +35,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -43,8 +42,8 @@ use std::time::{Duration, Instant};
 
 use meshcni_testkit::multinode::{open_stream, read_line};
 use meshcni_testkit::stack::{
-    self as kit, Agent, AgentDirs, CniOutcome, DATAPLANE_MODE, StackMode, namespace_json, pod_json,
-    pod_uid, write_pod_metadata, write_workloads,
+    self as kit, Agent, AgentDirs, CniOutcome, DATAPLANE_MODE, StackMode, namespace_json,
+    plugin_add_ips, pod_json, pod_uid, write_pod_metadata, write_workloads,
 };
 use meshcni_testkit::{
     InpodHop, InpodZtunnelConfig, InpodZtunnelStandIn, LabPod, MultiNodeLab, Netns, TcpServer,
@@ -641,95 +640,6 @@ pub fn family_has_redirects(rules: &str, v6: bool) -> bool {
         }
     }
     found
-}
-
-/// [`kit::plugin_add`] with every address of the pod (IPv4 and IPv6) in the ptp-style
-/// prevResult.
-pub fn plugin_add_ips(
-    plugin: &Path,
-    node_netns: &Path,
-    pod_netns: &Path,
-    namespace: &str,
-    name: &str,
-    ips: &[IpAddr],
-    dirs: &AgentDirs,
-) -> Result<CniOutcome, String> {
-    let ip_entries: Vec<Value> = ips
-        .iter()
-        .map(|ip| match ip {
-            IpAddr::V4(v) => {
-                json!({"address": format!("{v}/32"), "gateway": "169.254.1.1", "interface": 1})
-            }
-            IpAddr::V6(v) => {
-                json!({"address": format!("{v}/128"), "gateway": "fe80::1", "interface": 1})
-            }
-        })
-        .collect();
-    let mut routes = Vec::new();
-    if ips.iter().any(IpAddr::is_ipv4) {
-        routes.push(json!({"dst": "0.0.0.0/0", "gw": "169.254.1.1"}));
-    }
-    if ips.iter().any(IpAddr::is_ipv6) {
-        routes.push(json!({"dst": "::/0", "gw": "fe80::1"}));
-    }
-    let conf = json!({
-        "cniVersion": "1.0.0",
-        "name": "lab",
-        "type": "meshcni",
-        "ambient_enabled": true,
-        "cni_agent_run_dir": dirs.run,
-        "pod_metadata_dir": dirs.meta,
-        "plugin_log_level": "info",
-        "kubernetes": {"exclude_namespaces": ["kube-system", "istio-system"]},
-        "prevResult": {
-            "cniVersion": "1.0.0",
-            "interfaces": [
-                {"name": "veth-host", "mac": "02:00:00:00:00:01"},
-                {"name": "eth0", "mac": "02:00:00:00:00:02", "sandbox": pod_netns}
-            ],
-            "ips": ip_entries,
-            "routes": routes,
-            "dns": {}
-        }
-    });
-    let started = Instant::now();
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={}", node_netns.display()))
-        .arg("--")
-        .arg(plugin)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", format!("ctr-{name}"))
-        .env("CNI_NETNS", pod_netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", plugin.parent().unwrap_or(Path::new("/")))
-        .env(
-            "CNI_ARGS",
-            format!(
-                "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_INFRA_CONTAINER_ID=ctr-{name};K8S_POD_UID={}",
-                pod_uid(name)
-            ),
-        )
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("spawn {} for {namespace}/{name}: {e}", plugin.display()))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(conf.to_string().as_bytes())
-            .map_err(|e| format!("write the plugin's stdin for {namespace}/{name}: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("wait for the plugin ({namespace}/{name}): {e}"))?;
-    Ok(CniOutcome {
-        success: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        took: started.elapsed(),
-    })
 }
 
 // ---- a real resolver and DNS clients ---------------------------------------------------------
