@@ -1169,11 +1169,16 @@ fn a_connected_mode_refuses_until_its_proxy_connects_then_enrolls_in_the_sandbox
     );
     s.add(&with_netns(event("demo", "app", "10.0.0.2"), &ns_a))
         .expect("captured once a proxy is connected");
-    assert_eq!(
-        s.status.get().redirect,
-        Ok(()),
-        "ready once a proxy is connected"
-    );
+    // The ADD is answered as soon as the pod is enrolled; the pass records readiness after.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.status.get().redirect.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "ready once a proxy is connected: {:?}",
+            s.status.get().redirect
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let applies = s.applies();
     assert_eq!(applies.len(), 1, "{applies:?}");
     assert!(
@@ -1204,10 +1209,11 @@ fn a_connected_mode_refuses_until_its_proxy_connects_then_enrolls_in_the_sandbox
     let (status, body) = rejected(s.add(&with_netns(event("demo", "app", "10.0.0.2"), &ns_a)));
     assert_eq!(status, 500, "{body}");
     assert!(body.contains("no ztunnel connected"), "{body}");
-    assert!(
-        s.status.get().redirect.is_err(),
-        "not ready without a proxy"
-    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while s.status.get().redirect.is_ok() {
+        assert!(Instant::now() < deadline, "not ready without a proxy");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 #[test]

@@ -1056,12 +1056,21 @@ fn many_concurrent_adds_and_deletes_each_take_effect_exactly_once() {
     zt.wait_for("every pod dropped", WAIT * 4, |z| z.workloads().is_empty())
         .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
     eprintln!("{MANY} pods released in {:?}", started.elapsed());
-    let mut dels: BTreeMap<String, usize> = BTreeMap::new();
-    for r in &zt.requests()[del_from..] {
-        if r.kind == Some(RequestKind::Del) {
-            *dels.entry(r.uid.clone().unwrap_or_default()).or_default() += 1;
+    let dels_now = |z: &InpodZtunnelStandIn| {
+        let mut dels: BTreeMap<String, usize> = BTreeMap::new();
+        for r in &z.requests()[del_from..] {
+            if r.kind == Some(RequestKind::Del) {
+                *dels.entry(r.uid.clone().unwrap_or_default()).or_default() += 1;
+            }
         }
-    }
+        dels
+    };
+    // The stand-in drops a workload before it files the request's record: wait for the records.
+    zt.wait_for("a Del recorded for every pod", WAIT, |z| {
+        dels_now(z).len() >= MANY
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", agent.log()));
+    let dels = dels_now(&zt);
     assert_eq!(dels.len(), MANY);
     assert!(dels.values().all(|n| *n == 1), "one Del per pod: {dels:?}");
     wait_until("state file empty", WAIT, || {
