@@ -82,6 +82,16 @@ fn adds_dels_reconnects_and_bad_peers_leave_no_fds_behind() {
         bad.send_with_fd(ACK, Some(fd.as_fd()));
         assert!(bad.wait_closed(Duration::from_secs(5)));
         drop(c);
+        // Deletes go to every connection: the next round starts once this round's are gone,
+        // or its deletes would also go to a connection that is closing.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while server.ready_connections() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "connections of round {round} still open"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
     assert!(server.registered().is_empty());
     assert_eq!(settle_to(baseline), baseline, "fds leaked");
