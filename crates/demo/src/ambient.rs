@@ -58,6 +58,48 @@ pub(crate) const PODS: &[PodSpec] = &[
 /// A hop the flow must take: (node index, ztunnel listener port).
 type Hop = (u8, u16);
 
+/// CNI ADD of one pod of [`PODS`] through the plugin, as its node's runtime would (its
+/// metadata written first). A failed ADD is an error naming the pod, with the agent's log.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_pod(
+    plugin: &Path,
+    lab: &MultiNodeLab,
+    dirs: &[AgentDirs],
+    agents: &[Agent],
+    node: u8,
+    name: &str,
+    ns: &str,
+    labels: &[(&str, &str)],
+) -> Result<meshcni_testkit::stack::CniOutcome, DemoError> {
+    let pod = lab.pod(name);
+    let d = &dirs[usize::from(node) - 1];
+    let obj = pod_json(ns, name, &format!("node{node}"), None, labels, &[]);
+    let ns_obj = namespaces()
+        .into_iter()
+        .find(|n| n["metadata"]["name"] == ns)
+        .ok_or_else(|| unexpected(format!("no namespace {ns}")))?;
+    write_pod_metadata(&d.meta, &obj, &ns_obj).map_err(unexpected)?;
+    let out = plugin_add(
+        plugin,
+        lab.node(node).netns.path(),
+        pod.netns.path(),
+        ns,
+        name,
+        pod.ip,
+        d,
+    )
+    .map_err(unexpected)?;
+    if !out.success {
+        return Err(unexpected(format!(
+            "CNI ADD of {ns}/{name} failed: {}{}\nagent log:\n{}",
+            out.stdout,
+            out.stderr,
+            agents[usize::from(node) - 1].log()
+        )));
+    }
+    Ok(out)
+}
+
 /// (flow, from, to, expected hops in order)
 const FLOWS: &[(&str, &str, &str, &[Hop])] = &[
     ("captured→uncaptured", "a", "b", &[(1, OUTBOUND_PORT)]),
@@ -214,32 +256,8 @@ pub fn run(_node: &mut Node, env: &SectionEnv) -> Result<Vec<Row>, DemoError> {
     let mut captured = Vec::new();
     for (node, name, ns, labels) in PODS {
         let pod = lab.pod(name);
-        let d = &dirs[usize::from(*node) - 1];
         let node_name = format!("node{node}");
-        let obj = pod_json(ns, name, &node_name, None, labels, &[]);
-        let ns_obj = namespaces()
-            .into_iter()
-            .find(|n| n["metadata"]["name"] == *ns)
-            .ok_or_else(|| unexpected(format!("no namespace {ns}")))?;
-        write_pod_metadata(&d.meta, &obj, &ns_obj).map_err(unexpected)?;
-        let out = plugin_add(
-            &plugin,
-            lab.node(*node).netns.path(),
-            pod.netns.path(),
-            ns,
-            name,
-            pod.ip,
-            d,
-        )
-        .map_err(unexpected)?;
-        if !out.success {
-            return Err(unexpected(format!(
-                "CNI ADD of {ns}/{name} failed: {}{}\nagent log:\n{}",
-                out.stdout,
-                out.stderr,
-                stack.agents[usize::from(*node) - 1].log()
-            )));
-        }
+        let out = add_pod(&plugin, lab, &dirs, &stack.agents, *node, name, ns, labels)?;
         let handed = out.stderr.contains("handed to the node agent");
         if handed {
             captured.push(IpAddr::V4(pod.ip));

@@ -19,15 +19,14 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use meshcni_testkit::stack::{
-    Agent, AgentDirs, NodeState, StackMode, exec_in, grep, plugin_add, pod_json,
-    write_pod_metadata, write_workloads,
+    Agent, AgentDirs, NodeState, StackMode, exec_in, grep, pod_json, write_workloads,
 };
 use meshcni_testkit::ztunnel::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use meshcni_testkit::{
     ConnectOpts, InpodHop, InpodZtunnelConfig, InpodZtunnelStandIn, MultiNodeLab, TcpServer,
 };
 
-use crate::ambient::{PODS, PORT, namespaces, record_netns, unexpected};
+use crate::ambient::{PODS, PORT, add_pod, namespaces, record_netns, unexpected};
 use crate::error::DemoError;
 use crate::flows::{Row, table};
 use crate::node::Node;
@@ -183,32 +182,8 @@ pub fn run(_node: &mut Node, env: &SectionEnv) -> Result<Vec<Row>, DemoError> {
     let mut captured = Vec::new();
     for (node, name, ns, labels) in PODS {
         let pod = lab.pod(name);
-        let d = &dirs[usize::from(*node) - 1];
         let node_name = format!("node{node}");
-        let obj = pod_json(ns, name, &node_name, None, labels, &[]);
-        let ns_obj = namespaces()
-            .into_iter()
-            .find(|n| n["metadata"]["name"] == *ns)
-            .ok_or_else(|| unexpected(format!("no namespace {ns}")))?;
-        write_pod_metadata(&d.meta, &obj, &ns_obj).map_err(unexpected)?;
-        let out = plugin_add(
-            &plugin,
-            lab.node(*node).netns.path(),
-            pod.netns.path(),
-            ns,
-            name,
-            pod.ip,
-            d,
-        )
-        .map_err(unexpected)?;
-        if !out.success {
-            return Err(unexpected(format!(
-                "CNI ADD of {ns}/{name} failed: {}{}\nagent log:\n{}",
-                out.stdout,
-                out.stderr,
-                stack.agents[usize::from(*node) - 1].log()
-            )));
-        }
+        let out = add_pod(&plugin, lab, &dirs, &stack.agents, *node, name, ns, labels)?;
         let handed = out.stderr.contains("handed to the node agent");
         let zt = &stack.ztunnels[usize::from(*node) - 1];
         let held = zt.workload(&format!("uid-{name}")).is_some();
