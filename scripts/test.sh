@@ -7,7 +7,9 @@
 #   2. preflight             root + every tool the tests use, else stop with what is missing
 #   3. cargo fmt --check     the workspace, then the fuzz/ project
 #   4. cargo clippy --workspace --all-targets -- -D warnings
-#   5. cargo test --workspace --no-fail-fast
+#   5. image                 scripts/build-image.sh: the container image (release build) into
+#                            target/images/meshcni-agent.tar; name, digest and sizes printed
+#   6. cargo test --workspace --no-fail-fast
 #                            unit, golden, root/netns tests and the real-runtime tests
 #                            (crates/plugin/tests/runtimes.rs: cnitool and containerd CRI,
 #                            crates/plugin/tests/podman.rs: podman's CNI backend, driving the
@@ -59,7 +61,7 @@ run "setup" bash scripts/setup.sh "${setup_args[@]}" || finish
 preflight() {
     local missing=() t
     for t in ip nsenter iptables iptables-save iptables-legacy-save nft ipset conntrack jq \
-             cnitool containerd ctr runc podman conmon python3 cargo; do
+             cnitool containerd ctr runc podman conmon python3 cargo gcc readelf; do
         command -v "$t" >/dev/null || missing+=("$t")
     done
     for t in /usr/lib/cni/bridge /usr/lib/cni/host-local /usr/lib/cni/portmap /bin/busybox \
@@ -76,6 +78,7 @@ run "preflight" preflight || finish
 run "cargo fmt" cargo fmt --all --check
 run "cargo fmt (fuzz)" cargo fmt --manifest-path fuzz/Cargo.toml --check
 run "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+run "image" scripts/build-image.sh
 run "cargo test" cargo test --workspace --no-fail-fast
 
 # libFuzzer prints a line per new corpus entry: keep that in fuzz/artifacts/<target>/fuzz.log
