@@ -13,8 +13,10 @@
 #                            unit, golden, root/netns tests and the real-runtime tests
 #                            (crates/plugin/tests/runtimes.rs: cnitool and containerd CRI,
 #                            crates/plugin/tests/podman.rs: podman's CNI backend, driving the
-#                            built meshcni binary inside throw-away netns)
-#   6. fuzz                  every target in fuzz/ for FUZZ_SECONDS (default 60) each, with
+#                            built meshcni binary inside throw-away netns;
+#                            crates/plugin/tests/image.rs: the image built twice (same digest),
+#                            imported into a private containerd, every binary in it run)
+#   7. fuzz                  every target in fuzz/ for FUZZ_SECONDS (default 60) each, with
 #                            cargo-fuzz + libFuzzer on *stable* Rust (--sanitizer none, see
 #                            fuzz/README.md); FUZZ_SECONDS=0 skips fuzzing.
 #
