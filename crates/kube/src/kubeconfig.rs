@@ -22,7 +22,7 @@ pub enum KubeconfigError {
     #[error("parsing kubeconfig {path}: {source}")]
     Parse {
         path: PathBuf,
-        source: serde_yaml::Error,
+        source: serde_saphyr::Error,
     },
     #[error("kubeconfig {path}: {what}")]
     Invalid { path: PathBuf, what: String },
@@ -148,9 +148,9 @@ struct RawUser {
     client_key_data: Option<String>,
     username: Option<String>,
     password: Option<String>,
-    exec: Option<serde_yaml::Value>,
+    exec: Option<serde::de::IgnoredAny>,
     #[serde(rename = "auth-provider")]
-    auth_provider: Option<serde_yaml::Value>,
+    auth_provider: Option<serde::de::IgnoredAny>,
 }
 
 fn non_empty(s: &Option<String>) -> Option<&str> {
@@ -176,7 +176,7 @@ impl ClusterAccess {
         let raw: RawConfig = if text.trim().is_empty() {
             RawConfig::default()
         } else {
-            serde_yaml::from_str(text).map_err(|source| KubeconfigError::Parse {
+            serde_saphyr::from_str(text).map_err(|source| KubeconfigError::Parse {
                 path: path.to_path_buf(),
                 source,
             })?
