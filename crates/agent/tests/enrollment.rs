@@ -488,6 +488,7 @@ fn kubernetes_source_follows_pods_and_namespace_labels() {
         watch_timeout: Duration::from_secs(2),
         resync: Duration::from_secs(3600),
         min_backoff: Duration::from_millis(20),
+        list_page_size: 500,
         max_backoff: Duration::from_millis(200),
     };
     l.keep(Box::new(KubeSource::spawn(

@@ -24,6 +24,7 @@ fn opts() -> KubeSourceOptions {
         watch_timeout: Duration::from_secs(2),
         resync: Duration::from_secs(3600),
         min_backoff: Duration::from_millis(20),
+        list_page_size: 500,
         max_backoff: Duration::from_millis(100),
     }
 }

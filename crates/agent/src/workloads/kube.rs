@@ -160,6 +160,8 @@ pub struct KubeSourceOptions {
     /// a success.
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// Objects per list page (`limit`); the rest follows with `continue` tokens.
+    pub list_page_size: u32,
 }
 
 impl Default for KubeSourceOptions {
@@ -169,6 +171,8 @@ impl Default for KubeSourceOptions {
             resync: Duration::from_secs(600),
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),
+            // client-go's pager default.
+            list_page_size: 500,
         }
     }
 }
@@ -343,7 +347,9 @@ async fn watch_collection<K, T>(
         + 'static,
 {
     let secs = u32::try_from(options.watch_timeout.as_secs().max(1)).unwrap_or(u32::MAX);
-    let config = config.timeout(secs);
+    let config = config
+        .timeout(secs)
+        .page_size(options.list_page_size.max(1));
     let what = K::plural(&()).to_string();
     loop {
         // A fresh watcher starts with a list; its store replaces ours at the end of the list.
