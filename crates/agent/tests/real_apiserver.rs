@@ -272,6 +272,12 @@ impl Cluster {
             format!("--service-account-signing-key-file={}", f("sa.key")),
             "--authorization-mode=RBAC".into(),
             format!(
+                "--audit-policy-file={}",
+                self.dir.join("audit-policy.json").display()
+            ),
+            format!("--audit-log-path={}", self.dir.join("audit.log").display()),
+            "--audit-log-mode=blocking".into(),
+            format!(
                 "--cert-dir={}",
                 self.dir.join(format!("certs-{port}")).display()
             ),
@@ -301,6 +307,27 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(300));
         }
         p
+    }
+
+    /// The service account's requests as the API server audited them (one record per
+    /// request, at ResponseComplete): (requestURI, verb, HTTP code, credential id).
+    fn audited(&self) -> Vec<(String, String, u64, String)> {
+        let text = std::fs::read_to_string(self.dir.join("audit.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|e| e["stage"] == "ResponseComplete")
+            .map(|e| {
+                (
+                    e["requestURI"].as_str().unwrap_or_default().to_string(),
+                    e["verb"].as_str().unwrap_or_default().to_string(),
+                    e["responseStatus"]["code"].as_u64().unwrap_or(0),
+                    e["user"]["extra"]["authentication.kubernetes.io/credential-id"][0]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            })
+            .collect()
     }
 
     fn kubeconfig(&self, port: u16) -> PathBuf {
@@ -512,6 +539,17 @@ fn bound_token(c: &Cluster, secret: &str) -> String {
     .to_string()
 }
 
+/// The credential id the API server records for a bound token: `JTI=<jti>`.
+fn credential_id(token: &str) -> String {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).expect("JWT payload");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .expect("JWT payload base64");
+    let claims: Value = serde_json::from_slice(&bytes).expect("JWT claims");
+    format!("JTI={}", claims["jti"].as_str().expect("jti claim"))
+}
+
 fn write_token(sa_dir: &Path, token: &str) {
     // Atomic replace, as kubelet's projected volume does.
     std::fs::write(sa_dir.join("token.tmp"), token).expect("token");
@@ -544,6 +582,17 @@ fn agent_source_on_a_real_apiserver() {
 
 fn scenario(dir: PathBuf) {
     let mut c = Cluster { dir, etcd: None };
+    // Audit the agent's service account only (to see pagination and which token it used).
+    std::fs::write(
+        c.dir.join("audit-policy.json"),
+        json!({"apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+               "omitStages": ["RequestReceived"],
+               "rules": [{"level": "Metadata",
+                          "users": ["system:serviceaccount:kube-system:meshcni"]},
+                         {"level": "None"}]})
+        .to_string(),
+    )
+    .expect("audit policy");
     c.start_etcd();
     let mut api = c.start_apiserver(6443);
 
@@ -576,6 +625,19 @@ fn scenario(dir: PathBuf) {
     // 1. Paginated list (page size 2, 3 pods on the node), then watch.
     let (source, mut seen) = start_source(&sa_dir, 6443);
     seen.wait_pods("initial list", 60, &["p1", "p2", "p3"]);
+    // Two pages: the first with limit=2, the second with its continue token.
+    let audited = c.audited();
+    let pod_lists: Vec<&String> = audited
+        .iter()
+        .filter(|(uri, verb, ..)| verb == "list" && uri.starts_with("/api/v1/pods?"))
+        .map(|(uri, ..)| uri)
+        .collect();
+    assert!(
+        pod_lists.len() >= 2
+            && pod_lists.iter().all(|u| u.contains("limit=2"))
+            && pod_lists.iter().any(|u| u.contains("continue=")),
+        "{pod_lists:?}"
+    );
     seen.wait("namespaces listed", 30, |s| {
         s.namespaces
             .as_ref()
@@ -676,8 +738,37 @@ fn scenario(dir: PathBuf) {
     // Every watch open now was opened after the revocation (watch timeout 5 s), so what
     // the source sees from here on came with the new token.
     std::thread::sleep(Duration::from_secs(7));
+    let audited_before = c.audited().len();
     c.apply(6443, &pod("p6"));
     seen.wait_pods("with the rotated token", 120, &["p3", "p4", "p5", "p6"]);
+    // The API server saw successful pod watches with the new token's credential.
+    let (cred_a, cred_b) = (credential_id(&token_a), credential_id(&token_b));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let audited = c.audited();
+        let used_b = audited.iter().any(|(uri, verb, code, cred)| {
+            verb == "watch" && uri.starts_with("/api/v1/pods?") && *code == 200 && *cred == cred_b
+        });
+        if used_b {
+            assert!(
+                audited.iter().any(|(.., cred)| *cred == cred_a),
+                "token A was never audited: {audited:?}"
+            );
+            assert!(
+                audited[audited_before..]
+                    .iter()
+                    .all(|(_, _, code, cred)| *cred != cred_a || *code == 401),
+                "token A still accepted after revocation"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no successful pod watch with the new token ({cred_b}): {:?}",
+            &audited[audited_before..]
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 
     // 4. RBAC: the role loses `watch` on pods and everything on namespaces.
     let mut role = chart_rbac()

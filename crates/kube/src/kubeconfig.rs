@@ -22,7 +22,8 @@ pub enum KubeconfigError {
     #[error("parsing kubeconfig {path}: {source}")]
     Parse {
         path: PathBuf,
-        source: serde_saphyr::Error,
+        // Boxed: the parser error carries snippets and locations (hundreds of bytes).
+        source: Box<serde_saphyr::Error>,
     },
     #[error("kubeconfig {path}: {what}")]
     Invalid { path: PathBuf, what: String },
@@ -178,7 +179,7 @@ impl ClusterAccess {
         } else {
             serde_saphyr::from_str(text).map_err(|source| KubeconfigError::Parse {
                 path: path.to_path_buf(),
-                source,
+                source: Box::new(source),
             })?
         };
         let base_dir = path.parent().unwrap_or(Path::new("."));

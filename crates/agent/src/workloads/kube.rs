@@ -132,20 +132,21 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// A watcher error with the API server's status code, if it sent one (`HTTP 403 Forbidden`,
-/// `HTTP 410 Expired`), and the cause chain.
+/// A watcher error; when the API server answered with a `Status`, its code, reason and
+/// message (`list failed: HTTP 403 Forbidden: pods is forbidden: ... cannot list resource
+/// "pods" ...`), else the cause chain.
 fn describe(e: &watcher::Error) -> String {
-    let status = match e {
-        watcher::Error::WatchError(s) => Some(&**s),
-        watcher::Error::InitialListFailed(kube::Error::Api(s))
-        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
-        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(&**s),
-        _ => None,
+    let (what, status) = match e {
+        watcher::Error::WatchError(s) => ("watch ERROR event", &**s),
+        watcher::Error::InitialListFailed(kube::Error::Api(s)) => ("list failed", &**s),
+        watcher::Error::WatchStartFailed(kube::Error::Api(s)) => ("watch request failed", &**s),
+        watcher::Error::WatchFailed(kube::Error::Api(s)) => ("watch stream failed", &**s),
+        _ => return chain(e),
     };
-    match status {
-        Some(s) => format!("{} (HTTP {} {})", chain(e), s.code, s.reason),
-        None => chain(e),
-    }
+    format!(
+        "{what}: HTTP {} {}: {}",
+        status.code, status.reason, status.message
+    )
 }
 
 /// Timing of the Kubernetes source.
