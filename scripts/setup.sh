@@ -44,7 +44,7 @@ ts() { local now; now=$(date +%s); echo "setup: [+$((now - step_t))s, total $((n
 pkgs=(iptables nftables ipset iproute2 conntrack jq util-linux
       containernetworking-plugins containerd runc busybox-static python3 python3-venv
       podman catatonit
-      golang-go golang-github-appc-cni-dev dpkg-dev ca-certificates)
+      golang-go golang-github-appc-cni-dev dpkg-dev ca-certificates openssl curl)
 [ $WANT_FUZZ = 1 ] && pkgs+=(g++)
 missing=()
 for p in "${pkgs[@]}"; do
