@@ -35,10 +35,12 @@ fn kubeconfig(cluster: &FakeCluster, dir: &Path) -> AccessConfig {
     AccessConfig::Kubeconfig(path)
 }
 
-/// A running source and what it sent, split by kind.
+/// A running source and what it sent: the latest pod and namespace sets, and the errors.
 struct Running {
     source: Option<KubeSource>,
     rx: mpsc::Receiver<SourceUpdate>,
+    pods: Option<BTreeSet<String>>,
+    namespaces: Option<BTreeSet<String>>,
     errors: Vec<String>,
 }
 
@@ -48,37 +50,41 @@ impl Running {
         Running {
             source: Some(KubeSource::spawn(access, node.into(), opts(), tx)),
             rx,
+            pods: None,
+            namespaces: None,
             errors: Vec::new(),
         }
     }
 
-    /// Wait until an update of the pods (or namespaces) has exactly `keys`; returns how
-    /// many updates of that kind arrived on the way.
+    /// Wait until the latest pod (or namespace) set is exactly `keys`; returns how many
+    /// updates of that kind arrived during the wait.
     fn wait_for(&mut self, pods: bool, keys: &[&str]) -> usize {
         let want: BTreeSet<String> = keys.iter().map(|s| s.to_string()).collect();
         let deadline = Instant::now() + Duration::from_secs(15);
         let mut updates = 0;
         loop {
+            let current = if pods { &self.pods } else { &self.namespaces };
+            if current.as_ref() == Some(&want) {
+                return updates;
+            }
             let left = deadline.saturating_duration_since(Instant::now());
-            let got: BTreeSet<String> = match self.rx.recv_timeout(left) {
-                Ok(SourceUpdate::Pods(p)) if pods => p.iter().map(|w| w.key()).collect(),
-                Ok(SourceUpdate::Namespaces(n)) if !pods => {
-                    n.iter().map(|n| n.name.clone()).collect()
+            match self.rx.recv_timeout(left) {
+                Ok(SourceUpdate::Pods(p)) => {
+                    updates += usize::from(pods);
+                    self.pods = Some(p.iter().map(|w| w.key()).collect());
                 }
-                Ok(SourceUpdate::Error(e)) => {
-                    self.errors.push(e);
-                    continue;
+                Ok(SourceUpdate::Namespaces(n)) => {
+                    updates += usize::from(!pods);
+                    self.namespaces = Some(n.iter().map(|n| n.name.clone()).collect());
                 }
-                Ok(_) => continue,
+                Ok(SourceUpdate::Error(e)) => self.errors.push(e),
+                Ok(_) => {}
                 Err(e) => panic!(
-                    "{} never became {want:?}: {e}; errors: {:?}",
+                    "{} never became {want:?} (now {:?}): {e}; errors: {:?}",
                     if pods { "pods" } else { "namespaces" },
+                    current,
                     self.errors
                 ),
-            };
-            updates += 1;
-            if got == want {
-                return updates;
             }
         }
     }
@@ -286,4 +292,39 @@ fn rotated_service_account_token_is_used() {
     // The source kept working across the rotation.
     cluster.apply_namespace(json!({"metadata": {"name": "b"}}));
     run.wait_for(false, &["a", "b"]);
+}
+
+/// The server ends each watch with a BOOKMARK of its current version; the next watch resumes
+/// from that version (not from the last pod seen), without a relist.
+#[test]
+fn watch_resumes_from_the_bookmark() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = FakeCluster::start().expect("fake cluster");
+    let listed_at = cluster.apply_pod(pod("a", "p1", "n"));
+    let mut run = Running::start(kubeconfig(&cluster, dir.path()), "n");
+    run.wait_for(true, &["a/p1"]);
+    // Versions move on elsewhere; the pod watch sees no event of its own.
+    let mut latest = 0;
+    for i in 0..3 {
+        latest = cluster.apply_namespace(json!({"metadata": {"name": format!("ns{i}")}}));
+    }
+    assert!(latest > listed_at);
+    let pod_watch = |r: &str| r.starts_with("GET /api/v1/pods?") && is_watch(r);
+    let want = format!("resourceVersion={latest}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cluster
+        .requests()
+        .iter()
+        .any(|r| pod_watch(r) && r.contains(&want))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no pod watch from the bookmark's version {latest}: {:?}",
+            cluster.requests()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(cluster.list_count("/api/v1/pods"), 1, "no relist");
+    cluster.apply_pod(pod("a", "p2", "n"));
+    run.wait_for(true, &["a/p1", "a/p2"]);
 }

@@ -8,7 +8,9 @@
 //! version too), [`FakeCluster::close_watches`] ends open streams as a server timeout would.
 //! Supported query parameters: `watch` (`1`/`true`), `resourceVersion`, `timeoutSeconds`, and
 //! `fieldSelector=spec.nodeName=<node>` on pods; others (`limit`, `allowWatchBookmarks`) are
-//! accepted and recorded (lists are answered in one page, no bookmarks are sent). Responses use chunked encoding like the real
+//! accepted and recorded (lists are answered in one page); a watch with
+//! `allowWatchBookmarks=true` that reaches its `timeoutSeconds` ends with a `BOOKMARK` of the
+//! current version, as the API server's does. Responses use chunked encoding like the real
 //! server. Std threads only.
 
 use std::collections::BTreeMap;
@@ -255,6 +257,7 @@ struct Query {
     resource_version: Option<u64>,
     timeout: Duration,
     node: Option<String>,
+    bookmarks: bool,
 }
 
 fn parse_query(q: &str) -> Query {
@@ -263,12 +266,14 @@ fn parse_query(q: &str) -> Query {
         resource_version: None,
         timeout: Duration::from_secs(300),
         node: None,
+        bookmarks: false,
     };
     for pair in q.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = percent_decode(v);
         match k {
             "watch" => out.watch = v == "1" || v == "true",
+            "allowWatchBookmarks" => out.bookmarks = v == "true",
             "resourceVersion" => out.resource_version = v.parse().ok(),
             "timeoutSeconds" => {
                 out.timeout = Duration::from_secs(v.parse().unwrap_or(300));
@@ -450,6 +455,24 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
         }
         let now = Instant::now();
         if now >= deadline {
+            // Like the API server at the end of a watch that asked for them: a BOOKMARK with
+            // the current version, so the client resumes from there, not from its last object.
+            if q.bookmarks {
+                let (api_kind, rv) = (
+                    match kind {
+                        Kind::Pod => "Pod",
+                        Kind::Namespace => "Namespace",
+                    },
+                    st.rv.to_string(),
+                );
+                drop(st);
+                let line = json!({"type": "BOOKMARK", "object": {"kind": api_kind,
+                    "apiVersion": "v1", "metadata": {"resourceVersion": rv}}})
+                .to_string()
+                    + "\n";
+                write_chunk(&mut stream, &line)?;
+                return finish(&mut stream);
+            }
             break;
         }
         let (guard, _) = shared
