@@ -328,3 +328,57 @@ fn watch_resumes_from_the_bookmark() {
     cluster.apply_pod(pod("a", "p2", "n"));
     run.wait_for(true, &["a/p1", "a/p2"]);
 }
+
+/// In-cluster credentials that cannot be used are reported by name, and the source starts
+/// once they are fixed: no token file, then a token with a trailing newline (kube-rs would
+/// send it verbatim), then a good one.
+#[test]
+fn unusable_token_file_is_reported_and_retried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = FakeCluster::start().expect("fake cluster");
+    cluster.apply_namespace(json!({"metadata": {"name": "a"}}));
+    let sa = dir.path().join("sa");
+    std::fs::create_dir(&sa).expect("sa dir");
+    let port = cluster
+        .url()
+        .rsplit(':')
+        .next()
+        .expect("port in url")
+        .to_string();
+    let access = AccessConfig::InCluster {
+        protocol: "http".into(),
+        host: "127.0.0.1".into(),
+        port,
+        service_account_dir: sa.clone(),
+        skip_tls_verify: true,
+    };
+    let mut run = Running::start(access, "n");
+    let token = sa.join("token");
+    let wait_error = |run: &mut Running, needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !run.errors.iter().any(|e| e.contains(needle)) {
+            assert!(
+                Instant::now() < deadline,
+                "no error with {needle:?}: {:?}",
+                run.errors
+            );
+            if let Ok(SourceUpdate::Error(e)) = run.rx.recv_timeout(Duration::from_millis(100)) {
+                run.errors.push(e);
+            }
+        }
+    };
+    wait_error(
+        &mut run,
+        &format!("service account token {}: No such file", token.display()),
+    );
+    std::fs::write(&token, "tok\n").expect("token");
+    wait_error(&mut run, "empty or surrounded by whitespace");
+    assert!(cluster.requests().is_empty(), "{:?}", cluster.requests());
+    std::fs::write(&token, "tok").expect("token");
+    run.wait_for(false, &["a"]);
+    assert!(
+        cluster.authorizations().iter().all(|a| a == "Bearer tok"),
+        "{:?}",
+        cluster.authorizations()
+    );
+}

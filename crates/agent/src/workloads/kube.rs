@@ -4,13 +4,15 @@
 //! every (re)list and every change the source sends the complete decoded set
 //! ([`SourceUpdate::Pods`] / [`SourceUpdate::Namespaces`]) to the reconcile loop.
 //!
-//! What kube-rs does for us: paginated lists (`limit=500` + `continue`), watches with
+//! What kube-rs does for us: paginated lists (`limit` = `list_page_size`, then `continue`),
+//! watches with
 //! `allowWatchBookmarks=true` resumed from the last version seen, a relist when the version is
 //! gone (410 / `ERROR` event), and a service-account token read from its file and re-read
 //! about every minute (a rotated bound token is picked up without restarting anything).
 //! What this module adds: a back-off between failed attempts (reset on success), every error
-//! reported as [`SourceUpdate::Error`] with its cause chain, and a full relist every
-//! `resync` period.
+//! reported as [`SourceUpdate::Error`] (with the API server's status code, reason and message
+//! when it sent one), a client that is built again until its credentials can be read, and a
+//! full relist every `resync` period.
 
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
