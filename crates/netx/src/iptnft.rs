@@ -1733,7 +1733,10 @@ pub struct NlApplied {
 }
 
 /// Per-process cache of the xt revisions the kernel has (modules are global).
-static COMPAT: Mutex<Option<HashMap<(u8, String, u32, bool), bool>>> = Mutex::new(None);
+/// (nfproto, extension name, revision, is a target) → the kernel has it.
+type CompatKey = (u8, String, u32, bool);
+
+static COMPAT: Mutex<Option<HashMap<CompatKey, bool>>> = Mutex::new(None);
 
 impl Plan {
     /// `rs` for v4 (and v6 when it has IPv6); `Err` names what the netlink writer does not
