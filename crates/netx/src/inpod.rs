@@ -1,11 +1,16 @@
 //! Ambient `inpod` mode at the dataplane edge: the in-pod rules applied inside a pod's netns
 //! (spec §7.5/§7.6), verified or repaired when re-applied, and removed without a trace.
 //!
-//! Built on the sidecar path's machinery ([`crate::apply::Applier`]): one `iptables-restore
-//! --noflush` per family with rollback (flavor detected per netns, `FORCE_IPTABLES_BINARY`
-//! honoured) or one `nft -f` transaction, then the netlink state (`ip rule fwmark 0x111/0xfff
-//! pref 32764 lookup 100`, `local default dev lo table 100`, v6 too when IPv6 is on and `lo` has
-//! IPv6). A failed apply leaves the netns as it was.
+//! With the iptables-nft flavor (forced, or detected per netns: the default on most nodes) the
+//! rules are written over nf_tables netlink with no process at all ([`crate::iptnft`]: the
+//! objects `iptables-nft-restore` 1.8.9 creates, verified and repaired in one batch for both
+//! families); the routing state goes first there, and is deleted again if the batch is refused.
+//! Otherwise it is built on the sidecar path's machinery ([`crate::apply::Applier`]): one
+//! `iptables-restore --noflush` per family with rollback (legacy/plain flavor, or a rule set or
+//! kernel the netlink writer does not cover) or one `nft -f` transaction, then the netlink state
+//! (`ip rule fwmark 0x111/0xfff pref 32764 lookup 100`, `local default dev lo table 100`, v6 too
+//! when IPv6 is on and `lo` has IPv6). A failed apply leaves the netns as it was. Removal (off
+//! the ADD path) uses `-save`/`-restore` for every flavor.
 //!
 //! The netns is a path; `/proc/self/fd/N` of a namespace fd the caller holds works (the
 //! iptables lock file is the same namespace file, named through `/proc/<pid>/fd/N` so the
