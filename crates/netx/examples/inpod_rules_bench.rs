@@ -103,7 +103,11 @@ fn main() {
             })
             .expect("enter netns")
             .expect("detect");
-            assert_eq!(flavor, IptablesFlavor::Nft, "detection does not pick nft here");
+            assert_eq!(
+                flavor,
+                IptablesFlavor::Nft,
+                "detection does not pick nft here"
+            );
         }
         let (mut first, mut again, mut remove) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..n {

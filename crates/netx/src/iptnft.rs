@@ -1941,6 +1941,51 @@ mod tests {
         }
     }
 
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    /// The attributes of two `NFT_MSG_NEWRULE` messages as `iptables-nft-restore` v1.8.9 sent
+    /// them (`strace -e sendmsg -xx` of the `default_ipv6` golden's v4 half): ours are the
+    /// same bytes.
+    #[test]
+    fn rule_messages_are_byte_identical_to_iptables_nft_restores() {
+        let rs = inpod::pod_rules(&InpodConfig::default(), &PodOverrides::default());
+        let plan = Plan::new(&rs, &inpod::pod_chain_names()).expect("supported");
+        let v4 = &plan.desired()[0];
+        let rule = |table: &str, chain: &str| -> Op {
+            let t = v4.tables.iter().find(|t| t.name == table).expect("table");
+            Op::NewRule {
+                family: Family::V4,
+                table: table.to_string(),
+                rule: t
+                    .rules
+                    .iter()
+                    .find(|r| r.chain == chain)
+                    .expect("rule")
+                    .clone(),
+            }
+        };
+        // -A ISTIO_PRERT -m mark --mark 0x539/0xfff -j CONNMARK --set-xmark 0x111/0xfff
+        let mangle = "0b0001006d616e676c65000010000200495354494f5f5052455254000401048024000180090001006d657461000000001400028008000200000000030800010000000001440001800c0001006269747769736500340002800800010000000001080002000000000108000300000000040c00048008000100ff0f00000c00058008000100000000002c00018008000100636d700020000280080001000000000108000200000000000c00038008000100390500002c0001800c000100636f756e746572001c0002800c00010000000000000000000c0002000000000000000000400001800b0001007461726765740000300002800d000100434f4e4e4d41524b0000000008000200000000021400030011010000ff0f0000ffffffff000000001400058008000100000000000800020000000000";
+        // -A ISTIO_PRERT -s 169.254.7.127 -p tcp -m tcp -j ACCEPT
+        let nat = "080001006e61740010000200495354494f5f5052455254004801048024000180090001006d6574610000000014000280080002000000001008000100000000012c00018008000100636d700020000280080001000000000108000200000000000c0003800500010006000000340001800c0001007061796c6f6164002400028008000100000000010800020000000001080003000000000c08000400000000042c00018008000100636d700020000280080001000000000108000200000000000c00038008000100a9fe077f380001800a0001006d617463680000002800028008000100746370000800020000000000140003000000ffff0000ffff00000000000000002c0001800c000100636f756e746572001c0002800c00010000000000000000000c0002000000000000000000300001800e000100696d6d6564696174650000001c0002800800010000000000100002800c00028008000100000000011400058008000100000000060800020000000000";
+        for (op, want) in [
+            (rule("mangle", "ISTIO_PRERT"), mangle),
+            (rule("nat", "ISTIO_PRERT"), nat),
+        ] {
+            let (kind, flags, family, attrs) = op.encode();
+            assert_eq!(
+                (kind, flags, family),
+                (NFT_MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, NFPROTO_IPV4)
+            );
+            assert_eq!(attrs, hex(want), "{}", op.describe());
+        }
+    }
+
     #[test]
     fn what_is_not_covered_is_named() {
         let host = inpod::host_rules_iptables(&InpodConfig::default());
