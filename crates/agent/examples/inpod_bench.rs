@@ -554,7 +554,7 @@ fn breakdown(log: &str, starts: &BTreeMap<String, (SystemTime, Duration)>) -> R<
         "plugin start → agent loop has the request (exec, pod lookup, HTTP hand-off)",
         "loop pass until the driver starts (resolve, plan)",
         "driver: open the netns",
-        "driver: in-pod rules (iptables-restore in the pod netns)",
+        "driver: in-pod rules (iptables-nft: nf_tables netlink; else restore)",
         "driver: host-probe ipset entry (netlink)",
         "driver: ZDS AddWorkload → ack (stand-in)",
         "driver: state file write",

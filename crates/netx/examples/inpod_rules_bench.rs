@@ -75,6 +75,11 @@ fn main() {
             Some(IptablesFlavor::Nft),
         ),
         (
+            "iptables (detected: nft here)",
+            InpodBackend::Iptables,
+            None,
+        ),
+        (
             "iptables (legacy flavor)",
             InpodBackend::Iptables,
             Some(IptablesFlavor::Legacy),
@@ -88,6 +93,22 @@ fn main() {
                 ..IptablesOptions::default()
             },
         };
+        if force.is_none() && backend == InpodBackend::Iptables {
+            // The detected row is the agent's default; it only means something if nft is what
+            // detection picks here.
+            let ns = Ns::new("detect", 0);
+            let flavor = meshcni_netx::with_netns(&ns.path(), |h| {
+                meshcni_netx::iptables::detect_fast_here(h, &IptablesOptions::default())
+                    .map(|d| d.flavor)
+            })
+            .expect("enter netns")
+            .expect("detect");
+            assert_eq!(
+                flavor,
+                IptablesFlavor::Nft,
+                "detection does not pick nft here"
+            );
+        }
         let (mut first, mut again, mut remove) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..n {
             let ns = Ns::new("pod", i);

@@ -189,7 +189,7 @@ impl Default for Applier {
 }
 
 /// A netlink object created by this transaction (undone on failure).
-enum Created {
+pub(crate) enum Created {
     Address(AddressSpec),
     Rule(RuleSpec),
     Route(LocalRouteSpec),
@@ -553,7 +553,10 @@ fn nft_step(ns: &InNetns<'_>, plan: &ApplyPlan, fresh: &str) -> Result<Step, Net
 }
 
 /// Addresses, ip rules and local routes of `routes` that the netns lacks.
-fn check_routes(ns: &InNetns<'_>, routes: &RoutesPlan) -> Result<Vec<String>, NetxError> {
+pub(crate) fn check_routes(
+    ns: &InNetns<'_>,
+    routes: &RoutesPlan,
+) -> Result<Vec<String>, NetxError> {
     if routes.is_empty() {
         return Ok(Vec::new());
     }
@@ -602,7 +605,7 @@ fn check_routes(ns: &InNetns<'_>, routes: &RoutesPlan) -> Result<Vec<String>, Ne
     Ok(problems)
 }
 
-fn with_rollback(original: NetxError, rollback: Option<NetxError>) -> NetxError {
+pub(crate) fn with_rollback(original: NetxError, rollback: Option<NetxError>) -> NetxError {
     match rollback {
         None => original,
         Some(rollback) => NetxError::RollbackFailed {
@@ -615,8 +618,16 @@ fn with_rollback(original: NetxError, rollback: Option<NetxError>) -> NetxError 
 /// Add addresses, rules, routes (existing ones are kept, duplicated ip rules reduced to one); on
 /// failure delete what was created here and return the error.
 fn apply_routes(ns: &InNetns<'_>, routes: &RoutesPlan) -> Result<usize, NetxError> {
+    apply_routes_tracked(ns, routes).map(|created| created.len())
+}
+
+/// [`apply_routes`], returning what it created (for [`undo_routes`] when a later step fails).
+pub(crate) fn apply_routes_tracked(
+    ns: &InNetns<'_>,
+    routes: &RoutesPlan,
+) -> Result<Vec<Created>, NetxError> {
     if routes.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let mut nl = Netlink::open_here(ns)?;
     let mut created: Vec<Created> = Vec::new();
@@ -649,23 +660,37 @@ fn apply_routes(ns: &InNetns<'_>, routes: &RoutesPlan) -> Result<usize, NetxErro
                     nl.del_rule(r)?;
                 }
             }
-            Ok(created.len())
+            Ok(created)
         }
         Err(e) => {
-            let mut failure = None;
-            for c in created.iter().rev() {
-                let undone = match c {
-                    Created::Address(a) => nl.del_address(a),
-                    Created::Rule(r) => nl.del_rule(r),
-                    Created::Route(r) => nl.del_local_route(r),
-                };
-                if let Err(err) = undone {
-                    failure.get_or_insert(err);
-                }
-            }
+            let failure = undo_with(&mut nl, &created).err();
             Err(with_rollback(e, failure))
         }
     }
+}
+
+/// Delete what [`apply_routes_tracked`] created (newest first).
+pub(crate) fn undo_routes(ns: &InNetns<'_>, created: &[Created]) -> Result<(), NetxError> {
+    if created.is_empty() {
+        return Ok(());
+    }
+    let mut nl = Netlink::open_here(ns)?;
+    undo_with(&mut nl, created)
+}
+
+fn undo_with(nl: &mut Netlink, created: &[Created]) -> Result<(), NetxError> {
+    let mut failure = None;
+    for c in created.iter().rev() {
+        let undone = match c {
+            Created::Address(a) => nl.del_address(a),
+            Created::Rule(r) => nl.del_rule(r),
+            Created::Route(r) => nl.del_local_route(r),
+        };
+        if let Err(err) = undone {
+            failure.get_or_insert(err);
+        }
+    }
+    failure.map_or(Ok(()), Err)
 }
 
 /// [`Applier::apply_capture`] with the iptables backend and settings from the environment.

@@ -1,11 +1,16 @@
 //! Ambient `inpod` mode at the dataplane edge: the in-pod rules applied inside a pod's netns
 //! (spec §7.5/§7.6), verified or repaired when re-applied, and removed without a trace.
 //!
-//! Built on the sidecar path's machinery ([`crate::apply::Applier`]): one `iptables-restore
-//! --noflush` per family with rollback (flavor detected per netns, `FORCE_IPTABLES_BINARY`
-//! honoured) or one `nft -f` transaction, then the netlink state (`ip rule fwmark 0x111/0xfff
-//! pref 32764 lookup 100`, `local default dev lo table 100`, v6 too when IPv6 is on and `lo` has
-//! IPv6). A failed apply leaves the netns as it was.
+//! With the iptables-nft flavor (forced, or detected per netns: the default on most nodes) the
+//! rules are written over nf_tables netlink with no process at all ([`crate::iptnft`]: the
+//! objects `iptables-nft-restore` 1.8.9 creates, verified and repaired in one batch for both
+//! families); the routing state goes first there, and is deleted again if the batch is refused.
+//! Otherwise it is built on the sidecar path's machinery ([`crate::apply::Applier`]): one
+//! `iptables-restore --noflush` per family with rollback (legacy/plain flavor, or a rule set or
+//! kernel the netlink writer does not cover) or one `nft -f` transaction, then the netlink state
+//! (`ip rule fwmark 0x111/0xfff pref 32764 lookup 100`, `local default dev lo table 100`, v6 too
+//! when IPv6 is on and `lo` has IPv6). A failed apply leaves the netns as it was. Removal (off
+//! the ADD path) uses `-save`/`-restore` for every flavor.
 //!
 //! The netns is a path; `/proc/self/fd/N` of a namespace fd the caller holds works (the
 //! iptables lock file is the same namespace file, named through `/proc/<pid>/fd/N` so the
@@ -23,7 +28,7 @@ use crate::apply::{Applier, ApplyPlan, Backend, Ownership, RoutesPlan, RulesOutc
 use crate::iptables::{self, IptablesFlavor, IptablesOptions};
 use crate::netlink::{LocalRouteSpec, Netlink, RuleSpec};
 use crate::netns::{InNetns, with_netns};
-use crate::{IpFamily, NetxError, nft};
+use crate::{IpFamily, NetxError, iptnft, nft};
 
 /// Which packet-filter API the in-pod rules are written with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,11 +204,49 @@ impl InpodApplier {
         cfg: &InpodConfig,
         pod: &PodOverrides,
     ) -> Result<InpodApplied, NetxError> {
-        let plan = inpod_plan(cfg, pod, self.backend, lo_has_ipv6_here(ns)?);
+        let lo_ipv6 = lo_has_ipv6_here(ns)?;
+        let plan = inpod_plan(cfg, pod, self.backend, lo_ipv6);
+        if let Some((nl_plan, mut sock)) = self.netlink_plan_here(ns, cfg, pod)? {
+            return apply_netlink_here(ns, &nl_plan, &mut sock, &plan.routes);
+        }
         let applied = self.applier().apply_capture_here(ns, &plan)?;
         Ok(InpodApplied {
             changed: applied.rules != RulesOutcome::Unchanged || applied.routes_created > 0,
         })
+    }
+
+    /// The iptables-nft flavor's rules as nf_tables netlink objects ([`crate::iptnft`]), when
+    /// that flavor is the one used here (forced or detected) and the rule set and kernel are
+    /// covered; `None`: the restore/save path is used.
+    fn netlink_plan_here<'n>(
+        &self,
+        ns: &'n InNetns<'n>,
+        cfg: &InpodConfig,
+        pod: &PodOverrides,
+    ) -> Result<Option<(iptnft::Plan, iptnft::NfSock<'n>)>, NetxError> {
+        if self.backend != InpodBackend::Iptables {
+            return Ok(None);
+        }
+        let flavor = match self.iptables.force {
+            Some(forced) => forced,
+            None => iptables::detect_fast_here(ns, &self.iptables)?.flavor,
+        };
+        if flavor != IptablesFlavor::Nft {
+            return Ok(None);
+        }
+        let rs = inpod::pod_rules(cfg, pod);
+        let plan = match iptnft::Plan::new(&rs, &inpod::pod_chain_names()) {
+            Ok(plan) => plan,
+            Err(what) => {
+                tracing::debug!(%what, "not covered by the nf_tables writer; using iptables-nft-restore");
+                return Ok(None);
+            }
+        };
+        let mut sock = iptnft::NfSock::open(ns)?;
+        if !plan.compat_supported_here(&mut sock)? {
+            return Ok(None);
+        }
+        Ok(Some((plan, sock)))
     }
 
     /// See [`check_inpod`].
@@ -215,6 +258,15 @@ impl InpodApplier {
     ) -> Result<Vec<String>, NetxError> {
         with_netns(netns, |ns| {
             let plan = inpod_plan(cfg, pod, self.backend, lo_has_ipv6_here(ns)?);
+            if let Some((nl_plan, mut sock)) = self.netlink_plan_here(ns, cfg, pod)? {
+                let mut problems: Vec<String> = nl_plan
+                    .check_here(&mut sock)?
+                    .into_iter()
+                    .map(|d| format!("iptables-nft (netlink): {d}"))
+                    .collect();
+                problems.extend(crate::apply::check_routes(ns, &plan.routes)?);
+                return Ok(problems);
+            }
             self.applier().check_capture_here(ns, &plan)
         })?
     }
@@ -252,6 +304,36 @@ impl InpodApplier {
             }
         }
         Ok(())
+    }
+}
+
+/// The netlink path's transaction: the routing state first (inert without the rules: nothing
+/// carries the mark yet), then the rules in one nf_tables batch; if the batch fails (the kernel
+/// commits nothing), the routing state created here is deleted again.
+fn apply_netlink_here(
+    ns: &InNetns<'_>,
+    plan: &iptnft::Plan,
+    sock: &mut iptnft::NfSock<'_>,
+    routes: &RoutesPlan,
+) -> Result<InpodApplied, NetxError> {
+    let created = crate::apply::apply_routes_tracked(ns, routes)?;
+    match plan.apply_here(sock) {
+        Ok(applied) => {
+            if !applied.drift.is_empty() {
+                if applied.repaired {
+                    tracing::info!(netns = %ns.path().display(), drift = %applied.drift.join("; "), "repaired drifted in-pod rules (nf_tables netlink)");
+                } else {
+                    tracing::debug!(netns = %ns.path().display(), "installed in-pod rules (nf_tables netlink)");
+                }
+            }
+            Ok(InpodApplied {
+                changed: !applied.drift.is_empty() || !created.is_empty(),
+            })
+        }
+        Err(e) => {
+            let rollback = crate::apply::undo_routes(ns, &created).err();
+            Err(crate::apply::with_rollback(e, rollback))
+        }
     }
 }
 

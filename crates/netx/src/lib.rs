@@ -19,6 +19,7 @@ pub mod inpod;
 pub mod ipset;
 pub mod iptables;
 pub mod iptables_state;
+pub mod iptnft;
 pub mod netlink;
 pub mod netns;
 pub mod nft;
