@@ -534,12 +534,12 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, CniEventError> {
         path: path.to_path_buf(),
         source,
     };
-    if let Ok(m) = std::fs::symlink_metadata(path) {
-        if !m.file_type().is_socket() {
-            return Err(CniEventError::NotASocket {
-                path: path.to_path_buf(),
-            });
-        }
+    if let Ok(m) = std::fs::symlink_metadata(path)
+        && !m.file_type().is_socket()
+    {
+        return Err(CniEventError::NotASocket {
+            path: path.to_path_buf(),
+        });
     }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}.tmp", std::process::id()));

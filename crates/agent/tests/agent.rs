@@ -307,11 +307,12 @@ impl Agent {
     fn wait_ready_except_enrollment(&mut self, within: Duration) {
         let t = Instant::now();
         loop {
-            if let Some((503, body)) = self.readyz() {
-                if body.starts_with("not ready: redirect-mode (") && !body.contains("), ") {
-                    assert!(!body.contains("has no driver"), "{body}");
-                    return;
-                }
+            if let Some((503, body)) = self.readyz()
+                && body.starts_with("not ready: redirect-mode (")
+                && !body.contains("), ")
+            {
+                assert!(!body.contains("has no driver"), "{body}");
+                return;
             }
             if let Ok(Some(st)) = self.child.try_wait() {
                 panic!("agent exited early ({st}); log:\n{}", self.log_text());

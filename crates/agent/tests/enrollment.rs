@@ -730,14 +730,14 @@ fn an_idle_file_source_does_not_reread_its_file() {
     let o2 = opens.clone();
     let name = file.file_name().map(|n| n.to_os_string());
     let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if let Ok(e) = ev {
-            if matches!(
+        if let Ok(e) = ev
+            && matches!(
                 e.kind,
                 notify::EventKind::Access(notify::event::AccessKind::Open(_))
-            ) && e.paths.iter().any(|p| p.file_name() == name.as_deref())
-            {
-                o2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }
+            )
+            && e.paths.iter().any(|p| p.file_name() == name.as_deref())
+        {
+            o2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
     })
     .expect("watcher");

@@ -86,16 +86,12 @@ fn wait_for<T>(
             }
             timeout = timeout.min(d - now);
         }
-        if !watching {
-            if let Some(w) = watcher.as_mut() {
-                watching = w.watch(dir, notify::RecursiveMode::NonRecursive).is_ok();
-                // What appeared between the first probe and the watch has no event: look
-                // again now instead of after a whole poll interval.
-                if watching {
-                    if let Some(v) = probe() {
-                        return Ok(v);
-                    }
-                }
+        if !watching && let Some(w) = watcher.as_mut() {
+            watching = w.watch(dir, notify::RecursiveMode::NonRecursive).is_ok();
+            // What appeared between the first probe and the watch has no event: look
+            // again now instead of after a whole poll interval.
+            if watching && let Some(v) = probe() {
+                return Ok(v);
             }
         }
         let _ = rx.recv_timeout(timeout);
@@ -149,12 +145,12 @@ fn existing_variant(path: &Path) -> Option<PathBuf> {
             return Some(alt);
         }
     }
-    if let Some(stripped) = s.strip_suffix("list") {
-        if s.ends_with(".conflist") {
-            let alt = PathBuf::from(stripped);
-            if alt.exists() {
-                return Some(alt);
-            }
+    if let Some(stripped) = s.strip_suffix("list")
+        && s.ends_with(".conflist")
+    {
+        let alt = PathBuf::from(stripped);
+        if alt.exists() {
+            return Some(alt);
         }
     }
     None
@@ -283,22 +279,22 @@ pub fn check_valid_cni_config(cfg: &InstallConfig, path: &Path) -> Result<(), In
                 plugin_type: cfg.plugin_type.clone(),
             });
         }
-        if let Ok(primary) = resolve_primary(cfg, Some(&owned_name), &Wait::no_wait()) {
-            if primary != owned {
-                let have = conflist::plugin_types(&owned_doc);
-                let missing: Vec<String> = read_doc(&primary)
-                    .map(|d| conflist::plugin_types(&d))
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|t| !have.contains(t))
-                    .collect();
-                if !missing.is_empty() {
-                    return Err(InstallError::OwnedStale {
-                        owned,
-                        primary,
-                        missing,
-                    });
-                }
+        if let Ok(primary) = resolve_primary(cfg, Some(&owned_name), &Wait::no_wait())
+            && primary != owned
+        {
+            let have = conflist::plugin_types(&owned_doc);
+            let missing: Vec<String> = read_doc(&primary)
+                .map(|d| conflist::plugin_types(&d))
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|t| !have.contains(t))
+                .collect();
+            if !missing.is_empty() {
+                return Err(InstallError::OwnedStale {
+                    owned,
+                    primary,
+                    missing,
+                });
             }
         }
     }
@@ -308,14 +304,14 @@ pub fn check_valid_cni_config(cfg: &InstallConfig, path: &Path) -> Result<(), In
 /// Our plugin config, rendered: the G1 template (file first, then inline) after
 /// substitution, or the HEAD struct.
 pub fn plugin_config_bytes(cfg: &InstallConfig) -> Result<Vec<u8>, InstallError> {
-    if let Some(f) = &cfg.cni_network_config_file {
-        if f.exists() {
-            let t = fs::read_to_string(f)
-                .map_err(|e| InstallError::io("reading CNI network config template", f, e))?;
-            let rendered = conflist::substitute_template(&t, &cfg.template_vars());
-            return crate::agent_settings::merge_into_template(rendered.into_bytes(), cfg)
-                .map_err(InstallError::PluginConfig);
-        }
+    if let Some(f) = &cfg.cni_network_config_file
+        && f.exists()
+    {
+        let t = fs::read_to_string(f)
+            .map_err(|e| InstallError::io("reading CNI network config template", f, e))?;
+        let rendered = conflist::substitute_template(&t, &cfg.template_vars());
+        return crate::agent_settings::merge_into_template(rendered.into_bytes(), cfg)
+            .map_err(InstallError::PluginConfig);
     }
     if !cfg.cni_network_config.is_empty() {
         let rendered = conflist::substitute_template(&cfg.cni_network_config, &cfg.template_vars());
@@ -416,10 +412,10 @@ pub fn write_cni_config_observed(
             ModePolicy::Fixed(new_mode),
         )
         .map_err(|e| InstallError::io("writing owned CNI config", &path, e))?;
-        if let Ok(names) = get_config_filenames(dir) {
-            if names.first().map(String::as_str) != Some(owned_name.as_str()) {
-                tracing::warn!(owned = %owned_name, first = ?names.first(), "owned CNI config does not sort first; the runtime will not use it");
-            }
+        if let Ok(names) = get_config_filenames(dir)
+            && names.first().map(String::as_str) != Some(owned_name.as_str())
+        {
+            tracing::warn!(owned = %owned_name, first = ?names.first(), "owned CNI config does not sort first; the runtime will not use it");
         }
         return Ok(ConfigWrite { path, written });
     }
@@ -432,15 +428,14 @@ pub fn write_cni_config_observed(
         let existing =
             fs::read(&path).map_err(|e| InstallError::io("reading CNI config", &path, e))?;
         let is_conf = path.to_string_lossy().ends_with(".conf");
-        if !is_conf {
-            if let Ok(doc) = serde_json::from_slice::<Value>(&existing) {
-                if conflist::entry_is_current(&doc, &entry, &owned_types) {
-                    return Ok(ConfigWrite {
-                        path,
-                        written: false,
-                    });
-                }
-            }
+        if !is_conf
+            && let Ok(doc) = serde_json::from_slice::<Value>(&existing)
+            && conflist::entry_is_current(&doc, &entry, &owned_types)
+        {
+            return Ok(ConfigWrite {
+                path,
+                written: false,
+            });
         }
         let merged =
             conflist::insert_value(entry.clone(), &existing, &owned_types).map_err(|source| {
@@ -509,11 +504,11 @@ pub fn cleanup_cni_config(cfg: &InstallConfig, path: &Path) -> Result<(), Instal
     if cfg.chained_cni_plugin && !is_owned_file {
         let existing =
             fs::read(path).map_err(|e| InstallError::io("reading CNI config", path, e))?;
-        if let Ok(doc) = serde_json::from_slice::<Value>(&existing) {
-            if conflist::list_has_type(&doc, &cfg.plugin_type) == Some(false) {
-                // Nothing of ours in it: do not re-render someone else's file.
-                return Ok(());
-            }
+        if let Ok(doc) = serde_json::from_slice::<Value>(&existing)
+            && conflist::list_has_type(&doc, &cfg.plugin_type) == Some(false)
+        {
+            // Nothing of ours in it: do not re-render someone else's file.
+            return Ok(());
         }
         let cleaned =
             conflist::remove_preserving(&existing, &cfg.plugin_type).map_err(|source| {

@@ -112,17 +112,17 @@ pub fn atomic_write_with(
 
 /// Write only when the content differs. Returns whether a write happened.
 pub fn write_if_changed(path: &Path, data: &[u8], policy: ModePolicy) -> io::Result<bool> {
-    if let Ok(current) = fs::read(path) {
-        if current == data {
-            if let ModePolicy::Fixed(mode) = policy {
-                // Same content: still repair a changed mode.
-                let meta = fs::metadata(path)?;
-                if meta.mode() & 0o7777 != mode {
-                    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
-                }
+    if let Ok(current) = fs::read(path)
+        && current == data
+    {
+        if let ModePolicy::Fixed(mode) = policy {
+            // Same content: still repair a changed mode.
+            let meta = fs::metadata(path)?;
+            if meta.mode() & 0o7777 != mode {
+                fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
             }
-            return Ok(false);
         }
+        return Ok(false);
     }
     atomic_write(path, data, policy)?;
     Ok(true)

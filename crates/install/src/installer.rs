@@ -166,10 +166,12 @@ impl Installer {
             // after our rename) must not be cached as good.
             for (t, src) in targets.into_iter().zip(&sources) {
                 let before = bin_version(&t);
-                if before.is_some() && binaries::up_to_date(src, &t) && bin_version(&t) == before {
-                    if let Some(v) = before {
-                        self.state().verified.insert(t, v);
-                    }
+                if before.is_some()
+                    && binaries::up_to_date(src, &t)
+                    && bin_version(&t) == before
+                    && let Some(v) = before
+                {
+                    self.state().verified.insert(t, v);
                 }
             }
         }
@@ -518,16 +520,11 @@ impl Installer {
                 first_err.get_or_insert(e);
             }
         }
-        if first_err.is_none() {
-            if let Some(p) = c.backup_path() {
-                if let Err(e) = fsutil::remove_if_exists(&p) {
-                    first_err.get_or_insert(InstallError::io(
-                        "removing the uninstall record",
-                        p,
-                        e,
-                    ));
-                }
-            }
+        if first_err.is_none()
+            && let Some(p) = c.backup_path()
+            && let Err(e) = fsutil::remove_if_exists(&p)
+        {
+            first_err.get_or_insert(InstallError::io("removing the uninstall record", p, e));
         }
         let kc = c.kubeconfig_path();
         if let Err(e) = fsutil::remove_if_exists(&kc) {

@@ -265,7 +265,7 @@ fn kill9_child(conf_dir: &Path, slow: bool) -> ! {
     loop {
         let cfg = InstallConfig {
             mounted_cni_net_dir: conf_dir.to_path_buf(),
-            plugin_log_level: if i % 2 == 0 {
+            plugin_log_level: if i.is_multiple_of(2) {
                 "debug".into()
             } else {
                 "info".into()

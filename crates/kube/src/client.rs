@@ -292,10 +292,10 @@ fn status_message(body: &str) -> String {
     struct Status {
         message: Option<String>,
     }
-    if let Ok(Status { message: Some(m) }) = serde_json::from_str::<Status>(body) {
-        if !m.is_empty() {
-            return m;
-        }
+    if let Ok(Status { message: Some(m) }) = serde_json::from_str::<Status>(body)
+        && !m.is_empty()
+    {
+        return m;
     }
     let trimmed = body.trim();
     if trimmed.is_empty() {

@@ -131,15 +131,14 @@ fn check_key(key: &str) -> Result<(), SelectorError> {
             "name part must be alphanumeric, '-', '_' or '.', starting and ending alphanumeric",
         );
     }
-    if let Some(p) = prefix {
-        if p.is_empty()
+    if let Some(p) = prefix
+        && (p.is_empty()
             || p.len() > 253
             || !p
                 .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-        {
-            return bad("prefix must be a DNS subdomain");
-        }
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.'))
+    {
+        return bad("prefix must be a DNS subdomain");
     }
     Ok(())
 }

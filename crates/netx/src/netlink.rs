@@ -787,7 +787,7 @@ fn trim_attrs(attrs: &[u8], level: NlaLevel, out: &mut Vec<u8>) -> Option<()> {
         }
         let new_len = u16::try_from(out.len() - start).ok()?;
         out[start..start + 2].copy_from_slice(&new_len.to_ne_bytes());
-        while out.len() % 4 != 0 {
+        while !out.len().is_multiple_of(4) {
             out.push(0);
         }
         off += (len + 3) & !3;

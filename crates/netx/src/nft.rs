@@ -198,10 +198,10 @@ pub fn table_blocks(listing: &str) -> Vec<(NftTable, Vec<String>)> {
                     Vec::new(),
                 ));
             }
-        } else if let Some((_, lines)) = out.last_mut() {
-            if !(depth == 1 && line == "}") {
-                lines.push(normalise_counters(line));
-            }
+        } else if let Some((_, lines)) = out.last_mut()
+            && !(depth == 1 && line == "}")
+        {
+            lines.push(normalise_counters(line));
         }
         for c in line.chars() {
             match c {

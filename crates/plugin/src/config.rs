@@ -220,10 +220,10 @@ impl PluginConf {
             sel.validate()
                 .map_err(|source| ConfigError::InvalidSelector { index, source })?;
         }
-        if let Some(dir) = &self.pod_metadata_dir {
-            if !dir.is_absolute() {
-                return Err(ConfigError::RelativeMetadataDir(dir.clone()));
-            }
+        if let Some(dir) = &self.pod_metadata_dir
+            && !dir.is_absolute()
+        {
+            return Err(ConfigError::RelativeMetadataDir(dir.clone()));
         }
         if let Some(ns) = &self.pod_metadata_default_namespace {
             if self.pod_metadata_dir.is_none() {

@@ -335,11 +335,11 @@ pub fn main(args: impl IntoIterator<Item = OsString>) -> i32 {
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    if !args.skip_rule_apply {
-        if let Err(e) = run(&args) {
-            eprintln!("meshcni iptables: {e}");
-            return 1;
-        }
+    if !args.skip_rule_apply
+        && let Err(e) = run(&args)
+    {
+        eprintln!("meshcni iptables: {e}");
+        return 1;
     }
     if args.run_validation {
         let port = |p: &str, flag: &str| {

@@ -7,10 +7,10 @@ use std::time::Instant;
 fn main() {
     let mut argv = std::env::args_os();
     let _ = argv.next();
-    if let Some(sub) = argv.next() {
-        if sub == "iptables" || sub == "istio-iptables" {
-            std::process::exit(meshcni_plugin::init_mode::main(std::env::args_os().skip(2)));
-        }
+    if let Some(sub) = argv.next()
+        && (sub == "iptables" || sub == "istio-iptables")
+    {
+        std::process::exit(meshcni_plugin::init_mode::main(std::env::args_os().skip(2)));
     }
     let start = Instant::now();
     let mut stdin = Vec::new();

@@ -222,13 +222,13 @@ pub fn sidecar_skip_reason(pod: &Pod) -> Option<SkipReason> {
             .annotation(KEY_INJECT)
             .map(|v| (InjectSource::Annotation, v)),
     };
-    if let Some((source, value)) = inject {
-        if parse_go_bool(value) == Some(false) {
-            return Some(SkipReason::InjectionDisabled {
-                source,
-                value: value.to_string(),
-            });
-        }
+    if let Some((source, value)) = inject
+        && parse_go_bool(value) == Some(false)
+    {
+        return Some(SkipReason::InjectionDisabled {
+            source,
+            value: value.to_string(),
+        });
     }
     if pod.annotation(ANN_SIDECAR_STATUS).is_none() {
         return Some(SkipReason::NotInjected);

@@ -270,10 +270,11 @@ fn tables<'a>(rs: &'a RuleSet, family: Family) -> Vec<TableView<'a>> {
                 }
             }
             for r in &rules {
-                if let Target::Jump(t) = r.target {
-                    if is_custom(t) && !chains.contains(&t) {
-                        chains.push(t);
-                    }
+                if let Target::Jump(t) = r.target
+                    && is_custom(t)
+                    && !chains.contains(&t)
+                {
+                    chains.push(t);
                 }
             }
             Some(TableView {

@@ -1283,12 +1283,12 @@ fn handle_conn(shared: &Shared, uid: &str, port: u16, mut client: TcpStream, pee
     match open_upstream(&up, shared.cfg.connect_timeout) {
         Ok(mut stream) => {
             hop.upstream_local = stream.local_addr().ok();
-            if let Some(line) = &up.preamble {
-                if let Err(e) = stream.write_all(line.as_bytes()) {
-                    hop.error = Some(format!("send CONNECT to {}: {e}", up.dst));
-                    record_hop(shared, hop);
-                    return;
-                }
+            if let Some(line) = &up.preamble
+                && let Err(e) = stream.write_all(line.as_bytes())
+            {
+                hop.error = Some(format!("send CONNECT to {}: {e}", up.dst));
+                record_hop(shared, hop);
+                return;
             }
             record_hop(shared, hop);
             pipe(client, stream);
@@ -1485,10 +1485,10 @@ fn dns_udp_ready(shared: &Arc<Shared>, uid: &str, sock: &Arc<UdpSocket>) {
                             forwarded_to: None,
                             error: None,
                         };
-                        if let Some(reply) = resolve(&shared, &query, false, &mut rec) {
-                            if let Err(e) = send_from(&sock, &reply, peer, local) {
-                                rec.error = Some(format!("reply to {peer}: {e}"));
-                            }
+                        if let Some(reply) = resolve(&shared, &query, false, &mut rec)
+                            && let Err(e) = send_from(&sock, &reply, peer, local)
+                        {
+                            rec.error = Some(format!("reply to {peer}: {e}"));
                         }
                         lock(&shared.dns).push(rec);
                     });

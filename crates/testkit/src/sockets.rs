@@ -245,10 +245,10 @@ impl Workers {
             while !stop.load(Ordering::SeqCst) {
                 match recv_with_dst(&socket) {
                     Ok((data, peer, local)) => {
-                        if let Some(reply) = handle(&data, peer, local) {
-                            if let Err(e) = send_from(&socket, &reply, peer, local) {
-                                tracing::warn!(error = %e, "udp reply failed");
-                            }
+                        if let Some(reply) = handle(&data, peer, local)
+                            && let Err(e) = send_from(&socket, &reply, peer, local)
+                        {
+                            tracing::warn!(error = %e, "udp reply failed");
                         }
                     }
                     Err(e)

@@ -289,12 +289,12 @@ fn handle_conn(port: u16, mut client: TcpStream, peer: SocketAddr, shared: &Shar
     match open_upstream(&upstream, shared) {
         Ok(mut up) => {
             hop.upstream_local = up.local_addr().ok();
-            if let Some(line) = &upstream.preamble {
-                if let Err(e) = up.write_all(line.as_bytes()) {
-                    hop.error = Some(format!("send CONNECT to {}: {e}", upstream.dst));
-                    record(shared, hop);
-                    return;
-                }
+            if let Some(line) = &upstream.preamble
+                && let Err(e) = up.write_all(line.as_bytes())
+            {
+                hop.error = Some(format!("send CONNECT to {}: {e}", upstream.dst));
+                record(shared, hop);
+                return;
             }
             record(shared, hop);
             pipe(client, up);

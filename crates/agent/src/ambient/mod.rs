@@ -454,13 +454,13 @@ impl Reconciler {
         {
             warn!(error = %e, "writing ztunnel readiness into the ambient config");
         }
-        if let Some((_, next)) = self.driver_retry {
-            if now < next {
-                return PassReport {
-                    blocked: Some("driver in back-off".into()),
-                    ..PassReport::default()
-                };
-            }
+        if let Some((_, next)) = self.driver_retry
+            && now < next
+        {
+            return PassReport {
+                blocked: Some("driver in back-off".into()),
+                ..PassReport::default()
+            };
         }
         if now.duration_since(self.last_resync) >= self.options.resync {
             self.actual = None;
@@ -479,10 +479,10 @@ impl Reconciler {
                 None => info!("no ready ztunnel on this node"),
             }
             let res = self.driver.ztunnel_changed(zt.as_ref());
-            if let Some(w) = &self.config {
-                if let Err(e) = w.set_ztunnel_ready(zt.is_some() && res.is_ok()) {
-                    warn!(error = %e, "writing ztunnel readiness into the ambient config");
-                }
+            if let Some(w) = &self.config
+                && let Err(e) = w.set_ztunnel_ready(zt.is_some() && res.is_ok())
+            {
+                warn!(error = %e, "writing ztunnel readiness into the ambient config");
             }
             if let Err(e) = res {
                 self.notified_ztunnel = None;

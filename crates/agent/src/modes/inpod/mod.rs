@@ -574,12 +574,12 @@ impl InpodDriver {
             }
         }
         crate::crash::point("inpod-release-mid");
-        if let Some(zds) = self.zds.as_ref() {
-            if let Err(e) = zds.del(&pod.uid) {
-                // Best effort: a ztunnel that is gone drops the pod anyway; one that is
-                // still connected and failed to ack gets the delete in its next snapshot.
-                warn!(pod = %pod, error = %e, "DelWorkload not acknowledged by every ztunnel");
-            }
+        if let Some(zds) = self.zds.as_ref()
+            && let Err(e) = zds.del(&pod.uid)
+        {
+            // Best effort: a ztunnel that is gone drops the pod anyway; one that is
+            // still connected and failed to ack gets the delete in its next snapshot.
+            warn!(pod = %pod, error = %e, "DelWorkload not acknowledged by every ztunnel");
         }
         let mut ips: BTreeSet<IpAddr> = ips.iter().copied().collect();
         if let Some(h) = &held {
@@ -747,10 +747,10 @@ impl RedirectDriver for InpodDriver {
                     let file = self.open_netns(pod, new, Some(n))?;
                     // The old sandbox is being torn down: take its rules and probe entries
                     // away, then enroll the new one (ztunnel replaces the pod by UID).
-                    if let Some(old_held) = self.pods.remove(&pod.uid) {
-                        if let Err(e) = remove_inpod(&old_held.netns_path(), self.cfg.backend) {
-                            debug!(pod = %pod, error = %e, "old sandbox rules");
-                        }
+                    if let Some(old_held) = self.pods.remove(&pod.uid)
+                        && let Err(e) = remove_inpod(&old_held.netns_path(), self.cfg.backend)
+                    {
+                        debug!(pod = %pod, error = %e, "old sandbox rules");
                     }
                     let host = self.host()?;
                     for ip in old.iter().filter(|ip| !new.contains(ip)) {
@@ -801,16 +801,16 @@ impl RedirectDriver for InpodDriver {
             if let Some(zds) = &self.zds {
                 let _ = zds.del(&uid);
             }
-            if let Some(h) = self.pods.remove(&uid) {
-                if let Err(e) = remove_inpod(&h.netns_path(), self.cfg.backend) {
-                    errors.push(format!("pod uid {uid}: {e}"));
-                }
+            if let Some(h) = self.pods.remove(&uid)
+                && let Err(e) = remove_inpod(&h.netns_path(), self.cfg.backend)
+            {
+                errors.push(format!("pod uid {uid}: {e}"));
             }
         }
-        if let Ok(h) = self.host() {
-            if let Err(e) = h.uninstall() {
-                errors.push(format!("host-probe SNAT: {e}"));
-            }
+        if let Ok(h) = self.host()
+            && let Err(e) = h.uninstall()
+        {
+            errors.push(format!("host-probe SNAT: {e}"));
         }
         self.host = None;
         self.zds = None;
