@@ -50,6 +50,7 @@ run_test() {
     if [ $rc = 0 ]; then
         PASSED=$((PASSED + 1))
         echo "PASS $name ($(($(date +%s) - t))s)"
+        sed 's/^/    /' "$out"
     else
         FAILED=$((FAILED + 1))
         FAILED_NAMES+=("$name")
@@ -76,12 +77,14 @@ images() {
 pod_json() {
     local name="$1" ann="$2"
     shift 2
-    jq -n --arg name "$name" --argjson ann "$ann" --args '{
+    local cmd
+    cmd="$(printf '%s\n' "$@" | jq -R . | jq -cs .)"
+    jq -n --arg name "$name" --argjson ann "$ann" --argjson cmd "$cmd" '{
         apiVersion: "v1", kind: "Pod",
         metadata: {name: $name, namespace: "default", annotations: $ann, labels: {app: $name}},
         spec: {terminationGracePeriodSeconds: 0, automountServiceAccountToken: false,
                containers: [{name: "main", image: "localhost/busybox:test", imagePullPolicy: "Never",
-                             command: $ARGS.positional}]}}' "$@"
+                             command: $cmd}]}}'
 }
 
 wait_running() { k wait --for=condition=Ready "pod/$1" --timeout="${2:-90}s"; }
@@ -112,6 +115,128 @@ test_pod_gets_bridge_ip_and_tcp_works() {
     k delete pod server client --wait=true --timeout=60s
 }
 
+# Item 6: CNI 1.1.0 STATUS and GC reach the meshcni plugin chained after the reference plugins.
+# containerd 2.2 sends STATUS on every CRI Status call (kubelet polls it for the node's Ready
+# condition: go-cni Status -> libcni GetStatusNetworkList); no containerd release calls GC, so GC
+# is driven through libcni v1.3.0 (cnigc) with the runtime's live sandboxes as valid attachments.
+# An exec-recording wrapper (scripts/lib/cni-exec-record) logs every verb meshcni receives.
+conflist_host() { echo "$NODE_DIR/fs/etc-cni-net.d/10-mcni-bridge.conflist"; }
+node_ready_status() { k get node mcni-k8s-node -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}'; }
+node_ready_message() { k get node mcni-k8s-node -o jsonpath='{.status.conditions[?(@.type=="Ready")].message}'; }
+# wait_until SECONDS CMD...: poll CMD every second.
+wait_until() {
+    local secs="$1" i
+    shift
+    for ((i = 0; i < secs; i++)); do "$@" && return 0; sleep 1; done
+    return 1
+}
+calls() { innode cat /run/cni-record/meshcni.calls 2>/dev/null; }
+calls_since() { calls | awk -v t="$1" '$1 > t'; }
+status_calls_since() { calls_since "$1" | awk '$2 == "STATUS"'; }
+has_status_rc_since() { status_calls_since "$1" | grep -q " rc=$2 "; }
+node_is() { [ "$(node_ready_status)" = "$1" ]; }
+
+meshcni_plugin_bin() {
+    local b
+    for b in "${CARGO_TARGET_DIR:-$REPO/target}/release/meshcni" "${CARGO_TARGET_DIR:-$REPO/target}/debug/meshcni"; do
+        [ -x "$b" ] && { echo "$b"; return 0; }
+    done
+    (cd "$REPO" && cargo build -q -p meshcni-plugin --bin meshcni >&2) || return 1
+    echo "${CARGO_TARGET_DIR:-$REPO/target}/debug/meshcni"
+}
+
+# plugin_identity: a client certificate for user mcni-plugin (node CA) allowed to read pods and
+# namespaces, and a kubeconfig for it at the node's /etc/kubernetes/meshcni-plugin.kubeconfig.
+plugin_identity() {
+    local p="$NODE_DIR/pki" kd="$NODE_DIR/fs/etc-kubernetes"
+    openssl ecparam -name prime256v1 -genkey -noout -out "$kd/meshcni-plugin.key" 2>/dev/null &&
+        openssl req -new -key "$kd/meshcni-plugin.key" -subj "/CN=mcni-plugin" -out "$kd/p.csr" 2>/dev/null &&
+        printf 'extendedKeyUsage=clientAuth\n' >"$kd/p.ext" &&
+        openssl x509 -req -in "$kd/p.csr" -CA "$p/ca.crt" -CAkey "$p/ca.key" -CAcreateserial -days 1 \
+            -extfile "$kd/p.ext" -out "$kd/meshcni-plugin.crt" 2>/dev/null || return 1
+    cp "$p/ca.crt" "$kd/ca.crt"
+    printf '%s\n' "apiVersion: v1" "kind: Config" "clusters:" "- name: mcni-k8s" \
+        "  cluster: {certificate-authority: /etc/kubernetes/ca.crt, server: \"https://10.243.0.1:6443\"}" \
+        "users:" "- name: mcni-plugin" \
+        "  user: {client-certificate: /etc/kubernetes/meshcni-plugin.crt, client-key: /etc/kubernetes/meshcni-plugin.key}" \
+        "contexts:" "- name: mcni-plugin" "  context: {cluster: mcni-k8s, user: mcni-plugin}" \
+        "current-context: mcni-plugin" >"$kd/meshcni-plugin.kubeconfig"
+    k create clusterrole mcni-plugin --verb=get,list,watch --resource=pods,namespaces >/dev/null &&
+        k create clusterrolebinding mcni-plugin --clusterrole=mcni-plugin --user=mcni-plugin >/dev/null
+}
+
+test_cni_status_and_gc_reach_meshcni() {
+    local bin cl orig t0 kd="$NODE_DIR/fs/etc-kubernetes"
+    bin="$(meshcni_plugin_bin)" || fail "no meshcni plugin binary"
+    plugin_identity || fail "plugin identity"
+    install -m 0755 "$bin" "$NODE_DIR/fs/opt-cni-bin/meshcni.real"
+    install -m 0755 "$HERE/lib/cni-exec-record" "$NODE_DIR/fs/opt-cni-bin/meshcni"
+    cl="$(conflist_host)"
+    orig="$WORK/conflist.orig"
+    cp "$cl" "$orig"
+    t0="$(date +%s.%N)"
+    jq '.plugins += [{"type": "meshcni", "plugin_log_level": "debug",
+                       "kubernetes": {"kubeconfig": "/etc/kubernetes/meshcni-plugin.kubeconfig"},
+                       "cni_agent_run_dir": "/run/meshcni", "exclude_namespaces": ["kube-system"]}]' \
+        "$orig" >"$cl.tmp" && mv "$cl.tmp" "$cl"
+    echo "conflist now: $(jq -c '[.cniVersion, [.plugins[].type]]' "$cl")"
+
+    # STATUS: containerd reloads the conflist and calls STATUS through it on kubelet's polls.
+    wait_until 60 has_status_rc_since "$t0" 0 || { calls | tail; fail "no successful STATUS reached meshcni within 60s"; }
+    echo "STATUS calls reaching meshcni (via containerd): $(status_calls_since "$t0" | wc -l), e.g.:"
+    status_calls_since "$t0" | tail -n 1
+    node_is True || fail "node not Ready with meshcni chained"
+
+    # STATUS answers 'not available' when its kubeconfig is gone: containerd reports
+    # NetworkReady=false with the plugin's message, the kubelet marks the node NotReady.
+    mv "$kd/meshcni-plugin.kubeconfig" "$kd/meshcni-plugin.kubeconfig.away"
+    t0="$(date +%s.%N)"
+    wait_until 60 has_status_rc_since "$t0" 1 || { calls | tail; fail "no failing STATUS after removing the plugin kubeconfig"; }
+    echo "failing STATUS: $(status_calls_since "$t0" | grep ' rc=1 ' | tail -n 1)"
+    wait_until 90 node_is False || fail "node stayed Ready although meshcni STATUS fails: $(node_ready_message)"
+    echo "node NotReady: $(node_ready_message)"
+    node_ready_message | grep -q "plugin kubeconfig is not readable" ||
+        fail "node NotReady message does not carry the plugin's STATUS error"
+    mv "$kd/meshcni-plugin.kubeconfig.away" "$kd/meshcni-plugin.kubeconfig"
+    wait_until 90 node_is True || fail "node not Ready again after restoring the plugin kubeconfig: $(node_ready_message)"
+    echo "node Ready again after the kubeconfig came back"
+
+    # GC: two pods through the full chain (bridge, portmap, meshcni ADD); GC with every live
+    # sandbox but gcb's as valid: libcni DELs gcb's attachment through the chain, then sends GC
+    # with cni.dev/valid-attachments to every plugin (host-local frees gcb's address only).
+    pod_json gca '{}' sleep 3600 | k apply -f - >/dev/null
+    pod_json gcb '{}' sleep 3600 | k apply -f - >/dev/null
+    { wait_running gca && wait_running gcb; } || fail "gc pods not Running"
+    local sa sb ipa ipb valid=() s
+    sa="$(innode crictl pods --name '^gca$' --state ready -q)"
+    sb="$(innode crictl pods --name '^gcb$' --state ready -q)"
+    ipa="$(pod_ip gca)" ipb="$(pod_ip gcb)"
+    echo "sandboxes: gca=$sa ($ipa) gcb=$sb ($ipb)"
+    calls | grep -q "ADD $sa rc=0" || fail "meshcni did not see the ADD of gca"
+    for s in $(innode crictl pods --state ready -q); do
+        [ "$s" = "$sb" ] || valid+=(--valid "$s/eth0")
+    done
+    local hl="$NODE_DIR/fs/var-lib-cni/networks/mcni-k8s-pods"
+    { [ -f "$hl/$ipa" ] && [ -f "$hl/$ipb" ]; } || fail "host-local has no reservation for $ipa/$ipb"
+    t0="$(date +%s.%N)"
+    innode cnigc gc --conflist /etc/cni/net.d/10-mcni-bridge.conflist "${valid[@]}" || fail "cnigc gc failed"
+    calls_since "$t0"
+    calls_since "$t0" | grep -q "DEL $sb rc=0" || fail "GC did not DEL the stale attachment $sb through meshcni"
+    if calls_since "$t0" | grep -q "DEL $sa "; then fail "GC deleted the valid attachment $sa"; fi
+    calls_since "$t0" | grep -q "GC - rc=0" || fail "meshcni did not answer GC with success"
+    local gcin
+    gcin="$(innode find /run/cni-record -name 'meshcni.*.GC.stdin.json' | sort | tail -n 1)"
+    gcin="$(innode cat "$gcin")"
+    jq -e --arg a "$sa" --arg b "$sb" '(."cni.dev/valid-attachments" | map(.containerID)) as $v
+        | ($v | index($a)) != null and ($v | index($b)) == null' <<<"$gcin" >/dev/null ||
+        fail "GC stdin's cni.dev/valid-attachments is not the live set: $gcin"
+    [ -f "$hl/$ipa" ] || fail "host-local released the valid pod's address $ipa"
+    [ ! -f "$hl/$ipb" ] || fail "host-local kept the stale attachment's address $ipb"
+    echo "GC: stale $sb DELeted through the chain, $ipb released; $sa and $ipa kept; meshcni GC rc=0"
+    k delete pod gca gcb --wait=true --timeout=60s >/dev/null
+    cp "$orig" "$cl.tmp" && mv "$cl.tmp" "$cl"
+}
+
 # ---------------------------------------------------------------------------------------------
 main() {
     echo "cluster-e2e: building/checking node binaries"
@@ -130,6 +255,7 @@ main() {
 
     run_test node_ready
     run_test pod_gets_bridge_ip_and_tcp_works
+    run_test cni_status_and_gc_reach_meshcni
 
     echo "cluster-e2e: total $(($(date +%s) - T0))s"
     [ $FAILED = 0 ] || echo "failed: ${FAILED_NAMES[*]}"

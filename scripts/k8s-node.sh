@@ -18,9 +18,9 @@
 # machine). `up` removes everything it made when any step fails (its logs are printed first).
 #
 # Layout of the node netns (names unique per DIR):
-#   netns  mcni-k8s-<id>;  dummy link mcni-node0 10.243.0.1/24 (node IP, apiserver advertise
-#   address; a default route on it so components that look for a default route find one: the
-#   dummy drops what nobody in the netns answers); pods 10.244.0.0/24 on bridge mcni-cni0;
+#   netns  mcni-k8s-<id>;  node IP 10.243.0.1/32 on lo (apiserver advertise address, kubelet
+#   node IP); a blackhole default route (nothing leaves the netns; there is no link out of it);
+#   pods 10.244.0.0/24 on bridge mcni-cni0;
 #   services 10.96.0.0/24 (kube-proxy, iptables mode, in the netns only).
 # Kernel tunables: kubelet runs with protectKernelDefaults=true (it never writes the host's
 # vm./kernel. sysctls, which are not per netns); the values it checks are bind-mounted read-only
@@ -62,7 +62,7 @@ load_state() {
 in_node() {
     nsenter -t "$HOLDER" -m -n -- env PATH="$NODE_PATH" KUBECONFIG="$DIR/pki/admin.kubeconfig" \
         CONTAINER_RUNTIME_ENDPOINT=unix:///run/containerd/containerd.sock \
-        IMAGE_SERVICE_ENDPOINT=unix:///run/containerd/containerd.sock "$@"
+        IMAGE_SERVICE_ENDPOINT=unix:///run/containerd/containerd.sock CRI_CONFIG_FILE="$DIR/conf/crictl.yaml" "$@"
 }
 
 # start NAME CMD...: start a daemon in the node, log to $DIR/log/NAME.log, remember its pid.
@@ -151,6 +151,10 @@ EOF
 
 write_configs() {
     local c="$DIR/conf"
+    # CAP_SYS_RESOURCE is bit 24 of the bounding set.
+    local bnd RESTRICT_OOM=false
+    bnd="$(awk '/^CapBnd:/ {print $2}' /proc/self/status)"
+    (( (16#$bnd >> 24) & 1 )) || RESTRICT_OOM=true
     mkdir -p "$c"
     # containerd 2.x, config version 3. Paths are the standard ones: inside the node's mount
     # namespace they are bind mounts of $DIR/fs/*.
@@ -166,6 +170,11 @@ state = "/run/containerd"
     sandbox = "$SANDBOX_IMAGE"
 [plugins."io.containerd.cri.v1.runtime"]
   enable_selinux = false
+  # This machine's capability bounding set lacks CAP_SYS_RESOURCE, so no process may lower an
+  # oom_score_adj (runc's nsexec fails "failed to update /proc/self/oom_score_adj: Permission
+  # denied" for the sandbox's -998): clamp to containerd's own value, containerd's option for
+  # exactly that case (rootless/nested runtimes).
+  restrict_oom_score_adj = $RESTRICT_OOM
   [plugins."io.containerd.cri.v1.runtime".containerd]
     default_runtime_name = "runc"
     [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
@@ -205,6 +214,7 @@ serializeImagePulls: false
 maxPods: 250
 EOF
     : >"$c/resolv.conf"
+    printf 'runtime-endpoint: unix:///run/containerd/containerd.sock\nimage-endpoint: unix:///run/containerd/containerd.sock\ntimeout: 30\n' >"$c/crictl.yaml"
     cat >"$c/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
@@ -303,17 +313,16 @@ setup_namespaces() {
     done
     # kubelet checks these (protectKernelDefaults): the node sees the values it expects, the
     # host's are unchanged.
-    local t
+    local t f
     for t in "${KERNEL_TUNABLES[@]}"; do
-        echo "${t#*=}" >"$DIR/fs/sysctl-${t%%=*}"
-        $n mount --bind "$DIR/fs/sysctl-${t%%=*}" "/proc/sys/${t%%=*}"
+        f="$DIR/fs/sysctl-$(echo "${t%%=*}" | tr / .)"
+        echo "${t#*=}" >"$f"
+        $n mount --bind "$f" "/proc/sys/${t%%=*}"
         $n mount -o remount,bind,ro "/proc/sys/${t%%=*}"
     done
     $n ip link set lo up
-    $n ip link add mcni-node0 type dummy
-    $n ip addr add "$NODE_IP/24" dev mcni-node0
-    $n ip link set mcni-node0 up
-    $n ip route add default dev mcni-node0
+    $n ip addr add "$NODE_IP/32" dev lo
+    $n ip route add blackhole default
     $n sysctl -qw net.ipv4.ip_forward=1
 }
 
@@ -345,6 +354,8 @@ node_up() {
     trap 'rc=$?; if [ $rc != 0 ]; then log "up failed (rc=$rc): tearing down"; node_down || true; fi' EXIT
     tstep=$(date +%s.%N)
     step() { local now; now=$(date +%s.%N); log "$(awk -v a="$now" -v b="$tstep" 'BEGIN{printf "[+%.1fs]", a-b}') $*"; tstep=$now; }
+    local bd
+    for bd in "${BINDS[@]}"; do mkdir -p "$DIR/fs/${bd%%:*}"; done
     gen_pki
     write_configs
     setup_namespaces
@@ -365,7 +376,7 @@ node_up() {
         --service-cluster-ip-range="$SVC_CIDR" --allow-privileged=true \
         --client-ca-file="$p/ca.crt" --tls-cert-file="$p/apiserver.crt" --tls-private-key-file="$p/apiserver.key" \
         --kubelet-client-certificate="$p/apiserver-kubelet-client.crt" --kubelet-client-key="$p/apiserver-kubelet-client.key" \
-        --kubelet-certificate-authority="$p/ca.crt" \
+        --kubelet-certificate-authority="$p/ca.crt" --kubelet-preferred-address-types=InternalIP \
         --service-account-issuer=https://kubernetes.default.svc.cluster.local \
         --service-account-key-file="$p/sa.pub" --service-account-signing-key-file="$p/sa.key" \
         --authorization-mode=Node,RBAC --enable-admission-plugins=NodeRestriction \
@@ -378,7 +389,7 @@ node_up() {
         --bind-address=127.0.0.1 --leader-elect=false --use-service-account-credentials=true \
         --service-account-private-key-file="$p/sa.key" --root-ca-file="$p/ca.crt" \
         --cluster-signing-cert-file="$p/ca.crt" --cluster-signing-key-file="$p/ca.key" \
-        --service-cluster-ip-range="$SVC_CIDR" --controllers='*,-nodeipam,-cloud-node-lifecycle,-service,-route' --v=1
+        --service-cluster-ip-range="$SVC_CIDR" --v=1
     start kube-scheduler kube-scheduler --kubeconfig="$p/scheduler.kubeconfig" \
         --authentication-kubeconfig="$p/scheduler.kubeconfig" --authorization-kubeconfig="$p/scheduler.kubeconfig" \
         --bind-address=127.0.0.1 --leader-elect=false --v=1
@@ -393,6 +404,16 @@ node_up() {
     done
     [ ${#MCNI_K8S_IMAGES[@]} -eq 0 ] || step "imported ${#MCNI_K8S_IMAGES[@]} image archive(s)"
 
+    # kubelet's cgroupRoot must exist in every hierarchy (cpuset: with the root's cpus/mems).
+    local h
+    for h in /sys/fs/cgroup/*/; do
+        [ -f "${h}cgroup.procs" ] && [ "$h" != /sys/fs/cgroup/unified/ ] || continue
+        mkdir -p "$h$ID"
+    done
+    if [ -d "/sys/fs/cgroup/cpuset/$ID" ]; then
+        cat /sys/fs/cgroup/cpuset/cpuset.cpus >"/sys/fs/cgroup/cpuset/$ID/cpuset.cpus"
+        cat /sys/fs/cgroup/cpuset/cpuset.mems >"/sys/fs/cgroup/cpuset/$ID/cpuset.mems"
+    fi
     start kubelet kubelet --config="$DIR/conf/kubelet.yaml" --kubeconfig="$p/kubelet.kubeconfig" \
         --hostname-override="$NODE_NAME" --node-ip="$NODE_IP" --v=1
     start kube-proxy kube-proxy --config="$DIR/conf/kube-proxy.yaml" --v=1
@@ -429,8 +450,9 @@ pids_of_node() {
             net="$(stat -L -c %i "/proc/$pid/ns/net" 2>/dev/null)" || continue
             [ "$net" = "$netino" ] && { echo "$pid"; continue; }
         fi
-        cg="$(grep -m1 ":/$ID/" "/proc/$pid/cgroup" 2>/dev/null)" && [ -n "$cg" ] && echo "$pid"
+        if cg="$(grep -m1 ":/$ID/" "/proc/$pid/cgroup" 2>/dev/null)" && [ -n "$cg" ]; then echo "$pid"; fi
     done
+    return 0
 }
 
 node_down() {
