@@ -62,15 +62,24 @@ run_test() {
 fail() { echo "FAILED: $*"; exit 1; }
 
 # ---------------------------------------------------------------------------------------------
-# Images: pause (containerd's sandbox image) and busybox, imported into the node's containerd.
+# Images, all built by scripts/build-image.sh (no registry: imported into the node's containerd):
+# the meshcni image (the chart's default name:tag), the pause image (containerd's sandbox image)
+# and busybox. MCNI_E2E_IMAGES=DIR uses DIR/{meshcni-agent,pause,busybox}.tar built earlier.
+PAUSE_IMAGE=localhost/meshcni/pause:1.0
+BUSYBOX_IMAGE=localhost/meshcni/busybox:1.35.0
 images() {
-    local d="$WORK/images"
-    mkdir -p "$d"
-    python3 "$HERE/lib/mk-oci-image.py" --busybox /bin/busybox --name localhost/meshcni-pause:latest \
-        --entrypoint /bin/sleep --cmd 2147483647 -o "$d/pause.tar" >/dev/null || return 1
-    python3 "$HERE/lib/mk-oci-image.py" --busybox /bin/busybox --name localhost/busybox:test \
-        --entrypoint /bin/sh -o "$d/busybox.tar" >/dev/null || return 1
-    echo "$d/pause.tar:$d/busybox.tar"
+    local d="${MCNI_E2E_IMAGES:-}"
+    if [ -z "$d" ]; then
+        d="$WORK/images"
+        mkdir -p "$d"
+        "$HERE/build-image.sh" --test-images "$d" >&2 || return 1
+        "$HERE/build-image.sh" --out "$d/meshcni-agent.tar" >&2 || return 1
+    fi
+    local f
+    for f in pause busybox meshcni-agent; do
+        [ -f "$d/$f.tar" ] || { echo "cluster-e2e: $d/$f.tar missing" >&2; return 1; }
+    done
+    echo "$d/pause.tar:$d/busybox.tar:$d/meshcni-agent.tar"
 }
 
 # pod_manifest NAME [ANNOTATIONS_JSON] -- ARGS...: a busybox pod running ARGS.
@@ -79,11 +88,11 @@ pod_json() {
     shift 2
     local cmd
     cmd="$(printf '%s\n' "$@" | jq -R . | jq -cs .)"
-    jq -n --arg name "$name" --argjson ann "$ann" --argjson cmd "$cmd" '{
+    jq -n --arg name "$name" --argjson ann "$ann" --argjson cmd "$cmd" --arg img "$BUSYBOX_IMAGE" '{
         apiVersion: "v1", kind: "Pod",
         metadata: {name: $name, namespace: "default", annotations: $ann, labels: {app: $name}},
         spec: {terminationGracePeriodSeconds: 0, automountServiceAccountToken: false,
-               containers: [{name: "main", image: "localhost/busybox:test", imagePullPolicy: "Never",
+               containers: [{name: "main", image: $img, imagePullPolicy: "Never",
                              command: $cmd}]}}'
 }
 
@@ -238,6 +247,92 @@ test_cni_status_and_gc_reach_meshcni() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Item 3: the chart on the node.
+HELM="${MESHCNI_HELM:-/opt/meshcni/bin/helm-v4.3.2}"
+helm_() { innode "$HELM" "$@"; }
+# cni_state: what the node's CNI dirs hold (file names + sha256 of each), host view.
+cni_state() {
+    (cd "$NODE_DIR/fs" && find etc-cni-net.d opt-cni-bin -type f -print0 | sort -z | xargs -0 sha256sum)
+}
+
+# A pod as Istio's sidecar injector writes it (CNI mode: istio-validation init container, no
+# istio-init; istio-proxy runs `proxy sidecar` as uid 1337; sidecar.istio.io/status names what
+# was injected). The images are busybox: istio-validation is the capture probe: it listens on
+# 15001 (the outbound capture port) and its FIRST outbound connection goes to the node IP, port
+# 9 (nothing listens there): with the capture in place before the pod's first packet, the
+# connection lands on 15001 and it reads "captured"; without, it is refused and the pod never
+# starts (init container fails).
+injected_pod_json() {
+    local name="$1"
+    jq -n --arg name "$name" --arg img "$BUSYBOX_IMAGE" '{
+      apiVersion: "v1", kind: "Pod",
+      metadata: {name: $name, namespace: "default",
+        labels: {app: $name, "security.istio.io/tlsMode": "istio",
+                 "service.istio.io/canonical-name": $name, "service.istio.io/canonical-revision": "latest"},
+        annotations: {
+          "sidecar.istio.io/status": "{\"initContainers\":[\"istio-validation\"],\"containers\":[\"istio-proxy\"],\"volumes\":[\"workload-socket\",\"credential-socket\",\"workload-certs\",\"istio-envoy\",\"istio-data\",\"istio-podinfo\",\"istio-token\",\"istiod-ca-cert\"],\"imagePullSecrets\":null,\"revision\":\"default\"}",
+          "kubectl.kubernetes.io/default-container": "app",
+          "kubectl.kubernetes.io/default-logs-container": "app",
+          "prometheus.io/path": "/stats/prometheus", "prometheus.io/port": "15020", "prometheus.io/scrape": "true",
+          "istio.io/rev": "default"}},
+      spec: {terminationGracePeriodSeconds: 0,
+        initContainers: [{name: "istio-validation", image: $img, imagePullPolicy: "Never",
+          command: ["/bin/sh", "-c",
+            "nc -l -p 15001 -e echo captured & sleep 0.5; r=$(nc -w 3 10.243.0.1 9); echo \"first connection: ${r:-refused}\"; [ \"$r\" = captured ]"]}],
+        containers: [
+          {name: "app", image: $img, imagePullPolicy: "Never", command: ["sleep", "3600"]},
+          {name: "istio-proxy", image: $img, imagePullPolicy: "Never",
+           command: ["/bin/sh", "-c", "exec sleep 3600", "pilot-agent"],
+           args: ["proxy", "sidecar", "--domain", "default.svc.cluster.local", "--proxyLogLevel=warning"],
+           securityContext: {runAsUser: 1337, runAsGroup: 1337}}]}}'
+}
+
+test_helm_install_defaults() {
+    [ -x "$HELM" ] || fail "helm missing at $HELM (scripts/setup.sh builds it)"
+    cni_state >"$WORK/cni-before"
+    helm_ install meshcni "$REPO/deploy/helm/meshcni" -n kube-system || fail "helm install"
+    k -n kube-system rollout status ds/meshcni-node --timeout=180s ||
+        { k -n kube-system describe pods -l k8s-app=meshcni-node | tail -30; k -n kube-system logs -l k8s-app=meshcni-node --tail=30; fail "DaemonSet not Ready"; }
+    k -n kube-system get ds meshcni-node -o wide
+    local cl
+    cl="$(conflist_host)"
+    for ((i = 0; i < 30; i++)); do jq -e '[.plugins[].type] | index("meshcni")' "$cl" >/dev/null && break; sleep 1; done
+    echo "conflist: $(jq -c '[.cniVersion, [.plugins[].type]]' "$cl")"
+    jq -e '.plugins[-1].type == "meshcni"' "$cl" >/dev/null || fail "meshcni not merged last into $cl"
+    [ -x "$NODE_DIR/fs/opt-cni-bin/meshcni" ] || fail "no /opt/cni/bin/meshcni on the node"
+}
+
+test_injected_pod_captured_from_first_packet() {
+    injected_pod_json injected | k apply -f - || fail "create injected pod"
+    wait_running injected 120 || { k describe pod injected | tail -20; k logs injected -c istio-validation; fail "injected pod not Ready"; }
+    k logs injected -c istio-validation
+    [ "$(k logs injected -c istio-validation)" = "first connection: captured" ] || fail "first connection not captured"
+    # Control: the same probe in a pod that was not injected is refused (not captured).
+    injected_pod_json plain | jq 'del(.metadata.annotations."sidecar.istio.io/status")' | k apply -f - || fail "create plain pod"
+    local i
+    for ((i = 0; i < 60; i++)); do
+        k logs plain -c istio-validation 2>/dev/null | grep -q "first connection" && break
+        sleep 1
+    done
+    echo "control pod: $(k logs plain -c istio-validation 2>/dev/null)"
+    [ "$(k logs plain -c istio-validation 2>/dev/null)" = "first connection: refused" ] || fail "control pod's connection was not refused"
+    k delete pod injected plain --wait=true --timeout=60s
+}
+
+test_helm_uninstall_restores_cni_files() {
+    helm_ uninstall meshcni -n kube-system --wait --timeout 300s || fail "helm uninstall"
+    local i
+    for ((i = 0; i < 60; i++)); do
+        k -n kube-system get pods -l k8s-app=meshcni-node -o name 2>/dev/null | grep -q . || break
+        sleep 1
+    done
+    cni_state >"$WORK/cni-after"
+    diff "$WORK/cni-before" "$WORK/cni-after" || fail "the node's CNI files differ from before the install"
+    echo "CNI files byte-identical to before the install:"
+    cat "$WORK/cni-after"
+}
+
+# ---------------------------------------------------------------------------------------------
 main() {
     echo "cluster-e2e: building/checking node binaries"
     "$HERE/k8s-build.sh" >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log"; echo "0 passed, 1 failed"; exit 1; }
@@ -245,7 +340,7 @@ main() {
     imgs="$(images)" || { echo "cluster-e2e: building test images failed"; echo "0 passed, 1 failed"; exit 1; }
     local t
     t=$(date +%s)
-    if ! MCNI_K8S_IMAGES="$imgs" "$HERE/k8s-node.sh" up "$NODE_DIR" >"$WORK/up.env" 2>"$WORK/up.log"; then
+    if ! MCNI_K8S_IMAGES="$imgs" MCNI_K8S_SANDBOX_IMAGE="$PAUSE_IMAGE" "$HERE/k8s-node.sh" up "$NODE_DIR" >"$WORK/up.env" 2>"$WORK/up.log"; then
         cat "$WORK/up.log"
         echo "0 passed, 1 failed"
         exit 1
@@ -256,6 +351,9 @@ main() {
     run_test node_ready
     run_test pod_gets_bridge_ip_and_tcp_works
     run_test cni_status_and_gc_reach_meshcni
+    run_test helm_install_defaults
+    run_test injected_pod_captured_from_first_packet
+    run_test helm_uninstall_restores_cni_files
 
     echo "cluster-e2e: total $(($(date +%s) - T0))s"
     [ $FAILED = 0 ] || echo "failed: ${FAILED_NAMES[*]}"

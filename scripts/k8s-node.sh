@@ -36,7 +36,7 @@ NODE_IP=10.243.0.1
 POD_CIDR=10.244.0.0/24
 SVC_CIDR=10.96.0.0/24
 SVC_APISERVER_IP=10.96.0.1
-SANDBOX_IMAGE="${MCNI_K8S_SANDBOX_IMAGE:-localhost/meshcni-pause:latest}"
+SANDBOX_IMAGE="${MCNI_K8S_SANDBOX_IMAGE:-localhost/meshcni/pause:1.0}"
 
 log() { echo "k8s-node: $*" >&2; }
 die() { echo "k8s-node.sh: $*" >&2; exit 1; }
