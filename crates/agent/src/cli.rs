@@ -142,7 +142,7 @@ pub struct Cli {
     pub args: AgentArgs,
 }
 
-#[derive(Debug, Clone, Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
     /// Run the agent (the default when no subcommand is given).
     Run,
@@ -155,6 +155,25 @@ pub enum Command {
     /// Print the flag/env/default reference as a Markdown table and exit.
     #[command(hide = true)]
     CliReference,
+    /// The Helm chart's pre-delete hook: set `uninstall: "true"` in the lifecycle ConfigMap of
+    /// POD_NAMESPACE (in-cluster API access, or --kubeconfig), then wait --wait-seconds for the
+    /// kubelet to project it into the agent pods.
+    UninstallHook(UninstallHookArgs),
+}
+
+/// Flags of `uninstall-hook`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct UninstallHookArgs {
+    /// The lifecycle ConfigMap (in POD_NAMESPACE) whose `uninstall` key the agents read.
+    #[arg(long, env = "LIFECYCLE_CONFIGMAP", default_value = "meshcni-lifecycle")]
+    pub configmap: String,
+    /// Seconds to wait after the patch: longer than the kubelet's ConfigMap sync (~60 s + TTL).
+    #[arg(long, env = "UNINSTALL_WAIT_SECONDS", default_value = "90")]
+    pub wait_seconds: u64,
+    /// Kubeconfig to reach the API server with; empty = in-cluster (service-account token and
+    /// CA, KUBERNETES_SERVICE_HOST/PORT).
+    #[arg(long, default_value = "")]
+    pub kubeconfig: String,
 }
 
 /// All agent settings. Field docs are the `--help` text.

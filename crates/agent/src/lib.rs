@@ -33,6 +33,7 @@ pub mod plugin_report;
 pub mod readiness;
 pub mod run;
 pub mod seam;
+pub mod uninstall_hook;
 pub mod workloads;
 
 use std::process::ExitCode;
@@ -76,6 +77,18 @@ pub fn main_entry() -> ExitCode {
                 println!("plugin config: {}", String::from_utf8_lossy(&plugin));
                 Ok(())
             }),
+        cli::Command::UninstallHook(hook) => {
+            match uninstall_hook::HookPlan::from_args(&args, &hook)
+                .and_then(|plan| uninstall_hook::run(&plan))
+            {
+                Ok(()) => return ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "meshcni-agent uninstall-hook failed");
+                    eprintln!("meshcni-agent: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         cli::Command::Uninstall => install_bridge::for_uninstall(&args)
             .map_err(run::AgentError::Installer)
             .and_then(|inst| {

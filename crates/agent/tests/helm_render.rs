@@ -190,3 +190,83 @@ fn ambient_mode_renders_a_host_network_agent_the_agent_accepts(mode: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The pre-delete hook runs the chart's own image (`meshcni-agent uninstall-hook`), nothing
+/// third-party; the removed `uninstallHook.image` value is refused, not silently ignored.
+#[test]
+fn uninstall_hook_runs_the_meshcni_image_and_the_old_image_value_is_refused() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let template = |sets: &[&str]| {
+        let mut cmd = Command::new(helm());
+        cmd.args(["template", "meshcni"])
+            .arg(repo().join("deploy/helm/meshcni"))
+            .args(["--namespace", "kube-system"])
+            .env("HELM_CONFIG_HOME", home.path().join("config"))
+            .env("HELM_CACHE_HOME", home.path().join("cache"))
+            .env("HELM_DATA_HOME", home.path().join("data"));
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        cmd.output().expect("run helm template")
+    };
+    let out = template(&["uninstallHook.waitSeconds=75"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objs = objects(&String::from_utf8(out.stdout).expect("UTF-8"));
+    let ds = &objs[&("DaemonSet".to_string(), "meshcni-node".to_string())];
+    let agent_image = ds["spec"]["template"]["spec"]["containers"][0]["image"].clone();
+    let job = &objs[&("Job".to_string(), "meshcni-uninstall".to_string())];
+    let spec = &job["spec"]["template"]["spec"];
+    assert_eq!(
+        spec.get("initContainers"),
+        None,
+        "one container does the whole hook"
+    );
+    let containers = spec["containers"].as_array().expect("containers");
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    assert_eq!(c["image"], agent_image, "the hook runs the agent's image");
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "uninstall-hook",
+            "--configmap=meshcni-lifecycle",
+            "--wait-seconds=75"
+        ]
+    );
+    // The agent parses exactly these arguments.
+    let parsed = <meshcni_agent::cli::Cli as clap::Parser>::try_parse_from(
+        std::iter::once("meshcni-agent").chain(args.iter().copied()),
+    )
+    .expect("the agent accepts the hook's arguments");
+    assert_eq!(
+        parsed.command,
+        Some(meshcni_agent::cli::Command::UninstallHook(
+            meshcni_agent::cli::UninstallHookArgs {
+                configmap: "meshcni-lifecycle".into(),
+                wait_seconds: 75,
+                kubeconfig: String::new(),
+            }
+        ))
+    );
+    // The ConfigMap it patches is the one the chart creates and mounts.
+    assert!(objs.contains_key(&("ConfigMap".to_string(), "meshcni-lifecycle".to_string())));
+    assert_eq!(c["env"][0]["name"], "POD_NAMESPACE");
+
+    let out = template(&["uninstallHook.image=docker.io/bitnami/kubectl:latest"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "uninstallHook.image was accepted");
+    assert!(
+        stderr.contains("uninstallHook.image was removed"),
+        "{stderr}"
+    );
+}

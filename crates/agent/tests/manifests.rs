@@ -690,7 +690,6 @@ fn manifest_is_the_chart_rendered_with_defaults() {
 
     // Uninstall hook: Helm-only; the plain manifest carries only the lifecycle ConfigMap.
     assert_eq!(cov.get("uninstallHook.enabled"), Value::Bool(true));
-    let _ = cov.str("uninstallHook.image");
     assert!(cov.get("uninstallHook.waitSeconds").as_i64().expect("int") >= 60);
     assert!(
         !o.raw.iter().any(|d| d["kind"] == "Job"),

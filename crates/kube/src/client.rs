@@ -271,6 +271,42 @@ impl ApiClient {
     }
 }
 
+/// Writes (the agent's `uninstall-hook`): any method, any status handed back as it came.
+impl ApiClient {
+    /// `method path` with `body` sent as `content_type`. Returns the HTTP status and the body
+    /// (at most 16 MiB) for every answer the server gave, 2xx or not, so the caller names the
+    /// operation in its own errors; only transport failures (unreachable, timeout, TLS) are
+    /// errors here.
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: &str,
+        body: &[u8],
+    ) -> Result<(u16, String), KubeError> {
+        let url = format!("{}{}", self.server, path);
+        let mut req = self
+            .agent
+            .request(method, &url)
+            .set("Accept", "application/json")
+            .set("Content-Type", content_type);
+        if let Some(auth) = &self.authorization {
+            req = req.set("Authorization", auth);
+        }
+        let resp = match req.send_bytes(body) {
+            Ok(resp) | Err(ureq::Error::Status(_, resp)) => resp,
+            Err(ureq::Error::Transport(t)) => return Err(self.classify_transport(&url, &t)),
+        };
+        let status = resp.status();
+        let mut text = String::new();
+        resp.into_reader()
+            .take(MAX_BODY)
+            .read_to_string(&mut text)
+            .map_err(|e| self.stream_error(&url, &e))?;
+        Ok((status, text))
+    }
+}
+
 impl PodSource for ApiClient {
     fn get_pod(&self, namespace: &str, name: &str) -> Result<Pod, KubeError> {
         ApiClient::get_pod(self, namespace, name)

@@ -21,6 +21,8 @@ pub struct FakeRequest {
     pub path: String,
     /// Header names lower-cased.
     pub headers: Vec<(String, String)>,
+    /// The request body (`Content-Length` bytes, lossy UTF-8; empty without one).
+    pub body: String,
 }
 
 impl FakeRequest {
@@ -290,10 +292,18 @@ fn serve_stream<S: Read + Write>(
             headers.push((n.trim().to_ascii_lowercase(), v.trim().to_string()));
         }
     }
+    let length = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let mut body = Vec::new();
+    (&mut reader).take(length).read_to_end(&mut body)?;
     let req = FakeRequest {
         method,
         path,
         headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
     };
     requests
         .lock()
