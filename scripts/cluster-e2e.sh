@@ -243,7 +243,9 @@ test_cni_status_and_gc_reach_meshcni() {
     [ ! -f "$hl/$ipb" ] || fail "host-local kept the stale attachment's address $ipb"
     echo "GC: stale $sb DELeted through the chain, $ipb released; $sa and $ipa kept; meshcni GC rc=0"
     k delete pod gca gcb --wait=true --timeout=60s >/dev/null
+    # Back to the plain reference chain for the chart tests.
     cp "$orig" "$cl.tmp" && mv "$cl.tmp" "$cl"
+    rm -f "$NODE_DIR/fs/opt-cni-bin/meshcni" "$NODE_DIR/fs/opt-cni-bin/meshcni.real"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +321,55 @@ test_injected_pod_captured_from_first_packet() {
     k delete pod injected plain --wait=true --timeout=60s
 }
 
+# helm upgrade to a new image tag: during the rollout, injected pods keep being created; every
+# one must start captured (its first connection lands on 15001). Also measured: the longest
+# time the node's conflist was without meshcni (polled every 100 ms).
+test_helm_upgrade_no_pod_starts_uncaptured() {
+    local ref newref cl i n=0 bad=0
+    ref="$("$HERE/build-image.sh" --print-ref)" || fail "build-image.sh --print-ref"
+    newref="${ref%:*}:e2e-upgrade"
+    innode ctr -n k8s.io images tag --force "$ref" "$newref" >/dev/null || fail "tag $ref as $newref"
+    cl="$(conflist_host)"
+    # conflist watcher: one line per poll, "<time> 1|0" (meshcni present or not).
+    (while :; do
+        if jq -e '[.plugins[].type] | index("meshcni")' "$cl" >/dev/null 2>&1; then echo "$(date +%s.%N) 1"; else echo "$(date +%s.%N) 0"; fi
+        sleep 0.1
+    done) >"$WORK/conflist-watch" &
+    local watcher=$!
+    helm_ upgrade meshcni "$REPO/deploy/helm/meshcni" -n kube-system --reuse-values --set tag=e2e-upgrade >/dev/null ||
+        { kill "$watcher"; fail "helm upgrade"; }
+    # Pods during the rollout (until it is complete, then two more).
+    local done_at=""
+    for ((i = 0; i < 60; i++)); do
+        injected_pod_json "up$i" | k apply -f - >/dev/null
+        n=$((n + 1))
+        if [ -z "$done_at" ] && k -n kube-system rollout status ds/meshcni-node --timeout=1s >/dev/null 2>&1; then
+            done_at=$i
+        fi
+        [ -n "$done_at" ] && [ $i -ge $((done_at + 2)) ] && break
+        sleep 1
+    done
+    kill "$watcher"
+    [ -n "$done_at" ] || fail "rollout did not complete"
+    k -n kube-system get pods -l k8s-app=meshcni-node -o jsonpath='{.items[*].spec.containers[0].image}{"\n"}'
+    k -n kube-system get pods -l k8s-app=meshcni-node -o jsonpath='{.items[*].spec.containers[0].image}' | grep -q "$newref" ||
+        fail "agent pod not on $newref after the rollout"
+    for ((i = 0; i < n; i++)); do
+        wait_running "up$i" 120 >/dev/null 2>&1 || true
+        local r
+        r="$(k logs "up$i" -c istio-validation 2>/dev/null)"
+        [ "$r" = "first connection: captured" ] || { bad=$((bad + 1)); echo "up$i: '${r:-no log}'"; }
+    done
+    echo "$n pods created during the upgrade: $((n - bad)) started captured, $bad not"
+    awk 'BEGIN { w = 0; longest = 0 }
+         $2 == 0 && !start { start = $1 } $2 == 1 && start { d = $1 - start; if (d > longest) longest = d; start = 0 }
+         END { if (start) { print "conflist still without meshcni at the end"; exit 1 }
+               printf "longest window with meshcni absent from the node conflist: %.1f ms (%d polls)\n", longest * 1000, NR }' \
+        "$WORK/conflist-watch" || bad=$((bad + 1))
+    for ((i = 0; i < n; i++)); do k delete pod "up$i" --wait=false >/dev/null 2>&1; done
+    [ $bad = 0 ] || fail "$bad pod(s) started uncaptured during the upgrade (or the conflist lost meshcni)"
+}
+
 test_helm_uninstall_restores_cni_files() {
     helm_ uninstall meshcni -n kube-system --wait --timeout 300s || fail "helm uninstall"
     local i
@@ -353,6 +404,7 @@ main() {
     run_test cni_status_and_gc_reach_meshcni
     run_test helm_install_defaults
     run_test injected_pod_captured_from_first_packet
+    run_test helm_upgrade_no_pod_starts_uncaptured
     run_test helm_uninstall_restores_cni_files
 
     echo "cluster-e2e: total $(($(date +%s) - T0))s"
