@@ -308,7 +308,7 @@ test_injected_pod_captured_from_first_packet() {
     injected_pod_json injected | k apply -f - || fail "create injected pod"
     wait_running injected 120 || { k describe pod injected | tail -20; k logs injected -c istio-validation; fail "injected pod not Ready"; }
     k logs injected -c istio-validation
-    [ "$(k logs injected -c istio-validation)" = "first connection: captured" ] || fail "first connection not captured"
+    [ "$(k logs injected -c istio-validation | tail -n 1)" = "first connection: captured" ] || fail "first connection not captured"
     # Control: the same probe in a pod that was not injected is refused (not captured).
     injected_pod_json plain | jq 'del(.metadata.annotations."sidecar.istio.io/status")' | k apply -f - || fail "create plain pod"
     local i
@@ -317,7 +317,7 @@ test_injected_pod_captured_from_first_packet() {
         sleep 1
     done
     echo "control pod: $(k logs plain -c istio-validation 2>/dev/null)"
-    [ "$(k logs plain -c istio-validation 2>/dev/null)" = "first connection: refused" ] || fail "control pod's connection was not refused"
+    [ "$(k logs plain -c istio-validation 2>/dev/null | tail -n 1)" = "first connection: refused" ] || fail "control pod's connection was not refused"
     k delete pod injected plain --wait=true --timeout=60s
 }
 
@@ -354,10 +354,12 @@ test_helm_upgrade_no_pod_starts_uncaptured() {
     k -n kube-system get pods -l k8s-app=meshcni-node -o jsonpath='{.items[*].spec.containers[0].image}{"\n"}'
     k -n kube-system get pods -l k8s-app=meshcni-node -o jsonpath='{.items[*].spec.containers[0].image}' | grep -q "$newref" ||
         fail "agent pod not on $newref after the rollout"
+    local pods=()
+    for ((i = 0; i < n; i++)); do pods+=("pod/up$i"); done
+    k wait --for=condition=Ready "${pods[@]}" --timeout=120s >/dev/null 2>&1 || true
     for ((i = 0; i < n; i++)); do
-        wait_running "up$i" 120 >/dev/null 2>&1 || true
         local r
-        r="$(k logs "up$i" -c istio-validation 2>/dev/null)"
+        r="$(k logs "up$i" -c istio-validation 2>/dev/null | tail -n 1)"
         [ "$r" = "first connection: captured" ] || { bad=$((bad + 1)); echo "up$i: '${r:-no log}'"; }
     done
     echo "$n pods created during the upgrade: $((n - bad)) started captured, $bad not"
@@ -383,6 +385,31 @@ test_helm_uninstall_restores_cni_files() {
     cat "$WORK/cni-after"
 }
 
+# kubectl apply, then kubectl delete of the plain manifest (no Helm hook runs): new pods must
+# still start afterwards, and the node's CNI files must be as before.
+test_manifest_delete_new_pods_still_start() {
+    local m="$REPO/deploy/manifests/meshcni.yaml"
+    cni_state >"$WORK/cni-before-manifest"
+    k apply -f "$m" >/dev/null || fail "kubectl apply -f $m"
+    k -n kube-system rollout status ds/meshcni-node --timeout=180s || fail "DaemonSet not Ready"
+    local cl i
+    cl="$(conflist_host)"
+    for ((i = 0; i < 30; i++)); do jq -e '[.plugins[].type] | index("meshcni")' "$cl" >/dev/null && break; sleep 1; done
+    jq -e '[.plugins[].type] | index("meshcni")' "$cl" >/dev/null || fail "plugin not merged after kubectl apply"
+    k delete -f "$m" --wait=true --timeout=120s >/dev/null || fail "kubectl delete -f $m"
+    for ((i = 0; i < 60; i++)); do
+        k -n kube-system get pods -l k8s-app=meshcni-node -o name 2>/dev/null | grep -q . || break
+        sleep 1
+    done
+    echo "after delete, conflist: $(jq -c '[.plugins[].type]' "$cl")"
+    pod_json afterdelete '{}' sleep 3600 | k apply -f - >/dev/null
+    wait_running afterdelete 90 || { k describe pod afterdelete | tail -8; fail "a new pod does not start after kubectl delete -f"; }
+    echo "a new pod started after the manifest was deleted"
+    k delete pod afterdelete --wait=true --timeout=60s >/dev/null
+    cni_state >"$WORK/cni-after-manifest"
+    diff "$WORK/cni-before-manifest" "$WORK/cni-after-manifest" || fail "CNI files differ after kubectl delete -f"
+}
+
 # ---------------------------------------------------------------------------------------------
 main() {
     echo "cluster-e2e: building/checking node binaries"
@@ -406,6 +433,11 @@ main() {
     run_test injected_pod_captured_from_first_packet
     run_test helm_upgrade_no_pod_starts_uncaptured
     run_test helm_uninstall_restores_cni_files
+    # Not in the default run (fails today): after `kubectl delete -f` the agent leaves the
+    # plugin in the conflist with its service-account token dead, and every new pod's sandbox
+    # fails (plugin ADD: "kubernetes API rejected the credentials ... 401 Unauthorized").
+    # Run it by name: scripts/cluster-e2e.sh manifest_delete
+    [ -n "$FILTER" ] && run_test manifest_delete_new_pods_still_start
 
     echo "cluster-e2e: total $(($(date +%s) - T0))s"
     [ $FAILED = 0 ] || echo "failed: ${FAILED_NAMES[*]}"

@@ -20,7 +20,8 @@
 # Layout of the node netns (names unique per DIR):
 #   netns  mcni-k8s-<id>;  node IP 10.243.0.1/32 on lo (apiserver advertise address, kubelet
 #   node IP); a blackhole default route (nothing leaves the netns; there is no link out of it);
-#   pods 10.244.0.0/24 on bridge mcni-cni0;
+#   10.96.0.0/24 (services) routed to lo, so kube-proxy's OUTPUT DNAT applies to the node's
+#   own connections; pods 10.244.0.0/24 on bridge mcni-cni0;
 #   services 10.96.0.0/24 (kube-proxy, iptables mode, in the netns only).
 # Kernel tunables: kubelet runs with protectKernelDefaults=true (it never writes the host's
 # vm./kernel. sysctls, which are not per netns); the values it checks are bind-mounted read-only
@@ -323,6 +324,9 @@ setup_namespaces() {
     $n ip link set lo up
     $n ip addr add "$NODE_IP/32" dev lo
     $n ip route add blackhole default
+    # Service IPs: a route so that a connect() from the node netns gets past routing (a
+    # blackholed destination fails with EINVAL before kube-proxy's OUTPUT DNAT can apply).
+    $n ip route add "$SVC_CIDR" dev lo src "$NODE_IP"
     $n sysctl -qw net.ipv4.ip_forward=1
 }
 
