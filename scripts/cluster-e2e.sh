@@ -242,6 +242,8 @@ test_cni_status_and_gc_reach_meshcni() {
     [ -f "$hl/$ipa" ] || fail "host-local released the valid pod's address $ipa"
     [ ! -f "$hl/$ipb" ] || fail "host-local kept the stale attachment's address $ipb"
     echo "GC: stale $sb DELeted through the chain, $ipb released; $sa and $ipa kept; meshcni GC rc=0"
+    calls | awk '$2 == "STATUS" { n++; if (!f) f = $1; l = $1 }
+        END { if (n > 1) printf "containerd sent %d STATUS calls over %.0f s (one per %.1f s)\n", n, l - f, (l - f) / (n - 1) }'
     k delete pod gca gcb --wait=true --timeout=60s >/dev/null
     # Back to the plain reference chain for the chart tests.
     cp "$orig" "$cl.tmp" && mv "$cl.tmp" "$cl"
