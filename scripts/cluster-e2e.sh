@@ -291,6 +291,13 @@ injected_pod_json() {
            securityContext: {runAsUser: 1337, runAsGroup: 1337}}]}}'
 }
 
+test_helm_lint() {
+    [ -x "$HELM" ] || fail "helm missing at $HELM (scripts/setup.sh builds it)"
+    "$HELM" lint --strict "$REPO/deploy/helm/meshcni" || fail "helm lint (defaults)"
+    "$HELM" lint --strict "$REPO/deploy/helm/meshcni" --set ambient.enabled=true --set ambient.redirectMode=iptables ||
+        fail "helm lint (ambient, iptables)"
+}
+
 test_helm_install_defaults() {
     [ -x "$HELM" ] || fail "helm missing at $HELM (scripts/setup.sh builds it)"
     cni_state >"$WORK/cni-before"
@@ -431,6 +438,7 @@ main() {
     run_test node_ready
     run_test pod_gets_bridge_ip_and_tcp_works
     run_test cni_status_and_gc_reach_meshcni
+    run_test helm_lint
     run_test helm_install_defaults
     run_test injected_pod_captured_from_first_packet
     run_test helm_upgrade_no_pod_starts_uncaptured
