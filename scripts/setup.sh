@@ -12,6 +12,9 @@
 #           containerd runc busybox-static python3-venv          (containerd CRI runtime test)
 #           podman catatonit                                     (podman CNI-backend runtime test)
 #           golang-go golang-github-appc-cni-dev dpkg-dev        (to build cnitool, see below)
+#           openssl curl                                         (real_apiserver test: PKI, etcd compaction)
+#           gcc libc6-dev binutils                               (scripts/build-image.sh: the static
+#                                                                 pause of --test-images, readelf)
 #   cnitool $CNITOOL (default /usr/local/bin/cnitool), built from Debian's *source* package golang-github-appc-cni
 #           (the -dev package ships libcni but not cnitool) with Debian's Go in GOPATH mode: no Go
 #           module is downloaded. The deb-src index goes to a private temporary apt state dir;
@@ -47,7 +50,8 @@ ts() { local now; now=$(date +%s); echo "setup: [+$((now - step_t))s, total $((n
 pkgs=(iptables nftables ipset iproute2 conntrack jq util-linux
       containernetworking-plugins containerd runc busybox-static python3 python3-venv
       podman catatonit
-      golang-go golang-github-appc-cni-dev dpkg-dev ca-certificates)
+      golang-go golang-github-appc-cni-dev dpkg-dev ca-certificates openssl curl
+      gcc libc6-dev binutils)
 [ $WANT_FUZZ = 1 ] && pkgs+=(g++)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -7,15 +7,20 @@
 #   2. preflight             root + every tool the tests use, else stop with what is missing
 #   3. cargo fmt --check     the workspace, then the fuzz/ project
 #   4. cargo clippy --workspace --all-targets -- -D warnings
-#   5. cargo test --workspace --no-fail-fast
+#   5. image                 scripts/build-image.sh: the container image (release build) into
+#                            target/images/meshcni-agent.tar; name, digest and sizes printed
+#   6. cargo test --workspace --no-fail-fast
 #                            unit, golden, root/netns tests and the real-runtime tests
 #                            (crates/plugin/tests/runtimes.rs: cnitool and containerd CRI,
 #                            crates/plugin/tests/podman.rs: podman's CNI backend, driving the
-#                            built meshcni binary inside throw-away netns)
-#   6. cluster e2e           scripts/cluster-e2e.sh: a real single-node Kubernetes (k8s 1.34,
+#                            built meshcni binary inside throw-away netns;
+#                            crates/plugin/tests/image.rs: the image built twice (same digest),
+#                            imported into a private containerd, every binary in it run)
+#   7. cluster e2e           scripts/cluster-e2e.sh: a real single-node Kubernetes (k8s 1.34,
 #                            containerd 2.2, reference CNI plugins 1.10) in throw-away netns +
-#                            mount ns: pods, CNI STATUS/GC, helm install/uninstall of the chart
-#   7. fuzz                  every target in fuzz/ for FUZZ_SECONDS (default 60) each, with
+#                            mount ns: pods, CNI STATUS/GC, helm install/upgrade/uninstall of the
+#                            chart with the image; prints `N passed, N failed`
+#   8. fuzz                  every target in fuzz/ for FUZZ_SECONDS (default 60) each, with
 #                            cargo-fuzz + libFuzzer on *stable* Rust (--sanitizer none, see
 #                            fuzz/README.md); FUZZ_SECONDS=0 skips fuzzing.
 #
@@ -62,7 +67,7 @@ run "setup" bash scripts/setup.sh "${setup_args[@]}" || finish
 preflight() {
     local missing=() t
     for t in ip nsenter iptables iptables-save iptables-legacy-save nft ipset conntrack jq \
-             cnitool containerd ctr runc podman conmon python3 cargo; do
+             cnitool containerd ctr runc podman conmon python3 cargo gcc readelf; do
         command -v "$t" >/dev/null || missing+=("$t")
     done
     for t in /usr/lib/cni/bridge /usr/lib/cni/host-local /usr/lib/cni/portmap /bin/busybox \
@@ -79,6 +84,7 @@ run "preflight" preflight || finish
 run "cargo fmt" cargo fmt --all --check
 run "cargo fmt (fuzz)" cargo fmt --manifest-path fuzz/Cargo.toml --check
 run "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+run "image" scripts/build-image.sh
 run "cargo test" cargo test --workspace --no-fail-fast
 # A real single-node Kubernetes in its own netns + mount ns (scripts/k8s-node.sh): the chart,
 # the image, CNI STATUS/GC through containerd 2.x; prints `N passed, N failed`.

@@ -95,7 +95,7 @@ mod selector_tests {
         meshcni_install::conflist::parse_enablement_selectors(DEFAULT_ENABLEMENT_SELECTORS_YAML)
             .expect("the installer accepts the default selectors");
         let parsed: Vec<meshcni_kube::EnablementSelector> =
-            serde_yaml::from_str(DEFAULT_ENABLEMENT_SELECTORS_YAML)
+            serde_saphyr::from_str(DEFAULT_ENABLEMENT_SELECTORS_YAML)
                 .expect("default selectors parse");
         assert_eq!(parsed, meshcni_kube::EnablementSelector::istio_defaults());
     }

@@ -23,7 +23,8 @@
 //! 3. The marker file `--uninstall-marker-file` (default `/etc/meshcni/lifecycle/uninstall`)
 //!    exists and contains `true` (surrounding whitespace ignored, case-insensitive). It is read at
 //!    shutdown time, not at start. The Helm chart mounts the `meshcni-lifecycle` ConfigMap there
-//!    (its key `uninstall` becomes the file); the chart's pre-delete hook sets the key to `true`
+//!    (its key `uninstall` becomes the file); the chart's pre-delete hook (`meshcni-agent
+//!    uninstall-hook` in the meshcni image, [`crate::uninstall_hook`]) sets the key to `true`
 //!    and waits for the kubelet to project it before Helm deletes the DaemonSet. With plain
 //!    manifests: `kubectl -n kube-system patch configmap meshcni-lifecycle --type merge -p
 //!    '{"data":{"uninstall":"true"}}'`, wait ~1 minute, then delete the manifests. On a host

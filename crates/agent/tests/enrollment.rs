@@ -14,8 +14,7 @@ use meshcni_agent::enroll::{EnrolledState, PodId};
 use meshcni_agent::workloads::EnrollPolicy;
 use meshcni_agent::workloads::file::FileSource;
 use meshcni_agent::workloads::kube::{AccessConfig, KubeSource, KubeSourceOptions};
-use meshcni_kube::fake_cluster::FakeCluster;
-use meshcni_kube::watch::ReflectorOptions;
+use meshcni_testkit::kube_cluster::FakeCluster;
 use prometheus_client::metrics::gauge::Gauge;
 use serde_json::{Value, json};
 
@@ -486,14 +485,11 @@ fn kubernetes_source_follows_pods_and_namespace_labels() {
     );
     let mut l = AmbientLoop::spawn(rec);
     let opts = KubeSourceOptions {
-        reflector: ReflectorOptions {
-            watch_timeout: Duration::from_secs(2),
-            resync: Duration::from_secs(3600),
-            list_timeout: Duration::from_secs(5),
-            min_backoff: Duration::from_millis(20),
-            max_backoff: Duration::from_millis(200),
-        },
-        client_refresh: Duration::from_secs(3600),
+        watch_timeout: Duration::from_secs(2),
+        resync: Duration::from_secs(3600),
+        min_backoff: Duration::from_millis(20),
+        list_page_size: 500,
+        max_backoff: Duration::from_millis(200),
     };
     l.keep(Box::new(KubeSource::spawn(
         AccessConfig::Kubeconfig(kubeconfig),

@@ -64,12 +64,8 @@ fn rendered(sets: &[&str]) -> String {
 /// Objects by (kind, name).
 fn objects(yaml: &str) -> BTreeMap<(String, String), Value> {
     let mut out = BTreeMap::new();
-    for de in serde_yaml::Deserializer::from_str(yaml) {
-        let v: serde_yaml::Value = serde::Deserialize::deserialize(de).expect("valid YAML");
-        if v.is_null() {
-            continue;
-        }
-        let v = serde_json::to_value(&v).expect("YAML converts to JSON");
+    // Empty and null documents are skipped.
+    for v in serde_saphyr::from_multiple::<Value>(yaml).expect("valid YAML") {
         let kind = v["kind"].as_str().expect("kind").to_string();
         let name = v["metadata"]["name"].as_str().expect("name").to_string();
         assert!(

@@ -29,16 +29,8 @@ fn read(rel: &str) -> String {
 
 /// All non-empty documents of a multi-document YAML file, as JSON trees.
 fn documents(yaml: &str) -> Vec<Value> {
-    let mut out = Vec::new();
-    for de in serde_yaml::Deserializer::from_str(yaml) {
-        let v: serde_yaml::Value =
-            serde::Deserialize::deserialize(de).expect("manifest document is valid YAML");
-        if v.is_null() {
-            continue;
-        }
-        out.push(serde_json::to_value(&v).expect("YAML document converts to JSON"));
-    }
-    out
+    // Empty and null documents are skipped.
+    serde_saphyr::from_multiple::<Value>(yaml).expect("manifest documents are valid YAML")
 }
 
 /// Paths where `a` and `b` differ.
@@ -354,9 +346,7 @@ fn rbac_is_least_privilege() {
 // values.yaml ↔ manifest
 
 fn values() -> Value {
-    let v: serde_yaml::Value =
-        serde_yaml::from_str(&read("deploy/helm/meshcni/values.yaml")).expect("values.yaml");
-    serde_json::to_value(v).expect("values to JSON")
+    serde_saphyr::from_str(&read("deploy/helm/meshcni/values.yaml")).expect("values.yaml")
 }
 
 fn leaves(v: &Value, path: &str, out: &mut Vec<String>) {
@@ -502,9 +492,10 @@ fn manifest_is_the_chart_rendered_with_defaults() {
     };
     assert_eq!(cm("AMBIENT_CONFIG_DIR"), Some(dir));
     let sel_values = cov.get("ambient.enablementSelectors");
-    let sel_cm: serde_yaml::Value =
-        serde_yaml::from_str(&cm("AMBIENT_ENABLEMENT_SELECTOR").expect("selector")).expect("yaml");
-    assert_eq!(to_json(&sel_cm), sel_values);
+    let sel_cm: Value =
+        serde_saphyr::from_str(&cm("AMBIENT_ENABLEMENT_SELECTOR").expect("selector"))
+            .expect("yaml");
+    assert_eq!(sel_cm, sel_values);
     assert_eq!(
         cm("AMBIENT_DNS_CAPTURE"),
         Some(cov.str("ambient.dnsCapture"))
@@ -773,8 +764,8 @@ fn chart_templates_and_values_agree() {
             "values.yaml {leaf} is used by no template"
         );
     }
-    let chart: serde_yaml::Value =
-        serde_yaml::from_str(&read("deploy/helm/meshcni/Chart.yaml")).expect("Chart.yaml");
+    let chart: Value =
+        serde_saphyr::from_str(&read("deploy/helm/meshcni/Chart.yaml")).expect("Chart.yaml");
     assert_eq!(chart["apiVersion"], "v2");
     assert_eq!(chart["name"], "meshcni");
     // Version label rendered from Chart.appVersion.

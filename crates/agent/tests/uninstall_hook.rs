@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use meshcni_kube::fake::{FakeApiServer, FakeRequest, FakeResponse};
+use meshcni_testkit::kube_api::{FakeApiServer, FakeRequest, FakeResponse};
 use serde_json::{Value, json};
 
 const CM_PATH: &str = "/api/v1/namespaces/mesh-system/configmaps/meshcni-lifecycle";

@@ -525,7 +525,7 @@ pub fn parse_enablement_selectors(yaml: &str) -> Result<Vec<EnablementSelector>,
         return Ok(Vec::new());
     }
     let parsed: Option<Vec<EnablementSelector>> =
-        serde_yaml::from_str(yaml).map_err(|e| ConfigError::InvalidSelector(e.to_string()))?;
+        serde_saphyr::from_str(yaml).map_err(|e| ConfigError::InvalidSelector(e.to_string()))?;
     Ok(parsed.unwrap_or_default())
 }
 

@@ -212,52 +212,8 @@ impl ApiClient {
     }
 }
 
-/// Streaming access for [`crate::watch`]: list and watch requests need a per-request timeout
-/// (a watch stays open for minutes) and hand the body over unread.
+/// Reading bodies: errors met while reading a response body.
 impl ApiClient {
-    /// `GET path?query` with `timeout` for the whole exchange (body included); returns the
-    /// full URL and the unread body. Non-2xx answers become the same errors as
-    /// [`ApiClient::get_pod`] gives (404 as [`KubeError::Api`], since a collection has no
-    /// object name).
-    pub(crate) fn get_stream(
-        &self,
-        path: &str,
-        query: &[(&str, &str)],
-        timeout: Duration,
-    ) -> Result<(String, Box<dyn Read + Send + Sync + 'static>), KubeError> {
-        let mut req = self
-            .agent
-            .get(&format!("{}{}", self.server, path))
-            .set("Accept", "application/json")
-            .timeout(timeout);
-        for (k, v) in query {
-            req = req.query(k, v);
-        }
-        let url = req
-            .request_url()
-            .map(|u| u.as_url().to_string())
-            .unwrap_or_else(|_| req.url().to_string());
-        if let Some(auth) = &self.authorization {
-            req = req.set("Authorization", auth);
-        }
-        match req.call() {
-            Ok(resp) => Ok((url, resp.into_reader())),
-            Err(ureq::Error::Status(status, resp)) => {
-                let message = status_message(&read_error_body(resp));
-                Err(match status {
-                    401 => KubeError::Unauthorized { url, message },
-                    403 => KubeError::Forbidden { url, message },
-                    _ => KubeError::Api {
-                        url,
-                        status,
-                        message,
-                    },
-                })
-            }
-            Err(ureq::Error::Transport(t)) => Err(self.classify_transport(&url, &t)),
-        }
-    }
-
     /// Map an I/O error met while reading a streamed body.
     pub(crate) fn stream_error(&self, url: &str, e: &std::io::Error) -> KubeError {
         if is_timeout_kind(e.kind()) {

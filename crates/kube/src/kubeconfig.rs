@@ -22,7 +22,8 @@ pub enum KubeconfigError {
     #[error("parsing kubeconfig {path}: {source}")]
     Parse {
         path: PathBuf,
-        source: serde_yaml::Error,
+        // Boxed: the parser error carries snippets and locations (hundreds of bytes).
+        source: Box<serde_saphyr::Error>,
     },
     #[error("kubeconfig {path}: {what}")]
     Invalid { path: PathBuf, what: String },
@@ -148,9 +149,9 @@ struct RawUser {
     client_key_data: Option<String>,
     username: Option<String>,
     password: Option<String>,
-    exec: Option<serde_yaml::Value>,
+    exec: Option<serde::de::IgnoredAny>,
     #[serde(rename = "auth-provider")]
-    auth_provider: Option<serde_yaml::Value>,
+    auth_provider: Option<serde::de::IgnoredAny>,
 }
 
 fn non_empty(s: &Option<String>) -> Option<&str> {
@@ -176,9 +177,9 @@ impl ClusterAccess {
         let raw: RawConfig = if text.trim().is_empty() {
             RawConfig::default()
         } else {
-            serde_yaml::from_str(text).map_err(|source| KubeconfigError::Parse {
+            serde_saphyr::from_str(text).map_err(|source| KubeconfigError::Parse {
                 path: path.to_path_buf(),
-                source,
+                source: Box::new(source),
             })?
         };
         let base_dir = path.parent().unwrap_or(Path::new("."));

@@ -5,20 +5,17 @@
 //! full client: it parses a kubeconfig ([`kubeconfig`]), performs plain `GET`s with short
 //! timeouts over rustls ([`client`]), decodes only the fields the plugin reads ([`types`]), and
 //! offers the same lookups from a directory of JSON files for hosts without Kubernetes
-//! ([`source`]). [`fake`] is an in-process fake API server used by tests and demos.
+//! ([`source`]). The fake API servers the tests use live in `meshcni-testkit`.
 
 #![forbid(unsafe_code)]
 
 pub mod client;
 pub mod error;
-pub mod fake;
-pub mod fake_cluster;
 pub mod kubeconfig;
 pub mod retry;
 pub mod selector;
 pub mod source;
 pub mod types;
-pub mod watch;
 
 pub use client::{ApiClient, ApiPodSource, ClientOptions};
 pub use error::{KubeError, ObjectKind};
@@ -30,7 +27,4 @@ pub use selector::{
 pub use source::{LocalPodSource, PodSource};
 pub use types::{
     Container, EnvVar, Namespace, ObjectMeta, Pod, PodIp, PodSpec, PodStatus, SecurityContext,
-};
-pub use watch::{
-    ObjectList, Reflector, ReflectorOptions, Resource, StoreChange, WatchEnd, WatchEvent,
 };

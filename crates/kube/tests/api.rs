@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meshcni_kube::fake::{FakeApiServer, FakeResponse};
 use meshcni_kube::{
     ApiClient, Auth, ClientOptions, ClusterAccess, KubeError, ObjectKind, TlsTrust,
 };
+use meshcni_testkit::kube_api::{FakeApiServer, FakeResponse};
 
 fn fixture_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

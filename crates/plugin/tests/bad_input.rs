@@ -14,7 +14,7 @@ mod common;
 use std::path::Path;
 
 use common::{Netns, TestPod, Workdir, k8s_args, require_root, run_plugin};
-use meshcni_kube::fake::FakeApiServer;
+use meshcni_testkit::kube_api::FakeApiServer;
 use serde_json::{Value, json};
 
 const TOOLS: &[&str] = &[

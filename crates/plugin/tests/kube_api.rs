@@ -4,12 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use meshcni_kube::fake::FakeApiServer;
 use meshcni_kube::{ApiClient, ClientOptions, LocalPodSource, PodSource};
 use meshcni_plugin::config::PluginConf;
 use meshcni_plugin::pod::{
     Decision, PodRef, SkipReason, decide, is_ambient_pod, skip_before_lookup,
 };
+use meshcni_testkit::kube_api::FakeApiServer;
 
 const POD_NS: &str = "default";
 const POD_NAME: &str = "productpage-v1-5d9b4c9849-x7kq2";

@@ -11,6 +11,8 @@
 pub mod ambient_bench;
 mod error;
 pub mod inpod_ztunnel;
+pub mod kube_api;
+pub mod kube_cluster;
 pub mod lab;
 pub mod multinode;
 mod netns;

@@ -831,7 +831,7 @@ pub fn policy_from_args(args: &crate::cli::AgentArgs) -> Result<EnrollPolicy, St
     let selectors = if args.ambient_enablement_selector.trim().is_empty() {
         meshcni_kube::EnablementSelector::istio_defaults()
     } else {
-        serde_yaml::from_str::<Option<Vec<meshcni_kube::EnablementSelector>>>(
+        serde_saphyr::from_str::<Option<Vec<meshcni_kube::EnablementSelector>>>(
             &args.ambient_enablement_selector,
         )
         .map_err(|e| format!("--ambient-enablement-selector is not a YAML list of selectors: {e}"))?

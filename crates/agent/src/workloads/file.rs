@@ -238,7 +238,7 @@ pub fn parse_workloads_checked(
             },
             YamlCheck::Syntax(reason) => parse_err(reason),
         })?;
-        serde_yaml::from_str::<Option<FileShape>>(text)
+        serde_saphyr::from_str::<Option<FileShape>>(text)
             .map_err(|e| parse_err(e.to_string()))?
             .unwrap_or_default()
     };

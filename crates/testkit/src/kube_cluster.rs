@@ -1,13 +1,16 @@
 //! A stateful in-process fake API server for list + watch of pods and namespaces (plain
-//! HTTP on `127.0.0.1`), for tests of [`crate::watch`] and of the node agent's informers.
+//! HTTP on `127.0.0.1`), for tests of the node agent's informers (kube-rs `watcher`).
 //!
 //! Tests change the cluster with [`FakeCluster::apply_pod`], [`FakeCluster::delete_pod`],
 //! [`FakeCluster::apply_namespace`], ...; every change gets the next resourceVersion and is
 //! streamed to open watches as `ADDED`/`MODIFIED`/`DELETED`. [`FakeCluster::compact`] makes all
 //! versions seen so far too old (open watches get an `ERROR` 410 event, new watches from an old
 //! version too), [`FakeCluster::close_watches`] ends open streams as a server timeout would.
-//! Supported query parameters: `watch`, `resourceVersion`, `timeoutSeconds`, and
-//! `fieldSelector=spec.nodeName=<node>` on pods. Responses use chunked encoding like the real
+//! Supported query parameters: `watch` (`1`/`true`), `resourceVersion`, `timeoutSeconds`, and
+//! `fieldSelector=spec.nodeName=<node>` on pods; others (`limit`, `allowWatchBookmarks`) are
+//! accepted and recorded (lists are answered in one page); a watch with
+//! `allowWatchBookmarks=true` that reaches its `timeoutSeconds` ends with a `BOOKMARK` of the
+//! current version, as the API server's does. Responses use chunked encoding like the real
 //! server. Std threads only.
 
 use std::collections::BTreeMap;
@@ -47,6 +50,8 @@ struct State {
     generation: u64,
     /// Requests seen, as `METHOD path?query`.
     requests: Vec<String>,
+    /// The `Authorization` header of each request in `requests` (empty if none).
+    authorizations: Vec<String>,
     /// While > 0, list requests are answered 500 and this is decremented.
     fail_lists: u32,
 }
@@ -172,13 +177,20 @@ impl FakeCluster {
         self.shared.lock().requests.clone()
     }
 
+    /// The `Authorization` header of every request so far, in order (empty string if absent).
+    pub fn authorizations(&self) -> Vec<String> {
+        self.shared.lock().authorizations.clone()
+    }
+
     /// Number of list (non-watch) requests for `path` so far.
     pub fn list_count(&self, path: &str) -> usize {
         self.requests()
             .iter()
             .filter(|r| {
                 let p = r.trim_start_matches("GET ");
-                (p == path || p.starts_with(&format!("{path}?"))) && !p.contains("watch=1")
+                (p == path || p.starts_with(&format!("{path}?")))
+                    && !p.contains("watch=1")
+                    && !p.contains("watch=true")
             })
             .count()
     }
@@ -188,7 +200,7 @@ impl FakeCluster {
         st.rv += 1;
         let rv = st.rv;
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
-        let key = crate::watch::object_key(&object);
+        let key = object_key(&object);
         let map = match kind {
             Kind::Pod => &mut st.pods,
             Kind::Namespace => &mut st.namespaces,
@@ -245,6 +257,7 @@ struct Query {
     resource_version: Option<u64>,
     timeout: Duration,
     node: Option<String>,
+    bookmarks: bool,
 }
 
 fn parse_query(q: &str) -> Query {
@@ -253,12 +266,14 @@ fn parse_query(q: &str) -> Query {
         resource_version: None,
         timeout: Duration::from_secs(300),
         node: None,
+        bookmarks: false,
     };
     for pair in q.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let v = percent_decode(v);
         match k {
             "watch" => out.watch = v == "1" || v == "true",
+            "allowWatchBookmarks" => out.bookmarks = v == "true",
             "resourceVersion" => out.resource_version = v.parse().ok(),
             "timeoutSeconds" => {
                 out.timeout = Duration::from_secs(v.parse().unwrap_or(300));
@@ -315,14 +330,24 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
     let mut it = line.split_whitespace();
     let method = it.next().unwrap_or_default().to_string();
     let target = it.next().unwrap_or_default().to_string();
+    let mut authorization = String::new();
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h)? == 0 || h.trim_end().is_empty() {
             break;
         }
+        if let Some((n, v)) = h.split_once(':')
+            && n.trim().eq_ignore_ascii_case("authorization")
+        {
+            authorization = v.trim().to_string();
+        }
     }
     let mut stream = reader.into_inner();
-    shared.lock().requests.push(format!("{method} {target}"));
+    {
+        let mut st = shared.lock();
+        st.requests.push(format!("{method} {target}"));
+        st.authorizations.push(authorization);
+    }
     let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
     let q = parse_query(query);
     let kind = match path {
@@ -430,6 +455,24 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
         }
         let now = Instant::now();
         if now >= deadline {
+            // Like the API server at the end of a watch that asked for them: a BOOKMARK with
+            // the current version, so the client resumes from there, not from its last object.
+            if q.bookmarks {
+                let (api_kind, rv) = (
+                    match kind {
+                        Kind::Pod => "Pod",
+                        Kind::Namespace => "Namespace",
+                    },
+                    st.rv.to_string(),
+                );
+                drop(st);
+                let line = json!({"type": "BOOKMARK", "object": {"kind": api_kind,
+                    "apiVersion": "v1", "metadata": {"resourceVersion": rv}}})
+                .to_string()
+                    + "\n";
+                write_chunk(&mut stream, &line)?;
+                return finish(&mut stream);
+            }
             break;
         }
         let (guard, _) = shared
@@ -478,4 +521,15 @@ fn write_full(stream: &mut TcpStream, status: u16, body: &str) -> io::Result<()>
         body.len()
     )?;
     stream.flush()
+}
+
+/// Store key of an object: `namespace/name`, or `name` for cluster-scoped objects.
+fn object_key(object: &Value) -> String {
+    let ns = object["metadata"]["namespace"].as_str().unwrap_or_default();
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    if ns.is_empty() {
+        name.to_string()
+    } else {
+        format!("{ns}/{name}")
+    }
 }
