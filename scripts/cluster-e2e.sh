@@ -31,7 +31,7 @@ cleanup() {
         echo "cluster-e2e: remove it with: $HERE/k8s-node.sh down $NODE_DIR"
         return
     fi
-    [ -f "$NODE_DIR/state" ] && "$HERE/k8s-node.sh" down "$NODE_DIR" >/dev/null 2>&1
+    [ -f "$NODE_DIR/state" ] && { "$HERE/k8s-node.sh" down "$NODE_DIR" || echo "cluster-e2e: k8s-node.sh down $NODE_DIR failed (rc=$?)"; }
     rm -rf "$WORK"
 }
 trap cleanup EXIT
