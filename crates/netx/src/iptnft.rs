@@ -44,7 +44,6 @@ use crate::netns::InNetns;
 
 // ----- netlink constants ---------------------------------------------------------------------
 
-const NETLINK_NETFILTER: isize = 12;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_SUBSYS_NFT_COMPAT: u16 = 11;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
@@ -991,21 +990,7 @@ struct Reply {
 impl<'n> NfSock<'n> {
     /// Open the socket in the netns of the calling thread.
     pub fn open(ns: &'n InNetns<'n>) -> Result<Self, NetxError> {
-        use netlink_sys::{Socket, SocketAddr};
-        let err = |source| NetxError::Netlink {
-            netns: ns.path().to_path_buf(),
-            op: "nf_tables socket".to_string(),
-            source,
-        };
-        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(err)?;
-        socket.bind_auto().map_err(err)?;
-        socket.connect(&SocketAddr::new(0, 0)).map_err(err)?;
-        nix::sys::socket::setsockopt(
-            &socket,
-            nix::sys::socket::sockopt::ReceiveTimeout,
-            &nix::sys::time::TimeVal::new(5, 0),
-        )
-        .map_err(|e| err(e.into()))?;
+        let socket = crate::nft::nfnetlink_socket(ns, "nf_tables socket")?;
         Ok(NfSock { socket, seq: 0, ns })
     }
 

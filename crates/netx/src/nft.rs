@@ -518,6 +518,31 @@ fn chains_from(parts: &[DumpPart<'_>]) -> Vec<NftChain> {
     out
 }
 
+/// A NETLINK_NETFILTER socket in the netns of the calling thread, bound and connected to the
+/// kernel, with a 5 s receive timeout (the kernel always answers; a timeout turns a protocol
+/// bug into an error, not a hang). Errors name `op` and the netns.
+pub(crate) fn nfnetlink_socket(
+    ns: &InNetns<'_>,
+    op: &str,
+) -> Result<netlink_sys::Socket, NetxError> {
+    use netlink_sys::{Socket, SocketAddr};
+    let err = |source| NetxError::Netlink {
+        netns: ns.path().to_path_buf(),
+        op: op.to_string(),
+        source,
+    };
+    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(err)?;
+    socket.bind_auto().map_err(err)?;
+    socket.connect(&SocketAddr::new(0, 0)).map_err(err)?;
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(5, 0),
+    )
+    .map_err(|e| err(e.into()))?;
+    Ok(socket)
+}
+
 /// Run one nf_tables dump in the netns of the calling thread and hand every reply message to
 /// `collect` (which keeps what it needs: the datagrams are not kept).
 fn dump_here<T>(
@@ -527,7 +552,6 @@ fn dump_here<T>(
     family: u8,
     collect: impl Fn(&[DumpPart<'_>]) -> Vec<T>,
 ) -> Result<Vec<T>, NetxError> {
-    use netlink_sys::{Socket, SocketAddr};
     let err = |source| NetxError::Netlink {
         netns: ns.path().to_path_buf(),
         op: op.to_string(),
@@ -538,16 +562,7 @@ fn dump_here<T>(
         op: op.to_string(),
         detail,
     };
-    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(err)?;
-    socket.bind_auto().map_err(err)?;
-    socket.connect(&SocketAddr::new(0, 0)).map_err(err)?;
-    // The kernel always answers; a timeout turns a protocol bug into an error, not a hang.
-    nix::sys::socket::setsockopt(
-        &socket,
-        nix::sys::socket::sockopt::ReceiveTimeout,
-        &nix::sys::time::TimeVal::new(5, 0),
-    )
-    .map_err(|e| err(e.into()))?;
+    let socket = nfnetlink_socket(ns, op)?;
     let seq = 1;
     socket
         .send(&encode_dump_request(msg, family, seq), 0)
