@@ -71,13 +71,8 @@ impl AccessConfig {
                 } else {
                     TlsTrust::CaPem(read("ca.crt")?)
                 };
-                let host = if host.contains(':') && !host.starts_with('[') {
-                    format!("[{host}]")
-                } else {
-                    host.clone()
-                };
                 Ok(ClusterAccess {
-                    server: format!("{protocol}://{host}:{port}"),
+                    server: server_url(protocol, host, port),
                     trust,
                     auth: Auth {
                         bearer_token: Some(token),
@@ -108,12 +103,7 @@ impl AccessConfig {
                 service_account_dir,
                 skip_tls_verify,
             } => {
-                let host = if host.contains(':') && !host.starts_with('[') {
-                    format!("[{host}]")
-                } else {
-                    host.clone()
-                };
-                let url = format!("{protocol}://{host}:{port}");
+                let url = server_url(protocol, host, port);
                 let uri: http::Uri = url
                     .parse()
                     .map_err(|e| format!("API server address {url:?}: {e}"))?;
@@ -145,6 +135,15 @@ impl AccessConfig {
                 Ok(config)
             }
         }
+    }
+}
+
+/// `<protocol>://<host>:<port>` of the in-cluster settings, an IPv6 host in brackets.
+fn server_url(protocol: &str, host: &str, port: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("{protocol}://[{host}]:{port}")
+    } else {
+        format!("{protocol}://{host}:{port}")
     }
 }
 
