@@ -11,7 +11,7 @@ use std::net::Ipv6Addr;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use common::TestNetns;
+use common::{TestNetns, normalize_save, run_in};
 use meshcni_netx::iptables::{IptablesFlavor, IptablesOptions};
 use meshcni_netx::iptables_state::parse_save;
 use meshcni_netx::{InpodApplier, InpodBackend, NetxError};
@@ -65,49 +65,6 @@ fn golden_restores(ipv6: bool) -> (String, Option<String>) {
     let v4 = body[..=split].join("\n") + "\n";
     let v6 = body[split + 1..].join("\n");
     (v4, ipv6.then(|| v6 + "\n"))
-}
-
-fn run_in(ns: &Path, prog: &str, args: &[&str], stdin: Option<&str>) -> String {
-    use std::io::Write;
-    let name = ns
-        .file_name()
-        .expect("netns name")
-        .to_string_lossy()
-        .into_owned();
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", &name, prog])
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn ip netns exec");
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(text.as_bytes())
-            .expect("write stdin");
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().expect("wait");
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} in {name} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn normalize_save(text: &str) -> String {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| match (l.starts_with(':'), l.rfind(" [")) {
-            (true, Some(i)) => format!("{} [0:0]\n", &l[..i]),
-            _ => format!("{l}\n"),
-        })
-        .collect()
 }
 
 /// `nft list ruleset` with counters zeroed.

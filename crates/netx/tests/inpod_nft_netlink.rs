@@ -15,7 +15,7 @@ mod common;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
-use common::TestNetns;
+use common::{TestNetns, normalize_save, run_in};
 use meshcni_netx::iptables::{IptablesFlavor, IptablesOptions};
 use meshcni_netx::iptnft::ruleset_generation;
 use meshcni_netx::{InpodApplier, InpodBackend, NetxError};
@@ -31,64 +31,6 @@ fn applier() -> InpodApplier {
             ..IptablesOptions::default()
         },
     }
-}
-
-/// A program's absolute path, found on PATH now (the no-exec test changes PATH for a child).
-fn which(prog: &str) -> PathBuf {
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
-        .map(|d| d.join(prog))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("`{prog}` is needed on PATH for this test"))
-}
-
-fn run_in(ns: &Path, prog: &str, args: &[&str], stdin: Option<&str>) -> String {
-    try_run_in(ns, prog, args, stdin).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn try_run_in(ns: &Path, prog: &str, args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-    use std::io::Write;
-    let name = ns
-        .file_name()
-        .expect("netns name")
-        .to_string_lossy()
-        .into_owned();
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", &name])
-        .arg(which(prog))
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn ip netns exec");
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(text.as_bytes())
-            .expect("write stdin");
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().expect("wait");
-    if !out.status.success() {
-        return Err(format!(
-            "{prog} {args:?} in {name} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// `-save` output without `#` lines and counters.
-fn normalize_save(text: &str) -> String {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| match (l.starts_with(':'), l.rfind(" [")) {
-            (true, Some(i)) => format!("{} [0:0]\n", &l[..i]),
-            _ => format!("{l}\n"),
-        })
-        .collect()
 }
 
 /// Counter values of `nft` listings (`counter pkts N bytes M`, `counter packets N bytes M`)
