@@ -29,8 +29,11 @@
 #               release containerd 2.2 links, driving GC, which no containerd release calls, and
 #               STATUS; keyed by a hash of its source)
 #
-# ROOT is $MESHCNI_K8S_ROOT (default /opt/meshcni). The Go module cache and build cache are
-# Go's own (GOMODCACHE, GOCACHE). Builds run under `nice`; each prints its wall time.
+# ROOT is $MESHCNI_K8S_ROOT (default /opt/meshcni). Builds run under `nice`; each prints its wall
+# time. Disk: a cold build of all of these fills Go's build cache with ~3 GB and its module cache
+# with ~2.4 GB, which a shared CI disk must not keep. When anything is built, both go to a private
+# temporary directory that is removed afterwards (success or failure) unless MESHCNI_GO_CACHE=keep,
+# which uses Go's own GOCACHE/GOMODCACHE (faster rebuilds on a developer machine).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -67,6 +70,17 @@ case "${1:-}" in -h | --help) sed -n '2,32p' "$0"; exit 0 ;; esac
 [ -n "$GO" ] && [ -x "$GO" ] || { echo "k8s-build.sh: no Go toolchain (need Go >= 1.26 at /usr/local/go/bin/go or on PATH)" >&2; exit 1; }
 export GOFLAGS="-trimpath -buildvcs=false" CGO_ENABLED=0 GOTOOLCHAIN=local
 
+# Only when something needs building: the private caches (see the header).
+private_go_caches() {
+    [ "${MESHCNI_GO_CACHE:-}" = keep ] && return 0
+    [ -n "${GO_TMP:-}" ] && return 0
+    GO_TMP="$(mktemp -d "${TMPDIR:-/tmp}/meshcni-k8s-go.XXXXXX")"
+    export GOCACHE="$GO_TMP/cache" GOMODCACHE="$GO_TMP/mod"
+    # the module cache is written read-only; make it removable before removing it.
+    trap 'chmod -R u+w "$GO_TMP" 2>/dev/null; rm -rf "$GO_TMP"' EXIT
+    note "private Go caches in $GO_TMP (removed at exit)"
+}
+
 T0=$(date +%s)
 note() { echo "k8s-build: $*"; }
 
@@ -79,6 +93,7 @@ build_component() {
         note "$c present ($out)"
         return 0
     fi
+    private_go_caches
     tmp="$out.tmp.$$"
     rm -rf "$tmp"
     mkdir -p "$tmp"

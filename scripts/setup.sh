@@ -106,8 +106,9 @@ fi
 
 # ---- helm (the chart rendered by a real helm in crates/agent/tests/helm_render.rs) ----------
 # Built from the helm.sh/helm/v4 module with the Go toolchain on PATH (Go >= 1.24; the module
-# proxy supplies a newer toolchain if helm's go.mod asks for one). The module cache stays in
-# GOPATH, the binary outside the repo keyed by version: only the first run on a machine pays.
+# proxy supplies a newer toolchain if helm's go.mod asks for one). The build and module caches
+# are private to the build and removed with it (disk: CI shares one), the binary goes outside the
+# repo keyed by version: only the first run on a machine pays.
 HELM_VERSION="${MESHCNI_HELM_VERSION:-v4.3.2}"
 HELM="${MESHCNI_HELM:-/opt/meshcni/bin/helm-$HELM_VERSION}"
 if [ -x "$HELM" ] && "$HELM" version --short >/dev/null 2>&1; then
@@ -118,8 +119,10 @@ else
     [ -n "$GO_BIN" ] || { echo "setup.sh: no Go toolchain for building helm (need Go >= 1.24)" >&2; exit 1; }
     HW="$(mktemp -d /tmp/meshcni-helm.XXXXXX)"
     (cd "$HW" && env GOBIN="$HW/bin" GOFLAGS=-buildvcs=false CGO_ENABLED=0 \
+        GOCACHE="$HW/cache" GOMODCACHE="$HW/mod" \
         "$GO_BIN" install -trimpath -ldflags "-s -w" "helm.sh/helm/v4/cmd/helm@$HELM_VERSION")
     install -D -m 0755 "$HW/bin/helm" "$HELM"
+    chmod -R u+w "$HW"
     rm -rf "$HW"
     ts "built $HELM from helm.sh/helm/v4@$HELM_VERSION ($("$GO_BIN" env GOVERSION))"
 fi

@@ -24,13 +24,17 @@
 #                            cargo-fuzz + libFuzzer on *stable* Rust (--sanitizer none, see
 #                            fuzz/README.md); FUZZ_SECONDS=0 skips fuzzing.
 #
-# Env: FUZZ_SECONDS (default 60), MESHCNI_CRI_VENV (CRI client venv, default /opt/meshcni/cri-venv).
+# Env: FUZZ_SECONDS (default 60), MESHCNI_CRI_VENV (CRI client venv, default /opt/meshcni/cri-venv),
+# CARGO_INCREMENTAL (default 0 here: a one-shot run gains nothing from incremental caches, which
+# cost GBs). Each step's line in the summary also gives the free disk after it (the CI disk is
+# shared and finite; see the dev/release profiles in Cargo.toml).
 set -uo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
 export MESHCNI_CRI_VENV="${MESHCNI_CRI_VENV:-/opt/meshcni/cri-venv}"
 export MESHCNI_HELM="${MESHCNI_HELM:-/opt/meshcni/bin/helm-v4.3.2}"
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 T0=$(date +%s)
 results=()
 failed=0
@@ -43,10 +47,12 @@ run() {
     echo "=== test.sh: $name: $*"
     "$@"
     rc=$?
+    local disk
+    disk="$(df -h --output=avail . 2>/dev/null | tail -1 | tr -d ' ') free"
     if [ $rc = 0 ]; then
-        results+=("ok      $name ($(( $(date +%s) - t ))s)")
+        results+=("ok      $name ($(( $(date +%s) - t ))s, $disk)")
     else
-        results+=("FAILED  $name (exit $rc, $(( $(date +%s) - t ))s)")
+        results+=("FAILED  $name (exit $rc, $(( $(date +%s) - t ))s, $disk)")
         failed=1
     fi
     return $rc
