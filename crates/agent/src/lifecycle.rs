@@ -199,6 +199,38 @@ mod tests {
     }
 
     #[test]
+    fn only_a_daemonset_seen_present_keeps_the_plugin() {
+        let with = |d: DaemonSetState| ExitInputs {
+            daemonset: Some(d),
+            ..inputs(false, false, Marker::Present("false".into()))
+        };
+        assert!(matches!(
+            decide(&with(DaemonSetState::Present)),
+            ExitAction::LeaveInstalled { .. }
+        ));
+        for d in [
+            DaemonSetState::Deleting("2026-12-06T18:00:00Z".into()),
+            DaemonSetState::Gone,
+            DaemonSetState::Refused {
+                status: 401,
+                message: "Unauthorized".into(),
+            },
+            DaemonSetState::Unknown("connection refused".into()),
+        ] {
+            assert!(
+                matches!(decide(&with(d.clone())), ExitAction::Uninstall { .. }),
+                "{d:?}"
+            );
+        }
+        // An explicit signal wins over a DaemonSet that is still there.
+        let i = ExitInputs {
+            daemonset: Some(DaemonSetState::Present),
+            ..inputs(false, false, Marker::Present("true".into()))
+        };
+        assert!(matches!(decide(&i), ExitAction::Uninstall { .. }));
+    }
+
+    #[test]
     fn marker_is_read_and_trimmed() {
         let d = tempfile::tempdir().expect("tempdir");
         let p = d.path().join("uninstall");
