@@ -23,6 +23,9 @@
 #           container-runtime-interface-api==2.0.1 (CRI v1 gRPC stubs) for scripts/cri-pod.py.
 #   helm    $MESHCNI_HELM (default /opt/meshcni/bin/helm-v4.3.2), built from the helm.sh/helm/v4
 #           module with the Go on PATH; used to render the chart in the tests.
+#   k8s     scripts/k8s-build.sh: the real single-node Kubernetes of scripts/cluster-e2e.sh
+#           (k8s v1.34.4, etcd v3.6.16, containerd v2.2.9, crictl v1.34.0, CNI plugins v1.10.0)
+#           built from their Go modules with /usr/local/go (Go 1.26), cached in /opt/meshcni.
 #   rust    rustfmt + clippy components (rustup); cargo-fuzz only with --fuzz.
 set -euo pipefail
 
@@ -120,6 +123,14 @@ else
     rm -rf "$HW"
     ts "built $HELM from helm.sh/helm/v4@$HELM_VERSION ($("$GO_BIN" env GOVERSION))"
 fi
+
+# ---- single-node Kubernetes (scripts/cluster-e2e.sh) ---------------------------------------
+# kube-apiserver, controller-manager, scheduler, kubelet, kubectl, kube-proxy v1.34.4, etcd,
+# containerd 2.2, crictl, CNI plugins v1.10, built from their Go modules into /opt/meshcni/<name>/
+# <version>/bin (only the first run on a machine builds; see scripts/k8s-build.sh for the times).
+bash "$(dirname "$0")/k8s-build.sh" | sed 's/^/setup: /'
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "setup.sh: scripts/k8s-build.sh failed" >&2; exit 1; }
+ts "Kubernetes node binaries present (scripts/k8s-build.sh)"
 
 # ---- CRI client venv ---------------------------------------------------------------------
 if "$CRI_VENV/bin/python" -c 'import cri_api.v1.api_pb2_grpc' 2>/dev/null; then

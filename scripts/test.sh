@@ -16,7 +16,11 @@
 #                            built meshcni binary inside throw-away netns;
 #                            crates/plugin/tests/image.rs: the image built twice (same digest),
 #                            imported into a private containerd, every binary in it run)
-#   7. fuzz                  every target in fuzz/ for FUZZ_SECONDS (default 60) each, with
+#   7. cluster e2e           scripts/cluster-e2e.sh: a real single-node Kubernetes (k8s 1.34,
+#                            containerd 2.2, reference CNI plugins 1.10) in throw-away netns +
+#                            mount ns: pods, CNI STATUS/GC, helm install/upgrade/uninstall of the
+#                            chart with the image; prints `N passed, N failed`
+#   8. fuzz                  every target in fuzz/ for FUZZ_SECONDS (default 60) each, with
 #                            cargo-fuzz + libFuzzer on *stable* Rust (--sanitizer none, see
 #                            fuzz/README.md); FUZZ_SECONDS=0 skips fuzzing.
 #
@@ -82,6 +86,9 @@ run "cargo fmt (fuzz)" cargo fmt --manifest-path fuzz/Cargo.toml --check
 run "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 run "image" scripts/build-image.sh
 run "cargo test" cargo test --workspace --no-fail-fast
+# A real single-node Kubernetes in its own netns + mount ns (scripts/k8s-node.sh): the chart,
+# the image, CNI STATUS/GC through containerd 2.x; prints `N passed, N failed`.
+run "cluster e2e" bash scripts/cluster-e2e.sh
 
 # libFuzzer prints a line per new corpus entry: keep that in fuzz/artifacts/<target>/fuzz.log
 # and show the final stats (or, on a crash, the end of the log with the panic and artifact path).

@@ -546,8 +546,8 @@ type Breakdown = Vec<(&'static str, Vec<Duration>)>;
 
 /// Per pod, from the agent's log: plugin start → "CNI ADD received" (plugin start-up, pod
 /// lookup, HTTP hand-off, server → loop), → "pod netns opened" minus the open (the loop pass up
-/// to the driver), the driver's own steps (open, rules, probe set, ZDS round trip, state
-/// file), "pod handed to ztunnel" → "applied" (loop bookkeeping), and "applied" → plugin exit
+/// to the driver), the driver's own steps (open, rules, probe set, ZDS round trip; the state
+/// file is written after the reply), "pod handed to ztunnel" → "applied" (loop bookkeeping), and "applied" → plugin exit
 /// (the reply back through the server and the plugin's exit).
 fn breakdown(log: &str, starts: &BTreeMap<String, (SystemTime, Duration)>) -> R<Breakdown> {
     let labels = [
@@ -557,7 +557,6 @@ fn breakdown(log: &str, starts: &BTreeMap<String, (SystemTime, Duration)>) -> R<
         "driver: in-pod rules (iptables-nft: nf_tables netlink; else restore)",
         "driver: host-probe ipset entry (netlink)",
         "driver: ZDS AddWorkload → ack (stand-in)",
-        "driver: state file write",
         "driver done → loop logs `applied`",
         "`applied` → plugin exit (reply, plugin exit)",
         "total (plugin exec wall time)",
@@ -597,7 +596,6 @@ fn breakdown(log: &str, starts: &BTreeMap<String, (SystemTime, Duration)>) -> R<
             us(handed, "rules_us"),
             us(handed, "probe_us"),
             us(handed, "zds_us"),
-            us(handed, "state_us"),
             t_app - t_hand,
             end - t_app,
             took.as_secs_f64(),
@@ -617,7 +615,10 @@ fn driver_steps(log: &str) -> Breakdown {
         ("in-pod rules", Vec::new()),
         ("host-probe ipset entry", Vec::new()),
         ("ZDS AddWorkload → ack", Vec::new()),
-        ("state file write", Vec::new()),
+        (
+            "state file write (once per pass, after the pass's ADD replies)",
+            Vec::new(),
+        ),
     ];
     let d = |us: f64| Duration::from_secs_f64(us / 1e6);
     for l in log.lines() {
@@ -626,14 +627,15 @@ fn driver_steps(log: &str) -> Breakdown {
                 out[0].1.push(d(v));
             }
         } else if l.contains("pod handed to ztunnel") {
-            for (i, k) in ["rules_us", "probe_us", "zds_us", "state_us"]
-                .iter()
-                .enumerate()
-            {
+            for (i, k) in ["rules_us", "probe_us", "zds_us"].iter().enumerate() {
                 if let Some(v) = field(l, k) {
                     out[i + 1].1.push(d(v));
                 }
             }
+        } else if l.contains("state file written")
+            && let Some(v) = field(l, "state_us")
+        {
+            out[4].1.push(d(v));
         }
     }
     out

@@ -141,6 +141,15 @@ pub trait RedirectDriver: Send {
         Ok(())
     }
 
+    /// Called after every successful [`RedirectDriver::apply`], once the CNI ADD waiting for
+    /// that action (if any) has been answered. A driver persists here what the apply left for
+    /// later (the inpod mode writes its state file here instead of inside the ADD's critical
+    /// path; the crash window between the dataplane change and the record is as before). An
+    /// error fails the pass like a driver-scoped error.
+    fn flush(&mut self) -> Result<(), DriverError> {
+        Ok(())
+    }
+
     /// The active ztunnel changed (or this is the start-up notification). `None` = no Ready
     /// ztunnel on the node.
     fn ztunnel_changed(&mut self, ztunnel: Option<&ZtunnelInfo>) -> Result<(), DriverError>;

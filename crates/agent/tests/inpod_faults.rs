@@ -513,10 +513,14 @@ fn agent_restart_keeps_traffic_flowing_adopts_pods_repairs_drift_and_replays_the
     assert_eq!(rig.probe_count("a"), 1);
     assert_eq!(rig.probe_count("b"), 1);
     rig.assert_captured(&zt, "a", server.addr());
-    let state = std::fs::read_to_string(rig.dirs.run.join(STATE_FILE)).expect("state file");
-    for p in ["a", "b"] {
-        assert!(state.contains(&kit::pod_uid(p)), "{state}");
-    }
+    // The state file is written right after the hand-over's reply (`flush`).
+    wait_until("both pods recorded in the state file", WAIT, || {
+        let state = std::fs::read_to_string(rig.dirs.run.join(STATE_FILE)).ok()?;
+        ["a", "b"]
+            .iter()
+            .all(|p| state.contains(&kit::pod_uid(p)))
+            .then_some(())
+    });
 }
 
 /// Regression: an agent restarted without its state file while ztunnel is away (or while
@@ -643,8 +647,15 @@ fn agent_killed_mid_enrollment_converges_after_restart_without_duplicates() {
             "{point}/{pod}: rules exactly once"
         );
         assert_eq!(rig.probe_count(pod), 1, "{point}/{pod}");
-        let state = std::fs::read_to_string(rig.dirs.run.join(STATE_FILE)).expect("state");
-        assert!(state.contains(&kit::pod_uid(pod)), "{point}/{pod}: {state}");
+        // The state file is written right after the hand-over's reply (`flush`).
+        wait_until(
+            &format!("{point}/{pod} recorded in the state file"),
+            WAIT,
+            || {
+                let state = std::fs::read_to_string(rig.dirs.run.join(STATE_FILE)).ok()?;
+                state.contains(&kit::pod_uid(pod)).then_some(())
+            },
+        );
         rig.assert_captured(&zt, pod, server.addr());
     };
 

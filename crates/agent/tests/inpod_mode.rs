@@ -256,6 +256,16 @@ fn a_restarted_driver_adopts_its_pods_and_serves_them_to_a_reconnecting_ztunnel(
     rig.driver.apply(&rig.enroll("app")).expect("enroll app");
     rig.driver.apply(&rig.enroll("web")).expect("enroll web");
     let rules = save(&rig.lab.pod("app").netns);
+    // The state file is written by `flush` (the loop calls it after each apply, once the
+    // ADD waiting for it has its answer), not inside the enrollment.
+    let state_file = rig.dir.path().join("run/inpod-mode.json");
+    let recorded = || std::fs::read_to_string(&state_file).unwrap_or_default();
+    assert!(
+        !recorded().contains("uid-app"),
+        "written before the pass ended"
+    );
+    rig.driver.flush().expect("after the applies, as the loop does");
+    assert!(recorded().contains("uid-app") && recorded().contains("uid-web"));
 
     // The agent goes away (its socket with it); ztunnel keeps its listeners and reconnects.
     let (d2, events) = driver(config(&rig.lab, rig.dir.path()));
@@ -291,6 +301,9 @@ fn uninstall_by_a_fresh_process_removes_every_pods_rules_and_the_probe_snat() {
         InpodZtunnelStandIn::start_with(InpodZtunnelConfig::new(rig.socket())).expect("stand-in");
     rig.wait_connected();
     rig.driver.apply(&rig.enroll("app")).expect("enroll app");
+    rig.driver
+        .flush()
+        .expect("after the apply, as the loop does");
     assert_ne!(save(&rig.lab.pod("app").netns), app_before);
     drop(zt);
     // The agent stops (upgrade-style: everything stays), then `meshcni-agent uninstall` runs

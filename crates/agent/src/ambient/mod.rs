@@ -581,6 +581,13 @@ impl Reconciler {
                     self.failures.remove(&uid);
                     self.cni_answer_applied(&uid, &actual);
                     report.applied.push(action);
+                    // The driver's durable bookkeeping of the action (the inpod state file),
+                    // once its CNI ADD has its answer: off the ADD's critical path.
+                    if let Err(e) = self.driver.flush() {
+                        warn!(error = %e, driver = self.driver.name(), "persisting an applied action failed");
+                        driver_error = Some(e);
+                        break;
+                    }
                 }
                 Err(e) => {
                     let attempts = self.failures.get(&uid).map_or(1, |f| f.attempts + 1);

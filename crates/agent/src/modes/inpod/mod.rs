@@ -161,6 +161,9 @@ pub struct InpodDriver {
     /// Netns found for this pass's enrollments without a CNI netns, in one search
     /// (`prepare`): uid → (the addresses searched for, the open netns).
     prefound: BTreeMap<String, (Vec<IpAddr>, File)>,
+    /// An enrollment not yet in the state file ([`RedirectDriver::flush`] writes it once the
+    /// loop has answered the ADD waiting for it).
+    dirty: bool,
 }
 
 fn pod_err(pod: &PodId, what: impl std::fmt::Display) -> DriverError {
@@ -190,6 +193,7 @@ impl InpodDriver {
             host: None,
             started: false,
             prefound: BTreeMap::new(),
+            dirty: false,
         })
     }
 
@@ -242,7 +246,7 @@ impl InpodDriver {
             .ok_or_else(|| drv("host-probe SNAT not available"))
     }
 
-    fn save(&self) -> Result<(), DriverError> {
+    fn save(&mut self) -> Result<(), DriverError> {
         let state = InpodState {
             pods: self
                 .pods
@@ -250,7 +254,9 @@ impl InpodDriver {
                 .map(|(u, p)| (u.clone(), p.record.clone()))
                 .collect(),
         };
-        state.save(&self.cfg.state_file).map_err(drv)
+        state.save(&self.cfg.state_file).map_err(drv)?;
+        self.dirty = false;
+        Ok(())
     }
 
     fn start_zds(&mut self) -> Result<(), DriverError> {
@@ -554,12 +560,15 @@ impl InpodDriver {
         crate::crash::point("inpod-after-ack");
         self.view().lost.remove(&pod.uid);
         self.pods.insert(pod.uid.clone(), held);
-        let t_save = Instant::now();
-        let saved = self.save();
+        // Recorded in the state file by `flush`, which the loop calls right after answering the
+        // ADD: off the ADD's critical path. A crash before that leaves an enrolled pod unrecorded, which a restart treats
+        // as an enrollment to (re)do: its netns is found again, its rules verified (nothing
+        // run when in place) and ztunnel given it again.
+        self.dirty = true;
         // Where an enrollment's time goes (BENCHMARKS.md, "Ambient (inpod mode)" numbers).
         debug!(pod = %pod, rules_changed = applied.changed, rules_us, probe_us, zds_us,
-               state_us = t_save.elapsed().as_micros(), "pod handed to ztunnel");
-        saved
+               "pod handed to ztunnel");
+        Ok(())
     }
 
     fn release(&mut self, pod: &PodId, ips: &[IpAddr]) -> Result<(), DriverError> {
@@ -620,6 +629,20 @@ impl RedirectDriver for InpodDriver {
 
     fn needs_netns(&self) -> bool {
         true
+    }
+
+    fn flush(&mut self) -> Result<(), DriverError> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let t = Instant::now();
+        self.save()?;
+        debug!(
+            state_us = t.elapsed().as_micros(),
+            pods = self.pods.len(),
+            "state file written"
+        );
+        Ok(())
     }
 
     fn attach(&mut self, events: DriverEvents) {
@@ -776,7 +799,9 @@ impl RedirectDriver for InpodDriver {
                 if let Some(h) = self.pods.get_mut(&pod.uid) {
                     h.record = record;
                 }
-                self.save()
+                // Written by `flush` after the apply, as for an enrollment.
+                self.dirty = true;
+                Ok(())
             }
             Action::Release { pod, ips } => self.release(pod, ips),
         }
