@@ -25,10 +25,9 @@
 //!    shutdown time, not at start. The Helm chart mounts the `meshcni-lifecycle` ConfigMap there
 //!    (its key `uninstall` becomes the file); the chart's pre-delete hook (`meshcni-agent
 //!    uninstall-hook` in the meshcni image, [`crate::uninstall_hook`]) sets the key to `true`
-//!    and waits for the kubelet to project it before Helm deletes the DaemonSet. With plain
-//!    manifests: `kubectl -n kube-system patch configmap meshcni-lifecycle --type merge -p
-//!    '{"data":{"uninstall":"true"}}'`, wait ~1 minute, then delete the manifests. On a host
-//!    without Kubernetes, write the file directly.
+//!    and waits for the kubelet to project it before Helm deletes the DaemonSet. Plain
+//!    manifests need no such step (4. covers `kubectl delete -f`). On a host without
+//!    Kubernetes, write the file directly.
 //!
 //! 4. `--daemonset-name` (`DAEMONSET_NAME`, set by the chart): with no signal above, the agent
 //!    asks the API server about its own DaemonSet at shutdown ([`crate::owner_check`], the
