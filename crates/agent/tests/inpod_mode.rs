@@ -264,7 +264,9 @@ fn a_restarted_driver_adopts_its_pods_and_serves_them_to_a_reconnecting_ztunnel(
         !recorded().contains("uid-app"),
         "written before the pass ended"
     );
-    rig.driver.flush().expect("after the applies, as the loop does");
+    rig.driver
+        .flush()
+        .expect("after the applies, as the loop does");
     assert!(recorded().contains("uid-app") && recorded().contains("uid-web"));
 
     // The agent goes away (its socket with it); ztunnel keeps its listeners and reconnects.
