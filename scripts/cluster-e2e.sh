@@ -443,11 +443,9 @@ main() {
     run_test injected_pod_captured_from_first_packet
     run_test helm_upgrade_no_pod_starts_uncaptured
     run_test helm_uninstall_restores_cni_files
-    # Not in the default run (fails today): after `kubectl delete -f` the agent leaves the
-    # plugin in the conflist with its service-account token dead, and every new pod's sandbox
-    # fails (plugin ADD: "kubernetes API rejected the credentials ... 401 Unauthorized").
-    # Run it by name: scripts/cluster-e2e.sh manifest_delete
-    [ -n "$FILTER" ] && run_test manifest_delete_new_pods_still_start
+    # The agent asks at SIGTERM whether its DaemonSet (DAEMONSET_NAME) still exists and removes
+    # the plugin when it is gone or its service account is refused (crates/agent/src/owner_check.rs).
+    run_test manifest_delete_new_pods_still_start
 
     echo "cluster-e2e: total $(($(date +%s) - T0))s"
     [ $FAILED = 0 ] || echo "failed: ${FAILED_NAMES[*]}"

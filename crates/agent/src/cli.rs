@@ -625,6 +625,24 @@ pub struct AgentArgs {
         default_value = "/etc/meshcni/lifecycle/uninstall"
     )]
     pub uninstall_marker_file: PathBuf,
+
+    /// Name of the DaemonSet this agent runs in (in POD_NAMESPACE). When set, the agent asks the
+    /// API server at shutdown whether it still exists: gone (404), being deleted, its service
+    /// account refused (401/403) or the API server unreachable within 5 s → uninstall (a plain
+    /// `kubectl delete` of the manifests); present → leave the plugin installed (upgrade,
+    /// restart, drain). Empty: no check (the uninstall signals above only). Needs
+    /// KUBERNETES_SERVICE_HOST and POD_NAMESPACE, and RBAC `get` on this DaemonSet.
+    #[arg(long, env = "DAEMONSET_NAME", default_value = "", value_parser = parse_optional_dns_subdomain)]
+    pub daemonset_name: String,
+}
+
+/// Empty, or a DNS subdomain (an object name).
+fn parse_optional_dns_subdomain(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        Ok(String::new())
+    } else {
+        parse_dns_subdomain(s)
+    }
 }
 
 /// Compare each listed field with its default; a difference is an "unsupported setting" error.
@@ -745,6 +763,22 @@ impl AgentArgs {
                  --ambient-redirect-mode=inpod (AMBIENT_REDIRECT_MODE=inpod, the default) or \
                  iptables"
             ));
+        }
+        if !self.daemonset_name.is_empty() {
+            for (field, value) in [
+                ("kubernetes_service_host", &self.kubernetes_service_host),
+                ("pod_namespace", &self.pod_namespace),
+            ] {
+                if value.is_empty() {
+                    errs.push(format!(
+                        "{} = {:?} needs {} (the shutdown check asks the API server for the \
+                         DaemonSet in the agent's namespace)",
+                        flag_and_env("daemonset_name"),
+                        self.daemonset_name,
+                        flag_and_env(field)
+                    ));
+                }
+            }
         }
         if !self.pod_metadata_dir.is_empty() && !self.pod_metadata_dir.starts_with('/') {
             errs.push(format!(

@@ -29,6 +29,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod modes;
+pub mod owner_check;
 pub mod plugin_report;
 pub mod readiness;
 pub mod run;

@@ -13,9 +13,9 @@
 //!
 //! # The explicit uninstall signal
 //!
-//! Istio asks the API server whether the DaemonSet still exists. This agent does not depend on a
-//! Kubernetes client for its shutdown path, so uninstall is an explicit, documented signal; any
-//! one of these makes the agent remove everything on exit:
+//! Istio asks the API server whether the DaemonSet still exists; this agent does too when it
+//! knows its DaemonSet (4.), after the explicit signals; any one of these makes the agent
+//! remove everything on exit:
 //!
 //! 1. `--uninstall-on-exit` / `UNINSTALL_ON_EXIT=true` (static; for hosts without Kubernetes, or
 //!    a DaemonSet deliberately configured to clean up on every stop).
@@ -25,15 +25,22 @@
 //!    shutdown time, not at start. The Helm chart mounts the `meshcni-lifecycle` ConfigMap there
 //!    (its key `uninstall` becomes the file); the chart's pre-delete hook (`meshcni-agent
 //!    uninstall-hook` in the meshcni image, [`crate::uninstall_hook`]) sets the key to `true`
-//!    and waits for the kubelet to project it before Helm deletes the DaemonSet. With plain
-//!    manifests: `kubectl -n kube-system patch configmap meshcni-lifecycle --type merge -p
-//!    '{"data":{"uninstall":"true"}}'`, wait ~1 minute, then delete the manifests. On a host
-//!    without Kubernetes, write the file directly.
+//!    and waits for the kubelet to project it before Helm deletes the DaemonSet. Plain
+//!    manifests need no such step (4. covers `kubectl delete -f`). On a host without
+//!    Kubernetes, write the file directly.
+//!
+//! 4. `--daemonset-name` (`DAEMONSET_NAME`, set by the chart): with no signal above, the agent
+//!    asks the API server about its own DaemonSet at shutdown ([`crate::owner_check`], the
+//!    reference's `ShouldStopCleanup`): gone, being deleted, access refused, or no answer →
+//!    uninstall; present → leave installed. This covers `kubectl delete -f` of the manifests,
+//!    which runs no hook.
 //!
 //! The `meshcni-agent uninstall` subcommand removes everything immediately (for scripts, tests,
 //! and nodes where the agent is gone).
 
 use std::path::Path;
+
+use crate::owner_check::DaemonSetState;
 
 /// State of the marker file at shutdown.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +68,9 @@ pub struct ExitInputs {
     pub uninstall_on_exit: bool,
     pub disable_safe_upgrade: bool,
     pub marker: Marker,
+    /// The `--daemonset-name` shutdown check's answer ([`crate::owner_check`]); `None` when the
+    /// check is off or was not needed (an explicit signal already says uninstall).
+    pub daemonset: Option<DaemonSetState>,
 }
 
 /// The decision, with the reason to log.
@@ -82,10 +92,51 @@ pub fn decide(i: &ExitInputs) -> ExitAction {
             reason: "AMBIENT_DISABLE_SAFE_UPGRADE is set".into(),
         };
     }
-    match &i.marker {
-        Marker::Present(s) if s.eq_ignore_ascii_case("true") => ExitAction::Uninstall {
+    if let Marker::Present(s) = &i.marker
+        && s.eq_ignore_ascii_case("true")
+    {
+        return ExitAction::Uninstall {
             reason: "uninstall marker file says true".into(),
-        },
+        };
+    }
+    // No explicit signal: the DaemonSet check, when on, decides (owner_check.rs's table).
+    match &i.daemonset {
+        None => {}
+        Some(DaemonSetState::Present) => {
+            return ExitAction::LeaveInstalled {
+                reason: "the agent's DaemonSet still exists: treating stop as upgrade/restart"
+                    .into(),
+            };
+        }
+        Some(DaemonSetState::Deleting(ts)) => {
+            return ExitAction::Uninstall {
+                reason: format!("the agent's DaemonSet is being deleted (deletionTimestamp {ts})"),
+            };
+        }
+        Some(DaemonSetState::Gone) => {
+            return ExitAction::Uninstall {
+                reason: "the agent's DaemonSet is gone (404)".into(),
+            };
+        }
+        Some(DaemonSetState::Refused { status, message }) => {
+            return ExitAction::Uninstall {
+                reason: format!(
+                    "the API server refused the agent's service account (HTTP {status}: \
+                     {message}): its DaemonSet's account or RBAC is gone, and the plugin's \
+                     token with it"
+                ),
+            };
+        }
+        Some(DaemonSetState::Unknown(e)) => {
+            return ExitAction::Uninstall {
+                reason: format!(
+                    "the agent's DaemonSet could not be confirmed ({e}): uninstalling so that no \
+                     pod is blocked by a plugin nobody will update"
+                ),
+            };
+        }
+    }
+    match &i.marker {
         Marker::Present(s) => ExitAction::LeaveInstalled {
             reason: format!(
                 "uninstall marker file holds {s:?}, not \"true\": treating stop as upgrade/restart"
@@ -110,6 +161,7 @@ mod tests {
             uninstall_on_exit: u,
             disable_safe_upgrade: d,
             marker: m,
+            daemonset: None,
         }
     }
 
@@ -143,6 +195,38 @@ mod tests {
         ] {
             assert!(matches!(decide(&i), ExitAction::Uninstall { .. }), "{i:?}");
         }
+    }
+
+    #[test]
+    fn only_a_daemonset_seen_present_keeps_the_plugin() {
+        let with = |d: DaemonSetState| ExitInputs {
+            daemonset: Some(d),
+            ..inputs(false, false, Marker::Present("false".into()))
+        };
+        assert!(matches!(
+            decide(&with(DaemonSetState::Present)),
+            ExitAction::LeaveInstalled { .. }
+        ));
+        for d in [
+            DaemonSetState::Deleting("2026-12-06T18:00:00Z".into()),
+            DaemonSetState::Gone,
+            DaemonSetState::Refused {
+                status: 401,
+                message: "Unauthorized".into(),
+            },
+            DaemonSetState::Unknown("connection refused".into()),
+        ] {
+            assert!(
+                matches!(decide(&with(d.clone())), ExitAction::Uninstall { .. }),
+                "{d:?}"
+            );
+        }
+        // An explicit signal wins over a DaemonSet that is still there.
+        let i = ExitInputs {
+            daemonset: Some(DaemonSetState::Present),
+            ..inputs(false, false, Marker::Present("true".into()))
+        };
+        assert!(matches!(decide(&i), ExitAction::Uninstall { .. }));
     }
 
     #[test]

@@ -330,11 +330,23 @@ fn shutdown(
 ) -> Result<(), AgentError> {
     // The keeper must stop first, or it would put back what uninstall removes.
     installer.stop();
-    let action = decide(&ExitInputs {
+    let mut inputs = ExitInputs {
         uninstall_on_exit: args.uninstall_on_exit,
         disable_safe_upgrade: args.ambient_disable_safe_upgrade,
         marker: read_marker(&args.uninstall_marker_file),
-    });
+        daemonset: None,
+    };
+    let mut action = decide(&inputs);
+    // No explicit uninstall signal: ask whether our DaemonSet is still there (a plain
+    // `kubectl delete` of the manifests runs no hook), when --daemonset-name is set.
+    if matches!(action, ExitAction::LeaveInstalled { .. })
+        && let Some(check) = crate::owner_check::OwnerCheck::from_args(args)
+    {
+        let state = check.query();
+        info!(target_object = %check.target(), ?state, "shutdown check of the agent's DaemonSet");
+        inputs.daemonset = Some(state);
+        action = decide(&inputs);
+    }
     // Ambient redirection stays in place across restarts (the next agent adopts it) and is
     // removed only together with the plugin.
     if let Some(l) = enrollment {

@@ -782,3 +782,194 @@ fn uninstall_subcommand_turns_a_converted_conf_back() {
     );
     assert!(!node.run_dir().exists(), "run dir left behind");
 }
+
+// ---- `kubectl delete -f` without the hook: the --daemonset-name shutdown check ----
+
+const DS_PATH: &str = "/apis/apps/v1/namespaces/kube-system/daemonsets/meshcni-node";
+
+/// A fake API server listening inside a netns; stopped from inside it (its `Drop` wakes its
+/// `accept()` by connecting to its loopback address, which exists only there).
+struct NetnsApi {
+    server: Option<meshcni_testkit::kube_api::FakeApiServer>,
+    netns: PathBuf,
+}
+
+impl std::ops::Deref for NetnsApi {
+    type Target = meshcni_testkit::kube_api::FakeApiServer;
+    fn deref(&self) -> &Self::Target {
+        self.server.as_ref().expect("running")
+    }
+}
+
+impl Drop for NetnsApi {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            let _ = meshcni_netx::run_in_netns(&self.netns, move || drop(s));
+        }
+    }
+}
+
+/// A fake API server inside the node's netns answering the DaemonSet GET with `answer` (every
+/// other path 404).
+fn ds_api(node: &Node, answer: meshcni_testkit::kube_api::FakeResponse) -> NetnsApi {
+    use meshcni_testkit::kube_api::{FakeApiServer, FakeRequest, FakeResponse};
+    let server = meshcni_netx::run_in_netns(node.netns.path(), move || {
+        FakeApiServer::start(move |r: &FakeRequest| {
+            if r.method == "GET" && r.path == DS_PATH {
+                answer.clone()
+            } else {
+                FakeResponse::not_found("things", &r.path)
+            }
+        })
+    })
+    .expect("enter the node's netns")
+    .expect("fake API server");
+    NetnsApi {
+        server: Some(server),
+        netns: node.netns.path().to_path_buf(),
+    }
+}
+
+/// The check's flags against `port` (plain HTTP on the netns' loopback).
+fn ds_check_args(port: u16) -> Vec<String> {
+    vec![
+        "--daemonset-name=meshcni-node".into(),
+        "--pod-namespace=kube-system".into(),
+        "--kubernetes-service-protocol=http".into(),
+        format!("--kubernetes-service-port={port}"),
+    ]
+}
+
+fn daemonset(deleting: bool) -> String {
+    let ts = if deleting {
+        r#","deletionTimestamp":"2026-12-06T18:00:00Z""#
+    } else {
+        ""
+    };
+    format!(
+        r#"{{"kind":"DaemonSet","apiVersion":"apps/v1","metadata":{{"name":"meshcni-node","namespace":"kube-system"{ts}}}}}"#
+    )
+}
+
+/// Start with the check on, stop with SIGTERM; the log.
+fn run_and_stop(node: &Node, port: u16) -> String {
+    let args = ds_check_args(port);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = node.agent(&args);
+    agent.wait_ready(Duration::from_secs(20));
+    node.assert_installed();
+    agent.terminate()
+}
+
+/// Uninstalled, and the primary's conflist is the very bytes it was before the install.
+fn assert_removed_byte_for_byte(node: &Node, log: &str) {
+    assert!(log.contains("uninstalling the CNI plugin"), "{log}");
+    node.assert_pristine();
+    assert_eq!(
+        fs::read(node.net_dir().join("10-bridge.conflist")).expect("conflist"),
+        PRIMARY.as_bytes(),
+        "conflist not byte-identical to before the install"
+    );
+}
+
+#[test]
+fn sigterm_with_the_daemonset_gone_removes_the_plugin() {
+    use meshcni_testkit::kube_api::FakeResponse;
+    let node = Node::new(true);
+    let api = ds_api(
+        &node,
+        FakeResponse::not_found("daemonsets.apps", "meshcni-node"),
+    );
+    let log = run_and_stop(&node, api.addr().port());
+    assert!(log.contains("DaemonSet is gone (404)"), "{log}");
+    assert_removed_byte_for_byte(&node, &log);
+    let reqs = api.requests();
+    assert!(
+        reqs.iter().any(|r| r.method == "GET"
+            && r.path == DS_PATH
+            && r.header("authorization") == Some("Bearer foo")),
+        "one GET of the DaemonSet with the service-account token: {reqs:?}"
+    );
+}
+
+#[test]
+fn sigterm_with_the_daemonset_being_deleted_removes_the_plugin() {
+    use meshcni_testkit::kube_api::FakeResponse;
+    let node = Node::new(true);
+    let api = ds_api(&node, FakeResponse::ok(daemonset(true)));
+    let log = run_and_stop(&node, api.addr().port());
+    assert!(log.contains("is being deleted"), "{log}");
+    assert_removed_byte_for_byte(&node, &log);
+}
+
+#[test]
+fn sigterm_with_the_service_account_refused_removes_the_plugin() {
+    use meshcni_testkit::kube_api::FakeResponse;
+    let node = Node::new(true);
+    // `kubectl delete -f` deletes the ServiceAccount before the DaemonSet: the token is dead.
+    let api = ds_api(
+        &node,
+        FakeResponse::status(401, "Unauthorized", "Unauthorized"),
+    );
+    let log = run_and_stop(&node, api.addr().port());
+    assert!(log.contains("refused the agent's service account"), "{log}");
+    assert_removed_byte_for_byte(&node, &log);
+}
+
+#[test]
+fn sigterm_with_the_daemonset_present_leaves_everything() {
+    use meshcni_testkit::kube_api::FakeResponse;
+    let node = Node::new(true);
+    let api = ds_api(&node, FakeResponse::ok(daemonset(false)));
+    let before_stop = {
+        let args = ds_check_args(api.addr().port());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut agent = node.agent(&args);
+        agent.wait_ready(Duration::from_secs(20));
+        let files = node.host_files();
+        let log = agent.terminate();
+        assert!(log.contains("DaemonSet still exists"), "{log}");
+        assert!(log.contains("leaving the CNI plugin installed"), "{log}");
+        files
+    };
+    node.assert_installed();
+    let mut after = node.host_files();
+    after.remove("run/meshcni/metrics.sock");
+    let mut before = before_stop;
+    before.remove("run/meshcni/metrics.sock");
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        before, after,
+        "an upgrade/restart stop changed the node's files"
+    );
+}
+
+#[test]
+fn sigterm_with_the_api_server_down_removes_the_plugin_within_the_budget() {
+    let node = Node::new(true);
+    // Nothing listens on port 1 in the node's netns; `terminate` requires the exit within 10 s.
+    let log = run_and_stop(&node, 1);
+    assert!(log.contains("could not be confirmed"), "{log}");
+    assert!(log.contains("shutdown check: retrying"), "{log}");
+    assert_removed_byte_for_byte(&node, &log);
+}
+
+#[test]
+fn daemonset_name_needs_the_api_server_and_namespace() {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshcni-agent"))
+        .env_clear()
+        .args(["--daemonset-name=meshcni-node", "check-config"])
+        .output()
+        .expect("check-config");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--daemonset-name (DAEMONSET_NAME)")
+            && err.contains("--kubernetes-service-host (KUBERNETES_SERVICE_HOST)")
+            && err.contains("--pod-namespace (POD_NAMESPACE)"),
+        "{err}"
+    );
+}

@@ -501,6 +501,15 @@ const TABLE: &[(&str, &str, &[&str], Expect)] = &[
         &[],
         Runtime("uninstall_marker_file: \"/m/uninstall\""),
     ),
+    (
+        "daemonset-name",
+        "meshcni-node",
+        &[
+            "--kubernetes-service-host=127.0.0.1",
+            "--pod-namespace=kube-system",
+        ],
+        Runtime("daemonset_name: \"meshcni-node\""),
+    ),
 ];
 
 fn check_config(args: &[String], env: &[(String, String)]) -> Output {

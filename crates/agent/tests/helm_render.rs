@@ -144,10 +144,13 @@ fn ambient_mode_renders_a_host_network_agent_the_agent_accepts(mode: &str) {
         }
     }
     for e in container["env"].as_array().into_iter().flatten() {
-        if let Some(v) = e["value"].as_str() {
-            env.push((e["name"].as_str().expect("name").to_string(), v.to_string()));
-        }
+        // Downward-API entries (NODE_NAME, POD_NAMESPACE) get a stand-in value.
+        let v = e["value"].as_str().unwrap_or("downward-api-value");
+        env.push((e["name"].as_str().expect("name").to_string(), v.to_string()));
     }
+    // Set by Kubernetes in every pod (loopback port 1 stands in: nothing is contacted).
+    env.push(("KUBERNETES_SERVICE_HOST".into(), "127.0.0.1".into()));
+    env.push(("KUBERNETES_SERVICE_PORT".into(), "1".into()));
     let get = |k: &str| {
         env.iter()
             .rev()

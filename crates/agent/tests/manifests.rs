@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
@@ -86,6 +86,8 @@ struct Objects {
     lifecycle: ConfigMap,
     cluster_role: ClusterRole,
     binding: ClusterRoleBinding,
+    role: Role,
+    role_binding: RoleBinding,
     daemonset: DaemonSet,
     raw: Vec<Value>,
 }
@@ -96,6 +98,8 @@ fn objects() -> Objects {
     let mut cms = BTreeMap::new();
     let mut cr = None;
     let mut crb = None;
+    let mut role = None;
+    let mut rb = None;
     let mut ds = None;
     for d in &docs {
         let kind = d["kind"].as_str().expect("every document has a kind");
@@ -120,6 +124,14 @@ fn objects() -> Objects {
                 assert!(crb.is_none(), "one ClusterRoleBinding");
                 crb = Some(strict::<ClusterRoleBinding>(d));
             }
+            ("rbac.authorization.k8s.io/v1", "Role") => {
+                assert!(role.is_none(), "one Role");
+                role = Some(strict::<Role>(d));
+            }
+            ("rbac.authorization.k8s.io/v1", "RoleBinding") => {
+                assert!(rb.is_none(), "one RoleBinding");
+                rb = Some(strict::<RoleBinding>(d));
+            }
             ("apps/v1", "DaemonSet") => {
                 assert!(ds.is_none(), "one DaemonSet");
                 ds = Some(strict::<DaemonSet>(d));
@@ -140,6 +152,8 @@ fn objects() -> Objects {
         lifecycle,
         cluster_role: cr.expect("ClusterRole"),
         binding: crb.expect("ClusterRoleBinding"),
+        role: role.expect("Role"),
+        role_binding: rb.expect("RoleBinding"),
         daemonset: ds.expect("DaemonSet"),
         raw: docs,
     }
@@ -155,7 +169,7 @@ fn container(o: &Objects) -> &Container {
 #[test]
 fn every_document_is_a_faithful_kubernetes_object() {
     let o = objects();
-    assert_eq!(o.raw.len(), 6);
+    assert_eq!(o.raw.len(), 8);
     // A deliberately misspelled field must be caught by the round trip.
     let mut bad = o
         .raw
@@ -195,6 +209,35 @@ fn objects_reference_each_other_consistently() {
     let ds = &o.daemonset;
     assert_eq!(ds.metadata.namespace.as_deref(), Some(ns));
     assert_eq!(ds.metadata.name.as_deref(), Some("meshcni-node"));
+    // The Role (get on the agent's own DaemonSet) is bound to the agent's account, in its
+    // namespace, and names the DaemonSet the agent is told it runs in.
+    assert_eq!(o.role.metadata.namespace.as_deref(), Some(ns));
+    assert_eq!(o.role_binding.metadata.namespace.as_deref(), Some(ns));
+    assert_eq!(o.role_binding.role_ref.kind, "Role");
+    assert_eq!(
+        Some(&o.role_binding.role_ref.name),
+        o.role.metadata.name.as_ref()
+    );
+    let rb_subjects = o
+        .role_binding
+        .subjects
+        .as_ref()
+        .expect("RoleBinding subjects");
+    assert_eq!(rb_subjects.len(), 1);
+    assert_eq!(rb_subjects[0].kind, "ServiceAccount");
+    assert_eq!(rb_subjects[0].name, sa);
+    assert_eq!(rb_subjects[0].namespace.as_deref(), Some(ns));
+    assert_eq!(
+        env_value(container(&o), "DAEMONSET_NAME").as_deref(),
+        ds.metadata.name.as_deref(),
+        "the agent's shutdown check must ask for its own DaemonSet"
+    );
+    let role_rules = o.role.rules.as_ref().expect("Role rules");
+    assert_eq!(
+        role_rules[0].resource_names.as_deref(),
+        Some(&[ds.metadata.name.clone().expect("DaemonSet name")][..]),
+        "the Role reads exactly the agent's DaemonSet"
+    );
     let spec = ds.spec.as_ref().expect("spec");
     let pod = spec.template.spec.as_ref().expect("pod spec");
     assert_eq!(pod.service_account_name.as_deref(), Some(sa));
@@ -340,6 +383,22 @@ fn rbac_is_least_privilege() {
         assert!(!t.contains("secrets"), "the agent must not read secrets");
     }
     assert_eq!(depth, 0, "unbalanced if/end in clusterrole.yaml");
+
+    // The namespaced Role: exactly `get` on the agent's own DaemonSet (its shutdown check).
+    let role_rules = o.role.rules.as_ref().expect("Role rules");
+    assert_eq!(role_rules.len(), 1, "one Role rule");
+    let r = &role_rules[0];
+    assert_eq!(r.api_groups.as_deref(), Some(&["apps".to_string()][..]));
+    assert_eq!(
+        r.resources.as_deref(),
+        Some(&["daemonsets".to_string()][..])
+    );
+    assert_eq!(r.verbs, ["get"]);
+    assert_eq!(
+        r.resource_names.as_deref(),
+        Some(&["meshcni-node".to_string()][..])
+    );
+    assert!(r.non_resource_urls.is_none());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -675,7 +734,8 @@ fn manifest_is_the_chart_rendered_with_defaults() {
             "NETNS_DIR",
             "UNINSTALL_MARKER_FILE",
             "NODE_NAME",
-            "POD_NAMESPACE"
+            "POD_NAMESPACE",
+            "DAEMONSET_NAME"
         ]
     );
 
@@ -802,6 +862,8 @@ fn manifest_env_is_understood_by_the_agent() {
         );
         env.push((k, v));
     }
+    // Set by Kubernetes in every pod (loopback port 1 stands in: nothing is contacted).
+    env.extend(in_pod_env());
     for e in container(&o).env.clone().expect("env") {
         assert!(
             known.contains(&e.name),
@@ -833,6 +895,15 @@ fn manifest_env_is_understood_by_the_agent() {
     );
 }
 
+/// What Kubernetes puts into every pod's environment (the API server's service), with a
+/// loopback stand-in that nothing listens on.
+fn in_pod_env() -> [(String, String); 2] {
+    [
+        ("KUBERNETES_SERVICE_HOST".into(), "127.0.0.1".into()),
+        ("KUBERNETES_SERVICE_PORT".into(), "1".into()),
+    ]
+}
+
 /// The agent's environment from the plain manifest (ConfigMap + DaemonSet env), with
 /// Downward-API values stood in for.
 fn manifest_env(o: &Objects) -> Vec<(String, String)> {
@@ -843,6 +914,7 @@ fn manifest_env(o: &Objects) -> Vec<(String, String)> {
         .expect("data")
         .into_iter()
         .filter(|(k, _)| k != "CURRENT_AGENT_VERSION")
+        .chain(in_pod_env())
         .collect();
     for e in container(o).env.clone().expect("env") {
         env.push((
