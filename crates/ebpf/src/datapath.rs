@@ -278,12 +278,82 @@ fn ifindex_here(ifname: &str) -> Result<u32, EbpfError> {
 }
 
 /// The ifindex of `ifname` in `netns`.
-pub(crate) fn ifindex_in(netns: &Path, ifname: &str) -> Result<u32, EbpfError> {
+pub fn ifindex_in(netns: &Path, ifname: &str) -> Result<u32, EbpfError> {
     let name = ifname.to_string();
     run_in_netns(netns, move || ifindex_here(&name))?
 }
 
+/// The MAC address of `ifname` in `netns` (`SIOCGIFHWADDR`).
+pub fn mac_in(netns: &Path, ifname: &str) -> Result<[u8; 6], EbpfError> {
+    let name = ifname.to_string();
+    run_in_netns(netns, move || -> Result<[u8; 6], EbpfError> {
+        let bytes = name.as_bytes();
+        if bytes.len() >= libc::IFNAMSIZ {
+            return Err(EbpfError::Conflict(format!(
+                "interface name {name:?} too long"
+            )));
+        }
+        // SAFETY: zeroed ifreq is valid; the name fits (checked above).
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+            *dst = *src as libc::c_char;
+        }
+        // SAFETY: plain socket call.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if sock < 0 {
+            return Err(EbpfError::sys(
+                "socket for SIOCGIFHWADDR",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: new fd owned by us.
+        let sock = unsafe { OwnedFd::from_raw_fd(sock) };
+        // SAFETY: valid socket and ifreq.
+        let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) };
+        if rc < 0 {
+            return Err(EbpfError::sys(
+                format!("read MAC of {name}"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: SIOCGIFHWADDR filled the hwaddr member of the union.
+        let hw = unsafe { req.ifr_ifru.ifru_hwaddr };
+        let mut mac = [0u8; 6];
+        for (dst, src) in mac.iter_mut().zip(hw.sa_data.iter()) {
+            *dst = *src as u8;
+        }
+        Ok(mac)
+    })?
+}
+
 impl Datapath {
+    /// Kernel ids of the loaded programs and of the pinned maps (for inspection with
+    /// `bpftool prog/map show id N`).
+    pub fn ids(&self) -> Result<(Vec<u32>, Vec<u32>), EbpfError> {
+        let mut progs = Vec::new();
+        for p in self.object.progs() {
+            let mut info = libbpf_sys::bpf_prog_info::default();
+            let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
+            // SAFETY: valid fd and out struct.
+            let rc = unsafe {
+                libbpf_sys::bpf_prog_get_info_by_fd(p.as_fd().as_raw_fd(), &mut info, &mut len)
+            };
+            if rc < 0 {
+                return Err(EbpfError::errno("get program info", rc));
+            }
+            progs.push(info.id);
+        }
+        let mut maps = Vec::new();
+        for m in [&self.pods, &self.ztunnel, &self.host_ips] {
+            let info = m.info().map_err(|e| EbpfError::Libbpf {
+                op: "get map info".to_string(),
+                message: e.to_string(),
+            })?;
+            maps.push(info.info.id);
+        }
+        Ok((progs, maps))
+    }
+
     /// Probe the kernel, load the embedded programs, create or reuse the pinned maps.
     pub fn load(cfg: &DatapathConfig) -> Result<Datapath, EbpfError> {
         Self::load_object(cfg, OBJECT)

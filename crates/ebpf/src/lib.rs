@@ -21,7 +21,7 @@ pub mod maps;
 
 pub use datapath::{
     AttachKind, AttachMode, Datapath, DatapathConfig, Hook, UninstallReport, ZTUNNEL_LOCAL_MARK,
-    ZTUNNEL_LOCAL_PRIORITY, ZTUNNEL_LOCAL_TABLE, uninstall,
+    ZTUNNEL_LOCAL_PRIORITY, ZTUNNEL_LOCAL_TABLE, ifindex_in, mac_in, uninstall,
 };
 pub use error::EbpfError;
 pub use maps::{PodEntry, ZtunnelEntry};
