@@ -556,8 +556,24 @@ impl Datapath {
     /// Attach the ztunnel-netns program to `ifname` inside `zt_netns` and install the local
     /// delivery for assigned packets there: `ip rule fwmark 0x400/0xfff lookup 100 pref 20000`
     /// and `local default dev lo table 100`, IPv4 and IPv6 (no iptables/nft rule).
+    ///
+    /// Also sets `net.ipv4.conf.<ifname>.accept_local=1` there: ztunnel's HBONE to a local
+    /// enrolled pod comes back into its own netns with ztunnel's own address as source (the
+    /// same-node hairpin), which the kernel drops as martian otherwise. The previous value is
+    /// recorded under `<pin dir>/sysctl/` and put back on detach and uninstall.
     pub fn attach_ztunnel_netns(&self, zt_netns: &Path, ifname: &str) -> Result<(), EbpfError> {
         ztunnel_routing(zt_netns, true)?;
+        let nsino = netns_inode(zt_netns)?;
+        let ifindex = ifindex_in(zt_netns, ifname)?;
+        let key = format!("net/ipv4/conf/{ifname}/accept_local");
+        let prev = meshcni_netx::with_netns(zt_netns, |ns| {
+            meshcni_netx::sysctl::write_here(ns, &key, "1")
+        })??;
+        if let Some(prev) = prev {
+            let dir = self.pin_dir.join("sysctl");
+            mkdir(&dir)?;
+            mkdir(&dir.join(format!("accept_local-{nsino}-{ifindex}-{prev}")))?;
+        }
         self.attach(zt_netns, ifname, Hook::ZtunnelNetns)
     }
 
@@ -565,6 +581,7 @@ impl Datapath {
     pub fn detach_ztunnel_netns(&self, zt_netns: &Path, ifname: &str) -> Result<(), EbpfError> {
         let ifindex = ifindex_in(zt_netns, ifname)?;
         self.detach(zt_netns, ifindex, Hook::ZtunnelNetns)?;
+        restore_sysctls(&self.pin_dir, &[zt_netns], Some(ifindex))?;
         ztunnel_routing(zt_netns, false)
     }
 
@@ -650,6 +667,69 @@ impl Datapath {
         }
         Ok(())
     }
+}
+
+/// Put back the `accept_local` values recorded under `<pin dir>/sysctl/` for interfaces of
+/// `netns` (only `ifindex` if given) and drop their records. Records of other namespaces stay.
+fn restore_sysctls(
+    pin_dir: &Path,
+    netns: &[&Path],
+    ifindex: Option<u32>,
+) -> Result<usize, EbpfError> {
+    let dir = pin_dir.join("sysctl");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(0);
+    };
+    let mut restored = 0;
+    for entry in entries.filter_map(Result::ok) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let mut parts = name
+            .strip_prefix("accept_local-")
+            .unwrap_or("")
+            .splitn(3, '-');
+        let (Some(ino), Some(idx), Some(prev)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let (Ok(ino), Ok(idx)) = (ino.parse::<u64>(), idx.parse::<u32>()) else {
+            continue;
+        };
+        if ifindex.is_some_and(|i| i != idx) {
+            continue;
+        }
+        let mut found = None;
+        for ns in netns {
+            if netns_inode(ns)? == ino {
+                found = Some(*ns);
+            }
+        }
+        let Some(ns) = found else {
+            continue;
+        };
+        let prev = prev.to_string();
+        meshcni_netx::with_netns(ns, |token| -> Result<(), EbpfError> {
+            let mut buf = [0u8; libc::IF_NAMESIZE];
+            // SAFETY: buffer of IF_NAMESIZE bytes as required.
+            let p = unsafe { libc::if_indextoname(idx, buf.as_mut_ptr().cast()) };
+            if p.is_null() {
+                return Ok(()); // the interface is gone, and its sysctl with it
+            }
+            let ifname: String = buf
+                .iter()
+                .take_while(|&&c| c != 0)
+                .map(|&c| c as char)
+                .collect();
+            meshcni_netx::sysctl::write_here(
+                token,
+                &format!("net/ipv4/conf/{ifname}/accept_local"),
+                &prev,
+            )?;
+            Ok(())
+        })??;
+        std::fs::remove_dir(entry.path())
+            .map_err(|e| EbpfError::sys(format!("remove record {}", entry.path().display()), e))?;
+        restored += 1;
+    }
+    Ok(restored)
 }
 
 fn ztunnel_routing(netns: &Path, install: bool) -> Result<(), EbpfError> {
@@ -1013,11 +1093,12 @@ pub fn uninstall(pin_dir: &Path, netns: &[&Path]) -> Result<UninstallReport, Ebp
         clsact_detach(ns, &record)?;
         report.filters += 1;
     }
+    restore_sysctls(pin_dir, netns, None)?;
     for map in read(&pin_dir.join("maps"))? {
         unlink(&map)?;
         report.maps += 1;
     }
-    for dir in ["links", "tc", "maps"] {
+    for dir in ["links", "tc", "maps", "sysctl"] {
         let path = pin_dir.join(dir);
         // Leftover `-qdisc` records of a qdisc that still had foreign filters: not ours to
         // delete, and nothing to keep track of any longer.

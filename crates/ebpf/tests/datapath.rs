@@ -280,7 +280,14 @@ fn same_node_captured_to_captured_goes_through_ztunnel_hbone_and_back() {
     enroll(&dp, &lab, client);
     enroll(&dp, &lab, server);
 
-    exchange(&client.netns, server.addr(PORT));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        exchange(&client.netns, server.addr(PORT))
+    }));
+    assert!(
+        result.is_ok(),
+        "exchange failed; ztunnel hops: {:#?}",
+        zt.hops()
+    );
     let hops = zt.wait_for_hops(2, TIMEOUT).expect("two hops");
     let outbound = hops
         .iter()
@@ -387,7 +394,8 @@ fn foreign_coexistence(attach: AttachMode, tag: &str) {
         .exec_ok(
             "tc",
             &[
-                "filter", "add", "dev", &veth, "ingress", "prio", "7", "matchall", "action", "pass",
+                "filter", "add", "dev", &veth, "ingress", "prio", "7", "u32", "match", "u32", "0",
+                "0", "classid", "1:1",
             ],
         )
         .expect("foreign filter");
@@ -409,7 +417,7 @@ fn foreign_coexistence(attach: AttachMode, tag: &str) {
         ifindex,
         "foreign tcx link after our attach"
     );
-    assert!(tc_filters(&node.netns, &veth, "ingress").contains("matchall"));
+    assert!(tc_filters(&node.netns, &veth, "ingress").contains("u32"));
 
     dp.detach_pod(node.netns.path(), ifindex)
         .expect("detach pod");
@@ -420,7 +428,7 @@ fn foreign_coexistence(attach: AttachMode, tag: &str) {
     );
     let ingress = tc_filters(&node.netns, &veth, "ingress");
     assert!(
-        ingress.contains("matchall"),
+        ingress.contains("u32"),
         "foreign filter after detach: {ingress}"
     );
     assert!(!ingress.contains("meshcni"), "our filter left: {ingress}");
@@ -468,6 +476,19 @@ fn bpftool_ids(what: &str) -> String {
 }
 
 fn assert_gone(progs: &[u32], maps: &[u32]) {
+    // The kernel frees a map only after the programs that used it passed an RCU grace
+    // period: wait (bounded) until the ids are gone before asserting.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        let list = bpftool_ids("map");
+        if !maps
+            .iter()
+            .any(|id| list.lines().any(|l| l.starts_with(&format!("{id}: "))))
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let prog_list = bpftool_ids("prog");
     for id in progs {
         assert!(
