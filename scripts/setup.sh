@@ -15,6 +15,10 @@
 #           openssl curl                                         (real_apiserver test: PKI, etcd compaction)
 #           gcc libc6-dev binutils                               (scripts/build-image.sh: the static
 #                                                                 pause of --test-images, readelf)
+#           clang libbpf-dev linux-libc-dev                      (crates/ebpf: BPF programs compiled with
+#                                                                 clang -target bpf at build time)
+#           libelf-dev zlib1g-dev make pkg-config                (libbpf-sys builds its vendored libbpf)
+#           bpftool                                              (crates/ebpf tests: nothing of ours left)
 #   cnitool $CNITOOL (default /usr/local/bin/cnitool), built from Debian's *source* package golang-github-appc-cni
 #           (the -dev package ships libcni but not cnitool) with Debian's Go in GOPATH mode: no Go
 #           module is downloaded. The deb-src index goes to a private temporary apt state dir;
@@ -51,7 +55,8 @@ pkgs=(iptables nftables ipset iproute2 conntrack jq util-linux
       containernetworking-plugins containerd runc busybox-static python3 python3-venv
       podman catatonit
       golang-go golang-github-appc-cni-dev dpkg-dev ca-certificates openssl curl
-      gcc libc6-dev binutils)
+      gcc libc6-dev binutils
+      clang libbpf-dev linux-libc-dev libelf-dev zlib1g-dev make pkg-config bpftool)
 [ $WANT_FUZZ = 1 ] && pkgs+=(g++)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -73,12 +73,18 @@ run "setup" bash scripts/setup.sh "${setup_args[@]}" || finish
 preflight() {
     local missing=() t
     for t in ip nsenter iptables iptables-save iptables-legacy-save nft ipset conntrack jq \
-             cnitool containerd ctr runc podman conmon python3 cargo gcc readelf; do
+             cnitool containerd ctr runc podman conmon python3 cargo gcc readelf \
+             clang bpftool tc make pkg-config; do
         command -v "$t" >/dev/null || missing+=("$t")
     done
     for t in /usr/lib/cni/bridge /usr/lib/cni/host-local /usr/lib/cni/portmap /bin/busybox \
              "$MESHCNI_CRI_VENV/bin/python" "$MESHCNI_HELM"; do
         [ -x "$t" ] || missing+=("$t")
+    done
+    # crates/ebpf's build.rs: libbpf-dev's helper headers, the kernel UAPI, libelf for libbpf-sys.
+    for t in /usr/include/bpf/bpf_helpers.h /usr/include/linux/bpf.h /usr/include/libelf.h \
+             /usr/include/zlib.h; do
+        [ -f "$t" ] || missing+=("$t")
     done
     if [ ${#missing[@]} -gt 0 ]; then
         echo "test.sh: missing after setup: ${missing[*]} (see scripts/setup.sh output above)" >&2
