@@ -52,13 +52,17 @@ struct pod_info {
 
 /* meshcni_zt[0]. ifindex 0 = no ztunnel: enrolled pods' TCP is dropped (fail closed). */
 struct zt_info {
-	__u32 ifindex; /* ztunnel host veth, node netns */
-	__u8 mac[6];   /* ztunnel eth0 MAC */
-	__u8 flags;
-	__u8 pad;
+	__u32 ifindex;     /* ztunnel host veth, node netns */
+	__u8 mac[6];       /* ztunnel eth0 MAC */
+	__u8 host_mac[6];  /* ztunnel host veth MAC (packets handed back to the node) */
+	__u32 flags;
 	struct meshcni_addr ip4; /* ztunnel pod IPv4 (mapped), zero if none */
 	struct meshcni_addr ip6; /* ztunnel pod IPv6, zero if none */
 };
+
+/* The Rust side (src/maps.rs) encodes these layouts byte by byte. */
+_Static_assert(sizeof(struct pod_info) == 12, "pod_info layout changed: update src/maps.rs");
+_Static_assert(sizeof(struct zt_info) == 52, "zt_info layout changed: update src/maps.rs");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -93,6 +97,7 @@ struct flow {
 	__u8 proto;
 	__u8 v6;
 	__u8 has_ports;
+	__u8 syn; /* TCP SYN without ACK: a new connection */
 };
 
 static __always_inline int addr_eq(const struct meshcni_addr *x, const struct meshcni_addr *y)
@@ -151,6 +156,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 		f->sport = tcp->source;
 		f->dport = tcp->dest;
 		f->has_ports = 1;
+		f->syn = tcp->syn && !tcp->ack;
 	}
 	return 0;
 }
@@ -294,6 +300,15 @@ int meshcni_zt_in(struct __sk_buff *skb)
 		if (sk->state != BPF_TCP_LISTEN)
 			goto assign;
 		bpf_sk_release(sk);
+	}
+	if (!f.syn) {
+		/* Neither ztunnel's nor new: a connection opened before its pod was enrolled. Hand it
+		 * back to the node (ztunnel's host veth), which delivers it as if never captured:
+		 * meshcni_zt_host puts it into the enrolled pod, or routing takes it to the peer.
+		 * ztunnel's own address never bounces (its hairpin would loop). */
+		if (is_ztunnel_ip(zt, &f, &f.src) || set_dst_mac(skb, zt->host_mac) < 0)
+			return TC_ACT_SHOT;
+		return bpf_redirect(skb->ifindex, 0);
 	}
 	sk = lookup(skb, &f, port);
 	if (!sk)

@@ -3,7 +3,7 @@
 //! | map | type | key | value |
 //! |---|---|---|---|
 //! | `meshcni_pods` | HASH, capacity set at load ([`crate::DEFAULT_POD_CAPACITY`]) | 16-byte address (IPv4 as `::ffff:a.b.c.d`) | [`PodEntry`]: host veth ifindex, pod MAC, flags |
-//! | `meshcni_zt` | ARRAY\[1\] | `u32` 0 | [`ZtunnelEntry`]: ztunnel host veth ifindex (0 = none → fail closed), ztunnel MAC, its IPv4/IPv6 |
+//! | `meshcni_zt` | ARRAY\[1\] | `u32` 0 | [`ZtunnelEntry`]: ztunnel host veth ifindex (0 = none → fail closed), ztunnel and host veth MACs, flags, its IPv4/IPv6 |
 //! | `meshcni_hostip` | HASH\[64\] | 16-byte address | `u32` 1 — the node's own addresses (kubelet probes pass) |
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -66,13 +66,15 @@ impl PodEntry {
     }
 }
 
-/// The active ztunnel (`struct zt_info`, 44 bytes).
+/// The active ztunnel (`struct zt_info`, 52 bytes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ZtunnelEntry {
     /// ztunnel's host-side veth (node netns).
     pub host_ifindex: u32,
     /// The MAC of ztunnel's `eth0`.
     pub mac: [u8; 6],
+    /// The MAC of ztunnel's host-side veth (destination of packets handed back to the node).
+    pub host_mac: [u8; 6],
     /// ztunnel's pod IPv4 address, if any.
     pub ip4: Option<Ipv4Addr>,
     /// ztunnel's pod IPv6 address, if any.
@@ -80,17 +82,19 @@ pub struct ZtunnelEntry {
 }
 
 impl ZtunnelEntry {
-    pub const SIZE: usize = 44;
+    pub const SIZE: usize = 52;
 
     pub fn to_bytes(self) -> [u8; Self::SIZE] {
         let mut b = [0u8; Self::SIZE];
         b[0..4].copy_from_slice(&self.host_ifindex.to_ne_bytes());
         b[4..10].copy_from_slice(&self.mac);
+        b[10..16].copy_from_slice(&self.host_mac);
+        // 16..20: flags (none defined yet).
         if let Some(ip4) = self.ip4 {
-            b[12..28].copy_from_slice(&addr_key(IpAddr::V4(ip4)));
+            b[20..36].copy_from_slice(&addr_key(IpAddr::V4(ip4)));
         }
         if let Some(ip6) = self.ip6 {
-            b[28..44].copy_from_slice(&ip6.octets());
+            b[36..52].copy_from_slice(&ip6.octets());
         }
         b
     }
@@ -103,10 +107,12 @@ impl ZtunnelEntry {
         ifindex.copy_from_slice(&b[0..4]);
         let mut mac = [0u8; 6];
         mac.copy_from_slice(&b[4..10]);
+        let mut host_mac = [0u8; 6];
+        host_mac.copy_from_slice(&b[10..16]);
         let mut k4 = [0u8; 16];
-        k4.copy_from_slice(&b[12..28]);
+        k4.copy_from_slice(&b[20..36]);
         let mut k6 = [0u8; 16];
-        k6.copy_from_slice(&b[28..44]);
+        k6.copy_from_slice(&b[36..52]);
         let ip4 = match key_addr(k4) {
             IpAddr::V4(v4) => Some(v4),
             IpAddr::V6(_) => None,
@@ -115,6 +121,7 @@ impl ZtunnelEntry {
         Some(ZtunnelEntry {
             host_ifindex: u32::from_ne_bytes(ifindex),
             mac,
+            host_mac,
             ip4,
             ip6,
         })
@@ -161,11 +168,13 @@ mod tests {
         let zt = ZtunnelEntry {
             host_ifindex: 7,
             mac: [0xaa; 6],
+            host_mac: [0xbb; 6],
             ip4: Some(Ipv4Addr::new(10, 77, 1, 100)),
             ip6: Some("fd77:1::64".parse().expect("literal")),
         };
         let b = zt.to_bytes();
-        assert_eq!(&b[24..28], &[10, 77, 1, 100]);
+        assert_eq!(&b[10..16], &[0xbb; 6]);
+        assert_eq!(&b[32..36], &[10, 77, 1, 100]);
         assert_eq!(ZtunnelEntry::from_bytes(&b), Some(zt));
         let none = ZtunnelEntry {
             ip4: None,
@@ -173,7 +182,7 @@ mod tests {
             ..zt
         };
         assert_eq!(ZtunnelEntry::from_bytes(&none.to_bytes()), Some(none));
-        assert_eq!(&none.to_bytes()[12..], &[0u8; 32]);
+        assert_eq!(&none.to_bytes()[20..], &[0u8; 32]);
     }
 
     #[test]

@@ -109,6 +109,7 @@ fn attach_ztunnel(dp: &Datapath, lab: &MultiNodeLab) {
     dp.set_ztunnel(Some(ZtunnelEntry {
         host_ifindex: ifindex_in(node.netns.path(), ZTUNNEL_HOST_VETH).expect("vzt ifindex"),
         mac: mac_in(node.ztunnel.netns.path(), "eth0").expect("ztunnel MAC"),
+        host_mac: mac_in(node.netns.path(), ZTUNNEL_HOST_VETH).expect("vzt MAC"),
         ip4: Some(node.ztunnel.ip),
         ip6: None,
     }))
@@ -310,6 +311,65 @@ fn same_node_captured_to_captured_goes_through_ztunnel_hbone_and_back() {
         Some(IpAddr::V4(client.ip))
     );
     assert_eq!(hbone.error, None);
+
+    drop(dp);
+    uninstall(&bpffs.pin_dir(), &[node.netns.path()]).expect("uninstall");
+}
+
+/// Send a line on an open connection and read it back.
+fn echo_again(stream: &mut TcpStream, what: &str) {
+    stream.write_all(b"again\n").expect("write");
+    let line = read_line(stream).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(line, "again\n", "{what}");
+}
+
+#[test]
+fn connections_open_before_enrollment_keep_flowing_directly_new_ones_are_captured() {
+    let bpffs = PrivateBpffs::mount();
+    let lab = lab("ebe");
+    let dp = Datapath::load(&config(&bpffs, AttachMode::Tcx)).expect("load datapath");
+    let node = lab.node(1);
+    let (client, server) = (lab.pod("client"), lab.pod("server"));
+    let zt = ZtunnelStandIn::start(&node.ztunnel.netns, IpAddr::V4(node.ztunnel.ip))
+        .expect("ztunnel stand-in");
+    let servers: Vec<EchoServer> = server
+        .ips()
+        .into_iter()
+        .map(|ip| EchoServer::start(&server.netns, addr(ip, PORT)).expect("echo server"))
+        .collect();
+    attach_ztunnel(&dp, &lab);
+    // Open v4 and v6 connections while neither pod is enrolled.
+    let mut open: Vec<TcpStream> = server
+        .ips()
+        .into_iter()
+        .map(|ip| {
+            let mut s = open_stream(&client.netns, addr(ip, PORT), TIMEOUT).expect("connect");
+            read_line(&mut s).expect("greeting");
+            s
+        })
+        .collect();
+    // Enroll the client (outbound side), then the server too (inbound side).
+    enroll(&dp, &lab, client);
+    for s in &mut open {
+        echo_again(s, "open connection after the client's enrollment");
+    }
+    enroll(&dp, &lab, server);
+    for s in &mut open {
+        echo_again(s, "open connection after the server's enrollment");
+    }
+    assert!(
+        zt.hops().is_empty(),
+        "old connections went to ztunnel: {:?}",
+        zt.hops()
+    );
+    // A new connection is captured.
+    exchange(&client.netns, server.addr(PORT));
+    assert_eq!(
+        zt.wait_for_hops(1, TIMEOUT).expect("hop")[0].listener_port,
+        15001
+    );
+    assert_eq!(servers.iter().map(EchoServer::accepted).sum::<usize>(), 3);
+    drop(open);
 
     drop(dp);
     uninstall(&bpffs.pin_dir(), &[node.netns.path()]).expect("uninstall");
