@@ -4,7 +4,8 @@
  * ztunnel and back without iptables rules, ipsets or policy routes in the node netns.
  *
  *   pod host veth, ingress  meshcni_pod_in    TCP from an enrolled pod IP -> ztunnel
- *                                              (bpf_redirect_peer: straight into ztunnel's eth0)
+ *                                              (bpf_redirect_peer: straight into ztunnel's eth0);
+ *                                              UDP/53 too for pods with DNS capture
  *   pod host veth, egress   meshcni_pod_eg    TCP to an enrolled pod IP -> ztunnel
  *                                              (bpf_redirect to the ztunnel host veth)
  *   ztunnel host veth, in   meshcni_zt_host   TCP from ztunnel to an enrolled pod -> the pod
@@ -12,8 +13,9 @@
  *                                              local enrolled pod's :15008 -> back to ztunnel
  *   ztunnel eth0, ingress   meshcni_zt_in     (inside the ztunnel netns) bpf_sk_assign to the
  *                                              connection's socket, else to ztunnel's listener
- *                                              15001 (from an enrolled pod), 15008 / 15006
- *                                              (to one); mark 0x400 -> local delivery
+ *                                              15001 (from an enrolled pod; 15053 for DNS
+ *                                              of a DNS-captured pod, TCP and UDP), 15008 /
+ *                                              15006 (to one); mark 0x400 -> local delivery
  *
  * IPv4 and IPv6 (addresses are 16-byte keys, IPv4 as ::ffff:a.b.c.d); every pod IP is one map
  * entry. "Pass" is TC_ACT_UNSPEC (tcx: TCX_NEXT), so programs behind ours (another tcx program,
@@ -26,6 +28,7 @@
 #include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
+#include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
@@ -34,6 +37,10 @@
 #define ZT_OUTBOUND_PORT 15001
 #define ZT_INBOUND_PORT 15006
 #define ZT_HBONE_PORT 15008
+#define ZT_DNS_PORT 15053
+#define DNS_PORT 53
+/* pod_info.flags */
+#define POD_DNS_CAPTURE 0x1
 #define MESHCNI_LOCAL_MARK 0x400
 
 #define PASS TC_ACT_UNSPEC
@@ -46,7 +53,7 @@ struct meshcni_addr {
 struct pod_info {
 	__u32 ifindex; /* host-side veth of the pod, node netns */
 	__u8 mac[6];   /* the pod's eth0 MAC */
-	__u8 flags;
+	__u8 flags;    /* POD_DNS_CAPTURE */
 	__u8 pad;
 };
 
@@ -92,7 +99,7 @@ struct {
 struct flow {
 	struct meshcni_addr src;
 	struct meshcni_addr dst;
-	__u16 sport; /* network order; 0 when not TCP or a non-first fragment */
+	__u16 sport; /* network order; 0 when not TCP/UDP or a non-first fragment */
 	__u16 dport;
 	__u8 proto;
 	__u8 v6;
@@ -157,6 +164,14 @@ static __always_inline int parse(struct __sk_buff *skb, struct flow *f)
 		f->dport = tcp->dest;
 		f->has_ports = 1;
 		f->syn = tcp->syn && !tcp->ack;
+	} else if (f->proto == IPPROTO_UDP) {
+		struct udphdr *udp = l4;
+
+		if ((void *)(udp + 1) > data_end)
+			return 0;
+		f->sport = udp->source;
+		f->dport = udp->dest;
+		f->has_ports = 1;
 	}
 	return 0;
 }
@@ -181,17 +196,26 @@ static __always_inline int set_dst_mac(struct __sk_buff *skb, const __u8 *mac)
 	return bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), mac, ETH_ALEN, 0);
 }
 
+static __always_inline int is_dns(const struct flow *f)
+{
+	return f->has_ports && f->dport == bpf_htons(DNS_PORT);
+}
+
 /* Traffic leaving an enrolled pod (ingress of its host-side veth). */
 SEC("tc")
 int meshcni_pod_in(struct __sk_buff *skb)
 {
 	struct flow f;
 	struct zt_info *zt;
+	struct pod_info *pod;
 
-	if (parse(skb, &f) < 0 || f.proto != IPPROTO_TCP)
+	if (parse(skb, &f) < 0 || (f.proto != IPPROTO_TCP && f.proto != IPPROTO_UDP))
 		return PASS;
-	if (!bpf_map_lookup_elem(&meshcni_pods, &f.src))
+	pod = bpf_map_lookup_elem(&meshcni_pods, &f.src);
+	if (!pod)
 		return PASS; /* not an enrolled address */
+	if (f.proto == IPPROTO_UDP && !(is_dns(&f) && (pod->flags & POD_DNS_CAPTURE)))
+		return PASS; /* UDP other than captured DNS is not ztunnel's */
 	if (bpf_map_lookup_elem(&meshcni_hostip, &f.dst))
 		return PASS; /* to the node itself (replies to kubelet probes) */
 	zt = ztunnel();
@@ -272,23 +296,63 @@ static __always_inline struct bpf_sock *lookup(struct __sk_buff *skb, const stru
 	return bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
 }
 
+/* Captured DNS over UDP (inside the ztunnel netns): to ztunnel's DNS socket on 15053. */
+static __always_inline int dns_udp(struct __sk_buff *skb, const struct flow *f)
+{
+	struct pod_info *pod = bpf_map_lookup_elem(&meshcni_pods, &f->src);
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *sk;
+	long err;
+
+	if (!pod || !(pod->flags & POD_DNS_CAPTURE) || !is_dns(f))
+		return PASS;
+	if (f->v6) {
+		__builtin_memcpy(t.ipv6.saddr, &f->src, 16);
+		__builtin_memcpy(t.ipv6.daddr, &f->dst, 16);
+		t.ipv6.sport = f->sport;
+		t.ipv6.dport = bpf_htons(ZT_DNS_PORT);
+		sk = bpf_sk_lookup_udp(skb, &t, sizeof(t.ipv6), BPF_F_CURRENT_NETNS, 0);
+	} else {
+		t.ipv4.saddr = f->src.a[3];
+		t.ipv4.daddr = f->dst.a[3];
+		t.ipv4.sport = f->sport;
+		t.ipv4.dport = bpf_htons(ZT_DNS_PORT);
+		sk = bpf_sk_lookup_udp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	}
+	if (!sk)
+		return TC_ACT_SHOT; /* ztunnel's DNS proxy is not listening: fail closed */
+	err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err)
+		return TC_ACT_SHOT;
+	skb->mark = MESHCNI_LOCAL_MARK;
+	return TC_ACT_OK;
+}
+
 /* Inside the ztunnel netns, ingress of its eth0: hand captured connections to ztunnel. */
 SEC("tc")
 int meshcni_zt_in(struct __sk_buff *skb)
 {
 	struct flow f;
 	struct zt_info *zt;
+	struct pod_info *src_pod;
 	struct bpf_sock *sk;
 	__u16 port;
 	long err;
 
-	if (parse(skb, &f) < 0 || f.proto != IPPROTO_TCP || !f.has_ports)
+	if (parse(skb, &f) < 0 || !f.has_ports)
+		return PASS;
+	if (f.proto == IPPROTO_UDP)
+		return dns_udp(skb, &f);
+	if (f.proto != IPPROTO_TCP)
 		return PASS;
 	zt = ztunnel();
 	if (!zt || is_ztunnel_ip(zt, &f, &f.dst))
 		return PASS; /* to ztunnel's own address: ordinary local delivery */
-	if (bpf_map_lookup_elem(&meshcni_pods, &f.src))
-		port = bpf_htons(ZT_OUTBOUND_PORT);
+	src_pod = bpf_map_lookup_elem(&meshcni_pods, &f.src);
+	if (src_pod)
+		port = bpf_htons(is_dns(&f) && (src_pod->flags & POD_DNS_CAPTURE) ? ZT_DNS_PORT
+										   : ZT_OUTBOUND_PORT);
 	else if (bpf_map_lookup_elem(&meshcni_pods, &f.dst))
 		port = f.dport == bpf_htons(ZT_HBONE_PORT) ? f.dport : bpf_htons(ZT_INBOUND_PORT);
 	else

@@ -2,7 +2,7 @@
 //!
 //! | map | type | key | value |
 //! |---|---|---|---|
-//! | `meshcni_pods` | HASH, capacity set at load ([`crate::DEFAULT_POD_CAPACITY`]) | 16-byte address (IPv4 as `::ffff:a.b.c.d`) | [`PodEntry`]: host veth ifindex, pod MAC, flags |
+//! | `meshcni_pods` | HASH, capacity set at load ([`crate::DEFAULT_POD_CAPACITY`]) | 16-byte address (IPv4 as `::ffff:a.b.c.d`) | [`PodEntry`]: host veth ifindex, pod MAC, flags (bit 0: DNS capture) |
 //! | `meshcni_zt` | ARRAY\[1\] | `u32` 0 | [`ZtunnelEntry`]: ztunnel host veth ifindex (0 = none → fail closed), ztunnel and host veth MACs, flags, its IPv4/IPv6 |
 //! | `meshcni_hostip` | HASH\[64\] | 16-byte address | `u32` 1 — the node's own addresses (kubelet probes pass) |
 
@@ -39,7 +39,12 @@ pub struct PodEntry {
     pub host_ifindex: u32,
     /// The MAC of the pod's `eth0` (destination MAC of packets handed to the pod).
     pub mac: [u8; 6],
+    /// Steer the pod's DNS (UDP and TCP to port 53) to ztunnel's DNS proxy (15053).
+    pub dns_capture: bool,
 }
+
+/// `pod_info.flags` bit: DNS capture.
+const POD_DNS_CAPTURE: u8 = 0x1;
 
 impl PodEntry {
     pub const SIZE: usize = 12;
@@ -48,6 +53,9 @@ impl PodEntry {
         let mut b = [0u8; Self::SIZE];
         b[0..4].copy_from_slice(&self.host_ifindex.to_ne_bytes());
         b[4..10].copy_from_slice(&self.mac);
+        if self.dns_capture {
+            b[10] |= POD_DNS_CAPTURE;
+        }
         b
     }
 
@@ -62,6 +70,7 @@ impl PodEntry {
         Some(PodEntry {
             host_ifindex: u32::from_ne_bytes(ifindex),
             mac,
+            dns_capture: b[10] & POD_DNS_CAPTURE != 0,
         })
     }
 }
@@ -158,12 +167,19 @@ mod tests {
         let pod = PodEntry {
             host_ifindex: 0x0102_0304,
             mac: [1, 2, 3, 4, 5, 6],
+            dns_capture: false,
         };
         let b = pod.to_bytes();
         assert_eq!(&b[0..4], &0x0102_0304u32.to_ne_bytes());
         assert_eq!(&b[4..10], &[1, 2, 3, 4, 5, 6]);
         assert_eq!(&b[10..], &[0, 0]);
         assert_eq!(PodEntry::from_bytes(&b), Some(pod));
+        let dns = PodEntry {
+            dns_capture: true,
+            ..pod
+        };
+        assert_eq!(dns.to_bytes()[10], 1);
+        assert_eq!(PodEntry::from_bytes(&dns.to_bytes()), Some(dns));
 
         let zt = ZtunnelEntry {
             host_ifindex: 7,

@@ -118,12 +118,17 @@ fn attach_ztunnel(dp: &Datapath, lab: &MultiNodeLab) {
 
 /// Enroll a pod: programs on its host veth, every IP in the map.
 fn enroll(dp: &Datapath, lab: &MultiNodeLab, pod: &LabPod) {
+    enroll_with(dp, lab, pod, false);
+}
+
+fn enroll_with(dp: &Datapath, lab: &MultiNodeLab, pod: &LabPod, dns_capture: bool) {
     let node = lab.node_of(pod);
     dp.attach_pod(node.netns.path(), &pod.host_veth)
         .expect("attach pod programs");
     let entry = PodEntry {
         host_ifindex: ifindex_in(node.netns.path(), &pod.host_veth).expect("pod veth ifindex"),
         mac: mac_in(pod.netns.path(), "eth0").expect("pod MAC"),
+        dns_capture,
     };
     for ip in pod.ips() {
         dp.set_pod(ip, entry).expect("pod map");
@@ -373,6 +378,127 @@ fn connections_open_before_enrollment_keep_flowing_directly_new_ones_are_capture
 
     drop(dp);
     uninstall(&bpffs.pin_dir(), &[node.netns.path()]).expect("uninstall");
+}
+
+/// A socket in `ns` bound to `addr` with `IP_TRANSPARENT`/`IPV6_TRANSPARENT` (IPv6: v6-only),
+/// listening if it is a stream socket — what ztunnel's DNS proxy and listeners use.
+fn transparent_socket(ns: &Netns, addr: SocketAddr, stream: bool) -> OwnedFd {
+    use nix::sys::socket::{
+        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6, bind, listen,
+        setsockopt, socket, sockopt,
+    };
+    ns.run(move || {
+        let family = if addr.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
+        let ty = if stream {
+            SockType::Stream
+        } else {
+            SockType::Datagram
+        };
+        let fd = socket(family, ty, SockFlag::SOCK_CLOEXEC, None).expect("socket");
+        setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
+        match addr {
+            SocketAddr::V4(v4) => {
+                setsockopt(&fd, sockopt::IpTransparent, &true).expect("IP_TRANSPARENT");
+                bind(fd.as_raw_fd(), &SockaddrIn::from(v4)).expect("bind");
+            }
+            SocketAddr::V6(v6) => {
+                setsockopt(&fd, sockopt::Ipv6V6Only, &true).expect("IPV6_V6ONLY");
+                let one: libc::c_int = 1;
+                // SAFETY: valid fd and option value.
+                let rc = unsafe {
+                    libc::setsockopt(
+                        fd.as_raw_fd(),
+                        libc::SOL_IPV6,
+                        libc::IPV6_TRANSPARENT,
+                        (&one as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                assert_eq!(rc, 0, "IPV6_TRANSPARENT");
+                bind(fd.as_raw_fd(), &SockaddrIn6::from(v6)).expect("bind");
+            }
+        }
+        if stream {
+            listen(&fd, Backlog::new(16).expect("backlog")).expect("listen");
+        }
+        fd
+    })
+    .expect("netns")
+}
+
+fn udp_in(ns: &Netns, local: SocketAddr) -> std::net::UdpSocket {
+    let sock = ns
+        .run(move || std::net::UdpSocket::bind(local))
+        .expect("netns")
+        .expect("bind udp");
+    sock.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    sock
+}
+
+#[test]
+fn dns_of_a_dns_captured_pod_reaches_ztunnels_dns_port_udp_and_tcp_ipv4_and_ipv6() {
+    let bpffs = PrivateBpffs::mount();
+    let lab = lab("ebd");
+    let dp = Datapath::load(&config(&bpffs, AttachMode::Tcx)).expect("load datapath");
+    let node = lab.node(1);
+    let ztns = &node.ztunnel.netns;
+    let (client, server) = (lab.pod("client"), lab.pod("server"));
+    attach_ztunnel(&dp, &lab);
+    enroll_with(&dp, &lab, client, true);
+
+    for (src, dns) in client.ips().into_iter().zip(server.ips()) {
+        let dns_addr = addr(dns, 53);
+        let unspecified: IpAddr = if dns.is_ipv4() {
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        // UDP: the query lands on ztunnel's 15053 socket with the client's source; the answer,
+        // sent from the DNS server's address (transparent), reaches the client.
+        let proxy =
+            std::net::UdpSocket::from(transparent_socket(ztns, addr(unspecified, 15053), false));
+        proxy.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        let cli = udp_in(&client.netns, addr(unspecified, 0));
+        cli.send_to(b"query", dns_addr).expect("send query");
+        let mut buf = [0u8; 64];
+        let (n, from) = proxy.recv_from(&mut buf).expect("query at ztunnel's 15053");
+        assert_eq!(&buf[..n], b"query");
+        assert_eq!(from.ip(), src);
+        let answer = std::net::UdpSocket::from(transparent_socket(ztns, dns_addr, false));
+        answer.send_to(b"answer", from).expect("send answer");
+        let (n, from) = cli.recv_from(&mut buf).expect("answer at the client");
+        assert_eq!((&buf[..n], from), (&b"answer"[..], dns_addr));
+        // TCP: to 15053 as well.
+        let listener =
+            std::net::TcpListener::from(transparent_socket(ztns, addr(unspecified, 15053), true));
+        let mut conn = open_stream(&client.netns, dns_addr, TIMEOUT).expect("tcp dns connect");
+        let (mut accepted, peer) = listener.accept().expect("accept at 15053");
+        assert_eq!(peer.ip(), src);
+        assert_eq!(accepted.local_addr().expect("local"), dns_addr);
+        accepted.write_all(b"tcp-answer\n").expect("write");
+        assert_eq!(read_line(&mut conn).expect("read"), "tcp-answer\n");
+    }
+
+    // DNS capture off for the pod: its DNS goes to the server itself.
+    enroll_with(&dp, &lab, client, false);
+    let srv = udp_in(&server.netns, server.addr(53));
+    let cli = udp_in(&client.netns, client.addr(0));
+    cli.send_to(b"direct", server.addr(53)).expect("send");
+    let mut buf = [0u8; 64];
+    let (n, from) = srv.recv_from(&mut buf).expect("query at the server");
+    assert_eq!(
+        (&buf[..n], from.ip()),
+        (&b"direct"[..], IpAddr::V4(client.ip))
+    );
+    assert_no_rules(&node.netns, false);
+    assert_no_rules(ztns, true);
+
+    drop(dp);
+    uninstall(&bpffs.pin_dir(), &[node.netns.path(), ztns.path()]).expect("uninstall");
 }
 
 #[test]
