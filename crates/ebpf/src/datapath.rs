@@ -591,7 +591,14 @@ impl Datapath {
             .update(&addr_key(ip), &entry.to_bytes(), MapFlags::ANY)
             .map_err(|e| EbpfError::Libbpf {
                 op: format!("{PODS_MAP}: set {ip}"),
-                message: e.to_string(),
+                message: if e.kind() == libbpf_rs::ErrorKind::TooBig {
+                    format!(
+                        "the map is full ({} addresses; raise the pod capacity): {e}",
+                        self.pods.max_entries()
+                    )
+                } else {
+                    e.to_string()
+                },
             })
     }
 

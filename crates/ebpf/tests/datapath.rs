@@ -502,7 +502,7 @@ fn dns_of_a_dns_captured_pod_reaches_ztunnels_dns_port_udp_and_tcp_ipv4_and_ipv6
 }
 
 #[test]
-fn without_ztunnel_captured_pods_fail_closed_and_uncaptured_ones_flow() {
+fn without_ztunnel_captured_pods_fail_closed_and_flow_again_when_it_is_back() {
     let bpffs = PrivateBpffs::mount();
     let lab = lab("ebc");
     let dp = Datapath::load(&config(&bpffs, AttachMode::Tcx)).expect("load datapath");
@@ -511,6 +511,7 @@ fn without_ztunnel_captured_pods_fail_closed_and_uncaptured_ones_flow() {
     let srv = EchoServer::start(&server.netns, server.addr(PORT)).expect("echo server");
     // Uncaptured: direct.
     exchange(&client.netns, server.addr(PORT));
+    attach_ztunnel(&dp, &lab);
     enroll(&dp, &lab, client);
     dp.set_ztunnel(None).expect("no ztunnel");
     let refused = open_stream(&client.netns, server.addr(PORT), Duration::from_millis(500));
@@ -519,9 +520,93 @@ fn without_ztunnel_captured_pods_fail_closed_and_uncaptured_ones_flow() {
         "captured pod reached the server without ztunnel"
     );
     assert_eq!(srv.accepted(), 1);
+    // The other direction too: the server cannot reach the captured client.
+    let _cli_srv = EchoServer::start(&client.netns, client.addr(PORT)).expect("echo server");
+    let refused = open_stream(&server.netns, client.addr(PORT), Duration::from_millis(500));
+    assert!(
+        refused.is_err(),
+        "server reached the captured pod without ztunnel"
+    );
+    // ztunnel back (a restart publishes the new one): captured traffic flows through it.
+    let zt = ZtunnelStandIn::start(&node.ztunnel.netns, IpAddr::V4(node.ztunnel.ip))
+        .expect("ztunnel stand-in");
+    attach_ztunnel(&dp, &lab);
+    exchange(&client.netns, server.addr(PORT));
+    assert_eq!(
+        zt.wait_for_hops(1, TIMEOUT).expect("hop")[0].listener_port,
+        15001
+    );
 
     drop(dp);
     uninstall(&bpffs.pin_dir(), &[node.netns.path()]).expect("uninstall");
+}
+
+#[test]
+fn a_deleted_pod_veth_leaves_a_defunct_link_that_detach_removes() {
+    let bpffs = PrivateBpffs::mount();
+    let lab = lab("ebx");
+    let dp = Datapath::load(&config(&bpffs, AttachMode::Tcx)).expect("load datapath");
+    let node = lab.node(1);
+    let client = lab.pod("client");
+    enroll(&dp, &lab, client);
+    let ifindex = ifindex_in(node.netns.path(), &client.host_veth).expect("ifindex");
+    node.netns
+        .ip(&["link", "del", &client.host_veth])
+        .expect("delete the pod veth");
+    assert_eq!(
+        std::fs::read_dir(bpffs.pin_dir().join("links"))
+            .expect("links")
+            .count(),
+        2,
+        "pins of the deleted veth's links"
+    );
+    dp.detach_pod(node.netns.path(), ifindex)
+        .expect("detach a gone pod");
+    for ip in client.ips() {
+        dp.remove_pod(ip).expect("remove pod");
+        dp.remove_pod(ip).expect("removing twice is fine");
+    }
+    assert_eq!(
+        std::fs::read_dir(bpffs.pin_dir().join("links"))
+            .expect("links")
+            .count(),
+        0
+    );
+    assert!(dp.pods().expect("pods").is_empty());
+
+    drop(dp);
+    uninstall(&bpffs.pin_dir(), &[node.netns.path()]).expect("uninstall");
+}
+
+#[test]
+fn a_full_pod_map_is_an_error_naming_the_map_and_address() {
+    let bpffs = PrivateBpffs::mount();
+    let cfg = DatapathConfig {
+        pod_capacity: 2,
+        ..config(&bpffs, AttachMode::Tcx)
+    };
+    let dp = Datapath::load(&cfg).expect("load datapath");
+    let entry = PodEntry {
+        host_ifindex: 1,
+        mac: [2, 0, 0, 0, 0, 1],
+        dns_capture: false,
+    };
+    let ips: Vec<IpAddr> = ["10.1.0.1", "fd00::1", "10.1.0.2"]
+        .iter()
+        .map(|s| s.parse().expect("literal"))
+        .collect();
+    dp.set_pod(ips[0], entry).expect("first");
+    dp.set_pod(ips[1], entry).expect("second");
+    dp.set_pod(ips[1], entry)
+        .expect("an update of an existing address fits");
+    let err = dp.set_pod(ips[2], entry).expect_err("third must not fit");
+    let text = err.to_string();
+    assert!(
+        text.contains("meshcni_pods") && text.contains("10.1.0.2"),
+        "{text}"
+    );
+    drop(dp);
+    uninstall(&bpffs.pin_dir(), &[]).expect("uninstall");
 }
 
 /// A foreign tcx program, attached in `ns` to `ifname` (ingress) by "someone else".
