@@ -263,6 +263,15 @@ fn netns_inode(netns: &Path) -> Result<u64, EbpfError> {
     Ok(meshcni_netx::netns::netns_inode(netns)?)
 }
 
+/// Run `f` in `netns`: inline when the calling thread is already there (the agent in the node
+/// netns: no thread, no setns), else on a thread that entered it.
+fn in_netns<R: Send>(netns: &Path, f: impl FnOnce() -> R + Send) -> Result<R, EbpfError> {
+    if netns_inode(netns)? == meshcni_netx::netns::current_netns_inode()? {
+        return Ok(f());
+    }
+    Ok(run_in_netns(netns, f)?)
+}
+
 fn ifindex_here(ifname: &str) -> Result<u32, EbpfError> {
     let c = CString::new(ifname)
         .map_err(|_| EbpfError::Conflict(format!("interface name {ifname:?} contains NUL")))?;
@@ -280,13 +289,13 @@ fn ifindex_here(ifname: &str) -> Result<u32, EbpfError> {
 /// The ifindex of `ifname` in `netns`.
 pub fn ifindex_in(netns: &Path, ifname: &str) -> Result<u32, EbpfError> {
     let name = ifname.to_string();
-    run_in_netns(netns, move || ifindex_here(&name))?
+    in_netns(netns, move || ifindex_here(&name))?
 }
 
 /// The MAC address of `ifname` in `netns` (`SIOCGIFHWADDR`).
 pub fn mac_in(netns: &Path, ifname: &str) -> Result<[u8; 6], EbpfError> {
     let name = ifname.to_string();
-    run_in_netns(netns, move || -> Result<[u8; 6], EbpfError> {
+    in_netns(netns, move || -> Result<[u8; 6], EbpfError> {
         let bytes = name.as_bytes();
         if bytes.len() >= libc::IFNAMSIZ {
             return Err(EbpfError::Conflict(format!(
@@ -504,32 +513,52 @@ impl Datapath {
     /// ours on the same interface is switched to this process's program in place
     /// (`bpf_link_update`, no gap); a pin left by a deleted interface is replaced.
     pub fn attach(&self, netns: &Path, ifname: &str, hook: Hook) -> Result<(), EbpfError> {
-        let prog_fd = self.prog_fd(hook)?;
-        let nsino = netns_inode(netns)?;
-        let ifindex = ifindex_in(netns, ifname)?;
-        let name = Self::record_name(hook, nsino, ifindex);
-        match self.kind {
-            AttachKind::Tcx => {
-                let pin = self.pin_dir.join("links").join(&name);
-                tcx_attach(netns, prog_fd, ifindex, hook, &pin).map_err(|e| {
-                    EbpfError::Conflict(format!(
-                        "attach {} to {ifname} ({}): {e}",
-                        hook.program(),
-                        netns.display()
-                    ))
-                })
-            }
-            AttachKind::Clsact => {
-                let record = self.pin_dir.join("tc").join(&name);
-                clsact_attach(netns, prog_fd, ifindex, hook, &record).map_err(|e| {
-                    EbpfError::Conflict(format!(
-                        "attach {} to {ifname} ({}): {e}",
-                        hook.program(),
-                        netns.display()
-                    ))
-                })
-            }
+        self.attach_hooks(netns, ifname, &[hook])
+    }
+
+    /// [`Datapath::attach`] for several hooks of one interface, entering `netns` once.
+    pub fn attach_hooks(
+        &self,
+        netns: &Path,
+        ifname: &str,
+        hooks: &[Hook],
+    ) -> Result<(), EbpfError> {
+        let mut progs = Vec::new();
+        for hook in hooks {
+            progs.push((*hook, self.prog_fd(*hook)?));
         }
+        let nsino = netns_inode(netns)?;
+        let kind = self.kind;
+        let pin_dir = self.pin_dir.clone();
+        let name = ifname.to_string();
+        let shown = netns.display().to_string();
+        in_netns(netns, move || -> Result<(), EbpfError> {
+            let ifindex = ifindex_here(&name)?;
+            for (hook, prog_fd) in progs {
+                let record = Self::record_name(hook, nsino, ifindex);
+                let result = match kind {
+                    AttachKind::Tcx => tcx_attach_here(
+                        prog_fd,
+                        ifindex,
+                        hook,
+                        &pin_dir.join("links").join(&record),
+                    ),
+                    AttachKind::Clsact => clsact_attach_here(
+                        prog_fd,
+                        ifindex,
+                        hook,
+                        &pin_dir.join("tc").join(&record),
+                    ),
+                };
+                result.map_err(|e| {
+                    EbpfError::Conflict(format!(
+                        "attach {} to {name} (netns {shown}): {e}",
+                        hook.program()
+                    ))
+                })?;
+            }
+            Ok(())
+        })?
     }
 
     /// Detach `hook`'s program from interface `ifindex` of `netns` (only ours; foreign
@@ -543,8 +572,7 @@ impl Datapath {
 
     /// Attach both pod programs to the pod's host-side veth `ifname` (node netns `netns`).
     pub fn attach_pod(&self, netns: &Path, ifname: &str) -> Result<(), EbpfError> {
-        self.attach(netns, ifname, Hook::PodIngress)?;
-        self.attach(netns, ifname, Hook::PodEgress)
+        self.attach_hooks(netns, ifname, &[Hook::PodIngress, Hook::PodEgress])
     }
 
     /// Detach both pod programs from host veth `ifindex`.
@@ -741,7 +769,7 @@ fn restore_sysctls(
 
 fn ztunnel_routing(netns: &Path, install: bool) -> Result<(), EbpfError> {
     let mut nl = Netlink::open(netns)?;
-    let has_v6 = run_in_netns(netns, || Path::new("/proc/sys/net/ipv6").exists())?;
+    let has_v6 = in_netns(netns, || Path::new("/proc/sys/net/ipv6").exists())?;
     for family in [IpFamily::V4, IpFamily::V6] {
         if family == IpFamily::V6 && !has_v6 {
             continue;
@@ -768,13 +796,8 @@ fn ztunnel_routing(netns: &Path, install: bool) -> Result<(), EbpfError> {
     Ok(())
 }
 
-fn tcx_attach(
-    netns: &Path,
-    prog_fd: i32,
-    ifindex: u32,
-    hook: Hook,
-    pin: &Path,
-) -> Result<(), EbpfError> {
+/// (Calling thread in the interface's netns.)
+fn tcx_attach_here(prog_fd: i32, ifindex: u32, hook: Hook, pin: &Path) -> Result<(), EbpfError> {
     let attach_type = if hook.egress() {
         libbpf_sys::BPF_TCX_EGRESS
     } else {
@@ -800,8 +823,7 @@ fn tcx_attach(
         // A link of a deleted interface (ifindex 0) or a reused ifindex: drop the stale pin.
         unlink(pin)?;
     }
-    let pin = pin.to_path_buf();
-    run_in_netns(netns, move || -> Result<(), EbpfError> {
+    {
         let mut opts = libbpf_sys::bpf_link_create_opts {
             sz: std::mem::size_of::<libbpf_sys::bpf_link_create_opts>() as libbpf_sys::size_t,
             // First in the chain: captured traffic must reach ztunnel whatever runs after us;
@@ -826,8 +848,8 @@ fn tcx_attach(
         }
         // SAFETY: new fd owned by us.
         let link = unsafe { OwnedFd::from_raw_fd(rc) };
-        obj_pin(&link, &pin)
-    })?
+        obj_pin(&link, pin)
+    }
 }
 
 fn tcx_detach(pin: &Path) -> Result<(), EbpfError> {
@@ -887,15 +909,14 @@ fn tc_query_here(hook: &libbpf_sys::bpf_tc_hook) -> Result<Option<u32>, EbpfErro
     Err(EbpfError::errno("query tc filter", rc))
 }
 
-fn clsact_attach(
-    netns: &Path,
+/// (Calling thread in the interface's netns.)
+fn clsact_attach_here(
     prog_fd: i32,
     ifindex: u32,
     hook: Hook,
     record: &Path,
 ) -> Result<(), EbpfError> {
-    let record = record.to_path_buf();
-    run_in_netns(netns, move || -> Result<(), EbpfError> {
+    {
         let mut tc = tc_hook(ifindex, hook.egress())?;
         // SAFETY: valid hook.
         let rc = unsafe { libbpf_sys::bpf_tc_hook_create(&mut tc) };
@@ -935,8 +956,8 @@ fn clsact_attach(
                 rc,
             ));
         }
-        mkdir(&record)
-    })?
+        mkdir(record)
+    }
 }
 
 fn parse_record(name: &str) -> Option<(Hook, u64, u32)> {
@@ -984,7 +1005,7 @@ fn clsact_detach(netns: &Path, record: &Path) -> Result<(), EbpfError> {
     ));
     let other_attached =
         matches!(hook, Hook::PodIngress | Hook::PodEgress) && other_dir_record.exists();
-    run_in_netns(netns, move || -> Result<(), EbpfError> {
+    in_netns(netns, move || -> Result<(), EbpfError> {
         let tc = tc_hook(ifindex, hook.egress())?;
         if let Some(id) = tc_query_here(&tc)?
             && prog_name_by_id(id).is_some_and(|n| n.starts_with("meshcni_"))
