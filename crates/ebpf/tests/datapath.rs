@@ -542,6 +542,67 @@ fn without_ztunnel_captured_pods_fail_closed_and_flow_again_when_it_is_back() {
 }
 
 #[test]
+fn node_addresses_reach_captured_pods_directly_kubelet_probes() {
+    let bpffs = PrivateBpffs::mount();
+    let lab = lab("ebp");
+    let features = features::probe().expect("probe");
+    assert!(features.tcx, "this kernel (6.6+) has tcx: {features:?}");
+    let dp = Datapath::load(&config(&bpffs, AttachMode::Auto)).expect("load datapath");
+    assert_eq!(
+        dp.attach_kind(),
+        AttachKind::Tcx,
+        "auto picks tcx where it exists"
+    );
+    let node = lab.node(1);
+    let server = lab.pod("server");
+    let zt = ZtunnelStandIn::start(&node.ztunnel.netns, IpAddr::V4(node.ztunnel.ip))
+        .expect("ztunnel stand-in");
+    let _servers: Vec<EchoServer> = server
+        .ips()
+        .into_iter()
+        .map(|ip| EchoServer::start(&server.netns, addr(ip, PORT)).expect("echo server"))
+        .collect();
+    attach_ztunnel(&dp, &lab);
+    enroll(&dp, &lab, server);
+    let host_ips: Vec<IpAddr> = [
+        Some(IpAddr::V4(node.underlay_ip)),
+        node.underlay_ip6.map(IpAddr::V6),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    assert_eq!(host_ips.len(), 2);
+    // Without the node's addresses in the map, the node's connection is captured (15006)...
+    exchange(&node.netns, server.addr(PORT));
+    assert_eq!(
+        zt.wait_for_hops(1, TIMEOUT).expect("hop")[0].listener_port,
+        15006
+    );
+    // ...with them, the node (kubelet probes) reaches the pod directly, both families.
+    dp.set_host_ips(&host_ips).expect("host ips");
+    for ip in server.ips() {
+        let greeting = exchange(&node.netns, addr(ip, PORT));
+        assert!(greeting.contains("peer:"), "{greeting}");
+    }
+    assert_eq!(
+        zt.hops().len(),
+        1,
+        "node traffic went to ztunnel: {:?}",
+        zt.hops()
+    );
+    // Replacing the set drops stale entries.
+    dp.set_host_ips(&[]).expect("no host ips");
+    exchange(&node.netns, server.addr(PORT));
+    assert_eq!(
+        zt.wait_for_hops(2, TIMEOUT).expect("hop")[1].listener_port,
+        15006
+    );
+
+    drop(dp);
+    uninstall(&bpffs.pin_dir(), &[node.netns.path()]).expect("uninstall");
+}
+
+#[test]
 fn a_deleted_pod_veth_leaves_a_defunct_link_that_detach_removes() {
     let bpffs = PrivateBpffs::mount();
     let lab = lab("ebx");
