@@ -613,6 +613,28 @@ impl Datapath {
         ztunnel_routing(zt_netns, false)
     }
 
+    /// Our pinned tcx links: (hook, netns inode, ifindex — 0 once the device is gone,
+    /// program id). For status output and the demo.
+    pub fn links(&self) -> Result<Vec<(Hook, u64, u32, u32)>, EbpfError> {
+        let dir = self.pin_dir.join("links");
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&dir)
+            .map_err(|e| EbpfError::sys(format!("list {}", dir.display()), e))?;
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((hook, nsino, _)) = parse_record(&name) else {
+                continue;
+            };
+            let Some(fd) = obj_get(&entry.path())? else {
+                continue;
+            };
+            let (_, ifindex, _, prog_id) = link_info(&fd)?;
+            out.push((hook, nsino, ifindex, prog_id));
+        }
+        out.sort_by_key(|l| (l.1, l.2, l.0.tag()));
+        Ok(out)
+    }
+
     /// Add or replace a pod address.
     pub fn set_pod(&self, ip: IpAddr, entry: PodEntry) -> Result<(), EbpfError> {
         self.pods

@@ -963,6 +963,16 @@ fn restarted_loader_reuses_pinned_maps_and_links_without_detaching() {
         .expect("links dir")
         .count();
     assert_eq!(links, 4, "one pinned link per hook, no duplicates");
+    let (progs, _) = dp.ids().expect("ids");
+    let listed = dp.links().expect("links");
+    assert_eq!(listed.len(), 4, "{listed:?}");
+    for (hook, _, ifindex, prog) in &listed {
+        assert_ne!(*ifindex, 0, "{hook:?} link is defunct");
+        assert!(
+            progs.contains(prog),
+            "{hook:?} still runs the old program {prog}"
+        );
+    }
     exchange(&client.netns, server.addr(PORT));
     assert_eq!(
         zt.wait_for_hops(2, TIMEOUT).expect("hop")[1].listener_port,
@@ -980,6 +990,27 @@ fn restarted_loader_reuses_pinned_maps_and_links_without_detaching() {
     }
     drop(dp);
     uninstall(&bpffs.pin_dir(), &[node.netns.path()]).expect("uninstall");
+}
+
+#[test]
+fn a_pin_dir_outside_bpffs_is_refused_naming_the_path() {
+    let dir = tempfile::Builder::new()
+        .prefix("mcni-notbpf-")
+        .tempdir()
+        .expect("tempdir");
+    let cfg = DatapathConfig {
+        pin_dir: dir.path().join("meshcni"),
+        pod_capacity: 16,
+        attach: AttachMode::Tcx,
+    };
+    match Datapath::load(&cfg) {
+        Err(EbpfError::NotBpffs { path }) => assert_eq!(path, dir.path()),
+        other => panic!("loaded outside bpffs: {other:?}"),
+    }
+    assert!(
+        !dir.path().join("meshcni").exists(),
+        "created a pin dir outside bpffs"
+    );
 }
 
 #[test]
