@@ -497,3 +497,86 @@ fn doctor_is_green_on_a_good_node_and_names_each_kind_of_mismatch() {
     );
     rig.expect_failing("all restored", &[]);
 }
+
+/// The `iptables` mode's enrollment as the doctor reads it: the node's `ztunnel-pods-ips` set
+/// (entries commented with the owner's UID, as the driver writes them), provoked directly in
+/// a private node netns. Nothing is installed there, so only the pod rows are looked at.
+#[test]
+fn doctor_reads_iptables_mode_enrollment_from_the_node_ipset() {
+    assert!(nix::unistd::geteuid().is_root(), "needs root");
+    let (agent_bin, plugin) = binaries();
+    let node = meshcni_testkit::Netns::new("docipt").expect("node netns");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dirs = AgentDirs::create(tmp.path(), &plugin).expect("dirs");
+    let ip = |s: &str| -> Ipv4Addr { s.parse().expect("ip") };
+    let pods = vec![
+        pod_json("mesh", "a", NODE, Some(ip("10.98.0.1")), &[], &[]),
+        pod_json("mesh", "b", NODE, Some(ip("10.98.0.2")), &[], &[]),
+        pod_json("mesh", "c", NODE, Some(ip("10.98.0.3")), &[], &[]),
+        pod_json("plain", "p", NODE, Some(ip("10.98.0.4")), &[], &[]),
+    ];
+    write_workloads(&dirs.workloads, &namespaces(true), &pods).expect("workloads");
+    let set = meshcni_rules::ambient_node::IPSET_NAME;
+    let ipset = |args: &[&str]| {
+        kit::exec_in(node.path(), "ipset", args).unwrap_or_else(|e| panic!("ipset {args:?}: {e}"));
+    };
+    ipset(&["create", set, "hash:ip", "comment"]);
+    ipset(&["add", set, "10.98.0.1", "comment", &kit::pod_uid("a")]);
+    ipset(&["add", set, "10.98.0.3", "comment", "uid-someone-else"]);
+    ipset(&["add", set, "10.98.0.4", "comment", &kit::pod_uid("p")]);
+    let doctor = || -> (bool, Value) {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", node.path().display()))
+            .arg("--")
+            .arg(&agent_bin)
+            .args(kit::agent_args_for(&dirs, StackMode::Iptables))
+            .args(["doctor", "--json"])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("NODE_NAME", NODE)
+            .output()
+            .expect("run doctor");
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+        (out.status.success(), v)
+    };
+    let (ok, r) = doctor();
+    assert!(!ok, "{r}");
+    assert_eq!(r["ambient"], "iptables");
+    let pod_failing: BTreeSet<String> = failing(&r)
+        .into_iter()
+        .filter(|f| f.starts_with("pod:"))
+        .collect();
+    assert_eq!(
+        pod_failing,
+        ["pod:mesh/b", "pod:mesh/c", "pod:plain/p"]
+            .into_iter()
+            .map(String::from)
+            .collect::<BTreeSet<_>>(),
+        "{r}"
+    );
+    assert_eq!(pod(&r, "mesh/a")["captured"], true, "{r}");
+    let detail = |k: &str| pod(&r, k)["detail"].as_str().unwrap_or("").to_string();
+    assert!(
+        detail("mesh/a").contains("10.98.0.1 in ztunnel-pods-ips"),
+        "{r}"
+    );
+    assert!(
+        detail("mesh/b").contains("10.98.0.2 not in ztunnel-pods-ips"),
+        "{r}"
+    );
+    assert!(
+        detail("mesh/c").contains("10.98.0.3 enrolled for pod uid uid-someone-else"),
+        "{r}"
+    );
+    assert!(detail("plain/p").contains("should not be"), "{r}");
+
+    // Put the set right: every pod row is green.
+    ipset(&["add", set, "10.98.0.2", "comment", &kit::pod_uid("b")]);
+    ipset(&["del", set, "10.98.0.3"]);
+    ipset(&["add", set, "10.98.0.3", "comment", &kit::pod_uid("c")]);
+    ipset(&["del", set, "10.98.0.4"]);
+    let (_, r) = doctor();
+    assert!(failing(&r).iter().all(|f| f.starts_with("node:")), "{r}");
+    assert_eq!(pod(&r, "mesh/b")["captured"], true, "{r}");
+}
