@@ -12,7 +12,9 @@
 //! * every value documented in `values.yaml` (each leaf, enumerated from the file), set to a
 //!   non-default value, changes the render exactly where it should and the agent accepts the
 //!   rendered environment — or the render fails naming it (a value accepted and ignored fails
-//!   the test); `helm lint --strict` passes with all of them set.
+//!   the test); `helm lint --strict` passes with all of them set;
+//! * `values.schema.json` describes exactly the documented values: a misspelt or undocumented
+//!   key, or a value outside its set, fails the render naming it.
 //!
 //! A missing `helm` fails these tests (never skips them): run `scripts/setup.sh`.
 
@@ -941,5 +943,74 @@ fn helm_lint_strict_passes_with_every_documented_value_set() {
             stderr.contains("funcMap fail"),
             "helm lint does not see the refusal of {values}: {stderr}"
         );
+    }
+}
+
+/// Leaf paths the values schema describes (properties walked into where they have
+/// properties; values marked removed left out).
+fn schema_leaves(schema: &Value, path: &str, out: &mut Vec<String>) {
+    for (k, sub) in schema["properties"].as_object().into_iter().flatten() {
+        let p = if path.is_empty() {
+            k.clone()
+        } else {
+            format!("{path}.{k}")
+        };
+        if sub["description"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("Removed"))
+        {
+            continue;
+        }
+        if sub.get("properties").is_some() {
+            schema_leaves(sub, &p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+/// values.schema.json describes exactly the values documented in values.yaml, and refuses any
+/// other key at the chart's own levels: a misspelt value fails the render naming it instead of
+/// being accepted and ignored; so does a value outside its set (enums).
+#[test]
+fn the_values_schema_refuses_undocumented_and_misspelt_values() {
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("deploy/helm/meshcni/values.schema.json"))
+            .expect("read values.schema.json"),
+    )
+    .expect("schema is JSON");
+    let mut documented = Vec::new();
+    value_leaves(&documented_values(), "", &mut documented);
+    let mut described = Vec::new();
+    schema_leaves(&schema, "", &mut described);
+    documented.sort();
+    described.sort();
+    assert_eq!(
+        described, documented,
+        "values.schema.json and values.yaml describe different values"
+    );
+    for (sets, named) in [
+        (
+            &[("ambient.redirctMode", r#""iptables""#)][..],
+            "redirctMode",
+        ),
+        (&[("tagg", r#""0.1.1""#)][..], "tagg"),
+        (&[("global.logAsJSON", "true")][..], "logAsJSON"),
+        (&[("uninstallHook.enable", "false")][..], "enable"),
+        (&[("provider", r#""multis""#)][..], "/provider"),
+        (
+            &[("global.logging.level", r#""verbose""#)][..],
+            "/global/logging/level",
+        ),
+        (
+            &[("ambient.detectionFailurePolicy", r#""fail-open""#)][..],
+            "/ambient/detectionFailurePolicy",
+        ),
+        (&[("tag", "1.10")][..], "/tag"),
+    ] {
+        let out = render_json(sets);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{sets:?} rendered");
+        assert!(stderr.contains(named), "{sets:?}: {stderr}");
     }
 }
