@@ -608,6 +608,16 @@ fn pod_check(
         };
         return ambient_captured(args, mode, pc, &workload, enrolled);
     }
+    if workload.terminal() {
+        pc.reason = format!("terminated (phase {})", workload.phase);
+        return match enrolled_now {
+            Some(Ok(())) => fail(
+                pc,
+                "enrolled by the ambient driver although it should not be".into(),
+            ),
+            _ => pc,
+        };
+    }
     if ambient_decision == Some(MeshDecision::NoIp) {
         // Selected, but not started yet (no IP): captured once it is, by its ADD.
         pc.capture = "ambient".into();
@@ -629,6 +639,11 @@ fn pod_check(
             pc.capture = "sidecar".into();
             pc.should_capture = true;
             pc.reason = "sidecar injected (sidecar.istio.io/status)".into();
+            if workload.ips.is_empty() {
+                // No sandbox with an address yet: its ADD captures it.
+                pc.reason.push_str("; no pod IP yet (not started)");
+                return pc;
+            }
             sidecar_captured(args, pc, conf, &workload, *cfg)
         }
         Ok(Decision::Skip(skip)) => {

@@ -580,3 +580,95 @@ fn doctor_reads_iptables_mode_enrollment_from_the_node_ipset() {
     assert!(failing(&r).iter().all(|f| f.starts_with("node:")), "{r}");
     assert_eq!(pod(&r, "mesh/b")["captured"], true, "{r}");
 }
+
+/// Without a workloads file the doctor reads the pods of its node and the namespaces from the
+/// API server, with the agent's own access (`--ambient-kubeconfig` here; in-cluster in a
+/// DaemonSet): one list each, the pod list filtered by `spec.nodeName`.
+#[test]
+fn doctor_reads_the_pods_of_its_node_from_the_api_server() {
+    let cluster = meshcni_testkit::kube_cluster::FakeCluster::start().expect("fake API server");
+    cluster.apply_namespace(namespace_json("mesh", &[(DATAPLANE_MODE, "ambient")]));
+    cluster.apply_namespace(namespace_json("plain", &[]));
+    cluster.apply_pod(pod_json(
+        "mesh",
+        "a",
+        NODE,
+        Some("10.97.0.1".parse().expect("ip")),
+        &[],
+        &[],
+    ));
+    cluster.apply_pod(pod_json(
+        "plain",
+        "p",
+        NODE,
+        Some("10.97.0.2".parse().expect("ip")),
+        &[],
+        &[],
+    ));
+    cluster.apply_pod(pod_json(
+        "mesh",
+        "elsewhere",
+        "node2",
+        Some("10.97.0.3".parse().expect("ip")),
+        &[],
+        &[],
+    ));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let kc = tmp.path().join("kubeconfig");
+    std::fs::write(&kc, cluster.kubeconfig_yaml()).expect("kubeconfig");
+    let cli = <meshcni_agent::cli::Cli as clap::Parser>::try_parse_from([
+        "meshcni-agent".to_string(),
+        format!("--ambient-kubeconfig={}", kc.display()),
+        format!("--cni-agent-run-dir={}", tmp.path().join("run").display()),
+        format!("--node-name={NODE}"),
+        "--ambient-enabled".into(),
+        "--ambient-redirect-mode=inpod".into(),
+    ])
+    .expect("flags");
+    let inv = meshcni_agent::doctor::inventory(&cli.args).expect("inventory from the API");
+    let names: BTreeSet<String> = inv
+        .pods
+        .iter()
+        .map(|p| format!("{}/{}", p.metadata.namespace, p.metadata.name))
+        .collect();
+    assert_eq!(
+        names,
+        ["mesh/a", "plain/p"]
+            .into_iter()
+            .map(String::from)
+            .collect::<BTreeSet<_>>()
+    );
+    assert_eq!(
+        inv.namespaces["mesh"]
+            .get(DATAPLANE_MODE)
+            .map(String::as_str),
+        Some("ambient")
+    );
+    assert!(
+        cluster
+            .requests()
+            .iter()
+            .any(|r| r.contains("/api/v1/pods") && r.contains("spec.nodeName")),
+        "{:?}",
+        cluster.requests()
+    );
+    // No agent ever ran: the ambient pod is not enrolled, the plain one needs nothing.
+    let checks = meshcni_agent::doctor::pod_checks(
+        &cli.args,
+        meshcni_agent::ambient_config::RedirectMode::Inpod,
+        &inv,
+    );
+    let by: std::collections::BTreeMap<String, &meshcni_agent::doctor::PodCheck> = checks
+        .iter()
+        .map(|c| (format!("{}/{}", c.namespace, c.name), c))
+        .collect();
+    assert!(
+        !by["mesh/a"].ok && by["mesh/a"].should_capture,
+        "{checks:?}"
+    );
+    assert!(by["mesh/a"].detail.contains("not enrolled"), "{checks:?}");
+    assert!(
+        by["plain/p"].ok && !by["plain/p"].should_capture,
+        "{checks:?}"
+    );
+}
