@@ -139,11 +139,20 @@ impl DoctorReport {
     }
 }
 
+/// One pod to check.
+#[derive(Debug, Clone)]
+pub struct InventoryPod {
+    /// The object as the source gave it (the agent's decoder reads phase, conditions,
+    /// service account, ... from it).
+    pub object: serde_json::Value,
+    /// The same, as the plugin reads pods (its decision needs the containers).
+    pub pod: meshcni_kube::Pod,
+}
+
 /// The pods to check and their namespaces' labels.
 #[derive(Debug, Clone, Default)]
 pub struct PodInventory {
-    /// Full pod objects (the plugin's decision needs the containers).
-    pub pods: Vec<meshcni_kube::Pod>,
+    pub pods: Vec<InventoryPod>,
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
 }
 
@@ -192,11 +201,11 @@ fn inventory_from_values(
     }
     for (i, v) in pods.into_iter().enumerate() {
         let pod: meshcni_kube::Pod =
-            serde_json::from_value(v).map_err(|e| format!("pods[{i}]: {e}"))?;
+            serde_json::from_value(v.clone()).map_err(|e| format!("pods[{i}]: {e}"))?;
         if !pod.spec.node_name.is_empty() && pod.spec.node_name != node {
             continue;
         }
-        inv.pods.push(pod);
+        inv.pods.push(InventoryPod { object: v, pod });
     }
     Ok(inv)
 }
@@ -511,8 +520,8 @@ pub fn pod_checks(args: &AgentArgs, mode: RedirectMode, inv: &PodInventory) -> V
     let policy = crate::ambient::policy_from_args(args);
     let enrolled = enrolled_state(args, mode);
     let mut out = Vec::new();
-    for pod in &inv.pods {
-        out.push(pod_check(args, mode, pod, inv, &conf, &policy, &enrolled));
+    for p in &inv.pods {
+        out.push(pod_check(args, mode, p, inv, &conf, &policy, &enrolled));
     }
     out
 }
@@ -520,13 +529,14 @@ pub fn pod_checks(args: &AgentArgs, mode: RedirectMode, inv: &PodInventory) -> V
 fn pod_check(
     args: &AgentArgs,
     mode: RedirectMode,
-    pod: &meshcni_kube::Pod,
+    item: &InventoryPod,
     inv: &PodInventory,
     conf: &Result<meshcni_plugin::config::PluginConf, String>,
     policy: &Result<crate::workloads::EnrollPolicy, String>,
     enrolled: &Result<Enrolled, String>,
 ) -> PodCheck {
     use meshcni_plugin::pod::{Decision, PodRef, SkipReason, decide};
+    let pod = &item.pod;
     let md = &pod.metadata;
     let mut pc = PodCheck {
         namespace: md.namespace.clone(),
@@ -548,10 +558,7 @@ fn pod_check(
         Ok(c) => c,
         Err(e) => return fail(pc, format!("cannot build the plugin's config: {e}")),
     };
-    let workload: Workload = match serde_json::to_value(pod)
-        .map_err(|e| e.to_string())
-        .and_then(|v| crate::workloads::decode_pod(&v).map_err(|e| e.to_string()))
-    {
+    let workload: Workload = match crate::workloads::decode_pod(&item.object) {
         Ok(w) => w,
         Err(e) => return fail(pc, format!("cannot read the pod: {e}")),
     };

@@ -613,6 +613,21 @@ fn doctor_reads_the_pods_of_its_node_from_the_api_server() {
         &[],
         &[],
     ));
+    // A finished Job's pod (netns gone) and a sidecar pod whose sandbox has no IP yet: neither
+    // is an uncaptured pod.
+    let mut done = pod_json(
+        "mesh",
+        "job",
+        NODE,
+        Some("10.97.0.4".parse().expect("ip")),
+        &[],
+        &[],
+    );
+    done["status"]["phase"] = Value::from("Succeeded");
+    cluster.apply_pod(done);
+    let mut pending = sidecar_pod("plain", "starting", "10.97.0.5".parse().expect("ip"));
+    pending["status"] = json!({"phase": "Pending"});
+    cluster.apply_pod(pending);
     let tmp = tempfile::tempdir().expect("tempdir");
     let kc = tmp.path().join("kubeconfig");
     std::fs::write(&kc, cluster.kubeconfig_yaml()).expect("kubeconfig");
@@ -629,11 +644,11 @@ fn doctor_reads_the_pods_of_its_node_from_the_api_server() {
     let names: BTreeSet<String> = inv
         .pods
         .iter()
-        .map(|p| format!("{}/{}", p.metadata.namespace, p.metadata.name))
+        .map(|p| format!("{}/{}", p.pod.metadata.namespace, p.pod.metadata.name))
         .collect();
     assert_eq!(
         names,
-        ["mesh/a", "plain/p"]
+        ["mesh/a", "mesh/job", "plain/p", "plain/starting"]
             .into_iter()
             .map(String::from)
             .collect::<BTreeSet<_>>()
@@ -670,5 +685,18 @@ fn doctor_reads_the_pods_of_its_node_from_the_api_server() {
     assert!(
         by["plain/p"].ok && !by["plain/p"].should_capture,
         "{checks:?}"
+    );
+    let job = by["mesh/job"];
+    assert!(
+        job.ok && !job.should_capture && job.reason.contains("terminated"),
+        "{job:?}"
+    );
+    let starting = by["plain/starting"];
+    assert!(
+        starting.ok
+            && starting.should_capture
+            && starting.captured.is_none()
+            && starting.reason.contains("not started"),
+        "{starting:?}"
     );
 }
