@@ -9,7 +9,9 @@
 //! * `plugin-binary`: every installed plugin binary has the content of its source in the image
 //!   (length and content hash, mode 0755 — the installer's `up_to_date`);
 //! * `kubeconfig`: the plugin's kubeconfig parses (the plugin's own parser) and names a server;
-//! * `ambient-config` (ambient on): the ambient config file exists and names the running mode.
+//! * `ambient-config` (ambient on): the ambient config file exists and names the running mode;
+//! * `ambient-enrollment` (ambient on): every pod the driver holds (inpod state file, iptables
+//!   set entries) is a pod on this node — anything else is a leaked enrollment.
 //!
 //! Per pod (from the agent's workload source: the workloads file, else the API server): should
 //! it be captured, and why (sidecar injected, ambient by pod or namespace label, opted out,
@@ -256,7 +258,12 @@ fn inventory_from_api(args: &AgentArgs, node: &str) -> Result<PodInventory, Stri
 pub fn run(args: &AgentArgs, mode: RedirectMode) -> DoctorReport {
     let mut node_checks = node_checks(args, mode);
     let pods = match inventory(args) {
-        Ok(inv) => pod_checks(args, mode, &inv),
+        Ok(inv) => {
+            if let Some(c) = enrollment_check(args, mode, &inv) {
+                node_checks.push(c);
+            }
+            pod_checks(args, mode, &inv)
+        }
         Err(e) => {
             node_checks.push(NodeCheck {
                 check: "workloads".into(),
@@ -512,6 +519,64 @@ fn enrolled_state(args: &AgentArgs, mode: RedirectMode) -> Result<Enrolled, Stri
         }
         RedirectMode::Ebpf => Err("redirect mode ebpf has no driver in this build".into()),
     }
+}
+
+/// Ambient on: every enrollment the driver holds belongs to a pod on this node (a record or
+/// set entry of a pod that is gone is a leak).
+pub fn enrollment_check(
+    args: &AgentArgs,
+    mode: RedirectMode,
+    inv: &PodInventory,
+) -> Option<NodeCheck> {
+    let known: std::collections::BTreeSet<&str> = inv
+        .pods
+        .iter()
+        .map(|p| p.pod.metadata.uid.as_str())
+        .collect();
+    let (path, result) = match enrolled_state(args, mode) {
+        Ok(Enrolled::Off) => return None,
+        Err(e) => (PathBuf::from("-"), Err(e)),
+        Ok(Enrolled::Inpod(pods)) => {
+            let stale: Vec<String> = pods
+                .iter()
+                .filter(|(uid, _)| !known.contains(uid.as_str()))
+                .map(|(uid, r)| format!("pod uid {uid} ({})", r.key()))
+                .collect();
+            (
+                crate::modes::inpod_state_file(args),
+                if stale.is_empty() {
+                    Ok(format!("{} enrolled pod(s), all on this node", pods.len()))
+                } else {
+                    Err(format!(
+                        "enrolled but no longer on this node: {}",
+                        stale.join(", ")
+                    ))
+                },
+            )
+        }
+        Ok(Enrolled::Iptables(set)) => {
+            let stale: Vec<String> = set
+                .iter()
+                .filter(|(_, uid)| !known.contains(uid.as_str()))
+                .map(|(ip, uid)| format!("{ip} (pod uid {uid:?})"))
+                .collect();
+            (
+                PathBuf::from(format!("ipset {}", meshcni_rules::ambient_node::IPSET_NAME)),
+                if stale.is_empty() {
+                    Ok(format!(
+                        "{} enrolled address(es), all of pods on this node",
+                        set.len()
+                    ))
+                } else {
+                    Err(format!(
+                        "enrolled but of no pod on this node: {}",
+                        stale.join(", ")
+                    ))
+                },
+            )
+        }
+    };
+    Some(check("ambient-enrollment", &path, result))
 }
 
 /// The per-pod checks.

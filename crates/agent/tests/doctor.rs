@@ -322,6 +322,7 @@ fn doctor_is_green_on_a_good_node_and_names_each_kind_of_mismatch() {
         "plugin-binary",
         "kubeconfig",
         "ambient-config",
+        "ambient-enrollment",
     ] {
         assert_eq!(node_check(&report, check).len(), 1, "{check}: {report}");
     }
@@ -423,6 +424,19 @@ fn doctor_is_green_on_a_good_node_and_names_each_kind_of_mismatch() {
     assert!(
         b["detail"].as_str().unwrap_or("").contains("not enrolled"),
         "{b}"
+    );
+
+    // Pod a is gone from the node while the driver still holds it: a leaked enrollment.
+    let mut pods = green_pods(Some(ip("a")));
+    pods.retain(|p| p["metadata"]["name"] != "a");
+    write_workloads(&rig.dirs.workloads, &namespaces(true), &pods).expect("workloads");
+    let r = rig.expect_failing("leaked enrollment", &["node:ambient-enrollment"]);
+    assert!(
+        node_check(&r, "ambient-enrollment")[0]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("uid-a (mesh/a)"),
+        "{r}"
     );
 
     // The namespace leaves ambient: pod a is enrolled but should not be.
@@ -570,6 +584,13 @@ fn doctor_reads_iptables_mode_enrollment_from_the_node_ipset() {
         "{r}"
     );
     assert!(detail("plain/p").contains("should not be"), "{r}");
+    assert!(
+        node_check(&r, "ambient-enrollment")[0]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("10.98.0.3 (pod uid \"uid-someone-else\")"),
+        "{r}"
+    );
 
     // Put the set right: every pod row is green.
     ipset(&["add", set, "10.98.0.2", "comment", &kit::pod_uid("b")]);
@@ -577,7 +598,12 @@ fn doctor_reads_iptables_mode_enrollment_from_the_node_ipset() {
     ipset(&["add", set, "10.98.0.3", "comment", &kit::pod_uid("c")]);
     ipset(&["del", set, "10.98.0.4"]);
     let (_, r) = doctor();
-    assert!(failing(&r).iter().all(|f| f.starts_with("node:")), "{r}");
+    assert!(
+        failing(&r)
+            .iter()
+            .all(|f| f.starts_with("node:") && f != "node:ambient-enrollment"),
+        "{r}"
+    );
     assert_eq!(pod(&r, "mesh/b")["captured"], true, "{r}");
 }
 
