@@ -152,6 +152,15 @@ pub enum Command {
     /// Parse every flag and env var, print the effective configuration and exit (non-zero on
     /// invalid settings).
     CheckConfig,
+    /// Check this node and its pods read-only and exit non-zero on any mismatch: our CNI config
+    /// entry (present, current, after the primary plugin), the plugin binaries (same content as
+    /// the image's), the plugin's kubeconfig (parses, names a server), the ambient config file
+    /// (names the running mode); for every pod on the node (from the workload source): whether
+    /// it should be captured and why, and whether it is (sidecar: the rules in its netns equal
+    /// what ADD installs; ambient: enrolled by the running mode's driver, inpod rules in place).
+    /// Uses the same flags as `run`. Also served as JSON at `/debug/doctor` on the monitoring
+    /// port.
+    Doctor(DoctorArgs),
     /// Print the flag/env/default reference as a Markdown table and exit.
     #[command(hide = true)]
     CliReference,
@@ -159,6 +168,14 @@ pub enum Command {
     /// POD_NAMESPACE (in-cluster API access, or --kubeconfig), then wait --wait-seconds for the
     /// kubelet to project it into the agent pods.
     UninstallHook(UninstallHookArgs),
+}
+
+/// Flags of `doctor`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct DoctorArgs {
+    /// Print the report as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `uninstall-hook`.

@@ -5,6 +5,8 @@
 //! * `/readyz` — 200 `ready` when every readiness gate is open; otherwise 503 with
 //!   `not ready: <closed gates>`.
 //! * `/metrics` — OpenMetrics text of the registry.
+//! * `/debug/doctor` (monitoring port) — the `meshcni-agent doctor` report as JSON: 200 when
+//!   everything matches, 503 on any mismatch.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,11 +21,46 @@ use tokio::net::TcpListener;
 
 use crate::readiness::Readiness;
 
+/// Produces the doctor report (blocking: it reads files and netns).
+pub type DoctorFn = Arc<dyn Fn() -> crate::doctor::DoctorReport + Send + Sync>;
+
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct HttpState {
     pub readiness: Readiness,
     pub registry: Arc<Registry>,
+    /// `/debug/doctor`; `None`: 404.
+    pub doctor: Option<DoctorFn>,
+}
+
+async fn doctor(State(s): State<HttpState>) -> Response {
+    let Some(f) = s.doctor.clone() else {
+        return (StatusCode::NOT_FOUND, "no doctor in this agent\n").into_response();
+    };
+    match tokio::task::spawn_blocking(move || f()).await {
+        Ok(report) => {
+            let status = if report.ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            match serde_json::to_string_pretty(&report) {
+                Ok(body) => {
+                    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+                }
+                Err(e) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("encoding the doctor report: {e}\n"),
+                )
+                    .into_response(),
+            }
+        }
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("doctor failed: {e}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn healthz() -> &'static str {
@@ -73,6 +110,7 @@ pub fn health_router(state: HttpState) -> Router {
 pub fn metrics_router(state: HttpState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
+        .route("/debug/doctor", get(doctor))
         .with_state(state)
 }
 
@@ -205,6 +243,7 @@ mod tests {
         l.serve(HttpState {
             readiness: readiness.clone(),
             registry: Arc::new(registry),
+            doctor: None,
         });
         let r = get(port, "/readyz").await;
         assert!(r.starts_with("HTTP/1.1 503"), "{r}");

@@ -21,6 +21,7 @@ pub mod ambient_config;
 pub mod cli;
 pub mod cni_events;
 pub mod crash;
+pub mod doctor;
 pub mod enroll;
 pub mod http;
 pub mod install_bridge;
@@ -89,6 +90,26 @@ pub fn main_entry() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             }
+        }
+        cli::Command::Doctor(d) => {
+            let mode = args.effective_redirect_mode(explicit_mode);
+            let report = doctor::run(&args, mode);
+            if d.json {
+                match serde_json::to_string_pretty(&report) {
+                    Ok(j) => println!("{j}"),
+                    Err(e) => {
+                        eprintln!("meshcni-agent doctor: encoding the report: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                print!("{}", report.render_table());
+            }
+            return if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
         }
         cli::Command::Uninstall => install_bridge::for_uninstall(&args)
             .map_err(run::AgentError::Installer)

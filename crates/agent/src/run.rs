@@ -195,11 +195,17 @@ pub async fn start(
             .and_then(|l| l.local_addr().ok())
             .map(|a| a.to_string())
             .unwrap_or_else(|| "shared".into()),
-        "serving /healthz /readyz and /metrics"
+        "serving /healthz /readyz, /metrics and /debug/doctor"
     );
+    let doctor: crate::http::DoctorFn = {
+        let args = plan.args.clone();
+        let mode = plan.redirect_mode;
+        Arc::new(move || crate::doctor::run(&args, mode))
+    };
     listeners.serve(HttpState {
         readiness: readiness.clone(),
         registry: Arc::new(registry),
+        doctor: Some(doctor),
     });
 
     Ok(AgentHandle {

@@ -494,6 +494,20 @@ fn sidecar_plan(
     Ok((applier, plan))
 }
 
+/// The differences between `netns` and what ADD installs for a sidecar pod with `cfg`
+/// (the comparison CHECK makes, read-only; empty = in place). For `meshcni-agent doctor`.
+pub fn sidecar_capture_differences(
+    conf: &PluginConf,
+    netns: &Path,
+    cfg: CaptureConfig,
+) -> Result<Vec<String>, String> {
+    let (applier, plan) =
+        sidecar_plan(conf, netns, cfg).map_err(|e| format!("{}: {}", e.msg, e.details))?;
+    applier
+        .check_capture(netns, &plan)
+        .map_err(|e| format!("cannot read the capture state of {}: {e}", netns.display()))
+}
+
 /// CHECK of a sidecar pod: what ADD would install (same decision path) compared with the
 /// netns, read-only. A difference is a [`codes::CAPTURE_MISMATCH`] error naming it.
 fn check_sidecar(conf: &PluginConf, netns: &Path, cfg: CaptureConfig) -> Result<(), ApplyError> {

@@ -915,21 +915,7 @@ pub fn start_from_args(
         l.keep(Box::new(src));
         return Some(l);
     }
-    let access = if !args.ambient_kubeconfig.is_empty() {
-        crate::workloads::kube::AccessConfig::Kubeconfig(args.ambient_kubeconfig.clone().into())
-    } else if !args.kubernetes_service_host.is_empty() {
-        crate::workloads::kube::AccessConfig::InCluster {
-            protocol: args.kubernetes_service_protocol.clone(),
-            host: args.kubernetes_service_host.clone(),
-            port: if args.kubernetes_service_port.is_empty() {
-                "443".into()
-            } else {
-                args.kubernetes_service_port.clone()
-            },
-            service_account_dir: args.service_account_dir.clone(),
-            skip_tls_verify: args.skip_tls_verify,
-        }
-    } else {
+    let Some(access) = crate::workloads::kube::AccessConfig::from_args(args) else {
         return fail(
             "no workload source: set --ambient-workloads-file, --ambient-kubeconfig, or run in a cluster (KUBERNETES_SERVICE_HOST)".into(),
         );

@@ -47,28 +47,8 @@ pub fn make_driver(
                 .map_err(|e| e.message)
         }
         RedirectMode::Inpod => {
-            use crate::modes::inpod::{InpodDriver, InpodModeConfig};
-            let cfg = InpodModeConfig {
-                zds_socket: args.ztunnel_uds_address.clone(),
-                rules: meshcni_rules::inpod::InpodConfig {
-                    redirect_dns: args.ambient_dns_capture,
-                    enable_ipv6: args.effective_ambient_ipv6(mode),
-                    host_probe_snat_v4: args.host_probe_snat_ip,
-                    host_probe_snat_v6: args.host_probe_snat_ipv6,
-                },
-                backend: if args.native_nftables {
-                    meshcni_netx::inpod::InpodBackend::Nftables
-                } else {
-                    meshcni_netx::inpod::InpodBackend::Iptables
-                },
-                // Next to the plugin's socket on the run dir's hostPath: a restarted agent
-                // adopts its pods.
-                state_file: args.cni_agent_run_dir.join("inpod-mode.json"),
-                netns_dirs: vec![args.netns_dir.clone()],
-                proc_root: args.host_proc_dir.clone(),
-                reconcile_on_startup: args.ambient_reconcile_pod_rules_on_startup,
-                ..InpodModeConfig::default()
-            };
+            use crate::modes::inpod::InpodDriver;
+            let cfg = inpod_config(args, mode);
             InpodDriver::new(cfg)
                 .map(|d| Box::new(d) as Box<dyn RedirectDriver>)
                 .map_err(|e| e.message)
@@ -76,5 +56,37 @@ pub fn make_driver(
         RedirectMode::Ebpf => Err(format!(
             "redirect mode {mode} has no driver in this build of meshcni-agent"
         )),
+    }
+}
+
+/// The inpod driver's state file: next to the plugin's socket on the run dir's hostPath, so a
+/// restarted agent adopts its pods.
+pub fn inpod_state_file(args: &crate::cli::AgentArgs) -> std::path::PathBuf {
+    args.cni_agent_run_dir.join("inpod-mode.json")
+}
+
+/// The inpod driver's configuration from the flags (also what `doctor` checks pods against).
+pub fn inpod_config(
+    args: &crate::cli::AgentArgs,
+    mode: RedirectMode,
+) -> crate::modes::inpod::InpodModeConfig {
+    crate::modes::inpod::InpodModeConfig {
+        zds_socket: args.ztunnel_uds_address.clone(),
+        rules: meshcni_rules::inpod::InpodConfig {
+            redirect_dns: args.ambient_dns_capture,
+            enable_ipv6: args.effective_ambient_ipv6(mode),
+            host_probe_snat_v4: args.host_probe_snat_ip,
+            host_probe_snat_v6: args.host_probe_snat_ipv6,
+        },
+        backend: if args.native_nftables {
+            meshcni_netx::inpod::InpodBackend::Nftables
+        } else {
+            meshcni_netx::inpod::InpodBackend::Iptables
+        },
+        state_file: inpod_state_file(args),
+        netns_dirs: vec![args.netns_dir.clone()],
+        proc_root: args.host_proc_dir.clone(),
+        reconcile_on_startup: args.ambient_reconcile_pod_rules_on_startup,
+        ..crate::modes::inpod::InpodModeConfig::default()
     }
 }

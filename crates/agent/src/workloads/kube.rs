@@ -46,6 +46,37 @@ pub enum AccessConfig {
 }
 
 impl AccessConfig {
+    /// The agent's access from its flags: `--ambient-kubeconfig`, else in-cluster when
+    /// KUBERNETES_SERVICE_HOST is set (port 443 when KUBERNETES_SERVICE_PORT is empty); `None`
+    /// when neither.
+    pub fn from_args(args: &crate::cli::AgentArgs) -> Option<AccessConfig> {
+        if !args.ambient_kubeconfig.is_empty() {
+            Some(AccessConfig::Kubeconfig(
+                args.ambient_kubeconfig.clone().into(),
+            ))
+        } else if !args.kubernetes_service_host.is_empty() {
+            Some(AccessConfig::InCluster {
+                protocol: args.kubernetes_service_protocol.clone(),
+                host: args.kubernetes_service_host.clone(),
+                port: if args.kubernetes_service_port.is_empty() {
+                    "443".into()
+                } else {
+                    args.kubernetes_service_port.clone()
+                },
+                service_account_dir: args.service_account_dir.clone(),
+                skip_tls_verify: args.skip_tls_verify,
+            })
+        } else {
+            None
+        }
+    }
+
+    /// A kube-rs client for this access.
+    pub async fn client(&self) -> Result<Client, String> {
+        let c = self.client_config().await?;
+        Client::try_from(c).map_err(|e| format!("kubernetes client: {}", chain(&e)))
+    }
+
     /// The blocking client's access (the `uninstall-hook`'s one PATCH): token and CA files
     /// re-read on every call, so a rotated token is picked up by the next attempt.
     pub fn resolve(&self) -> Result<meshcni_kube::kubeconfig::ClusterAccess, String> {

@@ -29,7 +29,7 @@
 //! [`DriverEvent::ZtunnelChanged`] (ztunnel is "whoever is connected to our socket" here);
 //! pods nacked during a snapshot replay as [`DriverEvent::PodLost`].
 
-mod state;
+pub mod state;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
