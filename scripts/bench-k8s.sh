@@ -101,6 +101,14 @@ for f in pause busybox meshcni-agent; do [ -f "$IMGS/$f.tar" ] || die "$IMGS/$f.
 log "node up"
 MCNI_K8S_IMAGES="$IMGS/pause.tar:$IMGS/busybox.tar:$IMGS/meshcni-agent.tar" MCNI_K8S_SANDBOX_IMAGE="$PAUSE_IMAGE" \
     "$HERE/k8s-node.sh" up "$NODE_DIR" >"$WORK/up.env" 2>"$WORK/up.log" || { cat "$WORK/up.log" >&2; die "node up failed"; }
+# The ambient (inpod) agent mounts /var/run/netns with HostToContainer propagation, which the
+# runtime refuses unless the path is on a shared or slave mount; in k8s-node.sh's private mount
+# namespace it is a plain directory of the node's /run tmpfs. Make it a shared mount of itself
+# (what `ip netns add` does on a real host), inside the node's mount namespace only, before any
+# pod exists.
+innode mkdir -p /run/netns
+innode mount --rbind /run/netns /run/netns
+innode mount --make-shared /run/netns
 HOST_CONFLIST="$NODE_DIR/fs/etc-cni-net.d/$CONFLIST"
 cp "$HOST_CONFLIST" "$WORK/plain.conflist"
 
@@ -124,6 +132,9 @@ METRICS="http://$AGENT_IP:15014/metrics"
 for ((i = 0; i < 30; i++)); do innode curl -fsS -o /dev/null "$METRICS" && break; sleep 1; done
 innode curl -fsS -o /dev/null "$METRICS" || die "agent metrics not reachable at $METRICS"
 
+# metric NAME: the agent's value of an unlabelled metric (0 when absent).
+metric() { innode curl -fsS "$METRICS" | awk -v n="$1" '$1 == n { print $2; f = 1 } END { if (!f) print 0 }'; }
+REINSERTS_BEFORE="$(metric meshcni_config_reinserts_total)"
 LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg)"
 log "pod start: $ROUNDS rounds x (plain + injected) x (with, without); load average $LOAD_START"
 driver podstart --pki "$NODE_DIR/pki" --ns bench --rounds "$ROUNDS" --metrics "$METRICS" \
@@ -132,6 +143,7 @@ driver podstart --pki "$NODE_DIR/pki" --ns bench --rounds "$ROUNDS" --metrics "$
 # The bench's conflist was only ever the reference chain; the agent never touched it.
 [ ! -e "$NODE_DIR/fs/etc-cni-net.d/$PLAIN" ] || die "$PLAIN left behind"
 has_meshcni "$HOST_CONFLIST" || die "meshcni missing from $CONFLIST after the pod start runs"
+REINSERTS_AFTER="$(metric meshcni_config_reinserts_total)"
 driver execfloor --plugin /opt/cni/bin/meshcni --n 50 --out "$WORK/execfloor.json"
 LOAD_PODSTART="$(cut -d' ' -f1-3 /proc/loadavg)"
 
@@ -163,7 +175,9 @@ OUT="$REPO/target/bench/k8s-$(date -u +%Y%m%dT%H%M%SZ).md"
     echo
     echo "Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), kernel $(uname -r);"
     echo "node: $VERS; load average (1/5/15 min) at the start $LOAD_START, after the pod-start runs"
-    echo "$LOAD_PODSTART, at the end $LOAD_END. Agent container restarts during the run: $RESTARTS."
+    echo "$LOAD_PODSTART, at the end $LOAD_END. Agent container restarts during the run: $RESTARTS;"
+    echo "the agent's config re-inserts (meshcni_config_reinserts_total) during the pod-start runs:"
+    echo "$REINSERTS_BEFORE before, $REINSERTS_AFTER after."
     echo "Command: \`sudo scripts/bench-k8s.sh --rounds $ROUNDS --watch-pods $WATCH_PODS --watch-seconds $WATCH_SECONDS --interval $INTERVAL\`"
     echo
     innode python3 "$HERE/lib/k8s-bench-driver.py" report --podstart "$WORK/podstart.json" \
