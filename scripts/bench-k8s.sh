@@ -146,6 +146,11 @@ has_meshcni "$HOST_CONFLIST" || die "meshcni missing from $CONFLIST after the po
 REINSERTS_AFTER="$(metric meshcni_config_reinserts_total)"
 driver execfloor --plugin /opt/cni/bin/meshcni --n 50 --out "$WORK/execfloor.json"
 LOAD_PODSTART="$(cut -d' ' -f1-3 /proc/loadavg)"
+mkdir -p "$REPO/target/bench"
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+# The raw per-pod data, kept (the report below is computed from these files).
+cp "$WORK/podstart.json" "$REPO/target/bench/k8s-$STAMP-podstart.json"
+cp "$WORK/execfloor.json" "$REPO/target/bench/k8s-$STAMP-execfloor.json"
 
 log "deleting the pod-start pods"
 k delete namespace bench --wait=true --timeout=600s >/dev/null
@@ -162,14 +167,14 @@ grep -q meshcni-agent "/proc/$AGENT_PID/cmdline" || die "pid $AGENT_PID is not m
 log "agent pid $AGENT_PID; $WATCH_PODS pods, then ${WATCH_SECONDS}s sampling every ${INTERVAL}s"
 driver watchload --pki "$NODE_DIR/pki" --ns bench-watch --pods "$WATCH_PODS" --image "$PAUSE_IMAGE" \
     --pid "$AGENT_PID" --seconds "$WATCH_SECONDS" --interval "$INTERVAL" --out "$WORK/watchload.json"
+cp "$WORK/watchload.json" "$REPO/target/bench/k8s-$STAMP-watchload.json"
 RESTARTS="$(k -n kube-system get pods -l k8s-app=meshcni-node -o jsonpath='{.items[0].status.containerStatuses[0].restartCount}')"
 LOAD_END="$(cut -d' ' -f1-3 /proc/loadavg)"
 
 COMMIT="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 DIRTY="$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo "+changes" || true)"
 VERS="$(k get node mcni-k8s-node -o jsonpath='{.status.nodeInfo.kubeletVersion}, {.status.nodeInfo.containerRuntimeVersion}')"
-mkdir -p "$REPO/target/bench"
-OUT="$REPO/target/bench/k8s-$(date -u +%Y%m%dT%H%M%SZ).md"
+OUT="$REPO/target/bench/k8s-$STAMP.md"
 {
     echo "## bench-k8s.sh, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $COMMIT$DIRTY"
     echo
