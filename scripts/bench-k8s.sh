@@ -157,9 +157,18 @@ k delete namespace bench --wait=true --timeout=600s >/dev/null
 
 log "helm upgrade: ambient on (the agent watches the node's pods)"
 innode "$HELM" upgrade meshcni "$REPO/deploy/helm/meshcni" -n kube-system --reuse-values --set ambient.enabled=true >/dev/null
-rollout
-CID="$(innode crictl ps --name install-cni --state running -q | head -n 1)"
-[ -n "$CID" ] || die "no running agent container"
+# Not `rollout status`: with ambient on (inpod) the agent's readiness stays closed until a
+# ztunnel connects to its ZDS socket, and there is no ztunnel on this node. Wait for the new
+# agent pod (host network) to run instead; it lists and watches pods and namespaces from start.
+CID=""
+for ((i = 0; i < 300; i++)); do
+    if [ "$(k -n kube-system get pods -l k8s-app=meshcni-node -o jsonpath='{range .items[*]}{.spec.hostNetwork}{" "}{.status.phase}{"\n"}{end}')" = "true Running" ]; then
+        CID="$(innode crictl ps --name install-cni --state running -q | head -n 1)"
+        [ -n "$CID" ] && break
+    fi
+    sleep 1
+done
+[ -n "$CID" ] || die "the ambient agent pod did not start running within 300 s"
 AGENT_PID="$(innode crictl inspect "$CID" | jq -r '.info.pid')"
 [[ "$AGENT_PID" =~ ^[0-9]+$ ]] && [ "$(tr -d '\0' <"/proc/$AGENT_PID/cmdline" | head -c 200)" != "" ] ||
     die "agent pid '$AGENT_PID' not found"
