@@ -429,12 +429,19 @@ def ms(x):
 
 
 def cmd_report(a):
-    with open(a.podstart) as f:
-        ps = json.load(f)
-    with open(a.execfloor) as f:
-        floor = json.load(f)["version_exec"]
-    with open(a.watchload) as f:
-        wl = json.load(f)
+    # Several runs pool: pods (rounds kept apart per run), switches and exec floors.
+    ps = {"pods": [], "switches": []}
+    for i, path in enumerate(a.podstart):
+        with open(path) as f:
+            one = json.load(f)
+        for p in one["pods"]:
+            p["round"] += 100000 * i
+        ps["pods"] += one["pods"]
+        ps["switches"] += one["switches"]
+    floor = []
+    for path in a.execfloor:
+        with open(path) as f:
+            floor += json.load(f)["version_exec"]
     pods = ps["pods"]
     out = []
     w = out.append
@@ -504,6 +511,11 @@ def cmd_report(a):
       f"exec floor = `meshcni` with CNI_COMMAND=VERSION, {len(floor)} runs, median {ms(floor_med)} ms, "
       f"p90 {ms(pct(floor, 90))} ms.")
     w("")
+    if not a.watchload:
+        sys.stdout.write("\n".join(out) + "\n")
+        return
+    with open(a.watchload) as f:
+        wl = json.load(f)
     smp = wl["samples"]
     steady = [s for s in smp if s["phase"] == "steady"]
     create = [s for s in smp if s["phase"] in ("before", "create")]
@@ -556,9 +568,9 @@ def main():
     p.add_argument("--interval", type=float, default=5)
     p.add_argument("--out", required=True)
     p = sub.add_parser("report")
-    p.add_argument("--podstart", required=True)
-    p.add_argument("--execfloor", required=True)
-    p.add_argument("--watchload", required=True)
+    p.add_argument("--podstart", required=True, nargs="+")
+    p.add_argument("--execfloor", required=True, nargs="+")
+    p.add_argument("--watchload")
     p.add_argument("--context", default="")
     a = ap.parse_args()
     try:
