@@ -304,6 +304,14 @@ setup_namespaces() {
                 $n mount -t cgroup2 cgroup2 "$mp" ;;
         esac
     done < <(awk '$2 ~ "^/sys/fs/cgroup/" {print}' /proc/self/mounts)
+    # Mounts of the host's under /run (its /run/netns and netns files, ...) were copied into this
+    # namespace; under the node's /run tmpfs they would stay hidden but listed in mountinfo, and
+    # mount lookups by path (containerd's propagation check of a hostPath volume on /run/netns)
+    # pick the hidden copy. Detach them here, in the private namespace only (deepest first).
+    local m
+    for m in $(awk '$5 ~ "^/run/" {print $5}' "/proc/$HOLDER/mountinfo" | sort -r); do
+        $n umount -l "$m" 2>/dev/null || true
+    done
     $n mount -t tmpfs -o mode=755 mcni-k8s-run /run
     local b src dst
     for b in "${BINDS[@]}"; do
