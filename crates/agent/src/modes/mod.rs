@@ -8,6 +8,7 @@
 //!
 //! [`make_driver`] is the one place a mode name becomes a driver.
 
+pub mod ebpf;
 pub mod fake;
 pub mod inpod;
 pub mod iptables;
