@@ -132,7 +132,8 @@ fn fd_path(file: &File) -> PathBuf {
 /// netns). The inside veth must have its peer in another netns, and that peer must be a veth
 /// of `node` pointing back to it.
 fn veth_pair(node: &Path, inner: &Path) -> Result<Option<(String, LinkDetails)>, String> {
-    let mut inl = Netlink::open(inner).map_err(|e| format!("netlink in {}: {e}", inner.display()))?;
+    let mut inl =
+        Netlink::open(inner).map_err(|e| format!("netlink in {}: {e}", inner.display()))?;
     let links = tunnel::list_links(&mut inl)
         .map_err(|e| format!("list links in {}: {e}", inner.display()))?;
     let mut nnl = Netlink::open(node).map_err(|e| format!("netlink in {}: {e}", node.display()))?;
@@ -161,11 +162,15 @@ impl EbpfDriver {
             pod_capacity: cfg.pod_capacity,
             attach: cfg.attach,
         })
-        .map_err(|e| drv(format!("load datapath (pin dir {}): {e}", cfg.pin_dir.display())))?;
+        .map_err(|e| {
+            drv(format!(
+                "load datapath (pin dir {}): {e}",
+                cfg.pin_dir.display()
+            ))
+        })?;
         let state = match std::fs::read(&cfg.state_file) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                drv(format!("state file {}: {e}", cfg.state_file.display()))
-            })?,
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| drv(format!("state file {}: {e}", cfg.state_file.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => EbpfState::default(),
             Err(e) => {
                 return Err(drv(format!(
@@ -211,8 +216,13 @@ impl EbpfDriver {
         File::open(&tmp)
             .and_then(|f| f.sync_all())
             .map_err(|e| drv(format!("sync {}: {e}", tmp.display())))?;
-        std::fs::rename(&tmp, path)
-            .map_err(|e| drv(format!("rename {} to {}: {e}", tmp.display(), path.display())))?;
+        std::fs::rename(&tmp, path).map_err(|e| {
+            drv(format!(
+                "rename {} to {}: {e}",
+                tmp.display(),
+                path.display()
+            ))
+        })?;
         self.dirty = false;
         Ok(())
     }
@@ -265,7 +275,9 @@ impl EbpfDriver {
         let ns_path: PathBuf = match netns {
             Some(p) => p.to_path_buf(),
             None => {
-                held = self.find_netns(&pod.uid, ips).map_err(|e| pod_err(pod, e))?;
+                held = self
+                    .find_netns(&pod.uid, ips)
+                    .map_err(|e| pod_err(pod, e))?;
                 match &held {
                     Some(f) => fd_path(f),
                     None => {
@@ -458,7 +470,13 @@ impl RedirectDriver for EbpfDriver {
     /// Every address of the map, grouped by its recorded owner.
     fn actual(&mut self) -> Result<EnrolledState, DriverError> {
         let mut by_uid: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
-        let in_map: Vec<IpAddr> = self.dp.pods().map_err(drv)?.into_iter().map(|(ip, _)| ip).collect();
+        let in_map: Vec<IpAddr> = self
+            .dp
+            .pods()
+            .map_err(drv)?
+            .into_iter()
+            .map(|(ip, _)| ip)
+            .collect();
         for ip in &in_map {
             let uid = self
                 .state
@@ -494,7 +512,8 @@ impl RedirectDriver for EbpfDriver {
                 new,
                 netns,
             } => {
-                let gone: Vec<IpAddr> = old.iter().filter(|ip| !new.contains(ip)).copied().collect();
+                let gone: Vec<IpAddr> =
+                    old.iter().filter(|ip| !new.contains(ip)).copied().collect();
                 self.release_ips(pod, &gone)?;
                 self.enroll(pod, new, netns.as_ref().map(|n| n.path.as_path()))
             }
