@@ -110,6 +110,10 @@ pub struct Mesh {
     /// Per pod name: labels (mutable to enroll/release running pods).
     pub labels: BTreeMap<String, BTreeMap<String, String>>,
     pub pod_ns: BTreeMap<String, String>,
+    /// Pods absent from the Kubernetes view (deleted).
+    pub deleted: std::collections::BTreeSet<String>,
+    /// Nodes (0-based) whose ztunnel pod is reported not ready.
+    pub ztunnel_down: std::collections::BTreeSet<usize>,
     pub lab: MultiNodeLab,
     pub tmp: tempfile::TempDir,
     /// Every node and ztunnel netns as it was before the first install: dropping the mesh
@@ -280,6 +284,8 @@ impl Mesh {
             servers,
             labels,
             pod_ns,
+            deleted: Default::default(),
+            ztunnel_down: Default::default(),
             lab,
             tmp,
             baselines,
@@ -295,6 +301,7 @@ impl Mesh {
         let mut pods: Vec<Workload> = node
             .pods
             .iter()
+            .filter(|p| !self.deleted.contains(&p.name))
             .map(|p| Workload {
                 uid: format!("uid-{}", p.name),
                 namespace: self.pod_ns[&p.name].clone(),
@@ -322,7 +329,7 @@ impl Mesh {
             .into(),
             node_name,
             phase: "Running".into(),
-            ready: true,
+            ready: !self.ztunnel_down.contains(&i),
             created: "2026-01-01T00:00:00Z".into(),
             ..Workload::default()
         });
