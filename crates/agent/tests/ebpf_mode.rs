@@ -131,12 +131,7 @@ fn a_deleted_pod_leaves_no_map_entry_and_no_link_pin() {
     let node_ns = m.lab.node(1).netns.path().to_path_buf();
     let veth = m.pod("a").host_veth.clone();
     let ifindex = meshcni_ebpf::ifindex_in(&node_ns, &veth).expect("ifindex");
-    let pins = m
-        .bpffs
-        .as_ref()
-        .expect("bpffs")
-        .path()
-        .join("node1/links");
+    let pins = m.bpffs.as_ref().expect("bpffs").path().join("node1/links");
     let pinned = |ifindex: u32| -> Vec<String> {
         std::fs::read_dir(&pins)
             .expect("links pin dir")

@@ -56,6 +56,8 @@ pub struct EbpfModeConfig {
     pub attach: AttachMode,
     /// Steer pods' DNS to ztunnel:15053.
     pub dns_capture: bool,
+    /// Enroll pods' IPv6 addresses too (`AMBIENT_IPV6`; default on in this mode).
+    pub enable_ipv6: bool,
     /// Owners of the enrolled addresses and the ztunnel netns in use.
     pub state_file: PathBuf,
 }
@@ -70,6 +72,7 @@ impl Default for EbpfModeConfig {
             pod_capacity: meshcni_ebpf::DEFAULT_POD_CAPACITY,
             attach: AttachMode::Auto,
             dns_capture: false,
+            enable_ipv6: true,
             state_file: PathBuf::from("/var/run/meshcni/ebpf-mode.json"),
         }
     }
@@ -465,6 +468,11 @@ fn is_link_local(ip: &IpAddr) -> bool {
 impl RedirectDriver for EbpfDriver {
     fn name(&self) -> &str {
         "ebpf"
+    }
+
+    /// IPv4 always, IPv6 unless `AMBIENT_IPV6=false`.
+    fn handles(&self, ip: &IpAddr) -> bool {
+        ip.is_ipv4() || self.cfg.enable_ipv6
     }
 
     /// Every address of the map, grouped by its recorded owner.
