@@ -442,8 +442,9 @@ pub struct AgentArgs {
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ambient_dns_capture: bool,
 
-    /// Program IPv6 rules for ambient pods. Unset: true for the inpod mode (Istio's default),
-    /// false for the node-level iptables mode, which is IPv4-only: there `true` is rejected.
+    /// Program IPv6 rules for ambient pods. Unset: true for the inpod mode (Istio's default)
+    /// and the ebpf mode, false for the node-level iptables mode, which is IPv4-only: there
+    /// `true` is rejected.
     #[arg(long, env = "AMBIENT_IPV6", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ambient_ipv6: Option<bool>,
