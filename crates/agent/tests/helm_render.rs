@@ -178,7 +178,11 @@ fn ambient_mode_renders_a_host_network_agent_the_agent_accepts(mode: &str) {
         .flatten()
         .filter_map(Value::as_str)
         .collect();
-    assert_eq!(caps.contains(&"BPF"), ebpf, "CAP_BPF only for ebpf: {caps:?}");
+    assert_eq!(
+        caps.contains(&"BPF"),
+        ebpf,
+        "CAP_BPF only for ebpf: {caps:?}"
+    );
     let mounts: Vec<&str> = container["volumeMounts"]
         .as_array()
         .into_iter()

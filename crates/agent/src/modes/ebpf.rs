@@ -242,7 +242,14 @@ impl EbpfDriver {
             .collect();
         ips.sort();
         ips.dedup();
-        ips.truncate(meshcni_ebpf::maps::HOST_IPS_CAPACITY);
+        if ips.len() > meshcni_ebpf::maps::HOST_IPS_CAPACITY {
+            tracing::warn!(
+                addresses = ips.len(),
+                kept = meshcni_ebpf::maps::HOST_IPS_CAPACITY,
+                "the node has more addresses than the host-address map holds; traffic from the others to enrolled pods goes through ztunnel"
+            );
+            ips.truncate(meshcni_ebpf::maps::HOST_IPS_CAPACITY);
+        }
         self.dp.set_host_ips(&ips).map_err(drv)
     }
 

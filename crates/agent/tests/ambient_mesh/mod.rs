@@ -403,11 +403,13 @@ impl Mesh {
         }
     }
 
-    /// `ebpf` mode: no iptables/nft rule, ipset or policy rule in any node netns (both
-    /// iptables flavours, IPv4 and IPv6).
+    /// `ebpf` mode: no iptables/nft rule, ipset or policy rule in any node netns, and no
+    /// iptables/nft rule or ipset in any ztunnel netns, whose only policy rule is the
+    /// datapath's `fwmark 0x400/0xfff lookup 100` (both iptables flavours, IPv4 and IPv6).
     pub fn assert_no_node_rules(&self) {
-        for n in &self.lab.nodes {
-            let ns = &n.netns;
+        let nodes = self.lab.nodes.iter().map(|n| (n, &n.netns, false));
+        let ztunnels = self.lab.nodes.iter().map(|n| (n, &n.ztunnel.netns, true));
+        for (n, ns, ztunnel) in nodes.chain(ztunnels) {
             for save in [
                 "iptables-nft-save",
                 "ip6tables-nft-save",
@@ -445,11 +447,20 @@ impl Mesh {
                             || l.starts_with("32767:\tfrom all lookup default"))
                     })
                     .collect();
-                assert!(
-                    extra.is_empty(),
-                    "ip {family} rule in node{}: {extra:?}",
-                    n.index
-                );
+                if ztunnel {
+                    assert_eq!(
+                        extra,
+                        vec!["20000:\tfrom all fwmark 0x400/0xfff lookup 100"],
+                        "ip {family} rule in the ztunnel netns of node{}",
+                        n.index
+                    );
+                } else {
+                    assert!(
+                        extra.is_empty(),
+                        "ip {family} rule in node{}: {extra:?}",
+                        n.index
+                    );
+                }
             }
         }
     }
