@@ -72,7 +72,11 @@ impl FailurePolicy {
 
 /// Redirect modes this build has a driver for (`ambient::make_driver`; a unit test keeps the
 /// two in step).
-pub const BUILT_REDIRECT_MODES: &[RedirectMode] = &[RedirectMode::Iptables, RedirectMode::Inpod];
+pub const BUILT_REDIRECT_MODES: &[RedirectMode] = &[
+    RedirectMode::Iptables,
+    RedirectMode::Inpod,
+    RedirectMode::Ebpf,
+];
 
 /// Parse a file mode the way operators write it: octal, with or without a leading `0`/`0o`
 /// (`0600`, `600`, `0o600`). Istio's flag is a Go int, which viper also reads from "0600".
@@ -385,9 +389,9 @@ pub struct AgentArgs {
     pub ambient_enabled: bool,
 
     /// Ambient redirect mode (written into the ambient config file): `inpod` (the default, as
-    /// in Istio: rules inside each pod, netns handed to ztunnel ≥ 1.21 over ZDS) or `iptables`
-    /// (node-level, for ztunnel ≤ 1.22). `ebpf` is not built: with ambient enabled it is
-    /// rejected at start-up and by `check-config`.
+    /// in Istio: rules inside each pod, netns handed to ztunnel ≥ 1.21 over ZDS), `iptables`
+    /// (node-level, for ztunnel ≤ 1.22) or `ebpf` (node-level, tc eBPF programs and pinned
+    /// maps, no iptables; IPv4 and IPv6).
     #[arg(
         long,
         env = "AMBIENT_REDIRECT_MODE",
@@ -397,10 +401,27 @@ pub struct AgentArgs {
     pub ambient_redirect_mode: RedirectMode,
 
     /// G1 switch for the eBPF redirect mode; when true it selects `ebpf` unless
-    /// --ambient-redirect-mode is set explicitly. The ebpf mode is not built: `true` is rejected.
+    /// --ambient-redirect-mode is set explicitly.
     #[arg(long, env = "EBPF_ENABLED", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ebpf_enabled: bool,
+
+    /// `ebpf` redirect mode: capacity of the pod map in addresses (a dual-stack pod takes two).
+    /// A pinned map of another capacity is refused at start (uninstall first). No Istio
+    /// equivalent (its eBPF mode has a fixed 1,024). With another mode a non-default value is
+    /// rejected.
+    #[arg(long, env = "AMBIENT_EBPF_MAX_PODS", default_value = "16384",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub ambient_ebpf_max_pods: u32,
+
+    /// `ebpf` redirect mode: the meshcni directory in bpffs holding the pinned maps and links
+    /// (its parent must be a bpffs mount). With another mode a non-default value is rejected.
+    #[arg(
+        long,
+        env = "AMBIENT_EBPF_PIN_DIR",
+        default_value = "/sys/fs/bpf/meshcni"
+    )]
+    pub ambient_ebpf_pin_dir: PathBuf,
 
     /// Directory of the ambient config file `config.json`.
     #[arg(
@@ -438,8 +459,9 @@ pub struct AgentArgs {
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ambient_dns_capture: bool,
 
-    /// Program IPv6 rules for ambient pods. Unset: true for the inpod mode (Istio's default),
-    /// false for the node-level iptables mode, which is IPv4-only: there `true` is rejected.
+    /// Program IPv6 rules for ambient pods. Unset: true for the inpod mode (Istio's default)
+    /// and the ebpf mode, false for the node-level iptables mode, which is IPv4-only: there
+    /// `true` is rejected.
     #[arg(long, env = "AMBIENT_IPV6", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub ambient_ipv6: Option<bool>,
@@ -510,14 +532,16 @@ pub struct AgentArgs {
 
     /// Directory of the node's named network namespaces (the host's `/var/run/netns`, as
     /// mounted into the agent). The iptables redirect mode finds the ztunnel pod's netns here
-    /// (by the peer of its host veth).
+    /// (by the peer of its host veth); the ebpf mode looks for pods' (and ztunnel's) netns
+    /// here by IP when no process names them.
     #[arg(long, env = "NETNS_DIR", default_value = "/var/run/netns")]
     pub netns_dir: PathBuf,
 
-    /// The host's procfs as the agent sees it. The inpod mode scans it to find the netns of a
-    /// running pod (a process whose cgroup names the pod UID, verified by the pod's IP) when
-    /// it enrolls a pod that was already running or adopts its pods after a restart; with
-    /// hostPID (the chart) that is `/proc`. With another mode a non-default value is rejected.
+    /// The host's procfs as the agent sees it. The inpod and ebpf modes scan it to find the
+    /// netns of a running pod (a process whose cgroup names the pod UID, verified by the pod's
+    /// IP) when they enroll a pod without a CNI ADD (inpod: also to adopt its pods after a
+    /// restart); with hostPID (the chart) that is `/proc`. With another mode a non-default
+    /// value is rejected.
     #[arg(long, env = "HOST_PROC_DIR", default_value = "/proc")]
     pub host_proc_dir: PathBuf,
 
@@ -743,26 +767,32 @@ impl AgentArgs {
             repair_label_selectors: REPAIR,
             repair_field_selectors: REPAIR,
         );
-        if self.ebpf_enabled {
-            errs.push(format!(
-                "{} = true selects the ebpf redirect mode, which is not available in this build; \
-                 unset it (the default mode is inpod)",
-                flag_and_env("ebpf_enabled")
-            ));
-        }
         let mode = self.effective_redirect_mode(redirect_mode_explicit);
+        if !(self.ambient_enabled && matches!(mode, RedirectMode::Inpod | RedirectMode::Ebpf)) {
+            reject_non_default!(self, d, errs;
+                host_proc_dir: "only the inpod and ebpf redirect modes use it (to find pods' \
+                    netns), and ambient with one of them is not enabled",
+            );
+        }
+        if !(self.ambient_enabled && mode == RedirectMode::Ebpf) {
+            const ONLY_EBPF: &str =
+                "only the ebpf redirect mode uses it, and ambient with that mode is not enabled";
+            reject_non_default!(self, d, errs;
+                ambient_ebpf_max_pods: ONLY_EBPF,
+                ambient_ebpf_pin_dir: ONLY_EBPF,
+            );
+        }
         if !(self.ambient_enabled && mode == RedirectMode::Inpod) {
             const ONLY_INPOD: &str =
                 "only the inpod redirect mode uses it, and ambient with that mode is not enabled";
             reject_non_default!(self, d, errs;
                 ztunnel_uds_address: ONLY_INPOD,
-                host_proc_dir: ONLY_INPOD,
                 ambient_reconcile_pod_rules_on_startup: ONLY_INPOD,
                 host_probe_snat_ip: ONLY_INPOD,
                 host_probe_snat_ipv6: ONLY_INPOD,
             );
         }
-        if mode != RedirectMode::Inpod && self.ambient_ipv6 == Some(true) {
+        if mode == RedirectMode::Iptables && self.ambient_ipv6 == Some(true) {
             errs.push(format!(
                 "{} = true is not supported by this build of meshcni-agent with redirect mode                  {mode} (its node-level redirection is IPv4-only); unset it or use the inpod mode",
                 flag_and_env("ambient_ipv6")
@@ -843,9 +873,10 @@ impl AgentArgs {
         }
     }
 
-    /// Whether ambient pods get IPv6 rules: `AMBIENT_IPV6`, else true for the inpod mode.
+    /// Whether ambient pods get IPv6 rules: `AMBIENT_IPV6`, else true for the inpod and ebpf
+    /// modes (the iptables mode is IPv4-only).
     pub fn effective_ambient_ipv6(&self, mode: RedirectMode) -> bool {
-        self.ambient_ipv6.unwrap_or(mode == RedirectMode::Inpod)
+        self.ambient_ipv6.unwrap_or(mode != RedirectMode::Iptables)
     }
 
     /// The redirect mode in effect (EBPF_ENABLED only upgrades the default).
@@ -998,6 +1029,18 @@ mod tests {
         let tmp = std::env::temp_dir().join(format!("mcni-cli-{}", std::process::id()));
         let mut args = AgentArgs::defaults();
         args.cni_agent_run_dir = tmp.clone();
+        // The ebpf driver pins on a private bpffs (never the host's /sys/fs/bpf); root needed.
+        let bpffs = tmp.join("bpffs");
+        std::fs::create_dir_all(&bpffs).expect("bpffs dir");
+        nix::mount::mount(
+            Some("bpf"),
+            &bpffs,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount a private bpffs (root needed)");
+        args.ambient_ebpf_pin_dir = bpffs.join("meshcni");
         for mode in [
             RedirectMode::Iptables,
             RedirectMode::Ebpf,
@@ -1009,6 +1052,8 @@ mod tests {
                 "{mode}"
             );
         }
+        meshcni_ebpf::uninstall(&args.ambient_ebpf_pin_dir, &[]).expect("remove the pins");
+        let _ = nix::mount::umount2(&bpffs, nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_dir_all(tmp);
     }
 

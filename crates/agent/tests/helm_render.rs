@@ -3,11 +3,12 @@
 //! `/opt/meshcni/bin/helm-v4.3.2`):
 //! * with its defaults it renders exactly `deploy/manifests/meshcni.yaml` (every object, every
 //!   field; the manifest leaves out only the Helm pre-delete hook);
-//! * ambient on with `ebpf` — a mode without a driver in this build — fails the render with a
-//!   message naming the setting;
-//! * ambient on with the default `inpod` or with `iptables` renders a DaemonSet in the host
-//!   netns whose environment the agent's `check-config` accepts (inpod: host PID namespace for
-//!   netns discovery and the ZDS socket directory mounted).
+//! * ambient on with a mode without a driver in this build fails the render with a message
+//!   naming the setting;
+//! * ambient on with the default `inpod`, with `iptables` or with `ebpf` renders a DaemonSet in
+//!   the host netns whose environment the agent's `check-config` accepts (inpod and ebpf: host
+//!   PID namespace for netns discovery; inpod: the ZDS socket directory mounted; ebpf: the
+//!   host's bpffs mounted and CAP_BPF).
 //!
 //! * every value documented in `values.yaml` (each leaf, enumerated from the file), set to a
 //!   non-default value, changes the render exactly where it should and the agent accepts the
@@ -105,12 +106,12 @@ fn chart_defaults_render_exactly_the_plain_manifest() {
 
 #[test]
 fn ambient_with_an_unbuilt_redirect_mode_fails_the_render_naming_the_setting() {
-    let sets = &["ambient.enabled=true", "ambient.redirectMode=ebpf"][..];
+    let sets = &["ambient.enabled=true", "ambient.redirectMode=tproxy"][..];
     let out = render(sets);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{sets:?} rendered");
     assert!(
-        stderr.contains("ambient.redirectMode=ebpf is not available in this build")
+        stderr.contains("ambient.redirectMode=tproxy is not available in this build")
             && stderr.contains("set ambient.redirectMode=inpod"),
         "{sets:?}: {stderr}"
     );
@@ -119,6 +120,11 @@ fn ambient_with_an_unbuilt_redirect_mode_fails_the_render_naming_the_setting() {
 #[test]
 fn ambient_iptables_renders_a_host_network_agent_the_agent_accepts() {
     ambient_mode_renders_a_host_network_agent_the_agent_accepts("iptables");
+}
+
+#[test]
+fn ambient_ebpf_renders_a_host_network_agent_with_bpffs_the_agent_accepts() {
+    ambient_mode_renders_a_host_network_agent_the_agent_accepts("ebpf");
 }
 
 #[test]
@@ -167,10 +173,22 @@ fn ambient_mode_renders_a_host_network_agent_the_agent_accepts(mode: &str) {
     assert_eq!(get("AMBIENT_ENABLED"), Some("true"));
     assert_eq!(get("AMBIENT_REDIRECT_MODE"), Some(mode));
     let inpod = mode == "inpod";
+    let ebpf = mode == "ebpf";
     assert_eq!(
         spec["hostPID"],
-        Value::Bool(inpod),
-        "host PID namespace only for inpod"
+        Value::Bool(inpod || ebpf),
+        "host PID namespace only for inpod and ebpf"
+    );
+    let caps: Vec<&str> = container["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        caps.contains(&"BPF"),
+        ebpf,
+        "CAP_BPF only for ebpf: {caps:?}"
     );
     let mounts: Vec<&str> = container["volumeMounts"]
         .as_array()
@@ -184,6 +202,11 @@ fn ambient_mode_renders_a_host_network_agent_the_agent_accepts(mode: &str) {
         "the ZDS socket dir is mounted only for inpod: {mounts:?}"
     );
     assert!(mounts.contains(&"/var/run/netns"), "{mounts:?}");
+    assert_eq!(
+        mounts.contains(&"/sys/fs/bpf"),
+        ebpf,
+        "the host's bpffs is mounted only for ebpf: {mounts:?}"
+    );
     let out = Command::new(env!("CARGO_BIN_EXE_meshcni-agent"))
         .env_clear()
         .envs(env)

@@ -11,8 +11,7 @@
 //! <pin dir>/tc/<hook>-<netns inode>-<ifindex>[-qdisc]       clsact fallback records (empty dirs)
 //! ```
 //!
-//! Not yet wired into the agent: the mode driver, its selection and the scenario suite are the
-//! rest of issue 11 (the agent still rejects `--ambient-redirect-mode ebpf`).
+//! The agent's driver of the `ebpf` redirect mode is `meshcni_agent::modes::ebpf`.
 
 mod datapath;
 mod error;

@@ -4,10 +4,12 @@
 //! * [`iptables`] — G1 node-level redirection: node iptables + ipset + policy routing +
 //!   GENEVE/VXLAN tunnels into the ztunnel pod (spec §3).
 //! * [`inpod`] — rules inside each pod netns, the netns handed to ztunnel over ZDS (spec §7).
+//! * [`ebpf`] — node-level tc eBPF programs and pinned maps (`meshcni-ebpf`), no iptables.
 //! * [`fake`] — an in-memory driver for tests of the loop.
 //!
 //! [`make_driver`] is the one place a mode name becomes a driver.
 
+pub mod ebpf;
 pub mod fake;
 pub mod inpod;
 pub mod iptables;
@@ -53,9 +55,23 @@ pub fn make_driver(
                 .map(|d| Box::new(d) as Box<dyn RedirectDriver>)
                 .map_err(|e| e.message)
         }
-        RedirectMode::Ebpf => Err(format!(
-            "redirect mode {mode} has no driver in this build of meshcni-agent"
-        )),
+        RedirectMode::Ebpf => {
+            use crate::modes::ebpf::{EbpfDriver, EbpfModeConfig};
+            let cfg = EbpfModeConfig {
+                netns_dirs: vec![args.netns_dir.clone()],
+                proc_root: args.host_proc_dir.clone(),
+                pin_dir: args.ambient_ebpf_pin_dir.clone(),
+                pod_capacity: args.ambient_ebpf_max_pods,
+                dns_capture: args.ambient_dns_capture,
+                enable_ipv6: args.effective_ambient_ipv6(mode),
+                // On the run dir's hostPath: a restarted agent adopts its pods.
+                state_file: args.cni_agent_run_dir.join("ebpf-mode.json"),
+                ..EbpfModeConfig::default()
+            };
+            EbpfDriver::new(cfg)
+                .map(|d| Box::new(d) as Box<dyn RedirectDriver>)
+                .map_err(|e| e.message)
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! Test harness shared by `tests/ambient_traffic.rs` and `examples/ambient_conn_bench.rs`: a
-//! two-node [`MultiNodeLab`] with a ztunnel stand-in per node, the `iptables` redirect driver
-//! running against each node netns, and enrollment decided by the agent's own reconciler
+//! two-node [`MultiNodeLab`] with a ztunnel stand-in per node, a node-level redirect driver
+//! ([`Mode`]: `iptables`, or `ebpf` with its pins on a private bpffs mount) running against each
+//! node netns, and enrollment decided by the agent's own reconciler
 //! (`ambient::Reconciler`, fed a Kubernetes-shaped snapshot of the lab's pods and
 //! namespaces, one pass at a time).
 //!
@@ -23,6 +24,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use meshcni_agent::ambient::{LoopOptions, Reconciler, RedirectDriver, StatusHandle};
+use meshcni_agent::modes::ebpf::{EbpfDriver, EbpfModeConfig};
 use meshcni_agent::modes::iptables::{
     IptablesDriver, IptablesModeConfig, ZTUNNEL_NETNS_ANNOTATION,
 };
@@ -54,16 +56,64 @@ pub const PODS: &[PodSpec] = &[
     (2, "e", "plain", &[]),
 ];
 
+/// The node-level redirect mode a [`Mesh`] runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Iptables,
+    Ebpf,
+}
+
+/// A bpffs instance of our own on a temporary directory (the host's `/sys/fs/bpf` is never
+/// used); unmounted on drop.
+pub struct PrivateBpffs {
+    dir: tempfile::TempDir,
+}
+
+impl PrivateBpffs {
+    pub fn mount() -> PrivateBpffs {
+        let dir = tempfile::Builder::new()
+            .prefix("mcni-bpffs-")
+            .tempdir()
+            .expect("temp dir");
+        nix::mount::mount(
+            Some("bpf"),
+            dir.path(),
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount a private bpffs (root needed)");
+        PrivateBpffs { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// The lab plus the meshcni dataplane and ztunnel stand-ins.
 pub struct Mesh {
+    pub mode: Mode,
     /// Per node (index 0 = node 1): the reconciler owning that node's driver. Dropped before
-    /// the lab (field order).
+    /// the lab and the bpffs mount (field order).
     pub reconcilers: Vec<(Reconciler, StatusHandle)>,
+    /// `ebpf` mode: the bpffs holding each node's pin dir (`node<i>`).
+    pub bpffs: Option<PrivateBpffs>,
     pub ztunnels: Vec<ZtunnelStandIn>,
     pub servers: BTreeMap<String, TcpServer>,
     /// Per pod name: labels (mutable to enroll/release running pods).
     pub labels: BTreeMap<String, BTreeMap<String, String>>,
     pub pod_ns: BTreeMap<String, String>,
+    /// Pods absent from the Kubernetes view (deleted).
+    pub deleted: std::collections::BTreeSet<String>,
+    /// Nodes (0-based) whose ztunnel pod is reported not ready.
+    pub ztunnel_down: std::collections::BTreeSet<usize>,
     pub lab: MultiNodeLab,
     pub tmp: tempfile::TempDir,
     /// Every node and ztunnel netns as it was before the first install: dropping the mesh
@@ -78,10 +128,18 @@ impl Drop for Mesh {
             return; // the test already failed; the lab is deleted anyway
         }
         for n in &self.lab.nodes {
-            IptablesDriver::new(driver_config(n, self.tmp.path()))
-                .expect("iptables driver")
+            let mut driver = self.driver(n);
+            driver
                 .uninstall()
                 .unwrap_or_else(|e| panic!("uninstall node{}: {e}", n.index));
+            if let Some(bpffs) = &self.bpffs {
+                let pins = bpffs.path().join(format!("node{}", n.index));
+                assert!(
+                    !pins.exists(),
+                    "pin dir {} left after uninstall",
+                    pins.display()
+                );
+            }
         }
         for (name, path, before) in &self.baselines {
             meshcni_testkit::assert_netns_unchanged(
@@ -99,6 +157,20 @@ pub fn iptables_driver(node: &LabNode, state_dir: &Path) -> Box<dyn RedirectDriv
     Box::new(IptablesDriver::new(driver_config(node, state_dir)).expect("iptables driver"))
 }
 
+/// The `ebpf` driver configuration of one lab node: pins under `bpffs/node<i>`, state file
+/// under `state_dir`, pods' netns found in a private directory holding only this node's pods
+/// (symlinks; `Mesh::new_in` creates it) and an empty proc root (no process scan).
+pub fn ebpf_config(node: &LabNode, state_dir: &Path, bpffs: &Path) -> EbpfModeConfig {
+    EbpfModeConfig {
+        node_netns: node.netns.path().to_path_buf(),
+        netns_dirs: vec![state_dir.join(format!("node{}-netns", node.index))],
+        proc_root: state_dir.join("empty-proc"),
+        pin_dir: bpffs.join(format!("node{}", node.index)),
+        state_file: state_dir.join(format!("node{}/ebpf-mode.json", node.index)),
+        ..EbpfModeConfig::default()
+    }
+}
+
 /// The driver configuration of one lab node (state file under `state_dir`).
 pub fn driver_config(node: &LabNode, state_dir: &Path) -> IptablesModeConfig {
     IptablesModeConfig {
@@ -114,6 +186,23 @@ impl Mesh {
     /// Build the lab, start stand-ins and a server on `PORT` in every pod, create the
     /// drivers, tell them about the ztunnel and reconcile every node.
     pub fn new(tag: &str) -> Mesh {
+        Mesh::new_in(tag, Mode::Iptables)
+    }
+
+    /// A new driver for node `n` of this mesh's mode (what a restarted agent, or
+    /// `meshcni-agent uninstall`, would create).
+    pub fn driver(&self, n: &LabNode) -> Box<dyn RedirectDriver> {
+        match (self.mode, &self.bpffs) {
+            (Mode::Ebpf, Some(bpffs)) => Box::new(
+                EbpfDriver::new(ebpf_config(n, self.tmp.path(), bpffs.path()))
+                    .expect("ebpf driver"),
+            ),
+            _ => iptables_driver(n, self.tmp.path()),
+        }
+    }
+
+    /// [`Mesh::new`] in redirect mode `mode`.
+    pub fn new_in(tag: &str, mode: Mode) -> Mesh {
         let node1: Vec<&str> = PODS.iter().filter(|p| p.0 == 1).map(|p| p.1).collect();
         let node2: Vec<&str> = PODS.iter().filter(|p| p.0 == 2).map(|p| p.1).collect();
         let lab = MultiNodeLab::new(tag, &[&node1, &node2]).expect("multi-node lab");
@@ -155,13 +244,31 @@ impl Mesh {
                 ));
             }
         }
+        let bpffs = (mode == Mode::Ebpf).then(PrivateBpffs::mount);
+        if mode == Mode::Ebpf {
+            std::fs::create_dir_all(tmp.path().join("empty-proc")).expect("empty proc root");
+            for n in &lab.nodes {
+                let dir = tmp.path().join(format!("node{}-netns", n.index));
+                std::fs::create_dir_all(&dir).expect("netns dir");
+                for p in &n.pods {
+                    std::os::unix::fs::symlink(p.netns.path(), dir.join(&p.name))
+                        .expect("netns symlink");
+                }
+            }
+        }
         let reconcilers = lab
             .nodes
             .iter()
             .map(|n| {
                 let status = StatusHandle::new(Err("starting".into()));
+                let driver: Box<dyn RedirectDriver> = match &bpffs {
+                    Some(b) => Box::new(
+                        EbpfDriver::new(ebpf_config(n, tmp.path(), b.path())).expect("ebpf driver"),
+                    ),
+                    None => iptables_driver(n, tmp.path()),
+                };
                 let rec = Reconciler::new(
-                    iptables_driver(n, tmp.path()),
+                    driver,
                     EnrollPolicy::default(),
                     LoopOptions::default(),
                     status.clone(),
@@ -170,11 +277,15 @@ impl Mesh {
             })
             .collect();
         let mut mesh = Mesh {
+            mode,
             reconcilers,
+            bpffs,
             ztunnels,
             servers,
             labels,
             pod_ns,
+            deleted: Default::default(),
+            ztunnel_down: Default::default(),
             lab,
             tmp,
             baselines,
@@ -190,6 +301,7 @@ impl Mesh {
         let mut pods: Vec<Workload> = node
             .pods
             .iter()
+            .filter(|p| !self.deleted.contains(&p.name))
             .map(|p| Workload {
                 uid: format!("uid-{}", p.name),
                 namespace: self.pod_ns[&p.name].clone(),
@@ -217,7 +329,7 @@ impl Mesh {
             .into(),
             node_name,
             phase: "Running".into(),
-            ready: true,
+            ready: !self.ztunnel_down.contains(&i),
             created: "2026-01-01T00:00:00Z".into(),
             ..Workload::default()
         });
@@ -264,6 +376,9 @@ impl Mesh {
         for z in &self.ztunnels {
             z.set_captured(captured.iter().copied());
         }
+        if self.mode == Mode::Ebpf {
+            self.assert_no_node_rules();
+        }
     }
 
     /// Names of the pods enrolled on any node, per the reconcilers' status.
@@ -284,6 +399,68 @@ impl Mesh {
             }
             None => {
                 l.remove(key);
+            }
+        }
+    }
+
+    /// `ebpf` mode: no iptables/nft rule, ipset or policy rule in any node netns, and no
+    /// iptables/nft rule or ipset in any ztunnel netns, whose only policy rule is the
+    /// datapath's `fwmark 0x400/0xfff lookup 100` (both iptables flavours, IPv4 and IPv6).
+    pub fn assert_no_node_rules(&self) {
+        let nodes = self.lab.nodes.iter().map(|n| (n, &n.netns, false));
+        let ztunnels = self.lab.nodes.iter().map(|n| (n, &n.ztunnel.netns, true));
+        for (n, ns, ztunnel) in nodes.chain(ztunnels) {
+            for save in [
+                "iptables-nft-save",
+                "ip6tables-nft-save",
+                "iptables-legacy-save",
+                "ip6tables-legacy-save",
+            ] {
+                let out = ns
+                    .exec_ok(save, &[])
+                    .unwrap_or_else(|e| panic!("{save} in node{}: {e}", n.index));
+                let rules: Vec<&str> = out
+                    .lines()
+                    .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                    .collect();
+                assert!(rules.is_empty(), "{save} in node{}: {rules:?}", n.index);
+            }
+            let nft = ns
+                .exec_ok("nft", &["list", "ruleset"])
+                .unwrap_or_else(|e| panic!("nft in node{}: {e}", n.index));
+            assert!(
+                nft.trim().is_empty(),
+                "nft ruleset in node{}: {nft}",
+                n.index
+            );
+            let sets = ns
+                .exec_ok("ipset", &["list", "-n"])
+                .unwrap_or_else(|e| panic!("ipset in node{}: {e}", n.index));
+            assert!(sets.trim().is_empty(), "ipsets in node{}: {sets}", n.index);
+            for family in ["-4", "-6"] {
+                let rules = ns.ip(&[family, "rule", "show"]).expect("ip rule");
+                let extra: Vec<&str> = rules
+                    .lines()
+                    .filter(|l| {
+                        !(l.starts_with("0:\tfrom all lookup local")
+                            || l.starts_with("32766:\tfrom all lookup main")
+                            || l.starts_with("32767:\tfrom all lookup default"))
+                    })
+                    .collect();
+                if ztunnel {
+                    assert_eq!(
+                        extra,
+                        vec!["20000:\tfrom all fwmark 0x400/0xfff lookup 100"],
+                        "ip {family} rule in the ztunnel netns of node{}",
+                        n.index
+                    );
+                } else {
+                    assert!(
+                        extra.is_empty(),
+                        "ip {family} rule in node{}: {extra:?}",
+                        n.index
+                    );
+                }
             }
         }
     }

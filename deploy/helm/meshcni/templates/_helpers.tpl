@@ -15,7 +15,7 @@ app.kubernetes.io/part-of: meshcni
      crates/agent/tests/manifests.rs keeps the two equal). With ambient on, any other mode fails
      the render instead of deploying agents that refuse to start. */}}
 {{- define "meshcni.builtRedirectModes" -}}
-iptables,inpod
+iptables,inpod,ebpf
 {{- end }}
 {{- define "meshcni.checkRedirectMode" -}}
 {{- $built := splitList "," (include "meshcni.builtRedirectModes" .) }}
