@@ -484,17 +484,18 @@ zt_released() { zt_has ".event == \"del\" and .uid == \"$1\""; }
 test_ambient_namespace_label_enrolls_running_pods() {
     [ -x "$HELM" ] || fail "helm missing at $HELM (scripts/setup.sh builds it)"
     local ids_before ids_labelled ids_after cu wu oip wip got hops
-    # The chart with ambient on (redirectMode inpod, the default), on whatever is installed.
-    helm_ upgrade --install meshcni "$REPO/deploy/helm/meshcni" -n kube-system --reuse-values \
-        --set ambient.enabled=true --set ambient.redirectMode=inpod >/dev/null || fail "helm upgrade --install with ambient.enabled=true"
-    k -n kube-system rollout status ds/meshcni-node --timeout=180s ||
-        { k -n kube-system logs -l k8s-app=meshcni-node --tail=30; fail "DaemonSet not Ready with ambient (inpod)"; }
-    # The ztunnel stand-in, as a pod.
+    # The ztunnel stand-in, as a pod (it retries the ZDS socket until the agent listens).
     k create namespace istio-system >/dev/null 2>&1
     k -n istio-system create serviceaccount ztunnel >/dev/null 2>&1
     ztunnel_standin_json | k apply -f - >/dev/null || fail "create the ztunnel stand-in pod"
     k -n istio-system wait --for=condition=Ready pod/ztunnel-standin --timeout=90s >/dev/null ||
         { k -n istio-system describe pod ztunnel-standin | tail -15; fail "ztunnel stand-in pod not Ready"; }
+    # The chart with ambient on (redirectMode inpod, the default), on whatever is installed.
+    helm_ upgrade --install meshcni "$REPO/deploy/helm/meshcni" -n kube-system --reuse-values \
+        --set ambient.enabled=true --set ambient.redirectMode=inpod >/dev/null || fail "helm upgrade --install with ambient.enabled=true"
+    # The agent reports Ready in inpod mode only once a ztunnel is connected to its ZDS socket.
+    k -n kube-system rollout status ds/meshcni-node --timeout=180s ||
+        { k -n kube-system logs -l k8s-app=meshcni-node --tail=30; fail "DaemonSet not Ready with ambient (inpod)"; }
     wait_until 60 zt_has '.event == "snapshot_complete"' ||
         { k -n istio-system logs ztunnel-standin | tail; k -n kube-system logs -l k8s-app=meshcni-node --tail=30;
           fail "the ztunnel stand-in did not connect to the agent's ZDS socket (no snapshot within 60s)"; }
@@ -505,7 +506,7 @@ test_ambient_namespace_label_enrolls_running_pods() {
     ns_pod_json "$AMB_NS" client '{}' sleep 3600 | k apply -f - >/dev/null || fail "create $AMB_NS/client"
     ns_pod_json "$AMB_NS" web '{}' nc -ll -p 8080 -e hostname | k apply -f - >/dev/null || fail "create $AMB_NS/web"
     pod_json outside '{}' nc -ll -p 8080 -e hostname | k apply -f - >/dev/null || fail "create default/outside"
-    { k -n "$AMB_NS" wait --for=condition=Ready pod/client pod/web --timeout=90s >/dev/null && wait_running outside; } ||
+    { k -n "$AMB_NS" wait --for=condition=Ready pod/client pod/web --timeout=90s >/dev/null && wait_running outside >/dev/null; } ||
         fail "test pods not Ready"
     cu="$(pod_uid "$AMB_NS" client)" wu="$(pod_uid "$AMB_NS" web)"
     oip="$(pod_ip outside)" wip="$(k -n "$AMB_NS" get pod web -o jsonpath='{.status.podIP}')"

@@ -304,6 +304,12 @@ setup_namespaces() {
                 $n mount -t cgroup2 cgroup2 "$mp" ;;
         esac
     done < <(awk '$2 ~ "^/sys/fs/cgroup/" {print}' /proc/self/mounts)
+    # Every mount shared inside the node's own mount namespace (new peer groups of its own:
+    # nothing reaches the host, whose mounts stay private to it), as on a systemd host: containerd
+    # refuses a hostPath with mountPropagation HostToContainer (the chart's /var/run/netns with
+    # ambient on) whose mount is private, and it also looks at mounts hidden under /run's tmpfs
+    # (the host's /run/netns bind mount, copied into this namespace).
+    $n mount --make-rshared /
     $n mount -t tmpfs -o mode=755 mcni-k8s-run /run
     local b src dst
     for b in "${BINDS[@]}"; do
