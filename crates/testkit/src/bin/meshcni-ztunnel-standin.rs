@@ -161,7 +161,10 @@ mod tests {
     use super::*;
 
     fn args(a: &[&str]) -> impl Iterator<Item = String> {
-        a.iter().map(|s| s.to_string()).collect::<Vec<_>>().into_iter()
+        a.iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .into_iter()
     }
 
     #[test]
@@ -175,7 +178,10 @@ mod tests {
 
     #[test]
     fn bad_arguments_are_refused_by_name() {
-        assert_eq!(parse_args(args(&["--uds"])), Err("--uds needs a path".into()));
+        assert_eq!(
+            parse_args(args(&["--uds"])),
+            Err("--uds needs a path".into())
+        );
         let e = parse_args(args(&["--dns"])).unwrap_err();
         assert!(e.contains("\"--dns\""), "{e}");
     }
