@@ -3,7 +3,7 @@
 //! packages it as `localhost/meshcni/ztunnel-standin:test`; scripts/cluster-e2e.sh deploys it in
 //! istio-system as ztunnel would be deployed).
 //!
-//!   meshcni-ztunnel-standin [--uds PATH]
+//!   meshcni-ztunnel-standin [--uds PATH]      (--help: usage on stdout, exit 0)
 //!
 //! Connects to the agent's ZDS socket PATH (default `/var/run/ztunnel/ztunnel.sock`, ztunnel's
 //! `INPOD_UDS`), reconnecting while it is absent, and holds every workload the agent sends: its
@@ -36,18 +36,25 @@ use serde_json::{Value, json};
 const DEFAULT_UDS: &str = "/var/run/ztunnel/ztunnel.sock";
 const USAGE: &str = "usage: meshcni-ztunnel-standin [--uds PATH]";
 
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<PathBuf, String> {
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Cli {
+    Run(PathBuf),
+    Help,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Cli, String> {
     let mut uds = PathBuf::from(DEFAULT_UDS);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--uds" => {
                 uds = PathBuf::from(args.next().ok_or("--uds needs a path")?);
             }
-            "-h" | "--help" => return Err(USAGE.to_string()),
+            "-h" | "--help" => return Ok(Cli::Help),
             other => return Err(format!("unknown argument {other:?}; {USAGE}")),
         }
     }
-    Ok(uds)
+    Ok(Cli::Run(uds))
 }
 
 fn emit(v: Value) {
@@ -116,7 +123,11 @@ fn report(s: &InpodZtunnelStandIn, stop: &AtomicBool) {
 
 fn main() -> ExitCode {
     let uds = match parse_args(std::env::args().skip(1)) {
-        Ok(u) => u,
+        Ok(Cli::Run(u)) => u,
+        Ok(Cli::Help) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             eprintln!("meshcni-ztunnel-standin: {e}");
             return ExitCode::from(2);
@@ -169,11 +180,15 @@ mod tests {
 
     #[test]
     fn uds_defaults_to_ztunnels_inpod_socket() {
-        assert_eq!(parse_args(args(&[])), Ok(PathBuf::from(DEFAULT_UDS)));
+        assert_eq!(
+            parse_args(args(&[])),
+            Ok(Cli::Run(PathBuf::from(DEFAULT_UDS)))
+        );
         assert_eq!(
             parse_args(args(&["--uds", "/x/z.sock"])),
-            Ok(PathBuf::from("/x/z.sock"))
+            Ok(Cli::Run(PathBuf::from("/x/z.sock")))
         );
+        assert_eq!(parse_args(args(&["--help"])), Ok(Cli::Help));
     }
 
     #[test]
