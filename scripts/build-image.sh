@@ -6,7 +6,8 @@
 #                                               target/images/meshcni-agent.tar)
 #   scripts/build-image.sh --print-ref          print its name:tag and exit
 #   scripts/build-image.sh --test-images OUTDIR the test images for a registry-less kubelet:
-#                                               OUTDIR/pause.tar, OUTDIR/busybox.tar
+#                                               OUTDIR/pause.tar, OUTDIR/busybox.tar,
+#                                               OUTDIR/ztunnel-standin.tar
 #
 # Name and tag: <hub>/<image>:<tag> read from deploy/helm/meshcni/values.yaml, i.e. the chart's
 # default (ghcr.io/meshcni/meshcni-agent:<Chart appVersion>), so `helm install` with defaults
@@ -32,6 +33,11 @@
 #                                      until SIGTERM/SIGINT, reaps children (the pod sandbox)
 #   localhost/meshcni/busybox:1.35.0   Debian's busybox-static at /bin/busybox + applet links
 #                                      (sh, nc, wget, sleep, ip, …), entrypoint /bin/sh
+#   localhost/meshcni/ztunnel-standin:test  the in-pod ztunnel stand-in of crates/testkit
+#                                      (src/bin/meshcni-ztunnel-standin.rs, a ZDS client that
+#                                      opens ztunnel's listeners in each enrolled pod's netns and
+#                                      logs what it holds and captures), release build, with the
+#                                      libraries ldd lists; entrypoint the binary
 #
 # Reproducible: the same sources and the same Debian packages give the same image digest.
 # Every timestamp is SOURCE_DATE_EPOCH (default: the last git commit's time); the archive writer
@@ -46,6 +52,7 @@ cd "$ROOT"
 OCI_IMAGE="$ROOT/scripts/lib/oci-image.py"
 PAUSE_REF=localhost/meshcni/pause:1.0
 BUSYBOX_REF=localhost/meshcni/busybox:1.35.0
+ZTUNNEL_STANDIN_REF=localhost/meshcni/ztunnel-standin:test
 BUSYBOX_APPLETS=(sh ash cat chmod cp date echo env false grep head hostname id ip kill ln ls
                  mkdir mv nc netstat nslookup ping printenv printf ps pwd rm seq sleep sort tail
                  tee test timeout touch tr true uname wc wget)
@@ -188,6 +195,18 @@ if [ "$MODE" = test ]; then
     printf 'root:x:0:\n' > "$W/busybox/etc/group"
     j="$(python3 "$OCI_IMAGE" --rootfs "$W/busybox" --name "$BUSYBOX_REF" --entrypoint /bin/sh \
         --out "$TEST_DIR/busybox.tar")"
+    echo "$j"; summary "$j"
+    log "cargo build --release --locked -p meshcni-testkit --bin meshcni-ztunnel-standin"
+    cargo build --release --locked -p meshcni-testkit --bin meshcni-ztunnel-standin >&2
+    zbin="${CARGO_TARGET_DIR:-$ROOT/target}/release/meshcni-ztunnel-standin"
+    base_rootfs "$W/ztunnel"
+    install -D -m 0755 "$zbin" "$W/ztunnel/usr/local/bin/meshcni-ztunnel-standin"
+    while read -r lib; do
+        add_file "$W/ztunnel" "$lib"
+    done < <(ldd "$zbin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}')
+    chmod 1777 "$W/ztunnel/tmp"
+    j="$(python3 "$OCI_IMAGE" --rootfs "$W/ztunnel" --name "$ZTUNNEL_STANDIN_REF" \
+        --entrypoint /usr/local/bin/meshcni-ztunnel-standin --out "$TEST_DIR/ztunnel-standin.tar")"
     echo "$j"; summary "$j"
     exit 0
 fi

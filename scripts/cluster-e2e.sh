@@ -64,9 +64,11 @@ fail() { echo "FAILED: $*"; exit 1; }
 # ---------------------------------------------------------------------------------------------
 # Images, all built by scripts/build-image.sh (no registry: imported into the node's containerd):
 # the meshcni image (the chart's default name:tag), the pause image (containerd's sandbox image)
-# and busybox. MCNI_E2E_IMAGES=DIR uses DIR/{meshcni-agent,pause,busybox}.tar built earlier.
+# busybox and the in-pod ztunnel stand-in (crates/testkit, meshcni-ztunnel-standin).
+# MCNI_E2E_IMAGES=DIR uses DIR/{meshcni-agent,pause,busybox,ztunnel-standin}.tar built earlier.
 PAUSE_IMAGE=localhost/meshcni/pause:1.0
 BUSYBOX_IMAGE=localhost/meshcni/busybox:1.35.0
+ZTUNNEL_STANDIN_IMAGE=localhost/meshcni/ztunnel-standin:test
 images() {
     local d="${MCNI_E2E_IMAGES:-}"
     if [ -z "$d" ]; then
@@ -76,10 +78,10 @@ images() {
         "$HERE/build-image.sh" --out "$d/meshcni-agent.tar" >&2 || return 1
     fi
     local f
-    for f in pause busybox meshcni-agent; do
+    for f in pause busybox ztunnel-standin meshcni-agent; do
         [ -f "$d/$f.tar" ] || { echo "cluster-e2e: $d/$f.tar missing" >&2; return 1; }
     done
-    echo "$d/pause.tar:$d/busybox.tar:$d/meshcni-agent.tar"
+    echo "$d/pause.tar:$d/busybox.tar:$d/ztunnel-standin.tar:$d/meshcni-agent.tar"
 }
 
 # pod_manifest NAME [ANNOTATIONS_JSON] -- ARGS...: a busybox pod running ARGS.
@@ -420,6 +422,171 @@ test_manifest_delete_new_pods_still_start() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Ambient (inpod mode) with the ztunnel stand-in deployed as a pod: a namespace labelled
+# istio.io/dataplane-mode=ambient gets its RUNNING pods enrolled without a restart, and released
+# when the label goes. The stand-in (crates/testkit src/bin/meshcni-ztunnel-standin.rs, image
+# localhost/meshcni/ztunnel-standin:test) runs where Istio's chart puts ztunnel (istio-system,
+# service account ztunnel, label app=ztunnel), connects to the agent's ZDS socket through the
+# same hostPath (/var/run/ztunnel) and logs one JSON line per workload added/released and per
+# connection its listeners (opened in the pod's netns through the fd the agent sent) accepted.
+AMB_NS=mcni-amb
+
+# ns_pod_json NS NAME ARGS...: a busybox pod in namespace NS running ARGS.
+ns_pod_json() {
+    local ns="$1"
+    shift
+    pod_json "$@" | jq --arg ns "$ns" '.metadata.namespace = $ns'
+}
+
+ztunnel_standin_json() {
+    jq -n --arg img "$ZTUNNEL_STANDIN_IMAGE" '{
+      apiVersion: "v1", kind: "Pod",
+      metadata: {name: "ztunnel-standin", namespace: "istio-system",
+                 labels: {app: "ztunnel", "sidecar.istio.io/inject": "false"},
+                 annotations: {"ambient.istio.io/redirection": "disabled"}},
+      spec: {serviceAccountName: "ztunnel", automountServiceAccountToken: false,
+             terminationGracePeriodSeconds: 5,
+             containers: [{name: "istio-proxy", image: $img, imagePullPolicy: "Never",
+                           args: ["--uds", "/var/run/ztunnel/ztunnel.sock"],
+                           securityContext: {privileged: true},
+                           volumeMounts: [{name: "cni-ztunnel-sock-dir", mountPath: "/var/run/ztunnel"}]}],
+             volumes: [{name: "cni-ztunnel-sock-dir",
+                        hostPath: {path: "/var/run/ztunnel", type: "DirectoryOrCreate"}}]}}'
+}
+
+# zt_events [JQ_FILTER]: the stand-in's JSON record lines (kubectl logs), filtered.
+zt_events() { k -n istio-system logs ztunnel-standin 2>/dev/null | jq -c "select(${1:-true})" 2>/dev/null; }
+zt_has() { [ -n "$(zt_events "$1")" ]; }
+pod_uid() { k -n "$1" get pod "$2" -o jsonpath='{.metadata.uid}'; }
+# pod_identity NS NAME: uid, sandbox id, container ids and restart counts (must not change).
+pod_identity() {
+    local sb
+    sb="$(innode crictl pods --namespace "$1" --name "^$2\$" --state ready -q)"
+    echo "uid=$(pod_uid "$1" "$2") sandbox=$sb $(k -n "$1" get pod "$2" -o jsonpath='{range .status.containerStatuses[*]}{.name}={.containerID},restarts={.restartCount},started={.state.running.startedAt} {end}')"
+}
+# pod_rules NS NAME: the netfilter rules inside the pod's netns (iptables-nft, -legacy and nft).
+pod_rules() {
+    local sb pid
+    sb="$(innode crictl pods --namespace "$1" --name "^$2\$" --state ready -q)"
+    [ -n "$sb" ] || { echo "no ready sandbox for $1/$2"; return 1; }
+    pid="$(innode crictl inspectp "$sb" | jq -r '.info.pid')"
+    [ -n "$pid" ] && [ "$pid" != null ] || { echo "no pid for sandbox $sb"; return 1; }
+    innode nsenter -t "$pid" -n iptables-legacy-save 2>/dev/null
+    innode nsenter -t "$pid" -n iptables-nft-save 2>/dev/null
+    innode nsenter -t "$pid" -n nft list ruleset 2>/dev/null
+    return 0
+}
+has_inpod_rules() { pod_rules "$1" "$2" | grep -q -- '15001'; }
+no_inpod_rules() { ! pod_rules "$1" "$2" | grep -q -- '15001'; }
+zt_holds() { zt_has ".event == \"add\" and .uid == \"$1\""; }
+zt_released() { zt_has ".event == \"del\" and .uid == \"$1\""; }
+
+test_ambient_namespace_label_enrolls_running_pods() {
+    [ -x "$HELM" ] || fail "helm missing at $HELM (scripts/setup.sh builds it)"
+    local ids_before ids_labelled ids_after cu wu oip wip got hops
+    # The ztunnel stand-in, as a pod (it retries the ZDS socket until the agent listens).
+    k create namespace istio-system >/dev/null 2>&1
+    k -n istio-system create serviceaccount ztunnel >/dev/null 2>&1
+    ztunnel_standin_json | k apply -f - >/dev/null || fail "create the ztunnel stand-in pod"
+    k -n istio-system wait --for=condition=Ready pod/ztunnel-standin --timeout=90s >/dev/null ||
+        { k -n istio-system describe pod ztunnel-standin | tail -15; fail "ztunnel stand-in pod not Ready"; }
+    # The chart with ambient on (redirectMode inpod, the default), on whatever is installed.
+    helm_ upgrade --install meshcni "$REPO/deploy/helm/meshcni" -n kube-system --reuse-values \
+        --set ambient.enabled=true --set ambient.redirectMode=inpod >/dev/null || fail "helm upgrade --install with ambient.enabled=true"
+    # The agent reports Ready in inpod mode only once a ztunnel is connected to its ZDS socket.
+    k -n kube-system rollout status ds/meshcni-node --timeout=180s ||
+        { k -n kube-system logs -l k8s-app=meshcni-node --tail=30; fail "DaemonSet not Ready with ambient (inpod)"; }
+    wait_until 60 zt_has '.event == "snapshot_complete"' ||
+        { k -n istio-system logs ztunnel-standin | tail; k -n kube-system logs -l k8s-app=meshcni-node --tail=30;
+          fail "the ztunnel stand-in did not connect to the agent's ZDS socket (no snapshot within 60s)"; }
+    echo "ztunnel stand-in connected over ZDS: $(zt_events '.event == "connected"' | tail -n 1)"
+
+    # Ordinary pods, running before the namespace is labelled; a server outside the mesh.
+    k create namespace "$AMB_NS" >/dev/null || fail "create namespace $AMB_NS"
+    ns_pod_json "$AMB_NS" client '{}' sleep 3600 | k apply -f - >/dev/null || fail "create $AMB_NS/client"
+    ns_pod_json "$AMB_NS" web '{}' nc -ll -p 8080 -e hostname | k apply -f - >/dev/null || fail "create $AMB_NS/web"
+    pod_json outside '{}' nc -ll -p 8080 -e hostname | k apply -f - >/dev/null || fail "create default/outside"
+    { k -n "$AMB_NS" wait --for=condition=Ready pod/client pod/web --timeout=90s >/dev/null && wait_running outside >/dev/null; } ||
+        fail "test pods not Ready"
+    cu="$(pod_uid "$AMB_NS" client)" wu="$(pod_uid "$AMB_NS" web)"
+    oip="$(pod_ip outside)" wip="$(k -n "$AMB_NS" get pod web -o jsonpath='{.status.podIP}')"
+    ids_before="$(pod_identity "$AMB_NS" client; pod_identity "$AMB_NS" web)"
+    echo "before the label:"; sed 's/^/  /' <<<"$ids_before"
+    zt_holds "$cu" && fail "the stand-in holds $AMB_NS/client before its namespace is labelled"
+    has_inpod_rules "$AMB_NS" client && fail "$AMB_NS/client has in-pod rules before its namespace is labelled"
+    got="$(k -n "$AMB_NS" exec client -- nc -w 5 "$oip" 8080)" || fail "client -> outside $oip:8080 failed before the label"
+    [ "$got" = outside ] || fail "client -> outside before the label: got '$got'"
+    zt_has '.event == "hop"' && fail "the stand-in captured a connection before any pod was enrolled: $(zt_events '.event == "hop"')"
+
+    # Label: both running pods are enrolled in place.
+    k label namespace "$AMB_NS" istio.io/dataplane-mode=ambient >/dev/null || fail "label namespace $AMB_NS"
+    wait_until 60 zt_holds "$cu" || { k -n kube-system logs -l k8s-app=meshcni-node --tail=30; fail "$AMB_NS/client ($cu) not sent to ztunnel within 60s of the label"; }
+    wait_until 30 zt_holds "$wu" || fail "$AMB_NS/web ($wu) not sent to ztunnel within 30s of the label"
+    echo "stand-in holds: $(zt_events ".event == \"add\" and (.uid == \"$cu\" or .uid == \"$wu\")" | jq -c '{name, namespace, netns, listening}' | tr '\n' ' ')"
+    wait_until 30 has_inpod_rules "$AMB_NS" client || { pod_rules "$AMB_NS" client; fail "no in-pod redirection (15001) in $AMB_NS/client's netns after the label"; }
+    has_inpod_rules "$AMB_NS" web || fail "no in-pod redirection (15001) in $AMB_NS/web's netns after the label"
+    echo "in-pod rules in client's netns: $(pod_rules "$AMB_NS" client | grep -c -- 15001) line(s) naming 15001"
+    # Outbound from an enrolled pod lands on the stand-in's 15001 inside that pod's netns.
+    got="$(k -n "$AMB_NS" exec client -- nc -w 5 "$oip" 8080)" || fail "client -> outside $oip:8080 failed while enrolled"
+    [ "$got" = outside ] || fail "client -> outside while enrolled: got '$got'"
+    wait_until 10 zt_has ".event == \"hop\" and .uid == \"$cu\" and .port == 15001 and .original_dst == \"$oip:8080\"" ||
+        { zt_events '.event == "hop"'; fail "client's connection to $oip:8080 was not captured by the stand-in's 15001"; }
+    echo "captured outbound: $(zt_events ".event == \"hop\" and .uid == \"$cu\"" | tail -n 1)"
+    # Inbound to an enrolled pod lands on 15006.
+    got="$(k exec outside -- nc -w 5 "$wip" 8080)" || fail "outside -> web $wip:8080 failed while enrolled"
+    [ "$got" = web ] || fail "outside -> web while enrolled: got '$got'"
+    wait_until 10 zt_has ".event == \"hop\" and .uid == \"$wu\" and .port == 15006 and .original_dst == \"$wip:8080\"" ||
+        { zt_events '.event == "hop"'; fail "outside's connection to web $wip:8080 was not captured by the stand-in's 15006"; }
+    echo "captured inbound: $(zt_events ".event == \"hop\" and .uid == \"$wu\"" | tail -n 1)"
+    ids_labelled="$(pod_identity "$AMB_NS" client; pod_identity "$AMB_NS" web)"
+    [ "$ids_labelled" = "$ids_before" ] || { echo "now:"; echo "$ids_labelled"; fail "pods changed (restarted or recreated) by the enrollment"; }
+    echo "no restart: pod UIDs, sandboxes, container IDs and start times unchanged, restarts 0"
+
+    # Unlabel: released, traffic direct again, still no restart.
+    k label namespace "$AMB_NS" istio.io/dataplane-mode- >/dev/null || fail "unlabel namespace $AMB_NS"
+    wait_until 60 zt_released "$cu" || fail "$AMB_NS/client ($cu) not released (DelWorkload) within 60s of the unlabel"
+    wait_until 30 zt_released "$wu" || fail "$AMB_NS/web ($wu) not released within 30s of the unlabel"
+    wait_until 30 no_inpod_rules "$AMB_NS" client || { pod_rules "$AMB_NS" client; fail "in-pod rules left in $AMB_NS/client's netns after the unlabel"; }
+    no_inpod_rules "$AMB_NS" web || { pod_rules "$AMB_NS" web; fail "in-pod rules left in $AMB_NS/web's netns after the unlabel"; }
+    echo "released: $(zt_events '.event == "del"' | tr '\n' ' ')"
+    hops="$(zt_events '.event == "hop"' | wc -l)"
+    got="$(k -n "$AMB_NS" exec client -- nc -w 5 "$oip" 8080)" || fail "client -> outside failed after the release"
+    [ "$got" = outside ] || fail "client -> outside after the release: got '$got'"
+    got="$(k exec outside -- nc -w 5 "$wip" 8080)" || fail "outside -> web failed after the release"
+    [ "$got" = web ] || fail "outside -> web after the release: got '$got'"
+    sleep 1
+    [ "$(zt_events '.event == "hop"' | wc -l)" = "$hops" ] ||
+        fail "connections were still captured after the release: $(zt_events '.event == "hop"' | tail -n 2)"
+    echo "after the release both connections went direct (no new stand-in hop)"
+    ids_after="$(pod_identity "$AMB_NS" client; pod_identity "$AMB_NS" web)"
+    [ "$ids_after" = "$ids_before" ] || { echo "now:"; echo "$ids_after"; fail "pods changed (restarted or recreated) by the release"; }
+    echo "still no restart after the release"
+    zt_has '.event == "protocol_error"' && fail "ZDS protocol errors: $(zt_events '.event == "protocol_error"')"
+
+    k delete namespace "$AMB_NS" --wait=true --timeout=60s >/dev/null
+    k delete pod outside --wait=true --timeout=60s >/dev/null
+    k -n istio-system delete pod ztunnel-standin --wait=true --timeout=60s >/dev/null
+}
+
+# Ambient on -> off (`helm upgrade --set ambient.enabled=false`): the new agent pod must become
+# Ready. Fails intermittently (2 of 4 runs on 2026-12-06; a race with the kubelet's network
+# readiness poll): with ambient off the agent pod is no longer hostNetwork, so it needs a pod
+# sandbox, but the old agent left the plugin (ambient_enabled) in the conflist and the plugin's
+# STATUS fails while the agent socket is gone; once the kubelet sees NetworkReady=false the new
+# agent can never start (the node stays NotReady).
+test_ambient_off_agent_comes_back() {
+    [ -x "$HELM" ] || fail "helm missing at $HELM (scripts/setup.sh builds it)"
+    helm_ upgrade meshcni "$REPO/deploy/helm/meshcni" -n kube-system --reuse-values --set ambient.enabled=false >/dev/null ||
+        fail "helm upgrade to ambient.enabled=false"
+    k -n kube-system rollout status ds/meshcni-node --timeout=120s || {
+        k -n kube-system get pods -l k8s-app=meshcni-node -o wide
+        echo "node Ready condition: $(node_ready_message)"
+        echo "conflist's meshcni entry: $(jq -c '.plugins[] | select(.type == "meshcni") | {ambient_enabled}' "$(conflist_host)")"
+        fail "DaemonSet not Ready after turning ambient off (the new agent pod cannot start)"
+    }
+}
+
+# ---------------------------------------------------------------------------------------------
 main() {
     echo "cluster-e2e: building/checking node binaries"
     "$HERE/k8s-build.sh" >"$WORK/build.log" 2>&1 || { cat "$WORK/build.log"; echo "0 passed, 1 failed"; exit 1; }
@@ -442,6 +609,8 @@ main() {
     run_test helm_install_defaults
     run_test injected_pod_captured_from_first_packet
     run_test helm_upgrade_no_pod_starts_uncaptured
+    run_test ambient_namespace_label_enrolls_running_pods
+    run_test ambient_off_agent_comes_back
     run_test helm_uninstall_restores_cni_files
     # The agent asks at SIGTERM whether its DaemonSet (DAEMONSET_NAME) still exists and removes
     # the plugin when it is gone or its service account is refused (crates/agent/src/owner_check.rs).

@@ -312,6 +312,12 @@ setup_namespaces() {
     for m in $(awk '$5 ~ "^/run/" {print $5}' "/proc/$HOLDER/mountinfo" | sort -r); do
         $n umount -l "$m" 2>/dev/null || true
     done
+    # Every mount shared inside the node's own mount namespace (new peer groups of its own:
+    # nothing reaches the host, whose mounts stay private to it), as on a systemd host: containerd
+    # refuses a hostPath with mountPropagation HostToContainer (the chart's /var/run/netns with
+    # ambient on) whose mount is private, and it also looks at mounts hidden under /run's tmpfs
+    # (the host's /run/netns bind mount, copied into this namespace).
+    $n mount --make-rshared /
     $n mount -t tmpfs -o mode=755 mcni-k8s-run /run
     local b src dst
     for b in "${BINDS[@]}"; do

@@ -8,7 +8,7 @@
 //!   container (its own fresh netns), the plugin's init mode writes Istio's capture rules with
 //!   both iptables variants (the xtables modules load), `nft` creates a table and `ipset` a set;
 //! * the test images (`--test-images`) build reproducibly under their fixed names; `pause` runs
-//!   and exits 0 on SIGTERM, busybox applets run.
+//!   and exits 0 on SIGTERM, busybox applets run, the ztunnel stand-in starts.
 //!
 //! Needs root, containerd, ctr, runc (scripts/setup.sh); fails, never skips, without them.
 
@@ -314,7 +314,8 @@ fn test_images_pause_and_busybox_run() {
         names,
         [
             "localhost/meshcni/pause:1.0",
-            "localhost/meshcni/busybox:1.35.0"
+            "localhost/meshcni/busybox:1.35.0",
+            "localhost/meshcni/ztunnel-standin:test"
         ]
     );
     let again = build_image(
@@ -338,6 +339,14 @@ fn test_images_pause_and_busybox_run() {
     let node = Node::start();
     node.import(&out_dir.join("pause.tar"));
     node.import(&out_dir.join("busybox.tar"));
+    node.import(&out_dir.join("ztunnel-standin.tar"));
+    // The ztunnel stand-in starts in its image (its libraries are there).
+    let usage = node.run(
+        "localhost/meshcni/ztunnel-standin:test",
+        &[],
+        &["/usr/local/bin/meshcni-ztunnel-standin", "--help"],
+    );
+    assert_eq!(usage.trim(), "usage: meshcni-ztunnel-standin [--uds PATH]");
     let v = node.run("localhost/meshcni/pause:1.0", &[], &["/bin/pause", "-v"]);
     assert_eq!(v.trim(), "meshcni-pause 1.0");
     // As a sandbox: PID 1 of its container, sleeping until SIGTERM, then exit status 0
