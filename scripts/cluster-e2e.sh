@@ -569,11 +569,10 @@ test_ambient_namespace_label_enrolls_running_pods() {
 }
 
 # Ambient on -> off (`helm upgrade --set ambient.enabled=false`): the new agent pod must become
-# Ready. Fails intermittently (2 of 4 runs on 2026-12-06; a race with the kubelet's network
-# readiness poll): with ambient off the agent pod is no longer hostNetwork, so it needs a pod
-# sandbox, but the old agent left the plugin (ambient_enabled) in the conflist and the plugin's
-# STATUS fails while the agent socket is gone; once the kubelet sees NetworkReady=false the new
-# agent can never start (the node stays NotReady).
+# Ready. Regression: with ambient off the agent pod used to leave the node's network, so it needed
+# a pod sandbox, while the old plugin entry (ambient_enabled) was still in the conflist and the
+# plugin's STATUS failed without the agent's socket: once the kubelet saw NetworkReady=false the
+# new agent could never start (failed 2 of 4 runs). The agent is now always hostNetwork.
 test_ambient_off_agent_comes_back() {
     [ -x "$HELM" ] || fail "helm missing at $HELM (scripts/setup.sh builds it)"
     helm_ upgrade meshcni "$REPO/deploy/helm/meshcni" -n kube-system --reuse-values --set ambient.enabled=false >/dev/null ||

@@ -441,7 +441,6 @@ fn value_cases() -> Vec<ValueCase> {
             "true",
             Changes(&[
                 "ConfigMap/meshcni-config/data/AMBIENT_ENABLED",
-                "DaemonSet/meshcni-node/spec/template/spec/hostNetwork",
                 "DaemonSet/meshcni-node/spec/template/spec/hostPID",
                 "DaemonSet/meshcni-node/spec/template/spec/containers/0/securityContext",
                 "DaemonSet/meshcni-node/spec/template/spec/containers/0/volumeMounts",
@@ -487,11 +486,6 @@ fn value_cases() -> Vec<ValueCase> {
             "ambient.dnsCapture",
             "false",
             Changes(&["ConfigMap/meshcni-config/data/AMBIENT_DNS_CAPTURE"]),
-        ),
-        c(
-            "ambient.shareHostNetworkNamespace",
-            "true",
-            Changes(&["DaemonSet/meshcni-node/spec/template/spec/hostNetwork"]),
         ),
         amb(
             "ambient.enableAmbientDetectionRetry",
@@ -1064,6 +1058,11 @@ fn the_values_schema_refuses_undocumented_and_misspelt_values() {
             "redirctMode",
         ),
         (&[("tagg", r#""0.1.1""#)][..], "tagg"),
+        // Removed: the agent is always in the node's network namespace.
+        (
+            &[("ambient.shareHostNetworkNamespace", "false")][..],
+            "shareHostNetworkNamespace",
+        ),
         (&[("global.logAsJSON", "true")][..], "logAsJSON"),
         (&[("uninstallHook.enable", "false")][..], "enable"),
         (&[("provider", r#""multis""#)][..], "/provider"),

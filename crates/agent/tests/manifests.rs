@@ -575,10 +575,8 @@ fn manifest_is_the_chart_rendered_with_defaults() {
     let zt_sa = cov.str("ambient.ztunnelServiceAccount");
     assert_eq!(zt_sa, defaults.ztunnel_service_account);
     assert_eq!(cm("ZTUNNEL_SERVICE_ACCOUNT"), Some(zt_sa));
-    assert_eq!(
-        pod.host_network.map(|b| b.to_string()),
-        Some(cov.str("ambient.shareHostNetworkNamespace"))
-    );
+    // Always the node's network (the agent never needs a CNI ADD of its own).
+    assert_eq!(pod.host_network, Some(true));
     // Ambient off ⇒ no ambient mounts, no added capabilities, no netns dir.
     assert_eq!(ambient, "false");
     let _ = cov.str("cniNetnsDir");
