@@ -64,17 +64,7 @@ impl OwnerCheck {
             return None;
         }
         Some(OwnerCheck {
-            access: AccessConfig::InCluster {
-                protocol: args.kubernetes_service_protocol.clone(),
-                host: args.kubernetes_service_host.clone(),
-                port: if args.kubernetes_service_port.is_empty() {
-                    "443".into()
-                } else {
-                    args.kubernetes_service_port.clone()
-                },
-                service_account_dir: args.service_account_dir.clone(),
-                skip_tls_verify: args.skip_tls_verify,
-            },
+            access: AccessConfig::in_cluster(args),
             namespace: args.pod_namespace.clone(),
             name: args.daemonset_name.clone(),
             budget: BUDGET,

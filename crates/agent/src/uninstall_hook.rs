@@ -70,17 +70,7 @@ impl HookPlan {
         let access = if !hook.kubeconfig.is_empty() {
             AccessConfig::Kubeconfig(hook.kubeconfig.clone().into())
         } else if !args.kubernetes_service_host.is_empty() {
-            AccessConfig::InCluster {
-                protocol: args.kubernetes_service_protocol.clone(),
-                host: args.kubernetes_service_host.clone(),
-                port: if args.kubernetes_service_port.is_empty() {
-                    "443".into()
-                } else {
-                    args.kubernetes_service_port.clone()
-                },
-                service_account_dir: args.service_account_dir.clone(),
-                skip_tls_verify: args.skip_tls_verify,
-            }
+            AccessConfig::in_cluster(args)
         } else {
             return Err(HookError::Config(
                 "no API server: set --kubeconfig or run in a pod (KUBERNETES_SERVICE_HOST)".into(),

@@ -46,6 +46,22 @@ pub enum AccessConfig {
 }
 
 impl AccessConfig {
+    /// In-cluster access from the agent's KUBERNETES_SERVICE_* flags and service-account dir
+    /// (port 443 when KUBERNETES_SERVICE_PORT is empty).
+    pub fn in_cluster(args: &crate::cli::AgentArgs) -> AccessConfig {
+        AccessConfig::InCluster {
+            protocol: args.kubernetes_service_protocol.clone(),
+            host: args.kubernetes_service_host.clone(),
+            port: if args.kubernetes_service_port.is_empty() {
+                "443".into()
+            } else {
+                args.kubernetes_service_port.clone()
+            },
+            service_account_dir: args.service_account_dir.clone(),
+            skip_tls_verify: args.skip_tls_verify,
+        }
+    }
+
     /// The agent's access from its flags: `--ambient-kubeconfig`, else in-cluster when
     /// KUBERNETES_SERVICE_HOST is set (port 443 when KUBERNETES_SERVICE_PORT is empty); `None`
     /// when neither.
@@ -55,17 +71,7 @@ impl AccessConfig {
                 args.ambient_kubeconfig.clone().into(),
             ))
         } else if !args.kubernetes_service_host.is_empty() {
-            Some(AccessConfig::InCluster {
-                protocol: args.kubernetes_service_protocol.clone(),
-                host: args.kubernetes_service_host.clone(),
-                port: if args.kubernetes_service_port.is_empty() {
-                    "443".into()
-                } else {
-                    args.kubernetes_service_port.clone()
-                },
-                service_account_dir: args.service_account_dir.clone(),
-                skip_tls_verify: args.skip_tls_verify,
-            })
+            Some(AccessConfig::in_cluster(args))
         } else {
             None
         }
