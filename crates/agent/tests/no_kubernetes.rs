@@ -127,6 +127,28 @@ fn pod_metadata_dir_is_installed_without_a_service_account() {
 ///
 /// Isolation as in `crates/plugin/tests/podman.rs`: private containers.conf, storage and
 /// runroot, a busybox rootfs instead of an image, podman and the agent inside a node netns.
+/// Lazily unmounts every mount below a directory (deepest first) when dropped.
+struct UnmountUnder(std::path::PathBuf);
+
+impl Drop for UnmountUnder {
+    fn drop(&mut self) {
+        let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else {
+            return;
+        };
+        let mut under: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(1))
+            .filter(|m| Path::new(m).starts_with(&self.0))
+            .collect();
+        under.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for m in under {
+            let _ = std::process::Command::new("umount")
+                .args(["-l", m])
+                .status();
+        }
+    }
+}
+
 #[test]
 fn agent_installs_into_podman_and_podman_captures() {
     let missing: Vec<&str> = ["podman", "runc", "conmon", "nsenter", "umount"]
@@ -151,6 +173,9 @@ fn agent_installs_into_podman_and_podman_captures() {
         .prefix("mcni-podagent-")
         .tempdir_in("/var/tmp")
         .expect("tempdir");
+    // Dropped before `tmp`: podman's storage leaves its overlay dir mounted, which made the
+    // temp dir's removal fail silently (left in /var/tmp).
+    let _unmount = UnmountUnder(tmp.path().to_path_buf());
     let r = tmp.path();
     for d in [
         "net.d",
