@@ -205,11 +205,7 @@ fn captured_pod_outbound_reaches_ztunnel_by_sk_assign_ipv4_and_ipv6_without_any_
     let (client, server) = (lab.pod("client"), lab.pod("server"));
     let zt = ZtunnelStandIn::start(&node.ztunnel.netns, IpAddr::V4(node.ztunnel.ip))
         .expect("ztunnel stand-in");
-    let servers: Vec<EchoServer> = server
-        .ips()
-        .into_iter()
-        .map(|ip| EchoServer::start(&server.netns, addr(ip, PORT)).expect("echo server"))
-        .collect();
+    let servers = echo_servers(server);
     attach_ztunnel(&dp, &lab);
     enroll(&dp, &lab, client);
 
@@ -247,11 +243,7 @@ fn traffic_to_a_captured_pod_reaches_ztunnel_inbound_ipv4_and_ipv6() {
     let (client, server) = (lab.pod("client"), lab.pod("server"));
     let zt = ZtunnelStandIn::start(&node.ztunnel.netns, IpAddr::V4(node.ztunnel.ip))
         .expect("ztunnel stand-in");
-    let _servers: Vec<EchoServer> = server
-        .ips()
-        .into_iter()
-        .map(|ip| EchoServer::start(&server.netns, addr(ip, PORT)).expect("echo server"))
-        .collect();
+    let _servers = echo_servers(server);
     attach_ztunnel(&dp, &lab);
     enroll(&dp, &lab, server);
 
@@ -322,6 +314,14 @@ fn same_node_captured_to_captured_goes_through_ztunnel_hbone_and_back() {
 }
 
 /// Send a line on an open connection and read it back.
+/// An echo server on PORT at every IP of `pod`.
+fn echo_servers(pod: &meshcni_testkit::LabPod) -> Vec<EchoServer> {
+    pod.ips()
+        .into_iter()
+        .map(|ip| EchoServer::start(&pod.netns, addr(ip, PORT)).expect("echo server"))
+        .collect()
+}
+
 fn echo_again(stream: &mut TcpStream, what: &str) {
     stream.write_all(b"again\n").expect("write");
     let line = read_line(stream).unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -337,11 +337,7 @@ fn connections_open_before_enrollment_keep_flowing_directly_new_ones_are_capture
     let (client, server) = (lab.pod("client"), lab.pod("server"));
     let zt = ZtunnelStandIn::start(&node.ztunnel.netns, IpAddr::V4(node.ztunnel.ip))
         .expect("ztunnel stand-in");
-    let servers: Vec<EchoServer> = server
-        .ips()
-        .into_iter()
-        .map(|ip| EchoServer::start(&server.netns, addr(ip, PORT)).expect("echo server"))
-        .collect();
+    let servers = echo_servers(server);
     attach_ztunnel(&dp, &lab);
     // Open v4 and v6 connections while neither pod is enrolled.
     let mut open: Vec<TcpStream> = server
@@ -557,11 +553,7 @@ fn node_addresses_reach_captured_pods_directly_kubelet_probes() {
     let server = lab.pod("server");
     let zt = ZtunnelStandIn::start(&node.ztunnel.netns, IpAddr::V4(node.ztunnel.ip))
         .expect("ztunnel stand-in");
-    let _servers: Vec<EchoServer> = server
-        .ips()
-        .into_iter()
-        .map(|ip| EchoServer::start(&server.netns, addr(ip, PORT)).expect("echo server"))
-        .collect();
+    let _servers = echo_servers(server);
     attach_ztunnel(&dp, &lab);
     enroll(&dp, &lab, server);
     let host_ips: Vec<IpAddr> = [
