@@ -480,9 +480,15 @@ pub fn listen_seqpacket(path: &Path) -> io::Result<OwnedFd> {
 
 /// Accept one connection on a listener from [`listen_seqpacket`] (honours `SO_RCVTIMEO`).
 pub fn accept_seqpacket(listener: impl AsFd) -> io::Result<OwnedFd> {
-    let raw = nix::sys::socket::accept4(listener.as_fd().as_raw_fd(), SockFlag::SOCK_CLOEXEC)
-        .map_err(io::Error::from)?;
-    Ok(crate::sys::own_fd(raw))
+    loop {
+        match nix::sys::socket::accept4(listener.as_fd().as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            Ok(raw) => return Ok(crate::sys::own_fd(raw)),
+            // A signal handler in this process (any thread's) interrupts a socket wait that has a
+            // timeout even with SA_RESTART (signal(7)): not an error of the peer.
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Set the receive timeout (`SO_RCVTIMEO`) of `fd`.
@@ -502,32 +508,41 @@ pub fn send_packet(fd: impl AsFd, bytes: &[u8], fds: &[RawFd]) -> io::Result<()>
     } else {
         vec![ControlMessage::ScmRights(fds)]
     };
-    sendmsg::<()>(
-        fd.as_fd().as_raw_fd(),
-        &iov,
-        &cmsgs,
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )
-    .map_err(io::Error::from)?;
-    Ok(())
+    loop {
+        match sendmsg::<()>(
+            fd.as_fd().as_raw_fd(),
+            &iov,
+            &cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        ) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
-/// Receive one packet (buffer of `buf_len` bytes, room for up to 8 fds).
+/// Receive one packet (buffer of `buf_len` bytes, room for up to 8 fds). A wait interrupted by
+/// a signal (`EINTR`: a socket with `SO_RCVTIMEO` returns it even under `SA_RESTART`) is resumed,
+/// as ztunnel's async runtime does; it is not a protocol error.
 pub fn recv_packet(fd: impl AsFd, buf_len: usize) -> Result<Packet, RecvError> {
     let mut buf = vec![0u8; buf_len];
     let mut cmsg = nix::cmsg_space!([RawFd; 8]);
     let (n, flags, raw_fds) = {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let msg = match recvmsg::<()>(
-            fd.as_fd().as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(m) => m,
-            Err(nix::errno::Errno::EAGAIN) => return Err(RecvError::TimedOut),
-            Err(e) => return Err(RecvError::Io(e.into())),
+        let msg = loop {
+            match recvmsg::<()>(
+                fd.as_fd().as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(m) => break m,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => return Err(RecvError::TimedOut),
+                Err(e) => return Err(RecvError::Io(e.into())),
+            }
         };
         let mut raw_fds = Vec::new();
         if let Ok(cmsgs) = msg.cmsgs() {
@@ -557,6 +572,58 @@ pub fn recv_packet(fd: impl AsFd, buf_len: usize) -> Result<Packet, RecvError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    extern "C" fn ignore_signal(_: libc::c_int) {}
+
+    /// Regression (CI of stop 16): a signal delivered to the stand-in's receiving thread made
+    /// `recv_packet` fail with "Interrupted system call", the stand-in dropped its ZDS connection
+    /// and missed the agent's Dels. A timed socket wait returns EINTR even under SA_RESTART.
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_signal_during_a_timed_receive_does_not_end_it() {
+        use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+        let action = SigAction::new(
+            SigHandler::Handler(ignore_signal),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing (async-signal-safe); SIGUSR2 is used by nothing else
+        // in this test binary.
+        unsafe { sigaction(Signal::SIGUSR2, &action) }.expect("sigaction");
+        let (a, b) = nix::sys::socket::socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .expect("socketpair");
+        set_recv_timeout(&a, Duration::from_secs(20)).expect("SO_RCVTIMEO");
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let receiver = std::thread::spawn(move || {
+            // SAFETY: pthread_self has no preconditions.
+            tid_tx
+                .send(unsafe { libc::pthread_self() })
+                .expect("send tid");
+            recv_packet(&a, 64)
+        });
+        let tid = tid_rx.recv().expect("tid");
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(50));
+            // SAFETY: `tid` is the receiver thread, alive until it returns from the receive,
+            // which needs the packet sent below.
+            assert_eq!(
+                unsafe { libc::pthread_kill(tid, libc::SIGUSR2) },
+                0,
+                "pthread_kill"
+            );
+        }
+        send_packet(&b, b"after the signals", &[]).expect("send");
+        let got = receiver
+            .join()
+            .expect("join")
+            .expect("the receive outlives the signals");
+        assert_eq!(got.bytes, b"after the signals");
+    }
 
     #[test]
     fn varints_round_trip() {

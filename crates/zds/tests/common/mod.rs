@@ -195,11 +195,16 @@ impl Client {
 
     pub fn recv(&self, timeout: Duration) -> Got {
         let mut pfd = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
-        let n = poll(
-            &mut pfd,
-            PollTimeout::try_from(timeout.as_millis() as i32).expect("timeout"),
-        )
-        .expect("poll");
+        let n = loop {
+            // A signal interrupting the wait is not the peer's doing: wait again.
+            match poll(
+                &mut pfd,
+                PollTimeout::try_from(timeout.as_millis() as i32).expect("timeout"),
+            ) {
+                Err(Errno::EINTR) => continue,
+                r => break r.expect("poll"),
+            }
+        };
         if n == 0 {
             return Got::Timeout;
         }
