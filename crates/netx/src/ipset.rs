@@ -188,7 +188,7 @@ impl IpsetNl {
         };
         self.socket.send(&msg, 0).map_err(io)?;
         loop {
-            let (buf, _) = self.socket.recv_from_full().map_err(io)?;
+            let (buf, _) = crate::netlink::recv_full(&self.socket).map_err(io)?;
             let mut off = 0;
             while off + 16 <= buf.len() {
                 let len = u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]])

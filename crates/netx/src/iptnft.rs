@@ -1016,7 +1016,7 @@ impl<'n> NfSock<'n> {
     }
 
     fn recv(&mut self, op: &str) -> Result<Vec<Reply>, NetxError> {
-        let (buf, _) = self.socket.recv_from_full().map_err(|e| self.io(op, e))?;
+        let (buf, _) = crate::netlink::recv_full(&self.socket).map_err(|e| self.io(op, e))?;
         if buf.is_empty() {
             return Err(self.protocol(op, "empty datagram".to_string()));
         }

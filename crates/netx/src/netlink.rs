@@ -145,6 +145,19 @@ pub struct Netlink {
     dumps: u64,
 }
 
+/// One whole datagram from a netlink socket (`recv_from_full`), resuming a wait that a signal
+/// interrupted: our sockets carry `SO_RCVTIMEO`, and such a wait returns `EINTR` even under
+/// `SA_RESTART`, or after a SIGSTOP/SIGCONT with no handler at all (signal(7)). Nothing is
+/// consumed by an interrupted peek or receive, so resuming is exact.
+pub(crate) fn recv_full(socket: &Socket) -> std::io::Result<(Vec<u8>, SocketAddr)> {
+    loop {
+        match socket.recv_from_full() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
+}
+
 impl Netlink {
     /// Open a socket in the network namespace of the calling thread.
     pub fn open_here(ns: &InNetns<'_>) -> Result<Self, NetxError> {
@@ -226,14 +239,11 @@ impl Netlink {
         mut f: impl FnMut(RouteNetlinkMessage),
     ) -> Result<Result<(), i32>, NetxError> {
         loop {
-            let (datagram, _) =
-                self.socket
-                    .recv_from_full()
-                    .map_err(|source| NetxError::Netlink {
-                        netns: self.netns.clone(),
-                        op: op.to_string(),
-                        source,
-                    })?;
+            let (datagram, _) = recv_full(&self.socket).map_err(|source| NetxError::Netlink {
+                netns: self.netns.clone(),
+                op: op.to_string(),
+                source,
+            })?;
             let mut offset = 0;
             while offset < datagram.len() {
                 let bytes = &datagram[offset..];
@@ -937,4 +947,72 @@ fn route_info(family: IpFamily, r: &RouteMessage) -> RouteInfo {
     )
     .ok();
     info
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    extern "C" fn ignore_signal(_: libc::c_int) {}
+
+    /// A signal landing on a thread that waits for the kernel's netlink answer must not fail
+    /// the operation (it did: "Interrupted system call" surfaced as a netlink error).
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_signal_during_a_netlink_wait_does_not_fail_it() {
+        use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+        let action = SigAction::new(
+            SigHandler::Handler(ignore_signal),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        // SAFETY: the handler does nothing (async-signal-safe); nothing else in this test
+        // binary uses SIGUSR2.
+        unsafe { sigaction(Signal::SIGUSR2, &action) }.expect("sigaction");
+        // A read-only socket in this thread's netns: the request below is a GET of `lo`.
+        let mut socket = Socket::new(NETLINK_ROUTE).expect("socket");
+        socket.bind_auto().expect("bind");
+        socket.connect(&SocketAddr::new(0, 0)).expect("connect");
+        nix::sys::socket::setsockopt(
+            &socket,
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &nix::sys::time::TimeVal::new(20, 0),
+        )
+        .expect("SO_RCVTIMEO");
+        let socket = std::sync::Arc::new(socket);
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let receiver = {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                // SAFETY: pthread_self has no preconditions.
+                tid_tx.send(unsafe { libc::pthread_self() }).expect("tid");
+                recv_full(&socket)
+            })
+        };
+        let tid = tid_rx.recv().expect("tid");
+        for _ in 0..5 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            // SAFETY: the receiver thread lives until it has the answer to the request below.
+            assert_eq!(unsafe { libc::pthread_kill(tid, libc::SIGUSR2) }, 0);
+        }
+        let mut link = LinkMessage::default();
+        link.header.index = 1;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST;
+        header.sequence_number = 7;
+        let mut packet = NetlinkMessage::new(
+            header,
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetLink(link)),
+        );
+        packet.finalize();
+        let mut buf = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        socket.send(&buf, 0).expect("send");
+        let (datagram, _) = receiver
+            .join()
+            .expect("join")
+            .expect("the wait outlives the signals");
+        let reply = parse_route_message(&datagram).expect("parse");
+        assert_eq!(reply.header.sequence_number, 7);
+    }
 }

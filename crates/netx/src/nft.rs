@@ -569,7 +569,7 @@ fn dump_here<T>(
         .map_err(err)?;
     let mut out = Vec::new();
     loop {
-        let (datagram, _) = socket.recv_from_full().map_err(err)?;
+        let (datagram, _) = crate::netlink::recv_full(&socket).map_err(err)?;
         if datagram.is_empty() {
             return Err(protocol("empty datagram before NLMSG_DONE".to_string()));
         }

@@ -644,9 +644,8 @@ fn addresses_here() -> Result<HashSet<IpAddr>, String> {
         .map_err(|e| format!("send address dump request: {e}"))?;
     let mut out = HashSet::new();
     loop {
-        let (datagram, _) = socket
-            .recv_from_full()
-            .map_err(|e| format!("receive address dump: {e}"))?;
+        let (datagram, _) =
+            crate::netlink::recv_full(&socket).map_err(|e| format!("receive address dump: {e}"))?;
         let mut offset = 0;
         while offset < datagram.len() {
             let msg = parse_route_message(&datagram[offset..])?;
