@@ -155,16 +155,25 @@ cp "$WORK/execfloor.json" "$REPO/target/bench/k8s-$STAMP-execfloor.json"
 log "deleting the pod-start pods"
 k delete namespace bench --wait=true --timeout=600s >/dev/null
 
+OLD_AGENT_UID="$(k -n kube-system get pods -l k8s-app=meshcni-node -o jsonpath='{.items[0].metadata.uid}')"
+[ -n "$OLD_AGENT_UID" ] || die "no agent pod before the ambient upgrade"
 log "helm upgrade: ambient on (the agent watches the node's pods)"
 innode "$HELM" upgrade meshcni "$REPO/deploy/helm/meshcni" -n kube-system --reuse-values --set ambient.enabled=true >/dev/null
 # Not `rollout status`: with ambient on (inpod) the agent's readiness stays closed until a
 # ztunnel connects to its ZDS socket, and there is no ztunnel on this node. Wait for the new
 # agent pod (host network) to run instead; it lists and watches pods and namespaces from start.
+# The agent pod is host-network before and after the upgrade: wait for exactly one agent pod,
+# a new one (another UID), with its container running, and take that container's pid.
 CID=""
 for ((i = 0; i < 300; i++)); do
-    if [ "$(k -n kube-system get pods -l k8s-app=meshcni-node -o jsonpath='{range .items[*]}{.spec.hostNetwork}{" "}{.status.phase}{"\n"}{end}')" = "true Running" ]; then
-        CID="$(innode crictl ps --name install-cni --state running -q | head -n 1)"
-        [ -n "$CID" ] && break
+    PODS="$(k -n kube-system get pods -l k8s-app=meshcni-node -o jsonpath='{range .items[*]}{.metadata.uid}{" "}{.status.phase}{" "}{.status.containerStatuses[0].containerID}{"\n"}{end}' || true)"
+    if [ "$(printf '%s\n' "$PODS" | grep -c .)" = 1 ]; then
+        read -r UID_NOW PHASE CONTAINER <<<"$PODS"
+        if [ "$UID_NOW" != "$OLD_AGENT_UID" ] && [ "$PHASE" = Running ] && [ -n "${CONTAINER:-}" ]; then
+            CID="${CONTAINER#*://}"
+            [ "$(innode crictl inspect "$CID" | jq -r '.status.state')" = CONTAINER_RUNNING ] && break
+            CID=""
+        fi
     fi
     sleep 1
 done

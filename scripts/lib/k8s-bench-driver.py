@@ -367,9 +367,15 @@ def cmd_watchload(a):
     stop = threading.Event()
     phase = {"name": "before"}
 
+    gone = {}
+
     def sampler():
         while not stop.is_set():
-            s = proc_sample(a.pid, tck)
+            try:
+                s = proc_sample(a.pid, tck)
+            except (FileNotFoundError, ProcessLookupError) as e:
+                gone["error"] = f"{e} (phase {phase['name']}, {len(samples)} samples taken)"
+                return
             s["phase"] = phase["name"]
             samples.append(s)
             stop.wait(a.interval)
@@ -388,13 +394,15 @@ def cmd_watchload(a):
         names.append(name)
     watch.wait_ready(names, 1800)
     created = time.monotonic() - t0
+    if not th.is_alive():
+        raise RuntimeError(f"sampling /proc/{a.pid} stopped while the pods were created: {gone.get('error')}")
     log(f"{a.pods} pods Ready {created:.1f} s after the first POST; sampling for {a.seconds} s")
     phase["name"] = "steady"
     t1 = time.monotonic()
     while time.monotonic() - t1 < a.seconds:
         time.sleep(1)
         if not th.is_alive():
-            raise RuntimeError(f"sampling /proc/{a.pid} stopped (agent process gone?)")
+            raise RuntimeError(f"sampling /proc/{a.pid} stopped: the agent process is gone: {gone.get('error')}")
     stop.set()
     th.join()
     with open(a.out, "w") as f:
