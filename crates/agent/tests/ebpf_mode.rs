@@ -1,7 +1,8 @@
 //! Ambient redirect mode `ebpf`: the agent's driver (`modes::ebpf`) under the reconcile loop,
 //! for what the shared scenario suite (`ambient_traffic.rs`, run in both modes) does not cover:
 //! an agent restart adopting the pinned datapath, ztunnel not ready (fail closed) and back,
-//! a deleted pod's entries and link pins removed. Pins live on a private bpffs mount; dropping
+//! a deleted pod's entries and link pins removed, dual-stack pods captured on both addresses
+//! (the shared suite's lab is IPv4-only; the node-level `iptables` mode is IPv4-only). Pins live on a private bpffs mount; dropping
 //! the mesh uninstalls and asserts the pin dir is gone and both netns of each node are as
 //! before.
 //!
@@ -169,4 +170,75 @@ fn a_deleted_pod_leaves_no_map_entry_and_no_link_pin() {
             b.2 = now.clone();
         }
     }
+}
+
+/// Dual-stack pods through the agent's driver (issue 11 item 5: "plus IPv6 and dual-stack
+/// pods"): the reconciler hands the driver both addresses of each pod from the Kubernetes
+/// view, and traffic to and from either address is captured — outbound to 15001 with the
+/// original IPv6 destination and the pod's own IPv6 source kept, inbound to 15006 — on the same
+/// node and across nodes; IPv4 of the same pods keeps working; releasing the pod makes both
+/// families go direct again. No rule in any node or ztunnel netns (asserted at each pass).
+#[test]
+fn dual_stack_pods_are_captured_on_both_addresses_through_the_agent_driver() {
+    use meshcni_testkit::ztunnel::INBOUND_PORT;
+    let mut m = Mesh::new_dual_stack_ebpf("eb-ds");
+    let v6 = |pod: &str| m.pod(pod).addr6(PORT);
+    let (a6, b6, e6) = (v6("a"), v6("b"), v6("e"));
+    let ip6 = |addr: std::net::SocketAddr| addr.ip();
+
+    // Captured → uncaptured, same node and across nodes, over IPv6.
+    for (to, to6) in [("b", b6), ("e", e6)] {
+        m.clear_hops();
+        let peer = m.exchange6("a", to);
+        let (h1, h2) = m.hops(1);
+        assert_eq!(h1.len(), 1, "a → {to} (IPv6): one hop on node 1: {h1:?}");
+        assert!(h2.is_empty(), "{to} is not captured: {h2:?}");
+        let hop = &h1[0];
+        assert_eq!(hop.listener_port, OUTBOUND_PORT, "{hop:?}");
+        assert_eq!(hop.original_dst, to6, "{hop:?}");
+        assert_eq!(hop.peer.ip(), ip6(a6), "{hop:?}");
+        assert_eq!(hop.upstream_dst, Some(to6), "{hop:?}");
+        assert_eq!(
+            hop.upstream_local,
+            Some(peer),
+            "server saw the spoofed socket"
+        );
+    }
+
+    // Uncaptured → captured over IPv6: inbound to 15006 on node 1.
+    m.clear_hops();
+    let peer = m.exchange6("b", "a");
+    let (h1, h2) = m.hops(1);
+    assert_eq!(h1.len(), 1, "b → a (IPv6): {h1:?}");
+    assert!(h2.is_empty(), "{h2:?}");
+    assert_eq!(h1[0].listener_port, INBOUND_PORT, "{:?}", h1[0]);
+    assert_eq!(h1[0].original_dst, a6, "{:?}", h1[0]);
+    assert_eq!(h1[0].peer.ip(), ip6(b6), "{:?}", h1[0]);
+    assert_eq!(h1[0].upstream_local, Some(peer), "{:?}", h1[0]);
+
+    // The same pods' IPv4 addresses are captured too.
+    m.clear_hops();
+    m.exchange("a", "b");
+    let (h1, _) = m.hops(1);
+    assert_eq!(h1.len(), 1, "a → b (IPv4): {h1:?}");
+    assert_eq!(h1[0].original_dst, m.pod("b").addr(PORT), "{:?}", h1[0]);
+
+    // Release a: both families go direct, nothing recorded by either stand-in.
+    m.set_label("a", "istio.io/dataplane-mode", Some("none"));
+    m.reconcile();
+    assert!(
+        !m.enrolled().contains(&"a".to_string()),
+        "{:?}",
+        m.enrolled()
+    );
+    m.clear_hops();
+    m.exchange6("a", "b");
+    m.exchange6("b", "a");
+    m.exchange("a", "b");
+    std::thread::sleep(Duration::from_millis(200));
+    let (h1, h2) = (m.zt(1).hops(), m.zt(2).hops());
+    assert!(
+        h1.is_empty() && h2.is_empty(),
+        "released pod still captured: {h1:?} {h2:?}"
+    );
 }

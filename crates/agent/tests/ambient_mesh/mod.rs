@@ -203,9 +203,46 @@ impl Mesh {
 
     /// [`Mesh::new`] in redirect mode `mode`.
     pub fn new_in(tag: &str, mode: Mode) -> Mesh {
+        Mesh::build(tag, mode, false)
+    }
+
+    /// An `ebpf`-mode mesh whose workload pods are dual-stack: each pod has an IPv4 and an
+    /// IPv6 address, both in the Kubernetes view the reconciler gets, and a server on each.
+    /// The ztunnel pods keep IPv4 only, with an IPv6 default route via the node (`fe80::1` on
+    /// the node side of their veth) so their spoofed upstream connections can leave with a
+    /// pod's IPv6 source, as on a dual-stack cluster.
+    pub fn new_dual_stack_ebpf(tag: &str) -> Mesh {
+        Mesh::build(tag, Mode::Ebpf, true)
+    }
+
+    fn build(tag: &str, mode: Mode, dual_stack: bool) -> Mesh {
         let node1: Vec<&str> = PODS.iter().filter(|p| p.0 == 1).map(|p| p.1).collect();
         let node2: Vec<&str> = PODS.iter().filter(|p| p.0 == 2).map(|p| p.1).collect();
-        let lab = MultiNodeLab::new(tag, &[&node1, &node2]).expect("multi-node lab");
+        let lab = if dual_stack {
+            MultiNodeLab::new_dual_stack(tag, &[&node1, &node2])
+        } else {
+            MultiNodeLab::new(tag, &[&node1, &node2])
+        }
+        .expect("multi-node lab");
+        if dual_stack {
+            for n in &lab.nodes {
+                n.netns
+                    .ip(&[
+                        "addr",
+                        "add",
+                        "fe80::1/64",
+                        "dev",
+                        meshcni_testkit::multinode::ZTUNNEL_HOST_VETH,
+                    ])
+                    .expect("fe80::1 on the ztunnel veth");
+                n.ztunnel
+                    .netns
+                    .ip(&[
+                        "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+                    ])
+                    .expect("ztunnel IPv6 default route");
+            }
+        }
         let ztunnels = lab
             .nodes
             .iter()
@@ -223,6 +260,12 @@ impl Mesh {
                 name.to_string(),
                 TcpServer::start(&pod.netns, pod.addr(PORT)).expect("server"),
             );
+            if pod.ip6.is_some() {
+                servers.insert(
+                    format!("{name}/v6"),
+                    TcpServer::start(&pod.netns, pod.addr6(PORT)).expect("IPv6 server"),
+                );
+            }
             labels.insert(
                 name.to_string(),
                 extra
@@ -306,7 +349,7 @@ impl Mesh {
                 uid: format!("uid-{}", p.name),
                 namespace: self.pod_ns[&p.name].clone(),
                 name: p.name.clone(),
-                ips: vec![IpAddr::V4(p.ip)],
+                ips: p.ips(),
                 labels: self.labels[&p.name].clone(),
                 node_name: node_name.clone(),
                 phase: "Running".into(),
@@ -506,6 +549,38 @@ impl Mesh {
         assert!(got.ends_with(&payload), "{from} → {to}: echo: {got:?}");
         let accepted = self.server(to).accepted();
         assert_eq!(accepted.len(), before + 1, "{from} → {to}: one accept");
+        accepted[before].1
+    }
+
+    /// [`Mesh::exchange`] over IPv6 (dual-stack mesh): `from` connects to `to`'s IPv6
+    /// address; asserts the echo and that the server saw `from`'s IPv6 address.
+    pub fn exchange6(&self, from: &str, to: &str) -> SocketAddr {
+        let (f, t) = (self.pod(from), self.pod(to));
+        let server = &self.servers[&format!("{to}/v6")];
+        let before = server.accepted().len();
+        let payload = format!("{from}->{to} v6 payload\n");
+        let opts = meshcni_testkit::ConnectOpts {
+            payload: payload.clone().into_bytes(),
+            ..Default::default()
+        };
+        let got = meshcni_testkit::connect_text(&f.netns, t.addr6(PORT), &opts)
+            .unwrap_or_else(|e| panic!("{from} → {to} (IPv6): {e}"));
+        let from6 = f.ip6.expect("dual-stack pod");
+        let banner = format!("server:{} peer:[{from6}]:", t.addr6(PORT));
+        assert!(
+            got.starts_with(&banner),
+            "{from} → {to} (IPv6): server must see the client pod's IPv6 {from6}: {got:?}"
+        );
+        assert!(
+            got.ends_with(&payload),
+            "{from} → {to} (IPv6): echo: {got:?}"
+        );
+        let accepted = server.accepted();
+        assert_eq!(
+            accepted.len(),
+            before + 1,
+            "{from} → {to} (IPv6): one accept"
+        );
         accepted[before].1
     }
 
