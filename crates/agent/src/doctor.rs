@@ -469,7 +469,7 @@ pub fn node_checks(args: &AgentArgs, mode: RedirectMode) -> Vec<NodeCheck> {
 }
 
 /// What the plugin runs with: our entry as the installer renders it.
-fn plugin_conf(args: &AgentArgs) -> Result<meshcni_plugin::config::PluginConf, String> {
+pub fn plugin_conf(args: &AgentArgs) -> Result<meshcni_plugin::config::PluginConf, String> {
     let cfg = crate::install_bridge::install_config(args)?;
     let bytes = meshcni_install::cniconfig::plugin_config_bytes(&cfg).map_err(|e| e.to_string())?;
     let mut v: serde_json::Value =
@@ -589,6 +589,29 @@ pub fn pod_checks(args: &AgentArgs, mode: RedirectMode, inv: &PodInventory) -> V
         out.push(pod_check(args, mode, p, inv, &conf, &policy, &enrolled));
     }
     out
+}
+
+/// [`pod_checks`] for the pods of `inv` named (`namespace/name`) in `keys` only (the repair
+/// controller's verdict on the pods it was told about).
+pub fn pod_checks_for(
+    args: &AgentArgs,
+    mode: RedirectMode,
+    inv: &PodInventory,
+    keys: &std::collections::BTreeSet<String>,
+) -> Vec<PodCheck> {
+    let conf = plugin_conf(args);
+    let policy = crate::ambient::policy_from_args(args);
+    let enrolled = enrolled_state(args, mode);
+    inv.pods
+        .iter()
+        .filter(|p| {
+            keys.contains(&format!(
+                "{}/{}",
+                p.pod.metadata.namespace, p.pod.metadata.name
+            ))
+        })
+        .map(|p| pod_check(args, mode, p, inv, &conf, &policy, &enrolled))
+        .collect()
 }
 
 fn pod_check(
