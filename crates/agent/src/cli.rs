@@ -894,7 +894,9 @@ impl AgentArgs {
                 flag_and_env("repair_label_pods")
             ));
         }
-        let api = !self.ambient_kubeconfig.is_empty() || !self.kubernetes_service_host.is_empty();
+        // As the controller decides (`repair::RepairController::spawn`).
+        let api = !self.ambient_kubeconfig.is_empty()
+            || (self.ambient_workloads_file.is_empty() && !self.kubernetes_service_host.is_empty());
         if !self.repair_repair_pods && (self.repair_delete_pods || self.repair_label_pods) && !api
         {
             errs.push(format!(

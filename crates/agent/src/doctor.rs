@@ -793,7 +793,7 @@ fn ambient_captured(
                 "not enrolled (not in the inpod state file {})",
                 crate::modes::inpod_state_file(args).display()
             )),
-            Some(rec) => inpod_rules(args, mode, rec),
+            Some(rec) => inpod_rules(args, mode, &w.uid, rec),
         },
         Enrolled::Iptables(set) => {
             let v4: Vec<std::net::Ipv4Addr> = w
@@ -845,9 +845,41 @@ fn ambient_captured(
 fn inpod_rules(
     args: &AgentArgs,
     mode: RedirectMode,
+    uid: &str,
     rec: &crate::modes::inpod::state::PodRecord,
 ) -> Result<String, String> {
-    let path = &rec.netns_path;
+    // A pod enrolled without a CNI netns path (found by discovery: a label change, a
+    // restart) is recorded with an empty path: find its netns again the way the driver does.
+    let found;
+    let discovered;
+    let path = if rec.netns_path.as_os_str().is_empty() {
+        let finder = meshcni_netx::podns::NetnsFinder::new(
+            &args.host_proc_dir,
+            vec![args.netns_dir.clone()],
+        )
+        .map_err(|e| format!("cannot search for the pod's netns: {e}"))?;
+        found = finder
+            .find(&[meshcni_netx::podns::PodNetnsQuery {
+                uid,
+                ips: &rec.ips,
+            }])
+            .map_err(|e| format!("searching the pod's netns: {e}"))?;
+        let Some(ns) = found.values().next() else {
+            return Err(format!(
+                "enrolled, but its netns is not found (no process of pod uid {uid} in {}, no netns in {} holding {:?})",
+                args.host_proc_dir.display(),
+                args.netns_dir.display(),
+                rec.ips
+            ));
+        };
+        discovered = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&ns.file)
+        ));
+        &discovered
+    } else {
+        &rec.netns_path
+    };
     match meshcni_netx::podns::netns_id(path) {
         Ok(id) if id == rec.netns_id => {}
         Ok(_) => {

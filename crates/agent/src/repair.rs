@@ -147,7 +147,11 @@ impl RepairController {
                 tx.clone(),
             ))
         };
-        let api = crate::workloads::kube::AccessConfig::from_args(args);
+        // The API is written to (events, labels, deletes) when it is the workload source, or
+        // when named explicitly next to a workloads file.
+        let api = (args.ambient_workloads_file.is_empty() || !args.ambient_kubeconfig.is_empty())
+            .then(|| crate::workloads::kube::AccessConfig::from_args(args))
+            .flatten();
         let stop = Arc::new(AtomicBool::new(false));
         let worker = Worker {
             args: args.clone(),
