@@ -76,6 +76,10 @@ impl Shared {
 
 /// The running fake; stops (and ends all streams) when dropped.
 pub struct FakeCluster {
+    /// The listener (a clone), shut down on drop: wakes the accept loop even when the
+    /// listener lives in another netns than the thread that drops it (a connect would not
+    /// reach it).
+    listener: TcpListener,
     addr: SocketAddr,
     url: String,
     shared: Arc<Shared>,
@@ -87,6 +91,7 @@ impl FakeCluster {
     pub fn start() -> io::Result<FakeCluster> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
+        let wake = listener.try_clone()?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 rv: 100,
@@ -114,6 +119,7 @@ impl FakeCluster {
                 }
             })?;
         Ok(FakeCluster {
+            listener: wake,
             addr,
             url: format!("http://{addr}"),
             shared,
@@ -279,7 +285,13 @@ impl Drop for FakeCluster {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.changed.notify_all();
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        let shut = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&self.listener),
+            nix::sys::socket::Shutdown::Both,
+        );
+        if shut.is_err() {
+            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        }
         if let Some(t) = self.accept_thread.take() {
             let _ = t.join();
         }
