@@ -1174,6 +1174,48 @@ mod tests {
     }
 
     #[test]
+    fn repair_settings_are_checked_when_repair_is_on() {
+        let mut a = AgentArgs::defaults();
+        a.node_name = "n1".into();
+        a.repair_enabled = true;
+        assert_eq!(a.validate(false), Ok(()), "in-place repair needs nothing else");
+        a.repair_node_name = "n2".into();
+        let err = a.validate(false).expect_err("other node").to_string();
+        assert!(err.contains("--repair-node-name (REPAIR_NODE_NAME)"), "{err}");
+        a.repair_node_name = "n1".into();
+        assert_eq!(a.validate(false), Ok(()));
+        a.repair_repair_pods = false;
+        let err = a.validate(false).expect_err("no action").to_string();
+        assert!(err.contains("with no action"), "{err}");
+        a.repair_label_pods = true;
+        let err = a.validate(false).expect_err("no API").to_string();
+        assert!(err.contains("need the Kubernetes API"), "{err}");
+        a.ambient_kubeconfig = "/k".into();
+        assert_eq!(a.validate(false), Ok(()));
+        a.repair_broken_pod_label_key = "bad key!".into();
+        let err = a.validate(false).expect_err("label key").to_string();
+        assert!(err.contains("is not a label key"), "{err}");
+        a.repair_broken_pod_label_key = "example.com/broken".into();
+        a.repair_broken_pod_label_value = "-x".into();
+        let err = a.validate(false).expect_err("label value").to_string();
+        assert!(err.contains("is not a label value"), "{err}");
+        a.repair_broken_pod_label_value = "yes".into();
+        assert_eq!(a.validate(false), Ok(()));
+        // A workloads file is no API: label/delete need one named explicitly.
+        a.ambient_kubeconfig.clear();
+        a.kubernetes_service_host = "127.0.0.1".into();
+        a.ambient_workloads_file = "/w.json".into();
+        assert!(a.validate(false).is_err());
+        a.ambient_workloads_file.clear();
+        assert_eq!(a.validate(false), Ok(()));
+        // The netns search root is accepted with repair on (ambient off).
+        a.host_proc_dir = "/host/proc".into();
+        assert_eq!(a.validate(false), Ok(()));
+        a.repair_enabled = false;
+        assert!(a.validate(false).is_err());
+    }
+
+    #[test]
     fn every_flag_has_env_and_help() {
         for arg in Cli::command().get_arguments() {
             let Some(long) = arg.get_long() else { continue };
