@@ -30,8 +30,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use meshcni_testkit::stack::{
-    Agent, AgentDirs, DATAPLANE_MODE, StackMode, namespace_json, pod_json, pod_uid,
-    write_workloads,
+    Agent, AgentDirs, DATAPLANE_MODE, StackMode, namespace_json, pod_json, pod_uid, write_workloads,
 };
 use meshcni_testkit::{InpodZtunnelConfig, InpodZtunnelStandIn, Netns};
 use serde_json::{Value, json};
@@ -92,7 +91,9 @@ fn make_pods(set: u8, n: usize, prefix: &str, link_dir: &Path) -> R<Vec<Pod>> {
             i.write_all(batch.as_bytes())
                 .map_err(|e| format!("ip -batch stdin: {e}"))?;
         }
-        let out = c.wait_with_output().map_err(|e| format!("ip -batch: {e}"))?;
+        let out = c
+            .wait_with_output()
+            .map_err(|e| format!("ip -batch: {e}"))?;
         if !out.status.success() {
             return Err(format!(
                 "ip -n {} -batch: {}",
@@ -212,7 +213,10 @@ fn wait_until(what: &str, agent: &Agent, mut done: impl FnMut() -> bool) -> R<()
         if Instant::now() > deadline {
             let log = agent.log();
             let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            return Err(format!("{what}: not done within {WAIT:?}; log tail:\n{}", tail.join("\n")));
+            return Err(format!(
+                "{what}: not done within {WAIT:?}; log tail:\n{}",
+                tail.join("\n")
+            ));
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -228,7 +232,9 @@ fn run() -> R<()> {
         match a.as_str() {
             "--pods" => n = v.parse().map_err(|e| format!("--pods {v}: {e}"))?,
             "--resync-seconds" => {
-                resync = v.parse().map_err(|e| format!("--resync-seconds {v}: {e}"))?
+                resync = v
+                    .parse()
+                    .map_err(|e| format!("--resync-seconds {v}: {e}"))?
             }
             _ => return Err(format!("unknown argument {a}")),
         }
@@ -279,7 +285,9 @@ fn run() -> R<()> {
         got.values().map(|(_, ms)| *ms).collect(),
     );
     for p in &side {
-        let save = p.ns.exec_ok("iptables-save", &[]).map_err(|e| e.to_string())?;
+        let save =
+            p.ns.exec_ok("iptables-save", &[])
+                .map_err(|e| e.to_string())?;
         if !save.contains("ISTIO_OUTPUT") {
             return Err(format!("{}: no capture rules after the repair", p.name));
         }
@@ -292,8 +300,10 @@ fn run() -> R<()> {
         amb.iter()
             .map(|p| pod_json("mesh", &p.name, NODE, Some(p.ip), &[], &[])),
     );
-    let uids: BTreeMap<String, String> =
-        amb.iter().map(|p| (pod_uid(&p.name), p.name.clone())).collect();
+    let uids: BTreeMap<String, String> = amb
+        .iter()
+        .map(|p| (pod_uid(&p.name), p.name.clone()))
+        .collect();
     let mut acked: BTreeMap<String, f64> = BTreeMap::new();
     let t0 = epoch(SystemTime::now());
     write_workloads(&dirs.workloads, &namespaces(), &all)?;
@@ -350,7 +360,9 @@ fn run() -> R<()> {
         got.values().map(|(_, ms)| *ms).collect(),
     );
     for p in &amb {
-        let save = p.ns.exec_ok("iptables-save", &[]).map_err(|e| e.to_string())?;
+        let save =
+            p.ns.exec_ok("iptables-save", &[])
+                .map_err(|e| e.to_string())?;
         if !save.contains("--to-ports 15001") {
             return Err(format!("{}: no in-pod rules after the repair", p.name));
         }

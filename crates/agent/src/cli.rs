@@ -897,8 +897,7 @@ impl AgentArgs {
         // As the controller decides (`repair::RepairController::spawn`).
         let api = !self.ambient_kubeconfig.is_empty()
             || (self.ambient_workloads_file.is_empty() && !self.kubernetes_service_host.is_empty());
-        if !self.repair_repair_pods && (self.repair_delete_pods || self.repair_label_pods) && !api
-        {
+        if !self.repair_repair_pods && (self.repair_delete_pods || self.repair_label_pods) && !api {
             errs.push(format!(
                 "{} / {} need the Kubernetes API (set {} or run in a cluster with \
                  KUBERNETES_SERVICE_HOST)",
@@ -1178,10 +1177,17 @@ mod tests {
         let mut a = AgentArgs::defaults();
         a.node_name = "n1".into();
         a.repair_enabled = true;
-        assert_eq!(a.validate(false), Ok(()), "in-place repair needs nothing else");
+        assert_eq!(
+            a.validate(false),
+            Ok(()),
+            "in-place repair needs nothing else"
+        );
         a.repair_node_name = "n2".into();
         let err = a.validate(false).expect_err("other node").to_string();
-        assert!(err.contains("--repair-node-name (REPAIR_NODE_NAME)"), "{err}");
+        assert!(
+            err.contains("--repair-node-name (REPAIR_NODE_NAME)"),
+            "{err}"
+        );
         a.repair_node_name = "n1".into();
         assert_eq!(a.validate(false), Ok(()));
         a.repair_repair_pods = false;

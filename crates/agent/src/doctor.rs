@@ -584,11 +584,42 @@ pub fn pod_checks(args: &AgentArgs, mode: RedirectMode, inv: &PodInventory) -> V
     let conf = plugin_conf(args);
     let policy = crate::ambient::policy_from_args(args);
     let enrolled = enrolled_state(args, mode);
+    let found = find_netns(args, inv.pods.iter());
     let mut out = Vec::new();
     for p in &inv.pods {
-        out.push(pod_check(args, mode, p, inv, &conf, &policy, &enrolled));
+        out.push(pod_check(
+            args, mode, p, inv, &conf, &policy, &enrolled, &found,
+        ));
     }
     out
+}
+
+/// Every running pod's netns, found in one search (cgroup in the host's /proc, else the netns
+/// dir by IP): uid → netns. One search per pod would scan /proc and enter every netns once per
+/// pod.
+type Found = Result<BTreeMap<String, meshcni_netx::podns::FoundNetns>, String>;
+
+fn find_netns<'a>(args: &AgentArgs, pods: impl Iterator<Item = &'a InventoryPod>) -> Found {
+    let ws: Vec<Workload> = pods
+        .filter_map(|p| crate::workloads::decode_pod(&p.object).ok())
+        .filter(|w| !w.ips.is_empty() && !w.host_network && !w.terminal())
+        .collect();
+    if ws.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let finder =
+        meshcni_netx::podns::NetnsFinder::new(&args.host_proc_dir, vec![args.netns_dir.clone()])
+            .map_err(|e| format!("cannot search for the pod's netns: {e}"))?;
+    let queries: Vec<meshcni_netx::podns::PodNetnsQuery<'_>> = ws
+        .iter()
+        .map(|w| meshcni_netx::podns::PodNetnsQuery {
+            uid: &w.uid,
+            ips: &w.ips,
+        })
+        .collect();
+    finder
+        .find(&queries)
+        .map_err(|e| format!("searching the pod's netns: {e}"))
 }
 
 /// [`pod_checks`] for the pods of `inv` named (`namespace/name`) in `keys` only (the repair
@@ -602,7 +633,8 @@ pub fn pod_checks_for(
     let conf = plugin_conf(args);
     let policy = crate::ambient::policy_from_args(args);
     let enrolled = enrolled_state(args, mode);
-    inv.pods
+    let chosen: Vec<&InventoryPod> = inv
+        .pods
         .iter()
         .filter(|p| {
             keys.contains(&format!(
@@ -610,7 +642,11 @@ pub fn pod_checks_for(
                 p.pod.metadata.namespace, p.pod.metadata.name
             ))
         })
-        .map(|p| pod_check(args, mode, p, inv, &conf, &policy, &enrolled))
+        .collect();
+    let found = find_netns(args, chosen.iter().copied());
+    chosen
+        .into_iter()
+        .map(|p| pod_check(args, mode, p, inv, &conf, &policy, &enrolled, &found))
         .collect()
 }
 
@@ -622,6 +658,7 @@ fn pod_check(
     conf: &Result<meshcni_plugin::config::PluginConf, String>,
     policy: &Result<crate::workloads::EnrollPolicy, String>,
     enrolled: &Result<Enrolled, String>,
+    found: &Found,
 ) -> PodCheck {
     use meshcni_plugin::pod::{Decision, PodRef, SkipReason, decide};
     let pod = &item.pod;
@@ -701,7 +738,7 @@ fn pod_check(
         } else {
             "ambient: selected by an enablement selector (namespace label)".into()
         };
-        return ambient_captured(args, mode, pc, &workload, enrolled);
+        return ambient_captured(args, mode, pc, &workload, enrolled, found);
     }
     if workload.terminal() {
         pc.reason = format!("terminated (phase {})", workload.phase);
@@ -719,7 +756,7 @@ fn pod_check(
         pc.should_capture = true;
         pc.reason = "ambient: selected; no pod IP yet (not started)".into();
         return match enrolled_now {
-            Some(Ok(())) => ambient_captured(args, mode, pc, &workload, enrolled),
+            Some(Ok(())) => ambient_captured(args, mode, pc, &workload, enrolled, found),
             _ => pc,
         };
     }
@@ -739,7 +776,7 @@ fn pod_check(
                 pc.reason.push_str("; no pod IP yet (not started)");
                 return pc;
             }
-            sidecar_captured(args, pc, conf, &workload, *cfg)
+            sidecar_captured(args, pc, conf, &workload, *cfg, found)
         }
         Ok(Decision::Skip(skip)) => {
             let opted_out_ambient = workload
@@ -777,6 +814,7 @@ fn ambient_captured(
     mut pc: PodCheck,
     w: &Workload,
     enrolled: &Result<Enrolled, String>,
+    found: &Found,
 ) -> PodCheck {
     let enrolled = match enrolled {
         Ok(e) => e,
@@ -793,7 +831,7 @@ fn ambient_captured(
                 "not enrolled (not in the inpod state file {})",
                 crate::modes::inpod_state_file(args).display()
             )),
-            Some(rec) => inpod_rules(args, mode, &w.uid, rec),
+            Some(rec) => inpod_rules(args, mode, &w.uid, rec, found),
         },
         Enrolled::Iptables(set) => {
             let v4: Vec<std::net::Ipv4Addr> = w
@@ -847,24 +885,13 @@ fn inpod_rules(
     mode: RedirectMode,
     uid: &str,
     rec: &crate::modes::inpod::state::PodRecord,
+    found: &Found,
 ) -> Result<String, String> {
     // A pod enrolled without a CNI netns path (found by discovery: a label change, a
     // restart) is recorded with an empty path: find its netns again the way the driver does.
-    let found;
     let discovered;
     let path = if rec.netns_path.as_os_str().is_empty() {
-        let finder = meshcni_netx::podns::NetnsFinder::new(
-            &args.host_proc_dir,
-            vec![args.netns_dir.clone()],
-        )
-        .map_err(|e| format!("cannot search for the pod's netns: {e}"))?;
-        found = finder
-            .find(&[meshcni_netx::podns::PodNetnsQuery {
-                uid,
-                ips: &rec.ips,
-            }])
-            .map_err(|e| format!("searching the pod's netns: {e}"))?;
-        let Some(ns) = found.values().next() else {
+        let Some(ns) = found.as_ref().map_err(Clone::clone)?.get(uid) else {
             return Err(format!(
                 "enrolled, but its netns is not found (no process of pod uid {uid} in {}, no netns in {} holding {:?})",
                 args.host_proc_dir.display(),
@@ -914,20 +941,10 @@ fn sidecar_captured(
     conf: &meshcni_plugin::config::PluginConf,
     w: &Workload,
     cfg: meshcni_rules::sidecar::CaptureConfig,
+    found: &Found,
 ) -> PodCheck {
     let result = (|| -> Result<String, String> {
-        let finder = meshcni_netx::podns::NetnsFinder::new(
-            &args.host_proc_dir,
-            vec![args.netns_dir.clone()],
-        )
-        .map_err(|e| format!("cannot search for the pod's netns: {e}"))?;
-        let found = finder
-            .find(&[meshcni_netx::podns::PodNetnsQuery {
-                uid: &w.uid,
-                ips: &w.ips,
-            }])
-            .map_err(|e| format!("searching the pod's netns: {e}"))?;
-        let Some(ns) = found.values().next() else {
+        let Some(ns) = found.as_ref().map_err(Clone::clone)?.get(&w.uid) else {
             return Err(format!(
                 "netns not found (no process of pod uid {} in {}, no netns in {} holding {:?})",
                 w.uid,

@@ -130,7 +130,9 @@ impl Default for RepairMetrics {
 
 impl RepairMetrics {
     pub fn count(&self, result: &'static str, reason: &'static str) {
-        self.total.get_or_create(&RepairLabels { result, reason }).inc();
+        self.total
+            .get_or_create(&RepairLabels { result, reason })
+            .inc();
     }
 }
 

@@ -372,18 +372,15 @@ impl Worker {
                 }
                 continue;
             }
-            let b = self
-                .broken
-                .entry(key.clone())
-                .or_insert_with(|| Broken {
-                    detected: now,
-                    attempts: 0,
-                    next: now,
-                    waiting_until: None,
-                    reason: reason_of(&check),
-                    detail: check.detail.clone(),
-                    done: false,
-                });
+            let b = self.broken.entry(key.clone()).or_insert_with(|| Broken {
+                detected: now,
+                attempts: 0,
+                next: now,
+                waiting_until: None,
+                reason: reason_of(&check),
+                detail: check.detail.clone(),
+                done: false,
+            });
             if b.done {
                 continue;
             }
@@ -433,21 +430,16 @@ impl Worker {
                     return;
                 };
                 match self.fix_sidecar(item) {
-                    Ok(()) => {
-                        // The doctor's verdict decides, not the apply's return.
-                        let keys = BTreeSet::from([key.to_string()]);
-                        let after = crate::doctor::pod_checks_for(&self.args, self.mode, inv, &keys);
-                        match after.first() {
-                            Some(c) if c.captured == Some(true) => {
-                                self.broken.remove(key);
-                                self.captured(inv, check, b, Instant::now());
-                            }
-                            Some(c) => {
-                                let why = format!("still not captured after the apply: {}", c.detail);
-                                self.failed(inv, check, key, b, why, now);
-                            }
-                            None => {}
-                        }
+                    Ok(diffs) if diffs.is_empty() => {
+                        self.broken.remove(key);
+                        self.captured(inv, check, b, Instant::now());
+                    }
+                    Ok(diffs) => {
+                        let why = format!(
+                            "still differs from what ADD installs after the apply: {}",
+                            diffs.join("; ")
+                        );
+                        self.failed(inv, check, key, b, why, now);
                     }
                     Err(e) => self.failed(inv, check, key, b, e, now),
                 }
@@ -550,8 +542,9 @@ impl Worker {
         );
     }
 
-    /// ADD's apply in the pod's netns.
-    fn fix_sidecar(&self, item: &InventoryPod) -> Result<(), String> {
+    /// ADD's apply in the pod's netns, then the doctor's comparison (the plugin's CHECK) on
+    /// the same netns: the differences left (empty: captured).
+    fn fix_sidecar(&self, item: &InventoryPod) -> Result<Vec<String>, String> {
         use meshcni_plugin::pod::{Decision, PodRef, decide};
         let conf = crate::doctor::plugin_conf(&self.args)?;
         let md = &item.pod.metadata;
@@ -593,9 +586,9 @@ impl Worker {
             "/proc/self/fd/{}",
             std::os::fd::AsRawFd::as_raw_fd(&ns.file)
         ));
-        let outcome = meshcni_plugin::flow::repair_sidecar_capture(&conf, &path, cfg)?;
+        let outcome = meshcni_plugin::flow::repair_sidecar_capture(&conf, &path, cfg.clone())?;
         debug!(pod = %w.key(), source = %ns.source, ?outcome, "sidecar capture applied");
-        Ok(())
+        meshcni_plugin::flow::sidecar_capture_differences(&conf, &path, cfg)
     }
 
     fn client(&self) -> Result<meshcni_kube::ApiClient, String> {
@@ -624,10 +617,7 @@ impl Worker {
     }
 
     fn delete_pod(&self, check: &PodCheck) -> Result<(), String> {
-        let path = format!(
-            "/api/v1/namespaces/{}/pods/{}",
-            check.namespace, check.name
-        );
+        let path = format!("/api/v1/namespaces/{}/pods/{}", check.namespace, check.name);
         let body = serde_json::json!({
             "apiVersion": "v1", "kind": "DeleteOptions",
             "preconditions": {"uid": check.uid},
@@ -637,10 +627,7 @@ impl Worker {
     }
 
     fn label_pod(&self, check: &PodCheck) -> Result<(), String> {
-        let path = format!(
-            "/api/v1/namespaces/{}/pods/{}",
-            check.namespace, check.name
-        );
+        let path = format!("/api/v1/namespaces/{}/pods/{}", check.namespace, check.name);
         let body = serde_json::json!({"metadata": {
             "uid": check.uid,
             "labels": {&self.args.repair_broken_pod_label_key: &self.args.repair_broken_pod_label_value},

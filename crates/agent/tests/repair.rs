@@ -80,8 +80,7 @@ fn sidecar_pod(name: &str, ip: Ipv4Addr) -> Value {
 fn job_pod(name: &str, ip: Ipv4Addr) -> Value {
     let mut p = sidecar_pod(name, ip);
     p["spec"]["restartPolicy"] = json!("Never");
-    p["metadata"]["ownerReferences"] =
-        json!([{"apiVersion": "batch/v1", "kind": "Job", "name": "batch", "uid": "uid-job", "controller": true}]);
+    p["metadata"]["ownerReferences"] = json!([{"apiVersion": "batch/v1", "kind": "Job", "name": "batch", "uid": "uid-job", "controller": true}]);
     p
 }
 
@@ -209,7 +208,13 @@ fn pod_verdict<'a>(report: &'a Value, key: &str) -> &'a Value {
         .as_array()
         .expect("pods")
         .iter()
-        .find(|p| format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")) == key)
+        .find(|p| {
+            format!(
+                "{}/{}",
+                p["namespace"].as_str().unwrap_or(""),
+                p["name"].as_str().unwrap_or("")
+            ) == key
+        })
         .unwrap_or_else(|| panic!("no pod {key} in {report}"))
 }
 
@@ -262,10 +267,8 @@ fn pods_started_uncaptured_are_captured_in_place() {
     write_workloads(&rig.dirs.workloads, &namespaces(), &pods(false)).expect("workloads");
     let ns_before = [inode(rig.netns("s")), inode(rig.netns("j"))];
     let plain_before = rig.save("p");
-    let (agent, _zt, monitoring) = rig.start_agent(&[
-        ("REPAIR_ENABLED", "true"),
-        ("REPAIR_RESYNC_SECONDS", "1"),
-    ]);
+    let (agent, _zt, monitoring) =
+        rig.start_agent(&[("REPAIR_ENABLED", "true"), ("REPAIR_RESYNC_SECONDS", "1")]);
 
     // The reference: pod r, not known to the agent's workload source, gets the plugin's ADD.
     let side_ns = namespaces()
@@ -290,7 +293,11 @@ fn pods_started_uncaptured_are_captured_in_place() {
 
     let report = rig.wait_green("sidecar pods started uncaptured", &agent);
     for key in ["side/s", "side/j"] {
-        assert_eq!(pod_verdict(&report, key)["captured"], true, "{key}: {report}");
+        assert_eq!(
+            pod_verdict(&report, key)["captured"],
+            true,
+            "{key}: {report}"
+        );
     }
     // In place: the pods' own netns, with exactly ADD's rules.
     assert_eq!(
@@ -299,7 +306,11 @@ fn pods_started_uncaptured_are_captured_in_place() {
         "same netns"
     );
     assert_eq!(rig.save("s"), reference, "pod s: rules differ from ADD's");
-    assert_eq!(rig.save("j"), reference, "Job pod j: rules differ from ADD's");
+    assert_eq!(
+        rig.save("j"),
+        reference,
+        "Job pod j: rules differ from ADD's"
+    );
     // Never touched: the plain pod, the terminated Job pod.
     assert_eq!(rig.save("p"), plain_before, "non-mesh pod p was changed");
     let log = agent.log();
@@ -362,7 +373,11 @@ fn pods_started_uncaptured_are_captured_in_place() {
     write_workloads(&rig.dirs.workloads, &namespaces(), &pods(true)).expect("workloads");
     let deadline = Instant::now() + WAIT;
     while !agent.log().contains("ambient_not_enrolled") {
-        assert!(Instant::now() < deadline, "b never found not enrolled:\n{}", agent.log());
+        assert!(
+            Instant::now() < deadline,
+            "b never found not enrolled:\n{}",
+            agent.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     rig.link_netns("b");
@@ -372,21 +387,32 @@ fn pods_started_uncaptured_are_captured_in_place() {
     // What the operator sees.
     let m = scrape(&rig, &monitoring);
     assert_eq!(
-        metric(&m, r#"meshcni_repair_total{result="repaired",reason="sidecar_not_captured"}"#),
+        metric(
+            &m,
+            r#"meshcni_repair_total{result="repaired",reason="sidecar_not_captured"}"#
+        ),
         3.0,
         "s, j, s again:\n{m}"
     );
     assert!(
-        metric(&m, r#"meshcni_repair_total{result="repaired",reason="ambient_drifted"}"#) >= 1.0,
+        metric(
+            &m,
+            r#"meshcni_repair_total{result="repaired",reason="ambient_drifted"}"#
+        ) >= 1.0,
         "{m}"
     );
     // (a may count here too: seen before the loop's first enrollment of it.)
     assert!(
-        metric(&m, r#"meshcni_repair_total{result="repaired",reason="ambient_not_enrolled"}"#)
-            >= 1.0,
+        metric(
+            &m,
+            r#"meshcni_repair_total{result="repaired",reason="ambient_not_enrolled"}"#
+        ) >= 1.0,
         "{m}"
     );
-    assert!(metric(&m, "meshcni_repair_duration_seconds_count") >= 5.0, "{m}");
+    assert!(
+        metric(&m, "meshcni_repair_duration_seconds_count") >= 5.0,
+        "{m}"
+    );
     let log = agent.log();
     assert!(
         log.lines().any(|l| l.contains("pod captured in place")
@@ -450,9 +476,9 @@ fn label_delete_and_events_go_through_the_api() {
             ("AMBIENT_KUBECONFIG", &kc),
         ]);
         wait_for("labelled", &agent, &|| {
-            cluster.pod("side", "s").is_some_and(|p| {
-                p["metadata"]["labels"]["example.com/uncaptured"] == "true"
-            })
+            cluster
+                .pod("side", "s")
+                .is_some_and(|p| p["metadata"]["labels"]["example.com/uncaptured"] == "true")
         });
         wait_for("LabelBrokenPod event", &agent, &|| {
             !events("LabelBrokenPod").is_empty()
@@ -462,12 +488,19 @@ fn label_delete_and_events_go_through_the_api() {
         assert_eq!(ev["involvedObject"]["uid"], kit::pod_uid("s"), "{ev}");
         assert_eq!(ev["type"], "Warning");
         assert!(
-            ev["message"].as_str().unwrap_or("").contains("rules differ"),
+            ev["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("rules differ"),
             "the event says what was missing: {ev}"
         );
         agent.terminate(WAIT).expect("stop");
     }
-    assert_eq!(rig.save("s"), untouched, "labelPods must not touch the pod's netns");
+    assert_eq!(
+        rig.save("s"),
+        untouched,
+        "labelPods must not touch the pod's netns"
+    );
 
     // deletePods.
     {
@@ -489,14 +522,16 @@ fn label_delete_and_events_go_through_the_api() {
         assert_eq!(del, ["DELETE /api/v1/namespaces/side/pods/s"]);
         agent.terminate(WAIT).expect("stop");
     }
-    assert_eq!(rig.save("s"), untouched, "deletePods must not touch the pod's netns");
+    assert_eq!(
+        rig.save("s"),
+        untouched,
+        "deletePods must not touch the pod's netns"
+    );
 
     // In place, with an Event.
     {
-        let (agent, _zt, _) = rig.start_agent(&[
-            ("REPAIR_ENABLED", "true"),
-            ("AMBIENT_KUBECONFIG", &kc),
-        ]);
+        let (agent, _zt, _) =
+            rig.start_agent(&[("REPAIR_ENABLED", "true"), ("AMBIENT_KUBECONFIG", &kc)]);
         wait_for("CaptureRepaired event", &agent, &|| {
             !events("CaptureRepaired").is_empty()
         });
@@ -565,7 +600,11 @@ fn loop_enrolls_a_repaired_pod_again_and_never_one_outside_the_mesh() {
     let t0 = Instant::now();
     rec.reconcile(t0);
     assert_eq!(enrolls("uid-a"), 1);
-    assert_eq!(enrolls("uid-f"), 1, "tried once, failed, in a 30 s back-off");
+    assert_eq!(
+        enrolls("uid-f"),
+        1,
+        "tried once, failed, in a 30 s back-off"
+    );
     rec.reconcile(t0 + Duration::from_millis(1));
     assert_eq!(enrolls("uid-a"), 1, "nothing to do");
     assert_eq!(enrolls("uid-f"), 1, "still in back-off");

@@ -593,7 +593,10 @@ fn write_request(shared: &Shared, method: &str, path: &str, body: &[u8]) -> (u16
         ("PATCH", ["api", "v1", "namespaces", ns, "pods", name]) => {
             let key = format!("{ns}/{name}");
             let Some(mut pod) = shared.lock().pods.get(&key).cloned() else {
-                return (404, status_json(404, "NotFound", &format!("pods \"{name}\" not found")));
+                return (
+                    404,
+                    status_json(404, "NotFound", &format!("pods \"{name}\" not found")),
+                );
             };
             if let Some(labels) = doc["metadata"]["labels"].as_object() {
                 for (k, v) in labels {
@@ -607,19 +610,29 @@ fn write_request(shared: &Shared, method: &str, path: &str, body: &[u8]) -> (u16
         ("DELETE", ["api", "v1", "namespaces", ns, "pods", name]) => {
             let key = format!("{ns}/{name}");
             let Some(pod) = shared.lock().pods.get(&key).cloned() else {
-                return (404, status_json(404, "NotFound", &format!("pods \"{name}\" not found")));
+                return (
+                    404,
+                    status_json(404, "NotFound", &format!("pods \"{name}\" not found")),
+                );
             };
             if let Some(uid) = doc["preconditions"]["uid"].as_str()
                 && pod["metadata"]["uid"].as_str() != Some(uid)
             {
-                return (409, status_json(409, "Conflict", "precondition failed: UID"));
+                return (
+                    409,
+                    status_json(409, "Conflict", "precondition failed: UID"),
+                );
             }
             delete_locked(shared, Kind::Pod, &key);
             (200, pod.to_string())
         }
         _ => (
             405,
-            status_json(405, "MethodNotAllowed", &format!("{method} {path} is not supported")),
+            status_json(
+                405,
+                "MethodNotAllowed",
+                &format!("{method} {path} is not supported"),
+            ),
         ),
     }
 }
