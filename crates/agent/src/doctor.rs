@@ -587,9 +587,13 @@ pub fn pod_checks(args: &AgentArgs, mode: RedirectMode, inv: &PodInventory) -> V
     let found = find_netns(args, inv.pods.iter());
     let mut out = Vec::new();
     for p in &inv.pods {
-        out.push(pod_check(
-            args, mode, p, inv, &conf, &policy, &enrolled, &found,
-        ));
+        let shared = Shared {
+            conf: &conf,
+            policy: &policy,
+            enrolled: &enrolled,
+            found: &found,
+        };
+        out.push(pod_check(args, mode, p, inv, &shared));
     }
     out
 }
@@ -644,10 +648,24 @@ pub fn pod_checks_for(
         })
         .collect();
     let found = find_netns(args, chosen.iter().copied());
+    let shared = Shared {
+        conf: &conf,
+        policy: &policy,
+        enrolled: &enrolled,
+        found: &found,
+    };
     chosen
         .into_iter()
-        .map(|p| pod_check(args, mode, p, inv, &conf, &policy, &enrolled, &found))
+        .map(|p| pod_check(args, mode, p, inv, &shared))
         .collect()
+}
+
+/// What every pod's check reads, computed once per report.
+struct Shared<'a> {
+    conf: &'a Result<meshcni_plugin::config::PluginConf, String>,
+    policy: &'a Result<crate::workloads::EnrollPolicy, String>,
+    enrolled: &'a Result<Enrolled, String>,
+    found: &'a Found,
 }
 
 fn pod_check(
@@ -655,12 +673,15 @@ fn pod_check(
     mode: RedirectMode,
     item: &InventoryPod,
     inv: &PodInventory,
-    conf: &Result<meshcni_plugin::config::PluginConf, String>,
-    policy: &Result<crate::workloads::EnrollPolicy, String>,
-    enrolled: &Result<Enrolled, String>,
-    found: &Found,
+    shared: &Shared<'_>,
 ) -> PodCheck {
     use meshcni_plugin::pod::{Decision, PodRef, SkipReason, decide};
+    let Shared {
+        conf,
+        policy,
+        enrolled,
+        found,
+    } = *shared;
     let pod = &item.pod;
     let md = &pod.metadata;
     let mut pc = PodCheck {
