@@ -576,29 +576,35 @@ pub struct AgentArgs {
           default_missing_value = "true")]
     pub ambient_enable_aws_branch_eni_probe: bool,
 
-    // ---- repair (spec §6) ----
-    /// Run the repair controller (Istio's default is true; this build has none, so the default
-    /// is false). [Not supported by this build: a non-default value is rejected.]
+    // ---- repair (spec §6; see repair.rs) ----
+    /// Run the repair controller: find pods on this node that should be captured but are not
+    /// (the doctor's verdict) and act on them (REPAIR_REPAIR_PODS / _DELETE_PODS /
+    /// _LABEL_PODS). Istio's default is true; this binary's default is false (the Helm chart
+    /// turns it on, as Istio's chart does).
     #[arg(long, env = "REPAIR_ENABLED", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub repair_enabled: bool,
 
-    /// Repair broken pods in place (re-apply the sidecar redirect in their netns). [Not supported by this build: a non-default value is rejected.]
+    /// Repair broken pods in place, without a restart: re-apply the sidecar capture in the
+    /// pod's netns (the plugin ADD's atomic verify-or-repair apply), or have the enrollment
+    /// loop enroll an ambient pod again. Takes precedence over deleting and labelling.
     #[arg(long, env = "REPAIR_REPAIR_PODS", default_value = "true", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub repair_repair_pods: bool,
 
-    /// Delete broken pods. [Not supported by this build: a non-default value is rejected.]
+    /// Delete broken pods (API DELETE with the pod's UID as precondition), when
+    /// REPAIR_REPAIR_PODS is false. Needs API access (not the workloads file).
     #[arg(long, env = "REPAIR_DELETE_PODS", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub repair_delete_pods: bool,
 
-    /// Label broken pods. [Not supported by this build: a non-default value is rejected.]
+    /// Label broken pods (merge patch REPAIR_BROKEN_POD_LABEL_KEY=VALUE), when neither
+    /// repairing nor deleting. Needs API access (not the workloads file).
     #[arg(long, env = "REPAIR_LABEL_PODS", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub repair_label_pods: bool,
 
-    /// Label key put on broken pods. [Not supported by this build: a non-default value is rejected.]
+    /// Label key put on broken pods (REPAIR_LABEL_PODS).
     #[arg(
         long,
         env = "REPAIR_BROKEN_POD_LABEL_KEY",
@@ -606,11 +612,12 @@ pub struct AgentArgs {
     )]
     pub repair_broken_pod_label_key: String,
 
-    /// Label value put on broken pods. [Not supported by this build: a non-default value is rejected.]
+    /// Label value put on broken pods (REPAIR_LABEL_PODS).
     #[arg(long, env = "REPAIR_BROKEN_POD_LABEL_VALUE", default_value = "true")]
     pub repair_broken_pod_label_value: String,
 
-    /// Node whose pods the repair controller watches (empty: this node). [Not supported by this build: a non-default value is rejected.]
+    /// Node whose pods the repair controller watches: empty or this node's name (a pod's netns
+    /// can only be repaired on its own node; any other value is rejected).
     #[arg(long, env = "REPAIR_NODE_NAME", default_value = "")]
     pub repair_node_name: String,
 
@@ -649,6 +656,13 @@ pub struct AgentArgs {
     /// Extra field selectors for the repair pod watch. [Not supported by this build: a non-default value is rejected.]
     #[arg(long, env = "REPAIR_FIELD_SELECTORS", default_value = "")]
     pub repair_field_selectors: String,
+
+    /// Seconds between two full checks of every pod on the node by the repair controller (pod
+    /// watch events trigger a check of the changed pods at once; the full check finds drift
+    /// that no event announces, e.g. rules deleted inside a pod). meshcni-specific.
+    #[arg(long, env = "REPAIR_RESYNC_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub repair_resync_seconds: u64,
 
     // ---- uninstall vs upgrade (see lifecycle.rs) ----
     /// On shutdown, remove everything the agent installed (used for uninstalling; the default
@@ -743,7 +757,9 @@ impl AgentArgs {
     pub fn validate(&self, redirect_mode_explicit: bool) -> Result<(), ConfigError> {
         let d = AgentArgs::defaults();
         let mut errs = Vec::new();
-        const REPAIR: &str = "there is no repair controller";
+        const REPAIR: &str = "the repair controller detects broken pods by the doctor's \
+            verdict on their netns, not by the validation init container, annotation or a \
+            narrowed watch";
         const NODE_LEVEL: &str = "the iptables redirect mode does not implement it";
         reject_non_default!(self, d, errs;
             pod_name: "nothing reads the agent's own pod name",
@@ -753,13 +769,6 @@ impl AgentArgs {
             allow_switch_to_host_ns: "the agent runs in the host network namespace (hostNetwork) or not at all",
             ambient_use_scoped_xtables_locking: "rules are applied with one iptables-restore per table",
             ambient_enable_aws_branch_eni_probe: NODE_LEVEL,
-            repair_enabled: REPAIR,
-            repair_repair_pods: REPAIR,
-            repair_delete_pods: REPAIR,
-            repair_label_pods: REPAIR,
-            repair_broken_pod_label_key: REPAIR,
-            repair_broken_pod_label_value: REPAIR,
-            repair_node_name: REPAIR,
             repair_sidecar_annotation: REPAIR,
             repair_init_container_name: REPAIR,
             repair_init_container_termination_message: REPAIR,
@@ -768,10 +777,12 @@ impl AgentArgs {
             repair_field_selectors: REPAIR,
         );
         let mode = self.effective_redirect_mode(redirect_mode_explicit);
-        if !(self.ambient_enabled && matches!(mode, RedirectMode::Inpod | RedirectMode::Ebpf)) {
+        if !(self.repair_enabled
+            || self.ambient_enabled && matches!(mode, RedirectMode::Inpod | RedirectMode::Ebpf))
+        {
             reject_non_default!(self, d, errs;
-                host_proc_dir: "only the inpod and ebpf redirect modes use it (to find pods' \
-                    netns), and ambient with one of them is not enabled",
+                host_proc_dir: "only the repair controller and the inpod and ebpf redirect \
+                    modes use it (to find pods' netns), and none of them is enabled",
             );
         }
         if !(self.ambient_enabled && mode == RedirectMode::Ebpf) {
@@ -851,10 +862,74 @@ impl AgentArgs {
                 self.pod_metadata_default_namespace
             ));
         }
+        self.validate_repair(&mut errs);
         if errs.is_empty() {
             Ok(())
         } else {
             Err(ConfigError(errs))
+        }
+    }
+
+    /// The repair controller's settings (spec §6), when it is enabled.
+    fn validate_repair(&self, errs: &mut Vec<String>) {
+        if !self.repair_enabled {
+            return;
+        }
+        if !self.repair_node_name.is_empty() && self.repair_node_name != self.effective_node_name()
+        {
+            errs.push(format!(
+                "{} = {:?} is not this node ({:?}): a pod's netns can only be repaired on its \
+                 own node; unset it",
+                flag_and_env("repair_node_name"),
+                self.repair_node_name,
+                self.effective_node_name()
+            ));
+        }
+        if !(self.repair_repair_pods || self.repair_delete_pods || self.repair_label_pods) {
+            errs.push(format!(
+                "{} = true with no action: set one of {}, {}, {} to true",
+                flag_and_env("repair_enabled"),
+                flag_and_env("repair_repair_pods"),
+                flag_and_env("repair_delete_pods"),
+                flag_and_env("repair_label_pods")
+            ));
+        }
+        // As the controller decides (`repair::RepairController::spawn`).
+        let api = !self.ambient_kubeconfig.is_empty()
+            || (self.ambient_workloads_file.is_empty() && !self.kubernetes_service_host.is_empty());
+        if !self.repair_repair_pods && (self.repair_delete_pods || self.repair_label_pods) && !api {
+            errs.push(format!(
+                "{} / {} need the Kubernetes API (set {} or run in a cluster with \
+                 KUBERNETES_SERVICE_HOST)",
+                flag_and_env("repair_delete_pods"),
+                flag_and_env("repair_label_pods"),
+                flag_and_env("ambient_kubeconfig")
+            ));
+        }
+        if self.repair_label_pods {
+            let key = &self.repair_broken_pod_label_key;
+            let (prefix, name) = key.rsplit_once('/').unwrap_or(("", key));
+            let name_ok = |n: &str| {
+                !n.is_empty()
+                    && n.len() <= 63
+                    && n.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                    && n.as_bytes()[0].is_ascii_alphanumeric()
+                    && n.as_bytes()[n.len() - 1].is_ascii_alphanumeric()
+            };
+            if !name_ok(name) || (!prefix.is_empty() && parse_dns_subdomain(prefix).is_err()) {
+                errs.push(format!(
+                    "{} = {key:?} is not a label key",
+                    flag_and_env("repair_broken_pod_label_key")
+                ));
+            }
+            let v = &self.repair_broken_pod_label_value;
+            if !v.is_empty() && !name_ok(v) {
+                errs.push(format!(
+                    "{} = {v:?} is not a label value",
+                    flag_and_env("repair_broken_pod_label_value")
+                ));
+            }
         }
     }
 
@@ -1082,18 +1157,67 @@ mod tests {
             "no default claims an unbuilt feature"
         );
         let mut a = d.clone();
-        a.repair_enabled = true;
+        a.repair_init_container_name = "other".into();
         a.pod_metadata_default_namespace = "demo".into();
         let err = a.validate(false).expect_err("rejected").to_string();
         assert!(
-            err.contains("--repair-enabled (REPAIR_ENABLED) = true"),
+            err.contains("--repair-init-container-name (REPAIR_INIT_CONTAINER_NAME) = \"other\""),
             "{err}"
         );
         assert!(err.contains("needs --pod-metadata-dir"), "{err}");
-        a.repair_enabled = false;
+        a.repair_init_container_name = d.repair_init_container_name.clone();
         a.pod_metadata_dir = "/m".into();
         assert_eq!(a.validate(false), Ok(()));
         a.pod_metadata_dir = "m".into();
+        assert!(a.validate(false).is_err());
+    }
+
+    #[test]
+    fn repair_settings_are_checked_when_repair_is_on() {
+        let mut a = AgentArgs::defaults();
+        a.node_name = "n1".into();
+        a.repair_enabled = true;
+        assert_eq!(
+            a.validate(false),
+            Ok(()),
+            "in-place repair needs nothing else"
+        );
+        a.repair_node_name = "n2".into();
+        let err = a.validate(false).expect_err("other node").to_string();
+        assert!(
+            err.contains("--repair-node-name (REPAIR_NODE_NAME)"),
+            "{err}"
+        );
+        a.repair_node_name = "n1".into();
+        assert_eq!(a.validate(false), Ok(()));
+        a.repair_repair_pods = false;
+        let err = a.validate(false).expect_err("no action").to_string();
+        assert!(err.contains("with no action"), "{err}");
+        a.repair_label_pods = true;
+        let err = a.validate(false).expect_err("no API").to_string();
+        assert!(err.contains("need the Kubernetes API"), "{err}");
+        a.ambient_kubeconfig = "/k".into();
+        assert_eq!(a.validate(false), Ok(()));
+        a.repair_broken_pod_label_key = "bad key!".into();
+        let err = a.validate(false).expect_err("label key").to_string();
+        assert!(err.contains("is not a label key"), "{err}");
+        a.repair_broken_pod_label_key = "example.com/broken".into();
+        a.repair_broken_pod_label_value = "-x".into();
+        let err = a.validate(false).expect_err("label value").to_string();
+        assert!(err.contains("is not a label value"), "{err}");
+        a.repair_broken_pod_label_value = "yes".into();
+        assert_eq!(a.validate(false), Ok(()));
+        // A workloads file is no API: label/delete need one named explicitly.
+        a.ambient_kubeconfig.clear();
+        a.kubernetes_service_host = "127.0.0.1".into();
+        a.ambient_workloads_file = "/w.json".into();
+        assert!(a.validate(false).is_err());
+        a.ambient_workloads_file.clear();
+        assert_eq!(a.validate(false), Ok(()));
+        // The netns search root is accepted with repair on (ambient off).
+        a.host_proc_dir = "/host/proc".into();
+        assert_eq!(a.validate(false), Ok(()));
+        a.repair_enabled = false;
         assert!(a.validate(false).is_err());
     }
 

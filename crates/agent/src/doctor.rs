@@ -469,7 +469,7 @@ pub fn node_checks(args: &AgentArgs, mode: RedirectMode) -> Vec<NodeCheck> {
 }
 
 /// What the plugin runs with: our entry as the installer renders it.
-fn plugin_conf(args: &AgentArgs) -> Result<meshcni_plugin::config::PluginConf, String> {
+pub fn plugin_conf(args: &AgentArgs) -> Result<meshcni_plugin::config::PluginConf, String> {
     let cfg = crate::install_bridge::install_config(args)?;
     let bytes = meshcni_install::cniconfig::plugin_config_bytes(&cfg).map_err(|e| e.to_string())?;
     let mut v: serde_json::Value =
@@ -584,11 +584,88 @@ pub fn pod_checks(args: &AgentArgs, mode: RedirectMode, inv: &PodInventory) -> V
     let conf = plugin_conf(args);
     let policy = crate::ambient::policy_from_args(args);
     let enrolled = enrolled_state(args, mode);
+    let found = find_netns(args, inv.pods.iter());
     let mut out = Vec::new();
     for p in &inv.pods {
-        out.push(pod_check(args, mode, p, inv, &conf, &policy, &enrolled));
+        let shared = Shared {
+            conf: &conf,
+            policy: &policy,
+            enrolled: &enrolled,
+            found: &found,
+        };
+        out.push(pod_check(args, mode, p, inv, &shared));
     }
     out
+}
+
+/// Every running pod's netns, found in one search (cgroup in the host's /proc, else the netns
+/// dir by IP): uid → netns. One search per pod would scan /proc and enter every netns once per
+/// pod.
+type Found = Result<BTreeMap<String, meshcni_netx::podns::FoundNetns>, String>;
+
+fn find_netns<'a>(args: &AgentArgs, pods: impl Iterator<Item = &'a InventoryPod>) -> Found {
+    let ws: Vec<Workload> = pods
+        .filter_map(|p| crate::workloads::decode_pod(&p.object).ok())
+        .filter(|w| !w.ips.is_empty() && !w.host_network && !w.terminal())
+        .collect();
+    if ws.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let finder =
+        meshcni_netx::podns::NetnsFinder::new(&args.host_proc_dir, vec![args.netns_dir.clone()])
+            .map_err(|e| format!("cannot search for the pod's netns: {e}"))?;
+    let queries: Vec<meshcni_netx::podns::PodNetnsQuery<'_>> = ws
+        .iter()
+        .map(|w| meshcni_netx::podns::PodNetnsQuery {
+            uid: &w.uid,
+            ips: &w.ips,
+        })
+        .collect();
+    finder
+        .find(&queries)
+        .map_err(|e| format!("searching the pod's netns: {e}"))
+}
+
+/// [`pod_checks`] for the pods of `inv` named (`namespace/name`) in `keys` only (the repair
+/// controller's verdict on the pods it was told about).
+pub fn pod_checks_for(
+    args: &AgentArgs,
+    mode: RedirectMode,
+    inv: &PodInventory,
+    keys: &std::collections::BTreeSet<String>,
+) -> Vec<PodCheck> {
+    let conf = plugin_conf(args);
+    let policy = crate::ambient::policy_from_args(args);
+    let enrolled = enrolled_state(args, mode);
+    let chosen: Vec<&InventoryPod> = inv
+        .pods
+        .iter()
+        .filter(|p| {
+            keys.contains(&format!(
+                "{}/{}",
+                p.pod.metadata.namespace, p.pod.metadata.name
+            ))
+        })
+        .collect();
+    let found = find_netns(args, chosen.iter().copied());
+    let shared = Shared {
+        conf: &conf,
+        policy: &policy,
+        enrolled: &enrolled,
+        found: &found,
+    };
+    chosen
+        .into_iter()
+        .map(|p| pod_check(args, mode, p, inv, &shared))
+        .collect()
+}
+
+/// What every pod's check reads, computed once per report.
+struct Shared<'a> {
+    conf: &'a Result<meshcni_plugin::config::PluginConf, String>,
+    policy: &'a Result<crate::workloads::EnrollPolicy, String>,
+    enrolled: &'a Result<Enrolled, String>,
+    found: &'a Found,
 }
 
 fn pod_check(
@@ -596,11 +673,15 @@ fn pod_check(
     mode: RedirectMode,
     item: &InventoryPod,
     inv: &PodInventory,
-    conf: &Result<meshcni_plugin::config::PluginConf, String>,
-    policy: &Result<crate::workloads::EnrollPolicy, String>,
-    enrolled: &Result<Enrolled, String>,
+    shared: &Shared<'_>,
 ) -> PodCheck {
     use meshcni_plugin::pod::{Decision, PodRef, SkipReason, decide};
+    let Shared {
+        conf,
+        policy,
+        enrolled,
+        found,
+    } = *shared;
     let pod = &item.pod;
     let md = &pod.metadata;
     let mut pc = PodCheck {
@@ -678,7 +759,7 @@ fn pod_check(
         } else {
             "ambient: selected by an enablement selector (namespace label)".into()
         };
-        return ambient_captured(args, mode, pc, &workload, enrolled);
+        return ambient_captured(args, mode, pc, &workload, enrolled, found);
     }
     if workload.terminal() {
         pc.reason = format!("terminated (phase {})", workload.phase);
@@ -696,7 +777,7 @@ fn pod_check(
         pc.should_capture = true;
         pc.reason = "ambient: selected; no pod IP yet (not started)".into();
         return match enrolled_now {
-            Some(Ok(())) => ambient_captured(args, mode, pc, &workload, enrolled),
+            Some(Ok(())) => ambient_captured(args, mode, pc, &workload, enrolled, found),
             _ => pc,
         };
     }
@@ -716,7 +797,7 @@ fn pod_check(
                 pc.reason.push_str("; no pod IP yet (not started)");
                 return pc;
             }
-            sidecar_captured(args, pc, conf, &workload, *cfg)
+            sidecar_captured(args, pc, conf, &workload, *cfg, found)
         }
         Ok(Decision::Skip(skip)) => {
             let opted_out_ambient = workload
@@ -754,6 +835,7 @@ fn ambient_captured(
     mut pc: PodCheck,
     w: &Workload,
     enrolled: &Result<Enrolled, String>,
+    found: &Found,
 ) -> PodCheck {
     let enrolled = match enrolled {
         Ok(e) => e,
@@ -770,7 +852,7 @@ fn ambient_captured(
                 "not enrolled (not in the inpod state file {})",
                 crate::modes::inpod_state_file(args).display()
             )),
-            Some(rec) => inpod_rules(args, mode, rec),
+            Some(rec) => inpod_rules(args, mode, &w.uid, rec, found),
         },
         Enrolled::Iptables(set) => {
             let v4: Vec<std::net::Ipv4Addr> = w
@@ -822,9 +904,30 @@ fn ambient_captured(
 fn inpod_rules(
     args: &AgentArgs,
     mode: RedirectMode,
+    uid: &str,
     rec: &crate::modes::inpod::state::PodRecord,
+    found: &Found,
 ) -> Result<String, String> {
-    let path = &rec.netns_path;
+    // A pod enrolled without a CNI netns path (found by discovery: a label change, a
+    // restart) is recorded with an empty path: find its netns again the way the driver does.
+    let discovered;
+    let path = if rec.netns_path.as_os_str().is_empty() {
+        let Some(ns) = found.as_ref().map_err(Clone::clone)?.get(uid) else {
+            return Err(format!(
+                "enrolled, but its netns is not found (no process of pod uid {uid} in {}, no netns in {} holding {:?})",
+                args.host_proc_dir.display(),
+                args.netns_dir.display(),
+                rec.ips
+            ));
+        };
+        discovered = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&ns.file)
+        ));
+        &discovered
+    } else {
+        &rec.netns_path
+    };
     match meshcni_netx::podns::netns_id(path) {
         Ok(id) if id == rec.netns_id => {}
         Ok(_) => {
@@ -859,20 +962,10 @@ fn sidecar_captured(
     conf: &meshcni_plugin::config::PluginConf,
     w: &Workload,
     cfg: meshcni_rules::sidecar::CaptureConfig,
+    found: &Found,
 ) -> PodCheck {
     let result = (|| -> Result<String, String> {
-        let finder = meshcni_netx::podns::NetnsFinder::new(
-            &args.host_proc_dir,
-            vec![args.netns_dir.clone()],
-        )
-        .map_err(|e| format!("cannot search for the pod's netns: {e}"))?;
-        let found = finder
-            .find(&[meshcni_netx::podns::PodNetnsQuery {
-                uid: &w.uid,
-                ips: &w.ips,
-            }])
-            .map_err(|e| format!("searching the pod's netns: {e}"))?;
-        let Some(ns) = found.values().next() else {
+        let Some(ns) = found.as_ref().map_err(Clone::clone)?.get(&w.uid) else {
             return Err(format!(
                 "netns not found (no process of pod uid {} in {}, no netns in {} holding {:?})",
                 w.uid,

@@ -33,6 +33,7 @@ pub mod modes;
 pub mod owner_check;
 pub mod plugin_report;
 pub mod readiness;
+pub mod repair;
 pub mod run;
 pub mod seam;
 pub mod uninstall_hook;

@@ -17,6 +17,8 @@
 //! | `meshcni_cni_event_duration_seconds` | histogram | time to answer a `POST /cmdadd` |
 //! | `meshcni_workload_refusals_total{reason}` | counter | workload input refused: `duplicate_uid`, `reserved_ip`, `file_incomplete`, `file_limit`, `file_invalid` |
 //! | `meshcni_workloads_file_parses_total` | counter | workloads-file parses (only changed content is parsed) |
+//! | `meshcni_repair_total{result,reason}` | counter | repair controller (`repair`): `result` = `repaired`, `failed`, `labelled`, `deleted`; `reason` = `sidecar_not_captured`, `ambient_not_enrolled`, `ambient_drifted` |
+//! | `meshcni_repair_duration_seconds` | histogram | repair: from the pod first seen uncaptured to the doctor's verdict "captured" |
 //!
 //! Installer-derived series are produced by a [`Collector`] that reads the installer when
 //! scraped, so there is no copy to keep in sync.
@@ -100,6 +102,40 @@ fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
 }
 
+/// Labels of `meshcni_repair_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RepairLabels {
+    /// `repaired`, `failed`, `labelled`, `deleted`.
+    pub result: &'static str,
+    /// `sidecar_not_captured`, `ambient_not_enrolled`, `ambient_drifted`.
+    pub reason: &'static str,
+}
+
+/// The repair controller's metrics (registered in this module).
+#[derive(Clone, Debug)]
+pub struct RepairMetrics {
+    pub total: Family<RepairLabels, Counter>,
+    /// Detected uncaptured → captured, seconds.
+    pub duration: Histogram,
+}
+
+impl Default for RepairMetrics {
+    fn default() -> Self {
+        RepairMetrics {
+            total: Family::default(),
+            duration: duration_histogram(),
+        }
+    }
+}
+
+impl RepairMetrics {
+    pub fn count(&self, result: &'static str, reason: &'static str) {
+        self.total
+            .get_or_create(&RepairLabels { result, reason })
+            .inc();
+    }
+}
+
 /// Handles to the agent-owned metrics.
 #[derive(Clone)]
 pub struct AgentMetrics {
@@ -115,6 +151,8 @@ pub struct AgentMetrics {
     pub cni_event_duration: Histogram,
     /// Workload input refusals and workloads-file parses.
     pub workloads: WorkloadMetrics,
+    /// The repair controller's counts and detect→captured times.
+    pub repair: RepairMetrics,
 }
 
 impl AgentMetrics {
@@ -231,6 +269,7 @@ pub fn build_registry(installer: Arc<dyn NodeInstaller>) -> (Registry, AgentMetr
         cni_events: Family::default(),
         cni_event_duration: duration_histogram(),
         workloads: WorkloadMetrics::default(),
+        repair: RepairMetrics::default(),
     };
     registry.register(
         "meshcni_cni_requests",
@@ -276,6 +315,16 @@ pub fn build_registry(installer: Arc<dyn NodeInstaller>) -> (Registry, AgentMetr
         "meshcni_workloads_file_parses",
         "Times the workloads file's content was parsed (unchanged content is not parsed again).",
         metrics.workloads.file_parses.clone(),
+    );
+    registry.register(
+        "meshcni_repair",
+        "Pods the repair controller found not captured as they should be, by result and reason.",
+        metrics.repair.total.clone(),
+    );
+    registry.register(
+        "meshcni_repair_duration_seconds",
+        "Repair: time from a pod first seen uncaptured to the doctor's verdict that it is captured.",
+        metrics.repair.duration.clone(),
     );
     registry.register_collector(Box::new(InstallCollector { installer }));
     (registry, metrics)

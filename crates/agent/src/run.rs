@@ -63,6 +63,8 @@ pub struct AgentHandle {
     /// The plugin event server (`pluginevent.sock`), when ambient is enabled. Dropping the
     /// last handle stops it and removes the socket.
     pub cni_events: Option<Arc<crate::cni_events::CniEventServer>>,
+    /// The repair controller (`--repair-enabled`); dropping the last handle stops it.
+    pub repair: Option<Arc<crate::repair::RepairController>>,
 }
 
 /// Everything decided from the flags before starting.
@@ -181,6 +183,32 @@ pub async fn start(
         None
     };
 
+    let repair = if args.repair_enabled {
+        let enroll = enrollment.as_ref().and_then(|e| {
+            e.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|l| l.sender())
+        });
+        match crate::repair::RepairController::spawn(
+            args,
+            plan.redirect_mode,
+            metrics.repair.clone(),
+            enroll,
+        ) {
+            Ok(r) => Some(Arc::new(r)),
+            Err(e) => {
+                // Readiness says so: a node that should repair pods and cannot is not ready.
+                warn!(error = %e, "repair controller not started");
+                let why = format!("repair controller not started: {e}");
+                readiness.probe("repair", move || Err(why.clone()));
+                None
+            }
+        }
+    } else {
+        None
+    };
+
     let listeners = Listeners::bind(
         args.listen_address,
         args.readiness_port,
@@ -214,6 +242,7 @@ pub async fn start(
         readiness,
         enrollment,
         cni_events,
+        repair,
     })
 }
 

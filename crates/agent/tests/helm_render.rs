@@ -345,6 +345,9 @@ enum Expect {
 /// Ambient on with the default redirect mode (inpod).
 const AMBIENT: &[(&str, &str)] = &[("ambient.enabled", "true")];
 
+/// Repair on (in-place, the default action).
+const REPAIR: &[(&str, &str)] = &[("repair.enabled", "true")];
+
 /// Every value of values.yaml (a leaf = a scalar, a list or an empty map) with a non-default
 /// valid value and where its change must show. A value without a case here — a newly added
 /// one — fails `every_documented_value_changes_the_render_where_it_should`, and so does a case
@@ -505,6 +508,64 @@ fn value_cases() -> Vec<ValueCase> {
             r#""ztunnel-node""#,
             Changes(&["ConfigMap/meshcni-config/data/ZTUNNEL_SERVICE_ACCOUNT"]),
         ),
+        c(
+            "repair.enabled",
+            "true",
+            Changes(&[
+                "ConfigMap/meshcni-config/data",
+                "ClusterRole/meshcni/rules",
+                "DaemonSet/meshcni-node/spec/template/spec/hostPID",
+                "DaemonSet/meshcni-node/spec/template/spec/containers/0/securityContext",
+                "DaemonSet/meshcni-node/spec/template/spec/containers/0/volumeMounts",
+                "DaemonSet/meshcni-node/spec/template/spec/volumes",
+            ]),
+        ),
+        ValueCase {
+            key: "repair.repairPods",
+            value: "false",
+            context: &[("repair.enabled", "true"), ("repair.labelPods", "true")],
+            expect: Changes(&[
+                "ConfigMap/meshcni-config/data/REPAIR_REPAIR_PODS",
+                "ClusterRole/meshcni/rules",
+            ]),
+        },
+        ValueCase {
+            key: "repair.deletePods",
+            value: "true",
+            context: &[
+                ("repair.enabled", "true"),
+                ("repair.repairPods", "false"),
+                ("repair.labelPods", "true"),
+            ],
+            expect: Changes(&[
+                "ConfigMap/meshcni-config/data/REPAIR_DELETE_PODS",
+                "ClusterRole/meshcni/rules",
+            ]),
+        },
+        ValueCase {
+            key: "repair.labelPods",
+            value: "true",
+            context: REPAIR,
+            expect: Changes(&["ConfigMap/meshcni-config/data/REPAIR_LABEL_PODS"]),
+        },
+        ValueCase {
+            key: "repair.brokenPodLabelKey",
+            value: r#""example.com/uncaptured""#,
+            context: REPAIR,
+            expect: Changes(&["ConfigMap/meshcni-config/data/REPAIR_BROKEN_POD_LABEL_KEY"]),
+        },
+        ValueCase {
+            key: "repair.brokenPodLabelValue",
+            value: r#""yes""#,
+            context: REPAIR,
+            expect: Changes(&["ConfigMap/meshcni-config/data/REPAIR_BROKEN_POD_LABEL_VALUE"]),
+        },
+        ValueCase {
+            key: "repair.resyncSeconds",
+            value: "5",
+            context: REPAIR,
+            expect: Changes(&["ConfigMap/meshcni-config/data/REPAIR_RESYNC_SECONDS"]),
+        },
         c(
             "readinessPort",
             "8001",
@@ -1048,4 +1109,48 @@ fn the_values_schema_refuses_undocumented_and_misspelt_values() {
         assert!(!out.status.success(), "{sets:?} rendered");
         assert!(stderr.contains(named), "{sets:?}: {stderr}");
     }
+}
+
+/// Repair's RBAC: Events with any action; pods `delete` or `patch` only for the option that
+/// needs it (never both, never for the in-place repair).
+#[test]
+fn repair_rbac_grants_only_what_the_chosen_action_needs() {
+    let writes = |sets: &[&str]| -> Vec<String> {
+        let objs = objects(&rendered(sets));
+        let role = &objs[&("ClusterRole".to_string(), "meshcni".to_string())];
+        let mut out = Vec::new();
+        for r in role["rules"].as_array().expect("rules") {
+            for res in r["resources"].as_array().expect("resources") {
+                for v in r["verbs"].as_array().expect("verbs") {
+                    let v = v.as_str().unwrap_or("");
+                    if !matches!(v, "get" | "list" | "watch") {
+                        out.push(format!("{}:{v}", res.as_str().unwrap_or("")));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    };
+    assert!(writes(&[]).is_empty());
+    assert_eq!(writes(&["repair.enabled=true"]), ["events:create"]);
+    assert_eq!(
+        writes(&[
+            "repair.enabled=true",
+            "repair.repairPods=false",
+            "repair.labelPods=true"
+        ]),
+        ["events:create", "pods:patch"]
+    );
+    assert_eq!(
+        writes(&[
+            "repair.enabled=true",
+            "repair.repairPods=false",
+            "repair.deletePods=true",
+            "repair.labelPods=true"
+        ]),
+        ["events:create", "pods:delete"]
+    );
+    // Options of a controller that is off grant nothing.
+    assert!(writes(&["repair.deletePods=true", "repair.repairPods=false"]).is_empty());
 }

@@ -757,6 +757,25 @@ fn manifest_is_the_chart_rendered_with_defaults() {
         Some(cov.str("global.nativeNftables"))
     );
 
+    // Repair: off by default (the binary's default too): no REPAIR_* setting, no write
+    // permission; its other values only matter when it is on (helm_render.rs checks them).
+    assert_eq!(cov.get("repair.enabled"), Value::Bool(false));
+    assert!(
+        !data.keys().any(|k| k.starts_with("REPAIR_")),
+        "repair off renders no REPAIR_* setting"
+    );
+    for leaf in [
+        "repair.repairPods",
+        "repair.deletePods",
+        "repair.labelPods",
+        "repair.brokenPodLabelKey",
+        "repair.brokenPodLabelValue",
+        "repair.resyncSeconds",
+    ] {
+        cov.get(leaf);
+    }
+    assert_eq!(cov.get("repair.repairPods"), Value::Bool(true));
+
     // Nothing in values.yaml escaped the check.
     let mut all = Vec::new();
     leaves(&cov.values, "", &mut all);

@@ -460,6 +460,18 @@ fn apply_sidecar(
     })
 }
 
+/// ADD's sidecar step on its own, for the node agent's repair controller: the same atomic,
+/// verify-or-repair apply ([`apply_sidecar`]) on a running pod's netns. Returns what it did.
+pub fn repair_sidecar_capture(
+    conf: &PluginConf,
+    netns: &Path,
+    cfg: CaptureConfig,
+) -> Result<RulesOutcome, String> {
+    apply_sidecar(conf, netns, cfg)
+        .map(|a| a.rules)
+        .map_err(|e| format!("{}: {}", e.msg, e.details))
+}
+
 /// What ADD would apply for `cfg` in `netns`, and with which settings.
 fn sidecar_plan(
     conf: &PluginConf,

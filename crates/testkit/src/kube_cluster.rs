@@ -8,7 +8,11 @@
 //! version too), [`FakeCluster::close_watches`] ends open streams as a server timeout would.
 //! Supported query parameters: `watch` (`1`/`true`), `resourceVersion`, `timeoutSeconds`, and
 //! `fieldSelector=spec.nodeName=<node>` on pods; others (`limit`, `allowWatchBookmarks`) are
-//! accepted and recorded (lists are answered in one page); a watch with
+//! accepted and recorded (lists are answered in one page); writes of the repair controller:
+//! `POST /api/v1/namespaces/<ns>/events` (stored, [`FakeCluster::events`]),
+//! `PATCH /api/v1/namespaces/<ns>/pods/<name>` (merge patch of `metadata.labels`, streamed as
+//! `MODIFIED`), `DELETE /api/v1/namespaces/<ns>/pods/<name>` (honours a `preconditions.uid`,
+//! streamed as `DELETED`); a watch with
 //! `allowWatchBookmarks=true` that reaches its `timeoutSeconds` ends with a `BOOKMARK` of the
 //! current version, as the API server's does. Responses use chunked encoding like the real
 //! server. Std threads only.
@@ -54,6 +58,8 @@ struct State {
     authorizations: Vec<String>,
     /// While > 0, list requests are answered 500 and this is decremented.
     fail_lists: u32,
+    /// Events POSTed, in order.
+    events: Vec<Value>,
 }
 
 struct Shared {
@@ -70,6 +76,10 @@ impl Shared {
 
 /// The running fake; stops (and ends all streams) when dropped.
 pub struct FakeCluster {
+    /// The listener (a clone), shut down on drop: wakes the accept loop even when the
+    /// listener lives in another netns than the thread that drops it (a connect would not
+    /// reach it).
+    listener: TcpListener,
     addr: SocketAddr,
     url: String,
     shared: Arc<Shared>,
@@ -81,6 +91,7 @@ impl FakeCluster {
     pub fn start() -> io::Result<FakeCluster> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
+        let wake = listener.try_clone()?;
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 rv: 100,
@@ -108,6 +119,7 @@ impl FakeCluster {
                 }
             })?;
         Ok(FakeCluster {
+            listener: wake,
             addr,
             url: format!("http://{addr}"),
             shared,
@@ -195,8 +207,28 @@ impl FakeCluster {
             .count()
     }
 
-    fn apply(&self, kind: Kind, mut object: Value) -> u64 {
-        let mut st = self.shared.lock();
+    /// Events POSTed so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.lock().events.clone()
+    }
+
+    /// The stored pod, if any.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.shared
+            .lock()
+            .pods
+            .get(&format!("{namespace}/{name}"))
+            .cloned()
+    }
+
+    fn apply(&self, kind: Kind, object: Value) -> u64 {
+        apply_locked(&self.shared, kind, object)
+    }
+}
+
+fn apply_locked(shared: &Shared, kind: Kind, mut object: Value) -> u64 {
+    {
+        let mut st = shared.lock();
         st.rv += 1;
         let rv = st.rv;
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
@@ -216,12 +248,20 @@ impl FakeCluster {
             typ,
             object,
         });
-        self.shared.changed.notify_all();
+        shared.changed.notify_all();
         rv
     }
+}
 
+impl FakeCluster {
     fn delete(&self, kind: Kind, key: &str) -> Option<u64> {
-        let mut st = self.shared.lock();
+        delete_locked(&self.shared, kind, key)
+    }
+}
+
+fn delete_locked(shared: &Shared, kind: Kind, key: &str) -> Option<u64> {
+    {
+        let mut st = shared.lock();
         let map = match kind {
             Kind::Pod => &mut st.pods,
             Kind::Namespace => &mut st.namespaces,
@@ -236,7 +276,7 @@ impl FakeCluster {
             typ: "DELETED",
             object,
         });
-        self.shared.changed.notify_all();
+        shared.changed.notify_all();
         Some(rv)
     }
 }
@@ -245,7 +285,13 @@ impl Drop for FakeCluster {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         self.shared.changed.notify_all();
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        let shut = nix::sys::socket::shutdown(
+            std::os::fd::AsRawFd::as_raw_fd(&self.listener),
+            nix::sys::socket::Shutdown::Both,
+        );
+        if shut.is_err() {
+            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        }
         if let Some(t) = self.accept_thread.take() {
             let _ = t.join();
         }
@@ -331,17 +377,22 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
     let method = it.next().unwrap_or_default().to_string();
     let target = it.next().unwrap_or_default().to_string();
     let mut authorization = String::new();
+    let mut content_length = 0usize;
     loop {
         let mut h = String::new();
         if reader.read_line(&mut h)? == 0 || h.trim_end().is_empty() {
             break;
         }
-        if let Some((n, v)) = h.split_once(':')
-            && n.trim().eq_ignore_ascii_case("authorization")
-        {
-            authorization = v.trim().to_string();
+        if let Some((n, v)) = h.split_once(':') {
+            if n.trim().eq_ignore_ascii_case("authorization") {
+                authorization = v.trim().to_string();
+            } else if n.trim().eq_ignore_ascii_case("content-length") {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
         }
     }
+    let mut body = vec![0u8; content_length.min(1 << 20)];
+    std::io::Read::read_exact(&mut reader, &mut body)?;
     let mut stream = reader.into_inner();
     {
         let mut st = shared.lock();
@@ -349,6 +400,10 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
         st.authorizations.push(authorization);
     }
     let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
+    if method != "GET" {
+        let (status, answer) = write_request(shared, &method, path, &body);
+        return write_full(&mut stream, status, &answer);
+    }
     let q = parse_query(query);
     let kind = match path {
         "/api/v1/pods" => Kind::Pod,
@@ -365,13 +420,6 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
             );
         }
     };
-    if method != "GET" {
-        return write_full(
-            &mut stream,
-            405,
-            &status_json(405, "MethodNotAllowed", "only GET is supported"),
-        );
-    }
     if !q.watch {
         let body = {
             let mut st = shared.lock();
@@ -511,7 +559,9 @@ fn finish(stream: &mut TcpStream) -> io::Result<()> {
 fn write_full(stream: &mut TcpStream, status: u16, body: &str) -> io::Result<()> {
     let reason = match status {
         200 => "OK",
+        201 => "Created",
         404 => "Not Found",
+        409 => "Conflict",
         405 => "Method Not Allowed",
         _ => "Internal Server Error",
     };
@@ -521,6 +571,70 @@ fn write_full(stream: &mut TcpStream, status: u16, body: &str) -> io::Result<()>
         body.len()
     )?;
     stream.flush()
+}
+
+/// A write (see the module docs): status and body.
+fn write_request(shared: &Shared, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let doc: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    match (method, parts.as_slice()) {
+        ("POST", ["api", "v1", "namespaces", ns, "events"]) => {
+            let mut ev = doc;
+            let n = {
+                let mut st = shared.lock();
+                st.events.push(Value::Null);
+                st.events.len()
+            };
+            ev["metadata"]["namespace"] = json!(ns);
+            ev["metadata"]["name"] = json!(format!("event-{n}"));
+            shared.lock().events[n - 1] = ev.clone();
+            (201, ev.to_string())
+        }
+        ("PATCH", ["api", "v1", "namespaces", ns, "pods", name]) => {
+            let key = format!("{ns}/{name}");
+            let Some(mut pod) = shared.lock().pods.get(&key).cloned() else {
+                return (
+                    404,
+                    status_json(404, "NotFound", &format!("pods \"{name}\" not found")),
+                );
+            };
+            if let Some(labels) = doc["metadata"]["labels"].as_object() {
+                for (k, v) in labels {
+                    pod["metadata"]["labels"][k] = v.clone();
+                }
+            }
+            apply_locked(shared, Kind::Pod, pod.clone());
+            let now = shared.lock().pods.get(&key).cloned().unwrap_or(pod);
+            (200, now.to_string())
+        }
+        ("DELETE", ["api", "v1", "namespaces", ns, "pods", name]) => {
+            let key = format!("{ns}/{name}");
+            let Some(pod) = shared.lock().pods.get(&key).cloned() else {
+                return (
+                    404,
+                    status_json(404, "NotFound", &format!("pods \"{name}\" not found")),
+                );
+            };
+            if let Some(uid) = doc["preconditions"]["uid"].as_str()
+                && pod["metadata"]["uid"].as_str() != Some(uid)
+            {
+                return (
+                    409,
+                    status_json(409, "Conflict", "precondition failed: UID"),
+                );
+            }
+            delete_locked(shared, Kind::Pod, &key);
+            (200, pod.to_string())
+        }
+        _ => (
+            405,
+            status_json(
+                405,
+                "MethodNotAllowed",
+                &format!("{method} {path} is not supported"),
+            ),
+        ),
+    }
 }
 
 /// Store key of an object: `namespace/name`, or `name` for cluster-scoped objects.

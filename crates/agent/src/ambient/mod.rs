@@ -174,6 +174,8 @@ pub struct Reconciler {
     last_duplicates: Vec<DuplicateUid>,
     /// Plan again at once (a CNI override was dropped).
     replan: bool,
+    /// Pods the repair controller asked to enroll again ([`SourceUpdate::Repair`]).
+    repair: BTreeSet<String>,
 }
 
 /// Lists the node's own addresses (see [`Reconciler::with_node_addresses`]).
@@ -251,6 +253,7 @@ impl Reconciler {
             uid_holders: BTreeMap::new(),
             last_duplicates: Vec::new(),
             replan: false,
+            repair: BTreeSet::new(),
         }
     }
 
@@ -310,6 +313,13 @@ impl Reconciler {
             }
             SourceUpdate::Driver(ev) => {
                 self.driver_event(ev);
+                return;
+            }
+            SourceUpdate::Repair(uid) => {
+                info!(uid = %uid, "repair: enrolling the pod again");
+                self.failures.remove(&uid);
+                self.actual = None;
+                self.repair.insert(uid);
                 return;
             }
         }
@@ -504,6 +514,13 @@ impl Reconciler {
 
         let mut actual = self.actual.take().unwrap_or_default();
         let mut desired = self.desired(&BTreeSet::new());
+        // Repair: a desired pod the driver counts as enrolled is planned as an enrollment
+        // again (verify-or-repair in its netns). A pod that is not desired is never touched.
+        for uid in std::mem::take(&mut self.repair) {
+            if desired.contains_key(&uid) {
+                actual.pods.remove(&uid);
+            }
+        }
         let mut planned = plan(&desired, &actual);
         // A CNI event's IPs are put in force only when they can be honoured whole: if another
         // pod holds (or wins) one of them, the pod stays exactly as it is (its current

@@ -253,6 +253,10 @@ pub enum SourceUpdate {
     CniAdd(crate::seam::CniAddRequest),
     /// Something the redirect driver reported (a proxy connected, a pod lost).
     Driver(crate::seam::DriverEvent),
+    /// The repair controller (`crate::repair`) found this pod (UID) not captured as it should
+    /// be (not enrolled, or its redirection drifted): enroll it again now, whatever its
+    /// back-off, even if the driver counts it as enrolled (an enroll is verify-or-repair).
+    Repair(String),
 }
 
 /// The agent's enrollment policy.
