@@ -525,11 +525,22 @@ pub fn run_uninstall(
     node_name: &str,
     dirs: &AgentDirs,
 ) -> Result<String, String> {
+    run_uninstall_mode(agent_bin, node_netns, node_name, dirs, StackMode::Iptables)
+}
+
+/// [`run_uninstall`] with the flags of redirect mode `mode` ([`agent_args_for`]).
+pub fn run_uninstall_mode(
+    agent_bin: &Path,
+    node_netns: &Path,
+    node_name: &str,
+    dirs: &AgentDirs,
+    mode: StackMode,
+) -> Result<String, String> {
     let out = Command::new("nsenter")
         .arg(format!("--net={}", node_netns.display()))
         .arg("--")
         .arg(agent_bin)
-        .args(agent_args(dirs))
+        .args(agent_args_for(dirs, mode))
         .arg("uninstall")
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
