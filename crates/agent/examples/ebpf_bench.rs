@@ -96,8 +96,11 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-/// (rate/s, p50 µs, p90 µs, p99 µs) of sequential exchange times.
-fn stats(mut times: Vec<Duration>) -> (f64, f64, f64, f64) {
+/// (rate/s, p50 µs, p90 µs, p99 µs).
+type Stats = (f64, f64, f64, f64);
+
+/// [`Stats`] of sequential exchange times.
+fn stats(mut times: Vec<Duration>) -> Stats {
     let total: Duration = times.iter().sum();
     times.sort();
     let pick = |q: f64| us(times[((times.len() - 1) as f64 * q).round() as usize]);
@@ -186,7 +189,7 @@ fn conn(n: usize, rounds: usize, bulk_mib: usize) {
     let payload = b"ping\n";
     // (path, mode) → per-round (rate, p50, p90, p99); mode → bulk MB/s per round, for the
     // direct and the captured stream.
-    let mut conn_rows: BTreeMap<(usize, &str), Vec<(f64, f64, f64, f64)>> = BTreeMap::new();
+    let mut conn_rows: BTreeMap<(usize, &str), Vec<Stats>> = BTreeMap::new();
     let mut bulk_rows: BTreeMap<(usize, &str), Vec<f64>> = BTreeMap::new();
     for round in 0..rounds {
         let order: Vec<&(Mode, Mesh)> = if round % 2 == 0 {
@@ -230,7 +233,7 @@ fn conn(n: usize, rounds: usize, bulk_mib: usize) {
     println!("| path | mode | conn/s | p50 µs | p90 µs | p99 µs |");
     println!("| --- | --- | ---: | ---: | ---: | ---: |");
     for ((i, mode), v) in &conn_rows {
-        let col = |f: fn(&(f64, f64, f64, f64)) -> f64| v.iter().map(f).collect::<Vec<f64>>();
+        let col = |f: fn(&Stats) -> f64| v.iter().map(f).collect::<Vec<f64>>();
         println!(
             "| {} | {mode} | {} | {} | {} | {} |",
             PATHS[*i].0,
