@@ -9,6 +9,8 @@
 #                                            mode (inpod, as the agent's default)
 #   scripts/demo.sh --ambient-mode inpod     the same, explicitly
 #   scripts/demo.sh --ambient-mode iptables  ambient section in node-level iptables mode
+#   scripts/demo.sh --ambient-mode ebpf      ambient section in node-level tc eBPF mode (pins
+#                                            on a private bpffs under the work dir)
 #   SKIP_SETUP=1 scripts/demo.sh ...         skip scripts/setup.sh (deps known to be present)
 #
 # Any other argument is an error (usage on stderr, exit 2).
@@ -20,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 
 usage() {
-    echo "usage: scripts/demo.sh [--ambient-mode inpod|iptables]   (default: inpod)" >&2
+    echo "usage: scripts/demo.sh [--ambient-mode inpod|iptables|ebpf]   (default: inpod)" >&2
 }
 ambient_mode=inpod
 while [ $# -gt 0 ]; do
@@ -46,9 +48,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 case "$ambient_mode" in
-    inpod | iptables) ;;
+    inpod | iptables | ebpf) ;;
     *)
-        echo "demo.sh: unknown ambient mode: $ambient_mode (known: inpod, iptables)" >&2
+        echo "demo.sh: unknown ambient mode: $ambient_mode (known: inpod, iptables, ebpf)" >&2
         usage
         exit 2
         ;;
@@ -73,7 +75,13 @@ target_dir="$(readlink -f "${CARGO_TARGET_DIR:-target}")/debug"
 
 WORK="$(mktemp -d /tmp/mcni-demo.XXXXXX)"
 cleanup() {
-    # The demo cleans up after itself; this catches a crash or a signal.
+    # The demo cleans up after itself; this catches a crash or a signal. A signal sent to this
+    # script alone (not the process group) would leave meshcni-demo running: stop it first
+    # (its agents follow through their parent-death signal).
+    if [ -n "${demo_pid:-}" ] && kill -0 "$demo_pid" 2>/dev/null; then
+        kill -TERM "$demo_pid" 2>/dev/null || true
+        wait "$demo_pid" 2>/dev/null || true
+    fi
     if [ -f "$WORK/netns" ]; then
         while read -r ns; do
             case "$ns" in
@@ -82,6 +90,15 @@ cleanup() {
         done <"$WORK/netns"
     fi
     rm -f /var/lib/cni/results/mcni-demo-"${demo_pid:-none}"-* 2>/dev/null || true
+    # ebpf mode: the private bpffs mounts the demo recorded (only under the work dir). Lazy
+    # unmount: the pins go with the mount, and with them the last reference to our links.
+    if [ -f "$WORK/mounts" ]; then
+        while read -r m; do
+            case "$m" in
+                "$WORK"/*) mountpoint -q "$m" && umount -l "$m" 2>/dev/null || true ;;
+            esac
+        done <"$WORK/mounts"
+    fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT

@@ -1,9 +1,15 @@
-//! Demo section "ambient mode (iptables redirect)": two nodes of a [`MultiNodeLab`], a ztunnel
-//! stand-in in each node's ztunnel pod, the real `meshcni-agent` running per node (a child
-//! process inside the node netns, `--ambient-redirect-mode iptables`, workloads from a local
-//! file), pods started through the real `meshcni` plugin (exec'd with CNI environment, chained
-//! after the lab's ptp wiring). Prints the node state the way an operator inspects it, a table
-//! of flows with where each was captured, then uninstalls and shows the node is clean.
+//! Demo section "ambient mode (iptables or ebpf redirect)": two nodes of a [`MultiNodeLab`], a
+//! ztunnel stand-in in each node's ztunnel pod, the real `meshcni-agent` running per node (a
+//! child process inside the node netns, `--ambient-redirect-mode iptables|ebpf`, workloads from
+//! a local file), pods started through the real `meshcni` plugin (exec'd with CNI environment,
+//! chained after the lab's ptp wiring). Prints the node state the way an operator inspects it
+//! (iptables mode: chains, rules, routes, tunnels, ipset; ebpf mode: the tc programs attached,
+//! the pinned links and maps, via `bpftool` scoped to the agent's pin dir and the lab's netns,
+//! and proof that no iptables/nft rule, ipset or policy route exists), a table of flows with
+//! where each was captured, then uninstalls and shows both netns of each node are as before.
+//!
+//! In ebpf mode each agent pins under a private bpffs mounted on `<work>/ambient-node<i>/bpffs`
+//! (recorded in `<work>/mounts` for the caller's trap; unmounted when the section ends).
 //!
 //! Pods (namespace `mesh` is labelled `istio.io/dataplane-mode=ambient`, `plain` is not):
 //!
@@ -26,13 +32,14 @@ use meshcni_testkit::ztunnel::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 use meshcni_testkit::{ConnectOpts, MultiNodeLab, TcpServer, ZtunnelHop, ZtunnelStandIn};
 use serde_json::Value;
 
-use crate::SectionEnv;
 use crate::error::DemoError;
 use crate::flows::{Row, table};
 use crate::node::Node;
+use crate::{AmbientMode, SectionEnv};
 use crate::{heading, indent};
+use meshcni_testkit::NetnsSnapshot;
 use meshcni_testkit::stack::{
-    Agent, AgentDirs, DATAPLANE_MODE, NodeState, exec_in, grep, namespace_json, plugin_add,
+    Agent, AgentDirs, DATAPLANE_MODE, StackMode, exec_in, grep, namespace_json, plugin_add,
     pod_json, write_pod_metadata, write_workloads, ztunnel_json,
 };
 
@@ -164,9 +171,42 @@ pub(crate) fn record_netns(work: &Path, lab: &MultiNodeLab) -> Result<(), DemoEr
     Ok(())
 }
 
+/// A private bpffs mounted by the demo (ebpf mode); lazily unmounted on drop.
+struct Bpffs(std::path::PathBuf);
+
+impl Bpffs {
+    fn mount(dir: &Path, work: &Path) -> Result<Bpffs, DemoError> {
+        // Recorded first: the caller's trap unmounts it if the demo dies.
+        let list = work.join("mounts");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&list)
+            .map_err(|e| DemoError::io(format!("open {}", list.display()), e))?;
+        writeln!(f, "{}", dir.display())
+            .map_err(|e| DemoError::io(format!("write {}", list.display()), e))?;
+        nix::mount::mount(
+            Some("bpf"),
+            dir,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| unexpected(format!("mount a bpffs on {}: {e}", dir.display())))?;
+        Ok(Bpffs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// Everything the section runs; dropped in field order (agents first, the lab last).
 struct Stack {
     agents: Vec<Agent>,
+    bpffs: Vec<Bpffs>,
     ztunnels: Vec<ZtunnelStandIn>,
     servers: BTreeMap<&'static str, TcpServer>,
     lab: MultiNodeLab,
@@ -188,13 +228,24 @@ pub fn run(_node: &mut Node, env: &SectionEnv) -> Result<Vec<Row>, DemoError> {
     let node2: Vec<&str> = PODS.iter().filter(|p| p.0 == 2).map(|p| p.1).collect();
     let lab = MultiNodeLab::new("amb", &[&node1, &node2])?;
     record_netns(&env.work, &lab)?;
-    let pre: Vec<NodeState> = lab
-        .nodes
-        .iter()
-        .map(|n| NodeState::capture(n.netns.path()).map_err(unexpected))
-        .collect::<Result<_, _>>()?;
+    let mode = match env.ambient_mode {
+        AmbientMode::Ebpf => StackMode::Ebpf,
+        _ => StackMode::Iptables,
+    };
+    // Both netns of each node as they were before the agent: (name, path, snapshot).
+    let mut pre: Vec<(String, std::path::PathBuf, NetnsSnapshot)> = Vec::new();
+    for n in &lab.nodes {
+        for (what, ns) in [("node", &n.netns), ("ztunnel netns", &n.ztunnel.netns)] {
+            pre.push((
+                format!("node{} {what}", n.index),
+                ns.path().to_path_buf(),
+                NetnsSnapshot::capture(ns.path()).map_err(unexpected)?,
+            ));
+        }
+    }
     let mut stack = Stack {
         agents: Vec::new(),
+        bpffs: Vec::new(),
         ztunnels: Vec::new(),
         servers: BTreeMap::new(),
         lab,
@@ -219,9 +270,10 @@ pub fn run(_node: &mut Node, env: &SectionEnv) -> Result<Vec<Row>, DemoError> {
             .insert(name, TcpServer::start(&pod.netns, pod.addr(PORT))?);
     }
 
-    heading(
-        "meshcni-agent per node (nsenter --net=<node netns>, --ambient-redirect-mode iptables)",
-    );
+    heading(&format!(
+        "meshcni-agent per node (nsenter --net=<node netns>, --ambient-redirect-mode {})",
+        mode.name()
+    ));
     let mut dirs = Vec::new();
     for n in &lab.nodes {
         let node_name = format!("node{}", n.index);
@@ -236,9 +288,12 @@ pub fn run(_node: &mut Node, env: &SectionEnv) -> Result<Vec<Row>, DemoError> {
             pods.push(pod_json(ns, name, &node_name, None, labels, &[]));
         }
         write_workloads(&d.workloads, &namespaces(), &pods).map_err(unexpected)?;
+        if mode == StackMode::Ebpf {
+            stack.bpffs.push(Bpffs::mount(&d.bpffs, &env.work)?);
+        }
         let started = Instant::now();
-        let mut agent =
-            Agent::start(&agent_bin, n.netns.path(), &node_name, &d).map_err(unexpected)?;
+        let mut agent = Agent::start_mode(&agent_bin, n.netns.path(), &node_name, &d, mode, &[])
+            .map_err(unexpected)?;
         let (readyz, config) = agent
             .wait_ready(Duration::from_secs(20))
             .map_err(unexpected)?;
@@ -248,6 +303,13 @@ pub fn run(_node: &mut Node, env: &SectionEnv) -> Result<Vec<Row>, DemoError> {
             started.elapsed().as_millis(),
             d.ambient_config().display()
         );
+        if mode == StackMode::Ebpf {
+            println!(
+                "      pins under {} (a private bpffs mounted on {})",
+                d.bpf_pin_dir().display(),
+                d.bpffs.display()
+            );
+        }
         stack.agents.push(agent);
         dirs.push(d);
     }
@@ -306,7 +368,13 @@ pub fn run(_node: &mut Node, env: &SectionEnv) -> Result<Vec<Row>, DemoError> {
         z.set_captured(captured.iter().copied());
     }
 
-    show_node_state(lab, &dirs[0])?;
+    let bpf_ids = match mode {
+        StackMode::Ebpf => show_ebpf_state(lab, &dirs)?,
+        _ => {
+            show_node_state(lab, &dirs[0])?;
+            Vec::new()
+        }
+    };
 
     heading("flows (real TCP; witnesses: ztunnel stand-ins' records + the server's peer)");
     let mut rows = Vec::new();
@@ -325,17 +393,59 @@ pub fn run(_node: &mut Node, env: &SectionEnv) -> Result<Vec<Row>, DemoError> {
             .terminate(Duration::from_secs(10))
             .map_err(unexpected)?;
         let n = &lab.nodes[i];
-        let after = NodeState::capture(n.netns.path()).map_err(unexpected)?;
-        let diff = pre[i].diff(&after);
-        if diff.is_empty() && status.success() {
-            println!(
-                "    node{}: agent exited ({status}); iptables (nft+legacy), ip rule, all routes, links, ipsets identical to before the agent",
-                n.index
-            );
-        } else {
-            clean = false;
-            println!("    node{}: agent exited ({status}); NOT CLEAN:", n.index);
-            indent(&diff.join("\n"));
+        println!("    node{}: agent exited ({status})", n.index);
+        clean &= status.success();
+        for (what, path, before) in pre
+            .iter()
+            .filter(|p| p.0.starts_with(&format!("node{} ", n.index)))
+        {
+            let after = NetnsSnapshot::capture(path).map_err(unexpected)?;
+            let diff = before.diff(&after);
+            if diff.is_empty() {
+                println!(
+                    "      {what}: iptables (nft+legacy), nft ruleset, ip rule, all routes, links, addresses, ipsets, sysctls identical to before the agent"
+                );
+            } else {
+                clean = false;
+                println!("      {what}: NOT CLEAN:");
+                indent(&diff.join("\n"));
+            }
+        }
+        if let Some(ids) = bpf_ids.get(i) {
+            let pins = d.bpf_pin_dir();
+            // The kernel frees a program or map after its last reference is dropped (deferred
+            // work): give it a moment before calling it left behind.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            let left = loop {
+                let mut left = Vec::new();
+                for (kind, set) in [("prog", &ids.progs), ("map", &ids.maps)] {
+                    for id in set {
+                        if bpf_id_exists(kind, *id)? {
+                            left.push(format!("{kind} {id}"));
+                        }
+                    }
+                }
+                if left.is_empty() || Instant::now() > deadline {
+                    break left;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            if pins.exists() || !left.is_empty() {
+                clean = false;
+                println!(
+                    "      NOT CLEAN: pin dir {} exists: {}; still in the kernel: {}",
+                    pins.display(),
+                    pins.exists(),
+                    left.join(", ")
+                );
+            } else {
+                println!(
+                    "      pin dir {} removed; programs {:?} and maps {:?} no longer exist in the kernel (`bpftool prog|map show id`)",
+                    pins.display(),
+                    ids.progs,
+                    ids.maps
+                );
+            }
         }
     }
     let leftovers =
@@ -346,6 +456,204 @@ pub fn run(_node: &mut Node, env: &SectionEnv) -> Result<Vec<Row>, DemoError> {
         return Err(unexpected("uninstall left state behind (see above)".into()));
     }
     Ok(rows)
+}
+
+/// Run `bpftool args…` (in the demo's own netns: what it reads is named by our pin paths or
+/// kernel ids, never a listing of the whole machine's programs).
+fn bpftool(args: &[&str]) -> Result<String, DemoError> {
+    let out = std::process::Command::new("bpftool")
+        .args(args)
+        .output()
+        .map_err(|e| DemoError::io(format!("run bpftool {}", args.join(" ")), e))?;
+    if !out.status.success() {
+        return Err(unexpected(format!(
+            "bpftool {} failed ({}): {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether the kernel still has the bpf object `kind` (`prog`/`map`) with this id.
+fn bpf_id_exists(kind: &str, id: u32) -> Result<bool, DemoError> {
+    let out = std::process::Command::new("bpftool")
+        .args([kind, "show", "id", &id.to_string()])
+        .output()
+        .map_err(|e| DemoError::io(format!("run bpftool {kind} show id {id}"), e))?;
+    Ok(out.status.success())
+}
+
+/// `ifindex → name` of the links in `netns`.
+fn link_names(netns: &Path) -> Result<BTreeMap<u32, String>, DemoError> {
+    let text = exec_in(netns, "ip", &["-o", "link", "show"]).map_err(unexpected)?;
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.splitn(3, ": ");
+            let index = parts.next()?.trim().parse().ok()?;
+            let name = parts.next()?.split('@').next()?.to_string();
+            Some((index, name))
+        })
+        .collect())
+}
+
+/// The kernel ids of what one agent holds: its programs (from its pinned links) and its maps.
+#[derive(Debug, Default)]
+struct BpfIds {
+    progs: std::collections::BTreeSet<u32>,
+    maps: std::collections::BTreeSet<u32>,
+}
+
+/// ebpf mode: what each agent attached and pinned, scoped to its pin dir (links → programs,
+/// maps) and the lab's netns (ifindex → device); then that the node netns has no
+/// iptables/nft rule, ipset or policy route. Returns each node's program and map ids.
+fn show_ebpf_state(lab: &MultiNodeLab, dirs: &[AgentDirs]) -> Result<Vec<BpfIds>, DemoError> {
+    let mut all = Vec::new();
+    for (n, d) in lab.nodes.iter().zip(dirs) {
+        let mut ids = BpfIds::default();
+        let pins = d.bpf_pin_dir();
+        let links_dir = pins.join("links");
+        let mut links: Vec<std::path::PathBuf> = std::fs::read_dir(&links_dir)
+            .map_err(|e| DemoError::io(format!("list {}", links_dir.display()), e))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .collect();
+        links.sort();
+        let node_links = link_names(n.netns.path())?;
+        let zt_links = link_names(n.ztunnel.netns.path())?;
+        heading(&format!(
+            "node{}: tcx links pinned in {} (`bpftool link show pinned <pin>`; device from the pin's ifindex)",
+            n.index,
+            links_dir.display()
+        ));
+        for l in &links {
+            let name = l
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            // <hook>-<netns inode>-<ifindex>
+            let mut parts = name.rsplitn(3, '-');
+            let ifindex: u32 = parts.next().and_then(|i| i.parse().ok()).unwrap_or(0);
+            let hook = parts.nth(1).unwrap_or("?");
+            let (where_, dev) = if hook == "zt-in" {
+                ("ztunnel netns", zt_links.get(&ifindex))
+            } else {
+                ("node netns", node_links.get(&ifindex))
+            };
+            let text = bpftool(&["link", "show", "pinned", &l.display().to_string()])?;
+            let prog = text
+                .split_whitespace()
+                .skip_while(|w| *w != "prog")
+                .nth(1)
+                .and_then(|w| w.parse::<u32>().ok());
+            if let Some(id) = prog {
+                ids.progs.insert(id);
+            }
+            println!(
+                "    {name:<26} {where_} {} ({} of the veth): {}",
+                dev.map_or("?", String::as_str),
+                if hook == "pod-eg" {
+                    "egress"
+                } else {
+                    "ingress"
+                },
+                text.trim()
+            );
+        }
+        heading(&format!(
+            "node{}: the programs those links run (`bpftool prog show id <id>`)",
+            n.index
+        ));
+        for id in &ids.progs {
+            indent(bpftool(&["prog", "show", "id", &id.to_string()])?.trim());
+        }
+        let maps_dir = pins.join("maps");
+        heading(&format!(
+            "node{}: maps pinned in {} (`bpftool map show pinned <pin>`, entries from `bpftool -j map dump`)",
+            n.index,
+            maps_dir.display()
+        ));
+        for m in [
+            meshcni_ebpf::maps::PODS_MAP,
+            meshcni_ebpf::maps::ZTUNNEL_MAP,
+            meshcni_ebpf::maps::HOST_IPS_MAP,
+        ] {
+            let path = maps_dir.join(m).display().to_string();
+            let show = bpftool(&["map", "show", "pinned", &path])?;
+            if let Some(id) = show
+                .split(':')
+                .next()
+                .and_then(|i| i.trim().parse::<u32>().ok())
+            {
+                ids.maps.insert(id);
+            }
+            indent(show.trim());
+            let dump: Value =
+                serde_json::from_str(&bpftool(&["-j", "map", "dump", "pinned", &path])?)
+                    .map_err(|e| unexpected(format!("bpftool -j map dump pinned {path}: {e}")))?;
+            let entries = dump.as_array().map(Vec::as_slice).unwrap_or_default();
+            let keys: Vec<String> = if m == meshcni_ebpf::maps::PODS_MAP {
+                entries
+                    .iter()
+                    .filter_map(|e| hex_bytes(&e["key"]))
+                    .filter_map(|k| <[u8; 16]>::try_from(k.as_slice()).ok())
+                    .map(|k| meshcni_ebpf::maps::key_addr(k).to_string())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            if keys.is_empty() {
+                println!("        entries: {}", entries.len());
+            } else {
+                println!("        entries: {}: {}", entries.len(), keys.join(", "));
+            }
+        }
+        heading(&format!(
+            "node{}: `ip rule` in the ztunnel netns (local delivery of the packets bpf_sk_assign steered)",
+            n.index
+        ));
+        indent(&exec_in(n.ztunnel.netns.path(), "ip", &["rule"]).map_err(unexpected)?);
+        heading(&format!(
+            "node{}: {}",
+            n.index,
+            d.ambient_config().display()
+        ));
+        let config = std::fs::read_to_string(d.ambient_config())
+            .map_err(|e| DemoError::io(format!("read {}", d.ambient_config().display()), e))?;
+        indent(&config);
+        all.push(ids);
+    }
+    heading("no iptables/nft rule, ipset or policy route in either node netns (issue 11 item 4)");
+    for n in &lab.nodes {
+        let ns = n.netns.path();
+        let run = |program: &str, args: &[&str]| exec_in(ns, program, args).map_err(unexpected);
+        let rules = |text: String| text.lines().filter(|l| l.starts_with("-A")).count();
+        println!(
+            "    node{}: iptables-nft-save {} rules, iptables-legacy-save {} rules, `nft list ruleset` {} lines, `ipset list` {} lines, `ip rule`: {}",
+            n.index,
+            rules(run("iptables-nft-save", &[])?),
+            rules(run("iptables-legacy-save", &[])?),
+            run("nft", &["list", "ruleset"])?.lines().count(),
+            run("ipset", &["list"])?.lines().count(),
+            run("ip", &["rule"])?
+                .lines()
+                .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+    Ok(all)
+}
+
+/// A `bpftool -j` byte array (`["0x0a", …]`) as bytes.
+fn hex_bytes(v: &Value) -> Option<Vec<u8>> {
+    v.as_array()?
+        .iter()
+        .map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+        .collect()
 }
 
 fn show_node_state(lab: &MultiNodeLab, d: &AgentDirs) -> Result<(), DemoError> {

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! meshcni-demo [--plugin-dir DIR] [--cni-plugins DIR] [--work-dir DIR] [--section NAME]...
-//!              [--ambient-mode inpod|iptables]
+//!              [--ambient-mode inpod|iptables|ebpf]
 //! ```
 //! * `--plugin-dir` — where the built `meshcni` is (default: this binary's directory);
 //! * `--cni-plugins` — the reference plugins (default `/usr/lib/cni`);
@@ -13,7 +13,7 @@
 //!   (`<dir>/netns`, for the caller's cleanup trap); default a fresh `/tmp/mcni-demo-<pid>`;
 //! * `--section` — run only the named section(s) (`sidecar`, `ambient`); default: all;
 //! * `--ambient-mode` — the agent's redirect mode in the ambient section: `inpod` (the default,
-//!   as the agent's) or `iptables`.
+//!   as the agent's), `iptables` or `ebpf` (tc programs and pinned maps on a private bpffs).
 //!
 //! Sections are modules (`sidecar`, `ambient`), listed in [`SECTIONS`].
 #![forbid(unsafe_code)]
@@ -50,15 +50,18 @@ pub enum AmbientMode {
     Inpod,
     /// Node-level iptables + tunnels into the ztunnel pod.
     Iptables,
+    /// Node-level tc eBPF programs and pinned maps (no iptables anywhere).
+    Ebpf,
 }
 
 impl AmbientMode {
-    const NAMES: &'static str = "inpod, iptables";
+    const NAMES: &'static str = "inpod, iptables, ebpf";
 
     fn parse(s: &str) -> Option<AmbientMode> {
         match s {
             "inpod" => Some(AmbientMode::Inpod),
             "iptables" => Some(AmbientMode::Iptables),
+            "ebpf" => Some(AmbientMode::Ebpf),
             _ => None,
         }
     }
@@ -67,12 +70,13 @@ impl AmbientMode {
         match self {
             AmbientMode::Inpod => "inpod",
             AmbientMode::Iptables => "iptables",
+            AmbientMode::Ebpf => "ebpf",
         }
     }
 }
 
 const USAGE: &str = "meshcni-demo [--plugin-dir DIR] [--cni-plugins DIR] [--work-dir DIR] \
-[--section sidecar|ambient]... [--ambient-mode inpod|iptables]";
+[--section sidecar|ambient]... [--ambient-mode inpod|iptables|ebpf]";
 
 /// One demo section: its `--section` name, its title and what it runs.
 type Section = (
@@ -98,7 +102,7 @@ const SECTIONS: &[Section] = &[
         },
         |node, env| match env.ambient_mode {
             AmbientMode::Inpod => ambient_inpod::run(node, env),
-            AmbientMode::Iptables => ambient::run(node, env),
+            AmbientMode::Iptables | AmbientMode::Ebpf => ambient::run(node, env),
         },
     ),
 ];
@@ -332,7 +336,7 @@ mod tests {
     }
 
     #[test]
-    fn ambient_mode_defaults_to_inpod_and_iptables_is_selectable() {
+    fn ambient_mode_defaults_to_inpod_and_iptables_and_ebpf_are_selectable() {
         assert_eq!(
             parse(&[]).expect("no args").ambient_mode,
             AmbientMode::Inpod
@@ -349,12 +353,18 @@ mod tests {
                 .ambient_mode,
             AmbientMode::Iptables
         );
+        assert_eq!(
+            parse(&["--ambient-mode", "ebpf"])
+                .expect("ebpf")
+                .ambient_mode,
+            AmbientMode::Ebpf
+        );
     }
 
     #[test]
     fn unknown_options_and_modes_are_usage_errors() {
-        let m = usage_error(&["--ambient-mode", "ebpf"]);
-        assert!(m.contains("\"ebpf\"") && m.contains(USAGE), "{m}");
+        let m = usage_error(&["--ambient-mode", "bpf"]);
+        assert!(m.contains("\"bpf\"") && m.contains(USAGE), "{m}");
         let m = usage_error(&["--ambient-mode"]);
         assert!(m.contains("--ambient-mode needs a value"), "{m}");
         let m = usage_error(&["--bogus"]);

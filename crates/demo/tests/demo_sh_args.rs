@@ -24,21 +24,18 @@ fn unknown_option_is_an_error_with_usage() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("unknown argument: --ambient_mode"), "{err}");
     assert!(
-        err.contains("usage: scripts/demo.sh [--ambient-mode inpod|iptables]"),
+        err.contains("usage: scripts/demo.sh [--ambient-mode inpod|iptables|ebpf]"),
         "{err}"
     );
 }
 
 #[test]
 fn unknown_ambient_mode_is_an_error_with_usage() {
-    for args in [
-        &["--ambient-mode", "ebpf"][..],
-        &["--ambient-mode=ebpf"][..],
-    ] {
+    for args in [&["--ambient-mode", "bpf"][..], &["--ambient-mode=bpf"][..]] {
         let (code, err) = demo_sh(args);
         assert_eq!(code, Some(2), "{args:?}: {err}");
         assert!(
-            err.contains("unknown ambient mode: ebpf"),
+            err.contains("unknown ambient mode: bpf (known: inpod, iptables, ebpf)"),
             "{args:?}: {err}"
         );
         assert!(err.contains("usage:"), "{args:?}: {err}");

@@ -53,6 +53,9 @@ pub struct AgentDirs {
     pub proc: PathBuf,
     /// inpod mode: `--netns-dir`, a private dir the test fills with links to its own netns.
     pub netns_dir: PathBuf,
+    /// ebpf mode: the mount point of a private bpffs (the caller mounts it; never the host's
+    /// `/sys/fs/bpf`); the agent pins under [`AgentDirs::bpf_pin_dir`].
+    pub bpffs: PathBuf,
 }
 
 impl AgentDirs {
@@ -74,10 +77,12 @@ impl AgentDirs {
             zds_socket: root.join("zds").join("ztunnel.sock"),
             proc: root.join("proc"),
             netns_dir: root.join("netns"),
+            bpffs: root.join("bpffs"),
         };
         for dir in [
             &d.proc,
             &d.netns_dir,
+            &d.bpffs,
             &d.net_d,
             &d.image,
             &d.bin,
@@ -120,6 +125,11 @@ impl AgentDirs {
     /// `<ambient>/config.json`.
     pub fn ambient_config(&self) -> PathBuf {
         self.ambient.join("config.json")
+    }
+
+    /// ebpf mode: `--ambient-ebpf-pin-dir` (`<bpffs>/meshcni`).
+    pub fn bpf_pin_dir(&self) -> PathBuf {
+        self.bpffs.join("meshcni")
     }
 }
 
@@ -224,6 +234,9 @@ pub enum StackMode {
     Iptables,
     /// In-pod (`--ambient-redirect-mode=inpod`), ztunnel connects to `dirs.zds_socket`.
     Inpod,
+    /// Node-level tc eBPF (`--ambient-redirect-mode=ebpf`), ztunnel as a watched pod; pins
+    /// under `dirs.bpf_pin_dir()` (the caller mounts a bpffs on `dirs.bpffs` first).
+    Ebpf,
 }
 
 impl StackMode {
@@ -231,6 +244,7 @@ impl StackMode {
         match self {
             StackMode::Iptables => "iptables",
             StackMode::Inpod => "inpod",
+            StackMode::Ebpf => "ebpf",
         }
     }
 }
@@ -492,6 +506,14 @@ pub fn agent_args_for(dirs: &AgentDirs, mode: StackMode) -> Vec<String> {
             format!("--netns-dir={}", p(&dirs.netns_dir)),
         ]);
     }
+    if mode == StackMode::Ebpf {
+        args.extend([
+            format!("--ambient-ebpf-pin-dir={}", p(&dirs.bpf_pin_dir())),
+            // Private, empty: netns discovery never scans the machine's processes or netns.
+            format!("--host-proc-dir={}", p(&dirs.proc)),
+            format!("--netns-dir={}", p(&dirs.netns_dir)),
+        ]);
+    }
     args
 }
 
@@ -503,11 +525,22 @@ pub fn run_uninstall(
     node_name: &str,
     dirs: &AgentDirs,
 ) -> Result<String, String> {
+    run_uninstall_mode(agent_bin, node_netns, node_name, dirs, StackMode::Iptables)
+}
+
+/// [`run_uninstall`] with the flags of redirect mode `mode` ([`agent_args_for`]).
+pub fn run_uninstall_mode(
+    agent_bin: &Path,
+    node_netns: &Path,
+    node_name: &str,
+    dirs: &AgentDirs,
+    mode: StackMode,
+) -> Result<String, String> {
     let out = Command::new("nsenter")
         .arg(format!("--net={}", node_netns.display()))
         .arg("--")
         .arg(agent_bin)
-        .args(agent_args(dirs))
+        .args(agent_args_for(dirs, mode))
         .arg("uninstall")
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())

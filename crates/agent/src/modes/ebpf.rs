@@ -18,14 +18,18 @@
 //!   `<run dir>/ebpf-mode.json`, written before an address enters the map; an address in the
 //!   map without a recorded owner reads back as `unknown-<ip>` and is released by the planner.
 //! * Uninstall: detach the ztunnel netns program and its routing, then
-//!   `meshcni_ebpf::uninstall` (every link, filter, sysctl and pin of ours).
+//!   `meshcni_ebpf::uninstall` (every link, filter, sysctl and pin of ours). The ztunnel netns
+//!   is the one in use, else the one recorded in the state file: its path when the ztunnel pod
+//!   names it (annotation), else the ztunnel pod's UID, IPs and netns identity (a netns found
+//!   by scanning has no path that outlives the agent), found again the same way and checked
+//!   against that identity, so `meshcni-agent uninstall` after the agent is gone cleans it too.
 //!
 //! No iptables, nft, ipset or policy route is written in the node netns.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
 use meshcni_ebpf::{AttachMode, Datapath, DatapathConfig, Hook, PodEntry, ZtunnelEntry};
@@ -90,6 +94,24 @@ pub struct EbpfState {
     /// The ztunnel netns (path) and the name of its veth inside it, when attached.
     #[serde(default)]
     pub ztunnel_netns: Option<(PathBuf, String)>,
+    /// The ztunnel netns when it was found by scanning (no stable path): how to find it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ztunnel_found: Option<FoundZtunnel>,
+}
+
+/// A ztunnel netns found by scanning (`/proc`, the netns dir), recorded so that an uninstall
+/// by another process can find the same netns again and undo our routing there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FoundZtunnel {
+    /// The ztunnel pod's UID and IPs (what the scan looks for).
+    pub uid: String,
+    pub ips: Vec<IpAddr>,
+    /// The netns identity (`st_dev`, `st_ino` of its nsfs file): a netns found again must be
+    /// this one (a new ztunnel pod's netns is not ours to touch).
+    pub dev: u64,
+    pub ino: u64,
+    /// The ztunnel veth's name inside it.
+    pub eth: String,
 }
 
 /// The active ztunnel, resolved.
@@ -99,6 +121,8 @@ struct Ztunnel {
     _file: Option<File>,
     netns: PathBuf,
     eth: String,
+    /// Found by scanning: how to find it again (recorded in the state file).
+    found: Option<FoundZtunnel>,
 }
 
 pub struct EbpfDriver {
@@ -408,11 +432,46 @@ impl EbpfDriver {
                     self.cfg.node_netns.display()
                 ))
             })?;
+        let found = match &file {
+            None => None,
+            Some(f) => {
+                let id = meshcni_netx::podns::netns_id_of_fd(f.as_fd())
+                    .map_err(|e| drv(format!("identity of ztunnel {} netns: {e}", z.pod)))?;
+                Some(FoundZtunnel {
+                    uid: z.pod.uid.clone(),
+                    ips: z.ips.clone(),
+                    dev: id.dev,
+                    ino: id.ino,
+                    eth: eth.clone(),
+                })
+            }
+        };
         Ok(Ztunnel {
             _file: file,
             netns,
             eth,
+            found,
         })
+    }
+
+    /// The recorded scanned ztunnel netns, found again (same UID/IPs scan) and verified to be
+    /// the same netns; `None` when it is gone (with its pod) or is another netns now.
+    fn refind_ztunnel(&self, rec: &FoundZtunnel) -> Result<Option<(File, PathBuf)>, DriverError> {
+        let Some(file) = self.find_netns(&rec.uid, &rec.ips).map_err(drv)? else {
+            tracing::info!(uid = rec.uid, ips = ?rec.ips, "the recorded ztunnel netns is gone (nothing of ours left there)");
+            return Ok(None);
+        };
+        let id = meshcni_netx::podns::netns_id_of_fd(file.as_fd())
+            .map_err(|e| drv(format!("identity of the ztunnel netns found again: {e}")))?;
+        if (id.dev, id.ino) != (rec.dev, rec.ino) {
+            tracing::info!(
+                uid = rec.uid,
+                "the ztunnel pod's netns found now is not the recorded one; leaving it alone"
+            );
+            return Ok(None);
+        }
+        let path = fd_path(&file);
+        Ok(Some((file, path)))
     }
 
     fn install_ztunnel(&mut self, z: &ZtunnelInfo) -> Result<(), DriverError> {
@@ -449,13 +508,15 @@ impl EbpfDriver {
             }),
         };
         self.dp.set_ztunnel(Some(entry)).map_err(drv)?;
-        // Only a stable path is worth recording (a scanned netns's fd path dies with us).
+        // A stable path is recorded as is; a scanned netns (whose fd path dies with us) as
+        // what finds it again.
         let record = zt
             ._file
             .is_none()
             .then(|| (zt.netns.clone(), zt.eth.clone()));
-        if self.state.ztunnel_netns != record {
+        if self.state.ztunnel_netns != record || self.state.ztunnel_found != zt.found {
             self.state.ztunnel_netns = record;
+            self.state.ztunnel_found = zt.found.clone();
             self.dirty = true;
             self.save()?;
         }
@@ -560,9 +621,18 @@ impl RedirectDriver for EbpfDriver {
 
     fn uninstall(&mut self) -> Result<(), DriverError> {
         let mut netns: Vec<PathBuf> = vec![self.cfg.node_netns.clone()];
-        let zt = match &self.ztunnel {
-            Some(z) => Some((z.netns.clone(), z.eth.clone())),
-            None => self.state.ztunnel_netns.clone(),
+        // Held open while we work in it (a refound netns's path is its fd's).
+        let mut _held: Option<File> = None;
+        let zt = match (&self.ztunnel, &self.state.ztunnel_found) {
+            (Some(z), _) => Some((z.netns.clone(), z.eth.clone())),
+            (None, Some(rec)) => {
+                let rec = rec.clone();
+                self.refind_ztunnel(&rec)?.map(|(file, path)| {
+                    _held = Some(file);
+                    (path, rec.eth)
+                })
+            }
+            (None, None) => self.state.ztunnel_netns.clone(),
         };
         if let Some((zns, eth)) = zt
             && zns.exists()
