@@ -660,6 +660,14 @@ impl RedirectDriver for InpodDriver {
             self.adopt()?;
             self.started = true;
         }
+        // Every resync: the host-probe SNAT rule and sets in the node netns, verify-or-repair
+        // (identical → nothing runs). A third party may have flushed the node's iptables (an
+        // operator's `iptables -F`, a firewall reload); without the rule every ambient pod's
+        // kubelet probes fail. Members of the sets are kept.
+        if let Some(h) = self.host.as_mut() {
+            h.ensure_rules()
+                .map_err(|e| drv(format!("host-probe SNAT rules in the node netns: {e}")))?;
+        }
         let lost: Vec<String> = std::mem::take(&mut self.view().lost).into_iter().collect();
         for uid in lost {
             // ztunnel refused it: forget the hand-over (rules stay, traffic fails closed)
