@@ -87,7 +87,10 @@ fn taint_enabled_grants_exactly_get_and_patch_on_nodes() {
     let key = ("ClusterRole".to_string(), "meshcni".to_string());
     let off = objects(&rendered(&[]))[&key]["rules"].clone();
     let on = objects(&rendered(&["taint.enabled=true"]))[&key]["rules"].clone();
-    let (off, on) = (off.as_array().expect("rules"), on.as_array().expect("rules"));
+    let (off, on) = (
+        off.as_array().expect("rules"),
+        on.as_array().expect("rules"),
+    );
     assert_eq!(on.len(), off.len() + 1, "{on:?}");
     assert_eq!(&on[..off.len()], &off[..]);
     assert_eq!(

@@ -400,10 +400,17 @@ fn host_probe_snat_flushed_by_a_third_party_is_restored_on_resync() {
         }
     }
     let flushed = save(node);
-    assert!(!flushed.contains("-j SNAT"), "flush left the rule:\n{flushed}");
+    assert!(
+        !flushed.contains("-j SNAT"),
+        "flush left the rule:\n{flushed}"
+    );
     let actual = rig.driver.actual().expect("resync");
     assert_eq!(actual.len(), 1, "the pod stays enrolled: {actual:?}");
-    assert_eq!(save(node), installed, "probe SNAT not restored as installed");
+    assert_eq!(
+        save(node),
+        installed,
+        "probe SNAT not restored as installed"
+    );
     assert_eq!(
         node.exec_ok("ipset", &["save"]).expect("ipset save"),
         sets,

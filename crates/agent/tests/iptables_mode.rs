@@ -1511,7 +1511,10 @@ fn node_rules_flushed_by_a_third_party_are_restored_on_resync() {
         }
     }
     let flushed = no_counters(&lab.save(&lab.node));
-    assert!(!flushed.contains("ztunnel-"), "flush left rules:\n{flushed}");
+    assert!(
+        !flushed.contains("ztunnel-"),
+        "flush left rules:\n{flushed}"
+    );
     let before = d.repairs().node_rules;
     let actual = d.actual().expect("resync");
     assert_eq!(actual.len(), 1, "the pod stays enrolled: {actual:?}");
