@@ -76,7 +76,7 @@ impl Rig {
         cluster.apply_namespace(namespace_json("mesh", &[(DATAPLANE_MODE, "ambient")]));
         let kubeconfig = tmp.path().join("agent-kubeconfig");
         std::fs::write(&kubeconfig, cluster.kubeconfig_yaml()).expect("kubeconfig");
-        let rig = Rig {
+        Rig {
             lab,
             cluster: Some(cluster),
             dirs,
@@ -85,8 +85,7 @@ impl Rig {
             plugin,
             agent: None,
             _tmp: tmp,
-        };
-        rig
+        }
     }
 
     /// The pod is created in the API (Pending: no IP yet), its metadata where the plugin reads
