@@ -58,6 +58,8 @@ fn config(lab: &MultiNodeLab, dir: &Path) -> InpodModeConfig {
             ..Default::default()
         },
         ack_timeout: Duration::from_secs(2),
+        // Every `actual()` verifies the node's host-probe rules (the agent: every 10 s at most).
+        host_rules_check_interval: Duration::ZERO,
         ..InpodModeConfig::default()
     }
 }
