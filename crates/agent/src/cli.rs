@@ -382,6 +382,22 @@ pub struct AgentArgs {
     )]
     pub exclude_namespaces: Vec<String>,
 
+    // ---- node readiness taint (node_taint.rs) ----
+    /// Remove the readiness taint (--node-taint-key) from this node (--node-name) once the agent
+    /// is ready (plugin installed; with ambient, the redirect mode up); never adds it. Off by
+    /// default, as in Istio (whose control plane does it, PILOT_ENABLE_NODE_UNTAINT_CONTROLLERS).
+    /// Needs API access (KUBERNETES_SERVICE_HOST or --ambient-kubeconfig) and RBAC get + patch
+    /// on nodes.
+    #[arg(long, env = "REMOVE_NODE_TAINT", default_value = "false", action = ArgAction::Set,
+          value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
+    pub remove_node_taint: bool,
+
+    /// Key of the readiness taint --remove-node-taint removes (every effect). With the option
+    /// off a non-default value is rejected.
+    #[arg(long, env = "NODE_TAINT_KEY", default_value = crate::node_taint::DEFAULT_TAINT_KEY,
+          value_parser = crate::node_taint::parse_taint_key)]
+    pub node_taint_key: String,
+
     // ---- ambient ----
     /// Enable ambient mode.
     #[arg(long, env = "AMBIENT_ENABLED", default_value = "false", action = ArgAction::Set,
@@ -821,6 +837,29 @@ impl AgentArgs {
                  --ambient-redirect-mode=inpod (AMBIENT_REDIRECT_MODE=inpod, the default) or \
                  iptables"
             ));
+        }
+        if self.remove_node_taint {
+            if crate::workloads::kube::AccessConfig::from_args(self).is_none() {
+                errs.push(format!(
+                    "{} = true needs API access: {} or {} (the agent patches its own Node)",
+                    flag_and_env("remove_node_taint"),
+                    flag_and_env("kubernetes_service_host"),
+                    flag_and_env("ambient_kubeconfig")
+                ));
+            }
+            let node = self.effective_node_name();
+            if parse_dns_subdomain(&node).is_err() {
+                errs.push(format!(
+                    "{} = true needs this node's name ({} or {}, else the hostname): {node:?} is not a node name",
+                    flag_and_env("remove_node_taint"),
+                    flag_and_env("node_name"),
+                    flag_and_env("kubernetes_node_name")
+                ));
+            }
+        } else {
+            reject_non_default!(self, d, errs;
+                node_taint_key: "only --remove-node-taint (REMOVE_NODE_TAINT) uses it, and it is off",
+            );
         }
         if !self.daemonset_name.is_empty() {
             for (field, value) in [

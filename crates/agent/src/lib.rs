@@ -30,6 +30,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod modes;
+pub mod node_taint;
 pub mod owner_check;
 pub mod plugin_report;
 pub mod readiness;

@@ -155,7 +155,8 @@ pub async fn start(
         None
     };
 
-    let (registry, metrics) = build_registry(installer);
+    let (mut registry, metrics) = build_registry(installer);
+    start_node_taint_removal(args, &readiness, &mut registry);
     let enrollment = if args.ambient_enabled {
         crate::ambient::start_from_args(
             args,
@@ -244,6 +245,24 @@ pub async fn start(
         cni_events,
         repair,
     })
+}
+
+/// `--remove-node-taint`: remove the node's readiness taint once ready, on its own thread
+/// (`node_taint`). Its metrics are registered also when the option is off (all zero), so
+/// dashboards see the series either way.
+fn start_node_taint_removal(
+    args: &AgentArgs,
+    readiness: &Readiness,
+    registry: &mut prometheus_client::registry::Registry,
+) {
+    let metrics = crate::node_taint::TaintMetrics::default();
+    metrics.register(registry);
+    if let Some(remover) = crate::node_taint::TaintRemover::from_args(args) {
+        info!(node = %remover.node, taint = %remover.key, "readiness taint: will remove it once ready");
+        if let Err(e) = remover.spawn(readiness.clone(), metrics) {
+            error!(error = %e, "readiness taint: could not start its thread; the taint stays");
+        }
+    }
 }
 
 /// Serve `pluginevent.sock`. Also when enrollment could not start: the plugin's ADD then gets

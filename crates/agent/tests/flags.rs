@@ -556,6 +556,22 @@ const TABLE: &[(&str, &str, &[&str], Expect)] = &[
         ],
         Runtime("daemonset_name: \"meshcni-node\""),
     ),
+    (
+        "remove-node-taint",
+        "true",
+        &["--kubernetes-service-host=127.0.0.1", "--node-name=node-a"],
+        Runtime("remove_node_taint: true"),
+    ),
+    (
+        "node-taint-key",
+        "example.com/not-ready",
+        &[
+            "--remove-node-taint=true",
+            "--kubernetes-service-host=127.0.0.1",
+            "--node-name=node-a",
+        ],
+        Runtime("node_taint_key: \"example.com/not-ready\""),
+    ),
 ];
 
 fn check_config(args: &[String], env: &[(String, String)]) -> Output {

@@ -79,6 +79,26 @@ fn rendered(sets: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("helm output is UTF-8")
 }
 
+/// `taint.enabled` adds exactly one ClusterRole rule: `get` and `patch` on core `nodes`, no
+/// resource names (RBAC cannot name "the pod's own node"; ARCHITECTURE.md), and nothing else
+/// changes in the existing rules.
+#[test]
+fn taint_enabled_grants_exactly_get_and_patch_on_nodes() {
+    let key = ("ClusterRole".to_string(), "meshcni".to_string());
+    let off = objects(&rendered(&[]))[&key]["rules"].clone();
+    let on = objects(&rendered(&["taint.enabled=true"]))[&key]["rules"].clone();
+    let (off, on) = (
+        off.as_array().expect("rules"),
+        on.as_array().expect("rules"),
+    );
+    assert_eq!(on.len(), off.len() + 1, "{on:?}");
+    assert_eq!(&on[..off.len()], &off[..]);
+    assert_eq!(
+        on[off.len()],
+        serde_json::json!({"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]})
+    );
+}
+
 /// Objects by (kind, name).
 fn objects(yaml: &str) -> BTreeMap<(String, String), Value> {
     let mut out = BTreeMap::new();
@@ -670,6 +690,22 @@ fn value_cases() -> Vec<ValueCase> {
             r#"{"CNI_CONF_GROUP_READ": "true"}"#,
             Changes(&["DaemonSet/meshcni-node/spec/template/spec/containers/0/env"]),
         ),
+        // The node readiness taint: the agent's two variables and the nodes rule, together.
+        c(
+            "taint.enabled",
+            "true",
+            Changes(&[
+                "ConfigMap/meshcni-config/data/REMOVE_NODE_TAINT",
+                "ConfigMap/meshcni-config/data/NODE_TAINT_KEY",
+                "ClusterRole/meshcni/rules",
+            ]),
+        ),
+        ValueCase {
+            key: "taint.key",
+            value: r#""example.com/node-not-ready""#,
+            context: &[("taint.enabled", "true")],
+            expect: Changes(&["ConfigMap/meshcni-config/data/NODE_TAINT_KEY"]),
+        },
         c(
             "uninstallHook.enabled",
             "false",
@@ -1103,6 +1139,12 @@ fn the_values_schema_refuses_undocumented_and_misspelt_values() {
             "/ambient/detectionFailurePolicy",
         ),
         (&[("tag", "1.10")][..], "/tag"),
+        (&[("taint.key", r#""Bad Key""#)][..], "/taint/key"),
+        // A key without the option would be ignored: refused, naming both values.
+        (
+            &[("taint.key", r#""example.com/x""#)][..],
+            "taint.key is set but taint.enabled is false",
+        ),
     ] {
         let out = render_json(sets);
         let stderr = String::from_utf8_lossy(&out.stderr);

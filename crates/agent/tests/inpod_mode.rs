@@ -58,6 +58,8 @@ fn config(lab: &MultiNodeLab, dir: &Path) -> InpodModeConfig {
             ..Default::default()
         },
         ack_timeout: Duration::from_secs(2),
+        // Every `actual()` verifies the node's host-probe rules (the agent: every 10 s at most).
+        host_rules_check_interval: Duration::ZERO,
         ..InpodModeConfig::default()
     }
 }
@@ -371,4 +373,49 @@ fn one_netns_search_serves_every_enrollment_of_a_pass() {
         let id = netns_id(rig.lab.pod(name).netns.path());
         assert_eq!(held.netns, (id.dev, id.ino), "{name}: its own netns");
     }
+}
+
+/// Issue 12 item 5 (d): a third party flushes the node netns's iptables. The host-probe SNAT
+/// rule (kubelet probes → the SNAT address every pod's rules accept) must come back at the next
+/// resync (`actual()`), with the probe set's members kept. Before the fix the driver ensured
+/// the rule only when it first opened the node netns: probes of every ambient pod stayed broken
+/// until the agent restarted.
+#[test]
+fn host_probe_snat_flushed_by_a_third_party_is_restored_on_resync() {
+    let mut rig = Rig::new("inpod-flush");
+    rig.driver.actual().expect("actual");
+    let _zt =
+        InpodZtunnelStandIn::start_with(InpodZtunnelConfig::new(rig.socket())).expect("stand-in");
+    rig.wait_connected();
+    rig.driver.apply(&rig.enroll("app")).expect("enroll app");
+    rig.driver.flush().expect("flush state");
+    let node = &rig.lab.node(1).netns;
+    let installed = save(node);
+    let sets = node.exec_ok("ipset", &["save"]).expect("ipset save");
+    for flavor in ["iptables-nft", "iptables-legacy"] {
+        let text = node.exec_ok(&format!("{flavor}-save"), &[]).expect("save");
+        if text.contains("-j SNAT") {
+            for table in ["nat", "mangle", "filter"] {
+                let _ = node.exec_ok(flavor, &["-t", table, "-F"]);
+                let _ = node.exec_ok(flavor, &["-t", table, "-X"]);
+            }
+        }
+    }
+    let flushed = save(node);
+    assert!(
+        !flushed.contains("-j SNAT"),
+        "flush left the rule:\n{flushed}"
+    );
+    let actual = rig.driver.actual().expect("resync");
+    assert_eq!(actual.len(), 1, "the pod stays enrolled: {actual:?}");
+    assert_eq!(
+        save(node),
+        installed,
+        "probe SNAT not restored as installed"
+    );
+    assert_eq!(
+        node.exec_ok("ipset", &["save"]).expect("ipset save"),
+        sets,
+        "probe set members lost"
+    );
 }

@@ -1475,3 +1475,68 @@ fn a_stuck_node_restore_is_killed_at_its_timeout() {
     d.uninstall().expect("uninstall");
     base.assert_restored();
 }
+
+/// Issue 12 item 5 (d): a third party flushes the node netns's iptables (an operator's
+/// `iptables -t nat -F`, a firewall reload that drops foreign chains). The enrolled pods would
+/// bypass ztunnel silently; the next resync (`actual()`) must find the node rules gone and put
+/// them back in one restore, exactly as installed, and leave them alone when intact. (Before
+/// the fix `actual()` checked routes and sysctls only: the rules stayed gone until a ztunnel
+/// change.)
+#[test]
+fn node_rules_flushed_by_a_third_party_are_restored_on_resync() {
+    let lab = lab(1);
+    let mut d = lab.driver();
+    d.ztunnel_changed(Some(&lab.ztunnel_info(&lab.ztunnel, "10.244.1.5", true)))
+        .expect("install");
+    d.apply(&lab.enroll(0)).expect("enroll");
+    let installed = no_counters(&lab.save(&lab.node));
+    assert!(
+        installed.contains("-A PREROUTING -j ztunnel-PREROUTING"),
+        "{installed}"
+    );
+    // The flavor the driver wrote (touching the other would create its tables).
+    for flavor in ["iptables-nft", "iptables-legacy"] {
+        let save = lab
+            .node
+            .exec_ok(&format!("{flavor}-save"), &[])
+            .expect("save");
+        if !save.contains("ztunnel-") {
+            continue;
+        }
+        for table in ["nat", "mangle", "filter"] {
+            // Flush every chain, then delete the user chains: what `iptables -F; iptables -X`
+            // per table does.
+            let _ = lab.node.exec_ok(flavor, &["-t", table, "-F"]);
+            let _ = lab.node.exec_ok(flavor, &["-t", table, "-X"]);
+        }
+    }
+    let flushed = no_counters(&lab.save(&lab.node));
+    assert!(
+        !flushed.contains("ztunnel-"),
+        "flush left rules:\n{flushed}"
+    );
+    let before = d.repairs().node_rules;
+    let actual = d.actual().expect("resync");
+    assert_eq!(actual.len(), 1, "the pod stays enrolled: {actual:?}");
+    assert_eq!(
+        no_counters(&lab.save(&lab.node)),
+        installed,
+        "node rules not restored exactly as installed"
+    );
+    assert_eq!(d.repairs().node_rules, before + 1);
+    // Intact: the next resync runs nothing.
+    d.actual().expect("resync");
+    assert_eq!(d.repairs().node_rules, before + 1);
+    assert_eq!(no_counters(&lab.save(&lab.node)), installed);
+    d.uninstall().expect("uninstall");
+}
+
+/// A save with every `[packets:bytes]` counter zeroed (traffic in the netns moves them).
+fn no_counters(save: &str) -> String {
+    save.lines()
+        .map(|l| match (l.find(" ["), l.ends_with(']')) {
+            (Some(i), true) if l.starts_with(':') => format!("{} [0:0]\n", &l[..i]),
+            _ => format!("{l}\n"),
+        })
+        .collect()
+}

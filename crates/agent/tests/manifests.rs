@@ -745,6 +745,12 @@ fn manifest_is_the_chart_rendered_with_defaults() {
         "hooks are not part of the plain manifest"
     );
 
+    // Node readiness taint: off, so neither variable nor the nodes rule (rbac_is_least_privilege).
+    assert_eq!(cov.get("taint.enabled"), Value::Bool(false));
+    assert_eq!(cov.str("taint.key"), "cni.istio.io/not-ready");
+    assert_eq!(cm("REMOVE_NODE_TAINT"), None);
+    assert_eq!(cm("NODE_TAINT_KEY"), None);
+
     // Globals.
     assert_eq!(cm("LOG_LEVEL"), Some(cov.str("global.logging.level")));
     let json = cov.get("global.logAsJson").as_bool().expect("bool");

@@ -60,6 +60,10 @@ struct State {
     fail_lists: u32,
     /// Events POSTed, in order.
     events: Vec<Value>,
+    /// While true, every connection is closed without an answer (`set_unreachable`).
+    unreachable: bool,
+    /// Connections refused that way.
+    refused: u64,
 }
 
 struct Shared {
@@ -110,6 +114,14 @@ impl FakeCluster {
                         break;
                     }
                     let Ok(stream) = conn else { continue };
+                    {
+                        let mut st = s2.lock();
+                        if st.unreachable {
+                            st.refused += 1;
+                            let _ = stream.shutdown(std::net::Shutdown::Both);
+                            continue;
+                        }
+                    }
                     let s3 = s2.clone();
                     let _ = std::thread::Builder::new()
                         .name("fake-cluster-conn".into())
@@ -177,6 +189,22 @@ impl FakeCluster {
         let mut st = self.shared.lock();
         st.generation += 1;
         self.shared.changed.notify_all();
+    }
+
+    /// An outage as the agent sees it (`true`): open watch streams end and every new
+    /// connection is closed before a byte is answered, until `set_unreachable(false)`. The
+    /// cluster's state keeps changing meanwhile (`apply_pod`, `delete_pod`, …), as a real API
+    /// server's would behind a broken network path.
+    pub fn set_unreachable(&self, down: bool) {
+        let mut st = self.shared.lock();
+        st.unreachable = down;
+        st.generation += 1;
+        self.shared.changed.notify_all();
+    }
+
+    /// Connections closed unanswered by [`FakeCluster::set_unreachable`] so far.
+    pub fn refused_connections(&self) -> u64 {
+        self.shared.lock().refused
     }
 
     /// Answer the next `n` list requests with 500.
@@ -477,6 +505,10 @@ fn serve(stream: TcpStream, shared: &Shared) -> io::Result<()> {
         }
         if st.generation != generation {
             let expired = sent_up_to < st.oldest;
+            if st.unreachable {
+                // An outage: the stream breaks off (no final chunk), as a cut connection does.
+                return Ok(());
+            }
             drop(st);
             if expired {
                 write_chunk(&mut stream, &expired_event(sent_up_to))?;

@@ -229,6 +229,9 @@ pub struct RepairCounts {
     pub sysctls: u64,
     /// Table-100 pod routes via `istioin` without an ipset member (a release cut short).
     pub orphan_routes: u64,
+    /// Times the node netns's rules were found missing or changed (flushed by a third party)
+    /// and restored.
+    pub node_rules: u64,
 }
 
 type Job = Box<dyn for<'a> FnOnce(&meshcni_netx::InNetns<'a>) + Send>;
@@ -1211,6 +1214,43 @@ impl IptablesDriver {
             }
             self.repairs.sysctls += wrong.len() as u64;
             self.set_sysctls(&SysctlNs::Node, wrong)?;
+        }
+        self.repair_node_rules(host_ip)
+    }
+
+    /// The node netns's rules, verify-or-repair: a third party may have flushed or edited them
+    /// (an operator's `iptables -F`, a firewall reload that drops foreign chains), which lets
+    /// enrolled pods bypass ztunnel silently. Identical → no command runs; otherwise one
+    /// `iptables-restore --noflush` puts them back exactly as `install_node` wrote them.
+    fn repair_node_rules(&mut self, host_ip: Ipv4Addr) -> Result<(), DriverError> {
+        let (Some(ztunnel_veth), Some(ztunnel_ip), Some(tunnel_port)) = (
+            self.state.ztunnel_veth.clone(),
+            self.state.ztunnel_ip,
+            self.state.tunnel_port,
+        ) else {
+            return Ok(());
+        };
+        let node_cfg = NodeConfig {
+            ztunnel_veth,
+            ztunnel_ip,
+            host_ip,
+            tunnel_port,
+            dns_capture: self.cfg.dns_capture,
+            hairpin: self.cfg.hairpin,
+        };
+        let flavor = self.flavor()?;
+        let save = self.node_save()?;
+        if let Some(text) = an::restore_text(&an::node_chains(&node_cfg), &save) {
+            tracing::warn!(
+                netns = %self.node().display(),
+                "node iptables rules of the iptables redirect mode are missing or changed (flushed by another program?); restoring them"
+            );
+            // The rules reference the set: make sure it exists (members are kept).
+            with_netns(self.node(), |ns| ipset::create_here(ns, an::IPSET_NAME))
+                .and_then(|r| r)
+                .map_err(drv)?;
+            self.restore(flavor, &text)?;
+            self.repairs.node_rules += 1;
         }
         Ok(())
     }

@@ -74,6 +74,11 @@ pub struct InpodModeConfig {
     pub ack_timeout: Duration,
     /// The kubelet's UID for the nftables host-probe rule (`None`: found in `proc_root`).
     pub kubelet_uid: Option<u32>,
+    /// Least time between two verifications of the host-probe SNAT rule and sets in the node
+    /// netns by `actual()` (a third party may flush them). `actual()` runs at every resync and
+    /// after failed passes; this keeps a burst of failing passes from re-reading the node's
+    /// rules each time.
+    pub host_rules_check_interval: Duration,
 }
 
 impl Default for InpodModeConfig {
@@ -89,6 +94,7 @@ impl Default for InpodModeConfig {
             reconcile_on_startup: true,
             ack_timeout: Duration::from_secs(3),
             kubelet_uid: None,
+            host_rules_check_interval: Duration::from_secs(10),
         }
     }
 }
@@ -156,6 +162,8 @@ pub struct InpodDriver {
     view: Arc<Mutex<ProxyView>>,
     zds: Option<ZdsServer>,
     host: Option<HostProbe>,
+    /// When the host-probe rules were last verified (see `host_rules_check_interval`).
+    host_checked: Option<Instant>,
     /// `actual()` ran once (state adopted, ZDS serving).
     started: bool,
     /// Netns found for this pass's enrollments without a CNI netns, in one search
@@ -191,6 +199,7 @@ impl InpodDriver {
             view: Arc::new(Mutex::new(ProxyView::default())),
             zds: None,
             host: None,
+            host_checked: None,
             started: false,
             prefound: BTreeMap::new(),
             dirty: false,
@@ -240,6 +249,7 @@ impl InpodDriver {
             h.ensure_rules()
                 .map_err(|e| drv(format!("host-probe SNAT rules in the node netns: {e}")))?;
             self.host = Some(h);
+            self.host_checked = Some(Instant::now());
         }
         self.host
             .as_mut()
@@ -659,6 +669,18 @@ impl RedirectDriver for InpodDriver {
         if !self.started {
             self.adopt()?;
             self.started = true;
+        }
+        // Every resync: the host-probe SNAT rule and sets in the node netns, verify-or-repair
+        // (identical → nothing runs). A third party may have flushed the node's iptables (an
+        // operator's `iptables -F`, a firewall reload); without the rule every ambient pod's
+        // kubelet probes fail. Members of the sets are kept.
+        let due = self
+            .host_checked
+            .is_none_or(|t| t.elapsed() >= self.cfg.host_rules_check_interval);
+        if due && let Some(h) = self.host.as_mut() {
+            h.ensure_rules()
+                .map_err(|e| drv(format!("host-probe SNAT rules in the node netns: {e}")))?;
+            self.host_checked = Some(Instant::now());
         }
         let lost: Vec<String> = std::mem::take(&mut self.view().lost).into_iter().collect();
         for uid in lost {
