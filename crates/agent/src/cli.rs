@@ -394,8 +394,8 @@ pub struct AgentArgs {
 
     /// Key of the readiness taint --remove-node-taint removes (every effect). With the option
     /// off a non-default value is rejected.
-    #[arg(long, env = "NODE_TAINT_KEY", default_value = crate::node_taint::DEFAULT_TAINT_KEY,
-          value_parser = crate::node_taint::parse_taint_key)]
+    #[arg(long, env = "NODE_TAINT_KEY", default_value = DEFAULT_TAINT_KEY,
+          value_parser = parse_taint_key)]
     pub node_taint_key: String,
 
     // ---- ambient ----
@@ -839,7 +839,7 @@ impl AgentArgs {
             ));
         }
         if self.remove_node_taint {
-            if crate::workloads::kube::AccessConfig::from_args(self).is_none() {
+            if !self.has_api_access() {
                 errs.push(format!(
                     "{} = true needs API access: {} or {} (the agent patches its own Node)",
                     flag_and_env("remove_node_taint"),
@@ -1002,6 +1002,12 @@ impl AgentArgs {
         }
     }
 
+    /// Whether the agent has Kubernetes API access: `--ambient-kubeconfig`, else in-cluster
+    /// (`KUBERNETES_SERVICE_HOST` set). The access itself: `workloads::kube::AccessConfig::from_args`.
+    pub fn has_api_access(&self) -> bool {
+        !self.ambient_kubeconfig.is_empty() || !self.kubernetes_service_host.is_empty()
+    }
+
     /// Node name: NODE_NAME, else KUBERNETES_NODE_NAME, else the hostname.
     pub fn effective_node_name(&self) -> String {
         if !self.node_name.is_empty() {
@@ -1074,6 +1080,39 @@ pub fn reference_markdown() -> String {
         out.push_str(&format!("| `--{long}` | {env} | {def} | {help} |\n"));
     }
     out
+}
+
+/// The reference's taint key (istiod's untaint controller, `cni.istio.io/not-ready`); the
+/// default of `--node-taint-key` (node_taint.rs removes it).
+pub const DEFAULT_TAINT_KEY: &str = "cni.istio.io/not-ready";
+
+/// A taint key: `[prefix/]name`, the prefix a DNS subdomain (≤ 253), the name 1–63 of
+/// `[A-Za-z0-9_.-]` starting and ending alphanumeric (Kubernetes' qualified name).
+pub fn parse_taint_key(s: &str) -> Result<String, String> {
+    let bad = |why: &str| Err(format!("{s:?} is not a taint key: {why}"));
+    let (prefix, name) = match s.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, s),
+    };
+    if let Some(p) = prefix
+        && parse_dns_subdomain(p).is_err()
+    {
+        return bad("the prefix before '/' must be a DNS subdomain (lowercase, at most 253)");
+    }
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if name.is_empty()
+        || name.len() > 63
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        || !alnum(name.chars().next())
+        || !alnum(name.chars().last())
+    {
+        return bad(
+            "the name must be 1-63 letters, digits, '-', '_' or '.', starting and ending alphanumeric",
+        );
+    }
+    Ok(s.to_string())
 }
 
 #[cfg(test)]

@@ -45,8 +45,7 @@ use crate::cli::AgentArgs;
 use crate::readiness::Readiness;
 use crate::workloads::kube::AccessConfig;
 
-/// The reference's taint key (istiod's untaint controller, `cni.istio.io/not-ready`).
-pub const DEFAULT_TAINT_KEY: &str = "cni.istio.io/not-ready";
+pub use crate::cli::{DEFAULT_TAINT_KEY, parse_taint_key};
 
 /// Longest back-off between two failed attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -327,35 +326,6 @@ fn status_message(body: &str) -> String {
         .and_then(|v| v["message"].as_str().map(str::to_string))
         .filter(|m| !m.is_empty())
         .unwrap_or_else(|| body.trim().chars().take(300).collect())
-}
-
-/// A taint key: `[prefix/]name`, the prefix a DNS subdomain (≤ 253), the name 1–63 of
-/// `[A-Za-z0-9_.-]` starting and ending alphanumeric (Kubernetes' qualified name).
-pub fn parse_taint_key(s: &str) -> Result<String, String> {
-    let bad = |why: &str| Err(format!("{s:?} is not a taint key: {why}"));
-    let (prefix, name) = match s.rsplit_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, s),
-    };
-    if let Some(p) = prefix
-        && crate::cli::parse_dns_subdomain(p).is_err()
-    {
-        return bad("the prefix before '/' must be a DNS subdomain (lowercase, at most 253)");
-    }
-    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
-    if name.is_empty()
-        || name.len() > 63
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        || !alnum(name.chars().next())
-        || !alnum(name.chars().last())
-    {
-        return bad(
-            "the name must be 1-63 letters, digits, '-', '_' or '.', starting and ending alphanumeric",
-        );
-    }
-    Ok(s.to_string())
 }
 
 #[cfg(test)]

@@ -66,14 +66,14 @@ impl AccessConfig {
     /// KUBERNETES_SERVICE_HOST is set (port 443 when KUBERNETES_SERVICE_PORT is empty); `None`
     /// when neither.
     pub fn from_args(args: &crate::cli::AgentArgs) -> Option<AccessConfig> {
-        if !args.ambient_kubeconfig.is_empty() {
+        if !args.has_api_access() {
+            None
+        } else if !args.ambient_kubeconfig.is_empty() {
             Some(AccessConfig::Kubeconfig(
                 args.ambient_kubeconfig.clone().into(),
             ))
-        } else if !args.kubernetes_service_host.is_empty() {
-            Some(AccessConfig::in_cluster(args))
         } else {
-            None
+            Some(AccessConfig::in_cluster(args))
         }
     }
 
