@@ -171,17 +171,7 @@ impl EbpfDriver {
                 cfg.pin_dir.display()
             ))
         })?;
-        let state = match std::fs::read(&cfg.state_file) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| drv(format!("state file {}: {e}", cfg.state_file.display())))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => EbpfState::default(),
-            Err(e) => {
-                return Err(drv(format!(
-                    "read state file {}: {e}",
-                    cfg.state_file.display()
-                )));
-            }
-        };
+        let state = load_state(&cfg.state_file).map_err(drv)?;
         let mut d = EbpfDriver {
             cfg,
             dp,
@@ -463,6 +453,125 @@ impl EbpfDriver {
         self.ztunnel = Some(zt);
         Ok(())
     }
+}
+
+/// The driver's state file (`Default` when absent).
+fn load_state(path: &Path) -> Result<EbpfState, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map_err(|e| format!("state file {}: {e}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(EbpfState::default()),
+        Err(e) => Err(format!("read state file {}: {e}", path.display())),
+    }
+}
+
+/// What the driver left on the node, read without loading anything (`doctor`).
+#[derive(Debug, Clone, Default)]
+pub struct NodeView {
+    /// Recorded owners (state file): address → pod UID.
+    pub owners: BTreeMap<IpAddr, String>,
+    /// The pod map.
+    pub map: BTreeMap<IpAddr, PodEntry>,
+    /// Host veths (node netns ifindex) with both pod programs attached.
+    pub attached: std::collections::BTreeSet<u32>,
+    /// Every difference from what install and enrollment write (leaks included).
+    pub problems: Vec<String>,
+}
+
+/// Read-only (`doctor`): the pinned maps and links under the pin dir and the state file,
+/// compared with what [`EbpfDriver`] writes: the three maps pinned; every map entry has its
+/// owner recorded and every recorded owner's address is in the map, pointing at the veth the
+/// pod's programs are attached to; both pod programs attached (link pin or clsact record)
+/// exactly on each recorded pod veth, no attachment of a veth no pod holds or that is gone;
+/// a ztunnel entry while pods are enrolled.
+pub fn inspect_node(cfg: &EbpfModeConfig) -> Result<NodeView, String> {
+    use meshcni_ebpf::Hook;
+    let state = load_state(&cfg.state_file)?;
+    let mut v = NodeView {
+        owners: state.owners.clone(),
+        ..NodeView::default()
+    };
+    let Some(pinned) = meshcni_ebpf::inspect(&cfg.pin_dir)
+        .map_err(|e| format!("reading pin dir {}: {e}", cfg.pin_dir.display()))?
+    else {
+        v.problems.push(format!(
+            "pin dir {} missing: the datapath is not loaded",
+            cfg.pin_dir.display()
+        ));
+        return Ok(v);
+    };
+    for m in [
+        meshcni_ebpf::maps::PODS_MAP,
+        meshcni_ebpf::maps::ZTUNNEL_MAP,
+        meshcni_ebpf::maps::HOST_IPS_MAP,
+    ] {
+        if !pinned.maps.iter().any(|p| p == m) {
+            v.problems.push(format!("map {m} not pinned"));
+        }
+    }
+    v.map = pinned.pods.iter().copied().collect();
+    for (ip, entry) in &v.map {
+        match state.owners.get(ip) {
+            None => v
+                .problems
+                .push(format!("map entry {ip} has no recorded owner (leak)")),
+            Some(uid) => match state.veths.get(uid) {
+                Some(ix) if *ix == entry.host_ifindex => {}
+                other => v.problems.push(format!(
+                    "map entry {ip} (pod uid {uid}) points at ifindex {}, the pod's veth is {other:?}",
+                    entry.host_ifindex
+                )),
+            },
+        }
+    }
+    for (ip, uid) in &state.owners {
+        if !v.map.contains_key(ip) {
+            v.problems.push(format!(
+                "owner of {ip} (pod uid {uid}) recorded, address not in the map (stale record)"
+            ));
+        }
+    }
+    let node_ino = meshcni_ebpf::netns_inode_of(&cfg.node_netns)
+        .map_err(|e| format!("node netns {}: {e}", cfg.node_netns.display()))?;
+    let mut hooks: BTreeMap<u32, Vec<Hook>> = BTreeMap::new();
+    for a in &pinned.attachments {
+        if a.netns_inode != node_ino || !matches!(a.hook, Hook::PodIngress | Hook::PodEgress) {
+            continue;
+        }
+        if a.live_ifindex != a.ifindex {
+            v.problems.push(format!(
+                "{} is attached to a device that is gone (stale pin)",
+                a.path.display()
+            ));
+            continue;
+        }
+        hooks.entry(a.ifindex).or_default().push(a.hook);
+    }
+    let held: std::collections::BTreeSet<u32> = state.veths.values().copied().collect();
+    for (ix, hs) in &hooks {
+        if !held.contains(ix) {
+            v.problems.push(format!(
+                "pod programs attached to ifindex {ix}, which no enrolled pod holds (leak)"
+            ));
+        }
+        if hs.contains(&Hook::PodIngress) && hs.contains(&Hook::PodEgress) {
+            v.attached.insert(*ix);
+        }
+    }
+    for (uid, ix) in &state.veths {
+        if !v.attached.contains(ix) {
+            v.problems.push(format!(
+                "pod uid {uid}: pod programs not both attached to its veth (ifindex {ix})"
+            ));
+        }
+    }
+    if !v.map.is_empty() && pinned.ztunnel.is_none() {
+        v.problems.push(
+            "pods enrolled but no ztunnel in the map: their TCP is dropped (fail closed)".into(),
+        );
+    }
+    Ok(v)
 }
 
 fn is_link_local(ip: &IpAddr) -> bool {
