@@ -602,8 +602,7 @@ fn ambient_leftovers(args: &AgentArgs) -> Vec<String> {
         ));
     }
     let here = Path::new("/proc/self/ns/net");
-    match meshcni_netx::with_netns(here, |ns| meshcni_netx::ipset::names_here(ns)).and_then(|r| r)
-    {
+    match meshcni_netx::with_netns(here, |ns| meshcni_netx::ipset::names_here(ns)).and_then(|r| r) {
         Ok(names) => {
             for n in names {
                 if [
@@ -1061,18 +1060,25 @@ fn ebpf_captured(
             (Some(_), Some(o)) if *o != w.uid => {
                 problems.push(format!("{ip} enrolled for pod uid {o}"))
             }
-            (Some(_), None) => problems.push(format!("{ip} in the pod map without a recorded owner")),
-            (Some(e), Some(_)) if !view.attached.contains(&e.host_ifindex) => problems.push(format!(
-                "{ip}: the pod programs are not attached to its veth (ifindex {})",
-                e.host_ifindex
-            )),
+            (Some(_), None) => {
+                problems.push(format!("{ip} in the pod map without a recorded owner"))
+            }
+            (Some(e), Some(_)) if !view.attached.contains(&e.host_ifindex) => {
+                problems.push(format!(
+                    "{ip}: the pod programs are not attached to its veth (ifindex {})",
+                    e.host_ifindex
+                ))
+            }
             _ => {}
         }
     }
     if problems.is_empty() {
         Ok(format!(
             "{} in the pod map, programs attached",
-            ips.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+            ips.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
         ))
     } else {
         Err(format!("not enrolled: {}", problems.join("; ")))

@@ -1239,22 +1239,24 @@ pub fn inspect(pin_dir: &Path) -> Result<Option<PinnedState>, EbpfError> {
                 let Ok(k) = <[u8; 16]>::try_from(key.as_slice()) else {
                     continue;
                 };
-                let value = m.lookup(&key, MapFlags::ANY).map_err(|e| EbpfError::Libbpf {
-                    op: format!("{PODS_MAP}: read"),
-                    message: e.to_string(),
-                })?;
+                let value = m
+                    .lookup(&key, MapFlags::ANY)
+                    .map_err(|e| EbpfError::Libbpf {
+                        op: format!("{PODS_MAP}: read"),
+                        message: e.to_string(),
+                    })?;
                 if let Some(entry) = value.as_deref().and_then(PodEntry::from_bytes) {
                     st.pods.push((maps::key_addr(k), entry));
                 }
             }
         } else if name == ZTUNNEL_MAP {
             let m = open(&path)?;
-            let value = m
-                .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
-                .map_err(|e| EbpfError::Libbpf {
-                    op: format!("{ZTUNNEL_MAP}: read"),
-                    message: e.to_string(),
-                })?;
+            let value =
+                m.lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+                    .map_err(|e| EbpfError::Libbpf {
+                        op: format!("{ZTUNNEL_MAP}: read"),
+                        message: e.to_string(),
+                    })?;
             st.ztunnel = value
                 .filter(|v| v.iter().any(|b| *b != 0))
                 .as_deref()

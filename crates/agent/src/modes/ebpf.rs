@@ -458,9 +458,8 @@ impl EbpfDriver {
 /// The driver's state file (`Default` when absent).
 fn load_state(path: &Path) -> Result<EbpfState, String> {
     match std::fs::read(path) {
-        Ok(bytes) => {
-            serde_json::from_slice(&bytes).map_err(|e| format!("state file {}: {e}", path.display()))
-        }
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| format!("state file {}: {e}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(EbpfState::default()),
         Err(e) => Err(format!("read state file {}: {e}", path.display())),
     }

@@ -1354,9 +1354,15 @@ impl IptablesDriver {
                 }
             }
             if set.is_some() {
-                out.push(format!("not installed, but ipset {} exists", an::IPSET_NAME));
+                out.push(format!(
+                    "not installed, but ipset {} exists",
+                    an::IPSET_NAME
+                ));
             }
-            for l in links.iter().filter(|l| OUR_LINKS.contains(&l.name.as_str())) {
+            for l in links
+                .iter()
+                .filter(|l| OUR_LINKS.contains(&l.name.as_str()))
+            {
                 out.push(format!("not installed, but link {} exists", l.name));
             }
             for r in an::node_ip_rules() {
@@ -1436,7 +1442,8 @@ impl IptablesDriver {
             }
         }
         let idx: BTreeMap<u32, String> = links.iter().map(|l| (l.index, l.name.clone())).collect();
-        let dev_of = |e: &route::RouteEntry| e.oif.and_then(|o| idx.get(&o)).cloned().unwrap_or_default();
+        let dev_of =
+            |e: &route::RouteEntry| e.oif.and_then(|o| idx.get(&o)).cloned().unwrap_or_default();
         for d in an::node_routes(&node_cfg) {
             let found = routes.iter().any(|e| {
                 d.table == e.table && d.dst == e.dst && d.gateway == e.gateway && d.dev == dev_of(e)
@@ -1466,7 +1473,10 @@ impl IptablesDriver {
         }
         for ip in &members {
             if !routed.contains(ip) {
-                out.push(format!("enrolled {ip} has no table-{} route", an::TABLE_INBOUND));
+                out.push(format!(
+                    "enrolled {ip} has no table-{} route",
+                    an::TABLE_INBOUND
+                ));
             }
         }
         for ip in &routed {
@@ -1495,7 +1505,9 @@ impl IptablesDriver {
         })?;
         out.extend(found);
         for (path, cur, want) in self.pod_sysctl_drift(veth_of.values().copied().collect())? {
-            out.push(format!("enrolled pod's sysctl {path} is {cur}, enrollment writes {want}"));
+            out.push(format!(
+                "enrolled pod's sysctl {path} is {cur}, enrollment writes {want}"
+            ));
         }
         Ok(out)
     }
