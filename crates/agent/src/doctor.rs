@@ -986,7 +986,7 @@ fn ambient_captured(
                 "not enrolled (not in the inpod state file {})",
                 crate::modes::inpod_state_file(args).display()
             )),
-            Some(rec) => inpod_rules(args, mode, rec),
+            Some(rec) => inpod_rules(args, mode, &w.uid, rec),
         },
         Enrolled::Ebpf(view, ipv6) => ebpf_captured(view, *ipv6, w),
         Enrolled::Iptables(set) => {
@@ -1088,9 +1088,37 @@ fn ebpf_captured(
 fn inpod_rules(
     args: &AgentArgs,
     mode: RedirectMode,
+    uid: &str,
     rec: &crate::modes::inpod::state::PodRecord,
 ) -> Result<String, String> {
-    let path = &rec.netns_path;
+    let cfg = crate::modes::inpod_config(args, mode);
+    // The recorded path (a CNI ADD's); a pod enrolled while running (label change, agent
+    // start) has none: found like the driver finds it (procfs cgroup, else the netns dirs by
+    // IP). Either way it must be the namespace the driver recorded.
+    let held;
+    let path: PathBuf = if rec.netns_path.as_os_str().is_empty() {
+        let finder = meshcni_netx::podns::NetnsFinder::new(&cfg.proc_root, cfg.netns_dirs.clone())
+            .map_err(|e| format!("cannot search for the pod's netns: {e}"))?;
+        let mut found = finder
+            .find(&[meshcni_netx::podns::PodNetnsQuery { uid, ips: &rec.ips }])
+            .map_err(|e| format!("searching the pod's netns: {e}"))?;
+        held = found.remove(uid).ok_or_else(|| {
+            format!(
+                "enrolled, but its netns was not found (no process of pod uid {} in {}, no netns holding {:?} in {:?})",
+                uid,
+                cfg.proc_root.display(),
+                rec.ips,
+                cfg.netns_dirs
+            )
+        })?;
+        PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&held.file)
+        ))
+    } else {
+        rec.netns_path.clone()
+    };
+    let path = &path;
     match meshcni_netx::podns::netns_id(path) {
         Ok(id) if id == rec.netns_id => {}
         Ok(_) => {
@@ -1101,7 +1129,6 @@ fn inpod_rules(
         }
         Err(e) => return Err(format!("recorded netns {}: {e}", path.display())),
     }
-    let cfg = crate::modes::inpod_config(args, mode);
     let overrides = meshcni_rules::inpod::PodOverrides::from_annotations(&rec.annotations)
         .map_err(|e| format!("annotation: {e}"))?;
     let diffs = meshcni_netx::inpod::check_inpod(path, &cfg.rules, &overrides, cfg.backend)

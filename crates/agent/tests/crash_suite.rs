@@ -38,7 +38,9 @@ use std::time::{Duration, Instant};
 use meshcni_testkit::stack::{
     self as kit, AgentDirs, DATAPLANE_MODE, StackMode, namespace_json, pod_json, ztunnel_json,
 };
-use meshcni_testkit::{InpodZtunnelConfig, InpodZtunnelStandIn, MultiNodeLab, Netns, NetnsSnapshot};
+use meshcni_testkit::{
+    InpodZtunnelConfig, InpodZtunnelStandIn, MultiNodeLab, Netns, NetnsSnapshot,
+};
 use serde_json::Value;
 
 const NODE: &str = "node1";
@@ -218,9 +220,7 @@ impl Node {
         match self.mode {
             Mode::Sidecar => {
                 let mut a = kit::agent_args_for(&self.dirs, StackMode::Iptables);
-                a.retain(|x| {
-                    x != "--ambient-enabled" && !x.starts_with("--ambient-redirect-mode")
-                });
+                a.retain(|x| x != "--ambient-enabled" && !x.starts_with("--ambient-redirect-mode"));
                 a
             }
             Mode::Iptables => kit::agent_args_for(&self.dirs, StackMode::Iptables),
@@ -392,7 +392,9 @@ impl Node {
         if let Some(clean) = &self.clean_files
             && *clean != files
         {
-            out.push(format!("files: {files:?}\nclean uninstall leaves: {clean:?}"));
+            out.push(format!(
+                "files: {files:?}\nclean uninstall leaves: {clean:?}"
+            ));
         }
         out
     }

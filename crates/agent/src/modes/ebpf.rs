@@ -8,9 +8,10 @@
 //!   veth whose peer is a veth of the node netns), attach the pod programs to the host side
 //!   once (a re-attach of a pinned link is an in-place switch), then one map entry per pod IP
 //!   (IPv4 and IPv6).
-//! * Release: delete the pod's map entries (the programs stay attached and pass everything of
-//!   an address not in the map); when the pod's host veth is gone (pod deleted), its link pins
-//!   are removed too.
+//! * Release: delete the pod's map entries, then detach the pod programs from its host veth
+//!   and remove their pins (a pod that leaves the mesh but keeps running holds nothing of ours).
+//!   At start-up and on resync, programs on veths of pods with no address in the map (a release
+//!   or enroll cut short by a crash) are detached the same way.
 //! * ztunnel add/restart: attach the ztunnel programs (host veth and, inside its netns, `eth0`
 //!   with `bpf_sk_assign`) and write the ztunnel map entry; ztunnel gone: the entry is cleared,
 //!   so enrolled pods' TCP is dropped (fail closed), never leaked uncaptured.
@@ -348,23 +349,55 @@ impl EbpfDriver {
         Ok(())
     }
 
-    /// After a release of the whole pod: if its host veth is gone (pod deleted), remove the
-    /// link pins left for it.
+    /// After a release of the whole pod: detach its programs from its host veth (a pod that
+    /// left the mesh but runs on keeps nothing of ours) and remove the link pins — unless an
+    /// enrolled pod holds that ifindex now (a reused index).
     fn forget_veth(&mut self, pod: &PodId) -> Result<(), DriverError> {
-        let Some(ifindex) = self.state.veths.get(&pod.uid).copied() else {
+        let Some(ifindex) = self.state.veths.remove(&pod.uid) else {
             return Ok(());
         };
-        let mut nl = Netlink::open(&self.cfg.node_netns).map_err(drv)?;
-        let alive = tunnel::link_by_index(&mut nl, ifindex)
-            .map_err(drv)?
-            .is_some();
-        if !alive {
+        if !self.state.veths.values().any(|ix| *ix == ifindex) {
             self.dp
                 .detach_pod(&self.cfg.node_netns, ifindex)
                 .map_err(|e| pod_err(pod, e))?;
         }
-        self.state.veths.remove(&pod.uid);
         self.dirty = true;
+        Ok(())
+    }
+
+    /// Start-up / resync: pod programs of pods that hold no address in the map any more (a
+    /// release cut short after the map, or an enroll cut short before it) are detached and
+    /// their records dropped; attachments on node veths no record names are detached too.
+    fn prune_attachments(
+        &mut self,
+        enrolled: &BTreeMap<String, Vec<IpAddr>>,
+    ) -> Result<(), DriverError> {
+        let stale: Vec<String> = self
+            .state
+            .veths
+            .keys()
+            .filter(|uid| !enrolled.contains_key(*uid))
+            .cloned()
+            .collect();
+        for uid in stale {
+            self.forget_veth(&PodId::new(&uid, "", ""))?;
+        }
+        let held: std::collections::BTreeSet<u32> = self.state.veths.values().copied().collect();
+        let Some(pinned) = meshcni_ebpf::inspect(&self.cfg.pin_dir).map_err(drv)? else {
+            return Ok(());
+        };
+        let node_ino = meshcni_ebpf::netns_inode_of(&self.cfg.node_netns).map_err(drv)?;
+        for a in pinned.attachments {
+            if a.netns_inode == node_ino
+                && matches!(a.hook, Hook::PodIngress | Hook::PodEgress)
+                && !held.contains(&a.ifindex)
+            {
+                tracing::warn!(pin = %a.path.display(), "pod program attached to a veth no enrolled pod holds (an enroll or release was cut short); detaching");
+                self.dp
+                    .detach(&self.cfg.node_netns, a.ifindex, a.hook)
+                    .map_err(drv)?;
+            }
+        }
         Ok(())
     }
 
@@ -615,6 +648,7 @@ impl RedirectDriver for EbpfDriver {
         if self.state.owners.len() != before {
             self.dirty = true;
         }
+        self.prune_attachments(&by_uid)?;
         let mut state = EnrolledState::default();
         for (uid, mut ips) in by_uid {
             ips.sort();
