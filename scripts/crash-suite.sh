@@ -17,11 +17,13 @@ out="${OUT:-crash-suite.jsonl}"
 cargo build -q -p meshcni-plugin
 cargo test -q -p meshcni-agent --test crash_suite --no-run
 for m in "${modes[@]}"; do
-  MESHCNI_CRASH_SUITE_ROUNDS="${ROUNDS:-20}" \
-  MESHCNI_CRASH_SUITE_PODS="${PODS:-200}" \
-  MESHCNI_CRASH_SUITE_ADD_KILLS="${ADD_KILLS:-10}" \
-  MESHCNI_CRASH_SUITE_OUT="$out" \
-  ${SEED:+MESHCNI_CRASH_SUITE_SEED="$SEED"} \
+  seed=()
+  [ -z "${SEED:-}" ] || seed=("MESHCNI_CRASH_SUITE_SEED=$SEED")
+  env MESHCNI_CRASH_SUITE_ROUNDS="${ROUNDS:-20}" \
+    MESHCNI_CRASH_SUITE_PODS="${PODS:-200}" \
+    MESHCNI_CRASH_SUITE_ADD_KILLS="${ADD_KILLS:-10}" \
+    MESHCNI_CRASH_SUITE_OUT="$out" \
+    "${seed[@]}" \
     cargo test -q -p meshcni-agent --test crash_suite -- --exact "crash_suite_$m" --nocapture
 done
 echo "counts appended to $out"
