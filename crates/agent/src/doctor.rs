@@ -602,7 +602,7 @@ fn ambient_leftovers(args: &AgentArgs) -> Vec<String> {
         ));
     }
     let here = Path::new("/proc/self/ns/net");
-    match meshcni_netx::with_netns(here, |ns| meshcni_netx::ipset::names_here(ns)).and_then(|r| r) {
+    match meshcni_netx::with_netns(here, meshcni_netx::ipset::names_here).and_then(|r| r) {
         Ok(names) => {
             for n in names {
                 if [
