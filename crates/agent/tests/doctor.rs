@@ -1172,3 +1172,64 @@ fn doctor_with_ambient_off_finds_leftovers_of_any_redirect_mode() {
     sh("iptables", &["-t", "nat", "-X", "ztunnel-PREROUTING"]);
     assert!(leftovers(&doctor().1).0);
 }
+
+/// Regression (found by `crash_suite`): a pod the inpod driver enrolled while it was running
+/// (a label change, an agent start) has no recorded netns path — the driver found it by its
+/// cgroup or IP — and the doctor failed it with "recorded netns : cannot open network
+/// namespace". Now the doctor finds it the way the driver does and checks it is the recorded
+/// namespace.
+#[test]
+fn doctor_finds_the_netns_of_an_inpod_pod_enrolled_by_discovery() {
+    assert!(nix::unistd::geteuid().is_root(), "needs root");
+    let (agent_bin, plugin) = binaries();
+    let lab = MultiNodeLab::new("docdisc", &[&["a"]]).expect("lab");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dirs = AgentDirs::create(tmp.path(), &plugin).expect("dirs");
+    let a = lab.pod("a");
+    std::os::unix::fs::symlink(a.netns.path(), dirs.netns_dir.join("a")).expect("link");
+    let cli = <meshcni_agent::cli::Cli as clap::Parser>::try_parse_from(
+        std::iter::once("meshcni-agent".to_string())
+            .chain(kit::agent_args_for(&dirs, StackMode::Inpod)),
+    )
+    .expect("flags");
+    let cfg = meshcni_agent::modes::inpod_config(
+        &cli.args,
+        meshcni_agent::ambient_config::RedirectMode::Inpod,
+    );
+    meshcni_netx::inpod::apply_inpod(a.netns.path(), &cfg.rules, &Default::default(), cfg.backend)
+        .expect("in-pod rules");
+    let record = meshcni_agent::modes::inpod::PodRecord {
+        namespace: "mesh".into(),
+        name: "a".into(),
+        service_account: "default".into(),
+        ips: vec![std::net::IpAddr::V4(a.ip)],
+        annotations: Default::default(),
+        netns_path: PathBuf::new(),
+        netns_id: meshcni_netx::podns::netns_id(a.netns.path()).expect("netns id"),
+    };
+    meshcni_agent::modes::inpod::InpodState {
+        pods: [(kit::pod_uid("a"), record)].into(),
+    }
+    .save(&cfg.state_file)
+    .expect("state file");
+    write_workloads(
+        &dirs.workloads,
+        &namespaces(true),
+        &[pod_json("mesh", "a", NODE, Some(a.ip), &[], &[])],
+    )
+    .expect("workloads");
+    let (_, r) = doctor_in(
+        &agent_bin,
+        lab.node(1).netns.path(),
+        &kit::agent_args_for(&dirs, StackMode::Inpod),
+    );
+    let p = pod(&r, "mesh/a");
+    assert_eq!(p["captured"], true, "{r:#}");
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("in-pod rules in place"),
+        "{r:#}"
+    );
+}
