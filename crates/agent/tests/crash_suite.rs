@@ -444,13 +444,15 @@ fn sigkill(child: &mut Child) -> bool {
     alive
 }
 
+/// SIGTERM and wait for the exit (an uninstall of 200 inpod pods takes tens of seconds on a
+/// busy machine); SIGKILL only after [`CONVERGE`].
 fn sigterm_wait(child: &mut Child) {
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     );
     let t = Instant::now();
-    while matches!(child.try_wait(), Ok(None)) && t.elapsed() < Duration::from_secs(60) {
+    while matches!(child.try_wait(), Ok(None)) && t.elapsed() < CONVERGE {
         std::thread::sleep(Duration::from_millis(20));
     }
     sigkill(child);
