@@ -11,7 +11,15 @@
 //! * `kubeconfig`: the plugin's kubeconfig parses (the plugin's own parser) and names a server;
 //! * `ambient-config` (ambient on): the ambient config file exists and names the running mode;
 //! * `ambient-enrollment` (ambient on): every pod the driver holds (inpod state file, iptables
-//!   set entries) is a pod on this node — anything else is a leaked enrollment.
+//!   set entries, ebpf recorded owners) is a pod on this node — anything else is a leaked
+//!   enrollment;
+//! * the running mode's node pieces, each by the driver's own comparison: `iptables-node`
+//!   (node chains exactly once, ipset, policy rules, routes, tunnels, sysctls, a table-100
+//!   route and `rp_filter=0` for exactly the enrolled addresses), `inpod-host-probe` (the
+//!   host-probe SNAT rule and sets; members exactly the enrolled pods' addresses),
+//!   `ebpf-datapath` (maps pinned, pod programs on exactly the enrolled pods' veths, map
+//!   entries exactly the recorded owners'); with ambient off `ambient-leftovers`: nothing of
+//!   any mode (chain, set, tunnel, state file, pin dir) on the node.
 //!
 //! Per pod (from the agent's workload source: the workloads file, else the API server): should
 //! it be captured, and why (sidecar injected, ambient by pod or namespace label, opted out,
@@ -23,7 +31,9 @@
 //! * ambient, `inpod`: recorded in the driver's state file, its recorded netns still the same
 //!   namespace, and the in-pod rules equal to what enrollment applies (the driver's check);
 //! * ambient, `iptables`: the pod's IPv4 addresses in the node's `ztunnel-pods-ips` set,
-//!   owned by its UID (what the driver reads back as its enrollment state).
+//!   owned by its UID (what the driver reads back as its enrollment state);
+//! * ambient, `ebpf`: the pod's addresses in the pinned pod map, recorded as its own, pointing
+//!   at a host veth with both pod programs attached.
 //!
 //! A pod that should not be captured but is enrolled is a mismatch too.
 
@@ -465,6 +475,177 @@ pub fn node_checks(args: &AgentArgs, mode: RedirectMode) -> Vec<NodeCheck> {
             });
         out.push(check("ambient-config", &p, r));
     }
+    out.push(redirect_node_check(args, mode));
+    out
+}
+
+/// The node's own pieces of the running redirect mode, each compared by the driver's own code
+/// (no second model here); with ambient off, that nothing of any mode is on the node.
+pub fn redirect_node_check(args: &AgentArgs, mode: RedirectMode) -> NodeCheck {
+    let as_result = |problems: Vec<String>, good: String| {
+        if problems.is_empty() {
+            Ok(good)
+        } else {
+            Err(problems.join("; "))
+        }
+    };
+    if !args.ambient_enabled {
+        return check(
+            "ambient-leftovers",
+            &args.cni_agent_run_dir,
+            as_result(
+                ambient_leftovers(args),
+                "nothing of an ambient redirect mode on this node".into(),
+            ),
+        );
+    }
+    match mode {
+        RedirectMode::Iptables => {
+            let cfg = crate::modes::iptables_config(args);
+            let path = cfg.state_file.clone();
+            let r = crate::modes::iptables::IptablesDriver::new(cfg)
+                .and_then(|mut d| d.check_node())
+                .map_err(|e| e.message)
+                .and_then(|p| {
+                    as_result(
+                        p,
+                        "node chains, ipset, ip rules, routes, tunnels and sysctls as the driver writes them".into(),
+                    )
+                });
+            check("iptables-node", &path, r)
+        }
+        RedirectMode::Inpod => {
+            let cfg = crate::modes::inpod_config(args, mode);
+            let r = inpod_host_probe(&cfg).and_then(|p| {
+                as_result(
+                    p,
+                    "host-probe SNAT rule and sets in place; set members are exactly the enrolled pods' addresses".into(),
+                )
+            });
+            check("inpod-host-probe", &cfg.state_file, r)
+        }
+        RedirectMode::Ebpf => {
+            let cfg = crate::modes::ebpf_config(args, mode);
+            let r = crate::modes::ebpf::inspect_node(&cfg).and_then(|v| {
+                as_result(
+                    v.problems,
+                    format!(
+                        "maps pinned; {} address(es) in the pod map, all recorded; pod programs on {} veth(s), none stale",
+                        v.map.len(),
+                        v.attached.len()
+                    ),
+                )
+            });
+            check("ebpf-datapath", &cfg.pin_dir, r)
+        }
+    }
+}
+
+/// The inpod mode's node-netns piece: the host-probe SNAT rule and sets (the driver's
+/// `HostProbe`, read-only), and the set members equal to the enrolled pods' addresses.
+fn inpod_host_probe(cfg: &crate::modes::inpod::InpodModeConfig) -> Result<Vec<String>, String> {
+    use meshcni_netx::inpod::{HostProbe, InpodBackend};
+    let kubelet_uid = match cfg.backend {
+        InpodBackend::Nftables => cfg.kubelet_uid.or_else(|| {
+            meshcni_netx::inpod::find_kubelet_uid(&cfg.proc_root)
+                .ok()
+                .flatten()
+        }),
+        InpodBackend::Iptables => None,
+    };
+    let mut host = HostProbe::open(&cfg.node_netns, &cfg.rules, cfg.backend, kubelet_uid)
+        .map_err(|e| format!("host-probe SNAT in the node netns: {e}"))?;
+    let mut problems = host
+        .check()
+        .map_err(|e| format!("reading the host-probe SNAT rule: {e}"))?;
+    let state = crate::modes::inpod::state::InpodState::load(&cfg.state_file)
+        .map_err(|e| format!("inpod state file {}: {e}", cfg.state_file.display()))?;
+    let want: std::collections::BTreeSet<(IpAddr, String)> = state
+        .pods
+        .iter()
+        .flat_map(|(u, p)| p.ips.iter().map(move |ip| (*ip, u.clone())))
+        .filter(|(ip, _)| ip.is_ipv4() || cfg.rules.enable_ipv6)
+        .collect();
+    let have: std::collections::BTreeSet<(IpAddr, String)> = host
+        .entries()
+        .map_err(|e| format!("listing the host-probe sets: {e}"))?
+        .into_iter()
+        .collect();
+    for (ip, uid) in have.difference(&want) {
+        problems.push(format!(
+            "host-probe set member {ip} (pod uid {uid:?}) of no enrolled pod (leak)"
+        ));
+    }
+    for (ip, uid) in want.difference(&have) {
+        problems.push(format!(
+            "enrolled pod uid {uid}: {ip} not in the host-probe set"
+        ));
+    }
+    Ok(problems)
+}
+
+/// Ambient off (sidecar only): the node netns holds no chain, set, rule or link of any
+/// redirect mode, and the run dir no driver state file, the bpffs no pin dir of ours.
+fn ambient_leftovers(args: &AgentArgs) -> Vec<String> {
+    use meshcni_rules::ambient_node as an;
+    let mut out = Vec::new();
+    for f in ["iptables-mode.json", "inpod-mode.json", "ebpf-mode.json"] {
+        let p = args.cni_agent_run_dir.join(f);
+        if p.exists() {
+            out.push(format!("redirect-mode state file {} exists", p.display()));
+        }
+    }
+    if args.ambient_ebpf_pin_dir.exists() {
+        out.push(format!(
+            "ebpf pin dir {} exists",
+            args.ambient_ebpf_pin_dir.display()
+        ));
+    }
+    let here = Path::new("/proc/self/ns/net");
+    match meshcni_netx::with_netns(here, meshcni_netx::ipset::names_here).and_then(|r| r) {
+        Ok(names) => {
+            for n in names {
+                if [
+                    an::IPSET_NAME,
+                    meshcni_rules::inpod::PROBE_SET_V4,
+                    meshcni_rules::inpod::PROBE_SET_V6,
+                ]
+                .contains(&n.as_str())
+                {
+                    out.push(format!("ipset {n} exists"));
+                }
+            }
+        }
+        Err(e) => out.push(format!("listing ipsets: {e}")),
+    }
+    match meshcni_netx::netlink::Netlink::open(here)
+        .and_then(|mut nl| meshcni_netx::tunnel::list_links(&mut nl))
+    {
+        Ok(links) => {
+            for l in links {
+                if [an::TUN_IN, an::TUN_OUT].contains(&l.name.as_str()) {
+                    out.push(format!("link {} exists", l.name));
+                }
+            }
+        }
+        Err(e) => out.push(format!("listing links: {e}")),
+    }
+    let cfg = crate::modes::iptables_config(args);
+    match crate::modes::iptables::IptablesDriver::new(cfg).and_then(|mut d| d.node_save_text()) {
+        Ok(save) => {
+            for (table, chain, _) in an::NODE_CHAINS {
+                if an::chain_exists(&save, table, chain) {
+                    out.push(format!("chain {}/{chain} exists", table.name()));
+                }
+            }
+            for chain in meshcni_rules::inpod::host_chain_names() {
+                if an::chain_exists(&save, an::XTable::Nat, &chain) {
+                    out.push(format!("chain nat/{chain} exists"));
+                }
+            }
+        }
+        Err(e) => out.push(format!("reading the node's iptables: {}", e.message)),
+    }
     out
 }
 
@@ -488,6 +669,9 @@ enum Enrolled {
     Inpod(BTreeMap<String, crate::modes::inpod::state::PodRecord>),
     /// IPv4 → owner UID in the node's set.
     Iptables(BTreeMap<std::net::Ipv4Addr, String>),
+    /// The pinned pod map, its recorded owners and the veths with the pod programs attached
+    /// (the driver's own read-back), and whether IPv6 addresses are enrolled.
+    Ebpf(Box<crate::modes::ebpf::NodeView>, bool),
     Off,
 }
 
@@ -517,7 +701,12 @@ fn enrolled_state(args: &AgentArgs, mode: RedirectMode) -> Result<Enrolled, Stri
                     .collect(),
             ))
         }
-        RedirectMode::Ebpf => Err("redirect mode ebpf has no driver in this build".into()),
+        RedirectMode::Ebpf => {
+            let cfg = crate::modes::ebpf_config(args, mode);
+            crate::modes::ebpf::inspect_node(&cfg)
+                .map(|v| Enrolled::Ebpf(Box::new(v), cfg.enable_ipv6))
+                .map_err(|e| format!("ebpf datapath: {e}"))
+        }
     }
 }
 
@@ -549,6 +738,28 @@ pub fn enrollment_check(
                 } else {
                     Err(format!(
                         "enrolled but no longer on this node: {}",
+                        stale.join(", ")
+                    ))
+                },
+            )
+        }
+        Ok(Enrolled::Ebpf(view, _)) => {
+            let stale: Vec<String> = view
+                .owners
+                .iter()
+                .filter(|(_, uid)| !known.contains(uid.as_str()))
+                .map(|(ip, uid)| format!("{ip} (pod uid {uid:?})"))
+                .collect();
+            (
+                crate::modes::ebpf_config(args, mode).state_file,
+                if stale.is_empty() {
+                    Ok(format!(
+                        "{} enrolled address(es), all of pods on this node",
+                        view.owners.len()
+                    ))
+                } else {
+                    Err(format!(
+                        "enrolled but of no pod on this node: {}",
                         stale.join(", ")
                     ))
                 },
@@ -724,6 +935,11 @@ fn pod_check(
         Err(e) => Some(Err(e.clone())),
         Ok(Enrolled::Off) => None,
         Ok(Enrolled::Inpod(pods)) => pods.get(&workload.uid).map(|_| Ok(())),
+        Ok(Enrolled::Ebpf(view, _)) => view
+            .owners
+            .values()
+            .any(|uid| *uid == workload.uid)
+            .then_some(Ok(())),
         Ok(Enrolled::Iptables(set)) => {
             let mine: Vec<_> = set
                 .iter()
@@ -854,6 +1070,7 @@ fn ambient_captured(
             )),
             Some(rec) => inpod_rules(args, mode, &w.uid, rec, found),
         },
+        Enrolled::Ebpf(view, ipv6) => ebpf_captured(view, *ipv6, w),
         Enrolled::Iptables(set) => {
             let v4: Vec<std::net::Ipv4Addr> = w
                 .ips
@@ -901,6 +1118,55 @@ fn ambient_captured(
     pc
 }
 
+/// An ambient pod in the `ebpf` mode: each of its addresses the mode handles (IPv4; IPv6 when
+/// on) is in the pinned pod map, recorded as its own, and points at a host veth with both pod
+/// programs attached.
+fn ebpf_captured(
+    view: &crate::modes::ebpf::NodeView,
+    ipv6: bool,
+    w: &Workload,
+) -> Result<String, String> {
+    let ips: Vec<IpAddr> = w
+        .ips
+        .iter()
+        .filter(|ip| ip.is_ipv4() || ipv6)
+        .copied()
+        .collect();
+    if ips.is_empty() {
+        return Err("no address the ebpf mode enrolls".into());
+    }
+    let mut problems = Vec::new();
+    for ip in &ips {
+        match (view.map.get(ip), view.owners.get(ip)) {
+            (None, _) => problems.push(format!("{ip} not in the pod map")),
+            (Some(_), Some(o)) if *o != w.uid => {
+                problems.push(format!("{ip} enrolled for pod uid {o}"))
+            }
+            (Some(_), None) => {
+                problems.push(format!("{ip} in the pod map without a recorded owner"))
+            }
+            (Some(e), Some(_)) if !view.attached.contains(&e.host_ifindex) => {
+                problems.push(format!(
+                    "{ip}: the pod programs are not attached to its veth (ifindex {})",
+                    e.host_ifindex
+                ))
+            }
+            _ => {}
+        }
+    }
+    if problems.is_empty() {
+        Ok(format!(
+            "{} in the pod map, programs attached",
+            ips.iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ))
+    } else {
+        Err(format!("not enrolled: {}", problems.join("; ")))
+    }
+}
+
 fn inpod_rules(
     args: &AgentArgs,
     mode: RedirectMode,
@@ -908,6 +1174,7 @@ fn inpod_rules(
     rec: &crate::modes::inpod::state::PodRecord,
     found: &Found,
 ) -> Result<String, String> {
+    let cfg = crate::modes::inpod_config(args, mode);
     // A pod enrolled without a CNI netns path (found by discovery: a label change, a
     // restart) is recorded with an empty path: find its netns again the way the driver does.
     let discovered;
@@ -938,7 +1205,6 @@ fn inpod_rules(
         }
         Err(e) => return Err(format!("recorded netns {}: {e}", path.display())),
     }
-    let cfg = crate::modes::inpod_config(args, mode);
     let overrides = meshcni_rules::inpod::PodOverrides::from_annotations(&rec.annotations)
         .map_err(|e| format!("annotation: {e}"))?;
     let diffs = meshcni_netx::inpod::check_inpod(path, &cfg.rules, &overrides, cfg.backend)

@@ -10,6 +10,8 @@
 //!
 //! Root only; every namespace is the test's own (`mcni-*`), removed on success and failure.
 
+mod ambient_mesh;
+
 use meshcni_testkit::stack as kit;
 
 use std::collections::BTreeSet;
@@ -323,6 +325,7 @@ fn doctor_is_green_on_a_good_node_and_names_each_kind_of_mismatch() {
         "kubeconfig",
         "ambient-config",
         "ambient-enrollment",
+        "inpod-host-probe",
     ] {
         assert_eq!(node_check(&report, check).len(), 1, "{check}: {report}");
     }
@@ -371,6 +374,60 @@ fn doctor_is_green_on_a_good_node_and_names_each_kind_of_mismatch() {
     // upgrade here), and the doctor reads it.
     agent.terminate(WAIT).expect("stop agent");
     rig.expect_failing("agent stopped", &[]);
+
+    // Node: a host-probe set member of no enrolled pod (leak), then the SNAT rule gone.
+    let node_sh = |args: &[&str]| {
+        kit::exec_in(&rig.node_ns, args[0], &args[1..])
+            .unwrap_or_else(|e| panic!("{args:?} in the node: {e}"));
+    };
+    node_sh(&[
+        "ipset",
+        "add",
+        "istio-inpod-probes-v4",
+        "10.99.0.77",
+        "comment",
+        "uid-gone",
+    ]);
+    let r = rig.expect_failing("host-probe leak", &["node:inpod-host-probe"]);
+    assert!(
+        node_check(&r, "inpod-host-probe")[0]["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("10.99.0.77 (pod uid \"uid-gone\") of no enrolled pod (leak)"),
+        "{r}"
+    );
+    node_sh(&["ipset", "del", "istio-inpod-probes-v4", "10.99.0.77"]);
+    let save = kit::exec_in(&rig.node_ns, "iptables-save", &["-t", "nat"]).expect("save");
+    let host_chain = meshcni_rules::inpod::host_chain_names()
+        .into_iter()
+        .find(|c| save.contains(&format!(":{c} ")))
+        .unwrap_or_else(|| panic!("no host-probe chain in the node:\n{save}"));
+    node_sh(&["iptables", "-t", "nat", "-F", &host_chain]);
+    rig.expect_failing("host-probe rule gone", &["node:inpod-host-probe"]);
+    let restore = format!(
+        "*nat\n{}COMMIT\n",
+        save.lines()
+            .filter(|l| l.starts_with(&format!("-A {host_chain} ")))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+    );
+    {
+        use std::io::Write;
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", rig.node_ns.display()))
+            .args(["--", "iptables-restore", "--noflush"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("iptables-restore");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(restore.as_bytes())
+            .expect("write");
+        assert!(child.wait().expect("wait").success(), "{restore}");
+    }
+    rig.expect_failing("host-probe rule back", &[]);
 
     // Sidecar rules gone entirely.
     rig.exec_pod("s", "iptables", &["-t", "nat", "-F"]);
@@ -724,5 +781,455 @@ fn doctor_reads_the_pods_of_its_node_from_the_api_server() {
             && starting.captured.is_none()
             && starting.reason.contains("not started"),
         "{starting:?}"
+    );
+}
+
+/// `doctor --json` with `flags` inside `netns` (ambient flags and node name included by the
+/// caller): (exit success, report).
+fn doctor_in(agent_bin: &Path, netns: &Path, flags: &[String]) -> (bool, Value) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .arg(agent_bin)
+        .args(flags)
+        .args(["doctor", "--json"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("NODE_NAME", "node1")
+        .output()
+        .expect("run doctor");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "doctor --json is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), v)
+}
+
+/// The failures that are about the redirect mode (node check `check` + enrollment + pods);
+/// the installer's checks are not set up in the driver-only labs.
+fn mode_failing(report: &Value, check: &str) -> BTreeSet<String> {
+    failing(report)
+        .into_iter()
+        .filter(|f| {
+            f.starts_with("pod:") || *f == format!("node:{check}") || f == "node:ambient-enrollment"
+        })
+        .collect()
+}
+
+fn set(v: &[&str]) -> BTreeSet<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// Node 1 of an `ambient_mesh` lab as a workloads file (what the agent's source would say).
+fn mesh_workloads(m: &ambient_mesh::Mesh, path: &Path) {
+    let mut pods = Vec::new();
+    for (node, name, ns, labels) in ambient_mesh::PODS {
+        if *node != 1 {
+            continue;
+        }
+        pods.push(pod_json(
+            ns,
+            name,
+            "node1",
+            Some(m.pod(name).ip),
+            labels,
+            &[],
+        ));
+    }
+    write_workloads(path, &namespaces(true), &pods).expect("workloads");
+}
+
+fn detail_of(report: &Value, check: &str) -> String {
+    node_check(report, check)
+        .first()
+        .and_then(|c| c["detail"].as_str())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Regression (issue 12 item 3): in the `ebpf` mode the doctor said "redirect mode ebpf has no
+/// driver in this build" for every ambient pod. Now it reads the pinned datapath (read-only)
+/// and the driver's state file: the pods of a real `ebpf` node are green, and each kind of
+/// drift is named — an enrolled pod's map entry missing, a map entry of no pod, the pod
+/// programs detached from an enrolled pod's veth, programs attached to a veth no pod holds.
+#[test]
+fn doctor_checks_the_ebpf_datapath_and_each_pods_map_entry_and_programs() {
+    assert!(nix::unistd::geteuid().is_root(), "needs root");
+    let (agent_bin, _) = binaries();
+    let m = ambient_mesh::Mesh::new_in("doceb", ambient_mesh::Mode::Ebpf);
+    let node = &m.lab.nodes[0];
+    let node_ns = node.netns.path().to_path_buf();
+    let bpffs = m.bpffs.as_ref().expect("bpffs").path().to_path_buf();
+    let wl = m.tmp.path().join("doctor-workloads.json");
+    mesh_workloads(&m, &wl);
+    let flags = vec![
+        format!(
+            "--cni-agent-run-dir={}",
+            m.tmp.path().join("node1").display()
+        ),
+        format!("--ambient-ebpf-pin-dir={}", bpffs.join("node1").display()),
+        format!("--ambient-workloads-file={}", wl.display()),
+        "--ambient-enabled".to_string(),
+        "--ambient-redirect-mode=ebpf".to_string(),
+        "--node-name=node1".to_string(),
+    ];
+    let doctor = || doctor_in(&agent_bin, &node_ns, &flags);
+    let (_, r) = doctor();
+    assert_eq!(mode_failing(&r, "ebpf-datapath"), set(&[]), "{r:#}");
+    assert_eq!(node_check(&r, "ebpf-datapath").len(), 1, "{r:#}");
+    for p in ["mesh/a", "mesh/d"] {
+        assert_eq!(pod(&r, p)["captured"], true, "{p}: {r:#}");
+        assert!(
+            pod(&r, p)["detail"]
+                .as_str()
+                .unwrap_or("")
+                .contains("programs attached"),
+            "{r:#}"
+        );
+    }
+    assert_eq!(pod(&r, "plain/b")["captured"], Value::Null, "{r:#}");
+
+    let cfg = ambient_mesh::ebpf_config(node, m.tmp.path(), &bpffs);
+    let drv = meshcni_agent::modes::ebpf::EbpfDriver::new(cfg).expect("driver");
+    let dp = drv.datapath();
+    let ip_d = std::net::IpAddr::V4(m.pod("d").ip);
+    let entry_d = dp
+        .pods()
+        .expect("pods")
+        .into_iter()
+        .find(|(ip, _)| *ip == ip_d)
+        .map(|(_, e)| e)
+        .expect("d in the map");
+
+    // An enrolled pod's entry gone.
+    dp.remove_pod(ip_d).expect("remove");
+    let (ok, r) = doctor();
+    assert!(!ok);
+    assert_eq!(
+        mode_failing(&r, "ebpf-datapath"),
+        set(&["pod:mesh/d", "node:ebpf-datapath"]),
+        "{r:#}"
+    );
+    assert!(
+        pod(&r, "mesh/d")["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not in the pod map"),
+        "{r:#}"
+    );
+    dp.set_pod(ip_d, entry_d).expect("put back");
+
+    // A map entry nobody owns.
+    let stray: std::net::IpAddr = "10.66.6.6".parse().expect("ip");
+    dp.set_pod(stray, entry_d).expect("stray entry");
+    let (_, r) = doctor();
+    assert_eq!(
+        mode_failing(&r, "ebpf-datapath"),
+        set(&["node:ebpf-datapath"]),
+        "{r:#}"
+    );
+    assert!(
+        detail_of(&r, "ebpf-datapath").contains("10.66.6.6 has no recorded owner"),
+        "{r:#}"
+    );
+    dp.remove_pod(stray).expect("remove stray");
+
+    // Pod a's programs detached.
+    let a = m.pod("a");
+    let ix_a = meshcni_ebpf::ifindex_in(&node_ns, &a.host_veth).expect("ifindex");
+    dp.detach_pod(&node_ns, ix_a).expect("detach");
+    let (_, r) = doctor();
+    assert_eq!(
+        mode_failing(&r, "ebpf-datapath"),
+        set(&["pod:mesh/a", "node:ebpf-datapath"]),
+        "{r:#}"
+    );
+    assert!(
+        pod(&r, "mesh/a")["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not attached"),
+        "{r:#}"
+    );
+    dp.attach_pod(&node_ns, &a.host_veth).expect("re-attach");
+
+    // Programs on the veth of a pod that is not enrolled: a leaked attachment.
+    let b = m.pod("b");
+    dp.attach_pod(&node_ns, &b.host_veth).expect("attach b");
+    let (_, r) = doctor();
+    assert_eq!(
+        mode_failing(&r, "ebpf-datapath"),
+        set(&["node:ebpf-datapath"]),
+        "{r:#}"
+    );
+    assert!(
+        detail_of(&r, "ebpf-datapath").contains("no enrolled pod holds (leak)"),
+        "{r:#}"
+    );
+    let ix_b = meshcni_ebpf::ifindex_in(&node_ns, &b.host_veth).expect("ifindex");
+    dp.detach_pod(&node_ns, ix_b).expect("detach b");
+    let (_, r) = doctor();
+    assert_eq!(mode_failing(&r, "ebpf-datapath"), set(&[]), "{r:#}");
+    drop(drv);
+}
+
+/// The `iptables` mode's node pieces, by the driver's own comparison: green on a real node,
+/// then a duplicated jump, a missing policy rule, a missing pod route, a pod route of no
+/// enrolled pod and a changed sysctl are each named.
+#[test]
+fn doctor_checks_the_iptables_mode_node_rules_routes_links_and_sysctls() {
+    assert!(nix::unistd::geteuid().is_root(), "needs root");
+    let (agent_bin, _) = binaries();
+    let m = ambient_mesh::Mesh::new_in("docipn", ambient_mesh::Mode::Iptables);
+    let node = &m.lab.nodes[0];
+    let node_ns = node.netns.path().to_path_buf();
+    let wl = m.tmp.path().join("doctor-workloads.json");
+    mesh_workloads(&m, &wl);
+    let flags = vec![
+        format!(
+            "--cni-agent-run-dir={}",
+            m.tmp.path().join("node1").display()
+        ),
+        format!(
+            "--node-xtables-lock={}",
+            m.tmp.path().join("node1.xtables.lock").display()
+        ),
+        format!("--ambient-workloads-file={}", wl.display()),
+        "--ambient-enabled".to_string(),
+        "--ambient-redirect-mode=iptables".to_string(),
+        "--node-name=node1".to_string(),
+    ];
+    let doctor = || doctor_in(&agent_bin, &node_ns, &flags);
+    let (_, r) = doctor();
+    assert_eq!(mode_failing(&r, "iptables-node"), set(&[]), "{r:#}");
+    assert_eq!(node_check(&r, "iptables-node").len(), 1, "{r:#}");
+    let sh = |program: &str, args: &[&str]| {
+        kit::exec_in(&node_ns, program, args).unwrap_or_else(|e| panic!("{program} {args:?}: {e}"));
+    };
+    let expect = |what: &str, needle: &str| {
+        let (ok, r) = doctor();
+        assert!(!ok, "{what}");
+        assert_eq!(
+            mode_failing(&r, "iptables-node"),
+            set(&["node:iptables-node"]),
+            "{what}: {r:#}"
+        );
+        let d = detail_of(&r, "iptables-node");
+        assert!(d.contains(needle), "{what}: {d:?} lacks {needle:?}");
+    };
+    sh(
+        "iptables",
+        &["-t", "nat", "-I", "PREROUTING", "-j", "ztunnel-PREROUTING"],
+    );
+    expect(
+        "duplicated jump",
+        "2 jumps from nat/PREROUTING to ztunnel-PREROUTING",
+    );
+    sh(
+        "iptables",
+        &["-t", "nat", "-D", "PREROUTING", "-j", "ztunnel-PREROUTING"],
+    );
+    sh(
+        "ip",
+        &[
+            "rule",
+            "del",
+            "priority",
+            "101",
+            "fwmark",
+            "0x100/0x100",
+            "lookup",
+            "101",
+        ],
+    );
+    expect("missing rule", "ip rule priority 101 present 0 times");
+    sh(
+        "ip",
+        &[
+            "rule",
+            "add",
+            "priority",
+            "101",
+            "fwmark",
+            "0x100/0x100",
+            "lookup",
+            "101",
+        ],
+    );
+    let a = m.pod("a").ip.to_string();
+    let route =
+        kit::exec_in(&node_ns, "ip", &["route", "show", "table", "100", &a]).expect("route");
+    assert!(route.contains("istioin"), "{route}");
+    sh("ip", &["route", "del", &a, "table", "100"]);
+    expect(
+        "missing pod route",
+        &format!("enrolled {a} has no table-100 route"),
+    );
+    let mut args: Vec<&str> = vec!["route", "add", &a];
+    let rest: Vec<&str> = route.split_whitespace().skip(1).collect();
+    args.extend(rest.iter().copied());
+    args.extend(["table", "100"]);
+    sh("ip", &args);
+    sh(
+        "ip",
+        &[
+            "route",
+            "add",
+            "10.66.6.7",
+            "via",
+            "192.168.126.2",
+            "dev",
+            "istioin",
+            "table",
+            "100",
+        ],
+    );
+    expect(
+        "orphan pod route",
+        "table-100 route for 10.66.6.7, which is not enrolled (leak)",
+    );
+    sh("ip", &["route", "del", "10.66.6.7", "table", "100"]);
+    let v = node.netns.sysctl("net.ipv4.conf.istioin.rp_filter", "1");
+    v.expect("sysctl");
+    expect("sysctl", "net/ipv4/conf/istioin/rp_filter");
+    node.netns
+        .sysctl("net.ipv4.conf.istioin.rp_filter", "0")
+        .expect("sysctl");
+    let (_, r) = doctor();
+    assert_eq!(mode_failing(&r, "iptables-node"), set(&[]), "{r:#}");
+}
+
+/// Ambient off (sidecar only): nothing of any redirect mode may be on the node. A fresh node
+/// netns is green; a ztunnel set, an `istioin` link and a driver state file are each named.
+#[test]
+fn doctor_with_ambient_off_finds_leftovers_of_any_redirect_mode() {
+    assert!(nix::unistd::geteuid().is_root(), "needs root");
+    let (agent_bin, _) = binaries();
+    let node = meshcni_testkit::Netns::new("docoff").expect("node netns");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    std::fs::create_dir_all(&run).expect("run dir");
+    let wl = tmp.path().join("workloads.json");
+    write_workloads(&wl, &namespaces(false), &[]).expect("workloads");
+    let flags = vec![
+        format!("--cni-agent-run-dir={}", run.display()),
+        format!(
+            "--ambient-ebpf-pin-dir={}",
+            tmp.path().join("pins").display()
+        ),
+        format!(
+            "--node-xtables-lock={}",
+            tmp.path().join("xt.lock").display()
+        ),
+        format!("--ambient-workloads-file={}", wl.display()),
+        "--node-name=node1".to_string(),
+    ];
+    let doctor = || doctor_in(&agent_bin, node.path(), &flags);
+    let leftovers = |r: &Value| -> (bool, String) {
+        let c = node_check(r, "ambient-leftovers");
+        assert_eq!(c.len(), 1, "{r:#}");
+        (
+            c[0]["ok"] == true,
+            c[0]["detail"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    let (_, r) = doctor();
+    assert_eq!(r["ambient"], "off");
+    assert!(leftovers(&r).0, "{r:#}");
+    let sh = |program: &str, args: &[&str]| {
+        kit::exec_in(node.path(), program, args)
+            .unwrap_or_else(|e| panic!("{program} {args:?}: {e}"));
+    };
+    sh("ipset", &["create", "ztunnel-pods-ips", "hash:ip"]);
+    let (ok, r) = doctor();
+    assert!(!ok);
+    assert_eq!(
+        leftovers(&r),
+        (false, "ipset ztunnel-pods-ips exists".into())
+    );
+    sh("ipset", &["destroy", "ztunnel-pods-ips"]);
+    sh(
+        "ip",
+        &[
+            "link", "add", "istioin", "type", "veth", "peer", "name", "mcnipeer",
+        ],
+    );
+    assert_eq!(
+        leftovers(&doctor().1),
+        (false, "link istioin exists".into())
+    );
+    sh("ip", &["link", "del", "istioin"]);
+    std::fs::write(run.join("inpod-mode.json"), "{}").expect("state");
+    assert!(leftovers(&doctor().1).1.contains("inpod-mode.json exists"));
+    std::fs::remove_file(run.join("inpod-mode.json")).expect("rm");
+    sh("iptables", &["-t", "nat", "-N", "ztunnel-PREROUTING"]);
+    assert_eq!(
+        leftovers(&doctor().1),
+        (false, "chain nat/ztunnel-PREROUTING exists".into())
+    );
+    sh("iptables", &["-t", "nat", "-X", "ztunnel-PREROUTING"]);
+    assert!(leftovers(&doctor().1).0);
+}
+
+/// Regression (found by `crash_suite`): a pod the inpod driver enrolled while it was running
+/// (a label change, an agent start) has no recorded netns path — the driver found it by its
+/// cgroup or IP — and the doctor failed it with "recorded netns : cannot open network
+/// namespace". Now the doctor finds it the way the driver does and checks it is the recorded
+/// namespace.
+#[test]
+fn doctor_finds_the_netns_of_an_inpod_pod_enrolled_by_discovery() {
+    assert!(nix::unistd::geteuid().is_root(), "needs root");
+    let (agent_bin, plugin) = binaries();
+    let lab = MultiNodeLab::new("docdisc", &[&["a"]]).expect("lab");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dirs = AgentDirs::create(tmp.path(), &plugin).expect("dirs");
+    let a = lab.pod("a");
+    std::os::unix::fs::symlink(a.netns.path(), dirs.netns_dir.join("a")).expect("link");
+    let cli = <meshcni_agent::cli::Cli as clap::Parser>::try_parse_from(
+        std::iter::once("meshcni-agent".to_string())
+            .chain(kit::agent_args_for(&dirs, StackMode::Inpod)),
+    )
+    .expect("flags");
+    let cfg = meshcni_agent::modes::inpod_config(
+        &cli.args,
+        meshcni_agent::ambient_config::RedirectMode::Inpod,
+    );
+    meshcni_netx::inpod::apply_inpod(a.netns.path(), &cfg.rules, &Default::default(), cfg.backend)
+        .expect("in-pod rules");
+    let record = meshcni_agent::modes::inpod::PodRecord {
+        namespace: "mesh".into(),
+        name: "a".into(),
+        service_account: "default".into(),
+        ips: vec![std::net::IpAddr::V4(a.ip)],
+        annotations: Default::default(),
+        netns_path: PathBuf::new(),
+        netns_id: meshcni_netx::podns::netns_id(a.netns.path()).expect("netns id"),
+    };
+    meshcni_agent::modes::inpod::InpodState {
+        pods: [(kit::pod_uid("a"), record)].into(),
+    }
+    .save(&cfg.state_file)
+    .expect("state file");
+    write_workloads(
+        &dirs.workloads,
+        &namespaces(true),
+        &[pod_json("mesh", "a", NODE, Some(a.ip), &[], &[])],
+    )
+    .expect("workloads");
+    let (_, r) = doctor_in(
+        &agent_bin,
+        lab.node(1).netns.path(),
+        &kit::agent_args_for(&dirs, StackMode::Inpod),
+    );
+    let p = pod(&r, "mesh/a");
+    assert_eq!(p["captured"], true, "{r:#}");
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("in-pod rules in place"),
+        "{r:#}"
     );
 }

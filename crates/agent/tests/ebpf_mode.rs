@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use ambient_mesh::{Mesh, Mode, PORT, T, ebpf_config};
+use ambient_mesh::{DATAPLANE_MODE, Mesh, Mode, PORT, T, ebpf_config};
 use meshcni_agent::ambient::{LoopOptions, Reconciler, RedirectDriver, StatusHandle};
 use meshcni_agent::modes::ebpf::EbpfDriver;
 use meshcni_agent::workloads::{EnrollPolicy, SourceUpdate};
@@ -280,4 +280,51 @@ fn uninstall_by_a_new_process_cleans_a_ztunnel_netns_that_was_found_by_scanning(
         .find(|b| b.1 == zt_ns)
         .expect("ztunnel netns baseline");
     meshcni_testkit::assert_netns_unchanged(&zt_ns, before, &format!("after uninstall, {name}"));
+}
+
+/// Regression (issue 12 item 4, found by `crash_suite`): a running pod that leaves the mesh
+/// kept its pod programs attached and their link pins, with no record of them in the state
+/// file (a pin per such pod until uninstall; the doctor's "one attachment per enrolled pod
+/// veth" failed). Now the release detaches them; a fresh driver finding programs on a veth
+/// no enrolled pod holds (a release cut short) detaches them too.
+#[test]
+fn a_pod_leaving_the_mesh_keeps_no_program_attached() {
+    let mut m = Mesh::new_in("eb-rel", Mode::Ebpf);
+    let node_ns = m.lab.node(1).netns.path().to_path_buf();
+    let pins = m.bpffs.as_ref().expect("bpffs").path().join("node1");
+    let veth = |m: &Mesh, name: &str| m.pod(name).host_veth.clone();
+    let attached = |veth: &str| -> usize {
+        let ix = meshcni_ebpf::ifindex_in(&node_ns, veth).expect("ifindex");
+        meshcni_ebpf::inspect(&pins)
+            .expect("inspect")
+            .expect("pin dir")
+            .attachments
+            .iter()
+            .filter(|a| a.ifindex == ix)
+            .count()
+    };
+    let (va, vb, vd) = (veth(&m, "a"), veth(&m, "b"), veth(&m, "d"));
+    assert_eq!(attached(&va), 2, "pod-in and pod-eg on a's veth");
+    m.labels
+        .get_mut("a")
+        .expect("a")
+        .insert(DATAPLANE_MODE.to_string(), "none".to_string());
+    m.reconcile();
+    assert_eq!(
+        attached(&va),
+        0,
+        "a left the mesh: nothing of ours on its veth"
+    );
+    assert_eq!(attached(&vd), 2, "d stays enrolled");
+
+    // A release cut short: programs on b's veth (never enrolled), no record. A new driver's
+    // first read-back detaches them.
+    driver_of(&m, 0)
+        .datapath()
+        .attach_pod(&node_ns, &vb)
+        .expect("attach to b");
+    assert_eq!(attached(&vb), 2);
+    driver_of(&m, 0).actual().expect("actual");
+    assert_eq!(attached(&vb), 0, "stale attachment detached at start-up");
+    assert_eq!(attached(&vd), 2);
 }

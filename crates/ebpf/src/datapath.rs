@@ -1166,6 +1166,143 @@ pub fn uninstall(pin_dir: &Path, netns: &[&Path]) -> Result<UninstallReport, Ebp
     Ok(report)
 }
 
+/// One attachment recorded under the pin dir (a pinned tcx link or a clsact record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PinnedAttachment {
+    pub hook: Hook,
+    /// Inode of the netns the interface was in when attached.
+    pub netns_inode: u64,
+    /// The interface as recorded at attach time.
+    pub ifindex: u32,
+    /// tcx: the link's live ifindex (0 once the device is gone); clsact: the recorded one.
+    pub live_ifindex: u32,
+    /// `links/<record>` (tcx) or `tc/<record>` (clsact).
+    pub path: PathBuf,
+}
+
+/// What is pinned under a pin dir, read without loading anything (`doctor`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PinnedState {
+    /// Names of the datapath maps pinned under `maps/` (of [`PODS_MAP`], [`ZTUNNEL_MAP`],
+    /// [`HOST_IPS_MAP`]); other files there are listed in `foreign_maps`.
+    pub maps: Vec<String>,
+    pub foreign_maps: Vec<String>,
+    /// Every entry of the pod map.
+    pub pods: Vec<(IpAddr, PodEntry)>,
+    /// The ztunnel entry (`None`: not pinned, or all zero = no ztunnel).
+    pub ztunnel: Option<ZtunnelEntry>,
+    pub attachments: Vec<PinnedAttachment>,
+}
+
+impl Hook {
+    /// The record-name tag of the hook (`pod-in`, `pod-eg`, `zt-host`, `zt-in`).
+    pub fn name(self) -> &'static str {
+        self.tag()
+    }
+}
+
+/// Read what is pinned under `pin_dir` (`None`: no pin dir). Read-only: opens pins, creates
+/// nothing, loads no program.
+pub fn inspect(pin_dir: &Path) -> Result<Option<PinnedState>, EbpfError> {
+    if !pin_dir.exists() {
+        return Ok(None);
+    }
+    let mut st = PinnedState::default();
+    let list = |dir: &Path| -> Result<Vec<(String, PathBuf)>, EbpfError> {
+        match std::fs::read_dir(dir) {
+            Ok(rd) => {
+                let mut v: Vec<(String, PathBuf)> = rd
+                    .filter_map(Result::ok)
+                    .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+                    .collect();
+                v.sort();
+                Ok(v)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(EbpfError::sys(format!("list {}", dir.display()), e)),
+        }
+    };
+    let open = |path: &Path| {
+        MapHandle::from_pinned_path(path).map_err(|e| EbpfError::Libbpf {
+            op: format!("open pinned map {}", path.display()),
+            message: e.to_string(),
+        })
+    };
+    for (name, path) in list(&pin_dir.join("maps"))? {
+        if ![PODS_MAP, ZTUNNEL_MAP, HOST_IPS_MAP].contains(&name.as_str()) {
+            st.foreign_maps.push(name);
+            continue;
+        }
+        if name == PODS_MAP {
+            let m = open(&path)?;
+            for key in m.keys() {
+                let Ok(k) = <[u8; 16]>::try_from(key.as_slice()) else {
+                    continue;
+                };
+                let value = m
+                    .lookup(&key, MapFlags::ANY)
+                    .map_err(|e| EbpfError::Libbpf {
+                        op: format!("{PODS_MAP}: read"),
+                        message: e.to_string(),
+                    })?;
+                if let Some(entry) = value.as_deref().and_then(PodEntry::from_bytes) {
+                    st.pods.push((maps::key_addr(k), entry));
+                }
+            }
+        } else if name == ZTUNNEL_MAP {
+            let m = open(&path)?;
+            let value =
+                m.lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+                    .map_err(|e| EbpfError::Libbpf {
+                        op: format!("{ZTUNNEL_MAP}: read"),
+                        message: e.to_string(),
+                    })?;
+            st.ztunnel = value
+                .filter(|v| v.iter().any(|b| *b != 0))
+                .as_deref()
+                .and_then(ZtunnelEntry::from_bytes);
+        }
+        st.maps.push(name);
+    }
+    for (name, path) in list(&pin_dir.join("links"))? {
+        let Some((hook, nsino, ifindex)) = parse_record(&name) else {
+            continue;
+        };
+        let Some(fd) = obj_get(&path)? else {
+            continue;
+        };
+        let (_, live, _, _) = link_info(&fd)?;
+        st.attachments.push(PinnedAttachment {
+            hook,
+            netns_inode: nsino,
+            ifindex,
+            live_ifindex: live,
+            path,
+        });
+    }
+    for (name, path) in list(&pin_dir.join("tc"))? {
+        if name.ends_with("-qdisc") {
+            continue;
+        }
+        let Some((hook, nsino, ifindex)) = parse_record(&name) else {
+            continue;
+        };
+        st.attachments.push(PinnedAttachment {
+            hook,
+            netns_inode: nsino,
+            ifindex,
+            live_ifindex: ifindex,
+            path,
+        });
+    }
+    Ok(Some(st))
+}
+
+/// The inode of a netns file (what attachment records name).
+pub fn netns_inode_of(netns: &Path) -> Result<u64, EbpfError> {
+    netns_inode(netns)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

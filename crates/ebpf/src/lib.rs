@@ -19,8 +19,9 @@ pub mod features;
 pub mod maps;
 
 pub use datapath::{
-    AttachKind, AttachMode, Datapath, DatapathConfig, Hook, UninstallReport, ZTUNNEL_LOCAL_MARK,
-    ZTUNNEL_LOCAL_PRIORITY, ZTUNNEL_LOCAL_TABLE, ifindex_in, mac_in, uninstall,
+    AttachKind, AttachMode, Datapath, DatapathConfig, Hook, PinnedAttachment, PinnedState,
+    UninstallReport, ZTUNNEL_LOCAL_MARK, ZTUNNEL_LOCAL_PRIORITY, ZTUNNEL_LOCAL_TABLE, ifindex_in,
+    inspect, mac_in, netns_inode_of, uninstall,
 };
 pub use error::EbpfError;
 pub use maps::{PodEntry, ZtunnelEntry};

@@ -697,16 +697,7 @@ impl HostProbe {
             }
             InpodBackend::Nftables => {
                 let fresh = self.nft_text()?;
-                let table = host_nft_table();
-                let actual = nft::list_table_here(ns, &table)?;
-                let desired = crate::netns::with_scratch_netns(|scratch| {
-                    nft::apply_here(scratch, &fresh)?;
-                    nft::list_table_here(scratch, &table)
-                })??;
-                let (want, have) = (
-                    without_elements(desired.as_deref().unwrap_or_default()),
-                    without_elements(actual.as_deref().unwrap_or_default()),
-                );
+                let (actual, want, have) = self.nft_compare_here(ns, &fresh)?;
                 if actual.is_some() && want == have {
                     return Ok(());
                 }
@@ -724,6 +715,65 @@ impl HostProbe {
                 nft::apply_here(ns, &format!("{fresh}{text}"))
             }
         }
+    }
+
+    /// Our nft table as listed in `ns`, and (without set elements) what `fresh` makes of an
+    /// empty netns vs what `ns` holds.
+    #[allow(clippy::type_complexity)]
+    fn nft_compare_here(
+        &self,
+        ns: &InNetns<'_>,
+        fresh: &str,
+    ) -> Result<(Option<String>, Vec<String>, Vec<String>), NetxError> {
+        let table = host_nft_table();
+        let actual = nft::list_table_here(ns, &table)?;
+        let desired = crate::netns::with_scratch_netns(|scratch| {
+            nft::apply_here(scratch, fresh)?;
+            nft::list_table_here(scratch, &table)
+        })??;
+        let want = without_elements(desired.as_deref().unwrap_or_default());
+        let have = without_elements(actual.as_deref().unwrap_or_default());
+        Ok((actual, want, have))
+    }
+
+    /// Read-only (`doctor`): how the node netns differs from what [`HostProbe::ensure_rules`]
+    /// leaves — the probe sets of each family and the SNAT rule, exactly once. Empty: in place.
+    pub fn check(&self) -> Result<Vec<String>, NetxError> {
+        with_netns(&self.netns, |ns| -> Result<Vec<String>, NetxError> {
+            match self.backend {
+                InpodBackend::Iptables => {
+                    let mut problems = Vec::new();
+                    let names = crate::ipset::names_here(ns)?;
+                    for family in self.families() {
+                        let set = match family {
+                            IpFamily::V4 => inpod::PROBE_SET_V4,
+                            IpFamily::V6 => inpod::PROBE_SET_V6,
+                        };
+                        if !names.iter().any(|n| n == set) {
+                            problems.push(format!("ipset {set} missing"));
+                        }
+                    }
+                    let applier = Applier {
+                        backend: Backend::Iptables,
+                        iptables: self.iptables.clone(),
+                    };
+                    problems.extend(applier.check_capture_here(ns, &self.iptables_plan())?);
+                    Ok(problems)
+                }
+                InpodBackend::Nftables => {
+                    let fresh = self.nft_text()?;
+                    let (actual, want, have) = self.nft_compare_here(ns, &fresh)?;
+                    Ok(match actual {
+                        None => vec![format!("nft table inet {} missing", inpod::NFT_NAT_TABLE)],
+                        Some(_) if want != have => vec![format!(
+                            "nft table inet {} differs from what the agent writes",
+                            inpod::NFT_NAT_TABLE
+                        )],
+                        Some(_) => Vec::new(),
+                    })
+                }
+            }
+        })?
     }
 
     /// Put `ip` in its family's probe set with comment `uid` (an existing entry for the IP is

@@ -631,9 +631,9 @@ pub fn plugin_add(
     )
 }
 
-/// [`plugin_add`] with every address of the pod (IPv4 and IPv6) in the ptp-style
-/// prevResult.
-pub fn plugin_add_ips(
+/// The plugin's ADD process for [`plugin_add_ips`], started with its stdin written and
+/// closed (a crash test kills it mid-ADD, as a runtime's timeout or a node reboot would).
+pub fn plugin_add_spawn(
     plugin: &Path,
     node_netns: &Path,
     pod_netns: &Path,
@@ -641,7 +641,7 @@ pub fn plugin_add_ips(
     name: &str,
     ips: &[IpAddr],
     dirs: &AgentDirs,
-) -> Result<CniOutcome, String> {
+) -> Result<Child, String> {
     let ip_entries: Vec<Value> = ips
         .iter()
         .map(|ip| match ip {
@@ -680,7 +680,6 @@ pub fn plugin_add_ips(
             "dns": {}
         }
     });
-    let started = Instant::now();
     let mut child = Command::new("nsenter")
         .arg(format!("--net={}", node_netns.display()))
         .arg("--")
@@ -709,6 +708,22 @@ pub fn plugin_add_ips(
             .write_all(conf.to_string().as_bytes())
             .map_err(|e| format!("write the plugin's stdin for {namespace}/{name}: {e}"))?;
     }
+    Ok(child)
+}
+
+/// [`plugin_add`] with every address of the pod (IPv4 and IPv6) in the ptp-style
+/// prevResult.
+pub fn plugin_add_ips(
+    plugin: &Path,
+    node_netns: &Path,
+    pod_netns: &Path,
+    namespace: &str,
+    name: &str,
+    ips: &[IpAddr],
+    dirs: &AgentDirs,
+) -> Result<CniOutcome, String> {
+    let started = Instant::now();
+    let child = plugin_add_spawn(plugin, node_netns, pod_netns, namespace, name, ips, dirs)?;
     let out = child
         .wait_with_output()
         .map_err(|e| format!("wait for the plugin ({namespace}/{name}): {e}"))?;

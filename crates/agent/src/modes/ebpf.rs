@@ -8,9 +8,10 @@
 //!   veth whose peer is a veth of the node netns), attach the pod programs to the host side
 //!   once (a re-attach of a pinned link is an in-place switch), then one map entry per pod IP
 //!   (IPv4 and IPv6).
-//! * Release: delete the pod's map entries (the programs stay attached and pass everything of
-//!   an address not in the map); when the pod's host veth is gone (pod deleted), its link pins
-//!   are removed too.
+//! * Release: delete the pod's map entries, then detach the pod programs from its host veth
+//!   and remove their pins (a pod that leaves the mesh but keeps running holds nothing of ours).
+//!   At start-up and on resync, programs on veths of pods with no address in the map (a release
+//!   or enroll cut short by a crash) are detached the same way.
 //! * ztunnel add/restart: attach the ztunnel programs (host veth and, inside its netns, `eth0`
 //!   with `bpf_sk_assign`) and write the ztunnel map entry; ztunnel gone: the entry is cleared,
 //!   so enrolled pods' TCP is dropped (fail closed), never leaked uncaptured.
@@ -195,17 +196,7 @@ impl EbpfDriver {
                 cfg.pin_dir.display()
             ))
         })?;
-        let state = match std::fs::read(&cfg.state_file) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| drv(format!("state file {}: {e}", cfg.state_file.display())))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => EbpfState::default(),
-            Err(e) => {
-                return Err(drv(format!(
-                    "read state file {}: {e}",
-                    cfg.state_file.display()
-                )));
-            }
-        };
+        let state = load_state(&cfg.state_file).map_err(drv)?;
         let mut d = EbpfDriver {
             cfg,
             dp,
@@ -382,23 +373,55 @@ impl EbpfDriver {
         Ok(())
     }
 
-    /// After a release of the whole pod: if its host veth is gone (pod deleted), remove the
-    /// link pins left for it.
+    /// After a release of the whole pod: detach its programs from its host veth (a pod that
+    /// left the mesh but runs on keeps nothing of ours) and remove the link pins — unless an
+    /// enrolled pod holds that ifindex now (a reused index).
     fn forget_veth(&mut self, pod: &PodId) -> Result<(), DriverError> {
-        let Some(ifindex) = self.state.veths.get(&pod.uid).copied() else {
+        let Some(ifindex) = self.state.veths.remove(&pod.uid) else {
             return Ok(());
         };
-        let mut nl = Netlink::open(&self.cfg.node_netns).map_err(drv)?;
-        let alive = tunnel::link_by_index(&mut nl, ifindex)
-            .map_err(drv)?
-            .is_some();
-        if !alive {
+        if !self.state.veths.values().any(|ix| *ix == ifindex) {
             self.dp
                 .detach_pod(&self.cfg.node_netns, ifindex)
                 .map_err(|e| pod_err(pod, e))?;
         }
-        self.state.veths.remove(&pod.uid);
         self.dirty = true;
+        Ok(())
+    }
+
+    /// Start-up / resync: pod programs of pods that hold no address in the map any more (a
+    /// release cut short after the map, or an enroll cut short before it) are detached and
+    /// their records dropped; attachments on node veths no record names are detached too.
+    fn prune_attachments(
+        &mut self,
+        enrolled: &BTreeMap<String, Vec<IpAddr>>,
+    ) -> Result<(), DriverError> {
+        let stale: Vec<String> = self
+            .state
+            .veths
+            .keys()
+            .filter(|uid| !enrolled.contains_key(*uid))
+            .cloned()
+            .collect();
+        for uid in stale {
+            self.forget_veth(&PodId::new(&uid, "", ""))?;
+        }
+        let held: std::collections::BTreeSet<u32> = self.state.veths.values().copied().collect();
+        let Some(pinned) = meshcni_ebpf::inspect(&self.cfg.pin_dir).map_err(drv)? else {
+            return Ok(());
+        };
+        let node_ino = meshcni_ebpf::netns_inode_of(&self.cfg.node_netns).map_err(drv)?;
+        for a in pinned.attachments {
+            if a.netns_inode == node_ino
+                && matches!(a.hook, Hook::PodIngress | Hook::PodEgress)
+                && !held.contains(&a.ifindex)
+            {
+                tracing::warn!(pin = %a.path.display(), "pod program attached to a veth no enrolled pod holds (an enroll or release was cut short); detaching");
+                self.dp
+                    .detach(&self.cfg.node_netns, a.ifindex, a.hook)
+                    .map_err(drv)?;
+            }
+        }
         Ok(())
     }
 
@@ -526,6 +549,124 @@ impl EbpfDriver {
     }
 }
 
+/// The driver's state file (`Default` when absent).
+fn load_state(path: &Path) -> Result<EbpfState, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| format!("state file {}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(EbpfState::default()),
+        Err(e) => Err(format!("read state file {}: {e}", path.display())),
+    }
+}
+
+/// What the driver left on the node, read without loading anything (`doctor`).
+#[derive(Debug, Clone, Default)]
+pub struct NodeView {
+    /// Recorded owners (state file): address → pod UID.
+    pub owners: BTreeMap<IpAddr, String>,
+    /// The pod map.
+    pub map: BTreeMap<IpAddr, PodEntry>,
+    /// Host veths (node netns ifindex) with both pod programs attached.
+    pub attached: std::collections::BTreeSet<u32>,
+    /// Every difference from what install and enrollment write (leaks included).
+    pub problems: Vec<String>,
+}
+
+/// Read-only (`doctor`): the pinned maps and links under the pin dir and the state file,
+/// compared with what [`EbpfDriver`] writes: the three maps pinned; every map entry has its
+/// owner recorded and every recorded owner's address is in the map, pointing at the veth the
+/// pod's programs are attached to; both pod programs attached (link pin or clsact record)
+/// exactly on each recorded pod veth, no attachment of a veth no pod holds or that is gone;
+/// a ztunnel entry while pods are enrolled.
+pub fn inspect_node(cfg: &EbpfModeConfig) -> Result<NodeView, String> {
+    use meshcni_ebpf::Hook;
+    let state = load_state(&cfg.state_file)?;
+    let mut v = NodeView {
+        owners: state.owners.clone(),
+        ..NodeView::default()
+    };
+    let Some(pinned) = meshcni_ebpf::inspect(&cfg.pin_dir)
+        .map_err(|e| format!("reading pin dir {}: {e}", cfg.pin_dir.display()))?
+    else {
+        v.problems.push(format!(
+            "pin dir {} missing: the datapath is not loaded",
+            cfg.pin_dir.display()
+        ));
+        return Ok(v);
+    };
+    for m in [
+        meshcni_ebpf::maps::PODS_MAP,
+        meshcni_ebpf::maps::ZTUNNEL_MAP,
+        meshcni_ebpf::maps::HOST_IPS_MAP,
+    ] {
+        if !pinned.maps.iter().any(|p| p == m) {
+            v.problems.push(format!("map {m} not pinned"));
+        }
+    }
+    v.map = pinned.pods.iter().copied().collect();
+    for (ip, entry) in &v.map {
+        match state.owners.get(ip) {
+            None => v
+                .problems
+                .push(format!("map entry {ip} has no recorded owner (leak)")),
+            Some(uid) => match state.veths.get(uid) {
+                Some(ix) if *ix == entry.host_ifindex => {}
+                other => v.problems.push(format!(
+                    "map entry {ip} (pod uid {uid}) points at ifindex {}, the pod's veth is {other:?}",
+                    entry.host_ifindex
+                )),
+            },
+        }
+    }
+    for (ip, uid) in &state.owners {
+        if !v.map.contains_key(ip) {
+            v.problems.push(format!(
+                "owner of {ip} (pod uid {uid}) recorded, address not in the map (stale record)"
+            ));
+        }
+    }
+    let node_ino = meshcni_ebpf::netns_inode_of(&cfg.node_netns)
+        .map_err(|e| format!("node netns {}: {e}", cfg.node_netns.display()))?;
+    let mut hooks: BTreeMap<u32, Vec<Hook>> = BTreeMap::new();
+    for a in &pinned.attachments {
+        if a.netns_inode != node_ino || !matches!(a.hook, Hook::PodIngress | Hook::PodEgress) {
+            continue;
+        }
+        if a.live_ifindex != a.ifindex {
+            v.problems.push(format!(
+                "{} is attached to a device that is gone (stale pin)",
+                a.path.display()
+            ));
+            continue;
+        }
+        hooks.entry(a.ifindex).or_default().push(a.hook);
+    }
+    let held: std::collections::BTreeSet<u32> = state.veths.values().copied().collect();
+    for (ix, hs) in &hooks {
+        if !held.contains(ix) {
+            v.problems.push(format!(
+                "pod programs attached to ifindex {ix}, which no enrolled pod holds (leak)"
+            ));
+        }
+        if hs.contains(&Hook::PodIngress) && hs.contains(&Hook::PodEgress) {
+            v.attached.insert(*ix);
+        }
+    }
+    for (uid, ix) in &state.veths {
+        if !v.attached.contains(ix) {
+            v.problems.push(format!(
+                "pod uid {uid}: pod programs not both attached to its veth (ifindex {ix})"
+            ));
+        }
+    }
+    if !v.map.is_empty() && pinned.ztunnel.is_none() {
+        v.problems.push(
+            "pods enrolled but no ztunnel in the map: their TCP is dropped (fail closed)".into(),
+        );
+    }
+    Ok(v)
+}
+
 fn is_link_local(ip: &IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_link_local(),
@@ -568,6 +709,7 @@ impl RedirectDriver for EbpfDriver {
         if self.state.owners.len() != before {
             self.dirty = true;
         }
+        self.prune_attachments(&by_uid)?;
         let mut state = EnrolledState::default();
         for (uid, mut ips) in by_uid {
             ips.sort();

@@ -1358,6 +1358,200 @@ impl IptablesDriver {
         Ok(())
     }
 
+    /// `iptables-save` (IPv4) of the node netns, with the driver's flavour detection and lock.
+    pub fn node_save_text(&mut self) -> Result<String, DriverError> {
+        self.node_save()
+    }
+
+    /// Read-only (`doctor`): every difference between the node netns and what this driver
+    /// installs for the ztunnel recorded in its state file — the node chains (`node_chains`,
+    /// each exactly once, one jump from its hook), the ipset, the policy rules (each exactly
+    /// once), the node routes, the two tunnels, the node/tunnel sysctls, and per enrolled
+    /// address its table-100 route and `rp_filter=0` on its veth (nothing routed that is not
+    /// enrolled). Before the first install nothing of this mode may be there at all. Empty:
+    /// exactly what install and enrollment write.
+    pub fn check_node(&mut self) -> Result<Vec<String>, DriverError> {
+        let mut out = Vec::new();
+        let save = self.node_save()?;
+        let set = with_netns(self.node(), |ns| ipset::list_here(ns, an::IPSET_NAME))
+            .and_then(|r| r)
+            .map_err(drv)?;
+        let mut nl = self.nl()?;
+        let links = tunnel::list_links(&mut nl).map_err(drv)?;
+        let rules = route::list_rules(&mut nl).map_err(drv)?;
+        let routes = route::list_routes(&mut nl, None).map_err(drv)?;
+        let st = self.state.clone();
+        let (Some(host_ip), Some(port), Some(zip), Some(zv)) =
+            (st.host_ip, st.tunnel_port, st.ztunnel_ip, st.ztunnel_veth)
+        else {
+            // Not installed (per the state file): nothing of ours may be in the node netns.
+            for (table, chain, _) in an::NODE_CHAINS {
+                if an::chain_exists(&save, table, chain) {
+                    out.push(format!(
+                        "not installed, but chain {}/{chain} exists",
+                        table.name()
+                    ));
+                }
+            }
+            if set.is_some() {
+                out.push(format!(
+                    "not installed, but ipset {} exists",
+                    an::IPSET_NAME
+                ));
+            }
+            for l in links
+                .iter()
+                .filter(|l| OUR_LINKS.contains(&l.name.as_str()))
+            {
+                out.push(format!("not installed, but link {} exists", l.name));
+            }
+            for r in an::node_ip_rules() {
+                if rules.contains(&to_rule4(&r)) {
+                    out.push(format!(
+                        "not installed, but ip rule priority {} exists",
+                        r.priority
+                    ));
+                }
+            }
+            return Ok(out);
+        };
+        let node_cfg = NodeConfig {
+            ztunnel_veth: zv.clone(),
+            ztunnel_ip: zip,
+            host_ip,
+            tunnel_port: port,
+            dns_capture: self.cfg.dns_capture,
+            hairpin: self.cfg.hairpin,
+        };
+        for c in an::node_chains(&node_cfg) {
+            let t = c.table.name();
+            if !an::chain_exists(&save, c.table, c.chain) {
+                out.push(format!("chain {t}/{} missing", c.chain));
+                continue;
+            }
+            if an::saved_chain_rules(&save, c.table, c.chain) != c.rules {
+                out.push(format!(
+                    "chain {t}/{}: rules differ from what install writes",
+                    c.chain
+                ));
+            }
+            let jumps = an::jump_count(&save, c.table, c.hook, c.chain);
+            if jumps != 1 {
+                out.push(format!(
+                    "{jumps} jumps from {t}/{} to {} (expected 1)",
+                    c.hook, c.chain
+                ));
+            }
+        }
+        let members: Vec<Ipv4Addr> = match &set {
+            None => {
+                out.push(format!("ipset {} missing", an::IPSET_NAME));
+                Vec::new()
+            }
+            Some(entries) => entries.iter().map(|e| e.ip).collect(),
+        };
+        for r in an::node_ip_rules() {
+            let n = rules.iter().filter(|x| **x == to_rule4(&r)).count();
+            if n != 1 {
+                out.push(format!(
+                    "ip rule priority {} present {n} times (expected 1)",
+                    r.priority
+                ));
+            }
+        }
+        let kind = st.tunnel_kind.clone().unwrap_or_default();
+        let mut tun_in = None;
+        for (name, vni) in [(an::TUN_IN, an::VNI_IN), (an::TUN_OUT, an::VNI_OUT)] {
+            match links.iter().find(|l| l.name == name) {
+                None => out.push(format!("link {name} missing")),
+                Some(l) => {
+                    if name == an::TUN_IN {
+                        tun_in = Some(l.index);
+                    }
+                    if l.kind != kind
+                        || l.vni != Some(vni)
+                        || l.remote != Some(zip)
+                        || l.port != Some(port)
+                    {
+                        out.push(format!(
+                            "link {name} is {} vni {:?} remote {:?} port {:?} (install writes {kind} vni {vni} remote {zip} port {port})",
+                            l.kind, l.vni, l.remote, l.port
+                        ));
+                    }
+                }
+            }
+        }
+        let idx: BTreeMap<u32, String> = links.iter().map(|l| (l.index, l.name.clone())).collect();
+        let dev_of =
+            |e: &route::RouteEntry| e.oif.and_then(|o| idx.get(&o)).cloned().unwrap_or_default();
+        for d in an::node_routes(&node_cfg) {
+            let found = routes.iter().any(|e| {
+                d.table == e.table && d.dst == e.dst && d.gateway == e.gateway && d.dev == dev_of(e)
+            });
+            if !found {
+                out.push(format!(
+                    "route {} table {} dev {} missing",
+                    d.dst, d.table, d.dev
+                ));
+            }
+        }
+        let mut routed = std::collections::BTreeSet::new();
+        let mut veth_of: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+        for r in &routes {
+            if r.dst.prefix_len() != 32 {
+                continue;
+            }
+            if r.table == an::TABLE_INBOUND && tun_in.is_some() && r.oif == tun_in {
+                routed.insert(r.dst.addr());
+            } else if r.table == 254
+                && r.unicast
+                && members.contains(&r.dst.addr())
+                && let Some(oif) = r.oif
+            {
+                veth_of.insert(r.dst.addr(), oif);
+            }
+        }
+        for ip in &members {
+            if !routed.contains(ip) {
+                out.push(format!(
+                    "enrolled {ip} has no table-{} route",
+                    an::TABLE_INBOUND
+                ));
+            }
+        }
+        for ip in &routed {
+            if !members.contains(ip) {
+                out.push(format!(
+                    "table-{} route for {ip}, which is not enrolled (leak)",
+                    an::TABLE_INBOUND
+                ));
+            }
+        }
+        let mut sysctls: Vec<an::Sysctl> = an::node_sysctls(&zv);
+        sysctls.extend(an::tunnel_sysctls());
+        let wanted: Vec<(String, String)> = sysctls
+            .iter()
+            .map(|s| (s.path(), s.value.to_string()))
+            .collect();
+        let found = self.in_ns(&SysctlNs::Node, move |ns| {
+            let mut bad = Vec::new();
+            for (path, value) in wanted {
+                let cur = sysctl::read_here(ns, &path)?;
+                if cur.as_deref() != Some(value.as_str()) {
+                    bad.push(format!("sysctl {path} is {cur:?}, install writes {value}"));
+                }
+            }
+            Ok(bad)
+        })?;
+        out.extend(found);
+        for (path, cur, want) in self.pod_sysctl_drift(veth_of.values().copied().collect())? {
+            out.push(format!(
+                "enrolled pod's sysctl {path} is {cur}, enrollment writes {want}"
+            ));
+        }
+        Ok(out)
+    }
+
     fn ipset_exists(&mut self) -> Result<bool, DriverError> {
         if !self.owners.is_empty() || self.installed() {
             return Ok(true);

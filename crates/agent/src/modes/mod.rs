@@ -27,24 +27,8 @@ pub fn make_driver(
 ) -> Result<Box<dyn RedirectDriver>, String> {
     match mode {
         RedirectMode::Iptables => {
-            use crate::modes::iptables::{IptablesDriver, IptablesModeConfig};
-            let mut iptables = meshcni_netx::IptablesOptions::from_env();
-            if let Some(forced) =
-                meshcni_netx::IptablesFlavor::parse_forced(&args.force_iptables_binary)
-            {
-                iptables.force = Some(forced);
-            }
-            let cfg = IptablesModeConfig {
-                dns_capture: args.ambient_dns_capture,
-                // Kept on a hostPath with the rest of the run dir, so a restarted agent adopts
-                // its own state (and remembers the sysctls to restore on uninstall).
-                state_file: args.cni_agent_run_dir.join("iptables-mode.json"),
-                netns_dir: args.netns_dir.clone(),
-                node_xtables_lock: args.node_xtables_lock.clone(),
-                iptables,
-                ..IptablesModeConfig::default()
-            };
-            IptablesDriver::new(cfg)
+            use crate::modes::iptables::IptablesDriver;
+            IptablesDriver::new(iptables_config(args))
                 .map(|d| Box::new(d) as Box<dyn RedirectDriver>)
                 .map_err(|e| e.message)
         }
@@ -56,22 +40,47 @@ pub fn make_driver(
                 .map_err(|e| e.message)
         }
         RedirectMode::Ebpf => {
-            use crate::modes::ebpf::{EbpfDriver, EbpfModeConfig};
-            let cfg = EbpfModeConfig {
-                netns_dirs: vec![args.netns_dir.clone()],
-                proc_root: args.host_proc_dir.clone(),
-                pin_dir: args.ambient_ebpf_pin_dir.clone(),
-                pod_capacity: args.ambient_ebpf_max_pods,
-                dns_capture: args.ambient_dns_capture,
-                enable_ipv6: args.effective_ambient_ipv6(mode),
-                // On the run dir's hostPath: a restarted agent adopts its pods.
-                state_file: args.cni_agent_run_dir.join("ebpf-mode.json"),
-                ..EbpfModeConfig::default()
-            };
-            EbpfDriver::new(cfg)
+            use crate::modes::ebpf::EbpfDriver;
+            EbpfDriver::new(ebpf_config(args, mode))
                 .map(|d| Box::new(d) as Box<dyn RedirectDriver>)
                 .map_err(|e| e.message)
         }
+    }
+}
+
+/// The iptables driver's configuration from the flags (also what `doctor` checks against).
+pub fn iptables_config(args: &crate::cli::AgentArgs) -> crate::modes::iptables::IptablesModeConfig {
+    let mut iptables = meshcni_netx::IptablesOptions::from_env();
+    if let Some(forced) = meshcni_netx::IptablesFlavor::parse_forced(&args.force_iptables_binary) {
+        iptables.force = Some(forced);
+    }
+    crate::modes::iptables::IptablesModeConfig {
+        dns_capture: args.ambient_dns_capture,
+        // Kept on a hostPath with the rest of the run dir, so a restarted agent adopts
+        // its own state (and remembers the sysctls to restore on uninstall).
+        state_file: args.cni_agent_run_dir.join("iptables-mode.json"),
+        netns_dir: args.netns_dir.clone(),
+        node_xtables_lock: args.node_xtables_lock.clone(),
+        iptables,
+        ..crate::modes::iptables::IptablesModeConfig::default()
+    }
+}
+
+/// The ebpf driver's configuration from the flags (also what `doctor` checks against).
+pub fn ebpf_config(
+    args: &crate::cli::AgentArgs,
+    mode: RedirectMode,
+) -> crate::modes::ebpf::EbpfModeConfig {
+    crate::modes::ebpf::EbpfModeConfig {
+        netns_dirs: vec![args.netns_dir.clone()],
+        proc_root: args.host_proc_dir.clone(),
+        pin_dir: args.ambient_ebpf_pin_dir.clone(),
+        pod_capacity: args.ambient_ebpf_max_pods,
+        dns_capture: args.ambient_dns_capture,
+        enable_ipv6: args.effective_ambient_ipv6(mode),
+        // On the run dir's hostPath: a restarted agent adopts its pods.
+        state_file: args.cni_agent_run_dir.join("ebpf-mode.json"),
+        ..crate::modes::ebpf::EbpfModeConfig::default()
     }
 }
 
