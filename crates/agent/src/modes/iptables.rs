@@ -1166,22 +1166,7 @@ impl IptablesDriver {
         };
         let routes = route::list_routes(&mut nl, None).map_err(drv)?;
         let members: std::collections::BTreeSet<Ipv4Addr> = entries.iter().map(|e| e.ip).collect();
-        let mut routed = std::collections::BTreeSet::new();
-        let mut veth_of: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
-        for r in &routes {
-            if r.dst.prefix_len() != 32 {
-                continue;
-            }
-            if r.table == an::TABLE_INBOUND && r.oif == Some(tun_in) {
-                routed.insert(r.dst.addr());
-            } else if r.table == 254
-                && r.unicast
-                && members.contains(&r.dst.addr())
-                && let Some(oif) = r.oif
-            {
-                veth_of.insert(r.dst.addr(), oif);
-            }
-        }
+        let (routed, veth_of) = pod_routes(&routes, Some(tun_in), &members);
         for e in entries {
             if routed.contains(&e.ip) {
                 continue;
@@ -1495,22 +1480,7 @@ impl IptablesDriver {
                 ));
             }
         }
-        let mut routed = std::collections::BTreeSet::new();
-        let mut veth_of: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
-        for r in &routes {
-            if r.dst.prefix_len() != 32 {
-                continue;
-            }
-            if r.table == an::TABLE_INBOUND && tun_in.is_some() && r.oif == tun_in {
-                routed.insert(r.dst.addr());
-            } else if r.table == 254
-                && r.unicast
-                && members.contains(&r.dst.addr())
-                && let Some(oif) = r.oif
-            {
-                veth_of.insert(r.dst.addr(), oif);
-            }
-        }
+        let (routed, veth_of) = pod_routes(&routes, tun_in, &members.iter().copied().collect());
         for ip in &members {
             if !routed.contains(ip) {
                 out.push(format!(
@@ -2116,6 +2086,36 @@ fn delete_created(
     })
     .and_then(|r| r)
     .map_err(drv)
+}
+
+/// The per-pod /32 routes among `routes`: the pod IPs routed into the inbound tunnel
+/// (`tun_in`, table `TABLE_INBOUND`) and, for ipset members, the veth their main-table route
+/// leaves by. Shared by the driver's repair and the doctor's node check.
+fn pod_routes(
+    routes: &[route::RouteEntry],
+    tun_in: Option<u32>,
+    members: &std::collections::BTreeSet<Ipv4Addr>,
+) -> (
+    std::collections::BTreeSet<Ipv4Addr>,
+    BTreeMap<Ipv4Addr, u32>,
+) {
+    let mut routed = std::collections::BTreeSet::new();
+    let mut veth_of: BTreeMap<Ipv4Addr, u32> = BTreeMap::new();
+    for r in routes {
+        if r.dst.prefix_len() != 32 {
+            continue;
+        }
+        if r.table == an::TABLE_INBOUND && tun_in.is_some() && r.oif == tun_in {
+            routed.insert(r.dst.addr());
+        } else if r.table == 254
+            && r.unicast
+            && members.contains(&r.dst.addr())
+            && let Some(oif) = r.oif
+        {
+            veth_of.insert(r.dst.addr(), oif);
+        }
+    }
+    (routed, veth_of)
 }
 
 #[cfg(test)]
