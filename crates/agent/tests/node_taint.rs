@@ -11,8 +11,7 @@
 //! agent never puts the taint back, and inconsistent settings are refused at start.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -319,21 +318,7 @@ impl Drop for Agent {
 
 impl Agent {
     fn get(&self, port: u16, path: &str) -> Option<(u16, String)> {
-        meshcni_netx::run_in_netns(&self.netns, || {
-            let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-            )
-            .ok()?;
-            let mut buf = String::new();
-            s.read_to_string(&mut buf).ok()?;
-            let code = buf.split(' ').nth(1)?.parse().ok()?;
-            let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-            Some((code, body))
-        })
-        .expect("enter the agent's netns")
+        meshcni_testkit::stack::http_get_in(&self.netns, &format!("127.0.0.1:{port}"), path).ok()
     }
     fn readyz(&self) -> Option<(u16, String)> {
         self.get(self.readiness, "/readyz")
