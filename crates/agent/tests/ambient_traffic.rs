@@ -10,11 +10,10 @@
 
 mod ambient_mesh;
 
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 
 use ambient_mesh::{Mesh, Mode, PORT, T};
-use meshcni_testkit::multinode::{open_stream, read_line};
+use meshcni_testkit::multinode::{open_stream, ping, read_line};
 use meshcni_testkit::ztunnel::{HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 
 /// The lab tag of a scenario in `mode` (netns names stay distinct per mode).
@@ -187,19 +186,6 @@ fn non_ambient_and_opt_out_pods_are_untouched(mode: Mode) {
             want,
             "{pod} enrolled? {enrolled:?}"
         );
-    }
-}
-
-/// Write a line on a long-lived connection and expect the server's echo.
-fn ping(s: &mut std::net::TcpStream, what: &str) -> Result<(), String> {
-    let msg = format!("{what}\n");
-    s.write_all(msg.as_bytes())
-        .map_err(|e| format!("write {what:?}: {e}"))?;
-    let got = read_line(s).map_err(|e| format!("read echo of {what:?}: {e}"))?;
-    if got == msg {
-        Ok(())
-    } else {
-        Err(format!("echo of {what:?} was {got:?}"))
     }
 }
 

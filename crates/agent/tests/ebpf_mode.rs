@@ -18,26 +18,13 @@ use ambient_mesh::{DATAPLANE_MODE, Mesh, Mode, PORT, T, ebpf_config};
 use meshcni_agent::ambient::{LoopOptions, Reconciler, RedirectDriver, StatusHandle};
 use meshcni_agent::modes::ebpf::EbpfDriver;
 use meshcni_agent::workloads::{EnrollPolicy, SourceUpdate};
-use meshcni_testkit::multinode::{open_stream, read_line};
+use meshcni_testkit::multinode::{open_stream, ping, read_line};
 use meshcni_testkit::ztunnel::OUTBOUND_PORT;
 
 fn driver_of(m: &Mesh, node: usize) -> EbpfDriver {
     let bpffs = m.bpffs.as_ref().expect("ebpf mesh has a bpffs");
     EbpfDriver::new(ebpf_config(&m.lab.nodes[node], m.tmp.path(), bpffs.path()))
         .expect("ebpf driver")
-}
-
-fn ping(s: &mut std::net::TcpStream, what: &str) -> Result<(), String> {
-    use std::io::Write;
-    let msg = format!("{what}\n");
-    s.write_all(msg.as_bytes())
-        .map_err(|e| format!("write {what:?}: {e}"))?;
-    let got = read_line(s).map_err(|e| format!("read echo of {what:?}: {e}"))?;
-    if got == msg {
-        Ok(())
-    } else {
-        Err(format!("echo of {what:?} was {got:?}"))
-    }
 }
 
 /// One pass of node `i`'s reconciler without the mesh's "everything enrolled" assertions.

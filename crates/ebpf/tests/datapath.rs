@@ -461,12 +461,14 @@ fn dns_of_a_dns_captured_pod_reaches_ztunnels_dns_port_udp_and_tcp_ipv4_and_ipv6
         let cli = udp_in(&client.netns, addr(unspecified, 0));
         cli.send_to(b"query", dns_addr).expect("send query");
         let mut buf = [0u8; 64];
-        let (n, from) = proxy.recv_from(&mut buf).expect("query at ztunnel's 15053");
+        let (n, from) = meshcni_testkit::retry_eintr(|| proxy.recv_from(&mut buf))
+            .expect("query at ztunnel's 15053");
         assert_eq!(&buf[..n], b"query");
         assert_eq!(from.ip(), src);
         let answer = std::net::UdpSocket::from(transparent_socket(ztns, dns_addr, false));
         answer.send_to(b"answer", from).expect("send answer");
-        let (n, from) = cli.recv_from(&mut buf).expect("answer at the client");
+        let (n, from) =
+            meshcni_testkit::retry_eintr(|| cli.recv_from(&mut buf)).expect("answer at the client");
         assert_eq!((&buf[..n], from), (&b"answer"[..], dns_addr));
         // TCP: to 15053 as well.
         let listener =
@@ -485,7 +487,8 @@ fn dns_of_a_dns_captured_pod_reaches_ztunnels_dns_port_udp_and_tcp_ipv4_and_ipv6
     let cli = udp_in(&client.netns, client.addr(0));
     cli.send_to(b"direct", server.addr(53)).expect("send");
     let mut buf = [0u8; 64];
-    let (n, from) = srv.recv_from(&mut buf).expect("query at the server");
+    let (n, from) =
+        meshcni_testkit::retry_eintr(|| srv.recv_from(&mut buf)).expect("query at the server");
     assert_eq!(
         (&buf[..n], from.ip()),
         (&b"direct"[..], IpAddr::V4(client.ip))

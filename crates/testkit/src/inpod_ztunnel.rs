@@ -1428,7 +1428,7 @@ fn forward_udp(upstream: SocketAddr, query: &[u8], timeout: Duration) -> io::Res
     sock.connect(upstream)?;
     sock.send(query)?;
     let mut buf = vec![0u8; 4096];
-    let n = sock.recv(&mut buf)?;
+    let n = crate::retry_eintr(|| sock.recv(&mut buf))?;
     buf.truncate(n);
     Ok(buf)
 }

@@ -392,7 +392,7 @@ pub fn read_line(stream: &mut TcpStream) -> std::io::Result<String> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     loop {
-        let n = stream.read(&mut byte)?;
+        let n = crate::retry_eintr(|| stream.read(&mut byte))?;
         if n == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
@@ -403,6 +403,20 @@ pub fn read_line(stream: &mut TcpStream) -> std::io::Result<String> {
         if byte[0] == b'\n' || line.len() > 4096 {
             return Ok(String::from_utf8_lossy(&line).into_owned());
         }
+    }
+}
+
+/// Write a line on a long-lived connection to an echo server and expect the echo of it.
+pub fn ping(stream: &mut TcpStream, what: &str) -> Result<(), String> {
+    let msg = format!("{what}\n");
+    stream
+        .write_all(msg.as_bytes())
+        .map_err(|e| format!("write {what:?}: {e}"))?;
+    let got = read_line(stream).map_err(|e| format!("read echo of {what:?}: {e}"))?;
+    if got == msg {
+        Ok(())
+    } else {
+        Err(format!("echo of {what:?} was {got:?}"))
     }
 }
 

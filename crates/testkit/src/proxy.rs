@@ -218,7 +218,7 @@ fn proxy_conn(port: u16, mut stream: TcpStream, peer: SocketAddr, log: &Mutex<Ve
 pub(crate) fn echo(mut stream: TcpStream) {
     let mut buf = [0u8; 4096];
     loop {
-        match stream.read(&mut buf) {
+        match crate::retry_eintr(|| stream.read(&mut buf)) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 if stream.write_all(&buf[..n]).is_err() {

@@ -144,7 +144,7 @@ pub fn udp_exchange(
         socket.connect(addr)?;
         socket.send(&opts.payload)?;
         let mut buf = vec![0u8; 4096];
-        let n = socket.recv(&mut buf)?;
+        let n = crate::retry_eintr(|| socket.recv(&mut buf))?;
         buf.truncate(n);
         Ok(buf)
     })?

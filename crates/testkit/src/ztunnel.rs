@@ -453,7 +453,7 @@ pub(crate) fn pipe(a: TcpStream, b: TcpStream) {
 fn copy(from: &mut TcpStream, to: &mut TcpStream) -> io::Result<()> {
     let mut buf = [0u8; 16 * 1024];
     loop {
-        let n = from.read(&mut buf)?;
+        let n = crate::retry_eintr(|| from.read(&mut buf))?;
         if n == 0 {
             return Ok(());
         }

@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use meshcni_testkit::multinode::ping;
 use meshcni_testkit::multinode::{open_stream, read_line};
 use meshcni_testkit::stack::{
     self as kit, Agent, AgentDirs, CniOutcome, DATAPLANE_MODE, StackMode, namespace_json,
@@ -583,19 +584,6 @@ impl Mesh {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-    }
-}
-
-/// Write a line and expect the server's echo of it.
-pub fn ping(s: &mut TcpStream, what: &str) -> Result<(), String> {
-    let msg = format!("{what}\n");
-    s.write_all(msg.as_bytes())
-        .map_err(|e| format!("write {what:?}: {e}"))?;
-    let got = read_line(s).map_err(|e| format!("read echo of {what:?}: {e}"))?;
-    if got == msg {
-        Ok(())
-    } else {
-        Err(format!("echo of {what:?} was {got:?}"))
     }
 }
 
