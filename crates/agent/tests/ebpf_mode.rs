@@ -315,3 +315,75 @@ fn a_pod_leaving_the_mesh_keeps_no_program_attached() {
     assert_eq!(attached(&vb), 0, "stale attachment detached at start-up");
     assert_eq!(attached(&vd), 2);
 }
+
+fn enroll_action(m: &Mesh, name: &str, netns: &std::path::Path) -> meshcni_agent::enroll::Action {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(netns).expect("stat netns");
+    meshcni_agent::enroll::Action::Enroll {
+        pod: meshcni_agent::enroll::PodId::new(&format!("uid-{name}"), "mesh", name),
+        ips: vec![IpAddr::V4(m.pod(name).ip)],
+        annotations: BTreeMap::new(),
+        service_account: String::new(),
+        netns: Some(meshcni_agent::enroll::PodNetns {
+            path: netns.to_path_buf(),
+            id: meshcni_agent::enroll::NetnsId {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            },
+        }),
+    }
+}
+
+/// A pass's `prepare` attaches and records its enrolls ahead (one netns entry, one state-file
+/// write). An enroll that then fails, and one that never comes (deferred), must leave nothing:
+/// no program on the veth, no recorded owner, `doctor`'s node view clean.
+#[test]
+fn a_prepared_enroll_that_fails_or_never_comes_leaves_nothing_behind() {
+    let m = Mesh::new_in("eb-prep", Mode::Ebpf);
+    let node_ns = m.lab.node(1).netns.path().to_path_buf();
+    let bpffs = m.bpffs.as_ref().expect("bpffs").path().to_path_buf();
+    let cfg = ebpf_config(&m.lab.nodes[0], m.tmp.path(), &bpffs);
+    let pins = cfg.pin_dir.clone();
+    let attached = |name: &str| -> usize {
+        let ix = meshcni_ebpf::ifindex_in(&node_ns, &m.pod(name).host_veth).expect("ifindex");
+        meshcni_ebpf::inspect(&pins)
+            .expect("inspect")
+            .expect("pin dir")
+            .attachments
+            .iter()
+            .filter(|a| a.ifindex == ix)
+            .count()
+    };
+    let owner = |d: &EbpfDriver, name: &str| -> Option<String> {
+        d.state().owners.get(&IpAddr::V4(m.pod(name).ip)).cloned()
+    };
+    let (b_ns, o_ns) = (
+        m.pod("b").netns.path().to_path_buf(),
+        m.pod("o").netns.path().to_path_buf(),
+    );
+    let mut d = driver_of(&m, 0);
+    d.prepare(&[enroll_action(&m, "b", &b_ns), enroll_action(&m, "o", &o_ns)])
+        .expect("prepare");
+    assert_eq!((attached("b"), attached("o")), (2, 2), "attached ahead");
+    assert_eq!(owner(&d, "b").as_deref(), Some("uid-b"), "recorded ahead");
+    assert_eq!(owner(&d, "o").as_deref(), Some("uid-o"), "recorded ahead");
+
+    // o's enroll fails (its action names a netns without its veth): o's part is taken back.
+    let empty = meshcni_testkit::Netns::new("eb-prep-x").expect("netns");
+    let err = d
+        .apply(&enroll_action(&m, "o", empty.path()))
+        .expect_err("no veth in that netns");
+    assert!(err.to_string().contains("no veth"), "{err}");
+    assert_eq!(attached("o"), 0, "a failed enroll leaves no program");
+    assert_eq!(owner(&d, "o"), None, "nor a recorded owner");
+    assert_eq!(attached("b"), 2, "b is still waiting for its enroll");
+
+    // b's enroll never comes (deferred); the next pass takes its part back.
+    d.prepare(&[]).expect("next pass");
+    assert_eq!(attached("b"), 0, "a deferred enroll leaves no program");
+    assert_eq!(owner(&d, "b"), None, "nor a recorded owner");
+    let view = meshcni_agent::modes::ebpf::inspect_node(&cfg).expect("inspect node");
+    assert!(view.problems.is_empty(), "{:?}", view.problems);
+    // The mesh's own pods are as they were.
+    assert_eq!((attached("a"), attached("d")), (2, 2));
+}

@@ -550,8 +550,21 @@ impl Reconciler {
             debug!(pod = %p, "selected for ambient, waiting for an IP");
         }
 
-        if !planned.actions.is_empty()
-            && let Err(e) = self.driver.prepare(&planned.actions)
+        // The driver prepares what this pass will try: not the pods waiting out a back-off,
+        // nor those whose ADD gave up (both deferred below; an IP still held is decided as
+        // the pass goes).
+        let tried: Vec<Action> = planned
+            .actions
+            .iter()
+            .filter(|a| {
+                let uid = &a.pod().uid;
+                self.failures.get(uid).is_none_or(|f| now >= f.next)
+                    && (matches!(a, Action::Release { .. }) || !self.cni_given_up(uid))
+            })
+            .cloned()
+            .collect();
+        if !tried.is_empty()
+            && let Err(e) = self.driver.prepare(&tried)
         {
             return self.driver_failed("preparing the pass", &e, now);
         }

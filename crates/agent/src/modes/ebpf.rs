@@ -132,6 +132,11 @@ pub struct EbpfDriver {
     state: EbpfState,
     dirty: bool,
     ztunnel: Option<Ztunnel>,
+    /// Pods `prepare` attached and recorded ahead of their enroll, with the addresses it
+    /// recorded for them: undone if their enroll fails or does not come.
+    prepared: BTreeMap<String, Vec<IpAddr>>,
+    /// Netns files `prepare` found (one scan for the whole pass), taken by `enroll`.
+    found: std::collections::HashMap<String, File>,
 }
 
 impl std::fmt::Debug for EbpfDriver {
@@ -203,6 +208,8 @@ impl EbpfDriver {
             state,
             dirty: false,
             ztunnel: None,
+            prepared: BTreeMap::new(),
+            found: std::collections::HashMap::new(),
         };
         d.set_host_ips()?;
         Ok(d)
@@ -283,6 +290,21 @@ impl EbpfDriver {
         ips: &[IpAddr],
         netns: Option<&Path>,
     ) -> Result<(), DriverError> {
+        let result = self.enroll_inner(pod, ips, netns);
+        if let Some(recorded) = self.prepared.remove(&pod.uid)
+            && result.is_err()
+        {
+            self.undo_prepared(&pod.uid, &recorded)?;
+        }
+        result
+    }
+
+    fn enroll_inner(
+        &mut self,
+        pod: &PodId,
+        ips: &[IpAddr],
+        netns: Option<&Path>,
+    ) -> Result<(), DriverError> {
         if ips.is_empty() {
             return Err(pod_err(pod, "no IP address to enroll"));
         }
@@ -300,9 +322,12 @@ impl EbpfDriver {
         let ns_path: PathBuf = match netns {
             Some(p) => p.to_path_buf(),
             None => {
-                held = self
-                    .find_netns(&pod.uid, ips)
-                    .map_err(|e| pod_err(pod, e))?;
+                held = match self.found.remove(&pod.uid) {
+                    Some(f) => Some(f),
+                    None => self
+                        .find_netns(&pod.uid, ips)
+                        .map_err(|e| pod_err(pod, e))?,
+                };
                 match &held {
                     Some(f) => fd_path(f),
                     None => {
@@ -355,6 +380,126 @@ impl EbpfDriver {
             self.dp.set_pod(*ip, entry).map_err(|e| pod_err(pod, e))?;
         }
         Ok(())
+    }
+
+    /// Take back what `prepare` did for a pod whose enroll failed or did not come this pass:
+    /// the owners of its addresses that are not in the map and, if its veth record is still
+    /// the one `prepare` wrote and no address of it is in the map, its programs and record.
+    fn undo_prepared(&mut self, uid: &str, recorded: &[IpAddr]) -> Result<(), DriverError> {
+        let in_map: std::collections::BTreeSet<IpAddr> = self
+            .dp
+            .pods()
+            .map_err(drv)?
+            .into_iter()
+            .map(|(ip, _)| ip)
+            .collect();
+        for ip in recorded {
+            if !in_map.contains(ip) && self.state.owners.get(ip).is_some_and(|o| o == uid) {
+                self.state.owners.remove(ip);
+                self.dirty = true;
+            }
+        }
+        let holds_any = self
+            .state
+            .owners
+            .iter()
+            .any(|(ip, o)| o == uid && in_map.contains(ip));
+        if !holds_any {
+            self.forget_veth(&PodId::new(uid, "", ""))?;
+        }
+        self.save()
+    }
+
+    /// The part of a pass's enrolls that does not depend on the order they are applied in,
+    /// done for all of them at once: netns discovery (one scan), the pod programs attached
+    /// from one thread in the node netns, and the owners and veths recorded with one
+    /// state-file write. `enroll` then finds the programs running (no link change) and the records
+    /// written, and only adds the map entries. Pods whose addresses another pod owns, and
+    /// pods already attached, are left to their own enroll.
+    fn prepare_enrolls(&mut self, actions: &[Action]) -> Result<(), DriverError> {
+        self.found.clear();
+        // Leftovers of an earlier pass whose enroll never came (deferred, or the pass ended).
+        let stale: Vec<(String, Vec<IpAddr>)> =
+            std::mem::take(&mut self.prepared).into_iter().collect();
+        for (uid, recorded) in stale {
+            self.undo_prepared(&uid, &recorded)?;
+        }
+        let wanted: Vec<(&PodId, &[IpAddr], Option<&Path>)> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Enroll {
+                    pod, ips, netns, ..
+                } => Some((
+                    pod,
+                    ips.as_slice(),
+                    netns.as_ref().map(|n| n.path.as_path()),
+                )),
+                _ => None,
+            })
+            .filter(|(pod, ips, _)| {
+                !ips.is_empty()
+                    && !self.state.veths.contains_key(&pod.uid)
+                    && ips
+                        .iter()
+                        .all(|ip| self.state.owners.get(ip).is_none_or(|o| o == &pod.uid))
+            })
+            .collect();
+        // One pod (a CNI ADD): its enroll does the same work; no threads.
+        if wanted.len() < 2 {
+            return Ok(());
+        }
+        let queries: Vec<PodNetnsQuery<'_>> = wanted
+            .iter()
+            .filter(|(_, _, netns)| netns.is_none())
+            .map(|(pod, ips, _)| PodNetnsQuery { uid: &pod.uid, ips })
+            .collect();
+        if !queries.is_empty() {
+            match NetnsFinder::new(&self.cfg.proc_root, self.cfg.netns_dirs.clone())
+                .and_then(|f| f.find(&queries))
+            {
+                Ok(hits) => self
+                    .found
+                    .extend(hits.into_iter().map(|(uid, hit)| (uid, hit.file))),
+                // Each pod's enroll looks again and reports what it finds.
+                Err(e) => tracing::debug!(error = %e, "netns discovery for the pass failed"),
+            }
+        }
+        let mut targets: Vec<(&PodId, &[IpAddr], LinkDetails)> = Vec::new();
+        for (pod, ips, netns) in &wanted {
+            let path = match netns {
+                Some(p) => p.to_path_buf(),
+                None => match self.found.get(&pod.uid) {
+                    Some(f) => fd_path(f),
+                    None => continue,
+                },
+            };
+            if let Ok(Some((_, host))) = veth_pair(&self.cfg.node_netns, &path) {
+                targets.push((pod, ips, host));
+            }
+        }
+        let names: Vec<String> = targets.iter().map(|(_, _, h)| h.name.clone()).collect();
+        let results = self
+            .dp
+            .attach_pods(&self.cfg.node_netns, &names)
+            .map_err(drv)?;
+        for ((pod, ips, host), result) in targets.into_iter().zip(results) {
+            if let Err(e) = result {
+                // The pod's enroll attaches again and reports the error for its pod.
+                tracing::debug!(pod = %pod, error = %e, "attach ahead of the enroll failed");
+                continue;
+            }
+            self.state.veths.insert(pod.uid.clone(), host.index);
+            let mut recorded = Vec::new();
+            for ip in ips {
+                if self.state.owners.get(ip) != Some(&pod.uid) {
+                    self.state.owners.insert(*ip, pod.uid.clone());
+                    recorded.push(*ip);
+                }
+            }
+            self.prepared.insert(pod.uid.clone(), recorded);
+            self.dirty = true;
+        }
+        self.save()
     }
 
     fn release_ips(&mut self, pod: &PodId, ips: &[IpAddr]) -> Result<(), DriverError> {
@@ -717,6 +862,10 @@ impl RedirectDriver for EbpfDriver {
             state.insert(PodId::new(&uid, "", ""), ips);
         }
         Ok(state)
+    }
+
+    fn prepare(&mut self, actions: &[Action]) -> Result<(), DriverError> {
+        self.prepare_enrolls(actions)
     }
 
     fn apply(&mut self, action: &Action) -> Result<(), DriverError> {
