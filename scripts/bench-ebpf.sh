@@ -8,7 +8,7 @@
 #   scripts/bench-ebpf.sh [--no-build]                      conn (500 × 3 rounds, 256 MiB bulk)
 #                                                           + enroll 200 pods (3 rounds)
 #   scripts/bench-ebpf.sh [--no-build] conn [--n N] [--rounds R] [--bulk-mib M]
-#   scripts/bench-ebpf.sh [--no-build] enroll [--pods N] [--rounds R]
+#   scripts/bench-ebpf.sh [--no-build] enroll [--pods N] [--rounds R] [--attach tcx|clsact]
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")/.."
 if [ "${1:-}" = --no-build ]; then shift; else

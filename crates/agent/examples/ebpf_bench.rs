@@ -52,7 +52,7 @@ const SINK_PORT: u16 = 8091;
 
 fn usage() -> ! {
     eprintln!(
-        "usage: ebpf_bench conn [--n N] [--rounds R] [--bulk-mib M] | enroll [--pods N] [--rounds R]"
+        "usage: ebpf_bench conn [--n N] [--rounds R] [--bulk-mib M] | enroll [--pods N] [--rounds R] [--attach tcx|clsact]"
     );
     std::process::exit(2)
 }
@@ -70,7 +70,7 @@ fn flag(args: &[String], name: &str, default: usize) -> usize {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     for a in args.iter().skip(1).step_by(2) {
-        if !["--n", "--rounds", "--bulk-mib", "--pods"].contains(&a.as_str()) {
+        if !["--n", "--rounds", "--bulk-mib", "--pods", "--attach"].contains(&a.as_str()) {
             usage();
         }
     }
@@ -80,7 +80,21 @@ fn main() {
             flag(&args, "--rounds", 3),
             flag(&args, "--bulk-mib", 256),
         ),
-        Some("enroll") => enroll(flag(&args, "--pods", 200), flag(&args, "--rounds", 3)),
+        Some("enroll") => {
+            let attach = match args.iter().position(|a| a == "--attach") {
+                None => meshcni_ebpf::AttachMode::Auto,
+                Some(i) => match args.get(i + 1).map(String::as_str) {
+                    Some("tcx") => meshcni_ebpf::AttachMode::Tcx,
+                    Some("clsact") => meshcni_ebpf::AttachMode::Clsact,
+                    _ => usage(),
+                },
+            };
+            enroll(
+                flag(&args, "--pods", 200),
+                flag(&args, "--rounds", 3),
+                attach,
+            )
+        }
         _ => usage(),
     }
 }
@@ -407,7 +421,13 @@ impl Drop for Bpffs {
     }
 }
 
-fn driver(mode: Mode, lab: &EnrollLab, state: &Path, bpffs: &Path) -> Box<dyn RedirectDriver> {
+fn driver(
+    mode: Mode,
+    lab: &EnrollLab,
+    state: &Path,
+    bpffs: &Path,
+    attach: meshcni_ebpf::AttachMode,
+) -> Box<dyn RedirectDriver> {
     match mode {
         Mode::Iptables => Box::new(
             IptablesDriver::new(IptablesModeConfig {
@@ -425,10 +445,7 @@ fn driver(mode: Mode, lab: &EnrollLab, state: &Path, bpffs: &Path) -> Box<dyn Re
                 proc_root: state.join("proc"),
                 pin_dir: bpffs.join("meshcni"),
                 state_file: state.join("ebpf-mode.json"),
-                attach: match std::env::var("MESHCNI_BENCH_ATTACH").as_deref() {
-                    Ok("clsact") => meshcni_ebpf::AttachMode::Clsact,
-                    _ => meshcni_ebpf::AttachMode::Auto,
-                },
+                attach,
                 ..EbpfModeConfig::default()
             })
             .expect("ebpf driver"),
@@ -441,6 +458,7 @@ fn enroll_round(
     mode: Mode,
     lab: &EnrollLab,
     bpffs: &Path,
+    attach: meshcni_ebpf::AttachMode,
 ) -> (Duration, Duration, Duration, Duration) {
     let state = tempfile::Builder::new()
         .prefix("mcni-ebench-state-")
@@ -449,7 +467,7 @@ fn enroll_round(
     for d in ["netns", "proc"] {
         std::fs::create_dir_all(state.path().join(d)).expect("dir");
     }
-    let mut d = driver(mode, lab, state.path(), bpffs);
+    let mut d = driver(mode, lab, state.path(), bpffs, attach);
     let zt = ZtunnelInfo {
         pod: PodId::new("zt", "istio-system", "ztunnel"),
         ips: vec![ZIP.parse().expect("ip")],
@@ -525,12 +543,14 @@ fn enroll_round(
     (install, first, release, again)
 }
 
-fn enroll(pods: usize, rounds: usize) {
+fn enroll(pods: usize, rounds: usize, attach: meshcni_ebpf::AttachMode) {
     let lab = enroll_lab(pods);
     let bpffs = Bpffs::mount();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let per = |d: Duration| d.as_secs_f64() * 1e6 / pods as f64;
-    println!("{pods} pods (each its own netns and veth), {rounds} rounds, mode order alternating");
+    println!(
+        "{pods} pods (each its own netns and veth), {rounds} rounds, mode order alternating, ebpf attach {attach:?}"
+    );
     println!();
     println!(
         "| round | mode | install ms | enroll {pods} (first: attach + map/ipset) ms | per pod µs | release {pods} ms | per pod µs | re-enroll {pods} (label flip) ms | per pod µs |"
@@ -543,7 +563,7 @@ fn enroll(pods: usize, rounds: usize) {
             [Mode::Ebpf, Mode::Iptables]
         };
         for mode in order {
-            let (install, first, release, again) = enroll_round(mode, &lab, bpffs.0.path());
+            let (install, first, release, again) = enroll_round(mode, &lab, bpffs.0.path(), attach);
             println!(
                 "| {} | {} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
                 round + 1,
