@@ -603,19 +603,21 @@ pub struct AgentArgs {
 
     /// Repair broken pods in place, without a restart: re-apply the sidecar capture in the
     /// pod's netns (the plugin ADD's atomic verify-or-repair apply), or have the enrollment
-    /// loop enroll an ambient pod again. Takes precedence over deleting and labelling.
+    /// loop enroll an ambient pod again. Exactly one of REPAIR_REPAIR_PODS, _DELETE_PODS,
+    /// _LABEL_PODS may be true (a second one would never be used: rejected).
     #[arg(long, env = "REPAIR_REPAIR_PODS", default_value = "true", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub repair_repair_pods: bool,
 
-    /// Delete broken pods (API DELETE with the pod's UID as precondition), when
-    /// REPAIR_REPAIR_PODS is false. Needs API access (not the workloads file).
+    /// Delete broken pods (API DELETE with the pod's UID as precondition); needs
+    /// REPAIR_REPAIR_PODS=false. Needs API access (not the workloads file).
     #[arg(long, env = "REPAIR_DELETE_PODS", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub repair_delete_pods: bool,
 
-    /// Label broken pods (merge patch REPAIR_BROKEN_POD_LABEL_KEY=VALUE), when neither
-    /// repairing nor deleting. Needs API access (not the workloads file).
+    /// Label broken pods (merge patch REPAIR_BROKEN_POD_LABEL_KEY=VALUE); needs
+    /// REPAIR_REPAIR_PODS=false and REPAIR_DELETE_PODS=false. Needs API access (not the
+    /// workloads file).
     #[arg(long, env = "REPAIR_LABEL_PODS", default_value = "false", action = ArgAction::Set,
           value_parser = BoolishValueParser::new(), num_args = 0..=1, default_missing_value = "true")]
     pub repair_label_pods: bool,
@@ -931,6 +933,31 @@ impl AgentArgs {
                 flag_and_env("repair_repair_pods"),
                 flag_and_env("repair_delete_pods"),
                 flag_and_env("repair_label_pods")
+            ));
+        }
+        // One action: the controller takes the first of repair, delete, label (as Istio's); a
+        // second one set would be accepted and never used.
+        if self.repair_repair_pods {
+            for (set, name) in [
+                (self.repair_delete_pods, "repair_delete_pods"),
+                (self.repair_label_pods, "repair_label_pods"),
+            ] {
+                if set {
+                    errs.push(format!(
+                        "{} = true has no effect while {} = true (in-place repair is used): set {} \
+                         to false to act on broken pods this way instead, or unset {}",
+                        flag_and_env(name),
+                        flag_and_env("repair_repair_pods"),
+                        flag_and_env("repair_repair_pods"),
+                        flag_and_env(name)
+                    ));
+                }
+            }
+        } else if self.repair_delete_pods && self.repair_label_pods {
+            errs.push(format!(
+                "{} = true has no effect while {} = true (broken pods are deleted): choose one",
+                flag_and_env("repair_label_pods"),
+                flag_and_env("repair_delete_pods")
             ));
         }
         // As the controller decides (`repair::RepairController::spawn`).
@@ -1271,7 +1298,35 @@ mod tests {
         a.repair_repair_pods = false;
         let err = a.validate(false).expect_err("no action").to_string();
         assert!(err.contains("with no action"), "{err}");
+        // A second action would never be used: refused, naming both settings.
+        a.repair_repair_pods = true;
+        for delete in [true, false] {
+            a.repair_delete_pods = delete;
+            a.repair_label_pods = !delete;
+            let err = a.validate(false).expect_err("shadowed action").to_string();
+            let shadowed = if delete {
+                "--repair-delete-pods (REPAIR_DELETE_PODS) = true has no effect while \
+                 --repair-repair-pods (REPAIR_REPAIR_PODS) = true"
+            } else {
+                "--repair-label-pods (REPAIR_LABEL_PODS) = true has no effect while \
+                 --repair-repair-pods (REPAIR_REPAIR_PODS) = true"
+            };
+            assert!(err.contains(shadowed), "{err}");
+        }
+        a.repair_repair_pods = false;
+        a.repair_delete_pods = true;
         a.repair_label_pods = true;
+        a.ambient_kubeconfig = "/k".into();
+        let err = a.validate(false).expect_err("delete and label").to_string();
+        assert!(
+            err.contains(
+                "--repair-label-pods (REPAIR_LABEL_PODS) = true has no effect while \
+                 --repair-delete-pods (REPAIR_DELETE_PODS) = true"
+            ),
+            "{err}"
+        );
+        a.repair_delete_pods = false;
+        a.ambient_kubeconfig.clear();
         let err = a.validate(false).expect_err("no API").to_string();
         assert!(err.contains("need the Kubernetes API"), "{err}");
         a.ambient_kubeconfig = "/k".into();

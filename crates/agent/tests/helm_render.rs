@@ -360,6 +360,12 @@ enum Expect {
     /// The render differs from the baseline in exactly these places (`Kind/name` for a whole
     /// object added or removed, else `Kind/name` + a JSON pointer prefix) and in each of them.
     Changes(&'static [&'static str]),
+    /// The same, against the render of these values instead of the context alone (for values
+    /// that are one choice among several, where the context alone is not a valid render).
+    ChangesFrom(
+        &'static [(&'static str, &'static str)],
+        &'static [&'static str],
+    ),
 }
 
 /// Ambient on with the default redirect mode (inpod).
@@ -374,7 +380,7 @@ const REPAIR: &[(&str, &str)] = &[("repair.enabled", "true")];
 /// for a value values.yaml lacks. There are no documented no-ops: every value changes the
 /// render.
 fn value_cases() -> Vec<ValueCase> {
-    use Expect::Changes;
+    use Expect::{Changes, ChangesFrom};
     let c = |key, value, expect| ValueCase {
         key,
         value,
@@ -540,14 +546,20 @@ fn value_cases() -> Vec<ValueCase> {
                 "DaemonSet/meshcni-node/spec/template/spec/volumes",
             ]),
         ),
+        // The three actions are one choice (the render refuses none or two), so each is
+        // compared with the default choice (in-place repair), not with the context alone.
         ValueCase {
             key: "repair.repairPods",
             value: "false",
             context: &[("repair.enabled", "true"), ("repair.labelPods", "true")],
-            expect: Changes(&[
-                "ConfigMap/meshcni-config/data/REPAIR_REPAIR_PODS",
-                "ClusterRole/meshcni/rules",
-            ]),
+            expect: ChangesFrom(
+                REPAIR,
+                &[
+                    "ConfigMap/meshcni-config/data/REPAIR_REPAIR_PODS",
+                    "ConfigMap/meshcni-config/data/REPAIR_LABEL_PODS",
+                    "ClusterRole/meshcni/rules",
+                ],
+            ),
         },
         ValueCase {
             key: "repair.deletePods",
@@ -555,18 +567,33 @@ fn value_cases() -> Vec<ValueCase> {
             context: &[
                 ("repair.enabled", "true"),
                 ("repair.repairPods", "false"),
-                ("repair.labelPods", "true"),
+                ("repair.labelPods", "false"),
             ],
-            expect: Changes(&[
-                "ConfigMap/meshcni-config/data/REPAIR_DELETE_PODS",
-                "ClusterRole/meshcni/rules",
-            ]),
+            expect: ChangesFrom(
+                REPAIR,
+                &[
+                    "ConfigMap/meshcni-config/data/REPAIR_REPAIR_PODS",
+                    "ConfigMap/meshcni-config/data/REPAIR_DELETE_PODS",
+                    "ClusterRole/meshcni/rules",
+                ],
+            ),
         },
         ValueCase {
             key: "repair.labelPods",
             value: "true",
-            context: REPAIR,
-            expect: Changes(&["ConfigMap/meshcni-config/data/REPAIR_LABEL_PODS"]),
+            context: &[
+                ("repair.enabled", "true"),
+                ("repair.repairPods", "false"),
+                ("repair.deletePods", "false"),
+            ],
+            expect: ChangesFrom(
+                REPAIR,
+                &[
+                    "ConfigMap/meshcni-config/data/REPAIR_REPAIR_PODS",
+                    "ConfigMap/meshcni-config/data/REPAIR_LABEL_PODS",
+                    "ClusterRole/meshcni/rules",
+                ],
+            ),
         },
         ValueCase {
             key: "repair.brokenPodLabelKey",
@@ -891,10 +918,7 @@ fn every_documented_value_changes_the_render_where_it_should() {
     let cases = value_cases();
     let mut failures = Vec::new();
     for leaf in &leaves {
-        if !cases
-            .iter()
-            .any(|c| c.key == leaf && matches!(c.expect, Expect::Changes(_)))
-        {
+        if !cases.iter().any(|c| c.key == leaf) {
             failures.push(format!(
                 "values.yaml documents {leaf}, but no case sets it and checks its effect"
             ));
@@ -919,62 +943,62 @@ fn every_documented_value_changes_the_render_where_it_should() {
         sets.push((case.key, case.value));
         let out = render_json(&sets);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        match &case.expect {
-            Expect::Changes(places) => {
-                if !out.status.success() {
-                    failures.push(format!(
-                        "{}={}: render failed: {stderr}",
-                        case.key, case.value
-                    ));
-                    continue;
-                }
-                let base = render_json(case.context);
-                assert!(
-                    base.status.success(),
-                    "baseline {:?}: {}",
-                    case.context,
-                    String::from_utf8_lossy(&base.stderr)
-                );
-                let base = objects(&String::from_utf8(base.stdout).expect("UTF-8"));
-                let new = objects(&String::from_utf8(out.stdout).expect("UTF-8"));
-                let changed = render_changes(&base, &new);
-                if changed.is_empty() {
-                    failures.push(format!(
-                        "{}={}: accepted and ignored (renders like the default)",
-                        case.key, case.value
-                    ));
-                    continue;
-                }
-                let stray: Vec<_> = changed
-                    .iter()
-                    .filter(|c| !places.iter().any(|p| under(c, p)))
-                    .collect();
-                let missing: Vec<_> = places
-                    .iter()
-                    .filter(|p| !changed.iter().any(|c| under(c, p)))
-                    .collect();
-                if !stray.is_empty() || !missing.is_empty() {
-                    failures.push(format!(
-                        "{}={}: changed {changed:?}; unexpected {stray:?}; expected but unchanged {missing:?}",
-                        case.key, case.value
-                    ));
-                }
-                // The agent accepts the environment rendered with the value.
-                let check = Command::new(env!("CARGO_BIN_EXE_meshcni-agent"))
-                    .env_clear()
-                    .envs(agent_env(&new))
-                    .arg("check-config")
-                    .output()
-                    .expect("run meshcni-agent check-config");
-                if !check.status.success() {
-                    failures.push(format!(
-                        "{}={}: the agent refuses the rendered environment: {}",
-                        case.key,
-                        case.value,
-                        String::from_utf8_lossy(&check.stderr)
-                    ));
-                }
-            }
+        let (baseline, places) = match &case.expect {
+            Expect::Changes(places) => (case.context, *places),
+            Expect::ChangesFrom(baseline, places) => (*baseline, *places),
+        };
+        if !out.status.success() {
+            failures.push(format!(
+                "{}={}: render failed: {stderr}",
+                case.key, case.value
+            ));
+            continue;
+        }
+        let base = render_json(baseline);
+        assert!(
+            base.status.success(),
+            "baseline {:?}: {}",
+            baseline,
+            String::from_utf8_lossy(&base.stderr)
+        );
+        let base = objects(&String::from_utf8(base.stdout).expect("UTF-8"));
+        let new = objects(&String::from_utf8(out.stdout).expect("UTF-8"));
+        let changed = render_changes(&base, &new);
+        if changed.is_empty() {
+            failures.push(format!(
+                "{}={}: accepted and ignored (renders like the default)",
+                case.key, case.value
+            ));
+            continue;
+        }
+        let stray: Vec<_> = changed
+            .iter()
+            .filter(|c| !places.iter().any(|p| under(c, p)))
+            .collect();
+        let missing: Vec<_> = places
+            .iter()
+            .filter(|p| !changed.iter().any(|c| under(c, p)))
+            .collect();
+        if !stray.is_empty() || !missing.is_empty() {
+            failures.push(format!(
+                "{}={}: changed {changed:?}; unexpected {stray:?}; expected but unchanged {missing:?}",
+                case.key, case.value
+            ));
+        }
+        // The agent accepts the environment rendered with the value.
+        let check = Command::new(env!("CARGO_BIN_EXE_meshcni-agent"))
+            .env_clear()
+            .envs(agent_env(&new))
+            .arg("check-config")
+            .output()
+            .expect("run meshcni-agent check-config");
+        if !check.status.success() {
+            failures.push(format!(
+                "{}={}: the agent refuses the rendered environment: {}",
+                case.key,
+                case.value,
+                String::from_utf8_lossy(&check.stderr)
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -1025,9 +1049,11 @@ fn helm_lint_strict_passes_with_every_documented_value_set() {
     for case in value_cases() {
         let mut sets = case.context.to_vec();
         sets.push((case.key, case.value));
-        if all
+        // A case that sets something (its value or its context) differently from the file
+        // so far is rendered on its own.
+        if sets
             .iter()
-            .any(|(k, v)| *k == case.key && json(v) != json(case.value))
+            .any(|(key, value)| all.iter().any(|(k, v)| k == key && json(v) != json(value)))
         {
             alternatives.push(sets);
             continue;
@@ -1188,11 +1214,67 @@ fn repair_rbac_grants_only_what_the_chosen_action_needs() {
         writes(&[
             "repair.enabled=true",
             "repair.repairPods=false",
-            "repair.deletePods=true",
-            "repair.labelPods=true"
+            "repair.deletePods=true"
         ]),
         ["events:create", "pods:delete"]
     );
     // Options of a controller that is off grant nothing.
     assert!(writes(&["repair.deletePods=true", "repair.repairPods=false"]).is_empty());
+}
+
+/// The repair controller takes exactly one action. The reference takes the first enabled of
+/// repair → delete → label and ignores the rest, so `deletePods: true` with the default
+/// `repairPods: true` silently repairs in place; here the render refuses it, naming both
+/// values, and refuses no action at all.
+#[test]
+fn repair_with_no_action_or_two_actions_fails_the_render_naming_them() {
+    for (sets, says) in [
+        (
+            &["repair.enabled=true", "repair.deletePods=true"][..],
+            "repair.deletePods=true has no effect while repair.repairPods=true",
+        ),
+        (
+            &["repair.enabled=true", "repair.labelPods=true"][..],
+            "repair.labelPods=true has no effect while repair.repairPods=true",
+        ),
+        (
+            &[
+                "repair.enabled=true",
+                "repair.repairPods=false",
+                "repair.deletePods=true",
+                "repair.labelPods=true",
+            ][..],
+            "repair.labelPods=true has no effect while repair.deletePods=true",
+        ),
+        (
+            &["repair.enabled=true", "repair.repairPods=false"][..],
+            "repair.enabled=true with no action",
+        ),
+    ] {
+        let out = render(sets);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{sets:?} rendered");
+        assert!(stderr.contains(says), "{sets:?}: {stderr}");
+    }
+    // Each single action renders.
+    for sets in [
+        &["repair.enabled=true"][..],
+        &[
+            "repair.enabled=true",
+            "repair.repairPods=false",
+            "repair.deletePods=true",
+        ][..],
+        &[
+            "repair.enabled=true",
+            "repair.repairPods=false",
+            "repair.labelPods=true",
+        ][..],
+    ] {
+        let out = render(sets);
+        assert!(
+            out.status.success(),
+            "{sets:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
