@@ -456,11 +456,7 @@ const TABLE: &[(&str, &str, &[&str], Expect)] = &[
     (
         "repair-repair-pods",
         "false",
-        &[
-            "--repair-enabled=true",
-            "--repair-label-pods=true",
-            "--kubernetes-service-host=127.0.0.1",
-        ],
+        &[],
         Runtime("repair_repair_pods: false"),
     ),
     (
