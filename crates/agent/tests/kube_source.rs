@@ -9,8 +9,8 @@ use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use meshcni_agent::workloads::SourceUpdate;
 use meshcni_agent::workloads::kube::{AccessConfig, KubeSource, KubeSourceOptions};
+use meshcni_agent::workloads::{SourcePoke, SourceUpdate};
 use meshcni_testkit::kube_cluster::FakeCluster;
 use serde_json::{Value, json};
 
@@ -225,6 +225,82 @@ fn list_failures_are_reported_and_retried() {
         4,
         "{:?}",
         cluster.requests()
+    );
+}
+
+/// A source backing off after failed lists (API server unreachable) lists again as soon as it
+/// is poked (a CNI ADD waits for a pod it has not seen), not after the back-off: here the
+/// back-off is 30 s and the pod must show within 10 s of the API coming back.
+#[test]
+fn a_poked_source_retries_a_failing_list_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cluster = FakeCluster::start().expect("fake cluster");
+    cluster.apply_namespace(json!({"metadata": {"name": "a"}}));
+    cluster.set_unreachable(true);
+    let (tx, rx) = mpsc::channel();
+    let poke = SourcePoke::new();
+    let options = KubeSourceOptions {
+        min_backoff: Duration::from_secs(30),
+        max_backoff: Duration::from_secs(30),
+        ..opts()
+    };
+    let mut run = Running {
+        source: Some(KubeSource::spawn_with_poke(
+            kubeconfig(&cluster, dir.path()),
+            "n".into(),
+            options,
+            tx,
+            poke.clone(),
+        )),
+        rx,
+        pods: None,
+        namespaces: None,
+        errors: Vec::new(),
+    };
+    // Both collections failed once and are in their 30 s back-off.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while run.errors.len() < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match run.rx.recv_timeout(left) {
+            Ok(SourceUpdate::Error(e)) => run.errors.push(e),
+            Ok(_) => {}
+            Err(e) => panic!("no list failures reported: {e}"),
+        }
+    }
+    cluster.set_unreachable(false);
+    cluster.apply_pod(pod("a", "p1", "n"));
+    // Unpoked, nothing happens for the back-off's 30 s.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        cluster.list_count("/api/v1/pods"),
+        0,
+        "{:?}",
+        cluster.requests()
+    );
+    let poker = {
+        let poke = poke.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = std::sync::Arc::clone(&stop);
+        (
+            std::thread::spawn(move || {
+                // As the enrollment loop does while an ADD waits: once a second.
+                while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                    poke.poke();
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }),
+            stop,
+        )
+    };
+    let t = Instant::now();
+    run.wait_for(true, &["a/p1"]);
+    run.wait_for(false, &["a"]);
+    poker.1.store(true, std::sync::atomic::Ordering::SeqCst);
+    poker.0.join().expect("poker");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "listed {:?} after the API came back; the back-off is 30 s",
+        t.elapsed()
     );
 }
 

@@ -402,7 +402,8 @@ fn api_server_unreachable_then_back() {
         n_added = rig.add("n");
     }
     let (n, d) = (kit::pod_uid("n"), kit::pod_uid("d"));
-    // The agent's watch back-off is capped at 30 s.
+    // The watch back-off is capped at 30 s, but the waiting ADD pokes the source, which
+    // retries its list at once (measured: ≈ 1.4 s after a 10 s or 60 s outage).
     let t = rig.wait_green("API back", Duration::from_secs(45), |r| {
         let e = r.enrolled();
         e.contains_key(&n) && !e.contains_key(&d)

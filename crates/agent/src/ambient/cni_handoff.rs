@@ -207,6 +207,20 @@ impl Reconciler {
         r
     }
 
+    /// An ADD waits for a pod the source has not shown (or for its first lists): if the
+    /// source has reported a failure, nudge it (at most once a second).
+    fn poke_source(&mut self, now: Instant) {
+        if self.last_source_error.is_none() {
+            return;
+        }
+        if let Some((poke, last)) = &mut self.source_poke
+            && last.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+        {
+            *last = Some(now);
+            poke.poke();
+        }
+    }
+
     fn cni_lookup(&self, req: &CniAddRequest, now: Instant, ztunnel: bool) -> Lookup {
         let ev = &req.event;
         let key = ev.key();
@@ -318,7 +332,10 @@ impl Reconciler {
                 continue;
             }
             match self.cni_lookup(&p.req, now, ztunnel) {
-                Lookup::Wait => keep.push(p),
+                Lookup::Wait => {
+                    self.poke_source(now);
+                    keep.push(p);
+                }
                 Lookup::Reject(r) => {
                     p.req.reply.send(Err(r));
                 }

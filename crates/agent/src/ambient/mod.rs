@@ -147,6 +147,8 @@ pub struct Reconciler {
     last_resync: Instant,
     last_conflicts: Vec<Conflict>,
     last_source_error: Option<String>,
+    /// Nudges the workload source when an ADD waits for a pod it has not seen (and when).
+    source_poke: Option<(crate::workloads::SourcePoke, Option<Instant>)>,
     /// CNI ADDs waiting for an answer (see "CNI events" below).
     cni_pending: Vec<PendingCni>,
     /// Pod IPs from CNI events: uid → (IPs, when). In force over the watch's IPs until the
@@ -240,6 +242,7 @@ impl Reconciler {
             last_resync: Instant::now(),
             last_conflicts: Vec::new(),
             last_source_error: None,
+            source_poke: None,
             cni_pending: Vec::new(),
             cni_ips: BTreeMap::new(),
             connected_ztunnel: None,
@@ -284,6 +287,13 @@ impl Reconciler {
     }
 
     /// Also record ztunnel readiness in the ambient config file.
+    /// Poke the workload source (at most once a second) while a CNI ADD waits for a pod it
+    /// has not seen: a source backing off after failed lists retries at once.
+    pub fn with_source_poke(mut self, poke: crate::workloads::SourcePoke) -> Reconciler {
+        self.source_poke = Some((poke, None));
+        self
+    }
+
     pub fn with_config_writer(mut self, writer: Arc<AmbientConfigWriter>) -> Reconciler {
         self.config = Some(writer);
         self
@@ -953,12 +963,14 @@ pub fn start_from_args(
     if node.is_empty() {
         return fail("node name unknown: set NODE_NAME".into());
     }
-    let mut l = AmbientLoop::spawn(reconciler);
-    let src = crate::workloads::kube::KubeSource::spawn(
+    let poke = crate::workloads::SourcePoke::new();
+    let mut l = AmbientLoop::spawn(reconciler.with_source_poke(poke.clone()));
+    let src = crate::workloads::kube::KubeSource::spawn_with_poke(
         access,
         node,
         crate::workloads::kube::KubeSourceOptions::default(),
         l.sender(),
+        poke,
     );
     l.keep(Box::new(src));
     Some(l)

@@ -28,7 +28,7 @@ use kube::{Api, Client, Config};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::{SourceUpdate, decode_namespace, decode_pod};
+use super::{SourcePoke, SourceUpdate, decode_namespace, decode_pod};
 
 /// How to reach the API server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -306,6 +306,17 @@ impl KubeSource {
         options: KubeSourceOptions,
         tx: Sender<SourceUpdate>,
     ) -> KubeSource {
+        Self::spawn_with_poke(access, node, options, tx, SourcePoke::new())
+    }
+
+    /// [`KubeSource::spawn`], retrying a failing list at once when `poke` is poked.
+    pub fn spawn_with_poke(
+        access: AccessConfig,
+        node: String,
+        options: KubeSourceOptions,
+        tx: Sender<SourceUpdate>,
+        poke: SourcePoke,
+    ) -> KubeSource {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let thread = std::thread::Builder::new()
             .name("kube-watch".into())
@@ -322,7 +333,7 @@ impl KubeSource {
                         return;
                     }
                 };
-                rt.block_on(run(access, node, options, tx, stop_rx));
+                rt.block_on(run(access, node, options, tx, stop_rx, poke));
             })
             .map_err(|e| warn!(error = %e, "cannot start the kube-watch thread"))
             .ok();
@@ -359,6 +370,7 @@ async fn run(
     options: KubeSourceOptions,
     tx: Sender<SourceUpdate>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    poke: SourcePoke,
 ) {
     let mut backoff = Doubling::new(options.min_backoff, options.max_backoff);
     let client = loop {
@@ -383,7 +395,7 @@ async fn run(
         watcher::Config::default().fields(&format!("spec.nodeName={node}")),
         options,
         tx.clone(),
-        stop.clone(),
+        (stop.clone(), poke.clone()),
         |v| {
             decode_pod(v)
                 .map_err(|e| warn!(error = %e, "ignoring pod"))
@@ -396,7 +408,7 @@ async fn run(
         watcher::Config::default(),
         options,
         tx,
-        stop,
+        (stop, poke),
         |v| {
             decode_namespace(v)
                 .map_err(|e| warn!(error = %e, "ignoring namespace"))
@@ -414,7 +426,7 @@ async fn watch_collection<K, T>(
     config: watcher::Config,
     options: KubeSourceOptions,
     tx: Sender<SourceUpdate>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    (mut stop, poke): (tokio::sync::watch::Receiver<bool>, SourcePoke),
     decode: impl Fn(&serde_json::Value) -> Option<T>,
     wrap: impl Fn(Vec<T>) -> SourceUpdate,
 ) where
@@ -441,13 +453,20 @@ async fn watch_collection<K, T>(
             .boxed();
         let resync = tokio::time::sleep(options.resync);
         tokio::pin!(resync);
+        // The last list/watch attempt failed: the watcher is in its back-off.
+        let mut failing = false;
         loop {
             let item = tokio::select! {
                 item = events.next() => item,
                 _ = &mut resync => break,
+                _ = poke.poked(), if failing => {
+                    info!(resource = %what, "a CNI ADD waits for a pod not seen yet: retrying the list now, not after the back-off");
+                    break;
+                }
                 _ = stopped(&mut stop) => return,
             };
             let Some(item) = item else { break };
+            failing = item.is_err();
             match item {
                 Ok(event) => {
                     let send = match &event {
@@ -484,6 +503,6 @@ async fn watch_collection<K, T>(
                 }
             }
         }
-        info!(resource = %what, "periodic resync: relisting");
+        info!(resource = %what, "relisting");
     }
 }

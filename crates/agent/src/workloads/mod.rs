@@ -233,6 +233,29 @@ fn valid_fallback_part(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
+/// A nudge from the enrollment loop to the workload source: a CNI ADD is waiting for a pod
+/// the source has not seen. A Kubernetes source that is backing off after failed lists
+/// (API server unreachable) retries at once instead of after up to the back-off cap; a healthy
+/// one ignores it. Cheap to clone; poking with no source attached does nothing.
+#[derive(Debug, Clone, Default)]
+pub struct SourcePoke(std::sync::Arc<tokio::sync::Notify>);
+
+impl SourcePoke {
+    pub fn new() -> SourcePoke {
+        SourcePoke::default()
+    }
+
+    /// Wake the source's watches that are waiting right now.
+    pub fn poke(&self) {
+        self.0.notify_waiters();
+    }
+
+    /// Resolves at the next [`SourcePoke::poke`].
+    pub async fn poked(&self) {
+        self.0.notified().await;
+    }
+}
+
 /// What a source tells the reconcile loop. Pods and namespaces may come separately (two
 /// watches); the loop plans only once it has had both (otherwise a pod seen before its
 /// namespace would look un-enrolled and be released).
