@@ -150,6 +150,14 @@ pub trait RedirectDriver: Send {
         Ok(())
     }
 
+    /// Verify-or-repair the mode's node-level pieces only (not the pods): the node netns's
+    /// rules a third party may flush. Called by the loop every `LoopOptions::node_check`
+    /// between full read-backs ([`RedirectDriver::actual`], which does it too); must be cheap
+    /// when nothing changed. The default does nothing (a mode without node rules).
+    fn verify_node(&mut self) -> Result<(), DriverError> {
+        Ok(())
+    }
+
     /// The active ztunnel changed (or this is the start-up notification). `None` = no Ready
     /// ztunnel on the node.
     fn ztunnel_changed(&mut self, ztunnel: Option<&ZtunnelInfo>) -> Result<(), DriverError>;

@@ -156,6 +156,7 @@ impl Setup {
                 min_backoff: Duration::from_millis(20),
                 max_backoff: Duration::from_millis(200),
                 debounce,
+                ..LoopOptions::default()
             },
             status.clone(),
         );

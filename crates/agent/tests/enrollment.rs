@@ -61,6 +61,7 @@ fn options() -> LoopOptions {
         min_backoff: Duration::from_millis(20),
         max_backoff: Duration::from_millis(200),
         debounce: Duration::from_millis(5),
+        ..LoopOptions::default()
     }
 }
 

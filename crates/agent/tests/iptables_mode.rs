@@ -1040,6 +1040,7 @@ fn pod_before_ztunnel_waits_per_pod_and_enrolls_when_ztunnel_is_ready() {
             min_backoff: Duration::from_secs(5),
             max_backoff: Duration::from_secs(30),
             debounce: Duration::from_millis(1),
+            ..LoopOptions::default()
         },
         status.clone(),
     );
@@ -1528,6 +1529,27 @@ fn node_rules_flushed_by_a_third_party_are_restored_on_resync() {
     d.actual().expect("resync");
     assert_eq!(d.repairs().node_rules, before + 1);
     assert_eq!(no_counters(&lab.save(&lab.node)), installed);
+    // The loop's node check between resyncs (`verify_node`) does the same: flushed again,
+    // restored by it alone; intact, it runs nothing.
+    for flavor in ["iptables-nft", "iptables-legacy"] {
+        let save = lab
+            .node
+            .exec_ok(&format!("{flavor}-save"), &[])
+            .expect("save");
+        if !save.contains("ztunnel-") {
+            continue;
+        }
+        for table in ["nat", "mangle", "filter"] {
+            let _ = lab.node.exec_ok(flavor, &["-t", table, "-F"]);
+            let _ = lab.node.exec_ok(flavor, &["-t", table, "-X"]);
+        }
+    }
+    assert!(!no_counters(&lab.save(&lab.node)).contains("ztunnel-"));
+    RedirectDriver::verify_node(&mut d).expect("node check");
+    assert_eq!(no_counters(&lab.save(&lab.node)), installed);
+    assert_eq!(d.repairs().node_rules, before + 2);
+    RedirectDriver::verify_node(&mut d).expect("node check");
+    assert_eq!(d.repairs().node_rules, before + 2);
     d.uninstall().expect("uninstall");
 }
 

@@ -421,8 +421,8 @@ fn api_server_unreachable_then_back() {
 }
 
 /// (d) A third party flushes the node netns's iptables (every table of the flavor in use,
-/// chains deleted). The host-probe SNAT rule comes back at the agent's next resync (≤ 60 s);
-/// doctor green; the pods kept their netns.
+/// chains deleted). The host-probe SNAT rule comes back at the agent's next node check
+/// (≤ 10 s); doctor green; the pods kept their netns.
 #[test]
 fn node_iptables_flushed_by_a_third_party() {
     let pods = ["a"];
@@ -450,8 +450,9 @@ fn node_iptables_flushed_by_a_third_party() {
         }
     }
     assert!(!snat(&rig), "the flush left the rule");
-    // The loop's resync period is 60 s.
-    let t = rig.wait_green("iptables flushed", Duration::from_secs(75), snat);
+    // The loop checks the node's rules every 10 s (`LoopOptions::node_check`), between its
+    // 60 s resyncs.
+    let t = rig.wait_green("iptables flushed", Duration::from_secs(30), snat);
     report(
         "(d) node iptables flushed",
         t0.elapsed().as_secs_f64().max(t),

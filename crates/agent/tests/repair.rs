@@ -564,6 +564,7 @@ fn loop_enrolls_a_repaired_pod_again_and_never_one_outside_the_mesh() {
             min_backoff: Duration::from_secs(30),
             max_backoff: Duration::from_secs(60),
             debounce: Duration::from_millis(1),
+            ..LoopOptions::default()
         },
         StatusHandle::new(Err("starting".into())),
     );

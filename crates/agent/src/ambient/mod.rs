@@ -53,6 +53,10 @@ pub struct LoopOptions {
     pub max_backoff: Duration,
     /// After an update arrives, wait this long for more before planning (coalesces bursts).
     pub debounce: Duration,
+    /// Verify-or-repair the mode's node-level pieces ([`RedirectDriver::verify_node`]) at least
+    /// this often, between resyncs: a third party flushing the node's rules is repaired within
+    /// this time, not the resync period.
+    pub node_check: Duration,
 }
 
 impl Default for LoopOptions {
@@ -62,6 +66,7 @@ impl Default for LoopOptions {
             min_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(30),
             debounce: Duration::from_millis(20),
+            node_check: Duration::from_secs(10),
         }
     }
 }
@@ -145,6 +150,8 @@ pub struct Reconciler {
     /// Whole-pass retry after a driver-scoped failure.
     driver_retry: Option<(u32, Instant)>,
     last_resync: Instant,
+    /// Last [`RedirectDriver::verify_node`] (or full read-back, which includes it).
+    last_node_check: Instant,
     last_conflicts: Vec<Conflict>,
     last_source_error: Option<String>,
     /// Nudges the workload source when an ADD waits for a pod it has not seen (and when).
@@ -240,6 +247,7 @@ impl Reconciler {
             failures: BTreeMap::new(),
             driver_retry: None,
             last_resync: Instant::now(),
+            last_node_check: Instant::now(),
             last_conflicts: Vec::new(),
             last_source_error: None,
             source_poke: None,
@@ -491,6 +499,14 @@ impl Reconciler {
                 Ok(a) => self.actual = Some(a),
                 Err(e) => return self.driver_failed("reading enrolled state", &e, now),
             }
+            self.last_node_check = now;
+        } else if now.duration_since(self.last_node_check) >= self.options.node_check
+            && self.notified_ztunnel.is_some()
+        {
+            self.last_node_check = now;
+            if let Err(e) = self.driver.verify_node() {
+                return self.driver_failed("checking the node's rules", &e, now);
+            }
         }
 
         if self.notified_ztunnel.as_ref() != Some(&zt) {
@@ -711,6 +727,9 @@ impl Reconciler {
             return now;
         }
         let mut next = self.last_resync + self.options.resync;
+        if self.notified_ztunnel.is_some() {
+            next = next.min(self.last_node_check + self.options.node_check);
+        }
         if let Some((_, t)) = self.driver_retry {
             next = next.min(t);
         }

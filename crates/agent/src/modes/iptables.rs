@@ -1775,6 +1775,15 @@ impl RedirectDriver for IptablesDriver {
         }
     }
 
+    /// The node netns's rules only (between resyncs); routes, sets and sysctls wait for the
+    /// next `actual()`.
+    fn verify_node(&mut self) -> Result<(), DriverError> {
+        match self.state.host_ip {
+            Some(host_ip) if self.installed() => self.repair_node_rules(host_ip),
+            _ => Ok(()),
+        }
+    }
+
     fn ztunnel_changed(&mut self, ztunnel: Option<&ZtunnelInfo>) -> Result<(), DriverError> {
         let Some(z) = ztunnel else {
             // Fail closed: keep everything (see module docs).

@@ -829,6 +829,17 @@ impl RedirectDriver for InpodDriver {
         }
     }
 
+    /// The host-probe SNAT rule and sets in the node netns, verify-or-repair (identical →
+    /// nothing runs), as every resync does.
+    fn verify_node(&mut self) -> Result<(), DriverError> {
+        if let Some(h) = self.host.as_mut() {
+            h.ensure_rules()
+                .map_err(|e| drv(format!("host-probe SNAT rules in the node netns: {e}")))?;
+            self.host_checked = Some(Instant::now());
+        }
+        Ok(())
+    }
+
     fn ztunnel_changed(&mut self, _ztunnel: Option<&ZtunnelInfo>) -> Result<(), DriverError> {
         // The proxy is whoever is connected (the driver told the loop); nothing to program.
         Ok(())
