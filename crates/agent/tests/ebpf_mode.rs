@@ -280,16 +280,7 @@ fn a_pod_leaving_the_mesh_keeps_no_program_attached() {
     let node_ns = m.lab.node(1).netns.path().to_path_buf();
     let pins = m.bpffs.as_ref().expect("bpffs").path().join("node1");
     let veth = |m: &Mesh, name: &str| m.pod(name).host_veth.clone();
-    let attached = |veth: &str| -> usize {
-        let ix = meshcni_ebpf::ifindex_in(&node_ns, veth).expect("ifindex");
-        meshcni_ebpf::inspect(&pins)
-            .expect("inspect")
-            .expect("pin dir")
-            .attachments
-            .iter()
-            .filter(|a| a.ifindex == ix)
-            .count()
-    };
+    let attached = |veth: &str| attachments_on(&pins, &node_ns, veth);
     let (va, vb, vd) = (veth(&m, "a"), veth(&m, "b"), veth(&m, "d"));
     assert_eq!(attached(&va), 2, "pod-in and pod-eg on a's veth");
     m.labels
@@ -314,6 +305,18 @@ fn a_pod_leaving_the_mesh_keeps_no_program_attached() {
     driver_of(&m, 0).actual().expect("actual");
     assert_eq!(attached(&vb), 0, "stale attachment detached at start-up");
     assert_eq!(attached(&vd), 2);
+}
+
+/// Our programs attached to host veth `veth` of `node_ns` (pins under `pins`).
+fn attachments_on(pins: &std::path::Path, node_ns: &std::path::Path, veth: &str) -> usize {
+    let ix = meshcni_ebpf::ifindex_in(node_ns, veth).expect("ifindex");
+    meshcni_ebpf::inspect(pins)
+        .expect("inspect")
+        .expect("pin dir")
+        .attachments
+        .iter()
+        .filter(|a| a.ifindex == ix)
+        .count()
 }
 
 fn enroll_action(m: &Mesh, name: &str, netns: &std::path::Path) -> meshcni_agent::enroll::Action {
@@ -344,16 +347,7 @@ fn a_prepared_enroll_that_fails_or_never_comes_leaves_nothing_behind() {
     let bpffs = m.bpffs.as_ref().expect("bpffs").path().to_path_buf();
     let cfg = ebpf_config(&m.lab.nodes[0], m.tmp.path(), &bpffs);
     let pins = cfg.pin_dir.clone();
-    let attached = |name: &str| -> usize {
-        let ix = meshcni_ebpf::ifindex_in(&node_ns, &m.pod(name).host_veth).expect("ifindex");
-        meshcni_ebpf::inspect(&pins)
-            .expect("inspect")
-            .expect("pin dir")
-            .attachments
-            .iter()
-            .filter(|a| a.ifindex == ix)
-            .count()
-    };
+    let attached = |name: &str| attachments_on(&pins, &node_ns, &m.pod(name).host_veth);
     let owner = |d: &EbpfDriver, name: &str| -> Option<String> {
         d.state().owners.get(&IpAddr::V4(m.pod(name).ip)).cloned()
     };

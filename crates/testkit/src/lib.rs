@@ -58,7 +58,7 @@ pub fn retry_eintr<T>(mut f: impl FnMut() -> std::io::Result<T>) -> std::io::Res
 }
 
 #[cfg(test)]
-mod eintr_tests {
+pub(crate) mod eintr_tests {
     use std::io::Write;
     use std::net::{TcpListener, TcpStream};
     use std::time::Duration;
@@ -67,7 +67,7 @@ mod eintr_tests {
 
     /// A no-op SIGUSR2 handler with SA_RESTART: the signal interrupts only timed waits.
     #[allow(unsafe_code)]
-    fn install_handler() {
+    pub(crate) fn install_handler() {
         use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
         let action = SigAction::new(
             SigHandler::Handler(ignore_signal),

@@ -573,23 +573,13 @@ pub fn recv_packet(fd: impl AsFd, buf_len: usize) -> Result<Packet, RecvError> {
 mod tests {
     use super::*;
 
-    extern "C" fn ignore_signal(_: libc::c_int) {}
-
     /// Regression (CI of stop 16): a signal delivered to the stand-in's receiving thread made
     /// `recv_packet` fail with "Interrupted system call", the stand-in dropped its ZDS connection
     /// and missed the agent's Dels. A timed socket wait returns EINTR even under SA_RESTART.
     #[test]
     #[allow(unsafe_code)]
     fn a_signal_during_a_timed_receive_does_not_end_it() {
-        use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-        let action = SigAction::new(
-            SigHandler::Handler(ignore_signal),
-            SaFlags::SA_RESTART,
-            SigSet::empty(),
-        );
-        // SAFETY: the handler does nothing (async-signal-safe); SIGUSR2 is used by nothing else
-        // in this test binary.
-        unsafe { sigaction(Signal::SIGUSR2, &action) }.expect("sigaction");
+        crate::eintr_tests::install_handler();
         let (a, b) = nix::sys::socket::socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,

@@ -382,17 +382,23 @@ impl EbpfDriver {
         Ok(())
     }
 
-    /// Take back what `prepare` did for a pod whose enroll failed or did not come this pass:
-    /// the owners of its addresses that are not in the map and, if its veth record is still
-    /// the one `prepare` wrote and no address of it is in the map, its programs and record.
-    fn undo_prepared(&mut self, uid: &str, recorded: &[IpAddr]) -> Result<(), DriverError> {
-        let in_map: std::collections::BTreeSet<IpAddr> = self
+    /// Every address in the pod map.
+    fn map_addresses(&self) -> Result<Vec<IpAddr>, DriverError> {
+        Ok(self
             .dp
             .pods()
             .map_err(drv)?
             .into_iter()
             .map(|(ip, _)| ip)
-            .collect();
+            .collect())
+    }
+
+    /// Take back what `prepare` did for a pod whose enroll failed or did not come this pass:
+    /// the owners of its addresses that are not in the map and, if its veth record is still
+    /// the one `prepare` wrote and no address of it is in the map, its programs and record.
+    fn undo_prepared(&mut self, uid: &str, recorded: &[IpAddr]) -> Result<(), DriverError> {
+        let in_map: std::collections::BTreeSet<IpAddr> =
+            self.map_addresses()?.into_iter().collect();
         for ip in recorded {
             if !in_map.contains(ip) && self.state.owners.get(ip).is_some_and(|o| o == uid) {
                 self.state.owners.remove(ip);
@@ -832,13 +838,7 @@ impl RedirectDriver for EbpfDriver {
     /// Every address of the map, grouped by its recorded owner.
     fn actual(&mut self) -> Result<EnrolledState, DriverError> {
         let mut by_uid: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
-        let in_map: Vec<IpAddr> = self
-            .dp
-            .pods()
-            .map_err(drv)?
-            .into_iter()
-            .map(|(ip, _)| ip)
-            .collect();
+        let in_map = self.map_addresses()?;
         for ip in &in_map {
             let uid = self
                 .state
