@@ -5,14 +5,18 @@
 //! the agent's back —
 //! * `iptables`: its member of the node ipset `ztunnel-pods-ips` and its table-100 route
 //!   deleted;
-//! * `ebpf`: its entry in the pinned pod map deleted —
+//! * `ebpf`: its entry in the pinned pod map deleted; then, once repaired, its tc programs
+//!   detached from its host veth —
 //!
-//! and the same body asserts: `meshcni-agent doctor` (in the node netns) goes red naming the
-//! pod, then green again within 20 s with the pod's netns unchanged (same inode: no restart);
-//! the repair is reported (a `pod captured in place` log line naming the pod, the
+//! and the same body asserts after each breakage (made while the agent is frozen with
+//! SIGSTOP, so the red verdict cannot race the 1 s repair resync): `meshcni-agent doctor` (in
+//! the node netns) says the pod is not captured; then, the agent thawed, the doctor is green
+//! again within 20 s with the pod's netns unchanged (same inode: no restart); the repair is
+//! reported (a new `pod captured in place` log line naming the pod, the
 //! `meshcni_repair_total{result="repaired",reason="ambient_…"}` counter on the monitoring port);
 //! a real TCP connection from the repaired pod goes through the stand-in's outbound listener
-//! again. The time from "broken" to "doctor green" is printed per mode.
+//! again. The time from "broken" (the agent thawed) to "doctor green" is printed per mode and
+//! breakage.
 //!
 //! Needs root (netns, iptables, ipset, a private bpffs for `ebpf`); fails, never skips. Every
 //! namespace is the test's own (`mcni-*`), the agent's `--netns-dir` and `--host-proc-dir` are
@@ -84,7 +88,14 @@ fn ambient_repairs(node_ns: &Path, monitoring: &str) -> f64 {
     body.lines()
         .filter(|l| l.starts_with(r#"meshcni_repair_total{result="repaired",reason="ambient_"#))
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
-        .sum()
+        .fold(0.0, |a, b| a + b)
+}
+
+/// How many `pod captured in place` lines name `key`.
+fn repair_lines(log: &str, key: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("pod captured in place") && l.contains(key))
+        .count()
 }
 
 fn inode(p: &Path) -> (u64, u64) {
@@ -206,82 +217,100 @@ fn repairs_a_broken_enrollment_in_place(mode: StackMode, tag: &str) {
     assert_through_ztunnel(&lab, &zt, "a", "p");
     assert_through_ztunnel(&lab, &zt, "b", "p");
     let a_ns = inode(lab.pod("a").netns.path());
-    let repairs_before = ambient_repairs(&node_ns, &monitoring);
-
-    // Break a's enrollment behind the agent's back. The agent is frozen (SIGSTOP) meanwhile
-    // so the doctor's red verdict is seen before the 1 s repair resync can put it right.
     let agent_pid = nix::unistd::Pid::from_raw(
         i32::try_from(agent.pid().expect("agent running")).expect("pid"),
     );
-    nix::sys::signal::kill(agent_pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP agent");
     let a_ip = lab.pod("a").ip;
-    match mode {
-        StackMode::Iptables => {
-            let set = meshcni_rules::ambient_node::IPSET_NAME;
-            kit::exec_in(&node_ns, "ipset", &["del", set, &a_ip.to_string()]).expect("ipset del a");
-            kit::exec_in(
-                &node_ns,
-                "ip",
-                &["route", "del", &a_ip.to_string(), "table", "100"],
-            )
-            .expect("delete a's table-100 route");
-        }
-        StackMode::Ebpf => {
-            let cfg = meshcni_agent::modes::ebpf::EbpfModeConfig {
-                node_netns: node_ns.clone(),
-                netns_dirs: vec![dirs.netns_dir.clone()],
-                proc_root: dirs.proc.clone(),
-                pin_dir: dirs.bpf_pin_dir(),
-                state_file: dirs.run.join("ebpf-mode.json"),
-                ..Default::default()
-            };
-            let drv = meshcni_agent::modes::ebpf::EbpfDriver::new(cfg).expect("ebpf driver");
-            drv.datapath()
-                .remove_pod(IpAddr::V4(a_ip))
-                .expect("remove a's map entry");
-        }
+    let breakages: &[&str] = match mode {
+        StackMode::Iptables => &["ipset member and table-100 route deleted"],
+        StackMode::Ebpf => &["pod map entry deleted", "pod programs detached"],
         StackMode::Inpod => unreachable!("node-level modes only"),
-    }
-    let (ok, report) = doctor(&agent_bin, &node_ns, &dirs, mode);
-    assert!(
-        !ok,
-        "{} mode: doctor green right after a's enrollment was broken:\n{report:#}",
-        mode.name()
-    );
-    assert_eq!(
-        pod_row(&report, "mesh/a")["captured"],
-        false,
-        "{} mode: {report:#}",
-        mode.name()
-    );
+    };
+    for &what in breakages {
+        let repairs_before = ambient_repairs(&node_ns, &monitoring);
+        let logged_before = repair_lines(&agent.log(), "mesh/a");
+        // Break a's enrollment behind the agent's back. The agent is frozen (SIGSTOP)
+        // meanwhile so the doctor's red verdict is seen before the 1 s repair resync can put
+        // it right.
+        nix::sys::signal::kill(agent_pid, nix::sys::signal::Signal::SIGSTOP)
+            .expect("SIGSTOP agent");
+        match what {
+            "ipset member and table-100 route deleted" => {
+                let set = meshcni_rules::ambient_node::IPSET_NAME;
+                kit::exec_in(&node_ns, "ipset", &["del", set, &a_ip.to_string()])
+                    .expect("ipset del a");
+                kit::exec_in(
+                    &node_ns,
+                    "ip",
+                    &["route", "del", &a_ip.to_string(), "table", "100"],
+                )
+                .expect("delete a's table-100 route");
+            }
+            _ => {
+                let cfg = meshcni_agent::modes::ebpf::EbpfModeConfig {
+                    node_netns: node_ns.clone(),
+                    netns_dirs: vec![dirs.netns_dir.clone()],
+                    proc_root: dirs.proc.clone(),
+                    pin_dir: dirs.bpf_pin_dir(),
+                    state_file: dirs.run.join("ebpf-mode.json"),
+                    ..Default::default()
+                };
+                let drv = meshcni_agent::modes::ebpf::EbpfDriver::new(cfg).expect("ebpf driver");
+                if what == "pod map entry deleted" {
+                    drv.datapath()
+                        .remove_pod(IpAddr::V4(a_ip))
+                        .expect("remove a's map entry");
+                } else {
+                    let ix = meshcni_ebpf::ifindex_in(&node_ns, &lab.pod("a").host_veth)
+                        .expect("ifindex of a's veth");
+                    drv.datapath()
+                        .detach_pod(&node_ns, ix)
+                        .expect("detach a's programs");
+                }
+            }
+        }
+        let (ok, report) = doctor(&agent_bin, &node_ns, &dirs, mode);
+        assert!(
+            !ok,
+            "{} mode, {what}: doctor green right after a's enrollment was broken:\n{report:#}",
+            mode.name()
+        );
+        assert_eq!(
+            pod_row(&report, "mesh/a")["captured"],
+            false,
+            "{} mode, {what}: {report:#}",
+            mode.name()
+        );
 
-    nix::sys::signal::kill(agent_pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT agent");
-    let broken = Instant::now();
-    wait_green("a's enrollment broken", REPAIR_BOUND);
-    let took = broken.elapsed();
-    println!(
-        "repair_modes: {} mode: broken → doctor green in {:.2} s",
-        mode.name(),
-        took.as_secs_f64()
-    );
-    assert_eq!(
-        inode(lab.pod("a").netns.path()),
-        a_ns,
-        "a's netns changed: the pod was not repaired in place"
-    );
-    let log = agent.log();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("pod captured in place") && l.contains("mesh/a")),
-        "{} mode: no repair log line for mesh/a:\n{log}",
-        mode.name()
-    );
-    let repairs_after = ambient_repairs(&node_ns, &monitoring);
-    assert!(
-        repairs_after >= repairs_before + 1.0,
-        "{} mode: meshcni_repair_total (ambient, repaired) {repairs_before} → {repairs_after}",
-        mode.name()
-    );
+        nix::sys::signal::kill(agent_pid, nix::sys::signal::Signal::SIGCONT)
+            .expect("SIGCONT agent");
+        let broken = Instant::now();
+        wait_green(what, REPAIR_BOUND);
+        let took = broken.elapsed();
+        println!(
+            "repair_modes: {} mode, {what}: broken → doctor green in {:.2} s",
+            mode.name(),
+            took.as_secs_f64()
+        );
+        assert_eq!(
+            inode(lab.pod("a").netns.path()),
+            a_ns,
+            "{what}: a's netns changed: the pod was not repaired in place"
+        );
+        let log = agent.log();
+        assert!(
+            repair_lines(&log, "mesh/a") > logged_before,
+            "{} mode, {what}: no new repair log line for mesh/a:\n{log}",
+            mode.name()
+        );
+        let repairs_after = ambient_repairs(&node_ns, &monitoring);
+        assert!(
+            repairs_after >= repairs_before + 1.0,
+            "{} mode, {what}: meshcni_repair_total (ambient, repaired) {repairs_before} → {repairs_after}",
+            mode.name()
+        );
+        assert_through_ztunnel(&lab, &zt, "a", "p");
+    }
     assert_through_ztunnel(&lab, &zt, "a", "p");
     assert_through_ztunnel(&lab, &zt, "b", "p");
     agent
@@ -295,6 +324,6 @@ fn iptables_mode_pod_with_ipset_member_and_route_deleted_is_repaired_in_place() 
 }
 
 #[test]
-fn ebpf_mode_pod_with_map_entry_deleted_is_repaired_in_place() {
+fn ebpf_mode_pod_with_map_entry_deleted_or_programs_detached_is_repaired_in_place() {
     repairs_a_broken_enrollment_in_place(StackMode::Ebpf, "rmebpf");
 }
