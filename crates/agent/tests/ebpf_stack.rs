@@ -13,35 +13,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use meshcni_testkit::stack::{
-    Agent, AgentDirs, DATAPLANE_MODE, StackMode, ZTUNNEL_NETNS_ANNOTATION, exec_in, namespace_json,
-    pod_json, run_uninstall_mode, write_workloads, ztunnel_json,
+    Agent, AgentDirs, BpffsMount, DATAPLANE_MODE, StackMode, ZTUNNEL_NETNS_ANNOTATION, exec_in,
+    namespace_json, pod_json, run_uninstall_mode, write_workloads, ztunnel_json,
 };
 use meshcni_testkit::{MultiNodeLab, NetnsSnapshot};
 
 const NODE: &str = "node1";
-
-/// A bpffs of our own on `dir` (never the host's `/sys/fs/bpf`), lazily unmounted on drop.
-struct Bpffs(PathBuf);
-
-impl Bpffs {
-    fn mount(dir: &Path) -> Bpffs {
-        nix::mount::mount(
-            Some("bpf"),
-            dir,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .unwrap_or_else(|e| panic!("mount a bpffs on {} (root needed): {e}", dir.display()));
-        Bpffs(dir.to_path_buf())
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
-    }
-}
 
 fn bpftool(args: &[&str]) -> std::process::Output {
     std::process::Command::new("bpftool")
@@ -99,7 +76,7 @@ fn uninstall_subcommand_in_ebpf_mode_leaves_nothing_of_ours() {
         .tempdir()
         .expect("tmp");
     let dirs = AgentDirs::create(tmp.path(), &plugin).expect("agent dirs");
-    let bpffs = Bpffs::mount(&dirs.bpffs);
+    let bpffs = BpffsMount::mount(&dirs.bpffs);
     // The agent finds the ztunnel pod's and a's netns by IP in its private netns dir.
     for (name, ns) in [
         ("ztunnel", node.ztunnel.netns.path()),

@@ -227,6 +227,32 @@ pub fn write_pod_metadata(meta: &Path, pod: &Value, namespace: &Value) -> Result
     )
 }
 
+/// A bpffs of our own mounted on a directory (e.g. [`AgentDirs::bpffs`]; never the host's
+/// `/sys/fs/bpf`), lazily unmounted on drop.
+#[derive(Debug)]
+pub struct BpffsMount(PathBuf);
+
+impl BpffsMount {
+    /// Mount a bpffs on `dir` (needs root); panics naming the directory when it cannot.
+    pub fn mount(dir: &Path) -> BpffsMount {
+        nix::mount::mount(
+            Some("bpf"),
+            dir,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("mount a bpffs on {} (root needed): {e}", dir.display()));
+        BpffsMount(dir.to_path_buf())
+    }
+}
+
+impl Drop for BpffsMount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// The ambient redirect mode an [`Agent`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StackMode {
