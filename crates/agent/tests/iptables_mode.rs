@@ -825,7 +825,10 @@ fn ztunnel_restart_capture_gap_in_place_vs_reference_teardown() {
     // The switch never lets a connection reach the pod around ztunnel. (The gap itself is a
     // time on a shared machine: printed above, not asserted — a loaded CI run once measured
     // more than 1 s with 100 ms probes.)
-    assert_eq!(leaked, 0, "in place: {leaked} connections reached pod1 uncaptured");
+    assert_eq!(
+        leaked, 0,
+        "in place: {leaked} connections reached pod1 uncaptured"
+    );
     d.uninstall().expect("uninstall");
     base.assert_restored();
 }
@@ -1288,6 +1291,39 @@ fn half_enrolled_pods_are_repaired_on_start_and_on_resync() {
             .read_sysctl("net.ipv4.conf.vp1.rp_filter")
             .expect("rp"),
         "0"
+    );
+    // Between resyncs the loop's node check (`verify_node`) restores a deleted pod route and
+    // removes an orphan one too.
+    lab.node
+        .ip(&["route", "del", "10.244.1.10", "table", "100"])
+        .expect("del route");
+    node_cmd(
+        &lab,
+        "ip",
+        &[
+            "route",
+            "add",
+            "10.244.1.12",
+            "via",
+            "192.168.126.2",
+            "dev",
+            "istioin",
+            "table",
+            "100",
+            "src",
+            "10.244.1.1",
+        ],
+    );
+    let before = d.repairs();
+    RedirectDriver::verify_node(&mut d).expect("node check");
+    let t100 = table100(&lab);
+    assert!(t100.contains("10.244.1.10 via"), "{t100}");
+    assert!(!t100.contains("10.244.1.12"), "orphan route kept:\n{t100}");
+    let after = d.repairs();
+    assert_eq!(
+        (after.routes, after.orphan_routes),
+        (before.routes + 1, before.orphan_routes + 1),
+        "{after:?}"
     );
 
     // The operator's values (1) come back on uninstall, including the veths repaired above.

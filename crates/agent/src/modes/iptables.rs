@@ -1155,14 +1155,43 @@ impl IptablesDriver {
 
     /// Complete every half-enrolled pod and drop orphaned pod routes (see `actual()`).
     fn repair(&mut self, entries: &[ipset::IpsetEntry]) -> Result<(), DriverError> {
-        // Before the first install (or with the node tunnel gone) nothing can be completed:
-        // `ztunnel_changed` (re)installs and the loop reads `actual()` again after it.
-        let Some(host_ip) = self.state.host_ip else {
+        let Some((host_ip, veth_of)) = self.repair_routes(entries)? else {
             return Ok(());
+        };
+        // Pod veth sysctls: read them all on the node worker, fix those that differ.
+        let oifs: Vec<u32> = veth_of.values().copied().collect();
+        let wrong: Vec<(String, String)> = self
+            .pod_sysctl_drift(oifs)?
+            .into_iter()
+            .map(|(path, _, wanted)| (path, wanted))
+            .collect();
+        if !wrong.is_empty() {
+            for (k, _) in &wrong {
+                tracing::warn!(
+                    sysctl = k,
+                    "enrolled pod's veth sysctl not set (enrollment was cut short); repairing"
+                );
+            }
+            self.repairs.sysctls += wrong.len() as u64;
+            self.set_sysctls(&SysctlNs::Node, wrong)?;
+        }
+        self.repair_node_rules(host_ip)
+    }
+
+    /// Every enrolled pod's table-100 route, and no other: verify-or-repair. `None` before the
+    /// first install (or with the node tunnel gone: nothing can be completed; `ztunnel_changed`
+    /// (re)installs and the loop reads `actual()` again after it); else the host address and
+    /// each routed pod's veth.
+    fn repair_routes(
+        &mut self,
+        entries: &[ipset::IpsetEntry],
+    ) -> Result<Option<(Ipv4Addr, PodVeths)>, DriverError> {
+        let Some(host_ip) = self.state.host_ip else {
+            return Ok(None);
         };
         let mut nl = self.nl()?;
         let Some(tun_in) = nl.link_index(an::TUN_IN).map_err(drv)? else {
-            return Ok(());
+            return Ok(None);
         };
         let routes = route::list_routes(&mut nl, None).map_err(drv)?;
         let members: std::collections::BTreeSet<Ipv4Addr> = entries.iter().map(|e| e.ip).collect();
@@ -1183,24 +1212,7 @@ impl IptablesDriver {
             self.repairs.orphan_routes += 1;
         }
         self.tun_in_index = Some(tun_in);
-        // Pod veth sysctls: read them all on the node worker, fix those that differ.
-        let oifs: Vec<u32> = veth_of.values().copied().collect();
-        let wrong: Vec<(String, String)> = self
-            .pod_sysctl_drift(oifs)?
-            .into_iter()
-            .map(|(path, _, wanted)| (path, wanted))
-            .collect();
-        if !wrong.is_empty() {
-            for (k, _) in &wrong {
-                tracing::warn!(
-                    sysctl = k,
-                    "enrolled pod's veth sysctl not set (enrollment was cut short); repairing"
-                );
-            }
-            self.repairs.sysctls += wrong.len() as u64;
-            self.set_sysctls(&SysctlNs::Node, wrong)?;
-        }
-        self.repair_node_rules(host_ip)
+        Ok(Some((host_ip, veth_of)))
     }
 
     /// The node netns's rules, verify-or-repair: a third party may have flushed or edited them
@@ -1775,12 +1787,17 @@ impl RedirectDriver for IptablesDriver {
         }
     }
 
-    /// The node netns's rules only (between resyncs); routes, sets and sysctls wait for the
-    /// next `actual()`.
+    /// Between resyncs: the node netns's rules and the enrolled pods' table-100 routes (both
+    /// read in one netlink dump / one save; nothing written when intact). Pod veth sysctls
+    /// wait for the next `actual()`.
     fn verify_node(&mut self) -> Result<(), DriverError> {
-        match self.state.host_ip {
-            Some(host_ip) if self.installed() => self.repair_node_rules(host_ip),
-            _ => Ok(()),
+        if !self.installed() {
+            return Ok(());
+        }
+        let entries = self.ipset_entries()?;
+        match self.repair_routes(&entries)? {
+            Some((host_ip, _)) => self.repair_node_rules(host_ip),
+            None => Ok(()),
         }
     }
 
@@ -2096,6 +2113,9 @@ fn delete_created(
     .and_then(|r| r)
     .map_err(drv)
 }
+
+/// Routed pod IP → the ifindex of its veth in the node netns.
+type PodVeths = BTreeMap<Ipv4Addr, u32>;
 
 /// The per-pod /32 routes among `routes`: the pod IPs routed into the inbound tunnel
 /// (`tun_in`, table `TABLE_INBOUND`) and, for ipset members, the veth their main-table route
