@@ -430,6 +430,18 @@ pub struct AgentArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub ambient_ebpf_max_pods: u32,
 
+    /// `ebpf` redirect mode: how the programs are attached to veths: `auto` (tcx links where
+    /// the kernel has them, Linux 6.6+, else clsact filters), `tcx` or `clsact`. tcx links
+    /// coexist with other tc programs by ownership and order; creating or removing one waits
+    /// for an RCU grace period under the RTNL lock (≈ 25 ms per pod enrolled or released on a
+    /// small VM); clsact filters do not wait (≈ 2 ms per pod) and never delete a qdisc we did
+    /// not create. Switching on a node with a pinned datapath needs an uninstall first (the
+    /// redirect mode refuses the other kind's pins and stays not ready; an uninstall works with
+    /// either setting). With another mode a non-default value is rejected.
+    #[arg(long, env = "AMBIENT_EBPF_ATTACH", default_value = "auto",
+          value_parser = clap::builder::PossibleValuesParser::new(["auto", "tcx", "clsact"]))]
+    pub ambient_ebpf_attach: String,
+
     /// `ebpf` redirect mode: the meshcni directory in bpffs holding the pinned maps and links
     /// (its parent must be a bpffs mount). With another mode a non-default value is rejected.
     #[arg(
@@ -808,6 +820,7 @@ impl AgentArgs {
                 "only the ebpf redirect mode uses it, and ambient with that mode is not enabled";
             reject_non_default!(self, d, errs;
                 ambient_ebpf_max_pods: ONLY_EBPF,
+                ambient_ebpf_attach: ONLY_EBPF,
                 ambient_ebpf_pin_dir: ONLY_EBPF,
             );
         }

@@ -381,3 +381,44 @@ fn a_prepared_enroll_that_fails_or_never_comes_leaves_nothing_behind() {
     // The mesh's own pods are as they were.
     assert_eq!((attached("a"), attached("d")), (2, 2));
 }
+
+/// `--ambient-ebpf-attach` changed on a node whose datapath is pinned with the other kind:
+/// the driver refuses at its first read-back (its programs would run twice on each veth, a tcx
+/// link and a clsact filter), naming the way out, and touches nothing.
+#[test]
+fn a_driver_set_to_the_other_attach_kind_refuses_the_pinned_datapath() {
+    let m = Mesh::new_in("eb-kind", Mode::Ebpf);
+    let node_ns = m.lab.node(1).netns.path().to_path_buf();
+    let bpffs = m.bpffs.as_ref().expect("bpffs").path().to_path_buf();
+    let mut cfg = ebpf_config(&m.lab.nodes[0], m.tmp.path(), &bpffs);
+    let pins = cfg.pin_dir.clone();
+    let before = (
+        attachments_on(&pins, &node_ns, &m.pod("a").host_veth),
+        attachments_on(&pins, &node_ns, &m.pod("d").host_veth),
+    );
+    assert_eq!(before, (2, 2), "the mesh runs with tcx links");
+    cfg.attach = meshcni_ebpf::AttachMode::Clsact;
+    let mut d = EbpfDriver::new(cfg).expect("loading is fine");
+    let err = d.actual().expect_err("other kind pinned").to_string();
+    assert!(
+        err.contains("attaches its programs with tcx links")
+            && err.contains("set to attach with clsact filters")
+            && err.contains("meshcni-agent uninstall"),
+        "{err}"
+    );
+    assert_eq!(
+        (
+            attachments_on(&pins, &node_ns, &m.pod("a").host_veth),
+            attachments_on(&pins, &node_ns, &m.pod("d").host_veth),
+        ),
+        before,
+        "nothing attached or detached"
+    );
+    assert!(
+        std::fs::read_dir(pins.join("tc"))
+            .expect("tc dir")
+            .next()
+            .is_none(),
+        "no clsact record written"
+    );
+}

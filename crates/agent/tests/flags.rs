@@ -255,6 +255,18 @@ const TABLE: &[(&str, &str, &[&str], Expect)] = &[
         Rejected("only the ebpf redirect mode"),
     ),
     (
+        "ambient-ebpf-attach",
+        "clsact",
+        AMBIENT_EBPF,
+        Runtime("ambient_ebpf_attach: \"clsact\""),
+    ),
+    (
+        "ambient-ebpf-attach",
+        "tcx",
+        AMBIENT_INPOD,
+        Rejected("only the ebpf redirect mode"),
+    ),
+    (
         "ambient-ebpf-pin-dir",
         "/sys/fs/bpf/other",
         AMBIENT_EBPF,

@@ -544,6 +544,33 @@ impl Datapath {
         })
     }
 
+    /// Refuse a pin directory holding attachments of the other kind (an earlier agent ran with
+    /// another attach setting): pod programs would then run twice on a veth, a tcx link and a
+    /// clsact filter. Switching needs an uninstall first (which removes both kinds).
+    pub fn check_attach_kind(&self) -> Result<(), EbpfError> {
+        let (other, other_dir) = match self.kind {
+            AttachKind::Tcx => ("clsact filters", self.pin_dir.join("tc")),
+            AttachKind::Clsact => ("tcx links", self.pin_dir.join("links")),
+        };
+        let pinned_other = std::fs::read_dir(&other_dir)
+            .map_err(|e| EbpfError::sys(format!("list {}", other_dir.display()), e))?
+            .filter_map(Result::ok)
+            .any(|e| parse_record(&e.file_name().to_string_lossy()).is_some());
+        if pinned_other {
+            return Err(EbpfError::Conflict(format!(
+                "the datapath pinned under {} attaches its programs with {other} ({}), and this \
+                 agent is set to attach with {}: run `meshcni-agent uninstall` first to switch",
+                self.pin_dir.display(),
+                other_dir.display(),
+                match self.kind {
+                    AttachKind::Tcx => "tcx links",
+                    AttachKind::Clsact => "clsact filters",
+                }
+            )));
+        }
+        Ok(())
+    }
+
     /// Attach both pod programs to each of `ifnames` (host veths in node netns `netns`),
     /// entering the netns once for all of them; one result per name, in order.
     ///

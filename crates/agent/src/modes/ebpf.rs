@@ -837,6 +837,10 @@ impl RedirectDriver for EbpfDriver {
 
     /// Every address of the map, grouped by its recorded owner.
     fn actual(&mut self) -> Result<EnrolledState, DriverError> {
+        // Before anything is attached: an earlier agent's attachments of the other kind
+        // (`--ambient-ebpf-attach` changed) would double our programs. Not at `new`: an
+        // uninstall with either setting must still work.
+        self.dp.check_attach_kind().map_err(drv)?;
         let mut by_uid: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
         let in_map = self.map_addresses()?;
         for ip in &in_map {

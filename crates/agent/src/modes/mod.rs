@@ -76,6 +76,11 @@ pub fn ebpf_config(
         proc_root: args.host_proc_dir.clone(),
         pin_dir: args.ambient_ebpf_pin_dir.clone(),
         pod_capacity: args.ambient_ebpf_max_pods,
+        attach: match args.ambient_ebpf_attach.as_str() {
+            "tcx" => meshcni_ebpf::AttachMode::Tcx,
+            "clsact" => meshcni_ebpf::AttachMode::Clsact,
+            _ => meshcni_ebpf::AttachMode::Auto,
+        },
         dns_capture: args.ambient_dns_capture,
         enable_ipv6: args.effective_ambient_ipv6(mode),
         // On the run dir's hostPath: a restarted agent adopts its pods.
