@@ -185,18 +185,7 @@ fn failing(report: &Value) -> BTreeSet<String> {
 }
 
 fn pod<'a>(report: &'a Value, key: &str) -> &'a Value {
-    report["pods"]
-        .as_array()
-        .expect("pods")
-        .iter()
-        .find(|p| {
-            format!(
-                "{}/{}",
-                p["namespace"].as_str().unwrap_or(""),
-                p["name"].as_str().unwrap_or("")
-            ) == key
-        })
-        .unwrap_or_else(|| panic!("no pod {key} in {report}"))
+    kit::doctor_pod(report, key)
 }
 
 fn node_check<'a>(report: &'a Value, check: &str) -> Vec<&'a Value> {
@@ -335,16 +324,7 @@ fn doctor_is_green_on_a_good_node_and_names_each_kind_of_mismatch() {
         table.contains("side/s") && table.contains("cni-config") && !table.contains("FAIL"),
         "{table}"
     );
-    let monitoring = agent
-        .log()
-        .lines()
-        .rev()
-        .find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("monitoring="))
-                .map(|a| a.trim_matches('"').to_string())
-        })
-        .expect("monitoring address logged");
+    let monitoring = agent.monitoring();
     let (status, body) =
         kit::http_get_in(&rig.node_ns, &monitoring, "/debug/doctor").expect("GET /debug/doctor");
     assert_eq!(status, 200, "{body}");

@@ -113,16 +113,7 @@ fn ambient_add_waits_for_ztunnel_ack_and_the_first_connection_is_captured() {
         .expect("stand-in");
     let (_, config) = agent.wait_ready(WAIT).expect("ready");
     assert_eq!(config, r#"{"ztunnelReady":true,"redirectMode":"inpod"}"#);
-    let monitoring = agent
-        .log()
-        .lines()
-        .rev()
-        .find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("monitoring="))
-                .map(|a| a.trim_matches('"').to_string())
-        })
-        .expect("monitoring address logged");
+    let monitoring = agent.monitoring();
     let (status, body) = kit::http_get_in(&node_ns, &monitoring, "/metrics").expect("metrics");
     assert_eq!(status, 200);
     assert!(body.contains("meshcni_ztunnel_connected 1"), "{body}");

@@ -1191,6 +1191,27 @@ fn table100(lab: &NodeLab) -> String {
         .expect("table 100")
 }
 
+/// A pod's table-100 route into the inbound tunnel, as enrollment writes it.
+fn add_inbound_route(lab: &NodeLab, ip: &str) {
+    node_cmd(
+        lab,
+        "ip",
+        &[
+            "route",
+            "add",
+            ip,
+            "via",
+            "192.168.126.2",
+            "dev",
+            "istioin",
+            "table",
+            "100",
+            "src",
+            "10.244.1.1",
+        ],
+    );
+}
+
 /// Issue 8 items 1 and 2: an agent killed between the steps of an enroll leaves a pod in the
 /// ipset without its table-100 route (inbound bypasses ztunnel) or without `rp_filter=0` on
 /// its veth; a release cut short leaves a route without a set member. A restarted agent (and
@@ -1222,23 +1243,7 @@ fn half_enrolled_pods_are_repaired_on_start_and_on_resync() {
         &["add", "ztunnel-pods-ips", "10.244.1.11", "comment", "uid-1"],
     );
     for ip in ["10.244.1.11", "10.244.1.12"] {
-        node_cmd(
-            &lab,
-            "ip",
-            &[
-                "route",
-                "add",
-                ip,
-                "via",
-                "192.168.126.2",
-                "dev",
-                "istioin",
-                "table",
-                "100",
-                "src",
-                "10.244.1.1",
-            ],
-        );
+        add_inbound_route(&lab, ip);
     }
 
     let mut d = lab.driver();
@@ -1297,23 +1302,7 @@ fn half_enrolled_pods_are_repaired_on_start_and_on_resync() {
     lab.node
         .ip(&["route", "del", "10.244.1.10", "table", "100"])
         .expect("del route");
-    node_cmd(
-        &lab,
-        "ip",
-        &[
-            "route",
-            "add",
-            "10.244.1.12",
-            "via",
-            "192.168.126.2",
-            "dev",
-            "istioin",
-            "table",
-            "100",
-            "src",
-            "10.244.1.1",
-        ],
-    );
+    add_inbound_route(&lab, "10.244.1.12");
     let before = d.repairs();
     RedirectDriver::verify_node(&mut d).expect("node check");
     let t100 = table100(&lab);

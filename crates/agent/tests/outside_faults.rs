@@ -462,15 +462,7 @@ fn node_iptables_flushed_by_a_third_party() {
 }
 
 fn monitoring_addr(rig: &Rig) -> String {
-    rig.log()
-        .lines()
-        .rev()
-        .find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("monitoring="))
-                .map(|a| a.trim_matches('"').to_string())
-        })
-        .expect("monitoring= address logged")
+    kit::monitoring_address(&rig.log()).expect("monitoring= address logged")
 }
 
 fn metric(text: &str, name: &str) -> Option<f64> {

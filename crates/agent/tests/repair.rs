@@ -139,16 +139,7 @@ impl Rig {
         let zt = InpodZtunnelStandIn::start_with(InpodZtunnelConfig::new(&self.dirs.zds_socket))
             .expect("stand-in");
         agent.wait_ready(WAIT).expect("ready");
-        let monitoring = agent
-            .log()
-            .lines()
-            .rev()
-            .find_map(|l| {
-                l.split_whitespace()
-                    .find_map(|w| w.strip_prefix("monitoring="))
-                    .map(|a| a.trim_matches('"').to_string())
-            })
-            .expect("monitoring address logged");
+        let monitoring = agent.monitoring();
         (agent, zt, monitoring)
     }
 
@@ -204,18 +195,7 @@ impl Rig {
 }
 
 fn pod_verdict<'a>(report: &'a Value, key: &str) -> &'a Value {
-    report["pods"]
-        .as_array()
-        .expect("pods")
-        .iter()
-        .find(|p| {
-            format!(
-                "{}/{}",
-                p["namespace"].as_str().unwrap_or(""),
-                p["name"].as_str().unwrap_or("")
-            ) == key
-        })
-        .unwrap_or_else(|| panic!("no pod {key} in {report}"))
+    kit::doctor_pod(report, key)
 }
 
 /// The value of one sample line of the metrics text (`name{labels} value`).

@@ -67,18 +67,7 @@ fn doctor(agent_bin: &Path, node_ns: &Path, dirs: &AgentDirs, mode: StackMode) -
 }
 
 fn pod_row<'a>(report: &'a Value, key: &str) -> &'a Value {
-    report["pods"]
-        .as_array()
-        .expect("pods in the doctor report")
-        .iter()
-        .find(|p| {
-            format!(
-                "{}/{}",
-                p["namespace"].as_str().unwrap_or(""),
-                p["name"].as_str().unwrap_or("")
-            ) == key
-        })
-        .unwrap_or_else(|| panic!("no pod {key} in {report:#}"))
+    kit::doctor_pod(report, key)
 }
 
 /// The sum of `meshcni_repair_total{result="repaired",reason="ambient_…"}` samples.
@@ -187,16 +176,7 @@ fn repairs_a_broken_enrollment_in_place(mode: StackMode, tag: &str) {
     )
     .expect("start agent");
     agent.wait_ready(READY).expect("agent ready");
-    let monitoring = agent
-        .log()
-        .lines()
-        .rev()
-        .find_map(|l| {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix("monitoring="))
-                .map(|a| a.trim_matches('"').to_string())
-        })
-        .expect("monitoring address logged");
+    let monitoring = agent.monitoring();
     let wait_green = |what: &str, bound: Duration| -> Duration {
         let t0 = Instant::now();
         loop {

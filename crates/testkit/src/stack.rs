@@ -363,6 +363,12 @@ impl Agent {
         std::fs::read_to_string(&self.dirs.log).unwrap_or_default()
     }
 
+    /// The monitoring (metrics, `/debug/doctor`) address the agent logged; panics if it has
+    /// not logged one yet (call after [`Agent::wait_ready`]).
+    pub fn monitoring(&self) -> String {
+        monitoring_address(&self.log()).expect("monitoring address logged")
+    }
+
     /// Wait until the agent is ready: `/readyz` answers 200 (address from its log), the
     /// ambient config says `{"ztunnelReady":true,"redirectMode":"<mode>"}` and the plugin
     /// event socket exists. Returns the readiness address and the config text.
@@ -855,4 +861,31 @@ pub fn grep(text: &str, needles: &[&str]) -> String {
         .filter(|l| needles.iter().any(|n| l.contains(n)))
         .map(|l| format!("{l}\n"))
         .collect()
+}
+
+/// The agent's monitoring address in its log (`monitoring=<addr>` on its start-up line; the
+/// last one, after a restart).
+pub fn monitoring_address(log: &str) -> Option<String> {
+    log.lines().rev().find_map(|l| {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix("monitoring="))
+            .map(|a| a.trim_matches('"').to_string())
+    })
+}
+
+/// The row of pod `key` (`namespace/name`) in a `meshcni-agent doctor --json` report; panics
+/// naming the report if there is none.
+pub fn doctor_pod<'a>(report: &'a Value, key: &str) -> &'a Value {
+    report["pods"]
+        .as_array()
+        .expect("pods in the doctor report")
+        .iter()
+        .find(|p| {
+            format!(
+                "{}/{}",
+                p["namespace"].as_str().unwrap_or(""),
+                p["name"].as_str().unwrap_or("")
+            ) == key
+        })
+        .unwrap_or_else(|| panic!("no pod {key} in {report:#}"))
 }
