@@ -450,7 +450,7 @@ impl EbpfDriver {
                         .all(|ip| self.state.owners.get(ip).is_none_or(|o| o == &pod.uid))
             })
             .collect();
-        // One pod (a CNI ADD): its enroll does the same work; no threads.
+        // One pod (a CNI ADD): nothing to batch; its enroll does the same work.
         if wanted.len() < 2 {
             return Ok(());
         }
