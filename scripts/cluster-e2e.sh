@@ -384,6 +384,46 @@ test_helm_upgrade_no_pod_starts_uncaptured() {
     [ $bad = 0 ] || fail "$bad pod(s) started uncaptured during the upgrade (or the conflist lost meshcni)"
 }
 
+# Node readiness taint (issue 12 item 2): the node carries cni.istio.io/not-ready (put on here
+# with kubectl taint, as kubelet --register-with-taints would at registration); an injected pod
+# created now stays Pending (unschedulable). The chart's taint.enabled=true (RBAC get + patch on
+# nodes, REMOVE_NODE_TAINT) and a restart of the agents: the agent removes the taint once it is
+# ready; the pod is scheduled and starts captured; a taint of another key stays.
+test_readiness_taint_removed_by_the_agent() {
+    local node=mcni-k8s-node i
+    k taint node "$node" cni.istio.io/not-ready=true:NoSchedule --overwrite >/dev/null || fail "taint the node"
+    k taint node "$node" example.com/other=keep:PreferNoSchedule --overwrite >/dev/null || fail "second taint"
+    injected_pod_json tainted | k apply -f - >/dev/null || fail "create pod"
+    for ((i = 0; i < 30; i++)); do
+        [ "$(k get pod tainted -o jsonpath='{.status.conditions[?(@.type=="PodScheduled")].reason}')" = Unschedulable ] && break
+        sleep 1
+    done
+    [ "$(k get pod tainted -o jsonpath='{.status.phase}')" = Pending ] || fail "pod not Pending on the tainted node"
+    echo "pod Pending: $(k get pod tainted -o jsonpath='{.status.conditions[0].message}')"
+    helm_ upgrade meshcni "$REPO/deploy/helm/meshcni" -n kube-system --reuse-values --set taint.enabled=true >/dev/null ||
+        fail "helm upgrade taint.enabled=true"
+    k -n kube-system rollout restart ds/meshcni-node >/dev/null || fail "rollout restart"
+    k -n kube-system rollout status ds/meshcni-node --timeout=180s >/dev/null || fail "rollout"
+    for ((i = 0; i < 60; i++)); do
+        k get node "$node" -o json | jq -e '[.spec.taints[]?.key] | index("cni.istio.io/not-ready") | not' >/dev/null && break
+        sleep 1
+    done
+    echo "node taints now: $(k get node "$node" -o json | jq -c '[.spec.taints[]? | .key]')"
+    k get node "$node" -o json | jq -e '[.spec.taints[]?.key] | index("cni.istio.io/not-ready") | not' >/dev/null ||
+        { k -n kube-system logs -l k8s-app=meshcni-node --tail=20; fail "the agent did not remove the taint"; }
+    k get node "$node" -o json | jq -e '[.spec.taints[]?.key] | index("example.com/other")' >/dev/null ||
+        fail "the other taint was removed"
+    k -n kube-system logs -l k8s-app=meshcni-node --tail=200 | grep -q "readiness taint removed" || fail "no log line of the removal"
+    wait_running tainted 120 || { k describe pod tainted | tail -20; fail "pod did not start after the taint went"; }
+    [ "$(k logs tainted -c istio-validation | grep '^first connection:' | tail -n 1)" = "first connection: captured" ] ||
+        fail "pod started uncaptured"
+    echo "pod scheduled after the taint went and started captured"
+    k taint node "$node" example.com/other- >/dev/null
+    k delete pod tainted --wait=false >/dev/null 2>&1
+    helm_ upgrade meshcni "$REPO/deploy/helm/meshcni" -n kube-system --reuse-values --set taint.enabled=false >/dev/null ||
+        fail "helm upgrade taint.enabled=false"
+}
+
 test_helm_uninstall_restores_cni_files() {
     helm_ uninstall meshcni -n kube-system --wait --timeout 300s || fail "helm uninstall"
     local i
@@ -609,6 +649,7 @@ main() {
     run_test helm_install_defaults
     run_test injected_pod_captured_from_first_packet
     run_test helm_upgrade_no_pod_starts_uncaptured
+    run_test readiness_taint_removed_by_the_agent
     run_test ambient_namespace_label_enrolls_running_pods
     run_test ambient_off_agent_comes_back
     run_test helm_uninstall_restores_cni_files
