@@ -576,20 +576,12 @@ fn doctor_reads_iptables_mode_enrollment_from_the_node_ipset() {
     ipset(&["add", set, "10.98.0.3", "comment", "uid-someone-else"]);
     ipset(&["add", set, "10.98.0.4", "comment", &kit::pod_uid("p")]);
     let doctor = || -> (bool, Value) {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", node.path().display()))
-            .arg("--")
-            .arg(&agent_bin)
-            .args(kit::agent_args_for(&dirs, StackMode::Iptables))
-            .args(["doctor", "--json"])
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("NODE_NAME", NODE)
-            .output()
-            .expect("run doctor");
-        let v: Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
-        (out.status.success(), v)
+        kit::doctor_json(
+            &agent_bin,
+            node.path(),
+            &kit::agent_args_for(&dirs, StackMode::Iptables),
+            NODE,
+        )
     };
     let (ok, r) = doctor();
     assert!(!ok, "{r}");
@@ -767,24 +759,7 @@ fn doctor_reads_the_pods_of_its_node_from_the_api_server() {
 /// `doctor --json` with `flags` inside `netns` (ambient flags and node name included by the
 /// caller): (exit success, report).
 fn doctor_in(agent_bin: &Path, netns: &Path, flags: &[String]) -> (bool, Value) {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", netns.display()))
-        .arg("--")
-        .arg(agent_bin)
-        .args(flags)
-        .args(["doctor", "--json"])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("NODE_NAME", "node1")
-        .output()
-        .expect("run doctor");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "doctor --json is not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.success(), v)
+    kit::doctor_json(agent_bin, netns, flags, NODE)
 }
 
 /// The failures that are about the redirect mode (node check `check` + enrollment + pods);

@@ -22,7 +22,6 @@ use meshcni_testkit::stack as kit;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kit::{
@@ -145,25 +144,12 @@ impl Rig {
 
     /// `meshcni-agent <flags> doctor --json` in the node netns: (exit success, report).
     fn doctor(&self) -> (bool, Value) {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", self.node_ns.display()))
-            .arg("--")
-            .arg(&self.agent_bin)
-            .args(kit::agent_args_for(&self.dirs, StackMode::Inpod))
-            .args(["doctor", "--json"])
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("NODE_NAME", NODE)
-            .output()
-            .expect("run meshcni-agent doctor");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let v: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
-            panic!(
-                "doctor --json is not JSON ({e}): {stdout}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        (out.status.success(), v)
+        kit::doctor_json(
+            &self.agent_bin,
+            &self.node_ns,
+            &kit::agent_args_for(&self.dirs, StackMode::Inpod),
+            NODE,
+        )
     }
 
     /// Wait until the doctor is green (the oracle after every fault).

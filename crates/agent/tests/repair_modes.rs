@@ -27,7 +27,6 @@ use meshcni_testkit::stack as kit;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use kit::{
@@ -45,25 +44,7 @@ const REPAIR_BOUND: Duration = Duration::from_secs(20);
 const READY: Duration = Duration::from_secs(30);
 
 fn doctor(agent_bin: &Path, node_ns: &Path, dirs: &AgentDirs, mode: StackMode) -> (bool, Value) {
-    let out = Command::new("nsenter")
-        .arg(format!("--net={}", node_ns.display()))
-        .arg("--")
-        .arg(agent_bin)
-        .args(kit::agent_args_for(dirs, mode))
-        .args(["doctor", "--json"])
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("NODE_NAME", NODE)
-        .output()
-        .expect("run meshcni-agent doctor");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "doctor --json is not JSON ({e}): {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.success(), v)
+    kit::doctor_json(agent_bin, node_ns, &kit::agent_args_for(dirs, mode), NODE)
 }
 
 fn pod_row<'a>(report: &'a Value, key: &str) -> &'a Value {

@@ -67,7 +67,7 @@ pub(crate) mod eintr_tests {
 
     /// A no-op SIGUSR2 handler with SA_RESTART: the signal interrupts only timed waits.
     #[allow(unsafe_code)]
-    pub(crate) fn install_handler() {
+    fn install_handler() {
         use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
         let action = SigAction::new(
             SigHandler::Handler(ignore_signal),
@@ -79,9 +79,10 @@ pub(crate) mod eintr_tests {
         unsafe { sigaction(Signal::SIGUSR2, &action) }.expect("sigaction");
     }
 
-    /// Run `f` on a new thread and signal that thread five times while it waits.
+    /// Run `f` on a new thread and signal that thread five times while it waits (then `then`,
+    /// which must let `f` finish).
     #[allow(unsafe_code)]
-    fn signalled<T: Send + 'static>(
+    pub(crate) fn signalled<T: Send + 'static>(
         f: impl FnOnce() -> T + Send + 'static,
         then: impl FnOnce(),
     ) -> T {

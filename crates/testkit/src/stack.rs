@@ -889,3 +889,32 @@ pub fn doctor_pod<'a>(report: &'a Value, key: &str) -> &'a Value {
         })
         .unwrap_or_else(|| panic!("no pod {key} in {report:#}"))
 }
+
+/// `<agent_bin> <flags> doctor --json` run in `netns` (as node `node`, with only `PATH` from
+/// the environment): (exit success, the report). Panics naming the output if it is not JSON.
+pub fn doctor_json<S: AsRef<std::ffi::OsStr>>(
+    agent_bin: &Path,
+    netns: &Path,
+    flags: &[S],
+    node: &str,
+) -> (bool, Value) {
+    let out = Command::new("nsenter")
+        .arg(format!("--net={}", netns.display()))
+        .arg("--")
+        .arg(agent_bin)
+        .args(flags)
+        .args(["doctor", "--json"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("NODE_NAME", node)
+        .output()
+        .expect("run meshcni-agent doctor");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "doctor --json is not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), v)
+}

@@ -577,9 +577,7 @@ mod tests {
     /// `recv_packet` fail with "Interrupted system call", the stand-in dropped its ZDS connection
     /// and missed the agent's Dels. A timed socket wait returns EINTR even under SA_RESTART.
     #[test]
-    #[allow(unsafe_code)]
     fn a_signal_during_a_timed_receive_does_not_end_it() {
-        crate::eintr_tests::install_handler();
         let (a, b) = nix::sys::socket::socketpair(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -588,30 +586,11 @@ mod tests {
         )
         .expect("socketpair");
         set_recv_timeout(&a, Duration::from_secs(20)).expect("SO_RCVTIMEO");
-        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-        let receiver = std::thread::spawn(move || {
-            // SAFETY: pthread_self has no preconditions.
-            tid_tx
-                .send(unsafe { libc::pthread_self() })
-                .expect("send tid");
-            recv_packet(&a, 64)
-        });
-        let tid = tid_rx.recv().expect("tid");
-        for _ in 0..5 {
-            std::thread::sleep(Duration::from_millis(50));
-            // SAFETY: `tid` is the receiver thread, alive until it returns from the receive,
-            // which needs the packet sent below.
-            assert_eq!(
-                unsafe { libc::pthread_kill(tid, libc::SIGUSR2) },
-                0,
-                "pthread_kill"
-            );
-        }
-        send_packet(&b, b"after the signals", &[]).expect("send");
-        let got = receiver
-            .join()
-            .expect("join")
-            .expect("the receive outlives the signals");
+        let got = crate::eintr_tests::signalled(
+            move || recv_packet(&a, 64),
+            move || send_packet(&b, b"after the signals", &[]).expect("send"),
+        )
+        .expect("the receive outlives the signals");
         assert_eq!(got.bytes, b"after the signals");
     }
 

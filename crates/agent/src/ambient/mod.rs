@@ -42,6 +42,13 @@ use cni_handoff::PendingCni;
 
 // ---- the reconcile loop ----------------------------------------------------------------
 
+/// See `Reconciler::held_back`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeldBack {
+    BackOff,
+    CniGaveUp,
+}
+
 /// Timing of the loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoopOptions {
@@ -460,6 +467,21 @@ impl Reconciler {
         self.untrusted_ztunnels = now;
     }
 
+    /// Why `action` is not tried now, if it is not: its pod waits out a back-off, or (not for
+    /// a release) the CNI ADD that asked for it failed (timed out) — the runtime tears that
+    /// sandbox down, and capturing it would leave rules behind. Checked before `prepare` and
+    /// again before each apply (an ADD can give up while the pass works on other pods).
+    fn held_back(&self, action: &Action, now: Instant) -> Option<HeldBack> {
+        let uid = &action.pod().uid;
+        if self.failures.get(uid).is_some_and(|f| now < f.next) {
+            Some(HeldBack::BackOff)
+        } else if !matches!(action, Action::Release { .. }) && self.cni_given_up(uid) {
+            Some(HeldBack::CniGaveUp)
+        } else {
+            None
+        }
+    }
+
     fn reconcile_pass(&mut self, now: Instant) -> PassReport {
         if !self.synced() {
             let mut reason = "waiting for the first list of pods and namespaces".to_string();
@@ -582,11 +604,7 @@ impl Reconciler {
         let tried: Vec<Action> = planned
             .actions
             .iter()
-            .filter(|a| {
-                let uid = &a.pod().uid;
-                self.failures.get(uid).is_none_or(|f| now >= f.next)
-                    && (matches!(a, Action::Release { .. }) || !self.cni_given_up(uid))
-            })
+            .filter(|a| self.held_back(a, now).is_none())
             .cloned()
             .collect();
         if !tried.is_empty()
@@ -614,14 +632,10 @@ impl Reconciler {
         });
         for action in actions {
             let uid = action.pod().uid.clone();
-            if self.failures.get(&uid).is_some_and(|f| now < f.next) {
-                report.deferred += 1;
-                continue;
-            }
-            if !matches!(action, Action::Release { .. }) && self.cni_given_up(&uid) {
-                // Its ADD failed (timed out) while this pass worked on other pods: the runtime
-                // tears the sandbox down; capturing it now would leave rules behind.
-                debug!(action = %action, "deferred: the CNI ADD that asked for it gave up");
+            if let Some(why) = self.held_back(&action, now) {
+                if why == HeldBack::CniGaveUp {
+                    debug!(action = %action, "deferred: the CNI ADD that asked for it gave up");
+                }
                 report.deferred += 1;
                 continue;
             }
